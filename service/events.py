@@ -1,0 +1,284 @@
+"""Segment Spec → one normalised ``Event`` (pure, no I/O).
+
+Every Segment field name and the meaning of every call type live here once. The receiver turns raw JSON into
+``Event`` objects; ``service/store.py`` hands their ``script_args`` to the Lua script that applies them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from service.identity import IdentityRules
+from service.keys import SLOT_MS, SLOTS_PER_DAY
+
+TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias", "delete"})
+MAX_MESSAGE_ID = 100
+MAX_TRAITS = 300
+ORDER_EVENTS = frozenset({"Order Completed"})
+# Email-spec events that show a person engaging with email. Delivered/Bounced say nothing about the person.
+EMAIL_ENGAGEMENT = frozenset({"Email Opened", "Email Link Clicked"})
+AUDIENCE_ENTERED, AUDIENCE_EXITED, TRAIT_COMPUTED = "Audience Entered", "Audience Exited", "Trait Computed"
+MOBILE_LIBRARIES = ("ios", "android", "react-native", "flutter", "xamarin", "kotlin", "swift", "unity")
+WEB_LIBRARIES = ("analytics.js", "analytics-next", "analytics-browser", "web")
+AUDIENCE, COMPUTED = "audience", "computed_trait"
+
+
+class InvalidEvent(ValueError):
+    """The event can never be applied; the message is the dead-letter reason."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    message_id: str
+    ts: int  # event time, epoch ms
+    user_id: str | None
+    identifiers: tuple[tuple[str, str], ...]  # by priority, highest first
+    traits: tuple[tuple[str, str, str], ...] = ()  # (name, JSON value, class or "")
+    order: tuple[str, float, tuple[str, ...]] | None = None  # (key, revenue, categories)
+    activity: tuple[str, int, int] | None = None  # (channel, UTC day, slot 0..47)
+    group: tuple[str, tuple[tuple[str, str], ...]] | None = None  # (groupId, account traits as JSON)
+    alias_of: str | None = None  # previousId, for alias merging
+
+    def script_payload(self) -> bytes:
+        """The compact JSON the Lua script decodes (cjson): everything it needs and nothing more."""
+        return orjson.dumps({
+            "t": self.type,
+            "mid": self.message_id,
+            "ts": self.ts,
+            "uid": self.user_id or "",
+            "ids": self.identifiers,
+            "tr": self.traits,
+            "o": [self.order[0], repr(self.order[1]), "\x1f".join(self.order[2])] if self.order else None,
+            "a": self.activity,
+            "g": self.group,
+            "al": self.alias_of,
+        })
+
+
+def dedupe_digest(message_id: str) -> tuple[int, bytes]:
+    """(shard, 8-byte field) of a messageId: 80 bits in all, so collisions are negligible, at ~12 bytes a field."""
+    d = hashlib.blake2b(message_id.encode(), digest_size=10).digest()
+    return int.from_bytes(d[:2], "big"), d[2:]
+
+
+def parse_timestamp(value: Any) -> int:
+    """Epoch ms from an ISO-8601 string; naive times are UTC."""
+    if not isinstance(value, str) or not value:
+        raise InvalidEvent(f"timestamp {value!r} is not an ISO-8601 string")
+    try:
+        dt = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidEvent(f"timestamp {value[:40]!r} is not ISO-8601") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _id(value: Any) -> str | None:
+    """userId / anonymousId: strings or numbers; anything else is absent."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        value = str(int(value)) if float(value).is_integer() else str(value)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _event_time(raw: dict, received_ms: int) -> int:
+    for name in ("timestamp", "originalTimestamp", "receivedAt", "sentAt"):
+        if raw.get(name) is not None:
+            return parse_timestamp(raw[name])
+    return received_ms
+
+
+def _message_id(raw: dict) -> str:
+    mid = raw.get("messageId")
+    if mid is None or mid == "":
+        # Deterministic, so a retried body without messageId still dedupes.
+        return "gen-" + hashlib.blake2b(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
+    if not isinstance(mid, str | int):
+        raise InvalidEvent("messageId must be a string")
+    mid = str(mid)
+    if len(mid) > MAX_MESSAGE_ID:
+        raise InvalidEvent(f"messageId is {len(mid)} characters; Segment allows at most {MAX_MESSAGE_ID}")
+    return mid
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return orjson.dumps(str(value)).decode()
+
+
+def _traits(kind: str, raw: dict, ctx: dict, props: dict) -> list[tuple[str, str, str]]:
+    personas = _dict(ctx.get("personas"))
+    pclass = personas.get("computation_class")
+    pkey = personas.get("computation_key")
+    out: dict[str, tuple[str, str, str]] = {}
+    base = dict(_dict(ctx.get("traits")))
+    if kind in ("identify",):
+        base.update(_dict(raw.get("traits")))
+    if len(base) >= MAX_TRAITS:
+        raise InvalidEvent(f"{len(base)} traits; Segment rejects identify calls with {MAX_TRAITS} or more")
+    for name, value in base.items():
+        klass = ""
+        if isinstance(pkey, str) and name == pkey:
+            klass = AUDIENCE if pclass == "audience" else COMPUTED if pclass == "trait" else ""
+        out[str(name)] = (str(name), _dumps(value), klass)
+    if kind == "track":
+        event = raw.get("event")
+        if pclass == "audience" or event in (AUDIENCE_ENTERED, AUDIENCE_EXITED):
+            key = pkey if isinstance(pkey, str) and pclass == "audience" else props.get("audience_key")
+            if isinstance(key, str) and key:
+                member = props.get(key)
+                if not isinstance(member, bool):
+                    member = event != AUDIENCE_EXITED
+                out[key] = (key, _dumps(member), AUDIENCE)
+        elif pclass == "trait" or event == TRAIT_COMPUTED:
+            key = pkey if isinstance(pkey, str) and pclass == "trait" else props.get("trait_key")
+            if isinstance(key, str) and key and key in props:
+                out[key] = (key, _dumps(props[key]), COMPUTED)
+    return sorted(out.values())
+
+
+def _platform(device: dict, ctx: dict) -> str | None:
+    text = f"{device.get('type') or ''} {_dict(ctx.get('os')).get('name') or ''}".lower()
+    if "android" in text:
+        return "android"
+    if any(s in text for s in ("ios", "iphone", "ipad", "tvos", "watchos")):
+        return "ios"
+    return None
+
+
+def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | None) -> list[tuple[str, str]]:
+    ids: list[tuple[str, str]] = []
+    if user_id:
+        ids.append(("user_id", user_id))
+    anon = _id(raw.get("anonymousId"))
+    if anon:
+        ids.append(("anonymous_id", anon))
+    traits = _dict(raw.get("traits")) if kind == "identify" else {}
+    for src in (traits, _dict(ctx.get("traits")), props):
+        email = src.get("email")
+        if isinstance(email, str) and email.strip():
+            ids.append(("email", email))
+    device = _dict(ctx.get("device"))
+    platform = _platform(device, ctx)
+    if platform:
+        if _id(device.get("id")):
+            ids.append((f"{platform}.id", _id(device.get("id"))))
+        if device.get("adTrackingEnabled") is True and _id(device.get("advertisingId")):
+            ids.append((f"{platform}.idfa", _id(device.get("advertisingId"))))
+        if _id(device.get("token")):
+            ids.append((f"{platform}.push_token", _id(device.get("token"))))
+    ga = _dict(_dict(raw.get("integrations")).get("Google Analytics")).get("clientId")
+    if _id(ga):
+        ids.append(("ga_client_id", _id(ga)))
+    if kind == "group" and _id(raw.get("groupId")):
+        ids.append(("group_id", _id(raw.get("groupId"))))
+    external = ctx.get("externalIds")
+    if isinstance(external, list):
+        for item in external:
+            item = _dict(item)
+            etype, evalue = item.get("type"), _id(item.get("id"))
+            if isinstance(etype, str) and etype.strip() and evalue and item.get("collection", "users") == "users":
+                ids.append((etype.strip().lower(), evalue))
+    return ids
+
+
+def _channel(kind: str, raw: dict, ctx: dict) -> str | None:
+    if kind == "track" and raw.get("event") in EMAIL_ENGAGEMENT:
+        return "email"
+    library = str(_dict(ctx.get("library")).get("name") or "").lower()
+    channel = str(raw.get("channel") or ctx.get("channel") or "").lower()
+    if kind == "screen" or channel == "mobile" or _platform(_dict(ctx.get("device")), ctx) \
+            or any(m in library for m in MOBILE_LIBRARIES):
+        return "mobile"
+    if kind == "page" or channel == "browser" or any(w == library or library.startswith(w) for w in WEB_LIBRARIES):
+        return "web"
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _order(raw: dict, props: dict, mid: str) -> tuple[str, float, tuple[str, ...]]:
+    revenue = _number(props.get("revenue"))
+    if revenue is None:
+        revenue = _number(props.get("total")) or 0.0
+    cats = []
+    products = props.get("products")
+    if isinstance(products, list):
+        for p in products:
+            cat = _dict(p).get("category")
+            if isinstance(cat, str) and cat.strip():
+                cats.append(cat.strip().replace("\x1f", " ").replace("|", "/"))
+    key = _id(props.get("order_id")) or mid
+    return key.replace("|", "/"), round(revenue, 6), tuple(cats)
+
+
+def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
+    """Validate one Segment event and reduce it to what the store applies. Raises ``InvalidEvent``."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent("event is not a JSON object")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or kind.lower() not in TYPES:
+        raise InvalidEvent(f"unknown type {str(kind)[:40]!r}; expected one of {', '.join(sorted(TYPES))}")
+    kind = kind.lower()
+    user_id = _id(raw.get("userId"))
+    ts = _event_time(raw, received_ms)
+    if kind == "delete":
+        if not user_id:
+            raise InvalidEvent("delete needs a userId")
+        return Event("delete", _message_id(raw), ts, user_id, (("user_id", user_id),))
+    if not user_id and not _id(raw.get("anonymousId")):
+        raise InvalidEvent("neither userId nor anonymousId is set")
+    mid = _message_id(raw)
+    ctx, props = _dict(raw.get("context")), _dict(raw.get("properties"))
+    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id))
+    alias_of = None
+    if kind == "alias":
+        alias_of = rules.usable(_id(raw.get("previousId")))
+    if not ids:
+        raise InvalidEvent("no usable identifier: every value is blocked")
+    channel = _channel(kind, raw, ctx)
+    slot = ts // SLOT_MS
+    group = None
+    if kind == "group" and _id(raw.get("groupId")):
+        gtraits = tuple(sorted((str(k), _dumps(v)) for k, v in _dict(raw.get("traits")).items()))
+        group = (_id(raw.get("groupId")), gtraits)
+    return Event(
+        type=kind,
+        message_id=mid,
+        ts=ts,
+        user_id=user_id,
+        identifiers=ids,
+        traits=tuple(_traits(kind, raw, ctx, props)),
+        order=_order(raw, props, mid) if kind == "track" and raw.get("event") in ORDER_EVENTS else None,
+        activity=(channel, slot // SLOTS_PER_DAY, slot % SLOTS_PER_DAY) if channel else None,
+        group=group,
+        alias_of=alias_of,
+    )

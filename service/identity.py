@@ -1,0 +1,78 @@
+"""Identity-resolution rules (PROTOCOLS.md §5): normalisation, blocked values, priority and limits.
+
+Pure. The matching itself runs inside the Lua script (``service/lua/apply.lua``) so that match, create and merge
+are atomic with the event's effects; this module prepares its inputs and the rule table it is given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(frozen=True)
+class IdentityRules:
+    priority: tuple[str, ...] = ("user_id", "email")
+    limits: Mapping[str, int] | None = None
+    blocked: tuple[str, ...] = (r"^[0-]*$", r"^-1$", r"^null$", r"^anonymous$", r"^undefined$")
+    max_merges: int = 100
+    max_identifiers: int = 1000
+    alias_merges: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_blocked_re", re.compile("|".join(f"(?:{p})" for p in self.blocked) or "(?!)", re.I))
+        object.__setattr__(self, "_rank", {t: i for i, t in enumerate(self.priority)})
+
+    def limit(self, kind: str) -> int:
+        limits = self.limits or {"user_id": 1, "*": 5}
+        return limits.get(kind, limits.get("*", 5))
+
+    def usable(self, value: str | None) -> str | None:
+        """The value, trimmed, or None when it is a blocked placeholder such as 'anonymous' or '0000'."""
+        if value is None:
+            return None
+        value = value.strip()
+        if not value or self._blocked_re.search(value):  # type: ignore[attr-defined]
+            return None
+        return value
+
+    def sort_key(self, ident: tuple[str, str]) -> tuple[int, str, str]:
+        """Highest priority first; types without a configured rank follow alphabetically."""
+        return (self._rank.get(ident[0], len(self.priority)), ident[0], ident[1])  # type: ignore[attr-defined]
+
+    def prepare(self, idents: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """Normalise (trim; email lowercase), drop blocked values and duplicates, order by priority."""
+        seen: set[tuple[str, str]] = set()
+        for kind, value in idents:
+            v = self.usable(value)
+            if v is None:
+                continue
+            if kind == "email":
+                v = v.lower()
+            seen.add((kind, v))
+        return tuple(sorted(seen, key=self.sort_key))
+
+    def script_rules(self) -> bytes:
+        """The rule table the Lua script decodes once per call."""
+        limits = dict(self.limits or {"user_id": 1, "*": 5})
+        return orjson.dumps({
+            "limits": limits,
+            "default_limit": limits.get("*", 5),
+            "max_merges": self.max_merges,
+            "max_ids": self.max_identifiers,
+            "alias": self.alias_merges,
+        })
+
+    @classmethod
+    def from_settings(cls, settings) -> IdentityRules:  # noqa: ANN001 - avoids a config import cycle
+        return cls(
+            priority=tuple(settings.identity_priority),
+            limits=dict(settings.identity_limits),
+            blocked=tuple(settings.identity_blocked),
+            max_merges=settings.max_merges,
+            max_identifiers=settings.max_identifiers,
+            alias_merges=settings.alias_merges,
+        )

@@ -1,0 +1,122 @@
+"""Decode a profile hash (as ``HGETALL`` returns it) into plain data.
+
+Pure: the Profile API and the workers both read profiles through ``decode_profile`` so that the hash layout
+(``service/keys.py``) is interpreted in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from service import keys as K
+
+
+@dataclass(frozen=True)
+class Trait:
+    value: Any
+    ts: int  # event timestamp, ms
+    kind: str | None  # None, "audience" or "computed_trait"
+
+
+@dataclass(frozen=True)
+class Identifier:
+    type: str
+    value: str
+    first_seen: int
+    first_message_id: str
+
+
+@dataclass(frozen=True)
+class Order:
+    key: str
+    ts: int
+    revenue: float
+    categories: tuple[str, ...]
+
+
+@dataclass
+class Profile:
+    id: str
+    traits: dict[str, Trait] = field(default_factory=dict)
+    identifiers: list[Identifier] = field(default_factory=list)
+    orders: list[Order] = field(default_factory=list)
+    activity: dict[str, dict[int, int]] = field(default_factory=dict)  # channel -> day -> slot bitmap
+    groups: dict[str, int] = field(default_factory=dict)
+    merged_from: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def trait_values(self) -> dict[str, Any]:
+        return {name: t.value for name, t in self.traits.items()}
+
+    def sessions(self, channel: str, first_day: int, last_day: int) -> int:
+        """Distinct 30-minute slots with activity on ``channel`` between two UTC day numbers, inclusive."""
+        days = self.activity.get(channel, {})
+        return sum(bits.bit_count() for day, bits in days.items() if first_day <= day <= last_day)
+
+    @property
+    def first_seen(self) -> int | None:
+        return _int_or_none(self.meta.get("fs"))
+
+    @property
+    def last_seen(self) -> int | None:
+        return _int_or_none(self.meta.get("ls"))
+
+    @property
+    def merges(self) -> int:
+        return _int_or_none(self.meta.get("merges")) or 0
+
+
+def _int_or_none(v: str | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def decode_profile(pid: str, raw: dict[bytes | str, bytes | str]) -> Profile:
+    """Turn the flat hash into a ``Profile``; unknown fields are ignored so old data never breaks a read."""
+    fields = {_s(k): _s(v) for k, v in raw.items()}
+    p = Profile(id=pid)
+    for f, v in fields.items():
+        prefix, rest = f[:2], f[2:]
+        if prefix == K.TRAIT:
+            try:
+                value = orjson.loads(v)
+            except orjson.JSONDecodeError:
+                value = v
+            ts = _int_or_none(fields.get(K.TRAIT_TS + rest)) or 0
+            p.traits[rest] = Trait(value, ts, fields.get(K.TRAIT_CLASS + rest))
+        elif prefix == K.IDENT:
+            kind, _, value = rest.partition(":")
+            ts, _, mid = v.partition("|")
+            p.identifiers.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
+        elif prefix == K.ORDER:
+            ts, _, tail = v.partition("|")
+            revenue, _, cats = tail.partition("|")
+            try:
+                rev = float(revenue)
+            except ValueError:
+                rev = 0.0
+            p.orders.append(Order(rest, _int_or_none(ts) or 0, rev, tuple(c for c in cats.split("\x1f") if c)))
+        elif prefix == K.ACTIVITY:
+            channel, _, day = rest.partition(":")
+            d, bits = _int_or_none(day), _int_or_none(v)
+            if d is not None and bits is not None:
+                p.activity.setdefault(channel, {})[d] = bits
+        elif prefix == K.GROUP:
+            p.groups[rest] = _int_or_none(v) or 0
+        elif prefix == K.ANCESTOR:
+            p.merged_from.append(rest)
+        elif prefix == K.META:
+            p.meta[rest] = v
+    p.identifiers.sort(key=lambda i: (i.type, i.value))
+    p.orders.sort(key=lambda o: (o.ts, o.key))
+    p.merged_from.sort()
+    return p

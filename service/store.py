@@ -1,0 +1,173 @@
+"""Apply events to Redis: one EVALSHA of ``lua/apply.lua`` per event, pipelined across a batch.
+
+The argument building is pure (``script_args``); ``AsyncStore`` serves the web receiver and ``SyncStore`` the
+workers and operator commands, so both paths apply an event through the very same script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import orjson
+import redis
+import redis.asyncio as aredis
+
+from service.config import Settings
+from service.events import Event, dedupe_digest
+from service.identity import IdentityRules
+from service.keys import SPACES_KEY, Keys
+
+SCRIPT = resources.files("service").joinpath("lua/apply.lua").read_text()
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+DEDUPE_BUCKETS = 4  # the window is split in 4 buckets: memory at most 1.25 x the window's ids, 5 lookups an event
+DLQ_RAW_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # ok | duplicate | suppressed | deleted
+    profile_id: str = ""
+    created: bool = False
+    merged: int = 0
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis could not be reached or refused the write: answer 503 so Segment retries."""
+
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError, OSError)
+
+
+class Applier:
+    """Builds the script arguments for one space from the settings (pure)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rules = IdentityRules.from_settings(settings)
+        self.rules_json = self.rules.script_rules()
+        self.bucket_width = max(1, math.ceil(settings.dedupe_window / DEDUPE_BUCKETS))
+
+    def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int) -> tuple[list[str], list]:
+        shard, field = dedupe_digest(event.message_id)
+        bucket = now_ms // 1000 // self.bucket_width
+        minid = max(0, now_ms - int(self.settings.event_log_retention * 1000))
+        return [keys.log], [
+            keys.prefix, bucket, self.bucket_width, DEDUPE_BUCKETS, f"{shard % self.settings.dedupe_shards:x}", field,
+            event.script_payload(), raw, self.rules_json, now_ms, minid,
+        ]
+
+    def dead_letter_fields(self, reason: str, raw: bytes, source: str, now_ms: int) -> dict:
+        return {"reason": reason[:500], "source": source, "at": now_ms, "raw": raw[:DLQ_RAW_LIMIT]}
+
+
+def _outcome(reply: list) -> Outcome:
+    status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+    pid = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+    created = bool(reply[2]) if len(reply) > 2 else False
+    merged = int(reply[3]) if len(reply) > 3 else 0
+    return Outcome(status, pid, created, merged)
+
+
+def _noscript(replies: Sequence) -> bool:
+    return any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AsyncStore:
+    """The receiver's handle on STATE (redis.asyncio)."""
+
+    def __init__(self, client: aredis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.applier = Applier(settings)
+        self._spaces: set[str] = set()
+
+    async def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None) -> list[Outcome]:
+        if not items:
+            return []
+        now = now_ms() if now is None else now
+        keys = Keys(space)
+        try:
+            for attempt in (0, 1):
+                pipe = self.client.pipeline(transaction=False)
+                for event, raw in items:
+                    k, a = self.applier.script_args(keys, event, raw, now)
+                    pipe.evalsha(SCRIPT_SHA, len(k), *k, *a)
+                if space not in self._spaces:
+                    pipe.sadd(SPACES_KEY, space)
+                replies = await pipe.execute(raise_on_error=False)
+                if _noscript(replies) and attempt == 0:
+                    await self.client.script_load(SCRIPT)
+                    continue
+                break
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        for r in replies:
+            if isinstance(r, Exception):
+                if isinstance(r, REDIS_DOWN):
+                    raise StoreUnavailable(str(r))
+                raise r
+        self._spaces.add(space)
+        return [_outcome(r) for r in replies[: len(items)]]
+
+    async def dead_letter(self, space: str, reason: str, raw: bytes, source: str) -> None:
+        """Keep what we refused where an operator can see and replay it."""
+        fields = self.applier.dead_letter_fields(reason, raw, source, now_ms())
+        try:
+            await self.client.xadd(Keys(space).dead_letters, fields, maxlen=self.applier.settings.dead_letter_max,
+                                   approximate=True)
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:
+        if not items:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for reason, raw in items:
+                pipe.xadd(Keys(space).dead_letters, self.applier.dead_letter_fields(reason, raw, source, now_ms()),
+                          maxlen=self.applier.settings.dead_letter_max, approximate=True)
+            await pipe.execute()
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+
+class SyncStore:
+    """The same applier for workers and operator commands (blocking redis-py)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.applier = Applier(settings)
+
+    def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None) -> list[Outcome]:
+        if not items:
+            return []
+        now = now_ms() if now is None else now
+        keys = Keys(space)
+        for attempt in (0, 1):
+            pipe = self.client.pipeline(transaction=False)
+            for event, raw in items:
+                k, a = self.applier.script_args(keys, event, raw, now)
+                pipe.evalsha(SCRIPT_SHA, len(k), *k, *a)
+            pipe.sadd(SPACES_KEY, space)
+            replies = pipe.execute(raise_on_error=False)
+            if _noscript(replies) and attempt == 0:
+                self.client.script_load(SCRIPT)
+                continue
+            break
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return [_outcome(r) for r in replies[: len(items)]]
+
+
+def encode_raw(obj: object) -> bytes:
+    """The bytes logged for an event that arrived inside a larger body."""
+    return orjson.dumps(obj)
