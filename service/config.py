@@ -54,14 +54,14 @@ def _bool(name: str, raw: str) -> bool:
 
 # (name, default, meaning) — the single source for docs and parsing.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("REDIS_URL", "", "Redis for profile state and the job queue. Empty: start the embedded redis-server under DATA_DIR."),
+    ("REDIS_URL", "", "Redis for profile state and the job queue. Empty: `dev` starts an embedded redis-server."),
     ("QUEUE_REDIS_URL", "", "Separate Redis for RQ jobs (must not be a Cluster). Empty: same as REDIS_URL."),
     ("DATA_DIR", "./var", "Where the embedded Redis keeps its data and AOF."),
     ("HOST", "127.0.0.1", "Address the web receiver binds to."),
     ("PORT", "8000", "Port of the web receiver."),
     ("WEB_CONCURRENCY", "1", "uvicorn worker processes for `persona-sync web`."),
     ("SPACE_ID", "default", "Space that /segment and write keys without a space map to."),
-    ("SEGMENT_SHARED_SECRETS", "", "Comma-separated webhook shared secrets (several during rotation). Empty: unsigned."),
+    ("SEGMENT_SHARED_SECRETS", "", "Comma-separated webhook shared secrets (several while rotating). Empty: unsigned."),
     ("SEGMENT_WRITE_KEYS", "", "Comma-separated Tracking API write keys, each optionally `key=space`. Empty: any key."),
     ("PROFILE_API_TOKEN", "", "Token for the Profile API (HTTP Basic username). Empty: Profile API disabled (401)."),
     ("ADMIN_TOKEN", "", "Bearer token for /admin and /api routes. Empty: those routes are disabled (401)."),

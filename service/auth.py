@@ -1,0 +1,78 @@
+"""Signatures and tokens (pure). Every comparison is constant-time; no secret is ever logged or echoed."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Mapping
+
+
+def signed_part(body: bytes) -> bytes:
+    """What Segment signs: the whole body, or for a Webhooks (Actions) batch the raw text of element 0.
+
+    Actions computes ``HMAC(JSON.stringify(payload[0]))``; re-serialising in Python would not reproduce
+    JavaScript's spacing and escaping, so the first element's exact bytes are cut out of the raw text.
+    """
+    stripped = body.lstrip()
+    if not stripped.startswith(b"["):
+        return body
+    text = body.decode("utf-8")
+    start = text.index("[") + 1
+    while start < len(text) and text[start] in " \t\r\n":
+        start += 1
+    _, end = json.JSONDecoder().raw_decode(text, start)
+    return text[start:end].encode("utf-8")
+
+
+def signature_ok(body: bytes, header: str | None, secrets: Iterable[str]) -> bool:
+    """True when ``X-Signature`` is the hex HMAC-SHA1 of the signed part under any configured secret."""
+    if not header:
+        return False
+    try:
+        part = signed_part(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    given = header.strip().lower().encode()
+    ok = False
+    for secret in secrets:
+        expected = hmac.new(secret.encode(), part, hashlib.sha1).hexdigest().encode()
+        ok |= hmac.compare_digest(expected, given)  # no early exit: time does not depend on which secret matched
+    return ok
+
+
+def basic_username(authorization: str | None) -> str | None:
+    """The username of an HTTP Basic header (Segment puts write keys and Profile API tokens there)."""
+    if not authorization or not authorization[:6].lower() == "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[0]
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization or not authorization[:7].lower() == "bearer ":
+        return None
+    return authorization[7:].strip() or None
+
+
+def token_ok(given: str | None, expected: str) -> bool:
+    """An empty expected token means the feature is off: nothing matches it."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def write_key_space(candidates: Iterable[str | None], keys: Mapping[str, str]) -> str | None:
+    """The space of the first candidate that is a configured write key, compared in constant time."""
+    found = None
+    for cand in candidates:
+        if not cand:
+            continue
+        for key, space in keys.items():
+            if hmac.compare_digest(cand.encode(), key.encode()) and found is None:
+                found = space
+    return found

@@ -1,0 +1,155 @@
+"""``persona-sync``: the one command for developers and operators. Every subcommand has ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from service.config import VARIABLES, ConfigError, Settings
+
+QUEUE_NAME = "persona-sync"
+
+
+def state_url(settings: Settings) -> str:
+    """REDIS_URL, else the socket of a running ``persona-sync dev`` under DATA_DIR."""
+    if settings.redis_url:
+        return settings.redis_url
+    sock = Path(settings.data_dir).resolve() / "redis.sock"
+    if sock.exists():
+        return f"unix://{sock}"
+    raise SystemExit("REDIS_URL is not set and no `persona-sync dev` is running under DATA_DIR: "
+                     "start one with `make run`, or set REDIS_URL=redis://host:6379/0")
+
+
+def queue_url(settings: Settings) -> str:
+    return settings.queue_redis_url or state_url(settings)
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from service.supervisor import run_dev
+
+    return run_dev(settings, with_worker=not args.no_worker, with_cron=not args.no_cron)
+
+
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    os.environ.setdefault("REDIS_URL", state_url(settings))
+    uvicorn.run("service.asgi:app", host=args.host or settings.host, port=args.port or settings.port,
+                workers=args.workers or settings.web_concurrency, access_log=False, log_config=None,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+    from rq import Queue, Worker
+
+    from service.logs import setup
+
+    setup(settings.log_level)
+    conn = redis.Redis.from_url(queue_url(settings))
+    os.environ.setdefault("REDIS_URL", state_url(settings))
+    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn)
+    worker.work(with_scheduler=True, burst=args.burst)
+    return 0
+
+
+def cmd_cron(settings: Settings, args: argparse.Namespace) -> int:
+    os.environ.setdefault("REDIS_URL", state_url(settings))
+    config = Path(__file__).resolve().parent.parent / "workers" / "cron.py"
+    rq = Path(sys.executable).with_name("rq")
+    os.execv(str(rq), [str(rq), "cron", str(config), "--url", queue_url(settings)])
+    return 0  # not reached
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+
+    from service.ops import space_status
+
+    client = redis.Redis.from_url(state_url(settings))
+    for row in space_status(client, args.space):
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+
+    from service.ops import forget
+
+    client = redis.Redis.from_url(state_url(settings))
+    outcome = forget(client, settings, args.space or settings.space_id, args.user_id)
+    print(f"{outcome.status}: profile {outcome.profile_id or '(none found)'}; userId suppressed from now on")
+    return 0
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    print("| Variable | Default | Meaning |\n|---|---|---|")
+    for name, default, meaning in VARIABLES:
+        print(f"| `{name}` | `{default}` | {meaning} |" if default else f"| `{name}` | | {meaning} |")
+    return 0
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from bench.run import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="persona-sync", description="Segment events in, live profiles and Mavera "
+                                "personas out. Configuration comes from environment variables (`persona-sync config`).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = sub.add_parser("dev", help="run everything: embedded Redis (unless REDIS_URL), web, worker, cron",
+                       description="One supervised process group for a laptop or a single box. Ctrl-C stops all.")
+    d.add_argument("--no-worker", action="store_true", help="do not start the RQ worker")
+    d.add_argument("--no-cron", action="store_true", help="do not start the rq cron scheduler")
+    d.set_defaults(func=cmd_dev)
+    w = sub.add_parser("web", help="serve the HTTP API with uvicorn", description="Serve the receiver and read APIs.")
+    w.add_argument("--host", help="bind address (default HOST)")
+    w.add_argument("--port", type=int, help="port (default PORT)")
+    w.add_argument("--workers", type=int, help="uvicorn processes (default WEB_CONCURRENCY)")
+    w.set_defaults(func=cmd_web)
+    k = sub.add_parser("worker", help="run one RQ worker (with its scheduler)",
+                       description="Run recompute and sync jobs from the persona-sync queue.")
+    k.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    k.set_defaults(func=cmd_worker)
+    c = sub.add_parser("cron", help="run the rq cron scheduler (exactly one per deployment)",
+                       description="Enqueue the scheduled full recompute. Run exactly one of these.")
+    c.set_defaults(func=cmd_cron)
+    s = sub.add_parser("status", help="profiles, dirty set, event log and dead letters per space",
+                       description="Print the state of every space (or one).")
+    s.add_argument("--space", help="only this space")
+    s.set_defaults(func=cmd_status)
+    f = sub.add_parser("forget", help="GDPR: erase a user's profile and suppress the userId",
+                       description="Erase the profile of USER_ID (identifiers, traits, logged events) and drop "
+                                   "that userId's events from now on, exactly as a Segment delete call does.")
+    f.add_argument("user_id")
+    f.add_argument("--space", help="space (default SPACE_ID)")
+    f.set_defaults(func=cmd_forget)
+    g = sub.add_parser("config", help="print every environment variable with its default and meaning",
+                       description="Print the configuration table (Markdown).")
+    g.set_defaults(func=cmd_config)
+    b = sub.add_parser("bench", help="run the benchmarks (see BENCHMARKS.md)", add_help=False,
+                       description="Run the benchmarks; `persona-sync bench --help` lists their options.")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    return args.func(settings, args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Reading request bodies within limits, and splitting them into events (no business rules)."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+# Segment Tracking API limits.
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+# Webhooks (Actions) batch size ceiling.
+MAX_ACTIONS_BATCH = 4000
+
+
+class BodyError(Exception):
+    """The request as a whole is refused; ``status`` is 400 or 413 and ``message`` says why."""
+
+    def __init__(self, status: int, message: str, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.body = body
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, stopping as soon as it passes ``limit`` bytes (decompressed size for gzip bodies)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyError(413, f"body is {declared} bytes; the limit here is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyError(413, f"body exceeds {limit} bytes", b"".join(chunks))
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        body = inflate(body, limit, encoding)
+    elif encoding not in ("", "identity"):
+        raise BodyError(400, f"Content-Encoding {encoding!r} is not supported; send gzip or plain JSON")
+    return body
+
+
+def inflate(body: bytes, limit: int, encoding: str) -> bytes:
+    """Decompress without ever holding more than ``limit`` bytes: a small gzip bomb cannot exhaust memory."""
+    wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BodyError(400, f"body is not valid {encoding}: {exc}", body) from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise BodyError(413, f"decompressed body exceeds {limit} bytes")
+    return out
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch", body)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BodyError(400, f"malformed JSON: {exc}", body) from None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One event as received: the decoded object and the bytes kept for the log and dead letters."""
+
+    obj: Any
+    raw: bytes
+
+
+def webhook_items(doc: Any, body: bytes) -> list[Item]:
+    """Classic Webhooks (one object) or Webhooks (Actions) (one object, or a bare array)."""
+    if isinstance(doc, dict):
+        return [Item(doc, body)]
+    if isinstance(doc, list):
+        if len(doc) > MAX_ACTIONS_BATCH:
+            raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
+        return [Item(e, orjson.dumps(e)) for e in doc]
+    raise BodyError(400, "body must be a JSON object (one event) or an array of events")
+
+
+def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
+    """Tracking API: ``/v1/<type>`` carries one event; ``/v1/batch`` a ``batch`` array with shared context."""
+    if not isinstance(doc, dict):
+        raise BodyError(400, "body must be a JSON object")
+    if kind is not None:
+        if len(body) > MAX_EVENT_BYTES:
+            raise BodyError(413, f"event is {len(body)} bytes; the Tracking API allows {MAX_EVENT_BYTES}")
+        event = dict(doc)
+        event.pop("writeKey", None)
+        event.setdefault("type", kind)
+        return [Item(event, orjson.dumps(event))]
+    batch = doc.get("batch")
+    if not isinstance(batch, list):
+        raise BodyError(400, "a batch body needs a 'batch' array of events")
+    if len(batch) > MAX_BATCH_EVENTS:
+        raise BodyError(413, f"batch of {len(batch)} events; the Tracking API allows {MAX_BATCH_EVENTS}")
+    shared_ctx = doc.get("context") if isinstance(doc.get("context"), dict) else None
+    shared_int = doc.get("integrations") if isinstance(doc.get("integrations"), dict) else None
+    items = []
+    for e in batch:
+        if isinstance(e, dict) and (shared_ctx or shared_int):
+            e = dict(e)
+            if shared_ctx:
+                ctx = e.get("context") if isinstance(e.get("context"), dict) else {}
+                e["context"] = {**shared_ctx, **ctx}
+            if shared_int and not isinstance(e.get("integrations"), dict):
+                e["integrations"] = shared_int
+        raw = orjson.dumps(e)
+        items.append(Item(e, raw))
+    return items

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the receiver. Each process reports its own; scrape every web process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS = Counter(
+    "segment_events", "Events received, by type and outcome (ok, duplicate, rejected, suppressed, deleted)",
+    ["type", "outcome"], registry=REGISTRY,
+)
+REQUESTS = Histogram(
+    "http_request_duration_seconds", "Request latency by route and status", ["route", "status"], registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.002, 0.004, 0.007, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+REDIS_ERRORS = Counter("redis_errors", "Redis calls that failed (the request got a 503)", registry=REGISTRY)
+REFUSED = Counter("requests_refused", "Whole requests refused, by status", ["status"], registry=REGISTRY)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def count_events(counts: dict[tuple[str, str], int]) -> None:
+    for (kind, outcome), n in counts.items():
+        EVENTS.labels(kind, outcome).inc(n)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,74 @@
+"""Operator actions on STATE that need no HTTP: status, GDPR forget and the purge of forgotten log entries."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+
+from service.config import Settings
+from service.events import normalise
+from service.identity import IdentityRules
+from service.keys import SPACES_KEY, Keys
+from service.store import Outcome, SyncStore, encode_raw, now_ms
+
+
+def spaces(client: redis.Redis) -> list[str]:
+    return sorted(s.decode() for s in client.smembers(SPACES_KEY))
+
+
+def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
+    rows = []
+    for space in [only] if only else spaces(client):
+        k = Keys(space)
+        pipe = client.pipeline(transaction=False)
+        pipe.get(k.seq)
+        pipe.scard(k.dirty)
+        pipe.xlen(k.log)
+        pipe.xlen(k.dead_letters)
+        pipe.scard(k.suppressed)
+        seq, dirty, log_len, dlq, suppressed = pipe.execute()
+        rows.append({"space": space, "profiles_created": int(seq or 0), "dirty": dirty, "log": log_len,
+                     "dead_letters": dlq, "suppressed": suppressed})
+    return rows
+
+
+def forget(client: redis.Redis, settings: Settings, space: str, user_id: str) -> Outcome:
+    """Apply a Segment ``delete`` for ``user_id`` and purge its logged events now."""
+    raw = {"type": "delete", "userId": user_id, "messageId": f"forget-{user_id}-{now_ms()}"}
+    event = normalise(raw, now_ms(), IdentityRules.from_settings(settings))
+    outcome = SyncStore(client, settings).apply(space, [(event, encode_raw(raw))])[0]
+    purge_forgotten(client, space)
+    return outcome
+
+
+def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
+    """Delete the logged events of erased profiles (and of profiles merged into them). Returns entries removed.
+
+    Runs as a job after a delete: scanning the log does not belong in the request path.
+    """
+    k = Keys(space)
+    forgotten = {m for m in client.smembers(k.forgotten_profiles)}
+    if not forgotten:
+        return 0
+    removed, start = 0, "-"
+    while True:
+        rows = client.xrange(k.log, min=start, max="+", count=chunk)
+        if not rows:
+            break
+        doomed = [eid for eid, fields in rows if fields.get(b"p") in forgotten]
+        if doomed:
+            removed += client.xdel(k.log, *doomed)
+        last = rows[-1][0].decode()
+        ms, _, seq = last.partition("-")
+        start = f"{ms}-{int(seq) + 1}"
+        if len(rows) < chunk:
+            break
+    client.srem(k.forgotten_profiles, *forgotten)
+    return removed
+
+
+def purge_job(space: str) -> int:
+    """RQ entry point (enqueued by the receiver after a delete)."""
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    return purge_forgotten(client, space)

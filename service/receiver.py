@@ -1,0 +1,173 @@
+"""Intake routes: ``/segment`` (classic Webhooks and Webhooks (Actions)) and the Tracking API ``/v1/*``.
+
+Auth, signatures and limits only; what an event means is ``service/events.py``'s job and applying it is the
+store's. Status codes follow Segment's retry rules: 4xx only when a retry can never help (and what we refuse is
+kept as a dead letter), 503 when Redis is unavailable so that Segment sends again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import auth, metrics
+from service.config import valid_space
+from service.events import Event, InvalidEvent, normalise
+from service.intake import (
+    MAX_BATCH_BYTES,
+    MAX_EVENT_BYTES,
+    BodyError,
+    Item,
+    parse_json,
+    read_body,
+    tracking_items,
+    webhook_items,
+)
+from service.logs import event as log_event
+from service.store import StoreUnavailable, now_ms
+
+log = logging.getLogger("receiver")
+TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+UNSIGNED_DLQ_LIMIT = 64 * 1024
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error envelope of the service: ``{"error": {"code", "message"}}``."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def unavailable(exc: Exception) -> JSONResponse:
+    metrics.REDIS_ERRORS.inc()
+    log_event(log, "redis unavailable", logging.WARNING, error=type(exc).__name__)
+    return error(503, "unavailable", "profile store unavailable; Segment will retry", {"Retry-After": "5"})
+
+
+async def _refuse(request: Request, space: str, exc: BodyError, source: str) -> JSONResponse:
+    metrics.REFUSED.labels(str(exc.status)).inc()
+    try:
+        await request.app.state.store.dead_letter(space, exc.message, exc.body, source)
+    except StoreUnavailable:
+        pass  # the refusal stands either way; nothing was accepted
+    code = "payload_too_large" if exc.status == 413 else "invalid_request_error"
+    return error(exc.status, code, exc.message)
+
+
+async def ingest(request: Request, space: str, items: list[Item], source: str, single: bool) -> Response:
+    """Normalise, apply and count a list of events; invalid ones become dead letters, the rest are applied."""
+    state = request.app.state
+    received = now_ms()
+    good: list[tuple[Event, bytes]] = []
+    rejected: list[tuple[int, str, bytes]] = []
+    counts: Counter[tuple[str, str]] = Counter()
+    for i, item in enumerate(items):
+        kind = str(item.obj.get("type", "?"))[:20] if isinstance(item.obj, dict) else "?"
+        try:
+            if source == "tracking" and len(item.raw) > MAX_EVENT_BYTES:
+                raise InvalidEvent(f"event is {len(item.raw)} bytes; the Tracking API allows {MAX_EVENT_BYTES}")
+            good.append((normalise(item.obj, received, state.rules), item.raw))
+        except InvalidEvent as exc:
+            rejected.append((i, str(exc), item.raw))
+            counts[(kind, "rejected")] += 1
+    try:
+        outcomes = await state.store.apply(space, good, received)
+        failed = [(o.profile_id, raw) for o, (_, raw) in zip(outcomes, good, strict=True) if o.status == "error"]
+        await state.store.dead_letters(space, [(r, raw) for _, r, raw in rejected] + failed, source)
+    except StoreUnavailable as exc:
+        return unavailable(exc)
+    for (event, _), outcome in zip(good, outcomes, strict=True):
+        counts[(event.type, "rejected" if outcome.status == "error" else outcome.status)] += 1
+    metrics.count_events(counts)
+    if any(o.status in ("ok", "deleted") for o in outcomes):
+        await state.refresh.touch(space)
+    if any(o.status == "deleted" for o in outcomes):
+        await state.refresh.purge(space)
+    summary: dict[str, Any] = {
+        "accepted": sum(n for (_, o), n in counts.items() if o in ("ok", "deleted")),
+        "duplicate": sum(n for (_, o), n in counts.items() if o == "duplicate"),
+        "suppressed": sum(n for (_, o), n in counts.items() if o == "suppressed"),
+        "rejected": sum(n for (_, o), n in counts.items() if o == "rejected"),
+    }
+    if rejected:
+        summary["errors"] = [{"index": i, "message": reason} for i, reason, _ in rejected[:100]]
+    if single and rejected:
+        return JSONResponse({"error": {"code": "invalid_event", "message": rejected[0][1]}, **summary}, 400)
+    if source == "tracking":
+        summary["success"] = True
+    return JSONResponse(summary)
+
+
+async def segment_webhook(request: Request) -> Response:
+    state = request.app.state
+    space = request.path_params.get("space", state.settings.space_id)
+    if not valid_space(space):
+        return error(404, "not_found", "unknown space id: use letters, digits, '_', '-' or '.'")
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+    except BodyError as exc:
+        return await _refuse(request, space, exc, "webhook")
+    secrets = state.settings.shared_secrets
+    if secrets and not auth.signature_ok(body, request.headers.get("x-signature"), secrets):
+        reason = "X-Signature missing" if not request.headers.get("x-signature") else "X-Signature does not match"
+        metrics.REFUSED.labels("401").inc()
+        try:
+            await state.store.dead_letter(space, reason, body[:UNSIGNED_DLQ_LIMIT], "webhook-unsigned")
+        except StoreUnavailable:
+            pass
+        return error(401, "authentication_error", f"{reason}: sign the body with a secret in SEGMENT_SHARED_SECRETS")
+    try:
+        doc = parse_json(body)
+        items = webhook_items(doc, body)
+    except BodyError as exc:
+        return await _refuse(request, space, exc, "webhook")
+    return await ingest(request, space, items, "webhook", single=isinstance(doc, dict))
+
+
+async def tracking(request: Request) -> Response:
+    state = request.app.state
+    kind = request.path_params["kind"]
+    if kind != "batch" and kind not in TRACKING_TYPES:
+        return error(404, "not_found", f"unknown Tracking API call /v1/{kind}")
+    limit = MAX_BATCH_BYTES if kind == "batch" else MAX_EVENT_BYTES
+    space = state.settings.space_id
+    try:
+        body = await read_body(request, limit)
+        doc = parse_json(body)
+    except BodyError as exc:
+        return await _refuse(request, space, exc, "tracking")
+    header = request.headers.get("authorization")
+    body_key = doc.get("writeKey") if isinstance(doc, dict) and isinstance(doc.get("writeKey"), str) else None
+    keys = state.settings.write_keys
+    if keys:
+        space = auth.write_key_space([auth.basic_username(header), body_key, auth.bearer_token(header)], keys)
+        if space is None:
+            metrics.REFUSED.labels("401").inc()
+            return error(401, "authentication_error",
+                         "missing or unknown write key: send it as the Basic username or as writeKey in the body")
+    try:
+        items = tracking_items(doc, body, None if kind == "batch" else kind)
+    except BodyError as exc:
+        return await _refuse(request, space, exc, "tracking")
+    return await ingest(request, space, items, "tracking", single=kind != "batch")
+
+
+def timed(endpoint, route: str):  # noqa: ANN001, ANN201 - starlette endpoint wrapper
+    async def wrapper(request: Request) -> Response:
+        start = time.perf_counter()
+        response = await endpoint(request)
+        metrics.REQUESTS.labels(route, str(response.status_code)).observe(time.perf_counter() - start)
+        return response
+
+    return wrapper
+
+
+routes = [
+    Route("/segment", timed(segment_webhook, "/segment"), methods=["POST", "PUT", "PATCH"]),
+    Route("/segment/{space}", timed(segment_webhook, "/segment/{space}"), methods=["POST", "PUT", "PATCH"]),
+    Route("/v1/{kind}", timed(tracking, "/v1/{kind}"), methods=["POST"]),
+]

@@ -1,0 +1,162 @@
+"""The webhook route against a real Redis: signatures, fixtures, limits, dead letters, 503 when Redis is down."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import orjson
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from service.app import create_app
+from service.keys import Keys
+from tests.conftest import ADMIN_TOKEN, FIXTURES, SECRET, fixture_bytes, fixture_json
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    """As Segment signs a compact body: all of it, or for an Actions batch JSON.stringify(first element)."""
+    part = orjson.dumps(orjson.loads(body)[0]) if body.startswith(b"[") else body
+    return hmac.new(secret.encode(), part, hashlib.sha1).hexdigest()
+
+
+def post(client: TestClient, body: bytes, path: str = "/segment", **headers: str):
+    headers.setdefault("X-Signature", sign(body))
+    return client.post(path, content=body, headers={"Content-Type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("name", sorted(fixture_json("signatures.json")["x_signature"]))
+def test_every_signed_fixture_verifies_and_is_accepted(client: TestClient, name: str) -> None:
+    body = fixture_bytes(name)
+    signature = fixture_json("signatures.json")["x_signature"][name]
+    resp = client.post("/segment", content=body, headers={"X-Signature": signature,
+                                                         "User-Agent": "Segment.io/1.0"})
+    assert resp.status_code == 200, resp.text
+    n = len(orjson.loads(body)) if body.startswith(b"[") else 1
+    assert resp.json()["accepted"] == n and resp.json()["rejected"] == 0
+
+
+def test_every_json_fixture_is_accepted(client: TestClient, r: redis.Redis) -> None:
+    for path in sorted(FIXTURES.glob("*.json")):
+        if path.name == "signatures.json":
+            continue
+        doc = orjson.loads(path.read_bytes())
+        if isinstance(doc, dict) and "batch" in doc:
+            resp = client.post("/v1/batch", content=path.read_bytes(), auth=(doc["writeKey"], ""))
+            n = len(doc["batch"])
+        else:
+            resp = post(client, orjson.dumps(doc))
+            n = len(doc) if isinstance(doc, list) else 1
+        assert resp.status_code == 200, (path.name, resp.text)
+        body = resp.json()
+        assert body["rejected"] == 0 and body["accepted"] + body["duplicate"] + body["suppressed"] == n, path.name
+    assert r.xlen(Keys("default").dead_letters) == 0
+
+
+def test_actions_batch_signature_covers_only_first_element(client: TestClient) -> None:
+    body = fixture_bytes("actions_batch.body")
+    tampered_tail = body.replace(b'"name":"Dashboard"', b'"name":"Dashbored"')
+    first_sig = fixture_json("signatures.json")["x_signature"]["actions_batch.body"]
+    assert post(client, tampered_tail, **{"X-Signature": first_sig}).status_code == 200
+    tampered_head = body.replace(b'"Jane Doe"', b'"Jane Dough"')
+    assert post(client, tampered_head, **{"X-Signature": first_sig}).status_code == 401
+
+
+def test_wrong_or_missing_signature_is_401_and_kept(client: TestClient, r: redis.Redis) -> None:
+    body = fixture_bytes("identify.body")
+    resp = post(client, body, **{"X-Signature": sign(body, "other-secret")})
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "authentication_error"
+    assert client.post("/segment", content=body).status_code == 401
+    dl = client.get("/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert dl["total"] == 2 and "X-Signature" in dl["data"][0]["reason"]
+    assert r.exists(Keys("default").profile("use_1")) == 0
+
+
+def test_rotation_accepts_any_configured_secret(settings, redis_url: str) -> None:
+    body = fixture_bytes("identify.body")
+    with TestClient(create_app(settings.replace(shared_secrets=("new", SECRET)), redis_url, "")) as c:
+        assert post(c, body, **{"X-Signature": sign(body, "new")}).status_code == 200
+        assert post(c, body, **{"X-Signature": sign(body, SECRET)}).json()["duplicate"] == 1
+
+
+def test_unsigned_mode_accepts_without_header(settings, redis_url: str) -> None:
+    with TestClient(create_app(settings.replace(shared_secrets=()), redis_url, "")) as c:
+        assert c.post("/segment", content=fixture_bytes("identify.body")).status_code == 200
+
+
+def test_malformed_json_is_400_with_reason_and_dead_lettered(client: TestClient, r: redis.Redis) -> None:
+    resp = post(client, b'{"type": "identify", ')
+    assert resp.status_code == 400
+    assert "malformed JSON" in resp.json()["error"]["message"]
+    assert r.xlen(Keys("default").dead_letters) == 1
+
+
+def test_oversize_body_is_413(settings, redis_url: str) -> None:
+    with TestClient(create_app(settings.replace(max_body_bytes=2048, shared_secrets=()), redis_url, "")) as c:
+        resp = c.post("/segment", content=b"[" + b" " * 5000 + b"]")
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+
+
+def test_batch_with_invalid_events_keeps_the_good_ones(client: TestClient, r: redis.Redis) -> None:
+    good = fixture_json("actions_batch.json")
+    bad = [
+        {"type": "track", "event": "x", "messageId": "no-ids"},
+        {"type": "track", "event": "x", "userId": "u1", "messageId": "m" * 101},
+        {"type": "teleport", "userId": "u1", "messageId": "bad-type"},
+        {"type": "track", "event": "x", "userId": "u1", "messageId": "bad-ts", "timestamp": "yesterday"},
+        "not an object",
+    ]
+    body = orjson.dumps(good + bad)
+    resp = post(client, body)
+    assert resp.status_code == 200
+    out = resp.json()
+    assert (out["accepted"], out["rejected"], out["duplicate"]) == (3, 5, 0)
+    assert [e["index"] for e in out["errors"]] == [3, 4, 5, 6, 7]
+    reasons = " ".join(e["message"] for e in out["errors"])
+    for word in ("userId nor anonymousId", "at most 100", "unknown type", "ISO-8601", "not a JSON object"):
+        assert word in reasons
+    entries = r.xrange(Keys("default").dead_letters)
+    assert len(entries) == 5
+    assert orjson.loads(entries[0][1][b"raw"]) == bad[0]
+    again = post(client, body).json()
+    assert (again["accepted"], again["duplicate"], again["rejected"]) == (0, 3, 5)
+
+
+def test_single_invalid_event_is_400(client: TestClient) -> None:
+    resp = post(client, orjson.dumps({"type": "track", "event": "x", "messageId": "m1"}))
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_event"
+
+
+def test_space_route_keeps_spaces_apart(client: TestClient, r: redis.Redis) -> None:
+    body = fixture_bytes("identify.body")
+    assert post(client, body, "/segment/spa_other").json()["accepted"] == 1
+    assert r.exists(Keys("spa_other").ident("user_id", "usr_001")) == 1
+    assert r.exists(Keys("default").ident("user_id", "usr_001")) == 0
+    assert post(client, body, "/segment/bad%7Bspace").status_code == 404
+
+
+def test_redis_down_is_503_and_nothing_applied(settings, redis_url: str, r: redis.Redis) -> None:
+    with TestClient(create_app(settings, "redis://127.0.0.1:1/0", ""), raise_server_exceptions=False) as c:
+        resp = post(c, fixture_bytes("identify.body"))
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "5"
+        assert c.get("/readyz").status_code == 503
+        assert c.get("/healthz").status_code == 200
+    assert r.dbsize() == 0
+
+
+def test_metrics_count_events_by_type_and_outcome(client: TestClient) -> None:
+    post(client, fixture_bytes("identify.body"))
+    post(client, fixture_bytes("identify.body"))
+    text = client.get("/metrics").text
+    assert 'segment_events_total{outcome="ok",type="identify"}' in text
+    assert 'segment_events_total{outcome="duplicate",type="identify"}' in text
+    assert "http_request_duration_seconds_bucket" in text
+
+
+def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    assert client.get("/nope").json()["error"]["code"] == "not_found"
+    assert client.get("/segment").status_code == 405
