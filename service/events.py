@@ -164,6 +164,8 @@ def _platform(device: dict, ctx: dict) -> str | None:
 
 
 def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | None) -> list[tuple[str, str]]:
+    """Identifiers of the person. A groupId is not one: it is shared by everyone in the account, so it would
+    either merge colleagues or, under merge protection, land on whoever arrived first. Groups are links."""
     ids: list[tuple[str, str]] = []
     if user_id:
         ids.append(("user_id", user_id))
@@ -187,8 +189,6 @@ def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | No
     ga = _dict(_dict(raw.get("integrations")).get("Google Analytics")).get("clientId")
     if _id(ga):
         ids.append(("ga_client_id", _id(ga)))
-    if kind == "group" and _id(raw.get("groupId")):
-        ids.append(("group_id", _id(raw.get("groupId"))))
     external = ctx.get("externalIds")
     if isinstance(external, list):
         for item in external:

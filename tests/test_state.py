@@ -1,0 +1,222 @@
+"""Profile state through the real Lua script: exactly once, order-independent, identity resolution, GDPR."""
+
+from __future__ import annotations
+
+import random
+
+import redis
+
+from service.config import Settings
+from service.keys import Keys
+from service.ops import forget, purge_forgotten
+from tests.helpers import apply, find, mixed_stream, profiles, snapshot
+
+
+def test_20000_events_in_order_equal_twice_shuffled(r: redis.Redis) -> None:
+    events = mixed_stream(20_000, users=400)
+    apply(r, events)
+    in_order = snapshot(r)
+    assert len(in_order) == 400  # every person resolved to exactly one profile
+    r.flushall()
+    doubled = events + events
+    random.Random(3).shuffle(doubled)
+    outcomes = apply(r, doubled)
+    assert sum(o.status == "duplicate" for o in outcomes) == len(events)
+    assert snapshot(r) == in_order
+
+
+def test_retry_takes_effect_once(r: redis.Redis) -> None:
+    order = {"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "m1",
+             "timestamp": "2026-03-01T00:00:00Z", "properties": {"revenue": 10, "order_id": "o1"}}
+    assert [o.status for o in apply(r, [order, order])] == ["ok", "duplicate"]
+    assert apply(r, [order])[0].status == "duplicate"
+    # even past the dedupe window (another messageId, same order), the order counts once
+    apply(r, [dict(order, messageId="m2")])
+    assert len(find(r, "user_id", "u1").orders) == 1
+    assert r.xlen(Keys("default").log) == 2
+
+
+def test_anonymous_then_identified(r: redis.Redis) -> None:
+    apply(r, [
+        {"type": "page", "anonymousId": "a1", "messageId": "1", "timestamp": "2026-03-01T10:00:00Z",
+         "context": {"traits": {"utm": "ad"}}},
+        {"type": "identify", "anonymousId": "a1", "userId": "u1", "messageId": "2",
+         "timestamp": "2026-03-01T10:05:00Z", "traits": {"email": " Jane@Example.COM "}},
+    ])
+    p = find(r, "anonymous_id", "a1")
+    assert p is not None and p.id == find(r, "user_id", "u1").id == find(r, "email", "jane@example.com").id
+    assert p.trait_values()["utm"] == "ad"
+    assert len(profiles(r)) == 1
+
+
+def test_two_devices_merge_into_one_user(r: redis.Redis) -> None:
+    apply(r, [
+        {"type": "screen", "anonymousId": "a-ios", "messageId": "1", "timestamp": "2026-03-01T10:00:00Z",
+         "context": {"device": {"id": "D1", "type": "ios"}}, "properties": {}},
+        {"type": "screen", "anonymousId": "a-and", "messageId": "2", "timestamp": "2026-03-01T11:00:00Z",
+         "context": {"device": {"id": "D2", "type": "android"}}, "traits": {}},
+        {"type": "identify", "anonymousId": "a-ios", "userId": "u1", "messageId": "3",
+         "timestamp": "2026-03-02T10:00:00Z", "traits": {"plan": "pro"}},
+    ])
+    assert len(profiles(r)) == 2
+    out = apply(r, [{"type": "identify", "anonymousId": "a-and", "userId": "u1", "messageId": "4",
+                     "timestamp": "2026-03-02T11:00:00Z"}])
+    assert out[0].merged == 1
+    [p] = profiles(r)
+    assert {(i.type, i.value) for i in p.identifiers} == {
+        ("anonymous_id", "a-ios"), ("anonymous_id", "a-and"), ("ios.id", "D1"), ("android.id", "D2"),
+        ("user_id", "u1")}
+    assert p.id == "use_1" and p.merged_from == ["use_2"]  # the older profile id survives
+    assert r.get(Keys("default").redirect("use_2")) == b"use_1"
+    assert p.merges == 1 and p.sessions("mobile", 0, 10**6) == 2
+
+
+def test_shared_device_used_by_two_user_ids_stays_two_profiles(r: redis.Redis) -> None:
+    kiosk = {"device": {"id": "KIOSK", "type": "android"}}
+    apply(r, [
+        {"type": "identify", "userId": "alice", "messageId": "1", "timestamp": "2026-03-01T10:00:00Z",
+         "context": kiosk, "traits": {"name": "Alice"}},
+        {"type": "identify", "userId": "bob", "messageId": "2", "timestamp": "2026-03-01T11:00:00Z",
+         "context": kiosk, "traits": {"name": "Bob"}},
+    ])
+    alice, bob = find(r, "user_id", "alice"), find(r, "user_id", "bob")
+    assert alice.id != bob.id
+    assert alice.trait_values()["name"] == "Alice" and bob.trait_values()["name"] == "Bob"
+    assert find(r, "android.id", "KIOSK").id == alice.id  # first owner keeps it; bob's event dropped it
+
+
+def test_shared_team_email_stops_merging_at_its_limit(r: redis.Redis) -> None:
+    events = [{"type": "identify", "anonymousId": f"laptop-{i}", "messageId": f"t{i}",
+               "timestamp": f"2026-03-01T10:0{i}:00Z", "traits": {"email": "team@acme.io"}} for i in range(8)]
+    apply(r, events)
+    team = find(r, "email", "team@acme.io")
+    anons = [i.value for i in team.identifiers if i.type == "anonymous_id"]
+    assert anons == [f"laptop-{i}" for i in range(5)]  # limit 5; later laptops are not attached
+    assert find(r, "anonymous_id", "laptop-6") is None
+    assert len(profiles(r)) == 1  # their events still land on the team profile
+    # two people who share that email never merge (user_id limit 1)
+    apply(r, [{"type": "identify", "userId": "carol", "messageId": "c", "timestamp": "2026-03-02T00:00:00Z",
+               "traits": {"email": "team@acme.io"}},
+              {"type": "identify", "userId": "dave", "messageId": "d", "timestamp": "2026-03-02T00:00:00Z",
+               "traits": {"email": "team@acme.io"}}])
+    assert find(r, "user_id", "carol").id == team.id
+    assert find(r, "user_id", "dave").id != team.id
+
+
+def test_merge_limit_stops_merging_but_events_still_attach(r: redis.Redis) -> None:
+    s = Settings(max_merges=1)
+    apply(r, [{"type": "page", "anonymousId": f"a{i}", "messageId": f"p{i}",
+               "timestamp": "2026-03-01T00:00:00Z"} for i in range(3)], s)
+    apply(r, [{"type": "identify", "userId": "u", "anonymousId": "a0", "messageId": "i0",
+               "timestamp": "2026-03-01T01:00:00Z"}], s)
+    out = apply(r, [{"type": "identify", "userId": "u", "anonymousId": "a1", "messageId": "i1",
+                     "timestamp": "2026-03-01T02:00:00Z"},
+                    {"type": "identify", "userId": "u", "anonymousId": "a2", "messageId": "i2",
+                     "timestamp": "2026-03-01T03:00:00Z", "traits": {"late": True}}], s)
+    assert [o.merged for o in out] == [1, 0]
+    u = find(r, "user_id", "u")
+    assert u.merges == 1 and u.trait_values()["late"] is True
+    assert find(r, "anonymous_id", "a2").id != u.id
+
+
+def test_identifier_limit_per_profile(r: redis.Redis) -> None:
+    s = Settings(max_identifiers=3)
+    apply(r, [{"type": "identify", "userId": "u", "anonymousId": f"a{i}", "messageId": f"i{i}",
+               "timestamp": "2026-03-01T00:00:00Z"} for i in range(4)], s)
+    assert len(find(r, "user_id", "u").identifiers) == 3
+
+
+def test_alias_merges_unless_turned_off(r: redis.Redis) -> None:
+    events = [{"type": "page", "anonymousId": "old-anon", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "identify", "userId": "u9", "messageId": "2", "timestamp": "2026-03-01T00:01:00Z"},
+              {"type": "alias", "previousId": "old-anon", "userId": "u9", "messageId": "3",
+               "timestamp": "2026-03-01T00:02:00Z"}]
+    apply(r, events)
+    assert find(r, "anonymous_id", "old-anon").id == find(r, "user_id", "u9").id
+    r.flushall()
+    apply(r, events, Settings(alias_merges=False))
+    assert find(r, "anonymous_id", "old-anon").id != find(r, "user_id", "u9").id
+
+
+def test_alias_between_two_user_ids_is_protected(r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "a", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "identify", "userId": "b", "messageId": "2", "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "alias", "previousId": "a", "userId": "b", "messageId": "3",
+               "timestamp": "2026-03-01T00:01:00Z"}])
+    assert find(r, "user_id", "a").id != find(r, "user_id", "b").id
+
+
+def test_blocked_values_are_never_identifiers(r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "u1", "anonymousId": "00000000", "messageId": "1",
+               "timestamp": "2026-03-01T00:00:00Z", "traits": {"email": "undefined"}},
+              {"type": "identify", "userId": "u2", "anonymousId": "00000000", "messageId": "2",
+               "timestamp": "2026-03-01T00:00:00Z"}])
+    assert find(r, "user_id", "u1").id != find(r, "user_id", "u2").id
+    assert [i.type for i in find(r, "user_id", "u1").identifiers] == ["user_id"]
+
+
+def test_traits_last_write_wins_by_event_time(r: redis.Redis) -> None:
+    late = {"type": "identify", "userId": "u", "messageId": "late", "timestamp": "2026-03-02T00:00:00Z",
+            "traits": {"plan": "enterprise"}}
+    early = {"type": "identify", "userId": "u", "messageId": "early", "timestamp": "2026-03-01T00:00:00Z",
+             "traits": {"plan": "free", "name": "U"}}
+    apply(r, [late, early])
+    assert find(r, "user_id", "u").trait_values() == {"plan": "enterprise", "name": "U"}
+
+
+def test_audience_membership_is_ordered_by_timestamp(r: redis.Redis) -> None:
+    ctx = {"personas": {"computation_class": "audience", "computation_key": "vip"}}
+    exited = {"type": "track", "event": "Audience Exited", "userId": "u", "messageId": "x",
+              "timestamp": "2026-04-01T00:00:00Z", "properties": {"audience_key": "vip", "vip": False},
+              "context": ctx}
+    entered = dict(exited, event="Audience Entered", messageId="e", timestamp="2026-03-01T00:00:00Z",
+                   properties={"audience_key": "vip", "vip": True})
+    apply(r, [exited, entered])
+    t = find(r, "user_id", "u").traits["vip"]
+    assert t.value is False and t.kind == "audience"
+    # recognised by name alone when a destination renamed nothing and sent no context.personas
+    apply(r, [{"type": "track", "event": "Audience Entered", "userId": "w", "messageId": "n",
+               "timestamp": "2026-03-01T00:00:00Z", "properties": {"audience_key": "buyers"}}])
+    assert find(r, "user_id", "w").traits["buyers"].value is True
+
+
+def test_sessions_are_distinct_half_hour_slots(r: redis.Redis) -> None:
+    times = ["2026-03-01T10:00:00Z", "2026-03-01T10:29:59Z", "2026-03-01T10:30:00Z", "2026-03-02T00:00:00Z"]
+    apply(r, [{"type": "page", "userId": "u", "messageId": f"p{i}", "timestamp": t} for i, t in enumerate(times)])
+    p = find(r, "user_id", "u")
+    assert p.sessions("web", 0, 10**6) == 3
+    assert p.sessions("mobile", 0, 10**6) == 0
+
+
+def test_group_links_account_and_its_traits(r: redis.Redis) -> None:
+    apply(r, [{"type": "group", "userId": "u", "groupId": "acc1", "messageId": "g",
+               "timestamp": "2026-03-01T00:00:00Z", "traits": {"industry": "SaaS", "employees": 10}}])
+    assert list(find(r, "user_id", "u").groups) == ["acc1"]
+    acct = r.hgetall(Keys("default").account("acc1"))
+    assert acct[b"t:industry"] == b'"SaaS"' and acct[b"t:employees"] == b"10"
+
+
+def test_gdpr_delete_erases_and_suppresses(r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "gone", "anonymousId": "ga", "messageId": "1",
+               "timestamp": "2026-03-01T00:00:00Z", "traits": {"email": "gone@example.com"}},
+              {"type": "page", "anonymousId": "ga2", "messageId": "2", "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "alias", "previousId": "ga2", "userId": "gone", "messageId": "3",
+               "timestamp": "2026-03-01T00:01:00Z"},
+              {"type": "identify", "userId": "stays", "messageId": "4", "timestamp": "2026-03-01T00:00:00Z"}])
+    out = apply(r, [{"type": "delete", "userId": "gone", "timestamp": "2026-05-01T00:00:00Z"}])
+    assert out[0].status == "deleted"
+    for kind, value in [("user_id", "gone"), ("anonymous_id", "ga"), ("anonymous_id", "ga2"),
+                        ("email", "gone@example.com")]:
+        assert find(r, kind, value) is None
+    k = Keys("default")
+    assert purge_forgotten(r, "default") == 3
+    assert [f[b"p"] for _, f in r.xrange(k.log)] == [find(r, "user_id", "stays").id.encode()]
+    assert apply(r, [{"type": "identify", "userId": "gone", "messageId": "5",
+                      "timestamp": "2026-06-01T00:00:00Z"}])[0].status == "suppressed"
+    assert find(r, "user_id", "gone") is None
+
+
+def test_forget_command_path(r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "x", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
+    assert forget(r, Settings(), "default", "x").status == "deleted"
+    assert find(r, "user_id", "x") is None and r.xlen(Keys("default").log) == 0
