@@ -1,0 +1,106 @@
+"""The Segment Tracking API (/v1/*) for SDKs that send straight to us, including the real Python library."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+
+import orjson
+import pytest
+import redis
+from segment.analytics import Client
+from starlette.testclient import TestClient
+
+from service.app import create_app
+from service.keys import Keys
+from tests.conftest import WRITE_KEY, LiveServer, fixture_bytes
+from tests.helpers import find
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+EVENT = {"userId": "sdk-user", "event": "Signed Up", "messageId": "sdk-1", "timestamp": "2026-03-01T00:00:00Z"}
+
+
+@pytest.mark.parametrize("how", ["basic", "body", "bearer+body"])
+def test_write_key_in_every_documented_place(client: TestClient, how: str) -> None:
+    body, headers = dict(EVENT), {}
+    if how == "basic":
+        headers = basic(WRITE_KEY)
+    elif how == "body":
+        body["writeKey"] = WRITE_KEY
+    else:
+        body["writeKey"] = WRITE_KEY
+        headers = {"Authorization": "Bearer some-oauth-token"}
+    resp = client.post("/v1/track", content=orjson.dumps(body), headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["success"] is True and resp.json()["accepted"] == 1
+
+
+def test_unknown_write_key_is_401(client: TestClient) -> None:
+    resp = client.post("/v1/track", content=orjson.dumps(EVENT), headers=basic("nope"))
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "authentication_error"
+    assert client.post("/v1/track", content=orjson.dumps(EVENT)).status_code == 401
+
+
+def test_write_key_maps_to_its_space(settings, redis_url: str, r: redis.Redis) -> None:
+    app = create_app(settings.replace(write_keys={"k-eu": "spa_eu"}), redis_url, "")
+    with TestClient(app) as c:
+        assert c.post("/v1/identify", content=orjson.dumps(EVENT), headers=basic("k-eu")).status_code == 200
+    assert r.exists(Keys("spa_eu").ident("user_id", "sdk-user"))
+
+
+def test_batch_merges_shared_context_and_counts(client: TestClient, r: redis.Redis) -> None:
+    resp = client.post("/v1/batch", content=fixture_bytes("tracking_api_batch.json"))
+    assert resp.status_code == 200 and resp.json()["accepted"] == 2
+    logged = [orjson.loads(f[b"e"]) for _, f in r.xrange(Keys("default").log)]
+    assert logged[0]["context"]["library"]["name"] == "analytics.js"  # the event's own context wins
+
+
+def test_gzip_body(client: TestClient) -> None:
+    body = gzip.compress(orjson.dumps({"batch": [dict(EVENT, type="track")], "writeKey": WRITE_KEY}))
+    resp = client.post("/v1/batch", content=body, headers={"Content-Encoding": "gzip"})
+    assert resp.status_code == 200 and resp.json()["accepted"] == 1
+    bad = client.post("/v1/batch", content=b"not gzip", headers={"Content-Encoding": "gzip", **basic(WRITE_KEY)})
+    assert bad.status_code == 400 and "gzip" in bad.json()["error"]["message"]
+
+
+def test_gzip_bomb_is_413_without_inflating_it(client: TestClient) -> None:
+    bomb = gzip.compress(b" " * (50 * 1024 * 1024))
+    resp = client.post("/v1/batch", content=bomb, headers={"Content-Encoding": "gzip", **basic(WRITE_KEY)})
+    assert resp.status_code == 413
+
+
+def test_limits_per_event_and_per_batch(client: TestClient) -> None:
+    big = dict(EVENT, properties={"blob": "x" * 33_000})
+    assert client.post("/v1/track", content=orjson.dumps(big), headers=basic(WRITE_KEY)).status_code == 413
+    in_batch = {"batch": [dict(EVENT, type="track"), dict(big, type="track", messageId="big")]}
+    out = client.post("/v1/batch", content=orjson.dumps(in_batch), headers=basic(WRITE_KEY)).json()
+    assert (out["accepted"], out["rejected"]) == (1, 1) and "32768" in out["errors"][0]["message"]
+    many = {"batch": [dict(EVENT, type="track", messageId=str(i)) for i in range(2501)]}
+    assert client.post("/v1/batch", content=orjson.dumps(many), headers=basic(WRITE_KEY)).status_code == 413
+    huge = {"batch": [dict(EVENT, type="track", messageId=str(i), properties={"p": "y" * 30_000})
+                      for i in range(20)]}
+    assert client.post("/v1/batch", content=orjson.dumps(huge), headers=basic(WRITE_KEY)).status_code == 413
+
+
+def test_real_segment_python_library_lands_in_profiles(live_server: LiveServer, r: redis.Redis) -> None:
+    errors: list[Exception] = []
+    sdk = Client(WRITE_KEY, host=live_server.url, sync_mode=True, gzip=True, max_retries=0,
+                 on_error=lambda e, batch: errors.append(e))
+    sdk.identify("lib-user", {"email": "Lib@Example.com", "plan": "pro"}, anonymous_id="lib-anon")
+    sdk.track("lib-user", "Order Completed", {"order_id": "L1", "revenue": 42.5,
+                                              "products": [{"category": "books"}]})
+    sdk.page(anonymous_id="lib-anon", name="Pricing")
+    sdk.group("lib-user", "acc-9", {"industry": "Retail"})
+    sdk.alias("lib-anon-2", "lib-user")
+    sdk.flush()
+    assert errors == []
+    p = find(r, "email", "lib@example.com")
+    assert p is not None and p.id == find(r, "anonymous_id", "lib-anon").id == find(r, "user_id", "lib-user").id
+    assert p.trait_values()["plan"] == "pro"
+    assert [o.revenue for o in p.orders] == [42.5] and p.orders[0].categories == ("books",)
+    assert list(p.groups) == ["acc-9"]
+    assert p.sessions("web", 0, 10**6) >= 1
