@@ -1,0 +1,107 @@
+"""Segment Spec normalisation (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.events import InvalidEvent, dedupe_digest, normalise, parse_timestamp
+from service.identity import IdentityRules
+from tests.conftest import fixture_json
+
+RULES = IdentityRules()
+NOW = 1_773_800_000_000
+
+
+def test_identify_fixture() -> None:
+    e = normalise(fixture_json("identify.json"), NOW, RULES)
+    assert e.type == "identify" and e.user_id == "usr_001"
+    assert e.identifiers == (("user_id", "usr_001"), ("email", "j.doe@example.com"),
+                             ("anonymous_id", "507f191e810c19729de860ea"))
+    assert dict((n, v) for n, v, _ in e.traits)["plan"] == '"pro"'
+    assert e.activity is not None and e.activity[0] == "web"
+    assert e.ts == parse_timestamp("2026-03-15T10:00:00.000Z")
+
+
+def test_screen_device_ids_by_platform() -> None:
+    e = normalise(fixture_json("screen.json"), NOW, RULES)
+    kinds = {k for k, _ in e.identifiers}
+    assert kinds == {"user_id", "ios.id", "ios.idfa", "ios.push_token"}
+    assert e.activity[0] == "mobile"
+
+
+def test_ad_id_needs_tracking_consent() -> None:
+    raw = fixture_json("screen.json")
+    raw["context"]["device"]["adTrackingEnabled"] = False
+    assert "ios.idfa" not in {k for k, _ in normalise(raw, NOW, RULES).identifiers}
+
+
+def test_order_revenue_then_total_and_categories() -> None:
+    e = normalise(fixture_json("track_order_completed.json"), NOW, RULES)
+    assert e.order == ("50314b8e9bcf000000000000", 25.0, ("board-games", "toys"))
+    raw = fixture_json("track_order_completed.json")
+    del raw["properties"]["revenue"]
+    assert normalise(raw, NOW, RULES).order[1] == 27.5
+
+
+def test_email_engagement_is_email_channel() -> None:
+    assert normalise(fixture_json("track_email_opened.json"), NOW, RULES).activity[0] == "email"
+
+
+def test_engage_audience_and_computed_trait_classes() -> None:
+    entered = normalise(fixture_json("audience_entered.json"), NOW, RULES)
+    assert ("high_value_users", "true", "audience") in entered.traits
+    exited = normalise(fixture_json("audience_exited.json"), NOW, RULES)
+    assert ("high_value_users", "false", "audience") in exited.traits
+    computed = normalise(fixture_json("trait_computed_track.json"), NOW, RULES)
+    assert ("mobile_sessions_30d", "22", "computed_trait") in computed.traits
+    ident = normalise(fixture_json("audience_identify.json"), NOW, RULES)
+    assert ("high_value_users", "true", "audience") in ident.traits and ("email", '"s.chen@example.com"', "") \
+        in ident.traits
+
+
+def test_external_ids_lowercase_types() -> None:
+    e = normalise(fixture_json("external_ids_identify.json"), NOW, RULES)
+    assert ("phone", "+1-555-0100") in e.identifiers and ("crm_id", "crm-77812") in e.identifiers
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ({"type": "track", "event": "x"}, "neither userId nor anonymousId"),
+    ({"type": "track", "userId": "u", "messageId": "x" * 101}, "at most 100"),
+    ({"type": "boom", "userId": "u"}, "unknown type"),
+    ({"type": "track", "userId": "u", "timestamp": "31/12/2025"}, "ISO-8601"),
+    ({"type": "delete"}, "delete needs a userId"),
+    ({"type": "identify", "userId": "anonymous"}, "no usable identifier"),
+    ({"type": "identify", "userId": "u", "traits": {str(i): i for i in range(300)}}, "300"),
+    ([], "not a JSON object"),
+])
+def test_invalid_events_say_why(raw, reason: str) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidEvent, match=reason):
+        normalise(raw, NOW, RULES)
+
+
+def test_version_type_is_not_validated_and_numbers_are_ids() -> None:
+    for v in (1, 2, "1.1"):
+        assert normalise({"type": "track", "userId": 42, "version": v, "messageId": "m"}, NOW, RULES).user_id == "42"
+
+
+def test_missing_message_id_is_deterministic() -> None:
+    raw = {"type": "track", "userId": "u", "event": "x", "timestamp": "2026-01-01T00:00:00Z"}
+    assert normalise(raw, NOW, RULES).message_id == normalise(dict(raw), NOW + 5, RULES).message_id
+
+
+def test_missing_timestamp_falls_back_to_received() -> None:
+    assert normalise({"type": "track", "userId": "u", "messageId": "m"}, NOW, RULES).ts == NOW
+
+
+def test_dedupe_digest_is_stable_and_compact() -> None:
+    shard, field = dedupe_digest("ajs-1")
+    assert (shard, field) == dedupe_digest("ajs-1") and len(field) == 8 and 0 <= shard < 65536
+    assert dedupe_digest("ajs-2") != (shard, field)
+
+
+def test_identity_rules_priority_and_blocking() -> None:
+    rules = IdentityRules(priority=("email", "user_id"))
+    assert rules.prepare([("user_id", "u"), ("crm", "c"), ("email", " A@B.C "), ("anonymous_id", "null"),
+                          ("anonymous_id", "-1"), ("ios.id", "0000-0000")]) == (
+        ("email", "a@b.c"), ("user_id", "u"), ("crm", "c"))
+    assert IdentityRules(limits={"user_id": 1, "*": 5, "email": 2}).limit("email") == 2

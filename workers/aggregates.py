@@ -1,0 +1,243 @@
+"""Incremental per-group aggregates (a group is a cluster or a channel pattern).
+
+A refresh moves one profile's ``Contribution`` out of its old group (``remove``) and into its new one (``add``)
+instead of re-reading every profile. Everything is held in integers (money in cents, churn in millionths, a
+spend -> count multiset for the exact median, category -> number of profiles having it), so any sequence of adds
+and removes ends in exactly the aggregate a from-scratch build of the remaining contributions gives, and the
+seed-000 summary, seed-001 pattern summary and seed-004 KPI card computed from it are identical too.
+
+Averages are rounded half up from exact ratios: money and counts to 2 decimals, churn to 4.
+Top plans / industries: count descending, then name ascending; profiles without a value are not counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from workers import kpis
+from workers.features import Features
+
+CHURN_SCALE = 1_000_000
+TOP_N = 3
+_SUMS = ("ltv_cents", "purchases", "churn_ppm", "spend_cents", "frequency",
+         "web_sessions", "mobile_sessions", "email_sessions", "identifier_count")
+_COUNTERS = ("spend_counts", "categories", "plans", "industries")
+
+
+class AggregateError(ValueError):
+    """A remove that does not match what was added, or stored JSON that is not an aggregate: rebuild from scratch."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One profile's share of a group aggregate; stored per profile so it can be removed later."""
+
+    ltv_cents: int = 0
+    purchases: int = 0
+    churn_ppm: int = 0
+    spend_cents: int = 0
+    frequency: int = 0
+    web_sessions: int = 0
+    mobile_sessions: int = 0
+    email_sessions: int = 0
+    identifier_count: int = 0
+    categories: tuple[str, ...] = ()
+    plan: str | None = None
+    industry: str | None = None
+
+    def __post_init__(self) -> None:  # one canonical form, so a JSON round trip compares equal
+        object.__setattr__(self, "categories", tuple(sorted(set(self.categories))))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {name: getattr(self, name) for name in _SUMS}
+        d.update(categories=list(self.categories), plan=self.plan, industry=self.industry)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Contribution:
+        """Strict inverse of ``to_dict``: a contribution we cannot trust must not be subtracted."""
+        if not isinstance(d, Mapping):
+            raise AggregateError("contribution must be an object")
+        values: dict[str, Any] = {}
+        for name in _SUMS:
+            v = d.get(name, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise AggregateError(f"contribution.{name} must be a non-negative integer")
+            values[name] = v
+        cats = d.get("categories", [])
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+            raise AggregateError("contribution.categories must be a list of strings")
+        for name in ("plan", "industry"):
+            if d.get(name) is not None and not isinstance(d.get(name), str):
+                raise AggregateError(f"contribution.{name} must be a string or null")
+        return cls(**values, categories=tuple(cats), plan=d.get("plan"), industry=d.get("industry"))
+
+
+def contribution_from_features(f: Features) -> Contribution:
+    """The integer form of the features the aggregates need."""
+    churn = Decimal(repr(f.churn_risk)).scaleb(6).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return Contribution(
+        ltv_cents=kpis.to_cents(f.ltv), purchases=f.purchases, churn_ppm=int(churn),
+        spend_cents=kpis.to_cents(f.spend), frequency=f.frequency,
+        web_sessions=f.web_sessions, mobile_sessions=f.mobile_sessions, email_sessions=f.email_sessions,
+        identifier_count=f.identifier_count, categories=f.categories,
+        plan=f.plan, industry=f.industry,
+    )
+
+
+def _top(counter: Mapping[str, int], n: int = TOP_N) -> list[str]:
+    return [k for k, _ in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+@dataclass
+class GroupAggregate:
+    n: int = 0
+    ltv_cents: int = 0
+    purchases: int = 0
+    churn_ppm: int = 0
+    spend_cents: int = 0
+    frequency: int = 0
+    web_sessions: int = 0
+    mobile_sessions: int = 0
+    email_sessions: int = 0
+    identifier_count: int = 0
+    spend_counts: dict[int, int] = field(default_factory=dict)
+    categories: dict[str, int] = field(default_factory=dict)
+    plans: dict[str, int] = field(default_factory=dict)
+    industries: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, contributions: Iterable[Contribution]) -> GroupAggregate:
+        agg = cls()
+        for c in contributions:
+            agg.add(c)
+        return agg
+
+    @staticmethod
+    def _keys(c: Contribution) -> list[tuple[str, Any]]:
+        keys: list[tuple[str, Any]] = [("spend_counts", c.spend_cents)]
+        keys += [("categories", cat) for cat in set(c.categories)]
+        if c.plan:
+            keys.append(("plans", c.plan))
+        if c.industry:
+            keys.append(("industries", c.industry))
+        return keys
+
+    def add(self, c: Contribution) -> None:
+        self.n += 1
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) + getattr(c, name))
+        for counter, key in self._keys(c):
+            bucket = getattr(self, counter)
+            bucket[key] = bucket.get(key, 0) + 1
+
+    def remove(self, c: Contribution) -> None:
+        """Undo one ``add(c)``; checks everything first so a mismatch leaves the aggregate untouched."""
+        keys = self._keys(c)
+        if self.n < 1 or any(getattr(self, name) < getattr(c, name) for name in _SUMS) \
+                or any(getattr(self, counter).get(key, 0) < 1 for counter, key in keys):
+            raise AggregateError("contribution was not part of this aggregate")
+        if self.n == 1 and self != GroupAggregate.build([c]):
+            raise AggregateError("last contribution does not match what is left in the aggregate")
+        self.n -= 1
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) - getattr(c, name))
+        for counter, key in keys:
+            bucket = getattr(self, counter)
+            bucket[key] -= 1
+            if bucket[key] == 0:
+                del bucket[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"n": self.n, **{name: getattr(self, name) for name in _SUMS}}
+        d["spend_counts"] = {str(k): v for k, v in sorted(self.spend_counts.items())}
+        for name in _COUNTERS[1:]:
+            d[name] = dict(sorted(getattr(self, name).items()))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> GroupAggregate:
+        if not isinstance(d, Mapping):
+            raise AggregateError("aggregate must be an object")
+        agg = cls()
+        for name in ("n", *_SUMS):
+            v = d.get(name, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise AggregateError(f"aggregate.{name} must be a non-negative integer")
+            setattr(agg, name, v)
+        for name in _COUNTERS:
+            raw = d.get(name, {})
+            if not isinstance(raw, Mapping) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw.values()):
+                raise AggregateError(f"aggregate.{name} must map keys to positive integers")
+            try:
+                setattr(agg, name, {(int(k) if name == "spend_counts" else str(k)): v for k, v in raw.items()})
+            except ValueError:
+                raise AggregateError("aggregate.spend_counts keys must be integers (cents)") from None
+        if sum(agg.spend_counts.values()) != agg.n:
+            raise AggregateError("aggregate.spend_counts does not add up to n")
+        return agg
+
+    def cluster_summary(self, label: str) -> dict[str, Any] | None:
+        """Seed 000's per-cluster summary; None for an empty group."""
+        if self.n == 0:
+            return None
+        return {
+            "label": label, "n": self.n,
+            "avg_ltv": kpis.round_ratio(self.ltv_cents, self.n * 100),
+            "avg_purchases": kpis.round_ratio(self.purchases, self.n),
+            "avg_churn": kpis.round_ratio(self.churn_ppm, self.n * CHURN_SCALE, 4),
+            "industries": _top(self.industries), "plans": _top(self.plans),
+        }
+
+    def pattern_summary(self, label: str) -> dict[str, Any] | None:
+        """Seed 001's per-channel-pattern summary; None for an empty group."""
+        if self.n == 0:
+            return None
+        return {
+            "label": label, "n": self.n,
+            "avg_ltv": kpis.round_ratio(self.ltv_cents, self.n * 100),
+            "avg_web_sessions": kpis.round_ratio(self.web_sessions, self.n),
+            "avg_mobile_sessions": kpis.round_ratio(self.mobile_sessions, self.n),
+            "avg_email_sessions": kpis.round_ratio(self.email_sessions, self.n),
+            "avg_identifiers": kpis.round_ratio(self.identifier_count, self.n),
+            "plans": _top(self.plans),
+        }
+
+    def kpi_totals(self, cluster_id: Any) -> kpis.ClusterTotals:
+        return kpis.ClusterTotals(cluster_id, self.n, self.spend_cents, self.frequency,
+                                  dict(self.spend_counts), dict(self.categories))
+
+
+def kpi_cards(aggregates: Mapping[Any, GroupAggregate], insight_rule: kpis.InsightRule | None = None) -> dict[str, Any]:
+    """Seed 004's KPI response over every group at once (share of revenue and TF-IDF need all of them)."""
+    return kpis.kpi_cards([agg.kpi_totals(cid) for cid, agg in aggregates.items()], insight_rule)
+
+
+def build_groups(assigned: Iterable[tuple[Any, Contribution]]) -> dict[Any, GroupAggregate]:
+    """Aggregates from scratch out of ``(group, contribution)`` pairs (the full recompute)."""
+    groups: dict[Any, GroupAggregate] = {}
+    for group, c in assigned:
+        groups.setdefault(group, GroupAggregate()).add(c)
+    return groups
+
+
+def move(groups: dict[Any, GroupAggregate], old: tuple[Any, Contribution] | None,
+         new: tuple[Any, Contribution] | None) -> None:
+    """Replace one profile's previous ``(group, contribution)`` by its current one (either may be None).
+
+    Groups left empty are dropped, so the dict equals a from-scratch ``build_groups``. On ``AggregateError``
+    nothing has changed and the caller should rebuild from scratch.
+    """
+    if old is not None:
+        if old[0] not in groups:
+            raise AggregateError(f"group {old[0]!r} has no aggregate")
+        groups[old[0]].remove(old[1])
+        if groups[old[0]].n == 0:
+            del groups[old[0]]
+    if new is not None:
+        groups.setdefault(new[0], GroupAggregate()).add(new[1])
