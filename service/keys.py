@@ -21,6 +21,8 @@ GROUP = "g:"  # g:<groupId>  -> first-seen ms
 ANCESTOR = "r:"  # r:<merged profile id> -> "1": profiles merged into this one
 META = "m:"  # m:fs m:ls (first/last event ms), m:fm m:lm (their messageIds), m:ca m:ua (received ms), m:merges
 
+TOMBSTONE = "!"  # index value of a deleted userId: its later events are suppressed (see lua/apply.lua)
+
 CHANNELS = ("web", "mobile", "email")
 SLOT_MS = 30 * 60 * 1000
 SLOTS_PER_DAY = 48

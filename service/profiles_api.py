@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from service import auth
 from service.config import valid_space
-from service.keys import Keys
+from service.keys import TOMBSTONE, Keys
 from service.profile import Profile, decode_profile
 from service.receiver import error, unavailable
 from service.store import REDIS_DOWN
@@ -61,6 +61,8 @@ async def find_profile(request: Request) -> Profile:
         prepared = state.rules.prepare([(kind, value)])
         pid = await client.get(keys.ident(*prepared[0])) if prepared else None
         pid = pid.decode() if pid else None
+    if pid == TOMBSTONE:
+        pid = None
     for _ in range(16):  # follow merge redirects
         if not pid:
             break

@@ -12,7 +12,7 @@ import redis
 from service.config import Settings
 from service.events import normalise
 from service.identity import IdentityRules
-from service.keys import Keys
+from service.keys import TOMBSTONE, Keys
 from service.profile import Profile, decode_profile
 from service.store import Outcome, SyncStore
 
@@ -43,7 +43,7 @@ def profiles(client: redis.Redis, space: str = "default") -> list[Profile]:
 def find(client: redis.Redis, kind: str, value: str, space: str = "default") -> Profile | None:
     k = Keys(space)
     pid = client.get(k.ident(kind, value))
-    if pid is None:
+    if pid is None or pid.decode() == TOMBSTONE:
         return None
     return decode_profile(pid.decode(), client.hgetall(k.profile(pid.decode())))
 

@@ -63,8 +63,8 @@ paths = st.sampled_from(["/segment", "/segment/spa_x", "/segment/%7B%7D", "/v1/b
 headers = st.fixed_dictionaries({}, optional={
     "Content-Encoding": st.sampled_from(["gzip", "deflate", "br", "identity"]),
     "X-Signature": st.text(max_size=50).filter(lambda s: s.isascii() and s.isprintable()),
-    "Authorization": st.sampled_from(["Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(),
-                                      "Basic !!!", "Bearer", "Bearer x", "Basic " + base64.b64encode(b"\xff").decode()]),
+    "Authorization": st.sampled_from(["Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Basic !!!",
+                                      "Bearer", "Bearer x", "Basic " + base64.b64encode(b"\xff").decode()]),
 })
 
 

@@ -12,7 +12,6 @@ Top plans / industries: count descending, then name ascending; profiles without 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal

@@ -4,6 +4,9 @@ Pure: the caller passes the decoded profile, the merged account traits and ``now
 whatever sources send them, so every read is defensive: a value of the wrong type (string that is not a number,
 bool, None, list, dict, NaN, out of range) is ignored and the derived value is used instead. Nothing here raises.
 
+Every number read from a trait must lie in [0, 1e9] (``kpis.MAX_VALUE``); derived ltv and spend are capped there,
+so the integer sums the aggregates keep stay far inside 64 bits.
+
 Documented choices:
 - ltv: trait ``ltv`` then ``lifetime_value`` (non-negative number or numeric string), else revenue of all orders.
 - purchases: trait ``purchase_count`` then ``order_count`` (non-negative, fractions truncated), else order count.
@@ -28,6 +31,7 @@ from typing import Any
 
 from service.keys import DAY_MS, SLOT_MS
 from service.profile import Profile
+from workers.kpis import MAX_VALUE
 
 CHURN_HORIZON_DAYS = 90
 UNKNOWN_CHURN = 0.5
@@ -85,7 +89,7 @@ class Features:
 
 
 def _num(v: Any) -> float | None:
-    """A finite, non-negative number (or numeric string), else None."""
+    """A finite number in [0, MAX_VALUE] (or such a numeric string), else None."""
     if isinstance(v, bool):
         return None
     if isinstance(v, str):
@@ -99,7 +103,7 @@ def _num(v: Any) -> float | None:
         f = float(v)
     except OverflowError:
         return None
-    return f if math.isfinite(f) and f >= 0 else None
+    return f if math.isfinite(f) and 0 <= f <= MAX_VALUE else None
 
 
 def _count(v: Any) -> int | None:
@@ -169,7 +173,7 @@ def compute_features(profile: Profile, account_traits: Mapping[str, Any] | None,
 
     ltv = _first(traits, ("ltv", "lifetime_value"), _num)
     if ltv is None:
-        ltv = max(0.0, sum(revenues))
+        ltv = min(MAX_VALUE, max(0.0, sum(revenues)))
     purchases = _first(traits, ("purchase_count", "order_count"), _count)
     if purchases is None:
         purchases = len(profile.orders)
@@ -196,7 +200,7 @@ def compute_features(profile: Profile, account_traits: Mapping[str, Any] | None,
         plan=_text(traits.get("plan")) or _text(account.get("plan")),
         industry=_text(traits.get("industry")) or _text(account.get("industry")),
         engagement_tier=tier.lower() if tier else engagement_tier(sum(sessions.values())),
-        spend=max(0.0, sum(o.revenue for o in window)),
+        spend=min(MAX_VALUE, max(0.0, sum(o.revenue for o in window))),
         frequency=len(window),
         categories=categories,
         web_sessions=sessions["web"],

@@ -6,23 +6,24 @@
 -- so a replay older than the dedupe window converges to the same state. Nothing below may raise after the
 -- first write: inputs are validated by service/events.py, and this script only decodes them.
 --
+-- The common case (every identifier already known, on one profile) costs one HMGET and one HSET of the
+-- profile hash; limits are only consulted when an event brings a new identifier or spans several profiles.
+--
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
--- ARGV     prefix, dedupe bucket, bucket width (s), lookback buckets, shard, field, event JSON, raw event,
---          rules JSON, received ms, log MINID
+-- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID"
+-- ARGV[2]  dedupe field (8 bytes)   ARGV[3] event JSON   ARGV[4] raw event   ARGV[5] rules JSON
 -- Layout of the profile hash: see service/keys.py.
 
-local P = ARGV[1]
-local bucket, bw, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local shard, dfield = ARGV[5], ARGV[6]
-local ev = cjson.decode(ARGV[7])
-local raw = ARGV[8]
-local rules = cjson.decode(ARGV[9])
-local now = ARGV[10]
-local minid = ARGV[11]
+local h = {}
+for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
+local P, bucket, bw, nb, shard, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6], h[7]
+local dfield = ARGV[2]
+local ev = cjson.decode(ARGV[3])
 local NULL = cjson.null
 
 local function pkey(pid) return P .. 'p:' .. pid end
 local function ikey(t, v) return P .. 'i:' .. t .. ':' .. v end
+local function fmt(n) return string.format('%.0f', n) end
 
 -- 1. dedupe ---------------------------------------------------------------------------------------
 for b = bucket - nb, bucket do
@@ -34,22 +35,19 @@ local function remember()
   if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, (bucket + nb + 1) * bw) end
 end
 
-local function log(pid)
-  redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', raw)
-end
-
--- 2. suppression and GDPR deletion -----------------------------------------------------------------
+-- 2. GDPR deletion. A deleted userId's index entry becomes the tombstone '!', so that suppressing its later
+-- events costs nothing beyond the identifier lookup every event makes anyway (step 3).
+local TOMBSTONE = '!'
 local uid = ev.uid
-if uid ~= '' and redis.call('SISMEMBER', P .. 'suppressed', uid) == 1 and ev.t ~= 'delete' then
-  remember()
-  return {'suppressed', ''}
-end
-
 if ev.t == 'delete' then
   redis.call('SADD', P .. 'suppressed', uid)
   local pid = redis.call('GET', ikey('user_id', uid))
   remember()
-  if not pid then return {'deleted', ''} end
+  if pid == TOMBSTONE then pid = false end
+  if not pid then
+    redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+    return {'deleted', ''}
+  end
   local f = redis.call('HGETALL', pkey(pid))
   for i = 1, #f, 2 do
     local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
@@ -61,33 +59,46 @@ if ev.t == 'delete' then
     end
   end
   redis.call('DEL', pkey(pid))
+  redis.call('SET', ikey('user_id', uid), TOMBSTONE)
   redis.call('SADD', P .. 'forgotten', pid)
   redis.call('SADD', P .. 'dirty', pid)
   return {'deleted', pid}
 end
 
--- 3. identity resolution -----------------------------------------------------------------------------
+-- 3. identity resolution (and suppression of deleted userIds) -----------------------------------------------------------------------------
+local rules = nil
 local ids = ev.ids
-if ev.t == 'alias' and rules.alias and ev.al ~= NULL and ev.al then
-  local kind = 'anonymous_id'
-  if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
-  local present = false
-  for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
-  -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
-  if not present then table.insert(ids, {kind, ev.al}) end
+if ev.t == 'alias' and ev.al ~= NULL and ev.al then
+  rules = cjson.decode(ARGV[5])
+  if rules.alias then
+    local kind = 'anonymous_id'
+    if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
+    local present = false
+    for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
+    -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
+    if not present then table.insert(ids, {kind, ev.al}) end
+  end
 end
 
-local owner = {}
-for i, id in ipairs(ids) do owner[i] = redis.call('GET', ikey(id[1], id[2])) end
-
-local function limit(t)
-  local l = rules.limits[t]
-  if l == nil then l = rules.default_limit end
-  return l
+local owner, distinct, unmapped = {}, {}, 0
+for i, id in ipairs(ids) do
+  local o = redis.call('GET', ikey(id[1], id[2]))
+  if o == TOMBSTONE then
+    if id[1] == 'user_id' and id[2] == uid then
+      remember()
+      return {'suppressed', ''}
+    end
+    o = false   -- an alias previousId that was erased: treat as unknown, never resurrect it
+  end
+  owner[i] = o
+  if o then distinct[o] = true else unmapped = unmapped + 1 end
 end
+local ndistinct = 0
+for _ in pairs(distinct) do ndistinct = ndistinct + 1 end
 
-local counts_of = {}   -- pid -> {type -> n}
-local merges_of = {}   -- pid -> merges so far
+local active = {}
+for i = 1, #ids do active[i] = true end
+local counts_of, merges_of = {}, {}   -- pid -> {type -> n}, pid -> merges so far
 local function load(pid)
   if counts_of[pid] then return end
   local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
@@ -95,42 +106,51 @@ local function load(pid)
   merges_of[pid] = tonumber(m[2]) or 0
 end
 
-local active = {}
-for i = 1, #ids do active[i] = true end
-local nactive = #ids
 local mlist
-while true do
-  mlist = {}
-  local seen = {}
-  local counts, total, merges = {}, 0, 0
-  for i = 1, #ids do
-    if active[i] then
-      local o = owner[i]
-      if o then
-        if not seen[o] then
-          seen[o] = true
-          mlist[#mlist + 1] = o
-          load(o)
-          for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
-          merges = merges + merges_of[o]
+if unmapped == 0 and ndistinct == 1 then
+  mlist = {owner[1]}                 -- fast path: a known person, nothing new to check
+elseif #ids == 1 then
+  mlist = owner[1] and {owner[1]} or {}
+else
+  rules = rules or cjson.decode(ARGV[5])
+  local function limit(t)
+    local l = rules.limits[t]
+    if l == nil then l = rules.default_limit end
+    return l
+  end
+  local nactive = #ids
+  while true do
+    mlist = {}
+    local seen, counts, total, merges = {}, {}, 0, 0
+    for i = 1, #ids do
+      if active[i] then
+        local o = owner[i]
+        if o then
+          if not seen[o] then
+            seen[o] = true
+            mlist[#mlist + 1] = o
+            load(o)
+            for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
+            merges = merges + merges_of[o]
+          end
+        else
+          local t = ids[i][1]
+          counts[t] = (counts[t] or 0) + 1
+          total = total + 1
         end
-      else
-        local t = ids[i][1]
-        counts[t] = (counts[t] or 0) + 1
-        total = total + 1
       end
     end
-  end
-  local ok = nactive <= 1
-  if not ok then
-    ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
-    if ok then
-      for t, n in pairs(counts) do if n > limit(t) then ok = false; break end end
+    local ok = nactive <= 1
+    if not ok then
+      ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
+      if ok then
+        for t, n in pairs(counts) do if n > limit(t) then ok = false; break end end
+      end
     end
-  end
-  if ok then break end
-  for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
-    if active[i] then active[i] = false; nactive = nactive - 1; break end
+    if ok then break end
+    for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
+      if active[i] then active[i] = false; nactive = nactive - 1; break end
+    end
   end
 end
 
@@ -140,7 +160,6 @@ local created = 0
 local pid
 if #mlist == 0 then
   pid = 'use_' .. redis.call('INCR', P .. 'seq')
-  redis.call('HSET', pkey(pid), 'm:ca', now, 'm:n', '{}', 'm:merges', '0')
   counts_of[pid], merges_of[pid] = {}, 0
   created = 1
 else
@@ -148,37 +167,6 @@ else
   for _, o in ipairs(mlist) do if num(o) < num(pid) then pid = o end end
 end
 local S = pkey(pid)
-
-local function fmt(n) return string.format('%.0f', n) end
-
--- Last write wins by (event time, then value) so every delivery order gives the same result.
-local function put_traits(key, items, with_class)
-  if #items == 0 then return end
-  local fields = {}
-  for _, it in ipairs(items) do
-    fields[#fields + 1] = 't:' .. it[1]; fields[#fields + 1] = 'T:' .. it[1]
-    if with_class then fields[#fields + 1] = 'c:' .. it[1] end
-  end
-  local cur = redis.call('HMGET', key, unpack(fields))
-  local w, stride = {}, with_class and 3 or 2
-  for j, it in ipairs(items) do
-    local base = (j - 1) * stride
-    local cv, cts = cur[base + 1], tonumber(cur[base + 2])
-    local ts = it[3]
-    if not cv or ts > cts or (ts == cts and it[2] > cv) then
-      w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
-      w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = fmt(ts)
-      if with_class then
-        if it[4] ~= '' then
-          w[#w + 1] = 'c:' .. it[1]; w[#w + 1] = it[4]
-        elseif cur[base + 3] then
-          redis.call('HDEL', key, 'c:' .. it[1])
-        end
-      end
-    end
-  end
-  if #w > 0 then redis.call('HSET', key, unpack(w)) end
-end
 
 local function earlier(ts_a, mid_a, ts_b, mid_b)
   return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
@@ -193,45 +181,87 @@ local function bits_or(a, b)
   return r
 end
 
-local function merge_meta(fs, fm, ls, lm)
-  local m = redis.call('HMGET', S, 'm:fs', 'm:fm', 'm:ls', 'm:lm')
-  local w = {}
-  if fs and earlier(fs, fm, tonumber(m[1]), m[2]) then w[#w + 1] = 'm:fs'; w[#w + 1] = fmt(fs); w[#w + 1] = 'm:fm'; w[#w + 1] = fm end
-  if ls and (m[3] == false or earlier(tonumber(m[3]), m[4], ls, lm)) then
+-- Last write wins by (event time, then value) so every delivery order gives the same result.
+-- cur: field -> current value; items: {name, json, ts, class}; appends winning writes to w.
+local function lww(cur, items, w, with_class, key)
+  for _, it in ipairs(items) do
+    local cv, cts = cur['t:' .. it[1]], tonumber(cur['T:' .. it[1]])
+    local ts = it[3]
+    if not cv or ts > cts or (ts == cts and it[2] > cv) then
+      w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
+      w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = fmt(ts)
+      if with_class then
+        if it[4] ~= '' then
+          w[#w + 1] = 'c:' .. it[1]; w[#w + 1] = it[4]
+        elseif cur['c:' .. it[1]] then
+          redis.call('HDEL', key, 'c:' .. it[1])
+        end
+      end
+    end
+  end
+end
+
+local function read(key, fields)
+  local cur = {}
+  if #fields == 0 then return cur end
+  local vals = redis.call('HMGET', key, unpack(fields))
+  for i, f in ipairs(fields) do if vals[i] then cur[f] = vals[i] end end
+  return cur
+end
+
+local function trait_fields(items, fields, with_class)
+  for _, it in ipairs(items) do
+    fields[#fields + 1] = 't:' .. it[1]; fields[#fields + 1] = 'T:' .. it[1]
+    if with_class then fields[#fields + 1] = 'c:' .. it[1] end
+  end
+end
+
+local function meta_writes(cur, w, fs, fm, ls, lm)
+  if fs and earlier(fs, fm, tonumber(cur['m:fs']), cur['m:fm']) then
+    w[#w + 1] = 'm:fs'; w[#w + 1] = fmt(fs); w[#w + 1] = 'm:fm'; w[#w + 1] = fm
+  end
+  if ls and (not cur['m:ls'] or earlier(tonumber(cur['m:ls']), cur['m:lm'], ls, lm)) then
     w[#w + 1] = 'm:ls'; w[#w + 1] = fmt(ls); w[#w + 1] = 'm:lm'; w[#w + 1] = lm
   end
-  if #w > 0 then redis.call('HSET', S, unpack(w)) end
 end
 
 local function merge_into(L)
   local f = redis.call('HGETALL', pkey(L))
   local lo = {}
   for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
-  local traits = {}
+  local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
   for k, v in pairs(lo) do
     local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
     if pre == 't:' then
       traits[#traits + 1] = {rest, v, tonumber(lo['T:' .. rest]) or 0, lo['c:' .. rest] or ''}
+    elseif pre == 'a:' or pre == 'g:' or pre == 'o:' then
+      fields[#fields + 1] = k
     elseif pre == 'x:' then
       redis.call('SET', P .. 'i:' .. rest, pid)
-      redis.call('HSET', S, k, v)
-    elseif pre == 'o:' or pre == 'r:' then
-      redis.call('HSETNX', S, k, v)
-    elseif pre == 'a:' then
-      local cur = tonumber(redis.call('HGET', S, k)) or 0
-      redis.call('HSET', S, k, fmt(bits_or(cur, tonumber(v) or 0)))
-    elseif pre == 'g:' then
-      local cur = tonumber(redis.call('HGET', S, k))
-      if not cur or tonumber(v) < cur then redis.call('HSET', S, k, v) end
     end
   end
-  put_traits(S, traits, true)
-  merge_meta(tonumber(lo['m:fs']), lo['m:fm'], tonumber(lo['m:ls']), lo['m:lm'])
-  local ca = redis.call('HGET', S, 'm:ca')
-  if lo['m:ca'] and (not ca or tonumber(lo['m:ca']) < tonumber(ca)) then redis.call('HSET', S, 'm:ca', lo['m:ca']) end
+  trait_fields(traits, fields, true)
+  local cur = read(S, fields)
+  local w = {}
+  for k, v in pairs(lo) do
+    local pre = string.sub(k, 1, 2)
+    if pre == 'x:' or pre == 'r:' or (pre == 'o:' and not cur[k]) then
+      w[#w + 1] = k; w[#w + 1] = v
+    elseif pre == 'a:' then
+      w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
+    elseif pre == 'g:' and (not cur[k] or tonumber(v) < tonumber(cur[k])) then
+      w[#w + 1] = k; w[#w + 1] = v
+    end
+  end
+  lww(cur, traits, w, true, S)
+  meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fm'], tonumber(lo['m:ls']), lo['m:lm'])
+  if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
+    w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
+  end
+  w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
+  redis.call('HSET', S, unpack(w))
   for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
   merges_of[pid] = merges_of[pid] + merges_of[L] + 1
-  redis.call('HSET', S, 'r:' .. L, '1')
   redis.call('DEL', pkey(L))
   redis.call('SET', P .. 'mrg:' .. L, pid)
   redis.call('SADD', P .. 'dirty', L)
@@ -242,59 +272,72 @@ for _, o in ipairs(mlist) do
   if o ~= pid then merge_into(o); merged = merged + 1 end
 end
 
--- 5. identifiers of this event --------------------------------------------------------------------------
+-- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
 local ts, mid = ev.ts, ev.mid
+local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm'}
+local items = {}
+for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3]} end
+trait_fields(items, fields, true)
+local afield, ofield, gfield
+if ev.a ~= NULL then afield = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; fields[#fields + 1] = afield end
+if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
+if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
+for i, id in ipairs(ids) do
+  if active[i] and owner[i] then fields[#fields + 1] = 'x:' .. id[1] .. ':' .. id[2] end
+end
+local cur = read(S, fields)
+local w = {'m:ua', now}
+if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
+
+local new_ids = false
 for i, id in ipairs(ids) do
   if active[i] then
     local field = 'x:' .. id[1] .. ':' .. id[2]
     if not owner[i] then
       redis.call('SET', ikey(id[1], id[2]), pid)
-      redis.call('HSET', S, field, fmt(ts) .. '|' .. mid)
+      w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
+      if not counts_of[pid] then load(pid) end
       counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
-    else
-      local cur = redis.call('HGET', S, field)
-      if cur then
-        local bar = string.find(cur, '|', 1, true)
-        if earlier(ts, mid, tonumber(string.sub(cur, 1, bar - 1)), string.sub(cur, bar + 1)) then
-          redis.call('HSET', S, field, fmt(ts) .. '|' .. mid)
-        end
+      new_ids = true
+    elseif cur[field] then
+      local c = cur[field]
+      local bar = string.find(c, '|', 1, true)
+      if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
+        w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
       end
     end
   end
 end
-local n_json = '{}'
-if next(counts_of[pid]) ~= nil then n_json = cjson.encode(counts_of[pid]) end
-redis.call('HSET', S, 'm:n', n_json, 'm:merges', merges_of[pid], 'm:ua', now)
-
--- 6. effects ------------------------------------------------------------------------------------------------
-local items = {}
-for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3]} end
-put_traits(S, items, true)
-
-if ev.o ~= NULL then
-  redis.call('HSETNX', S, 'o:' .. ev.o[1], fmt(ts) .. '|' .. ev.o[2] .. '|' .. ev.o[3])
+if new_ids or merged > 0 or created == 1 then
+  local n_json = '{}'
+  if next(counts_of[pid]) ~= nil then n_json = cjson.encode(counts_of[pid]) end
+  w[#w + 1] = 'm:n'; w[#w + 1] = n_json
+  w[#w + 1] = 'm:merges'; w[#w + 1] = fmt(merges_of[pid])
 end
 
-if ev.a ~= NULL then
-  local k = 'a:' .. ev.a[1] .. ':' .. ev.a[2]
-  local cur = tonumber(redis.call('HGET', S, k)) or 0
+lww(cur, items, w, true, S)
+if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = fmt(ts) .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
+if afield then
+  local bits = tonumber(cur[afield]) or 0
   local p = 2 ^ ev.a[3]
-  if math.floor(cur / p) % 2 == 0 then redis.call('HSET', S, k, fmt(cur + p)) end
+  if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
 end
-
-if ev.g ~= NULL then
-  local gid = ev.g[1]
-  local cur = tonumber(redis.call('HGET', S, 'g:' .. gid))
-  if not cur or ts < cur then redis.call('HSET', S, 'g:' .. gid, fmt(ts)) end
+if gfield then
+  local g = tonumber(cur[gfield])
+  if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
   local acct = {}
   for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, ''} end
-  put_traits(P .. 'acct:' .. gid, acct, false)
+  local akey = P .. 'acct:' .. ev.g[1]
+  local aw, af = {}, {}
+  trait_fields(acct, af, false)
+  lww(read(akey, af), acct, aw, false, akey)
+  if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
 end
+meta_writes(cur, w, ts, mid, ts, mid)
+redis.call('HSET', S, unpack(w))
 
-merge_meta(ts, mid, ts, mid)
-
--- 7. log, dirty mark, dedupe record ---------------------------------------------------------------------
-log(pid)
+-- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
+redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4])
 redis.call('SADD', P .. 'dirty', pid)
 remember()
 return {'ok', pid, created, merged}

@@ -1,0 +1,32 @@
+-- wrk script: Webhooks (Actions) batches of BENCH_BATCH events (default 1000), every messageId unique.
+local counter, prefix, size = 0, "run", tonumber(os.getenv("BENCH_BATCH") or "1000")
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  prefix = (args[1] or "run") .. "-" .. tostring(tid)
+end
+
+request = function()
+  local parts = {}
+  for i = 1, size do
+    counter = counter + 1
+    local user = counter % 50000
+    parts[i] = string.format('{"type":"track","event":"Page Viewed","userId":"u%d","messageId":"%s-%d",' ..
+      '"timestamp":"2026-03-01T00:%02d:00Z","properties":{"path":"/p"},"context":{"library":{"name":"analytics.js"}}}',
+      user, prefix, counter, counter % 60)
+  end
+  return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, "[" .. table.concat(parts, ",") .. "]")
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
+    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d,"batch":%d}\n', summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), latency.max, size))
+end

@@ -1,0 +1,158 @@
+"""``make bench``: drive the embedded stack (real redis-server + `persona-sync web`) with wrk from another process.
+
+Scenarios (each run several times; medians reported):
+  single  single-event webhook requests at full speed: requests/s, p50 / p95 / p99 latency
+  paced   single events at a fixed ~2,000 requests/s (wrk's per-connection delay): p95 latency
+  batch   Webhooks (Actions) batches of 1000 events: events/s
+  memory  Redis bytes per remembered messageId and per profile (see bench/memory.py)
+Results go to bench/results/latest.json and are printed as a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from service.redis_server import EmbeddedRedis
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("wrk not found: installing the Debian package (needs root)...", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, capture_output=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is required for `make bench`: apt-get install wrk")
+    return found
+
+
+class Stack:
+    """Embedded Redis (AOF on, as in production) and the web app under uvicorn, as `make run` starts them."""
+
+    def __init__(self, web_workers: int) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="sps-bench-")
+        self.redis = EmbeddedRedis(self.tmp, persistent=True)
+        self.port = free_port()
+        self.web_workers = web_workers
+        self.web: subprocess.Popen | None = None
+
+    def __enter__(self) -> Stack:
+        self.redis.start()
+        env = dict(os.environ, REDIS_URL=self.redis.url, PORT=str(self.port), LOG_LEVEL="WARNING",
+                   SEGMENT_SHARED_SECRETS="", SEGMENT_WRITE_KEYS="", REFRESH_DEBOUNCE="5s")
+        exe = str(Path(sys.executable).with_name("persona-sync"))
+        self.web = subprocess.Popen([exe, "web", "--workers", str(self.web_workers), "--port", str(self.port)],
+                                    env=env, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise SystemExit("the web app did not become ready")
+
+    def flush(self) -> None:
+        redis.Redis.from_url(self.redis.url).flushall()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.web:
+            self.web.terminate()
+            self.web.wait(20)
+        self.redis.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def wrk(stack: Stack, script: str, threads: int, conns: int, seconds: int, run_id: str,
+        env: dict[str, str] | None = None) -> dict:
+    cmd = [need_wrk(), "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s",
+           "-s", str(HERE / script), f"http://127.0.0.1:{stack.port}", "--", run_id]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    res = json.loads(line[len("RESULT "):])
+    res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+    return res
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def scenario(stack: Stack, name: str, runs: int, seconds: int, **kw) -> dict:
+    results = []
+    for i in range(runs):
+        stack.flush()
+        results.append(wrk(stack, run_id=f"{name}{i}{time.time_ns()}", seconds=seconds, **kw))
+        time.sleep(1)
+    summary = {k: median_of(results, k) for k in ("rps", "p50_us", "p95_us", "p99_us")}
+    summary["errors"] = sum(r["status_errors"] + r["socket_errors"] for r in results)
+    summary["runs"] = [round(r["rps"]) for r in results]
+    if "batch" in results[0]:
+        summary["events_per_s"] = summary["rps"] * results[0]["batch"]
+        summary["runs_events"] = [round(r["rps"] * r["batch"]) for r in results]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="persona-sync bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=3, help="runs per scenario (median reported)")
+    p.add_argument("--seconds", type=int, default=10, help="length of one run")
+    p.add_argument("--web-workers", type=int, default=1, help="uvicorn processes")
+    p.add_argument("--only", choices=["single", "paced", "batch", "memory"], action="append",
+                   help="run only these scenarios (repeatable)")
+    args = p.parse_args(argv)
+    only = set(args.only or ["single", "paced", "batch", "memory"])
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "web_workers": args.web_workers,
+                    "runs": args.runs, "seconds": args.seconds}
+    if only - {"memory"}:
+        with Stack(args.web_workers) as stack:
+            if "single" in only:
+                report["single"] = scenario(stack, "s", args.runs, args.seconds, script="single.lua", threads=1,
+                                            conns=32)
+                print("single", report["single"], flush=True)
+            if "paced" in only:
+                report["paced"] = scenario(stack, "p", args.runs, args.seconds, script="single.lua", threads=1,
+                                           conns=20, env={"BENCH_DELAY_MS": "10"})
+                print("paced", report["paced"], flush=True)
+            if "batch" in only:
+                report["batch"] = scenario(stack, "b", args.runs, args.seconds, script="batch.lua", threads=1,
+                                           conns=2)
+                print("batch", report["batch"], flush=True)
+    if "memory" in only:
+        from bench.memory import measure
+
+        report["memory"] = measure()
+        print("memory", report["memory"], flush=True)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+-- wrk script: one Segment event per request, every messageId unique, 20,000 distinct users.
+-- Optional pacing: BENCH_DELAY_MS per connection turns wrk into a fixed-rate load (rate = connections * 1000 / delay).
+local counter, prefix, delay_ms = 0, "run", tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  prefix = (args[1] or "run") .. "-" .. tostring(tid)
+end
+
+function delay()
+  return delay_ms
+end
+
+request = function()
+  counter = counter + 1
+  local user = counter % 20000
+  local body
+  if counter % 5 == 0 then
+    body = string.format('{"type":"identify","userId":"u%d","anonymousId":"a%d","messageId":"%s-%d",' ..
+      '"timestamp":"2026-03-01T00:00:00Z","traits":{"plan":"pro","ltv":%d,"email":"u%d@example.com"},' ..
+      '"context":{"library":{"name":"analytics.js"}}}', user, user, prefix, counter, counter % 900, user)
+  else
+    body = string.format('{"type":"track","event":"Order Completed","userId":"u%d","messageId":"%s-%d",' ..
+      '"timestamp":"2026-03-01T00:%02d:00Z","properties":{"order_id":"%s-%d","revenue":%d,' ..
+      '"products":[{"category":"books"}]},"context":{"library":{"name":"analytics.js"}}}',
+      user, prefix, counter, counter % 60, prefix, counter, counter % 200)
+  end
+  return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, body)
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
+    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d}\n', summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), latency.max))
+end
