@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from service import auth
 from service.config import valid_space
 from service.keys import Keys
-from service.receiver import error, unavailable
+from service.responses import JSON, error, unavailable
 from service.store import REDIS_DOWN
 
 
@@ -47,7 +47,7 @@ async def dead_letters(request: Request) -> Response:
                       "source": f.get("source", b"").decode(errors="replace"), "at": int(f.get("at", b"0")),
                       "raw": f.get("raw", b"").decode(errors="replace")})
     more = len(rows) > int(raw_limit)
-    return JSONResponse({"space": space, "total": total, "data": items, "has_more": more,
+    return JSON({"space": space, "total": total, "data": items, "has_more": more,
                          "next_before": items[-1]["id"] if more and items else None})
 
 
@@ -69,7 +69,7 @@ async def status(request: Request) -> Response:
         seq, dirty, log_len, dlq, suppressed = await pipe.execute()
     except REDIS_DOWN as exc:
         return unavailable(exc)
-    return JSONResponse({"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty,
+    return JSON({"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty,
                          "event_log_entries": log_len, "dead_letters": dlq, "suppressed_user_ids": suppressed})
 
 

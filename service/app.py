@@ -9,7 +9,7 @@ import redis.asyncio as aredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from service import admin, metrics, profiles_api, receiver
@@ -17,21 +17,22 @@ from service.config import Settings
 from service.identity import IdentityRules
 from service.logs import event as log_event
 from service.refresh import RefreshScheduler
+from service.responses import JSON, error, unavailable
 from service.store import REDIS_DOWN, AsyncStore
 
 log = logging.getLogger("app")
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSON({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     try:
         await request.app.state.redis.ping()
     except REDIS_DOWN:
-        return receiver.error(503, "unavailable", "Redis is not reachable")
-    return JSONResponse({"status": "ready"})
+        return error(503, "unavailable", "Redis is not reachable")
+    return JSON({"status": "ready"})
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -41,14 +42,14 @@ async def metrics_endpoint(request: Request) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-    return receiver.error(exc.status_code, code, str(exc.detail))
+    return error(exc.status_code, code, str(exc.detail))
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
     if isinstance(exc, REDIS_DOWN):
-        return receiver.unavailable(exc)
+        return unavailable(exc)
     log_event(log, "unhandled error", logging.ERROR, path=request.url.path, error=type(exc).__name__)
-    return receiver.error(500, "internal_error", "internal error; the request was not applied, retry later")
+    return error(500, "internal_error", "internal error; the request was not applied, retry later")
 
 
 def create_app(settings: Settings, redis_url: str, queue_url: str | None = None) -> Starlette:

@@ -78,6 +78,18 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("MAX_IDENTIFIERS", "1000", "Most identifier values on one profile."),
     ("ALIAS_MERGES", "true", "Whether alias calls merge previousId's profile into userId's (Unify ignores alias)."),
     ("REFRESH_DEBOUNCE", "5s", "At most one profile refresh job is enqueued per this interval."),
+    ("FULL_RECOMPUTE_CRON", "0 * * * *", "Cron schedule of the full recompute (run by `persona-sync cron`)."),
+    ("ANALYSIS_WINDOW_DAYS", "365", "Window for spend and order frequency in the features."),
+    ("CLUSTER_RULES_FILE", "", "JSON rules that assign clusters. Empty: the packaged seed rules."),
+    ("MIN_CLUSTER_SIZE", "3", "Smallest cluster that gets a Mavera persona."),
+    ("INSIGHT_MIN_SHARE_PCT", "30", "KPI insight: share of revenue that marks a retention/upsell segment."),
+    ("INSIGHT_REQUIRE_ABOVE_MEAN", "true", "KPI insight: also require average spend above the population mean."),
+    ("MAVERA_API_KEY", "", "Mavera key (mvra_live_...). Empty: outbox mode, personas are kept locally."),
+    ("MAVERA_BASE_URL", "https://app.mavera.io/api/v1", "Mavera API base URL."),
+    ("MAVERA_RATE_LIMIT", "60", "Mavera requests per minute, shared by every worker (your plan's limit)."),
+    ("MAVERA_TIMEOUT", "30s", "Read timeout of persona calls."),
+    ("MAVE_CHAT_TIMEOUT", "180s", "Read timeout of Mave chat calls (they take 5-90 s; at least 120 s)."),
+    ("MAVE_CHAT_CONCURRENCY", "10", "Most Mave chat calls in flight at once across workers (Mavera allows 10)."),
     ("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -109,6 +121,18 @@ class Settings:
     max_identifiers: int = 1000
     alias_merges: bool = True
     refresh_debounce: float = 5.0
+    full_recompute_cron: str = "0 * * * *"
+    analysis_window_days: int = 365
+    cluster_rules_file: str = ""
+    min_cluster_size: int = 3
+    insight_min_share_pct: float = 30.0
+    insight_require_above_mean: bool = True
+    mavera_api_key: str = ""
+    mavera_base_url: str = "https://app.mavera.io/api/v1"
+    mavera_rate_limit: int = 60
+    mavera_timeout: float = 30.0
+    mave_chat_timeout: float = 180.0
+    mave_chat_concurrency: int = 10
     log_level: str = "INFO"
 
     @classmethod
@@ -139,6 +163,18 @@ class Settings:
             max_identifiers=_int("MAX_IDENTIFIERS", raw["MAX_IDENTIFIERS"], 1),
             alias_merges=_bool("ALIAS_MERGES", raw["ALIAS_MERGES"]),
             refresh_debounce=parse_duration("REFRESH_DEBOUNCE", raw["REFRESH_DEBOUNCE"]),
+            full_recompute_cron=_cron(raw["FULL_RECOMPUTE_CRON"]),
+            analysis_window_days=_int("ANALYSIS_WINDOW_DAYS", raw["ANALYSIS_WINDOW_DAYS"], 1),
+            cluster_rules_file=raw["CLUSTER_RULES_FILE"].strip(),
+            min_cluster_size=_int("MIN_CLUSTER_SIZE", raw["MIN_CLUSTER_SIZE"], 1),
+            insight_min_share_pct=_float("INSIGHT_MIN_SHARE_PCT", raw["INSIGHT_MIN_SHARE_PCT"]),
+            insight_require_above_mean=_bool("INSIGHT_REQUIRE_ABOVE_MEAN", raw["INSIGHT_REQUIRE_ABOVE_MEAN"]),
+            mavera_api_key=raw["MAVERA_API_KEY"].strip(),
+            mavera_base_url=raw["MAVERA_BASE_URL"].strip().rstrip("/"),
+            mavera_rate_limit=_int("MAVERA_RATE_LIMIT", raw["MAVERA_RATE_LIMIT"], 1),
+            mavera_timeout=parse_duration("MAVERA_TIMEOUT", raw["MAVERA_TIMEOUT"]),
+            mave_chat_timeout=_min_duration("MAVE_CHAT_TIMEOUT", raw["MAVE_CHAT_TIMEOUT"], 120),
+            mave_chat_concurrency=_int("MAVE_CHAT_CONCURRENCY", raw["MAVE_CHAT_CONCURRENCY"], 1),
             log_level=_level(raw["LOG_LEVEL"]),
         )
 
@@ -189,6 +225,28 @@ def _patterns(raw: str) -> tuple[str, ...]:
         except re.error as exc:
             raise ConfigError(f"IDENTITY_BLOCKED pattern {p!r}: {exc}") from None
     return pats
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number") from None
+
+
+def _min_duration(name: str, raw: str, lo: float) -> float:
+    v = parse_duration(name, raw)
+    if v < lo:
+        raise ConfigError(f"{name}={raw!r}: must be at least {lo:.0f}s")
+    return v
+
+
+def _cron(raw: str) -> str:
+    from croniter import croniter
+
+    if not croniter.is_valid(raw.strip()):
+        raise ConfigError(f"FULL_RECOMPUTE_CRON={raw!r}: expected a cron expression such as '0 * * * *'")
+    return raw.strip()
 
 
 def _level(raw: str) -> str:

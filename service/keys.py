@@ -83,5 +83,57 @@ class Keys:
     def dedupe(self, bucket: int, shard: int) -> str:
         return f"{self.prefix}dd:{bucket}:{shard:x}"
 
+    # --- written by the workers (recompute and sync), read by the /api routes ---------------------------------
+    @property
+    def contributions(self) -> str:
+        """hash pid -> JSON {"cluster", "pattern", "contribution"}: what each profile adds to the aggregates."""
+        return f"{self.prefix}w:contrib"
+
+    @property
+    def cluster_aggregates(self) -> str:
+        """hash cluster -> JSON GroupAggregate."""
+        return f"{self.prefix}w:cagg"
+
+    @property
+    def pattern_aggregates(self) -> str:
+        """hash pattern -> JSON GroupAggregate."""
+        return f"{self.prefix}w:pagg"
+
+    @property
+    def clusters(self) -> str:
+        """hash cluster -> JSON {"cluster", "label", "n", "summary", "kpi"}: what the API and the sync read."""
+        return f"{self.prefix}w:clusters"
+
+    @property
+    def patterns(self) -> str:
+        """hash pattern -> JSON pattern summary."""
+        return f"{self.prefix}w:patterns"
+
+    @property
+    def changed_clusters(self) -> str:
+        """set of clusters whose summary changed since the last sync."""
+        return f"{self.prefix}w:changed"
+
+    @property
+    def personas(self) -> str:
+        """hash cluster -> JSON {"mavera_id", "name", "hash", "payload", "last_sync_ms", "state", "error"}."""
+        return f"{self.prefix}w:personas"
+
+    def persona_lock(self, cluster: str) -> str:
+        return f"{self.prefix}w:plock:{cluster}"
+
+    @property
+    def narrative(self) -> str:
+        """hash: content, thread_id, at_ms, patterns (JSON of the patterns it answered), state, error."""
+        return f"{self.prefix}w:narrative"
+
+    @property
+    def recompute_lock(self) -> str:
+        return f"{self.prefix}w:lock"
+
 
 SPACES_KEY = "sps:spaces"  # set of every space that has received data (not tagged: a global index)
+# Mavera is one account per deployment: its limiter and pause switch are global, not per space.
+MAVERA_RATE_KEY = "sps:mavera:rate"  # sorted set of request timestamps (sliding 60 s window)
+MAVERA_PAUSED_KEY = "sps:mavera:paused"  # JSON {"reason", "at_ms"} while syncing is paused (402)
+MAVE_CHAT_SLOTS_KEY = "sps:mavera:chat"  # sorted set of in-flight Mave chat calls (token -> expiry ms)

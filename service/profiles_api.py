@@ -11,14 +11,14 @@ from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from service import auth
 from service.config import valid_space
 from service.keys import TOMBSTONE, Keys
 from service.profile import Profile, decode_profile
-from service.receiver import error, unavailable
+from service.responses import JSON, error, unavailable
 from service.store import REDIS_DOWN
 
 BASE = "/v1/spaces/{space}/collections/users/profiles/{ident}"
@@ -149,7 +149,7 @@ async def profile_endpoint(request: Request) -> Response:
         return error(404, "not_found", f"unknown Profile API path; use one of {', '.join(sorted(BODIES))}")
     try:
         profile = await find_profile(request)
-        return JSONResponse(BODIES[part](request, profile))
+        return JSON(BODIES[part](request, profile))
     except ApiError as exc:
         return error(exc.status, exc.code, exc.message)
     except REDIS_DOWN as exc:

@@ -7,13 +7,12 @@ kept as a dead letter), 503 when Redis is unavailable so that Segment sends agai
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from service import auth, metrics
@@ -29,26 +28,14 @@ from service.intake import (
     tracking_items,
     webhook_items,
 )
-from service.logs import event as log_event
+from service.responses import JSON, error, unavailable
 from service.store import StoreUnavailable, now_ms
 
-log = logging.getLogger("receiver")
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 UNSIGNED_DLQ_LIMIT = 64 * 1024
 
 
-def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The one error envelope of the service: ``{"error": {"code", "message"}}``."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-def unavailable(exc: Exception) -> JSONResponse:
-    metrics.REDIS_ERRORS.inc()
-    log_event(log, "redis unavailable", logging.WARNING, error=type(exc).__name__)
-    return error(503, "unavailable", "profile store unavailable; Segment will retry", {"Retry-After": "5"})
-
-
-async def _refuse(request: Request, space: str, exc: BodyError, source: str) -> JSONResponse:
+async def _refuse(request: Request, space: str, exc: BodyError, source: str) -> JSON:
     metrics.REFUSED.labels(str(exc.status)).inc()
     try:
         await request.app.state.store.dead_letter(space, exc.message, exc.body, source)
@@ -96,10 +83,10 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
     if rejected:
         summary["errors"] = [{"index": i, "message": reason} for i, reason, _ in rejected[:100]]
     if single and rejected:
-        return JSONResponse({"error": {"code": "invalid_event", "message": rejected[0][1]}, **summary}, 400)
+        return JSON({"error": {"code": "invalid_event", "message": rejected[0][1]}, **summary}, 400)
     if source == "tracking":
         summary["success"] = True
-    return JSONResponse(summary)
+    return JSON(summary)
 
 
 async def segment_webhook(request: Request) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import timedelta
 
 import redis
@@ -29,6 +30,7 @@ class RefreshScheduler:
         self.queue_url = queue_url
         self.debounce = debounce
         self._queue: Queue | None = None
+        self._touched: dict[str, float] = {}
 
     def queue(self) -> Queue:
         if self._queue is None:
@@ -36,7 +38,14 @@ class RefreshScheduler:
         return self._queue
 
     async def touch(self, space: str) -> None:
-        """Enqueue one refresh for ``space`` unless one is already due within the debounce interval."""
+        """Enqueue one refresh for ``space`` unless one is already due within the debounce interval.
+
+        The process-local clock check keeps the hot path free of a Redis round trip per request; the Redis
+        marker then makes the debounce hold across every web process."""
+        now = time.monotonic()
+        if now - self._touched.get(space, -1e9) < self.debounce:
+            return
+        self._touched[space] = now
         try:
             first = await self.state.set(Keys(space).refresh_pending, b"1", nx=True, px=int(self.debounce * 1000))
             if first and self.queue_url:

@@ -107,23 +107,36 @@ class AsyncStore:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
+        calls = [self.applier.script_args(keys, event, raw, now) for event, raw in items]
         try:
+            if space not in self._spaces:
+                await self.client.sadd(SPACES_KEY, space)
+                self._spaces.add(space)
+            if len(calls) == 1:  # one event: a plain call is cheaper than a pipeline
+                return _outcomes([await self._evalsha(*calls[0])])
             for attempt in (0, 1):
                 pipe = self.client.pipeline(transaction=False)
-                for event, raw in items:
-                    k, a = self.applier.script_args(keys, event, raw, now)
+                for k, a in calls:
                     pipe.evalsha(SCRIPT_SHA, len(k), *k, *a)
-                if space not in self._spaces:
-                    pipe.sadd(SPACES_KEY, space)
                 replies = await pipe.execute(raise_on_error=False)
                 if _noscript(replies) and attempt == 0:
                     await self.client.script_load(SCRIPT)
                     continue
-                break
+                return _outcomes(replies)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
-        self._spaces.add(space)
-        return _outcomes(replies[: len(items)])
+        raise AssertionError("unreachable")
+
+    async def _evalsha(self, keys: list[str], args: list) -> object:
+        try:
+            return await self.client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            await self.client.script_load(SCRIPT)
+            return await self.client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        except redis.ResponseError as exc:
+            if isinstance(exc, REDIS_DOWN):
+                raise
+            return exc
 
     async def dead_letter(self, space: str, reason: str, raw: bytes, source: str) -> None:
         """Keep what we refused where an operator can see and replay it."""
