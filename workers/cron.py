@@ -1,14 +1,14 @@
-"""``rq cron`` configuration: the scheduled jobs. Exactly one ``persona-sync cron`` runs per deployment."""
+"""``rq cron`` configuration: the scheduled jobs. Exactly one ``persona-sync cron`` runs per deployment.
+
+The full recompute holds each space's recompute lock, so a slow run never overlaps the next or a refresh.
+"""
 
 from __future__ import annotations
 
-import os
-
 from rq import cron
 
-QUEUE = "persona-sync"
+from service.config import Settings
+from workers.jobs import QUEUE, full_recompute
 
-# The full recompute (ages windows out, rebuilds every aggregate). Its job holds a Redis lock, so an overlap
-# with a slow previous run is harmless.
-cron.register("workers.jobs.full_recompute", QUEUE, cron=os.environ.get("FULL_RECOMPUTE_CRON", "0 * * * *"),
-              name="full-recompute")
+cron.register(full_recompute, QUEUE, cron=Settings.from_env().full_recompute_cron, name="full-recompute",
+              job_timeout=3600)

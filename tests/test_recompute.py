@@ -1,0 +1,71 @@
+"""Incremental refresh and full recompute over real Redis: identical aggregates, cost bound to the dirty set."""
+
+from __future__ import annotations
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.keys import Keys
+from workers.recompute import full_recompute, refresh
+from tests.helpers import NOW, apply, mixed_stream
+
+K = Keys("default")
+
+
+def state(r: redis.Redis) -> dict:
+    return {key: {k: orjson.loads(v) for k, v in r.hgetall(key).items()}
+            for key in (K.clusters, K.patterns, K.cluster_aggregates, K.pattern_aggregates, K.contributions)}
+
+
+def test_incremental_equals_full(r: redis.Redis) -> None:
+    s = Settings()
+    events = mixed_stream(6000, users=150, seed=11)
+    for i in range(0, len(events), 700):  # refresh after every slice, as the debounced job would
+        apply(r, events[i:i + 700])
+        report = refresh(r, s, "default", now_ms=NOW)
+        assert report["profiles"] > 0
+    incremental = state(r)
+    assert r.scard(K.dirty) == 0
+    full = full_recompute(r, s, "default", now_ms=NOW)
+    assert full["profiles"] == 150
+    assert state(r) == incremental
+    clusters = incremental[K.clusters]
+    assert sum(c["n"] for c in clusters.values()) == 150
+    assert {b"high_value", b"growth", b"at_risk", b"new"} >= set(clusters)
+    kpi = next(iter(clusters.values()))["kpi"]
+    assert set(kpi) >= {"n_customers", "avg_spend", "median_spend", "avg_frequency", "top_categories",
+                        "share_of_revenue_pct", "insight"}
+
+
+def test_refresh_reads_only_dirty_profiles_and_reports_moves(r: redis.Redis) -> None:
+    s = Settings()
+    apply(r, [{"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"ltv": 50, "churn_risk": 0.2}} for i in range(10)])
+    first = refresh(r, s, "default", now_ms=NOW)
+    assert first["profiles"] == 10 and first["changed_clusters"] == ["new"]
+    assert refresh(r, s, "default", now_ms=NOW)["profiles"] == 0  # nothing dirty, nothing read
+    r.delete(K.changed_clusters)
+    apply(r, [{"type": "identify", "userId": "u3", "messageId": "up", "timestamp": "2026-03-02T00:00:00Z",
+               "traits": {"ltv": 900, "churn_risk": 0.01}}])
+    moved = refresh(r, s, "default", now_ms=NOW)
+    assert moved["profiles"] == 1
+    assert moved["changed_clusters"] == ["high_value", "new"]
+    assert r.smembers(K.changed_clusters) == {b"high_value", b"new"}
+    clusters = {k.decode(): orjson.loads(v) for k, v in r.hgetall(K.clusters).items()}
+    assert clusters["high_value"]["n"] == 1 and clusters["new"]["n"] == 9
+
+
+def test_deleted_and_merged_profiles_leave_the_aggregates(r: redis.Redis) -> None:
+    s = Settings()
+    apply(r, [{"type": "page", "anonymousId": "a", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "identify", "userId": "u", "messageId": "2", "timestamp": "2026-03-01T00:00:00Z"}])
+    refresh(r, s, "default", now_ms=NOW)
+    assert sum(orjson.loads(v)["n"] for v in r.hvals(K.clusters)) == 2
+    apply(r, [{"type": "identify", "userId": "u", "anonymousId": "a", "messageId": "3",
+               "timestamp": "2026-03-01T00:01:00Z"}])
+    refresh(r, s, "default", now_ms=NOW)
+    assert sum(orjson.loads(v)["n"] for v in r.hvals(K.clusters)) == 1
+    apply(r, [{"type": "delete", "userId": "u", "timestamp": "2026-03-02T00:00:00Z"}])
+    refresh(r, s, "default", now_ms=NOW)
+    assert r.hlen(K.clusters) == 0 and r.hlen(K.contributions) == 0

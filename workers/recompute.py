@@ -1,0 +1,235 @@
+"""Recompute: dirty profiles → features → cluster and channel pattern → per-group aggregates → summaries.
+
+``refresh`` reads only the profiles marked dirty since the last run and moves each one's stored contribution from
+its old cluster / pattern aggregate to its new one, so its cost grows with the changes. ``full_recompute`` rebuilds
+everything from every profile (ages 30-day windows out, corrects drift). Both hold the space's recompute lock, so
+they never overlap, and both write through ``publish`` so they produce identical summaries from identical data.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.keys import Keys
+from service.profile import decode_profile
+from workers import aggregates as A
+from workers.channels import channel_pattern, pattern_summaries
+from workers.clusters import Rules, assign_cluster, load_rules
+from workers.features import compute_features
+from workers.kpis import InsightRule
+
+CHUNK = 500
+LOCK_TTL_MS = 15 * 60 * 1000
+LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
+          "new": "New customers"}
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class Busy(RuntimeError):
+    """Another recompute of this space holds the lock."""
+
+
+@contextmanager
+def space_lock(client: redis.Redis, space: str, wait: float = 30.0) -> Iterator[None]:
+    """The space's recompute lock (token-checked release, expiry against crashed holders)."""
+    key, token = Keys(space).recompute_lock, uuid.uuid4().hex
+    deadline = time.monotonic() + wait
+    while not client.set(key, token, nx=True, px=LOCK_TTL_MS):
+        if time.monotonic() > deadline:
+            raise Busy(f"recompute of {space} is already running")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.eval(_RELEASE, 1, key, token)
+
+
+def rules_for(settings: Settings) -> Rules:
+    return load_rules(settings.cluster_rules_file or None)
+
+
+def insight_rule(settings: Settings) -> InsightRule:
+    return InsightRule(min_share_pct=settings.insight_min_share_pct,
+                       require_above_mean=settings.insight_require_above_mean)
+
+
+def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rules, settings: Settings,
+                   now_ms: int) -> dict[str, dict | None]:
+    """pid -> {"cluster", "pattern", "contribution"} for live profiles, None for erased or merged-away ones."""
+    pipe = client.pipeline(transaction=False)
+    for pid in pids:
+        pipe.hgetall(keys.profile(pid))
+    raws = pipe.execute()
+    profiles = {pid: decode_profile(pid, raw) for pid, raw in zip(pids, raws, strict=True) if raw}
+    groups = sorted({g for p in profiles.values() for g in p.groups})
+    accounts: dict[str, dict[str, Any]] = {}
+    if groups:
+        pipe = client.pipeline(transaction=False)
+        for g in groups:
+            pipe.hgetall(keys.account(g))
+        for g, raw in zip(groups, pipe.execute(), strict=True):
+            accounts[g] = decode_profile(g, raw).trait_values()
+    out: dict[str, dict | None] = {pid: None for pid in pids}
+    for pid, p in profiles.items():
+        account: dict[str, Any] = {}
+        for g in sorted(p.groups):  # several accounts: the first group id wins, deterministically
+            for k, v in accounts.get(g, {}).items():
+                account.setdefault(k, v)
+        f = compute_features(p, account, now_ms, settings.analysis_window_days)
+        out[pid] = {"cluster": assign_cluster(f, rules), "pattern": channel_pattern(f),
+                    "contribution": A.contribution_from_features(f).to_dict()}
+    return out
+
+
+def _load_groups(client: redis.Redis, key: str) -> dict[str, A.GroupAggregate]:
+    return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v)) for k, v in client.hgetall(key).items()}
+
+
+def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[str, A.GroupAggregate],
+            patterns: dict[str, A.GroupAggregate], pipe: redis.client.Pipeline) -> list[str]:
+    """Queue the summaries, KPI cards and aggregates on ``pipe``; return the clusters whose summary changed."""
+    keys = Keys(space)
+    rules = rules_for(settings)
+    cards = {c["cluster_id"]: c for c in A.kpi_cards(clusters, insight_rule(settings))["cluster_profiles"]}
+    docs = {}
+    for name in rules.clusters + sorted(set(clusters) - set(rules.clusters)):
+        if name in clusters and clusters[name].n > 0:
+            docs[name] = {"cluster": name, "label": LABELS.get(name, name.replace("_", " ").capitalize()),
+                          "n": clusters[name].n, "summary": clusters[name].cluster_summary(name),
+                          "kpi": cards[name]}
+    old = {k.decode(): v for k, v in client.hgetall(keys.clusters).items()}
+    new = {k: orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for k, v in docs.items()}
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    pipe.delete(keys.clusters, keys.patterns, keys.cluster_aggregates, keys.pattern_aggregates)
+    if new:
+        pipe.hset(keys.clusters, mapping=new)
+    summaries = pattern_summaries(patterns)
+    if summaries:
+        pipe.hset(keys.patterns, mapping={k: orjson.dumps(v) for k, v in summaries.items()})
+    if clusters:
+        pipe.hset(keys.cluster_aggregates, mapping={k: orjson.dumps(v.to_dict()) for k, v in clusters.items()})
+    if patterns:
+        pipe.hset(keys.pattern_aggregates, mapping={k: orjson.dumps(v.to_dict()) for k, v in patterns.items()})
+    if changed:
+        pipe.sadd(keys.changed_clusters, *changed)
+    return changed
+
+
+def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None) -> dict:
+    """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree."""
+    now_ms = now_ms or int(time.time() * 1000)
+    keys = Keys(space)
+    work = keys.dirty + ":work"
+    started = time.perf_counter()
+    with space_lock(client, space):
+        if client.exists(keys.dirty):  # a crashed refresh left `work`: merge, never lose a dirty mark
+            if client.exists(work):
+                client.sunionstore(work, [work, keys.dirty])
+                client.delete(keys.dirty)
+            else:
+                client.rename(keys.dirty, work)
+        pids = sorted(m.decode() for m in client.smembers(work))
+        if not pids:
+            return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
+        rules = rules_for(settings)
+        clusters = _load_groups(client, keys.cluster_aggregates)
+        patterns = _load_groups(client, keys.pattern_aggregates)
+        pipe = client.pipeline(transaction=True)
+        try:
+            for i in range(0, len(pids), CHUNK):
+                chunk = pids[i:i + CHUNK]
+                olds = client.hmget(keys.contributions, chunk)
+                news = _contributions(client, keys, chunk, rules, settings, now_ms)
+                for pid, old_raw in zip(chunk, olds, strict=True):
+                    old = orjson.loads(old_raw) if old_raw else None
+                    new = news[pid]
+                    _move(clusters, patterns, old, new)
+                    if new is None:
+                        pipe.hdel(keys.contributions, pid)
+                    else:
+                        pipe.hset(keys.contributions, pid, orjson.dumps(new))
+        except A.AggregateError:
+            pipe.reset()
+            client.sunionstore(keys.dirty, [keys.dirty, work])
+            client.delete(work)
+            return _full(client, settings, space, now_ms, started, reason="aggregates disagreed with contributions")
+        changed = publish(client, settings, space, clusters, patterns, pipe)
+        pipe.delete(work)
+        pipe.execute()
+    return {"space": space, "profiles": len(pids), "changed_clusters": changed,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _move(clusters: dict, patterns: dict, old: dict | None, new: dict | None) -> None:
+    oc = A.Contribution.from_dict(old["contribution"]) if old else None
+    nc = A.Contribution.from_dict(new["contribution"]) if new else None
+    A.move(clusters, (old["cluster"], oc) if old else None, (new["cluster"], nc) if new else None)
+    A.move(patterns, (old["pattern"], oc) if old and old["pattern"] else None,
+           (new["pattern"], nc) if new and new["pattern"] else None)
+
+
+def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None) -> dict:
+    """Rebuild every contribution and aggregate from every profile."""
+    now_ms = now_ms or int(time.time() * 1000)
+    with space_lock(client, space):
+        return _full(client, settings, space, now_ms, time.perf_counter())
+
+
+def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
+    """Every profile id of a space, in chunks (SCAN: never blocks Redis)."""
+    prefix = keys.profile("")
+    batch: list[str] = []
+    for key in client.scan_iter(match=prefix + "*", count=2000):
+        batch.append(key.decode()[len(prefix):])
+        if len(batch) >= CHUNK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, started: float,
+          reason: str = "scheduled", progress: Any = None) -> dict:
+    keys = Keys(space)
+    snapshot = keys.dirty + ":full"
+    if client.exists(keys.dirty):
+        client.rename(keys.dirty, snapshot)  # changes from now on stay dirty for the next refresh
+    rules = rules_for(settings)
+    clusters: dict[str, A.GroupAggregate] = {}
+    patterns: dict[str, A.GroupAggregate] = {}
+    staging = keys.contributions + ":staging"
+    client.delete(staging)
+    n = 0
+    for chunk in profile_ids(client, keys):
+        news = _contributions(client, keys, chunk, rules, settings, now_ms)
+        pipe = client.pipeline(transaction=False)
+        mapping = {}
+        for pid, new in news.items():
+            if new is None:
+                continue
+            _move(clusters, patterns, None, new)
+            mapping[pid] = orjson.dumps(new)
+        if mapping:
+            pipe.hset(staging, mapping=mapping)
+        pipe.execute()
+        n += len(chunk)
+        if progress:
+            progress(len(chunk))
+    pipe = client.pipeline(transaction=True)
+    changed = publish(client, settings, space, clusters, patterns, pipe)
+    if n:
+        pipe.rename(staging, keys.contributions)
+    else:
+        pipe.delete(keys.contributions)
+    pipe.delete(snapshot, keys.dirty + ":work")
+    pipe.execute()
+    return {"space": space, "profiles": n, "changed_clusters": changed, "full": True, "reason": reason,
+            "seconds": round(time.perf_counter() - started, 3)}
