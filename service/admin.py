@@ -25,6 +25,14 @@ def _space(request: Request) -> str:
     return request.query_params.get("space") or request.app.state.settings.space_id
 
 
+def space_param(request: Request) -> str | Response:
+    """``?space=`` (default SPACE_ID), or the 400 to send for a malformed one."""
+    space = _space(request)
+    if not valid_space(space):
+        return error(400, "validation_error", "space must be 1-64 letters, digits, '_', '-' or '.'")
+    return space
+
+
 async def dead_letters(request: Request) -> Response:
     """Newest first; ``?space=``, ``?limit=`` (1-1000), ``?before=<entry id>`` to page back."""
     if denied := admin_denied(request):

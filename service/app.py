@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import admin, metrics, profiles_api, receiver
+from service import admin, insights_api, metrics, profiles_api, receiver
 from service.config import Settings
 from service.identity import IdentityRules
 from service.logs import event as log_event
@@ -76,7 +76,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
 
     routes = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
-        *receiver.routes, *profiles_api.routes, *admin.routes,
+        *receiver.routes, *profiles_api.routes, *admin.routes, *insights_api.routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: unexpected})

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workers.kpis import (
+from service.kpis import (
     GROWTH,
     RETENTION,
     BadRequest,

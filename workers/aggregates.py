@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from workers import kpis
+from service import kpis
 from workers.features import Features
 
 CHURN_SCALE = 1_000_000

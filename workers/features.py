@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from service.keys import DAY_MS, SLOT_MS
+from service.kpis import MAX_VALUE
 from service.profile import Profile
-from workers.kpis import MAX_VALUE
 
 CHURN_HORIZON_DAYS = 90
 UNKNOWN_CHURN = 0.5

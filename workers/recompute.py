@@ -19,12 +19,12 @@ import redis
 
 from service.config import Settings
 from service.keys import Keys
+from service.kpis import InsightRule
 from service.profile import decode_profile
 from workers import aggregates as A
 from workers.channels import channel_pattern, pattern_summaries
 from workers.clusters import Rules, assign_cluster, load_rules
 from workers.features import compute_features
-from workers.kpis import InsightRule
 
 CHUNK = 500
 LOCK_TTL_MS = 15 * 60 * 1000

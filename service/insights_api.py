@@ -1,0 +1,99 @@
+"""Read APIs over what the workers computed (Bearer ``ADMIN_TOKEN``), and seed 004's KPI endpoint.
+
+``POST /api/v1/segment_cluster_profiles`` runs the same KPI maths as the incremental path (``service/kpis.py``)
+for callers who bring their own customer → cluster labels.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service import kpis
+from service.admin import admin_denied, space_param
+from service.keys import MAVERA_PAUSED_KEY, Keys
+from service.responses import JSON, error, unavailable
+from service.store import REDIS_DOWN
+
+MAX_KPI_BODY = 8 * 1024 * 1024
+
+
+def _json_hash(raw: dict) -> dict:
+    return {k.decode(): orjson.loads(v) for k, v in sorted(raw.items())}
+
+
+async def clusters(request: Request) -> Response:
+    if denied := admin_denied(request):
+        return denied
+    space = space_param(request)
+    if isinstance(space, Response):
+        return space
+    try:
+        data = _json_hash(await request.app.state.redis.hgetall(Keys(space).clusters))
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    return JSON({"space": space, "clusters": list(data.values())})
+
+
+async def personas(request: Request) -> Response:
+    if denied := admin_denied(request):
+        return denied
+    space = space_param(request)
+    if isinstance(space, Response):
+        return space
+    client = request.app.state.redis
+    try:
+        data = _json_hash(await client.hgetall(Keys(space).personas))
+        paused = await client.get(MAVERA_PAUSED_KEY)
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    rows = [{"cluster": cluster, "mavera_id": p.get("mavera_id"), "name": p.get("name"),
+             "last_sync_ms": p.get("last_sync_ms"), "state": p.get("state"), "error": p.get("error")}
+            for cluster, p in data.items()]
+    return JSON({"space": space, "paused": orjson.loads(paused) if paused else None, "personas": rows})
+
+
+async def patterns(request: Request) -> Response:
+    if denied := admin_denied(request):
+        return denied
+    space = space_param(request)
+    if isinstance(space, Response):
+        return space
+    client = request.app.state.redis
+    try:
+        data = _json_hash(await client.hgetall(Keys(space).patterns))
+        narrative = {k.decode(): v.decode() for k, v in (await client.hgetall(Keys(space).narrative)).items()}
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    for key in ("patterns",):
+        if key in narrative:
+            narrative[key] = orjson.loads(narrative[key])
+    return JSON({"space": space, "patterns": data, "narrative": narrative or None})
+
+
+async def segment_cluster_profiles(request: Request) -> Response:
+    body = await request.body()
+    if len(body) > MAX_KPI_BODY:
+        return error(413, "payload_too_large", f"body exceeds {MAX_KPI_BODY} bytes")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return error(400, "invalid_request_error", f"malformed JSON: {exc}")
+    try:
+        customers, labels = kpis.validate_request(doc)
+    except kpis.BadRequest as exc:
+        return error(400, "validation_error", exc.message)
+    settings = request.app.state.settings
+    rule = kpis.InsightRule(min_share_pct=settings.insight_min_share_pct,
+                            require_above_mean=settings.insight_require_above_mean)
+    return JSON(kpis.cluster_kpis(customers, labels, rule))
+
+
+routes = [
+    Route("/api/clusters", clusters, methods=["GET"]),
+    Route("/api/personas", personas, methods=["GET"]),
+    Route("/api/patterns", patterns, methods=["GET"]),
+    Route("/api/v1/segment_cluster_profiles", segment_cluster_profiles, methods=["POST"]),
+]
