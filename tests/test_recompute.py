@@ -7,8 +7,8 @@ import redis
 
 from service.config import Settings
 from service.keys import Keys
-from workers.recompute import full_recompute, refresh
 from tests.helpers import NOW, apply, mixed_stream
+from workers.recompute import full_recompute, refresh
 
 K = Keys("default")
 
