@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="runs per scenario (median reported)")
     p.add_argument("--seconds", type=int, default=10, help="length of one run")
-    p.add_argument("--web-workers", type=int, default=1, help="uvicorn processes")
+    p.add_argument("--web-workers", type=int, default=2, help="uvicorn processes (one per core)")
+    p.add_argument("--batch-conns", type=int, default=4, help="concurrent batch requests")
     p.add_argument("--only", choices=["single", "paced", "batch", "memory"], action="append",
                    help="run only these scenarios (repeatable)")
     args = p.parse_args(argv)
@@ -136,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("single", report["single"], flush=True)
             if "paced" in only:
                 report["paced"] = scenario(stack, "p", args.runs, args.seconds, script="single.lua", threads=1,
-                                           conns=20, env={"BENCH_DELAY_MS": "10"})
+                                           conns=24, env={"BENCH_DELAY_MS": "10"})
                 print("paced", report["paced"], flush=True)
             if "batch" in only:
                 report["batch"] = scenario(stack, "b", args.runs, args.seconds, script="batch.lua", threads=1,
-                                           conns=2)
+                                           conns=args.batch_conns)
                 print("batch", report["batch"], flush=True)
     if "memory" in only:
         from bench.memory import measure

@@ -7,6 +7,7 @@ Every Segment field name and the meaning of every call type live here once. The 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,8 +24,9 @@ ORDER_EVENTS = frozenset({"Order Completed"})
 # Email-spec events that show a person engaging with email. Delivered/Bounced say nothing about the person.
 EMAIL_ENGAGEMENT = frozenset({"Email Opened", "Email Link Clicked"})
 AUDIENCE_ENTERED, AUDIENCE_EXITED, TRAIT_COMPUTED = "Audience Entered", "Audience Exited", "Trait Computed"
-MOBILE_LIBRARIES = ("ios", "android", "react-native", "flutter", "xamarin", "kotlin", "swift", "unity")
-WEB_LIBRARIES = ("analytics.js", "analytics-next", "analytics-browser", "web")
+MOBILE_LIBRARY = re.compile(r"ios|android|react-native|flutter|xamarin|kotlin|swift|unity")
+WEB_LIBRARY = re.compile(r"^(?:analytics\.js|analytics-next|analytics-browser|web)")
+_EMPTY: dict = {}
 AUDIENCE, COMPUTED = "audience", "computed_trait"
 
 
@@ -32,7 +34,7 @@ class InvalidEvent(ValueError):
     """The event can never be applied; the message is the dead-letter reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     type: str
     message_id: str
@@ -93,7 +95,7 @@ def _id(value: Any) -> str | None:
 
 
 def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
+    return value if type(value) is dict else _EMPTY
 
 
 def _event_time(raw: dict, received_ms: int) -> int:
@@ -154,8 +156,8 @@ def _traits(kind: str, raw: dict, ctx: dict, props: dict) -> list[tuple[str, str
     return sorted(out.values())
 
 
-def _platform(device: dict, ctx: dict) -> str | None:
-    text = f"{device.get('type') or ''} {_dict(ctx.get('os')).get('name') or ''}".lower()
+def _platform(device: Any, ctx: dict) -> str | None:
+    text = f"{_dict(device).get('type') or ''} {_dict(ctx.get('os')).get('name') or ''}".lower()
     if "android" in text:
         return "android"
     if any(s in text for s in ("ios", "iphone", "ipad", "tvos", "watchos")):
@@ -163,7 +165,8 @@ def _platform(device: dict, ctx: dict) -> str | None:
     return None
 
 
-def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | None) -> list[tuple[str, str]]:
+def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | None,
+                 platform: str | None) -> list[tuple[str, str]]:
     """Identifiers of the person. A groupId is not one: it is shared by everyone in the account, so it would
     either merge colleagues or, under merge protection, land on whoever arrived first. Groups are links."""
     ids: list[tuple[str, str]] = []
@@ -178,7 +181,6 @@ def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | No
         if isinstance(email, str) and email.strip():
             ids.append(("email", email))
     device = _dict(ctx.get("device"))
-    platform = _platform(device, ctx)
     if platform:
         if _id(device.get("id")):
             ids.append((f"{platform}.id", _id(device.get("id"))))
@@ -199,15 +201,14 @@ def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | No
     return ids
 
 
-def _channel(kind: str, raw: dict, ctx: dict) -> str | None:
+def _channel(kind: str, raw: dict, ctx: dict, platform: str | None) -> str | None:
     if kind == "track" and raw.get("event") in EMAIL_ENGAGEMENT:
         return "email"
     library = str(_dict(ctx.get("library")).get("name") or "").lower()
     channel = str(raw.get("channel") or ctx.get("channel") or "").lower()
-    if kind == "screen" or channel == "mobile" or _platform(_dict(ctx.get("device")), ctx) \
-            or any(m in library for m in MOBILE_LIBRARIES):
+    if kind == "screen" or channel == "mobile" or platform or MOBILE_LIBRARY.search(library):
         return "mobile"
-    if kind == "page" or channel == "browser" or any(w == library or library.startswith(w) for w in WEB_LIBRARIES):
+    if kind == "page" or channel == "browser" or WEB_LIBRARY.match(library):
         return "web"
     return None
 
@@ -258,13 +259,15 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
         raise InvalidEvent("neither userId nor anonymousId is set")
     mid = _message_id(raw)
     ctx, props = _dict(raw.get("context")), _dict(raw.get("properties"))
-    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id))
+    device = ctx.get("device")
+    platform = _platform(device, ctx) if type(device) is dict or ctx.get("os") else None
+    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id, platform))
     alias_of = None
     if kind == "alias":
         alias_of = rules.usable(_id(raw.get("previousId")))
     if not ids:
         raise InvalidEvent("no usable identifier: every value is blocked")
-    channel = _channel(kind, raw, ctx)
+    channel = _channel(kind, raw, ctx, platform)
     slot = ts // SLOT_MS
     group = None
     if kind == "group" and _id(raw.get("groupId")):

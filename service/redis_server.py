@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 # Small hashes stay in the compact ziplist encoding: the dedupe shards hold a few hundred 8-byte fields each.
-TUNING = ("--hash-max-ziplist-entries", "512", "--hash-max-ziplist-value", "128")
+TUNING = ("--hash-max-ziplist-entries", "1024", "--hash-max-ziplist-value", "128")
 
 
 def redis_binary() -> str:
