@@ -37,8 +37,17 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     os.environ.setdefault("REDIS_URL", state_url(settings))
+    workers = args.workers or settings.web_concurrency
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import shutil
+        import tempfile
+
+        prom = Path(tempfile.gettempdir()) / f"persona-sync-metrics-{os.getpid()}"
+        shutil.rmtree(prom, ignore_errors=True)
+        prom.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)  # must be set before the workers import metrics
     uvicorn.run("service.asgi:app", host=args.host or settings.host, port=args.port or settings.port,
-                workers=args.workers or settings.web_concurrency, access_log=False, log_config=None,
+                workers=workers, access_log=False, log_config=None,
                 timeout_graceful_shutdown=10)
     return 0
 

@@ -59,7 +59,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("DATA_DIR", "./var", "Where the embedded Redis keeps its data and AOF."),
     ("HOST", "127.0.0.1", "Address the web receiver binds to."),
     ("PORT", "8000", "Port of the web receiver."),
-    ("WEB_CONCURRENCY", "1", "uvicorn worker processes for `persona-sync web`."),
+    ("WEB_CONCURRENCY", "2", "uvicorn worker processes for `persona-sync web` (about one per core)."),
     ("SPACE_ID", "default", "Space that /segment and write keys without a space map to."),
     ("SEGMENT_SHARED_SECRETS", "", "Comma-separated webhook shared secrets (several while rotating). Empty: unsigned."),
     ("SEGMENT_WRITE_KEYS", "", "Comma-separated Tracking API write keys, each optionally `key=space`. Empty: any key."),
@@ -103,7 +103,7 @@ class Settings:
     data_dir: str = "./var"
     host: str = "127.0.0.1"
     port: int = 8000
-    web_concurrency: int = 1
+    web_concurrency: int = 2
     space_id: str = "default"
     shared_secrets: tuple[str, ...] = ()
     write_keys: Mapping[str, str] = field(default_factory=dict)

@@ -1,8 +1,14 @@
-"""Prometheus metrics of the receiver. Each process reports its own; scrape every web process."""
+"""Prometheus metrics of the receiver.
+
+With several uvicorn workers, ``persona-sync web`` sets ``PROMETHEUS_MULTIPROC_DIR`` and every worker writes its
+samples there (prometheus-client's multiprocess mode), so one scrape of /metrics sums all of them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -26,4 +32,8 @@ def count_events(counts: dict[tuple[str, str], int]) -> None:
 
 
 def render() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
     return generate_latest(REGISTRY)

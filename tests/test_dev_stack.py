@@ -1,0 +1,82 @@
+"""`persona-sync dev` (what `make run` starts): embedded Redis, web, worker and cron in one process group.
+
+Events go in over HTTP, the debounced refresh runs in the real RQ worker, SIGTERM stops every child, and a restart
+keeps the data (AOF under DATA_DIR).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+from tests.conftest import ADMIN_TOKEN, PROFILE_TOKEN, free_port
+
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+
+
+def start(data_dir: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QUEUE_REDIS_URL", "MAVERA_API_KEY")}
+    env.update(DATA_DIR=str(data_dir), PORT=str(port), ADMIN_TOKEN=ADMIN_TOKEN, PROFILE_API_TOKEN=PROFILE_TOKEN,
+               REFRESH_DEBOUNCE="1s", WEB_CONCURRENCY="1", LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([EXE, "dev"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("dev stack did not become ready: " + proc.stdout.read().decode()[-2000:])
+
+
+def wait_for(check, seconds: float = 30.0):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError("condition not met in time")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_dev_stack_end_to_end_and_restart(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(tmp_path / "var", port)
+    try:
+        kids = children(proc.pid)
+        assert len(kids) == 4  # redis-server, web, worker, cron
+        events = [{"type": "identify", "userId": f"dev-{i}", "messageId": f"dev-{i}",
+                   "timestamp": "2026-03-01T00:00:00Z", "traits": {"ltv": 800, "churn_risk": 0.05}}
+                  for i in range(3)]
+        assert httpx.post(f"{base}/segment", content=orjson.dumps(events)).json()["accepted"] == 3
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        clusters = wait_for(lambda: httpx.get(f"{base}/api/clusters", headers=auth).json()["clusters"])
+        assert clusters[0]["cluster"] == "high_value" and clusters[0]["n"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    for pid in kids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    proc = start(tmp_path / "var", port)
+    try:
+        resp = httpx.get(f"{base}/v1/spaces/default/collections/users/profiles/user_id:dev-1/traits",
+                         auth=(PROFILE_TOKEN, ""))
+        assert resp.status_code == 200 and resp.json()["traits"]["ltv"] == 800
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
