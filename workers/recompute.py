@@ -61,9 +61,12 @@ def insight_rule(settings: Settings) -> InsightRule:
                        require_above_mean=settings.insight_require_above_mean)
 
 
+Entry = tuple[str, str | None, A.Contribution]  # (cluster, pattern, contribution) of one profile
+
+
 def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rules, settings: Settings,
-                   now_ms: int) -> dict[str, dict | None]:
-    """pid -> {"cluster", "pattern", "contribution"} for live profiles, None for erased or merged-away ones."""
+                   now_ms: int) -> dict[str, Entry | None]:
+    """pid -> (cluster, pattern, contribution) for live profiles, None for erased or merged-away ones."""
     pipe = client.pipeline(transaction=False)
     for pid in pids:
         pipe.hgetall(keys.profile(pid))
@@ -77,16 +80,26 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
             pipe.hgetall(keys.account(g))
         for g, raw in zip(groups, pipe.execute(), strict=True):
             accounts[g] = decode_profile(g, raw).trait_values()
-    out: dict[str, dict | None] = {pid: None for pid in pids}
+    out: dict[str, Entry | None] = {pid: None for pid in pids}
     for pid, p in profiles.items():
         account: dict[str, Any] = {}
         for g in sorted(p.groups):  # several accounts: the first group id wins, deterministically
             for k, v in accounts.get(g, {}).items():
                 account.setdefault(k, v)
         f = compute_features(p, account, now_ms, settings.analysis_window_days)
-        out[pid] = {"cluster": assign_cluster(f, rules), "pattern": channel_pattern(f),
-                    "contribution": A.contribution_from_features(f).to_dict()}
+        out[pid] = (assign_cluster(f, rules), channel_pattern(f), A.contribution_from_features(f))
     return out
+
+
+def _encode(entry: Entry) -> bytes:
+    return orjson.dumps({"cluster": entry[0], "pattern": entry[1], "contribution": entry[2].to_dict()})
+
+
+def _decode(raw: bytes | None) -> Entry | None:
+    if not raw:
+        return None
+    d = orjson.loads(raw)
+    return d["cluster"], d["pattern"], A.Contribution.from_dict(d["contribution"])
 
 
 def _load_groups(client: redis.Redis, key: str) -> dict[str, A.GroupAggregate]:
@@ -149,13 +162,12 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
                 olds = client.hmget(keys.contributions, chunk)
                 news = _contributions(client, keys, chunk, rules, settings, now_ms)
                 for pid, old_raw in zip(chunk, olds, strict=True):
-                    old = orjson.loads(old_raw) if old_raw else None
                     new = news[pid]
-                    _move(clusters, patterns, old, new)
+                    _move(clusters, patterns, _decode(old_raw), new)
                     if new is None:
                         pipe.hdel(keys.contributions, pid)
                     else:
-                        pipe.hset(keys.contributions, pid, orjson.dumps(new))
+                        pipe.hset(keys.contributions, pid, _encode(new))
         except A.AggregateError:
             pipe.reset()
             client.sunionstore(keys.dirty, [keys.dirty, work])
@@ -168,12 +180,9 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _move(clusters: dict, patterns: dict, old: dict | None, new: dict | None) -> None:
-    oc = A.Contribution.from_dict(old["contribution"]) if old else None
-    nc = A.Contribution.from_dict(new["contribution"]) if new else None
-    A.move(clusters, (old["cluster"], oc) if old else None, (new["cluster"], nc) if new else None)
-    A.move(patterns, (old["pattern"], oc) if old and old["pattern"] else None,
-           (new["pattern"], nc) if new and new["pattern"] else None)
+def _move(clusters: dict, patterns: dict, old: Entry | None, new: Entry | None) -> None:
+    A.move(clusters, (old[0], old[2]) if old else None, (new[0], new[2]) if new else None)
+    A.move(patterns, (old[1], old[2]) if old and old[1] else None, (new[1], new[2]) if new and new[1] else None)
 
 
 def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None) -> dict:
@@ -216,7 +225,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
             if new is None:
                 continue
             _move(clusters, patterns, None, new)
-            mapping[pid] = orjson.dumps(new)
+            mapping[pid] = _encode(new)
         if mapping:
             pipe.hset(staging, mapping=mapping)
         pipe.execute()
