@@ -96,6 +96,18 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+
+    from service.keys import MAVERA_PAUSED_KEY
+
+    client = redis.Redis.from_url(state_url(settings))
+    paused = client.get(MAVERA_PAUSED_KEY)
+    client.delete(MAVERA_PAUSED_KEY)
+    print(f"Mavera sync resumed (was paused: {paused.decode()})" if paused else "Mavera sync was not paused")
+    return 0
+
+
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     print("| Variable | Default | Meaning |\n|---|---|---|")
     for name, default, meaning in VARIABLES:
@@ -140,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("user_id")
     f.add_argument("--space", help="space (default SPACE_ID)")
     f.set_defaults(func=cmd_forget)
+    r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",
+                       description="Clear the pause that a 402 from Mavera set; the next sync pushes what waited.")
+    r.set_defaults(func=cmd_resume)
     g = sub.add_parser("config", help="print every environment variable with its default and meaning",
                        description="Print the configuration table (Markdown).")
     g.set_defaults(func=cmd_config)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import orjson
 import redis
 
 from service.config import Settings
 from service.events import normalise
 from service.identity import IdentityRules
-from service.keys import SPACES_KEY, Keys
+from service.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
 from service.store import Outcome, SyncStore, encode_raw, now_ms
 
 
@@ -27,9 +28,19 @@ def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
         pipe.xlen(k.log)
         pipe.xlen(k.dead_letters)
         pipe.scard(k.suppressed)
-        seq, dirty, log_len, dlq, suppressed = pipe.execute()
+        pipe.hlen(k.clusters)
+        pipe.hvals(k.personas)
+        seq, dirty, log_len, dlq, suppressed, clusters, personas = pipe.execute()
+        states: dict[str, int] = {}
+        for raw in personas:
+            state = orjson.loads(raw).get("state", "?")
+            states[state] = states.get(state, 0) + 1
         rows.append({"space": space, "profiles_created": int(seq or 0), "dirty": dirty, "log": log_len,
-                     "dead_letters": dlq, "suppressed": suppressed})
+                     "dead_letters": dlq, "suppressed": suppressed, "clusters": clusters,
+                     "personas": ",".join(f"{s}:{n}" for s, n in sorted(states.items())) or "-"})
+    paused = client.get(MAVERA_PAUSED_KEY)
+    if paused:
+        rows.append({"mavera": "PAUSED", "detail": paused.decode(), "fix": "top up credits, then persona-sync resume"})
     return rows
 
 

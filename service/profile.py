@@ -6,6 +6,7 @@ Pure: the Profile API and the workers both read profiles through ``decode_profil
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -77,48 +78,62 @@ def _s(v: bytes | str) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
 
-def decode_profile(pid: str, raw: dict[bytes | str, bytes | str]) -> Profile:
-    """Turn the flat hash into a ``Profile``; unknown fields are ignored so old data never breaks a read."""
+assert (K.TRAIT, K.TRAIT_TS, K.TRAIT_CLASS, K.IDENT, K.ORDER, K.ACTIVITY, K.META, K.GROUP, K.ANCESTOR) == (
+    "t:", "T:", "c:", "x:", "o:", "a:", "m:", "g:", "r:"), "decode_profile spells the prefixes out: keep it in step"
+
+
+def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collection[str] | None = None) -> Profile:
+    """Turn the flat hash into a ``Profile``; unknown fields are ignored so old data never breaks a read.
+
+    Field prefixes are those of ``service/keys.py`` (spelt out here: this loop runs for every field of every
+    profile in a full recompute).
+
+    ``traits`` limits which traits are decoded (the recompute needs a dozen of them, not every one)."""
     if raw and isinstance(next(iter(raw)), bytes):  # one comprehension, no call per field: this is the hot loop
         fields = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
     else:
         fields = {_s(k): _s(v) for k, v in raw.items()}
     p = Profile(id=pid)
+    traits_out, idents, orders, activity, groups, meta = p.traits, p.identifiers, p.orders, p.activity, p.groups, p.meta
     for f, v in fields.items():
-        prefix, rest = f[:2], f[2:]
-        if prefix == K.TRAIT:
+        prefix = f[:2]
+        if prefix == "t:":
+            rest = f[2:]
+            if traits is not None and rest not in traits:
+                continue
             try:
                 value = orjson.loads(v)
             except orjson.JSONDecodeError:
                 value = v
             try:
-                ts = int(fields.get(K.TRAIT_TS + rest) or 0)
+                ts = int(fields.get("T:" + rest) or 0)
             except ValueError:
                 ts = 0
-            p.traits[rest] = Trait(value, ts, fields.get(K.TRAIT_CLASS + rest))
-        elif prefix == K.IDENT:
-            kind, _, value = rest.partition(":")
+            traits_out[rest] = Trait(value, ts, fields.get("c:" + rest))
+        elif prefix == "x:":
+            kind, _, value = f[2:].partition(":")
             ts, _, mid = v.partition("|")
-            p.identifiers.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
-        elif prefix == K.ORDER:
+            idents.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
+        elif prefix == "o:":
             ts, _, tail = v.partition("|")
             revenue, _, cats = tail.partition("|")
             try:
                 rev = float(revenue)
             except ValueError:
                 rev = 0.0
-            p.orders.append(Order(rest, _int_or_none(ts) or 0, rev, tuple(c for c in cats.split("\x1f") if c)))
-        elif prefix == K.ACTIVITY:
-            channel, _, day = rest.partition(":")
-            d, bits = _int_or_none(day), _int_or_none(v)
-            if d is not None and bits is not None:
-                p.activity.setdefault(channel, {})[d] = bits
-        elif prefix == K.GROUP:
-            p.groups[rest] = _int_or_none(v) or 0
-        elif prefix == K.ANCESTOR:
-            p.merged_from.append(rest)
-        elif prefix == K.META:
-            p.meta[rest] = v
+            orders.append(Order(f[2:], _int_or_none(ts) or 0, rev, tuple(c for c in cats.split("\x1f") if c)))
+        elif prefix == "a:":
+            channel, _, day = f[2:].partition(":")
+            try:
+                activity.setdefault(channel, {})[int(day)] = int(v)
+            except ValueError:
+                pass
+        elif prefix == "m:":
+            meta[f[2:]] = v
+        elif prefix == "g:":
+            groups[f[2:]] = _int_or_none(v) or 0
+        elif prefix == "r:":
+            p.merged_from.append(f[2:])
     p.identifiers.sort(key=lambda i: (i.type, i.value))
     p.orders.sort(key=lambda o: (o.ts, o.key))
     p.merged_from.sort()

@@ -11,7 +11,7 @@ import pytest
 from service.config import VARIABLES, ConfigError, Settings
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
-COMMANDS = ["dev", "web", "worker", "cron", "status", "forget", "config"]
+COMMANDS = ["dev", "web", "worker", "cron", "status", "forget", "resume", "config"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

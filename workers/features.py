@@ -42,6 +42,10 @@ SESSION_TRAITS = {
     "mobile": ("mobile_sessions_30d",),
     "email": ("email_sessions_30d", "emails_opened_30d"),
 }
+# Every trait the features read: the recompute decodes only these.
+TRAITS_USED = frozenset({"ltv", "lifetime_value", "purchase_count", "order_count", "churn_risk", "churn_probability",
+                         "plan", "industry", "engagement_tier",
+                         *(n for names in SESSION_TRAITS.values() for n in names)})
 
 
 @dataclass(frozen=True)

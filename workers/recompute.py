@@ -24,7 +24,7 @@ from service.profile import decode_profile
 from workers import aggregates as A
 from workers.channels import channel_pattern, pattern_summaries
 from workers.clusters import Rules, assign_cluster, load_rules
-from workers.features import compute_features
+from workers.features import TRAITS_USED, compute_features
 
 CHUNK = 500
 LOCK_TTL_MS = 15 * 60 * 1000
@@ -71,7 +71,7 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
     for pid in pids:
         pipe.hgetall(keys.profile(pid))
     raws = pipe.execute()
-    profiles = {pid: decode_profile(pid, raw) for pid, raw in zip(pids, raws, strict=True) if raw}
+    profiles = {pid: decode_profile(pid, raw, TRAITS_USED) for pid, raw in zip(pids, raws, strict=True) if raw}
     groups = sorted({g for p in profiles.values() for g in p.groups})
     accounts: dict[str, dict[str, Any]] = {}
     if groups:
@@ -79,7 +79,7 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
         for g in groups:
             pipe.hgetall(keys.account(g))
         for g, raw in zip(groups, pipe.execute(), strict=True):
-            accounts[g] = decode_profile(g, raw).trait_values()
+            accounts[g] = decode_profile(g, raw, TRAITS_USED).trait_values()
     out: dict[str, Entry | None] = {pid: None for pid in pids}
     for pid, p in profiles.items():
         account: dict[str, Any] = {}
