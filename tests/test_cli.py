@@ -38,3 +38,20 @@ def test_bad_configuration_says_what_to_fix() -> None:
     out = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "DEDUPE_WINDOW": "x"})
     assert out.returncode == 2 and "DEDUPE_WINDOW" in out.stderr
+
+
+def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noqa: ANN001
+    from service.keys import MAVERA_PAUSED_KEY
+    from tests.helpers import apply, find
+
+    apply(r, [{"type": "identify", "userId": "op-1", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    status = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60, env=env)
+    assert status.returncode == 0 and "space=default" in status.stdout and "profiles_created=1" in status.stdout
+    forget = subprocess.run([EXE, "forget", "op-1"], capture_output=True, text=True, timeout=60, env=env)
+    assert forget.returncode == 0 and "deleted" in forget.stdout
+    assert find(r, "user_id", "op-1") is None
+    r.set(MAVERA_PAUSED_KEY, '{"reason": "402 credits exhausted"}')
+    assert "PAUSED" in subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60, env=env).stdout
+    resumed = subprocess.run([EXE, "resume"], capture_output=True, text=True, timeout=60, env=env)
+    assert "resumed" in resumed.stdout and not r.exists(MAVERA_PAUSED_KEY)
