@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 import redis
 
 from service.config import Settings
 from service.keys import Keys
 from tests.helpers import NOW, apply, mixed_stream
+from workers import recompute
 from workers.recompute import full_recompute, refresh
 
 K = Keys("default")
@@ -18,7 +20,9 @@ def state(r: redis.Redis) -> dict:
             for key in (K.clusters, K.patterns, K.cluster_aggregates, K.pattern_aggregates, K.contributions)}
 
 
-def test_incremental_equals_full(r: redis.Redis) -> None:
+@pytest.mark.parametrize("parallel_from", [10**9, 1], ids=["one-process", "forked"])
+def test_incremental_equals_full(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, parallel_from: int) -> None:
+    monkeypatch.setattr(recompute, "PARALLEL_REFRESH_FROM", parallel_from)
     s = Settings()
     events = mixed_stream(6000, users=150, seed=11)
     for i in range(0, len(events), 700):  # refresh after every slice, as the debounced job would
@@ -29,6 +33,9 @@ def test_incremental_equals_full(r: redis.Redis) -> None:
     assert r.scard(K.dirty) == 0
     full = full_recompute(r, s, "default", now_ms=NOW)
     assert full["profiles"] == 150
+    assert state(r) == incremental
+    parallel = full_recompute(r, s, "default", now_ms=NOW, processes=3)
+    assert parallel["processes"] == 3 and parallel["changed_clusters"] == []
     assert state(r) == incremental
     clusters = incremental[K.clusters]
     assert sum(c["n"] for c in clusters.values()) == 150

@@ -151,6 +151,16 @@ class GroupAggregate:
             if bucket[key] == 0:
                 del bucket[key]
 
+    def merge(self, other: GroupAggregate) -> None:
+        """Add every member of ``other``: the parallel full recompute joins its per-process partial aggregates."""
+        self.n += other.n
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("spend_counts", "categories", "plans", "industries"):
+            mine = getattr(self, name)
+            for k, v in getattr(other, name).items():
+                mine[k] = mine.get(k, 0) + v
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"n": self.n, **{name: getattr(self, name) for name in _SUMS}}
         d["spend_counts"] = {str(k): v for k, v in sorted(self.spend_counts.items())}

@@ -8,6 +8,8 @@ they never overlap, and both write through ``publish`` so they produce identical
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +29,8 @@ from workers.clusters import Rules, assign_cluster, load_rules
 from workers.features import TRAITS_USED, compute_features
 
 CHUNK = 500
+PARALLEL_FROM = 20_000  # profiles from which the full recompute forks one process per core
+PARALLEL_REFRESH_FROM = 2_000  # dirty profiles from which a refresh does the same
 LOCK_TTL_MS = 15 * 60 * 1000
 LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
           "new": "New customers"}
@@ -155,12 +159,12 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         rules = rules_for(settings)
         clusters = _load_groups(client, keys.cluster_aggregates)
         patterns = _load_groups(client, keys.pattern_aggregates)
+        news = _entries(client, settings, space, now_ms, pids, rules)
         pipe = client.pipeline(transaction=True)
         try:
             for i in range(0, len(pids), CHUNK):
                 chunk = pids[i:i + CHUNK]
                 olds = client.hmget(keys.contributions, chunk)
-                news = _contributions(client, keys, chunk, rules, settings, now_ms)
                 for pid, old_raw in zip(chunk, olds, strict=True):
                     new = news[pid]
                     _move(clusters, patterns, _decode(old_raw), new)
@@ -180,16 +184,52 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             "seconds": round(time.perf_counter() - started, 3)}
 
 
+def _entries(client: redis.Redis, settings: Settings, space: str, now_ms: int, pids: list[str],
+             rules: Rules) -> dict[str, Entry | None]:
+    """Features → entries of ``pids``; many dirty profiles are computed by one process per core."""
+    procs = min(os.cpu_count() or 1, 4) if len(pids) >= PARALLEL_REFRESH_FROM else 1
+    if procs == 1:
+        out: dict[str, Entry | None] = {}
+        for i in range(0, len(pids), CHUNK):
+            out.update(_contributions(client, Keys(space), pids[i:i + CHUNK], rules, settings, now_ms))
+        return out
+    slices = [(_pool_args(client), settings, space, now_ms, pids[i::procs]) for i in range(procs)]
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        parts = pool.starmap(_entries_slice, slices)
+    return {pid: entry for part in parts for pid, entry in part.items()}
+
+
+def _pool_args(client: redis.Redis) -> tuple:
+    """What a forked child needs to open its own connection (never share a socket across processes)."""
+    kwargs = {k: v for k, v in client.connection_pool.connection_kwargs.items()
+              if isinstance(v, str | int | float | bool) or v is None}
+    return client.connection_pool.connection_class, kwargs
+
+
+def _connect(pool_args: tuple) -> redis.Redis:
+    connection_class, kwargs = pool_args
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
+
+
+def _entries_slice(pool_args: tuple, settings: Settings, space: str, now_ms: int,
+                   pids: list[str]) -> dict[str, Entry | None]:
+    client, rules, out = _connect(pool_args), rules_for(settings), {}
+    for i in range(0, len(pids), CHUNK):
+        out.update(_contributions(client, Keys(space), pids[i:i + CHUNK], rules, settings, now_ms))
+    return out
+
+
 def _move(clusters: dict, patterns: dict, old: Entry | None, new: Entry | None) -> None:
     A.move(clusters, (old[0], old[2]) if old else None, (new[0], new[2]) if new else None)
     A.move(patterns, (old[1], old[2]) if old and old[1] else None, (new[1], new[2]) if new and new[1] else None)
 
 
-def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None) -> dict:
-    """Rebuild every contribution and aggregate from every profile."""
+def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
+                   processes: int | None = None) -> dict:
+    """Rebuild every contribution and aggregate from every profile (one process per core for large spaces)."""
     now_ms = now_ms or int(time.time() * 1000)
     with space_lock(client, space):
-        return _full(client, settings, space, now_ms, time.perf_counter())
+        return _full(client, settings, space, now_ms, time.perf_counter(), processes=processes)
 
 
 def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
@@ -206,39 +246,58 @@ def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
 
 
 def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, started: float,
-          reason: str = "scheduled", progress: Any = None) -> dict:
+          reason: str = "scheduled", processes: int | None = None) -> dict:
     keys = Keys(space)
     snapshot = keys.dirty + ":full"
     if client.exists(keys.dirty):
         client.rename(keys.dirty, snapshot)  # changes from now on stay dirty for the next refresh
-    rules = rules_for(settings)
-    clusters: dict[str, A.GroupAggregate] = {}
-    patterns: dict[str, A.GroupAggregate] = {}
     staging = keys.contributions + ":staging"
     client.delete(staging)
-    n = 0
-    for chunk in profile_ids(client, keys):
-        news = _contributions(client, keys, chunk, rules, settings, now_ms)
-        pipe = client.pipeline(transaction=False)
-        mapping = {}
-        for pid, new in news.items():
-            if new is None:
-                continue
-            _move(clusters, patterns, None, new)
-            mapping[pid] = _encode(new)
-        if mapping:
-            pipe.hset(staging, mapping=mapping)
-        pipe.execute()
-        n += len(chunk)
-        if progress:
-            progress(len(chunk))
+    pids = [pid for chunk in profile_ids(client, keys) for pid in chunk]
+    procs = processes or (min(os.cpu_count() or 1, 4) if len(pids) >= PARALLEL_FROM else 1)
+    slices = [(_pool_args(client), settings, space, now_ms, pids[i::procs]) for i in range(procs)]
+    if procs == 1:
+        parts = [_full_slice(*slices[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
+            parts = pool.starmap(_full_slice, slices)
+    clusters: dict[str, A.GroupAggregate] = {}
+    patterns: dict[str, A.GroupAggregate] = {}
+    for part_clusters, part_patterns in parts:
+        for target, part in ((clusters, part_clusters), (patterns, part_patterns)):
+            for name, agg in part.items():
+                if name in target:
+                    target[name].merge(agg)
+                else:
+                    target[name] = agg
     pipe = client.pipeline(transaction=True)
     changed = publish(client, settings, space, clusters, patterns, pipe)
-    if n:
+    if pids:
         pipe.rename(staging, keys.contributions)
     else:
         pipe.delete(keys.contributions)
     pipe.delete(snapshot, keys.dirty + ":work")
     pipe.execute()
-    return {"space": space, "profiles": n, "changed_clusters": changed, "full": True, "reason": reason,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {"space": space, "profiles": len(pids), "changed_clusters": changed, "full": True, "reason": reason,
+            "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _full_slice(pool_args: tuple, settings: Settings, space: str, now_ms: int,
+                pids: list[str]) -> tuple[dict[str, A.GroupAggregate], dict[str, A.GroupAggregate]]:
+    """One process's share of a full recompute: contributions to the staging hash, partial aggregates back."""
+    client = _connect(pool_args)
+    keys = Keys(space)
+    staging = keys.contributions + ":staging"
+    rules = rules_for(settings)
+    clusters: dict[str, A.GroupAggregate] = {}
+    patterns: dict[str, A.GroupAggregate] = {}
+    for i in range(0, len(pids), CHUNK):
+        news = _contributions(client, keys, pids[i:i + CHUNK], rules, settings, now_ms)
+        mapping = {}
+        for pid, new in news.items():
+            if new is not None:
+                _move(clusters, patterns, None, new)
+                mapping[pid] = _encode(new)
+        if mapping:
+            client.hset(staging, mapping=mapping)
+    return clusters, patterns
