@@ -85,9 +85,11 @@ def run(n: int) -> dict:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         full = full_recompute(client, settings, "bench", now_ms=now_ms)
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the forked recompute processes
         used = client.info("memory")["used_memory"] - base
         out = {"profiles": n, "load_s": round(loaded, 1), "full_recompute_s": full["seconds"],
-               "peak_rss_mb": round(rss_after / 1024), "rss_growth_mb": round((rss_after - rss_before) / 1024),
+               "processes": full["processes"], "peak_rss_mb": round(rss_after / 1024),
+               "peak_child_rss_mb": round(child_rss / 1024), "rss_growth_mb": round((rss_after - rss_before) / 1024),
                "redis_bytes_per_profile": round(used / n)}
         for fraction in (0.01, 0.10):
             dirty = touch(client, keys, n, fraction, now_ms)

@@ -56,13 +56,24 @@ def full_recompute() -> list[dict]:
 
 
 def sync(space: str) -> dict:
-    """Push changed cluster personas to Mavera (or the outbox) and refresh the channel narrative."""
+    """Push changed cluster personas to Mavera (or the outbox) and refresh the channel narrative.
+
+    Both always run; if either failed, the job fails afterwards with both reasons, so RQ keeps it for requeue."""
     from workers.mavera import MaveraClient
     from workers.sync import narrate_space, sync_space
 
     settings = Settings.from_env()
     client = _state()
     mavera = MaveraClient(settings, client) if settings.mavera_api_key else None
-    narrative = narrate_space(client, settings, space, mavera)
-    report = sync_space(client, settings, space, mavera)
-    return {"personas": report, "narrative": narrative}
+    out: dict = {}
+    errors = []
+    for name, step in (("personas", sync_space), ("narrative", narrate_space)):
+        try:
+            out[name] = step(client, settings, space, mavera)
+        except Exception as exc:  # noqa: BLE001 - reported below, after the other step ran
+            errors.append(f"{name}: {exc}")
+    if mavera:
+        mavera.close()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return out

@@ -1,0 +1,153 @@
+"""Mavera HTTP client (httpx): auth, the shared rate limit, retries with back-off, and error mapping.
+
+Mavera has no idempotency keys and charges 300 credits per persona create, so a create is never retried blindly:
+a transport error or a 5xx after sending it raises ``MaybeCreated``, and the sync reconciles by listing personas
+before it creates again. 429 / 500 / 503 are retried with exponential back-off and jitter (honouring
+``Retry-After``); 400-404 are not retried; 402 pauses all syncing until ``persona-sync resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import httpx
+import orjson
+import redis
+
+from service.config import Settings
+from service.keys import MAVERA_PAUSED_KEY
+from service.logs import event as log_event
+from workers.ratelimit import ChatSlots, RateLimiter
+
+log = logging.getLogger("mavera")
+RETRYABLE = (429, 500, 503)
+
+
+class MaveraError(RuntimeError):
+    """A refusal that retrying cannot fix (or retries ran out); carries Mavera's own message."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(f"Mavera {status}: {message}" + (f" ({code})" if code else ""))
+        self.status, self.message, self.code = status, message, code
+
+
+class CreditsExhausted(MaveraError):
+    """402: syncing is paused for every worker until an operator runs ``persona-sync resume``."""
+
+
+class MaybeCreated(RuntimeError):
+    """A create was sent but its answer was lost: the persona may exist. Reconcile before creating again."""
+
+
+def paused(client: redis.Redis) -> dict | None:
+    raw = client.get(MAVERA_PAUSED_KEY)
+    return orjson.loads(raw) if raw else None
+
+
+def pause(client: redis.Redis, reason: str) -> None:
+    client.set(MAVERA_PAUSED_KEY, orjson.dumps({"reason": reason, "at_ms": int(time.time() * 1000)}))
+
+
+def resume(client: redis.Redis) -> bool:
+    return bool(client.delete(MAVERA_PAUSED_KEY))
+
+
+def _error(resp: httpx.Response) -> tuple[str, str | None]:
+    try:
+        err = resp.json().get("error") or {}
+        return str(err.get("message") or resp.reason_phrase), err.get("code")
+    except (ValueError, AttributeError):
+        return resp.text[:200] or resp.reason_phrase, None
+
+
+class MaveraClient:
+    def __init__(self, settings: Settings, state: redis.Redis, *, max_attempts: int = 5, base_delay: float = 1.0,
+                 limiter: RateLimiter | None = None) -> None:
+        self.state = state
+        self.max_attempts, self.base_delay = max_attempts, base_delay
+        self.limiter = limiter or RateLimiter(state, settings.mavera_rate_limit)
+        self.chat_slots = ChatSlots(state, settings.mave_chat_concurrency, hold=settings.mave_chat_timeout + 30)
+        self.chat_timeout = settings.mave_chat_timeout
+        self.http = httpx.Client(
+            base_url=settings.mavera_base_url,
+            headers={"Authorization": f"Bearer {settings.mavera_api_key}", "User-Agent": "segment-persona-sync"},
+            timeout=httpx.Timeout(settings.mavera_timeout, connect=10.0),
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
+        if resp is not None and resp.headers.get("retry-after"):
+            try:
+                return float(resp.headers["retry-after"])
+            except ValueError:
+                pass
+        return self.base_delay * (2 ** attempt) * (0.5 + random.random())  # exponential, with jitter
+
+    def request(self, method: str, path: str, body: Any = None, *, creates: bool = False,
+                timeout: float | None = None, params: dict | None = None) -> Any:
+        """One API call under the shared limit; retried where that is safe."""
+        limit = httpx.Timeout(timeout, connect=10.0) if timeout else httpx.USE_CLIENT_DEFAULT
+        for attempt in range(self.max_attempts):
+            self.limiter.acquire()
+            try:
+                resp = self.http.request(method, path, json=body, params=params, timeout=limit)
+            except httpx.TransportError as exc:
+                if creates:
+                    raise MaybeCreated(f"{method} {path}: {type(exc).__name__}") from exc
+                log_event(log, "mavera transport error", logging.WARNING, path=path, error=type(exc).__name__)
+                time.sleep(self._delay(attempt, None))
+                continue
+            self.limiter.observe(resp.headers)
+            if resp.status_code < 300:
+                return resp.json() if resp.content else None
+            message, code = _error(resp)
+            if resp.status_code == 402:
+                pause(self.state, f"402 from Mavera: {message}")
+                raise CreditsExhausted(402, message, code)
+            if resp.status_code in RETRYABLE and attempt + 1 < self.max_attempts:
+                if creates and resp.status_code != 429:  # only a 429 proves the create was not processed
+                    raise MaybeCreated(f"{method} {path}: {resp.status_code} {message}")
+                delay = self._delay(attempt, resp)
+                if resp.status_code == 429:
+                    self.limiter.block_for(delay)
+                log_event(log, "mavera retry", logging.WARNING, path=path, status=resp.status_code,
+                          delay=round(delay, 2))
+                time.sleep(delay)
+                continue
+            raise MaveraError(resp.status_code, message, code)
+        raise MaveraError(503, f"{method} {path}: gave up after {self.max_attempts} attempts")
+
+    def list_personas(self) -> list[dict]:
+        """Every persona, following cursor pages (and offset pages, which older responses used)."""
+        out: list[dict] = []
+        params: dict[str, Any] = {"limit": 100}
+        for _ in range(10_000):
+            page = self.request("GET", "/personas", params=params)
+            data = page.get("data") or []
+            out += data
+            if page.get("next_cursor"):
+                params = {"limit": 100, "cursor": page["next_cursor"]}
+            elif page.get("has_more") and data:
+                params = {"limit": 100, "offset": len(out)}
+            else:
+                break
+        return out
+
+    def create_persona(self, payload: dict) -> dict:
+        return self.request("POST", "/personas", payload, creates=True)
+
+    def update_persona(self, persona_id: str, payload: dict) -> dict:
+        return self.request("PATCH", f"/personas/{persona_id}", payload)
+
+    def chat(self, message: str, thread_id: str | None = None) -> dict:
+        """Mave chat (5-90 s): holds one of the shared chat slots, read timeout ``MAVE_CHAT_TIMEOUT``."""
+        body: dict[str, Any] = {"message": message}
+        if thread_id:
+            body["thread_id"] = thread_id
+        with self.chat_slots.slot():
+            return self.request("POST", "/mave/chat", body, timeout=self.chat_timeout)

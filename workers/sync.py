@@ -1,0 +1,230 @@
+"""Keep one Mavera persona per cluster, and the Mave channel narrative, in step with the recomputed summaries.
+
+Never two personas for one cluster: Mavera has no idempotency keys and no external-id field, so the cluster →
+persona id mapping is ours (``Keys.personas``). A cluster without a stored id first looks for a persona with its
+deterministic name (a create whose answer was lost, or a crash before the id was stored) and adopts it; only then,
+holding the cluster's lock, does it create. Unchanged payloads (same hash as last sent) make no call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.keys import Keys
+from service.logs import event as log_event
+from workers.channels import build_prompt, material_changes
+from workers.mavera import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused
+from workers.ratelimit import RateLimited
+
+log = logging.getLogger("sync")
+LOCK_MS = 120_000
+# Persona detail fields per default cluster (documented Mavera fields only). Other clusters get generic text.
+PROFILES = {
+    "high_value": {"goals": ["Get more value from a product they already trust"], "pains": ["Generic, mass messaging"],
+                   "values": ["Quality", "Recognition", "Reliability"], "pipeline_type": "north_star"},
+    "growth": {"goals": ["Find more products that fit their needs"], "pains": ["Too many choices"],
+               "values": ["Value for money", "Discovery"], "pipeline_type": "intermediate"},
+    "at_risk": {"goals": ["Solve their problem without friction"], "pains": ["Unanswered issues", "Price"],
+                "values": ["Responsiveness", "Fairness"], "pipeline_type": "intermediate"},
+    "new": {"goals": ["Understand whether the product is for them"], "pains": ["Unclear first steps"],
+            "values": ["Simplicity", "Trust"], "pipeline_type": "intermediate"},
+}
+
+
+class SyncFailed(RuntimeError):
+    """Some clusters were refused by Mavera (400-404); the message lists them so the failed RQ job shows why."""
+
+
+def persona_name(space: str, doc: dict) -> str:
+    """Deterministic per (space, cluster): it is how a lost create is found again."""
+    return f"{doc.get('label') or doc['cluster']} · {space}"[:100]
+
+
+def cadence(avg_frequency: float) -> str:
+    """From orders per customer in the analysis window (365 days by default)."""
+    if avg_frequency >= 12:
+        return "monthly or more often"
+    if avg_frequency >= 4:
+        return "quarterly"
+    if avg_frequency >= 1:
+        return "once or twice a year"
+    return "no purchase yet"
+
+
+def persona_payload(space: str, doc: dict) -> dict[str, Any]:
+    """Mavera persona from the seed-000 summary and the seed-004 KPI card (documented fields only)."""
+    summary, kpi = doc.get("summary") or {}, doc.get("kpi") or {}
+    industries, plans = summary.get("industries") or [], summary.get("plans") or []
+    profile = PROFILES.get(doc["cluster"], {"goals": [], "pains": [], "values": [], "pipeline_type": "intermediate"})
+    description = (
+        f"{doc.get('n', 0)} customers. Average LTV ${summary.get('avg_ltv', 0):,.2f}, "
+        f"{summary.get('avg_purchases', 0)} purchases on average, churn risk {summary.get('avg_churn', 0):.0%}. "
+        f"Spend in the analysis window: average ${kpi.get('avg_spend', 0):,.2f}, median "
+        f"${kpi.get('median_spend', 0):,.2f}, {kpi.get('avg_frequency', 0)} orders; "
+        f"{kpi.get('share_of_revenue_pct', 0)}% of revenue. "
+        f"Top categories: {kpi.get('top_categories') or 'none yet'}. Plans: {', '.join(plans) or 'unknown'}. "
+        f"Industries: {', '.join(industries) or 'unknown'}. {kpi.get('insight', '')}"
+    ).strip()
+    payload: dict[str, Any] = {
+        "name": persona_name(space, doc),
+        "description": description,
+        "pipeline_type": profile["pipeline_type"],
+        "type": "B2B" if industries else "B2C",
+        "goals": profile["goals"], "pains": profile["pains"], "values": profile["values"],
+        "purchase_cadence": cadence(float(kpi.get("avg_frequency") or 0)),
+    }
+    if industries:
+        payload["industry"] = industries[0]
+    return payload
+
+
+def payload_hash(payload: dict) -> str:
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _load(client: redis.Redis, key: str) -> dict[str, dict]:
+    return {k.decode(): orjson.loads(v) for k, v in client.hgetall(key).items()}
+
+
+def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: MaveraClient | None) -> dict:
+    """Create, PATCH or leave alone each cluster's persona; without a client keep them in the outbox."""
+    keys = Keys(space)
+    docs, records = _load(client, keys.clusters), _load(client, keys.personas)
+    report: dict[str, list] = {"created": [], "adopted": [], "updated": [], "unchanged": [], "outbox": [],
+                               "paused": [], "failed": [], "small": []}
+    listing: list[dict] | None = None
+    for cluster in sorted(docs):
+        doc, rec = docs[cluster], records.get(cluster, {})
+        if doc.get("n", 0) < settings.min_cluster_size:
+            report["small"].append(cluster)
+            if rec:
+                _save(client, keys, cluster, rec, note=f"below MIN_CLUSTER_SIZE ({doc.get('n', 0)} profiles)")
+            continue
+        payload = persona_payload(space, doc)
+        digest = payload_hash(payload)
+        if rec.get("hash") == digest and rec.get("state") == "synced":
+            report["unchanged"].append(cluster)
+            continue
+        rec.update(name=payload["name"], payload=payload, pending_hash=digest)
+        if mavera is None:
+            _save(client, keys, cluster, rec, state="outbox")
+            report["outbox"].append(cluster)
+            continue
+        if paused(client):
+            _save(client, keys, cluster, rec, state="paused", error="Mavera sync paused (402)")
+            report["paused"].append(cluster)
+            continue
+        try:
+            if not rec.get("mavera_id"):
+                listing = _create_once(client, keys, cluster, rec, payload, mavera, listing, report,
+                                       grace_ms=int(2 * settings.mavera_timeout * 1000))
+                if not rec.get("mavera_id"):
+                    continue
+                if rec.get("adopted_now"):
+                    rec.pop("adopted_now")
+                    mavera.update_persona(rec["mavera_id"], payload)
+            else:
+                mavera.update_persona(rec["mavera_id"], payload)
+                report["updated"].append(cluster)
+            _save(client, keys, cluster, rec, state="synced", hash=digest, error=None)
+            client.srem(keys.changed_clusters, cluster)
+        except CreditsExhausted as exc:
+            _save(client, keys, cluster, rec, state="paused", error=exc.message)
+            report["paused"].append(cluster)
+        except MaveraError as exc:
+            _save(client, keys, cluster, rec, state="failed", error=str(exc))
+            report["failed"].append(f"{cluster}: {exc}")
+        except MaybeCreated as exc:
+            _save(client, keys, cluster, rec, state="pending", error=f"create may have succeeded: {exc}",
+                  uncertain_create_ms=_now_ms())
+            report["failed"].append(f"{cluster}: {exc}")
+        except RateLimited as exc:
+            _save(client, keys, cluster, rec, state="pending", error=str(exc))
+            report["failed"].append(f"{cluster}: {exc}")
+    log_event(log, "sync", space=space, **{k: len(v) for k, v in report.items()})
+    if report["failed"]:
+        raise SyncFailed("; ".join(report["failed"]))
+    return report
+
+
+def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, payload: dict, mavera: MaveraClient,
+                 listing: list[dict] | None, report: dict, grace_ms: int) -> list[dict] | None:
+    """Adopt a persona with our deterministic name if Mavera has one; else create it, under the cluster's lock.
+
+    After a create whose answer was lost, wait ``grace_ms`` (twice the request timeout) before listing: a create
+    that timed out on our side may still be running at Mavera, and would not be listed yet."""
+    uncertain = rec.get("uncertain_create_ms")
+    if uncertain and _now_ms() - uncertain < grace_ms:
+        report["failed"].append(f"{cluster}: waiting for a lost create to settle before reconciling")
+        return listing
+    lock = keys.persona_lock(cluster)
+    if not client.set(lock, b"1", nx=True, px=LOCK_MS):
+        report["failed"].append(f"{cluster}: another worker is creating this persona")
+        return listing
+    try:
+        fresh = _load(client, keys.personas).get(cluster, {})
+        if fresh.get("mavera_id"):  # another worker finished first
+            rec["mavera_id"], rec["adopted_now"] = fresh["mavera_id"], True
+            return listing
+        listing = mavera.list_personas() if listing is None else listing
+        found = [p for p in listing if p.get("name") == payload["name"]]
+        rec.pop("uncertain_create_ms", None)
+        if found:
+            rec["mavera_id"], rec["adopted_now"] = found[0]["id"], True
+            report["adopted"].append(cluster)
+            _save(client, keys, cluster, rec, state="pending")
+            return listing
+        _save(client, keys, cluster, rec, state="creating")
+        created = mavera.create_persona(payload)
+        rec["mavera_id"] = created["id"]
+        _save(client, keys, cluster, rec, state="pending")  # the id is ours before anything else can fail
+        listing.append(created)
+        report["created"].append(cluster)
+        return listing
+    finally:
+        client.delete(lock)
+
+
+def _save(client: redis.Redis, keys: Keys, cluster: str, rec: dict, **changes: Any) -> None:
+    rec.update(changes)
+    rec["last_sync_ms"] = _now_ms() if changes.get("state") == "synced" else rec.get("last_sync_ms")
+    client.hset(keys.personas, cluster, orjson.dumps(rec))
+
+
+def narrate_space(client: redis.Redis, settings: Settings, space: str, mavera: MaveraClient | None,
+                  force: bool = False) -> dict:
+    """Ask Mave for the cross-channel narrative when the channel patterns changed materially."""
+    keys = Keys(space)
+    patterns = _load(client, keys.patterns)
+    if not patterns:
+        return {"state": "no_patterns"}
+    stored = {k.decode(): v.decode() for k, v in client.hgetall(keys.narrative).items()}
+    old = orjson.loads(stored["patterns"]) if stored.get("patterns") else {}
+    reasons = material_changes(old, patterns)
+    if not force and stored.get("state") == "synced" and not reasons:
+        return {"state": "unchanged"}
+    prompt = build_prompt(patterns)
+    base = {"patterns": orjson.dumps(patterns), "prompt": prompt, "reasons": "; ".join(reasons) or "first run"}
+    if mavera is None or paused(client):
+        client.hset(keys.narrative, mapping={**base, "state": "outbox" if mavera is None else "paused"})
+        return {"state": "outbox" if mavera is None else "paused"}
+    try:
+        answer = mavera.chat(prompt, thread_id=stored.get("thread_id") or None)
+    except (MaveraError, RateLimited) as exc:
+        client.hset(keys.narrative, mapping={"state": "failed", "error": str(exc)})
+        raise
+    client.hset(keys.narrative, mapping={**base, "state": "synced", "content": answer.get("content") or "",
+                                         "thread_id": answer.get("thread_id") or "", "at_ms": _now_ms(),
+                                         "error": ""})
+    return {"state": "synced", "thread_id": answer.get("thread_id")}
