@@ -98,6 +98,12 @@ def _dict(value: Any) -> dict:
     return value if type(value) is dict else _EMPTY
 
 
+def _event_name(raw: dict) -> str | None:
+    """``event`` of a track call; anything but a string (a list, an object) names nothing."""
+    name = raw.get("event")
+    return name if isinstance(name, str) else None
+
+
 def _event_time(raw: dict, received_ms: int) -> int:
     for name in ("timestamp", "originalTimestamp", "receivedAt", "sentAt"):
         if raw.get(name) is not None:
@@ -141,7 +147,7 @@ def _traits(kind: str, raw: dict, ctx: dict, props: dict) -> list[tuple[str, str
             klass = AUDIENCE if pclass == "audience" else COMPUTED if pclass == "trait" else ""
         out[str(name)] = (str(name), _dumps(value), klass)
     if kind == "track":
-        event = raw.get("event")
+        event = _event_name(raw)
         if pclass == "audience" or event in (AUDIENCE_ENTERED, AUDIENCE_EXITED):
             key = pkey if isinstance(pkey, str) and pclass == "audience" else props.get("audience_key")
             if isinstance(key, str) and key:
@@ -202,7 +208,7 @@ def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | No
 
 
 def _channel(kind: str, raw: dict, ctx: dict, platform: str | None) -> str | None:
-    if kind == "track" and raw.get("event") in EMAIL_ENGAGEMENT:
+    if kind == "track" and _event_name(raw) in EMAIL_ENGAGEMENT:
         return "email"
     library = str(_dict(ctx.get("library")).get("name") or "").lower()
     channel = str(raw.get("channel") or ctx.get("channel") or "").lower()
@@ -280,7 +286,7 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
         user_id=user_id,
         identifiers=ids,
         traits=tuple(_traits(kind, raw, ctx, props)),
-        order=_order(raw, props, mid) if kind == "track" and raw.get("event") in ORDER_EVENTS else None,
+        order=_order(raw, props, mid) if kind == "track" and _event_name(raw) in ORDER_EVENTS else None,
         activity=(channel, slot // SLOTS_PER_DAY, slot % SLOTS_PER_DAY) if channel else None,
         group=group,
         alias_of=alias_of,

@@ -105,3 +105,9 @@ def test_identity_rules_priority_and_blocking() -> None:
                           ("anonymous_id", "-1"), ("ios.id", "0000-0000")]) == (
         ("email", "a@b.c"), ("user_id", "u"), ("crm", "c"))
     assert IdentityRules(limits={"user_id": 1, "*": 5, "email": 2}).limit("email") == 2
+
+
+def test_non_string_event_names_are_ignored_not_fatal() -> None:
+    for name in ([], {"a": 1}, 3):
+        e = normalise({"type": "track", "userId": "u", "event": name, "messageId": "m"}, NOW, RULES)
+        assert e.order is None and e.activity is None
