@@ -82,7 +82,10 @@ def check(resp) -> None:  # noqa: ANN001
         assert "error" in resp.json() and resp.json()["error"]["message"]
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "600")), deadline=None, suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "600"))  # a deeper run: FUZZ_EXAMPLES=6000 make test
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=paths, body=bodies, hdrs=headers)
 def test_no_input_yields_a_5xx(fuzz_client: TestClient, path: str, body: bytes, hdrs: dict) -> None:
     check(fuzz_client.post(path, content=body, headers=hdrs))
