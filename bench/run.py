@@ -4,7 +4,9 @@ Scenarios (each run several times; medians reported):
   single  single-event webhook requests at full speed: requests/s, p50 / p95 / p99 latency
   paced   single events at a fixed ~2,000 requests/s (wrk's per-connection delay): p95 latency
   batch   Webhooks (Actions) batches of 1000 events: events/s
-  memory  Redis bytes per remembered messageId and per profile (see bench/memory.py)
+  memory     Redis bytes per remembered messageId and per profile (see bench/memory.py)
+  recompute  full recompute of N synthetic profiles, refresh with 1 % and 10 % dirty (bench/recompute.py)
+  freshness  event → PATCH at Mavera under steady ingest (bench/freshness.py)
 Results go to bench/results/latest.json and are printed as a Markdown table for BENCHMARKS.md.
 """
 
@@ -27,6 +29,7 @@ import redis
 from service.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
+SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "freshness"]
 
 
 def free_port() -> int:
@@ -123,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=10, help="length of one run")
     p.add_argument("--web-workers", type=int, default=2, help="uvicorn processes (one per core)")
     p.add_argument("--batch-conns", type=int, default=4, help="concurrent batch requests")
-    p.add_argument("--only", choices=["single", "paced", "batch", "memory"], action="append",
-                   help="run only these scenarios (repeatable)")
+    p.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
+    p.add_argument("--profiles", type=int, nargs="+", default=[100_000], help="profile counts for `recompute`")
     args = p.parse_args(argv)
-    only = set(args.only or ["single", "paced", "batch", "memory"])
+    only = set(args.only or SCENARIOS)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "web_workers": args.web_workers,
                     "runs": args.runs, "seconds": args.seconds}
-    if only - {"memory"}:
+    if only & {"single", "paced", "batch"}:
         with Stack(args.web_workers) as stack:
             if "single" in only:
                 report["single"] = scenario(stack, "s", args.runs, args.seconds, script="single.lua", threads=1,
@@ -148,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 
         report["memory"] = measure()
         print("memory", report["memory"], flush=True)
+    if "recompute" in only:
+        from bench.recompute import run as recompute_run
+
+        report["recompute"] = [recompute_run(n) for n in args.profiles]
+        print("recompute", report["recompute"], flush=True)
+    if "freshness" in only:
+        from bench.freshness import run as freshness_run
+
+        report["freshness"] = freshness_run(12, 8.0)
+        print("freshness", report["freshness"], flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2))
