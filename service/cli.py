@@ -96,6 +96,24 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    import redis
+    from rich.progress import Progress
+
+    from service.keys import Keys
+    from service.ops import replay_dead_letters
+
+    client = redis.Redis.from_url(state_url(settings))
+    space = args.space or settings.space_id
+    total = client.xlen(Keys(space).dead_letters)
+    with Progress() as bar:
+        task = bar.add_task(f"replaying dead letters of {space}", total=total)
+        counts = replay_dead_letters(client, settings, space, progress=lambda n: bar.advance(task, n))
+    print(f"{counts['replayed']} of {counts['entries']} dead letters replayed ({counts['events_applied']} events "
+          f"applied); {counts['kept']} still invalid and kept: see GET /admin/dead-letters")
+    return 0
+
+
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
@@ -152,6 +170,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("user_id")
     f.add_argument("--space", help="space (default SPACE_ID)")
     f.set_defaults(func=cmd_forget)
+    d2 = sub.add_parser("replay-dead-letters", help="apply the dead letters again; what applies is removed",
+                        description="Re-apply refused events (after a fix or a secret rotation). Events that are "
+                                    "still invalid stay in the dead-letter stream.")
+    d2.add_argument("--space", help="space (default SPACE_ID)")
+    d2.set_defaults(func=cmd_replay_dead_letters)
     r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",
                        description="Clear the pause that a 402 from Mavera set; the next sync pushes what waited.")
     r.set_defaults(func=cmd_resume)

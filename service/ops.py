@@ -79,6 +79,44 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
     return removed
 
 
+def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None) -> dict:  # noqa: ANN001
+    """Apply the dead letters again (after a fix, or a secret rotation); what applies is removed, the rest stays.
+
+    A dead letter holds one event, or a whole refused body (an event, an Actions array or a Tracking API batch).
+    Signatures are not checked again: an operator is vouching for what they replay."""
+    k = Keys(space)
+    rules = IdentityRules.from_settings(settings)
+    store = SyncStore(client, settings)
+    counts = {"entries": 0, "replayed": 0, "kept": 0, "events_applied": 0}
+    last = "-"
+    while True:
+        rows = client.xrange(k.dead_letters, min=last, max="+", count=500)
+        rows = [row for row in rows if row[0].decode() != last]
+        if not rows:
+            break
+        for entry_id, fields in rows:
+            counts["entries"] += 1
+            if progress:
+                progress(1)
+            try:
+                doc = orjson.loads(fields.get(b"raw", b""))
+                items = doc.get("batch") if isinstance(doc, dict) and "batch" in doc else doc
+                items = items if isinstance(items, list) else [items]
+                events = [(normalise(e, now_ms(), rules), encode_raw(e)) for e in items]
+                outcomes = store.apply(space, events)
+            except (orjson.JSONDecodeError, ValueError):
+                counts["kept"] += 1
+                continue
+            if all(o.status != "error" for o in outcomes):
+                client.xdel(k.dead_letters, entry_id)
+                counts["replayed"] += 1
+                counts["events_applied"] += sum(o.status in ("ok", "deleted") for o in outcomes)
+            else:
+                counts["kept"] += 1
+        last = rows[-1][0].decode()
+    return counts
+
+
 def purge_job(space: str) -> int:
     """RQ entry point (enqueued by the receiver after a delete)."""
     client = redis.Redis.from_url(os.environ["REDIS_URL"])

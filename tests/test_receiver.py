@@ -160,3 +160,19 @@ def test_metrics_count_events_by_type_and_outcome(client: TestClient) -> None:
 def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     assert client.get("/nope").json()["error"]["code"] == "not_found"
     assert client.get("/segment").status_code == 405
+
+
+def test_dead_letters_can_be_replayed_after_the_cause_is_fixed(client: TestClient, r: redis.Redis) -> None:
+    from service.config import Settings
+    from service.ops import replay_dead_letters
+    from tests.helpers import find
+
+    body = fixture_bytes("identify.body")
+    assert post(client, body, **{"X-Signature": sign(body, "rotated-away")}).status_code == 401
+    post(client, orjson.dumps([{"type": "track", "event": "x", "userId": "u1", "messageId": "ok-1"},
+                               {"type": "teleport", "userId": "u1", "messageId": "bad"}]))
+    assert r.xlen(Keys("default").dead_letters) == 2
+    counts = replay_dead_letters(r, Settings(), "default")
+    assert counts == {"entries": 2, "replayed": 1, "kept": 1, "events_applied": 1}
+    assert find(r, "user_id", "usr_001") is not None
+    assert r.xlen(Keys("default").dead_letters) == 1
