@@ -163,9 +163,10 @@ class GroupAggregate:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"n": self.n, **{name: getattr(self, name) for name in _SUMS}}
-        d["spend_counts"] = {str(k): v for k, v in sorted(self.spend_counts.items())}
+        # No sorting: the histogram can hold 10^5 spend values, and a refresh writes it back every time.
+        d["spend_counts"] = dict(zip(map(str, self.spend_counts), self.spend_counts.values(), strict=True))
         for name in _COUNTERS[1:]:
-            d[name] = dict(sorted(getattr(self, name).items()))
+            d[name] = dict(getattr(self, name))
         return d
 
     @classmethod
@@ -180,11 +181,15 @@ class GroupAggregate:
             setattr(agg, name, v)
         for name in _COUNTERS:
             raw = d.get(name, {})
-            if not isinstance(raw, Mapping) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw.values()):
+            # type() over the values runs at C speed: these maps are large and read on every refresh
+            if not isinstance(raw, Mapping) or (raw and (set(map(type, raw.values())) != {int}
+                                                         or min(raw.values()) <= 0)):
                 raise AggregateError(f"aggregate.{name} must map keys to positive integers")
             try:
-                setattr(agg, name, {(int(k) if name == "spend_counts" else str(k)): v for k, v in raw.items()})
+                if name == "spend_counts":
+                    setattr(agg, name, dict(zip(map(int, raw), raw.values(), strict=True)))
+                else:
+                    setattr(agg, name, {str(k): v for k, v in raw.items()})
             except ValueError:
                 raise AggregateError("aggregate.spend_counts keys must be integers (cents)") from None
         if sum(agg.spend_counts.values()) != agg.n:

@@ -111,8 +111,12 @@ def _load_groups(client: redis.Redis, key: str) -> dict[str, A.GroupAggregate]:
 
 
 def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[str, A.GroupAggregate],
-            patterns: dict[str, A.GroupAggregate], pipe: redis.client.Pipeline) -> list[str]:
-    """Queue the summaries, KPI cards and aggregates on ``pipe``; return the clusters whose summary changed."""
+            patterns: dict[str, A.GroupAggregate], pipe: redis.client.Pipeline,
+            touched: tuple[set, set] | None = None) -> list[str]:
+    """Queue the summaries, KPI cards and aggregates on ``pipe``; return the clusters whose summary changed.
+
+    ``touched`` (clusters, patterns) limits which aggregates are written back: a refresh rewrites only the groups
+    its profiles moved between (an aggregate can be large), the full recompute writes them all."""
     keys = Keys(space)
     rules = rules_for(settings)
     cards = {c["cluster_id"]: c for c in A.kpi_cards(clusters, insight_rule(settings))["cluster_profiles"]}
@@ -125,16 +129,23 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
     old = {k.decode(): v for k, v in client.hgetall(keys.clusters).items()}
     new = {k: orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for k, v in docs.items()}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    pipe.delete(keys.clusters, keys.patterns, keys.cluster_aggregates, keys.pattern_aggregates)
+    pipe.delete(keys.clusters, keys.patterns)
     if new:
         pipe.hset(keys.clusters, mapping=new)
     summaries = pattern_summaries(patterns)
     if summaries:
         pipe.hset(keys.patterns, mapping={k: orjson.dumps(v) for k, v in summaries.items()})
-    if clusters:
-        pipe.hset(keys.cluster_aggregates, mapping={k: orjson.dumps(v.to_dict()) for k, v in clusters.items()})
-    if patterns:
-        pipe.hset(keys.pattern_aggregates, mapping={k: orjson.dumps(v.to_dict()) for k, v in patterns.items()})
+    if touched is None:
+        pipe.delete(keys.cluster_aggregates, keys.pattern_aggregates)
+        touched = (set(clusters), set(patterns))
+    for key, groups, names in ((keys.cluster_aggregates, clusters, touched[0]),
+                               (keys.pattern_aggregates, patterns, touched[1])):
+        live = {n: orjson.dumps(groups[n].to_dict()) for n in names if n in groups}
+        gone = [n for n in names if n not in groups]
+        if live:
+            pipe.hset(key, mapping=live)
+        if gone:
+            pipe.hdel(key, *gone)
     if changed:
         pipe.sadd(keys.changed_clusters, *changed)
     return changed
@@ -160,14 +171,20 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         clusters = _load_groups(client, keys.cluster_aggregates)
         patterns = _load_groups(client, keys.pattern_aggregates)
         news = _entries(client, settings, space, now_ms, pids, rules)
+        touched: tuple[set, set] = (set(), set())
         pipe = client.pipeline(transaction=True)
         try:
             for i in range(0, len(pids), CHUNK):
                 chunk = pids[i:i + CHUNK]
                 olds = client.hmget(keys.contributions, chunk)
                 for pid, old_raw in zip(chunk, olds, strict=True):
-                    new = news[pid]
-                    _move(clusters, patterns, _decode(old_raw), new)
+                    new, old = news[pid], _decode(old_raw)
+                    for entry in (old, new):
+                        if entry:
+                            touched[0].add(entry[0])
+                            if entry[1]:
+                                touched[1].add(entry[1])
+                    _move(clusters, patterns, old, new)
                     if new is None:
                         pipe.hdel(keys.contributions, pid)
                     else:
@@ -177,7 +194,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             client.sunionstore(keys.dirty, [keys.dirty, work])
             client.delete(work)
             return _full(client, settings, space, now_ms, started, reason="aggregates disagreed with contributions")
-        changed = publish(client, settings, space, clusters, patterns, pipe)
+        changed = publish(client, settings, space, clusters, patterns, pipe, touched)
         pipe.delete(work)
         pipe.execute()
     return {"space": space, "profiles": len(pids), "changed_clusters": changed,
