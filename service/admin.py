@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -10,6 +12,7 @@ from service import auth
 from service.config import valid_space
 from service.keys import Keys
 from service.responses import JSON, error, unavailable
+from service.status import queue_status, status_row
 from service.store import REDIS_DOWN
 
 
@@ -31,6 +34,23 @@ def space_param(request: Request) -> str | Response:
     if not valid_space(space):
         return error(400, "validation_error", "space must be 1-64 letters, digits, '_', '-' or '.'")
     return space
+
+
+def admin_endpoint(handler: Callable[[Request, str], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Admin token, ``?space=`` and the 503 for an unreachable Redis, once for every operator route."""
+
+    async def endpoint(request: Request) -> Response:
+        if denied := admin_denied(request):
+            return denied
+        space = space_param(request)
+        if isinstance(space, Response):
+            return space
+        try:
+            return await handler(request, space)
+        except REDIS_DOWN as exc:
+            return unavailable(exc)
+
+    return endpoint
 
 
 async def dead_letters(request: Request) -> Response:
@@ -59,26 +79,11 @@ async def dead_letters(request: Request) -> Response:
                          "next_before": items[-1]["id"] if more and items else None})
 
 
-async def status(request: Request) -> Response:
-    if denied := admin_denied(request):
-        return denied
-    space = _space(request)
-    if not valid_space(space):
-        return error(400, "validation_error", "space must be a valid space id")
-    k = Keys(space)
-    try:
-        client = request.app.state.redis
-        pipe = client.pipeline(transaction=False)
-        pipe.get(k.seq)
-        pipe.scard(k.dirty)
-        pipe.xlen(k.log)
-        pipe.xlen(k.dead_letters)
-        pipe.scard(k.suppressed)
-        seq, dirty, log_len, dlq, suppressed = await pipe.execute()
-    except REDIS_DOWN as exc:
-        return unavailable(exc)
-    return JSON({"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty,
-                         "event_log_entries": log_len, "dead_letters": dlq, "suppressed_user_ids": suppressed})
+@admin_endpoint
+async def status(request: Request, space: str) -> Response:
+    pipe = request.app.state.redis.pipeline(transaction=False)
+    queue_status(pipe, Keys(space))
+    return JSON(status_row(space, await pipe.execute()))
 
 
 routes = [

@@ -12,10 +12,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import kpis
-from service.admin import admin_denied, space_param
+from service.admin import admin_endpoint
 from service.keys import MAVERA_PAUSED_KEY, Keys
-from service.responses import JSON, error, unavailable
-from service.store import REDIS_DOWN
+from service.responses import JSON, error
 
 MAX_KPI_BODY = 8 * 1024 * 1024
 
@@ -24,52 +23,30 @@ def _json_hash(raw: dict) -> dict:
     return {k.decode(): orjson.loads(v) for k, v in sorted(raw.items())}
 
 
-async def clusters(request: Request) -> Response:
-    if denied := admin_denied(request):
-        return denied
-    space = space_param(request)
-    if isinstance(space, Response):
-        return space
-    try:
-        data = _json_hash(await request.app.state.redis.hgetall(Keys(space).clusters))
-    except REDIS_DOWN as exc:
-        return unavailable(exc)
+@admin_endpoint
+async def clusters(request: Request, space: str) -> Response:
+    data = _json_hash(await request.app.state.redis.hgetall(Keys(space).clusters))
     return JSON({"space": space, "clusters": list(data.values())})
 
 
-async def personas(request: Request) -> Response:
-    if denied := admin_denied(request):
-        return denied
-    space = space_param(request)
-    if isinstance(space, Response):
-        return space
+@admin_endpoint
+async def personas(request: Request, space: str) -> Response:
     client = request.app.state.redis
-    try:
-        data = _json_hash(await client.hgetall(Keys(space).personas))
-        paused = await client.get(MAVERA_PAUSED_KEY)
-    except REDIS_DOWN as exc:
-        return unavailable(exc)
+    data = _json_hash(await client.hgetall(Keys(space).personas))
+    paused = await client.get(MAVERA_PAUSED_KEY)
     rows = [{"cluster": cluster, "mavera_id": p.get("mavera_id"), "name": p.get("name"),
              "last_sync_ms": p.get("last_sync_ms"), "state": p.get("state"), "error": p.get("error")}
             for cluster, p in data.items()]
     return JSON({"space": space, "paused": orjson.loads(paused) if paused else None, "personas": rows})
 
 
-async def patterns(request: Request) -> Response:
-    if denied := admin_denied(request):
-        return denied
-    space = space_param(request)
-    if isinstance(space, Response):
-        return space
+@admin_endpoint
+async def patterns(request: Request, space: str) -> Response:
     client = request.app.state.redis
-    try:
-        data = _json_hash(await client.hgetall(Keys(space).patterns))
-        narrative = {k.decode(): v.decode() for k, v in (await client.hgetall(Keys(space).narrative)).items()}
-    except REDIS_DOWN as exc:
-        return unavailable(exc)
-    for key in ("patterns",):
-        if key in narrative:
-            narrative[key] = orjson.loads(narrative[key])
+    data = _json_hash(await client.hgetall(Keys(space).patterns))
+    narrative = {k.decode(): v.decode() for k, v in (await client.hgetall(Keys(space).narrative)).items()}
+    if "patterns" in narrative:
+        narrative["patterns"] = orjson.loads(narrative["patterns"])
     return JSON({"space": space, "patterns": data, "narrative": narrative or None})
 
 

@@ -11,6 +11,7 @@ from service.config import Settings
 from service.events import normalise
 from service.identity import IdentityRules
 from service.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
+from service.status import queue_status, status_row
 from service.store import Outcome, SyncStore, encode_raw, now_ms
 
 
@@ -21,23 +22,9 @@ def spaces(client: redis.Redis) -> list[str]:
 def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
     rows = []
     for space in [only] if only else spaces(client):
-        k = Keys(space)
         pipe = client.pipeline(transaction=False)
-        pipe.get(k.seq)
-        pipe.scard(k.dirty)
-        pipe.xlen(k.log)
-        pipe.xlen(k.dead_letters)
-        pipe.scard(k.suppressed)
-        pipe.hlen(k.clusters)
-        pipe.hvals(k.personas)
-        seq, dirty, log_len, dlq, suppressed, clusters, personas = pipe.execute()
-        states: dict[str, int] = {}
-        for raw in personas:
-            state = orjson.loads(raw).get("state", "?")
-            states[state] = states.get(state, 0) + 1
-        rows.append({"space": space, "profiles_created": int(seq or 0), "dirty": dirty, "log": log_len,
-                     "dead_letters": dlq, "suppressed": suppressed, "clusters": clusters,
-                     "personas": ",".join(f"{s}:{n}" for s, n in sorted(states.items())) or "-"})
+        queue_status(pipe, Keys(space))
+        rows.append(status_row(space, pipe.execute()))
     paused = client.get(MAVERA_PAUSED_KEY)
     if paused:
         rows.append({"mavera": "PAUSED", "detail": paused.decode(), "fix": "top up credits, then persona-sync resume"})

@@ -84,9 +84,10 @@ def free_port() -> int:
 class LiveServer:
     """The app under a real uvicorn on loopback, for clients that need a real socket (SDKs, load)."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app, **config) -> None:  # noqa: ANN001, ANN003
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config.setdefault("log_level", "warning")
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

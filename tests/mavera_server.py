@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 
-from tests.conftest import free_port
+from tests.conftest import LiveServer
 
 API_KEY = "mvra_live_test_key"
 
@@ -58,14 +57,11 @@ class MaveraServer:
         self.state = State()
         self.lock = threading.Lock()
         self.rate_limit = rate_limit
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="error", interface="asgi3"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.live = LiveServer(self.app, log_level="error", interface="asgi3")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/v1"
+        return self.live.url + "/api/v1"
 
     def fault(self, method: str, path: str | None = None, **kw: Any) -> None:
         with self.lock:
@@ -81,17 +77,11 @@ class MaveraServer:
             return [p for p in self.state.personas.values() if p["name"] == name]
 
     def __enter__(self) -> MaveraServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("Mavera test server did not start")
-            time.sleep(0.02)
+        self.live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.live.__exit__(*exc)
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:

@@ -50,3 +50,10 @@ def test_clusters_and_patterns_need_the_admin_token(client: TestClient, r: redis
     assert patterns["patterns"] == {} or "web_dominant" in patterns["patterns"]
     assert client.get("/api/personas", headers=AUTH).json()["personas"] == []
     assert client.get("/api/clusters?space=%7Bx", headers=AUTH).status_code == 400
+
+
+def test_admin_status(client: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "s1", "messageId": "s1", "timestamp": "2026-03-01T00:00:00Z"}])
+    assert client.get("/admin/status").status_code == 401
+    body = client.get("/admin/status", headers=AUTH).json()
+    assert body["profiles_created"] == 1 and body["dirty_profiles"] == 1 and body["event_log_entries"] == 1

@@ -1,0 +1,31 @@
+"""The state of a space in one pipeline: shared by `persona-sync status` (sync) and `GET /admin/status` (async)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from service.keys import Keys
+
+
+def queue_status(pipe: Any, keys: Keys) -> None:
+    """Queue the reads on a (sync or async) pipeline; ``status_row`` reads their replies in this order."""
+    pipe.get(keys.seq)
+    pipe.scard(keys.dirty)
+    pipe.xlen(keys.log)
+    pipe.xlen(keys.dead_letters)
+    pipe.scard(keys.suppressed)
+    pipe.hlen(keys.clusters)
+    pipe.hvals(keys.personas)
+
+
+def status_row(space: str, replies: list) -> dict[str, Any]:
+    seq, dirty, log_len, dlq, suppressed, clusters, personas = replies[:7]
+    states: dict[str, int] = {}
+    for raw in personas:
+        state = orjson.loads(raw).get("state", "?")
+        states[state] = states.get(state, 0) + 1
+    return {"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty, "event_log_entries": log_len,
+            "dead_letters": dlq, "suppressed_user_ids": suppressed, "clusters": clusters,
+            "personas": dict(sorted(states.items()))}
