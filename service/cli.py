@@ -134,9 +134,14 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    from bench.run import main as bench_main
-
-    return bench_main(args.rest)
+    """The benchmarks live in the repository (bench/), not in the installed package: run them from there."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "run.py").exists():
+        print("the benchmarks need a checkout of the repository: run `make bench` there", file=sys.stderr)
+        return 2
+    os.chdir(root)
+    os.execv(sys.executable, [sys.executable, "-m", "bench.run", *args.rest])
+    return 0  # not reached
 
 
 def parser() -> argparse.ArgumentParser:
@@ -189,7 +194,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark driver, --help included
+        args = argparse.Namespace(func=cmd_bench, rest=argv[1:])
+    else:
+        args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

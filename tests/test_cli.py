@@ -11,7 +11,7 @@ import pytest
 from service.config import VARIABLES, ConfigError, Settings
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
-COMMANDS = ["dev", "web", "worker", "cron", "status", "forget", "resume", "config"]
+COMMANDS = ["dev", "web", "worker", "cron", "status", "forget", "resume", "replay-dead-letters", "config"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -19,6 +19,11 @@ def test_help(command: str | None) -> None:
     out = subprocess.run([EXE, *([command] if command else []), "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "usage: persona-sync" in out.stdout
+
+
+def test_bench_help_reaches_the_benchmark_driver() -> None:
+    out = subprocess.run([EXE, "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "persona-sync bench" in out.stdout and "--only" in out.stdout
 
 
 def test_config_table_lists_every_variable() -> None:
