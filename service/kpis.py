@@ -68,6 +68,7 @@ class ClusterTotals:
     frequency: int
     spend_counts: Mapping[int, int]  # spend in cents -> how many customers spent exactly that
     category_counts: Mapping[str, int] = field(default_factory=dict)  # category -> customers having it
+    median_x2: int | None = None  # twice the median when already known (then spend_counts may be empty)
 
 
 def to_cents(amount: float) -> int:
@@ -137,7 +138,8 @@ def kpi_cards(totals: Sequence[ClusterTotals], insight_rule: InsightRule | None 
             "cluster_id": t.cluster_id,
             "n_customers": t.n,
             "avg_spend": round_ratio(t.spend_cents, t.n * 100),
-            "median_spend": round_ratio(median_cents_x2(t.spend_counts, t.n), 200),
+            "median_spend": round_ratio(t.median_x2 if t.median_x2 is not None
+                                        else median_cents_x2(t.spend_counts, t.n), 200),
             "avg_frequency": round_ratio(t.frequency, t.n),
             "top_categories": ", ".join(tops[t.cluster_id]),
             "share_of_revenue_pct": round_ratio(share.numerator, share.denominator),

@@ -80,6 +80,24 @@ def test_json_round_trips(cs: list) -> None:
         assert Contribution.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+@given(st.lists(contributions, max_size=10))
+def test_read_without_histogram_gives_the_same_summary_and_card_and_refuses_write_back(cs: list) -> None:
+    a = GroupAggregate.build(cs)
+    light = GroupAggregate.from_dict(json.loads(json.dumps(a.to_dict())), histogram=False)
+    assert light.spend_counts == {}
+    assert light.cluster_summary("g") == a.cluster_summary("g")
+    assert agg.kpi_cards({"g": light}) == agg.kpi_cards({"g": a})
+    with pytest.raises(AggregateError):
+        light.to_dict()  # writing it back would lose the histogram
+
+
+def test_read_without_histogram_falls_back_when_no_median_was_stored() -> None:
+    a = GroupAggregate.build([Contribution(spend_cents=500), Contribution(spend_cents=700)])
+    stored = a.to_dict()
+    del stored["median_x2"]  # written by an older version
+    assert GroupAggregate.from_dict(stored, histogram=False) == a
+
+
 def test_contribution_from_features_is_exact_integers() -> None:
     f = Features("p", 1200.005, 8, 0.05, "pro", "SaaS", "high", 99.995, 3, ("b", "a"), 1, 2, 3, 4)
     c = contribution_from_features(f)

@@ -108,6 +108,8 @@ class GroupAggregate:
     categories: dict[str, int] = field(default_factory=dict)
     plans: dict[str, int] = field(default_factory=dict)
     industries: dict[str, int] = field(default_factory=dict)
+    # Set when read without its spend histogram (``from_dict(..., histogram=False)``): the median stored with it.
+    known_median_x2: int | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, contributions: Iterable[Contribution]) -> GroupAggregate:
@@ -162,15 +164,20 @@ class GroupAggregate:
                 mine[k] = mine.get(k, 0) + v
 
     def to_dict(self) -> dict[str, Any]:
+        if self.known_median_x2 is not None:
+            raise AggregateError("an aggregate read without its spend histogram cannot be written back")
         d: dict[str, Any] = {"n": self.n, **{name: getattr(self, name) for name in _SUMS}}
         # No sorting: the histogram can hold 10^5 spend values, and a refresh writes it back every time.
         d["spend_counts"] = dict(zip(map(str, self.spend_counts), self.spend_counts.values(), strict=True))
         for name in _COUNTERS[1:]:
             d[name] = dict(getattr(self, name))
+        d["median_x2"] = kpis.median_cents_x2(self.spend_counts, self.n)  # lets a reader skip the histogram
         return d
 
     @classmethod
-    def from_dict(cls, d: Any) -> GroupAggregate:
+    def from_dict(cls, d: Any, histogram: bool = True) -> GroupAggregate:
+        """``histogram=False`` skips the spend histogram (the costly part of a large aggregate) and keeps the stored
+        median instead: enough for summaries and KPI cards of a group that a refresh does not change."""
         if not isinstance(d, Mapping):
             raise AggregateError("aggregate must be an object")
         agg = cls()
@@ -179,7 +186,15 @@ class GroupAggregate:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise AggregateError(f"aggregate.{name} must be a non-negative integer")
             setattr(agg, name, v)
+        if not histogram:
+            median = d.get("median_x2")
+            if isinstance(median, int) and not isinstance(median, bool) and median >= 0:
+                agg.known_median_x2 = median
+            else:
+                histogram = True  # older data without a stored median: read it all
         for name in _COUNTERS:
+            if name == "spend_counts" and not histogram:
+                continue
             raw = d.get(name, {})
             # type() over the values runs at C speed: these maps are large and read on every refresh
             if not isinstance(raw, Mapping) or (raw and (set(map(type, raw.values())) != {int}
@@ -192,7 +207,7 @@ class GroupAggregate:
                     setattr(agg, name, {str(k): v for k, v in raw.items()})
             except ValueError:
                 raise AggregateError("aggregate.spend_counts keys must be integers (cents)") from None
-        if sum(agg.spend_counts.values()) != agg.n:
+        if histogram and sum(agg.spend_counts.values()) != agg.n:
             raise AggregateError("aggregate.spend_counts does not add up to n")
         return agg
 
@@ -224,7 +239,7 @@ class GroupAggregate:
 
     def kpi_totals(self, cluster_id: Any) -> kpis.ClusterTotals:
         return kpis.ClusterTotals(cluster_id, self.n, self.spend_cents, self.frequency,
-                                  dict(self.spend_counts), dict(self.categories))
+                                  dict(self.spend_counts), dict(self.categories), self.known_median_x2)
 
 
 def kpi_cards(aggregates: Mapping[Any, GroupAggregate], insight_rule: kpis.InsightRule | None = None) -> dict[str, Any]:

@@ -106,8 +106,10 @@ def _decode(raw: bytes | None) -> Entry | None:
     return d["cluster"], d["pattern"], A.Contribution.from_dict(d["contribution"])
 
 
-def _load_groups(client: redis.Redis, key: str) -> dict[str, A.GroupAggregate]:
-    return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v)) for k, v in client.hgetall(key).items()}
+def _load_groups(client: redis.Redis, key: str, full: set[str]) -> dict[str, A.GroupAggregate]:
+    """Every group's aggregate; only those in ``full`` (the ones a refresh changes) with their spend histogram."""
+    return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v), histogram=k.decode() in full)
+            for k, v in client.hgetall(key).items()}
 
 
 def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[str, A.GroupAggregate],
@@ -168,27 +170,28 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         if not pids:
             return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
         rules = rules_for(settings)
-        clusters = _load_groups(client, keys.cluster_aggregates)
-        patterns = _load_groups(client, keys.pattern_aggregates)
         news = _entries(client, settings, space, now_ms, pids, rules)
+        olds: dict[str, Entry | None] = {}
+        for i in range(0, len(pids), CHUNK):
+            chunk = pids[i:i + CHUNK]
+            olds.update(zip(chunk, map(_decode, client.hmget(keys.contributions, chunk)), strict=True))
         touched: tuple[set, set] = (set(), set())
+        for entry in (*olds.values(), *news.values()):
+            if entry:
+                touched[0].add(entry[0])
+                if entry[1]:
+                    touched[1].add(entry[1])
+        clusters = _load_groups(client, keys.cluster_aggregates, touched[0])
+        patterns = _load_groups(client, keys.pattern_aggregates, touched[1])
         pipe = client.pipeline(transaction=True)
         try:
-            for i in range(0, len(pids), CHUNK):
-                chunk = pids[i:i + CHUNK]
-                olds = client.hmget(keys.contributions, chunk)
-                for pid, old_raw in zip(chunk, olds, strict=True):
-                    new, old = news[pid], _decode(old_raw)
-                    for entry in (old, new):
-                        if entry:
-                            touched[0].add(entry[0])
-                            if entry[1]:
-                                touched[1].add(entry[1])
-                    _move(clusters, patterns, old, new)
-                    if new is None:
-                        pipe.hdel(keys.contributions, pid)
-                    else:
-                        pipe.hset(keys.contributions, pid, _encode(new))
+            for pid in pids:
+                new = news[pid]
+                _move(clusters, patterns, olds[pid], new)
+                if new is None:
+                    pipe.hdel(keys.contributions, pid)
+                else:
+                    pipe.hset(keys.contributions, pid, _encode(new))
         except A.AggregateError:
             pipe.reset()
             client.sunionstore(keys.dirty, [keys.dirty, work])
