@@ -91,12 +91,16 @@ class Keys:
 
     @property
     def cluster_aggregates(self) -> str:
-        """hash cluster -> JSON GroupAggregate."""
+        """hash cluster -> JSON GroupAggregate without its spend histogram (see ``cluster_spend``)."""
         return f"{self.prefix}w:cagg"
+
+    def cluster_spend(self, cluster: str) -> str:
+        """sorted set pid -> spend in cents of one cluster's members: the exact median by rank, O(log n)."""
+        return f"{self.prefix}w:spend:{cluster}"
 
     @property
     def pattern_aggregates(self) -> str:
-        """hash pattern -> JSON GroupAggregate."""
+        """hash pattern -> JSON GroupAggregate without its spend histogram (patterns need no median)."""
         return f"{self.prefix}w:pagg"
 
     @property

@@ -16,8 +16,11 @@ K = Keys("default")
 
 
 def state(r: redis.Redis) -> dict:
-    return {key: {k: orjson.loads(v) for k, v in r.hgetall(key).items()}
-            for key in (K.clusters, K.patterns, K.cluster_aggregates, K.pattern_aggregates, K.contributions)}
+    out = {key: {k: orjson.loads(v) for k, v in r.hgetall(key).items()}
+           for key in (K.clusters, K.patterns, K.cluster_aggregates, K.pattern_aggregates, K.contributions)}
+    for name in ("high_value", "growth", "at_risk", "new"):
+        out[name] = r.zrange(K.cluster_spend(name), 0, -1, withscores=True)
+    return out
 
 
 @pytest.mark.parametrize("parallel_from", [10**9, 1], ids=["one-process", "forked"])
@@ -76,3 +79,36 @@ def test_deleted_and_merged_profiles_leave_the_aggregates(r: redis.Redis) -> Non
     apply(r, [{"type": "delete", "userId": "u", "timestamp": "2026-03-02T00:00:00Z"}])
     refresh(r, s, "default", now_ms=NOW)
     assert r.hlen(K.clusters) == 0 and r.hlen(K.contributions) == 0
+
+
+def test_median_follows_moves_through_the_spend_index(r: redis.Redis) -> None:
+    s = Settings()
+    apply(r, [{"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"ltv": 50, "churn_risk": 0.1}} for i in range(5)])  # all five in "new"
+    apply(r, [{"type": "track", "event": "Order Completed", "userId": f"u{i}", "messageId": f"o{i}",
+               "timestamp": "2026-03-01T00:00:00Z", "properties": {"revenue": 10 * (i + 1)}} for i in range(5)])
+    refresh(r, s, "default", now_ms=NOW)
+
+    def card() -> dict:
+        return orjson.loads(r.hget(K.clusters, "new"))["kpi"]
+
+    assert card()["median_spend"] == 30.0  # 10 20 30 40 50
+    apply(r, [{"type": "identify", "userId": "u4", "messageId": "hv", "timestamp": "2026-03-02T00:00:00Z",
+               "traits": {"ltv": 900, "churn_risk": 0.01}}])
+    refresh(r, s, "default", now_ms=NOW)
+    assert card()["median_spend"] == 25.0 and card()["n_customers"] == 4  # 10 20 30 40; 50 moved out
+    assert r.zcard(K.cluster_spend("high_value")) == 1 and r.zcard(K.cluster_spend("new")) == 4
+
+
+def test_a_drifted_spend_index_is_detected_and_rebuilt(r: redis.Redis) -> None:
+    s = Settings()
+    apply(r, [{"type": "track", "event": "Order Completed", "userId": f"u{i}", "messageId": f"o{i}",
+               "timestamp": "2026-03-01T00:00:00Z", "properties": {"revenue": 10 * (i + 1)}} for i in range(5)])
+    refresh(r, s, "default", now_ms=NOW)
+    healthy = state(r)
+    r.zadd(K.cluster_spend("new"), {"stray": 1})  # e.g. written by a refresh that crashed half-way
+    apply(r, [{"type": "page", "userId": "u0", "messageId": "p", "timestamp": "2026-03-01T00:00:00Z"}])
+    report = refresh(r, s, "default", now_ms=NOW)
+    assert report.get("full") and "spend index" in report["reason"]
+    assert r.zscore(K.cluster_spend("new"), "stray") is None
+    assert state(r)[K.cluster_aggregates] == healthy[K.cluster_aggregates]

@@ -108,19 +108,21 @@ class GroupAggregate:
     categories: dict[str, int] = field(default_factory=dict)
     plans: dict[str, int] = field(default_factory=dict)
     industries: dict[str, int] = field(default_factory=dict)
-    # Set when read without its spend histogram (``from_dict(..., histogram=False)``): the median stored with it.
-    known_median_x2: int | None = field(default=None, compare=False, repr=False)
+    # Stored aggregates leave the spend histogram out (it grows with the distinct spend values and a refresh would
+    # parse and rewrite it every time): the recompute keeps one sorted set per cluster instead and sets the median
+    # from it. ``has_histogram`` says whether ``spend_counts`` is kept; ``median_x2`` is twice the median when given.
+    has_histogram: bool = field(default=True, compare=False, repr=False)
+    median_x2: int | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def build(cls, contributions: Iterable[Contribution]) -> GroupAggregate:
-        agg = cls()
+    def build(cls, contributions: Iterable[Contribution], histogram: bool = True) -> GroupAggregate:
+        agg = cls(has_histogram=histogram)
         for c in contributions:
             agg.add(c)
         return agg
 
-    @staticmethod
-    def _keys(c: Contribution) -> list[tuple[str, Any]]:
-        keys: list[tuple[str, Any]] = [("spend_counts", c.spend_cents)]
+    def _keys(self, c: Contribution) -> list[tuple[str, Any]]:
+        keys: list[tuple[str, Any]] = [("spend_counts", c.spend_cents)] if self.has_histogram else []
         keys += [("categories", cat) for cat in set(c.categories)]
         if c.plan:
             keys.append(("plans", c.plan))
@@ -142,7 +144,7 @@ class GroupAggregate:
         if self.n < 1 or any(getattr(self, name) < getattr(c, name) for name in _SUMS) \
                 or any(getattr(self, counter).get(key, 0) < 1 for counter, key in keys):
             raise AggregateError("contribution was not part of this aggregate")
-        if self.n == 1 and self != GroupAggregate.build([c]):
+        if self.n == 1 and self != GroupAggregate.build([c], self.has_histogram):
             raise AggregateError("last contribution does not match what is left in the aggregate")
         self.n -= 1
         for name in _SUMS:
@@ -158,43 +160,36 @@ class GroupAggregate:
         self.n += other.n
         for name in _SUMS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("spend_counts", "categories", "plans", "industries"):
+        if not other.has_histogram:
+            self.has_histogram, self.spend_counts = False, {}
+        for name in _COUNTERS if self.has_histogram else _COUNTERS[1:]:
             mine = getattr(self, name)
             for k, v in getattr(other, name).items():
                 mine[k] = mine.get(k, 0) + v
 
-    def to_dict(self) -> dict[str, Any]:
-        if self.known_median_x2 is not None:
-            raise AggregateError("an aggregate read without its spend histogram cannot be written back")
+    def to_dict(self, histogram: bool = True) -> dict[str, Any]:
+        """JSON-able form; ``histogram=False`` is the stored form (see ``has_histogram``)."""
         d: dict[str, Any] = {"n": self.n, **{name: getattr(self, name) for name in _SUMS}}
-        # No sorting: the histogram can hold 10^5 spend values, and a refresh writes it back every time.
-        d["spend_counts"] = dict(zip(map(str, self.spend_counts), self.spend_counts.values(), strict=True))
+        if histogram:
+            if not self.has_histogram:
+                raise AggregateError("this aggregate was read without its spend histogram")
+            d["spend_counts"] = dict(zip(map(str, self.spend_counts), self.spend_counts.values(), strict=True))
         for name in _COUNTERS[1:]:
             d[name] = dict(getattr(self, name))
-        d["median_x2"] = kpis.median_cents_x2(self.spend_counts, self.n)  # lets a reader skip the histogram
         return d
 
     @classmethod
     def from_dict(cls, d: Any, histogram: bool = True) -> GroupAggregate:
-        """``histogram=False`` skips the spend histogram (the costly part of a large aggregate) and keeps the stored
-        median instead: enough for summaries and KPI cards of a group that a refresh does not change."""
+        """Inverse of ``to_dict``; ``histogram=False`` reads the stored form (no spend histogram)."""
         if not isinstance(d, Mapping):
             raise AggregateError("aggregate must be an object")
-        agg = cls()
+        agg = cls(has_histogram=histogram)
         for name in ("n", *_SUMS):
             v = d.get(name, 0)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise AggregateError(f"aggregate.{name} must be a non-negative integer")
             setattr(agg, name, v)
-        if not histogram:
-            median = d.get("median_x2")
-            if isinstance(median, int) and not isinstance(median, bool) and median >= 0:
-                agg.known_median_x2 = median
-            else:
-                histogram = True  # older data without a stored median: read it all
-        for name in _COUNTERS:
-            if name == "spend_counts" and not histogram:
-                continue
+        for name in _COUNTERS if histogram else _COUNTERS[1:]:
             raw = d.get(name, {})
             # type() over the values runs at C speed: these maps are large and read on every refresh
             if not isinstance(raw, Mapping) or (raw and (set(map(type, raw.values())) != {int}
@@ -238,8 +233,10 @@ class GroupAggregate:
         }
 
     def kpi_totals(self, cluster_id: Any) -> kpis.ClusterTotals:
+        if not self.has_histogram and self.median_x2 is None:
+            raise AggregateError(f"the median of {cluster_id!r} is unknown: it was read without its histogram")
         return kpis.ClusterTotals(cluster_id, self.n, self.spend_cents, self.frequency,
-                                  dict(self.spend_counts), dict(self.categories), self.known_median_x2)
+                                  dict(self.spend_counts), dict(self.categories), self.median_x2)
 
 
 def kpi_cards(aggregates: Mapping[Any, GroupAggregate], insight_rule: kpis.InsightRule | None = None) -> dict[str, Any]:

@@ -106,10 +106,39 @@ def _decode(raw: bytes | None) -> Entry | None:
     return d["cluster"], d["pattern"], A.Contribution.from_dict(d["contribution"])
 
 
-def _load_groups(client: redis.Redis, key: str, full: set[str]) -> dict[str, A.GroupAggregate]:
-    """Every group's aggregate; only those in ``full`` (the ones a refresh changes) with their spend histogram."""
-    return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v), histogram=k.decode() in full)
+def _load_groups(client: redis.Redis, key: str) -> dict[str, A.GroupAggregate]:
+    """Every group's stored aggregate (without spend histogram: medians come from ``_medians``)."""
+    return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v), histogram=False)
             for k, v in client.hgetall(key).items()}
+
+
+def _index_spend(pipe: redis.client.Pipeline, keys: Keys, entries: dict[str, Entry | None],
+                 names: set[str]) -> None:
+    """Queue the spend-index writes for ``entries``: each profile in its cluster's sorted set and out of every
+    other one of ``names``. Idempotent, so a refresh that crashed after it and runs again converges."""
+    members: dict[str, dict[str, int]] = {}
+    for pid, entry in entries.items():
+        if entry:
+            members.setdefault(entry[0], {})[pid] = entry[2].spend_cents
+    for name in sorted(names | set(members)):
+        mine = members.get(name, {})
+        others = [pid for pid in entries if pid not in mine]
+        for i in range(0, len(others), CHUNK):
+            pipe.zrem(keys.cluster_spend(name), *others[i:i + CHUNK])
+        if mine:
+            pipe.zadd(keys.cluster_spend(name), mine)
+
+
+def _medians(client: redis.Redis, keys: Keys, names: list[str]) -> dict[str, tuple[int, int]]:
+    """cluster -> (members, twice the median spend in cents), by rank in the cluster's spend index."""
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.zcard(keys.cluster_spend(name))
+    sizes = pipe.execute()
+    for name, size in zip(names, sizes, strict=True):
+        pipe.zrange(keys.cluster_spend(name), max(0, (size - 1) // 2), size // 2, withscores=True)
+    return {name: (size, int(middle[0][1]) + int(middle[-1][1]) if size else 0)
+            for name, size, middle in zip(names, sizes, pipe.execute(), strict=True)}
 
 
 def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[str, A.GroupAggregate],
@@ -142,7 +171,7 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
         touched = (set(clusters), set(patterns))
     for key, groups, names in ((keys.cluster_aggregates, clusters, touched[0]),
                                (keys.pattern_aggregates, patterns, touched[1])):
-        live = {n: orjson.dumps(groups[n].to_dict()) for n in names if n in groups}
+        live = {n: orjson.dumps(groups[n].to_dict(histogram=False)) for n in names if n in groups}
         gone = [n for n in names if n not in groups]
         if live:
             pipe.hset(key, mapping=live)
@@ -181,8 +210,9 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
                 touched[0].add(entry[0])
                 if entry[1]:
                     touched[1].add(entry[1])
-        clusters = _load_groups(client, keys.cluster_aggregates, touched[0])
-        patterns = _load_groups(client, keys.pattern_aggregates, touched[1])
+        clusters = _load_groups(client, keys.cluster_aggregates)
+        patterns = _load_groups(client, keys.pattern_aggregates)
+        indexed = set(clusters) | touched[0] | set(rules.clusters)
         pipe = client.pipeline(transaction=True)
         try:
             for pid in pids:
@@ -192,11 +222,20 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
                     pipe.hdel(keys.contributions, pid)
                 else:
                     pipe.hset(keys.contributions, pid, _encode(new))
-        except A.AggregateError:
+            index = client.pipeline(transaction=True)
+            _index_spend(index, keys, news, indexed)
+            index.execute()
+            medians = _medians(client, keys, sorted(indexed | set(clusters)))
+            for name, (size, median_x2) in medians.items():
+                if size != (clusters[name].n if name in clusters else 0):
+                    raise A.AggregateError(f"spend index of {name!r} disagrees with its aggregate")
+                if name in clusters:
+                    clusters[name].median_x2 = median_x2
+        except A.AggregateError as e:
             pipe.reset()
             client.sunionstore(keys.dirty, [keys.dirty, work])
             client.delete(work)
-            return _full(client, settings, space, now_ms, started, reason="aggregates disagreed with contributions")
+            return _full(client, settings, space, now_ms, started, reason=str(e))
         changed = publish(client, settings, space, clusters, patterns, pipe, touched)
         pipe.delete(work)
         pipe.execute()
@@ -272,7 +311,8 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     if client.exists(keys.dirty):
         client.rename(keys.dirty, snapshot)  # changes from now on stay dirty for the next refresh
     staging = keys.contributions + ":staging"
-    client.delete(staging)
+    indexed = {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
+    client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
     pids = [pid for chunk in profile_ids(client, keys) for pid in chunk]
     procs = processes or (min(os.cpu_count() or 1, 4) if len(pids) >= PARALLEL_FROM else 1)
     slices = [(_pool_args(client), settings, space, now_ms, pids[i::procs]) for i in range(procs)]
@@ -296,6 +336,11 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
         pipe.rename(staging, keys.contributions)
     else:
         pipe.delete(keys.contributions)
+    for name in sorted(indexed | set(clusters)):  # swap in the spend indexes built beside the contributions
+        if name in clusters:
+            pipe.rename(_staging(keys.cluster_spend(name)), keys.cluster_spend(name))
+        else:
+            pipe.delete(keys.cluster_spend(name))
     pipe.delete(snapshot, keys.dirty + ":work")
     pipe.execute()
     return {"space": space, "profiles": len(pids), "changed_clusters": changed, "full": True, "reason": reason,
@@ -313,11 +358,21 @@ def _full_slice(pool_args: tuple, settings: Settings, space: str, now_ms: int,
     patterns: dict[str, A.GroupAggregate] = {}
     for i in range(0, len(pids), CHUNK):
         news = _contributions(client, keys, pids[i:i + CHUNK], rules, settings, now_ms)
-        mapping = {}
+        mapping: dict[str, bytes] = {}
+        spends: dict[str, dict[str, int]] = {}
         for pid, new in news.items():
             if new is not None:
                 _move(clusters, patterns, None, new)
                 mapping[pid] = _encode(new)
+                spends.setdefault(new[0], {})[pid] = new[2].spend_cents
         if mapping:
-            client.hset(staging, mapping=mapping)
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(staging, mapping=mapping)
+            for name, members in spends.items():
+                pipe.zadd(_staging(keys.cluster_spend(name)), members)
+            pipe.execute()
     return clusters, patterns
+
+
+def _staging(key: str) -> str:
+    return key + ":staging"
