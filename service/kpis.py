@@ -73,9 +73,25 @@ class ClusterTotals:
 
 def to_cents(amount: float) -> int:
     """Money to integer cents, half up on the shortest decimal form (so 1.005 -> 101, as a person would expect)."""
+    return scaled(amount, 2)
+
+
+def scaled(amount: float, places: int) -> int:
+    """``amount * 10**places`` as an integer, rounded half up on the shortest decimal form of ``amount``.
+
+    Most values need no rounding (at most ``places`` decimals): those are read straight off the text, since a full
+    recompute calls this a few million times; the rest go through ``Decimal``."""
+    text = repr(float(amount))
+    whole, dot, frac = text.partition(".")
+    if dot and len(frac) <= places and frac.isdigit() and whole.lstrip("-").isdigit():
+        return int(whole + frac.ljust(places, "0"))
+    return _scaled_exact(text, places)
+
+
+def _scaled_exact(text: str, places: int) -> int:
     with localcontext() as ctx:
         ctx.prec = 400  # any finite float fits
-        return int(Decimal(repr(float(amount))).scaleb(2).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        return int(Decimal(text).scaleb(places).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def round_ratio(num: int, den: int, places: int = 2) -> float:

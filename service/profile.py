@@ -45,6 +45,11 @@ class Profile:
     groups: dict[str, int] = field(default_factory=dict)
     merged_from: list[str] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
+    identifier_total: int | None = None  # set when decoded without its identifiers (``identifiers=False``)
+
+    @property
+    def identifier_count(self) -> int:
+        return len(self.identifiers) if self.identifier_total is None else self.identifier_total
 
     def trait_values(self) -> dict[str, Any]:
         return {name: t.value for name, t in self.traits.items()}
@@ -67,7 +72,7 @@ class Profile:
         return _int_or_none(self.meta.get("merges")) or 0
 
 
-def _int_or_none(v: str | None) -> int | None:
+def _int_or_none(v: bytes | str | None) -> int | None:
     try:
         return int(v) if v is not None else None
     except ValueError:
@@ -82,21 +87,29 @@ assert (K.TRAIT, K.TRAIT_TS, K.TRAIT_CLASS, K.IDENT, K.ORDER, K.ACTIVITY, K.META
     "t:", "T:", "c:", "x:", "o:", "a:", "m:", "g:", "r:"), "decode_profile spells the prefixes out: keep it in step"
 
 
-def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collection[str] | None = None) -> Profile:
+_LOOKED_UP = frozenset({"T:", "c:", "n:"})
+
+
+def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collection[str] | None = None,
+                   identifiers: bool = True) -> Profile:
     """Turn the flat hash into a ``Profile``; unknown fields are ignored so old data never breaks a read.
 
     Field prefixes are those of ``service/keys.py`` (spelt out here: this loop runs for every field of every
-    profile in a full recompute).
+    profile in a full recompute, so values are decoded only where they are used).
 
-    ``traits`` limits which traits are decoded (the recompute needs a dozen of them, not every one)."""
+    ``traits`` limits which traits are decoded (the recompute needs a dozen of them, not every one);
+    ``identifiers=False`` only counts the identifiers (``Profile.identifier_count``)."""
     if raw and isinstance(next(iter(raw)), bytes):  # one comprehension, no call per field: this is the hot loop
-        fields = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in raw.items()}
+        fields = {k.decode("utf-8", "replace"): v for k, v in raw.items()}
     else:
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+        fields = {_s(k): v for k, v in raw.items()}
     p = Profile(id=pid)
     traits_out, idents, orders, activity, groups, meta = p.traits, p.identifiers, p.orders, p.activity, p.groups, p.meta
+    count = 0
     for f, v in fields.items():
         prefix = f[:2]
+        if prefix in _LOOKED_UP:  # read beside their trait
+            continue
         if prefix == "t:":
             rest = f[2:]
             if traits is not None and rest not in traits:
@@ -104,18 +117,18 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
             try:
                 value = orjson.loads(v)
             except orjson.JSONDecodeError:
-                value = v
-            try:
-                ts = int(fields.get("T:" + rest) or 0)
-            except ValueError:
-                ts = 0
-            traits_out[rest] = Trait(value, ts, fields.get("c:" + rest))
+                value = _s(v)
+            ts = _int_or_none(fields.get("T:" + rest)) or 0
+            kind = fields.get("c:" + rest)
+            traits_out[rest] = Trait(value, ts, _s(kind) if kind is not None else None)
         elif prefix == "x:":
-            kind, _, value = f[2:].partition(":")
-            ts, _, mid = v.partition("|")
-            idents.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
+            count += 1
+            if identifiers:
+                kind, _, value = f[2:].partition(":")
+                ts, _, mid = _s(v).partition("|")
+                idents.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
         elif prefix == "o:":
-            ts, _, tail = v.partition("|")
+            ts, _, tail = _s(v).partition("|")
             revenue, _, cats = tail.partition("|")
             try:
                 rev = float(revenue)
@@ -129,11 +142,13 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
             except ValueError:
                 pass
         elif prefix == "m:":
-            meta[f[2:]] = v
+            meta[f[2:]] = _s(v)
         elif prefix == "g:":
             groups[f[2:]] = _int_or_none(v) or 0
         elif prefix == "r:":
             p.merged_from.append(f[2:])
+    if not identifiers:
+        p.identifier_total = count
     p.identifiers.sort(key=lambda i: (i.type, i.value))
     p.orders.sort(key=lambda o: (o.ts, o.key))
     p.merged_from.sort()

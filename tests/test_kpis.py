@@ -6,14 +6,18 @@ import copy
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.kpis import (
     GROWTH,
     RETENTION,
     BadRequest,
     InsightRule,
+    _scaled_exact,
     cluster_kpis,
     round_ratio,
+    scaled,
     to_cents,
     validate_request,
 )
@@ -227,3 +231,12 @@ def test_bad_requests_are_rejected_with_a_clear_message(body, fragment: str) -> 
 def test_valid_request_accepts_integral_float_frequency() -> None:
     customers, _ = validate_request(_with(_set("frequency", 28.0)))
     assert customers[0].frequency == 28 and isinstance(customers[0].frequency, int)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0, 2, 6]))
+def test_fast_scaling_matches_exact_decimal_rounding(x: float, places: int) -> None:
+    assert scaled(x, places) == _scaled_exact(repr(x), places)
+
+
+def test_scaling_rounds_half_up_past_the_kept_places() -> None:
+    assert scaled(0.1234565, 6) == 123457 and scaled(2.5, 0) == 3 and scaled(-1.005, 2) == -101

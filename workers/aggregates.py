@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from service import kpis
@@ -78,9 +77,8 @@ class Contribution:
 
 def contribution_from_features(f: Features) -> Contribution:
     """The integer form of the features the aggregates need."""
-    churn = Decimal(repr(f.churn_risk)).scaleb(6).quantize(Decimal(1), rounding=ROUND_HALF_UP)
     return Contribution(
-        ltv_cents=kpis.to_cents(f.ltv), purchases=f.purchases, churn_ppm=int(churn),
+        ltv_cents=kpis.to_cents(f.ltv), purchases=f.purchases, churn_ppm=kpis.scaled(f.churn_risk, 6),
         spend_cents=kpis.to_cents(f.spend), frequency=f.frequency,
         web_sessions=f.web_sessions, mobile_sessions=f.mobile_sessions, email_sessions=f.email_sessions,
         identifier_count=f.identifier_count, categories=f.categories,

@@ -210,5 +210,5 @@ def compute_features(profile: Profile, account_traits: Mapping[str, Any] | None,
         web_sessions=sessions["web"],
         mobile_sessions=sessions["mobile"],
         email_sessions=sessions["email"],
-        identifier_count=len(profile.identifiers),
+        identifier_count=profile.identifier_count,
     )

@@ -75,7 +75,8 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
     for pid in pids:
         pipe.hgetall(keys.profile(pid))
     raws = pipe.execute()
-    profiles = {pid: decode_profile(pid, raw, TRAITS_USED) for pid, raw in zip(pids, raws, strict=True) if raw}
+    profiles = {pid: decode_profile(pid, raw, TRAITS_USED, identifiers=False)
+                for pid, raw in zip(pids, raws, strict=True) if raw}
     groups = sorted({g for p in profiles.values() for g in p.groups})
     accounts: dict[str, dict[str, Any]] = {}
     if groups:
@@ -83,7 +84,7 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
         for g in groups:
             pipe.hgetall(keys.account(g))
         for g, raw in zip(groups, pipe.execute(), strict=True):
-            accounts[g] = decode_profile(g, raw, TRAITS_USED).trait_values()
+            accounts[g] = decode_profile(g, raw, TRAITS_USED, identifiers=False).trait_values()
     out: dict[str, Entry | None] = {pid: None for pid in pids}
     for pid, p in profiles.items():
         account: dict[str, Any] = {}
