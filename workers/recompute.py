@@ -4,6 +4,11 @@
 its old cluster / pattern aggregate to its new one, so its cost grows with the changes. ``full_recompute`` rebuilds
 everything from every profile (ages 30-day windows out, corrects drift). Both hold the space's recompute lock, so
 they never overlap, and both write through ``publish`` so they produce identical summaries from identical data.
+
+Each cluster's exact median spend comes from its spend index (a sorted set of member -> spend, ``Keys.cluster_spend``)
+by rank, so neither path keeps a histogram that grows with the distinct spend values: a refresh's fixed cost stays
+a handful of small reads whatever the size of the space. A refresh checks each index's size against its aggregate
+and rebuilds everything if they disagree.
 """
 
 from __future__ import annotations
