@@ -112,3 +112,22 @@ def test_a_drifted_spend_index_is_detected_and_rebuilt(r: redis.Redis) -> None:
     assert report.get("full") and "spend index" in report["reason"]
     assert r.zscore(K.cluster_spend("new"), "stray") is None
     assert state(r)[K.cluster_aggregates] == healthy[K.cluster_aggregates]
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda r, pid: r.hset(K.contributions, pid, b"{not json"),
+    lambda r, pid: r.hset(K.contributions, pid, orjson.dumps({"cluster": "new"})),
+    lambda r, pid: r.hset(K.cluster_aggregates, "new", b"[1, 2"),
+], ids=["contribution-not-json", "contribution-incomplete", "aggregate-not-json"])
+def test_unreadable_stored_state_makes_the_refresh_rebuild(r: redis.Redis, corrupt) -> None:  # noqa: ANN001
+    s = Settings()
+    apply(r, [{"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"ltv": 50, "churn_risk": 0.1}} for i in range(4)])
+    refresh(r, s, "default", now_ms=NOW)
+    healthy = state(r)
+    corrupt(r, r.get(K.ident("user_id", "u0")).decode())  # the profile the next event touches
+    apply(r, [{"type": "page", "userId": "u0", "messageId": "p", "timestamp": "2026-03-01T00:00:00Z"}])
+    report = refresh(r, s, "default", now_ms=NOW)
+    assert report.get("full") and r.scard(K.dirty) == 0
+    assert state(r)[K.cluster_aggregates] == healthy[K.cluster_aggregates]
+    assert state(r)[K.clusters] == healthy[K.clusters]

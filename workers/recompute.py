@@ -106,26 +106,42 @@ def _encode(entry: Entry) -> bytes:
 
 
 def _decode(raw: bytes | None) -> Entry | None:
+    """A stored entry; anything malformed is an ``AggregateError``, so the refresh rebuilds instead of failing."""
     if not raw:
         return None
-    d = orjson.loads(raw)
-    return d["cluster"], d["pattern"], A.Contribution.from_dict(d["contribution"])
+    try:
+        d = orjson.loads(raw)
+        cluster, pattern, contribution = d["cluster"], d["pattern"], d["contribution"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise A.AggregateError("stored contribution is not an entry") from None
+    if not isinstance(cluster, str) or not (pattern is None or isinstance(pattern, str)):
+        raise A.AggregateError("stored contribution names no cluster")
+    return cluster, pattern, A.Contribution.from_dict(contribution)
 
 
 def _load_groups(client: redis.Redis, key: str) -> dict[str, A.GroupAggregate]:
     """Every group's stored aggregate (without spend histogram: medians come from ``_medians``)."""
-    return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v), histogram=False)
-            for k, v in client.hgetall(key).items()}
+    try:
+        return {k.decode(): A.GroupAggregate.from_dict(orjson.loads(v), histogram=False)
+                for k, v in client.hgetall(key).items()}
+    except orjson.JSONDecodeError:
+        raise A.AggregateError(f"a stored aggregate in {key} is not JSON") from None
+
+
+def _spend_by_cluster(entries: dict[str, Entry | None]) -> dict[str, dict[str, int]]:
+    """cluster -> {pid: spend in cents}: what the clusters' spend indexes hold for ``entries``."""
+    members: dict[str, dict[str, int]] = {}
+    for pid, entry in entries.items():
+        if entry:
+            members.setdefault(entry[0], {})[pid] = entry[2].spend_cents
+    return members
 
 
 def _index_spend(pipe: redis.client.Pipeline, keys: Keys, entries: dict[str, Entry | None],
                  names: set[str]) -> None:
     """Queue the spend-index writes for ``entries``: each profile in its cluster's sorted set and out of every
     other one of ``names``. Idempotent, so a refresh that crashed after it and runs again converges."""
-    members: dict[str, dict[str, int]] = {}
-    for pid, entry in entries.items():
-        if entry:
-            members.setdefault(entry[0], {})[pid] = entry[2].spend_cents
+    members = _spend_by_cluster(entries)
     for name in sorted(names | set(members)):
         mine = members.get(name, {})
         others = [pid for pid in entries if pid not in mine]
@@ -206,21 +222,21 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
         rules = rules_for(settings)
         news = _entries(client, settings, space, now_ms, pids, rules)
-        olds: dict[str, Entry | None] = {}
-        for i in range(0, len(pids), CHUNK):
-            chunk = pids[i:i + CHUNK]
-            olds.update(zip(chunk, map(_decode, client.hmget(keys.contributions, chunk)), strict=True))
-        touched: tuple[set, set] = (set(), set())
-        for entry in (*olds.values(), *news.values()):
-            if entry:
-                touched[0].add(entry[0])
-                if entry[1]:
-                    touched[1].add(entry[1])
-        clusters = _load_groups(client, keys.cluster_aggregates)
-        patterns = _load_groups(client, keys.pattern_aggregates)
-        indexed = set(clusters) | touched[0] | set(rules.clusters)
         pipe = client.pipeline(transaction=True)
-        try:
+        try:  # stored state that does not add up (or does not parse) means: rebuild everything
+            olds: dict[str, Entry | None] = {}
+            for i in range(0, len(pids), CHUNK):
+                chunk = pids[i:i + CHUNK]
+                olds.update(zip(chunk, map(_decode, client.hmget(keys.contributions, chunk)), strict=True))
+            touched: tuple[set, set] = (set(), set())
+            for entry in (*olds.values(), *news.values()):
+                if entry:
+                    touched[0].add(entry[0])
+                    if entry[1]:
+                        touched[1].add(entry[1])
+            clusters = _load_groups(client, keys.cluster_aggregates)
+            patterns = _load_groups(client, keys.pattern_aggregates)
+            indexed = set(clusters) | touched[0] | set(rules.clusters)  # every cluster a profile can be in
             for pid in pids:
                 new = news[pid]
                 _move(clusters, patterns, olds[pid], new)
@@ -231,7 +247,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             index = client.pipeline(transaction=True)
             _index_spend(index, keys, news, indexed)
             index.execute()
-            medians = _medians(client, keys, sorted(indexed | set(clusters)))
+            medians = _medians(client, keys, sorted(indexed))
             for name, (size, median_x2) in medians.items():
                 if size != (clusters[name].n if name in clusters else 0):
                     raise A.AggregateError(f"spend index of {name!r} disagrees with its aggregate")
@@ -316,7 +332,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     snapshot = keys.dirty + ":full"
     if client.exists(keys.dirty):
         client.rename(keys.dirty, snapshot)  # changes from now on stay dirty for the next refresh
-    staging = keys.contributions + ":staging"
+    staging = _staging(keys.contributions)
     indexed = {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
     client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
     pids = [pid for chunk in profile_ids(client, keys) for pid in chunk]
@@ -358,23 +374,21 @@ def _full_slice(pool_args: tuple, settings: Settings, space: str, now_ms: int,
     """One process's share of a full recompute: contributions to the staging hash, partial aggregates back."""
     client = _connect(pool_args)
     keys = Keys(space)
-    staging = keys.contributions + ":staging"
+    staging = _staging(keys.contributions)
     rules = rules_for(settings)
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
     for i in range(0, len(pids), CHUNK):
         news = _contributions(client, keys, pids[i:i + CHUNK], rules, settings, now_ms)
         mapping: dict[str, bytes] = {}
-        spends: dict[str, dict[str, int]] = {}
         for pid, new in news.items():
             if new is not None:
                 _move(clusters, patterns, None, new)
                 mapping[pid] = _encode(new)
-                spends.setdefault(new[0], {})[pid] = new[2].spend_cents
         if mapping:
             pipe = client.pipeline(transaction=False)
             pipe.hset(staging, mapping=mapping)
-            for name, members in spends.items():
+            for name, members in _spend_by_cluster(news).items():
                 pipe.zadd(_staging(keys.cluster_spend(name)), members)
             pipe.execute()
     return clusters, patterns
