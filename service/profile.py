@@ -83,8 +83,9 @@ def _s(v: bytes | str) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
 
-assert (K.TRAIT, K.TRAIT_TS, K.TRAIT_CLASS, K.IDENT, K.ORDER, K.ACTIVITY, K.META, K.GROUP, K.ANCESTOR) == (
-    "t:", "T:", "c:", "x:", "o:", "a:", "m:", "g:", "r:"), "decode_profile spells the prefixes out: keep it in step"
+assert (K.TRAIT, K.TRAIT_TS, K.TRAIT_CLASS, K.IDENT, K.IDENT_COUNT, K.ORDER, K.ACTIVITY, K.META, K.GROUP,
+        K.ANCESTOR) == ("t:", "T:", "c:", "x:", "n:", "o:", "a:", "m:", "g:", "r:"), \
+    "decode_profile spells the prefixes out: keep it in step"
 
 
 _LOOKED_UP = frozenset({"T:", "c:", "n:"})
