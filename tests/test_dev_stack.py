@@ -27,15 +27,19 @@ def start(data_dir: Path, port: int) -> subprocess.Popen:
                REFRESH_DEBOUNCE="1s", WEB_CONCURRENCY="1", LOG_LEVEL="WARNING")
     proc = subprocess.Popen([EXE, "dev"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("dev stack did not become ready: " + proc.stdout.read().decode()[-2000:])
+    try:
+        wait_for(lambda: ready(port), 60)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError("dev stack did not become ready: " + proc.stdout.read().decode()[-2000:]) from None
+    return proc
+
+
+def ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(check, seconds: float = 30.0):  # noqa: ANN001, ANN201
