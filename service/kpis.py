@@ -71,6 +71,9 @@ class ClusterTotals:
     median_x2: int | None = None  # twice the median when already known (then spend_counts may be empty)
 
 
+_POW10 = tuple(10**i for i in range(7))
+
+
 def to_cents(amount: float) -> int:
     """Money to integer cents, half up on the shortest decimal form (so 1.005 -> 101, as a person would expect)."""
     return scaled(amount, 2)
@@ -79,9 +82,17 @@ def to_cents(amount: float) -> int:
 def scaled(amount: float, places: int) -> int:
     """``amount * 10**places`` as an integer, rounded half up on the shortest decimal form of ``amount``.
 
-    Most values need no rounding (at most ``places`` decimals): those are read straight off the text, since a full
-    recompute calls this a few million times; the rest go through ``Decimal``."""
-    text = repr(float(amount))
+    Most values need no rounding (at most ``places`` decimals): a full recompute calls this a few million times, so
+    those are found without text at all. ``k = round(amount * 10**places)`` is the answer exactly when ``k /
+    10**places`` (a correctly rounded division) gives ``amount`` back and ``|amount| < 1e9``: below that, two
+    numbers of ``places`` <= 6 decimals never share a float and the product's error stays far under 0.5. The
+    rest are read off the shortest text, or go through ``Decimal``."""
+    amount = float(amount)
+    if -1e9 <= amount <= 1e9 and places <= 6:  # NaN fails the comparison
+        k = round(amount * _POW10[places])
+        if k / _POW10[places] == amount:
+            return k
+    text = repr(amount)
     whole, dot, frac = text.partition(".")
     if dot and len(frac) <= places and frac.isdigit() and whole.lstrip("-").isdigit():
         return int(whole + frac.ljust(places, "0"))

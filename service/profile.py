@@ -45,7 +45,7 @@ class Profile:
     groups: dict[str, int] = field(default_factory=dict)
     merged_from: list[str] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
-    identifier_total: int | None = None  # set when decoded without its identifiers (``identifiers=False``)
+    identifier_total: int | None = None  # set when decoded without its identifiers (``detail=False``)
 
     @property
     def identifier_count(self) -> int:
@@ -88,30 +88,29 @@ assert (K.TRAIT, K.TRAIT_TS, K.TRAIT_CLASS, K.IDENT, K.IDENT_COUNT, K.ORDER, K.A
     "decode_profile spells the prefixes out: keep it in step"
 
 
-_LOOKED_UP = frozenset({"T:", "c:", "n:"})
-
-
 def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collection[str] | None = None,
-                   identifiers: bool = True) -> Profile:
+                   detail: bool = True) -> Profile:
     """Turn the flat hash into a ``Profile``; unknown fields are ignored so old data never breaks a read.
 
     Field prefixes are those of ``service/keys.py`` (spelt out here: this loop runs for every field of every
-    profile in a full recompute, so values are decoded only where they are used).
+    profile in a full recompute, so values are decoded only where they are used, and a client that decodes
+    replies itself (``decode_responses=True``) saves the key decoding altogether).
 
     ``traits`` limits which traits are decoded (the recompute needs a dozen of them, not every one);
-    ``identifiers=False`` only counts the identifiers (``Profile.identifier_count``)."""
+    ``detail=False`` leaves out what the workers never read: identifier records (only counted, see
+    ``Profile.identifier_count``) and trait timestamps and classes (``Trait.ts`` 0, ``Trait.kind`` None)."""
     if raw and isinstance(next(iter(raw)), bytes):  # one comprehension, no call per field: this is the hot loop
-        fields = {k.decode("utf-8", "replace"): v for k, v in raw.items()}
+        fields: dict[str, bytes | str] = {k.decode("utf-8", "replace"): v for k, v in raw.items()}
     else:
-        fields = {_s(k): v for k, v in raw.items()}
+        fields = raw  # type: ignore[assignment]
     p = Profile(id=pid)
     traits_out, idents, orders, activity, groups, meta = p.traits, p.identifiers, p.orders, p.activity, p.groups, p.meta
     count = 0
     for f, v in fields.items():
-        prefix = f[:2]
-        if prefix in _LOOKED_UP:  # read beside their trait
-            continue
-        if prefix == "t:":
+        prefix = f[:2]  # most frequent first; "T:", "c:" and "n:" are read beside their trait, or not at all
+        if prefix == "m:":
+            meta[f[2:]] = v if type(v) is str else _s(v)
+        elif prefix == "t:":
             rest = f[2:]
             if traits is not None and rest not in traits:
                 continue
@@ -119,38 +118,42 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
                 value = orjson.loads(v)
             except orjson.JSONDecodeError:
                 value = _s(v)
-            ts = _int_or_none(fields.get("T:" + rest)) or 0
-            kind = fields.get("c:" + rest)
-            traits_out[rest] = Trait(value, ts, _s(kind) if kind is not None else None)
-        elif prefix == "x:":
-            count += 1
-            if identifiers:
-                kind, _, value = f[2:].partition(":")
-                ts, _, mid = _s(v).partition("|")
-                idents.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
+            if detail:
+                kind = fields.get("c:" + rest)
+                traits_out[rest] = Trait(value, _int_or_none(fields.get("T:" + rest)) or 0,
+                                         _s(kind) if kind is not None else None)
+            else:
+                traits_out[rest] = Trait(value, 0, None)
         elif prefix == "o:":
-            ts, _, tail = _s(v).partition("|")
+            ts, _, tail = (v if type(v) is str else _s(v)).partition("|")
             revenue, _, cats = tail.partition("|")
             try:
                 rev = float(revenue)
             except ValueError:
                 rev = 0.0
-            orders.append(Order(f[2:], _int_or_none(ts) or 0, rev, tuple(c for c in cats.split("\x1f") if c)))
+            orders.append(Order(f[2:], _int_or_none(ts) or 0, rev,
+                                tuple(c for c in cats.split("\x1f") if c) if cats else ()))
         elif prefix == "a:":
             channel, _, day = f[2:].partition(":")
             try:
                 activity.setdefault(channel, {})[int(day)] = int(v)
             except ValueError:
                 pass
-        elif prefix == "m:":
-            meta[f[2:]] = _s(v)
+        elif prefix == "x:":
+            count += 1
+            if detail:
+                kind, _, value = f[2:].partition(":")
+                ts, _, mid = _s(v).partition("|")
+                idents.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
         elif prefix == "g:":
             groups[f[2:]] = _int_or_none(v) or 0
         elif prefix == "r:":
             p.merged_from.append(f[2:])
-    if not identifiers:
+    if not detail:
         p.identifier_total = count
-    p.identifiers.sort(key=lambda i: (i.type, i.value))
-    p.orders.sort(key=lambda o: (o.ts, o.key))
+    if len(idents) > 1:
+        idents.sort(key=lambda i: (i.type, i.value))
+    if len(orders) > 1:
+        orders.sort(key=lambda o: (o.ts, o.key))
     p.merged_from.sort()
     return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -79,6 +80,7 @@ def test_json_round_trips(cs: list) -> None:
     assert GroupAggregate.from_dict(json.loads(json.dumps(a.to_dict()))) == a
     for c in cs:
         assert Contribution.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+        assert orjson.loads(orjson.dumps(c)) == c.to_dict()  # the recompute stores orjson's own dataclass form
 
 
 @given(st.lists(contributions, max_size=10), st.lists(contributions, max_size=5))
@@ -99,6 +101,21 @@ def test_stored_form_without_histogram_moves_like_the_full_one_given_the_median(
     assert agg.kpi_cards({"g": light}) == agg.kpi_cards({"g": full})
     with pytest.raises(AggregateError):
         light.to_dict()  # the full form would need the histogram it does not have
+
+
+def test_add_counts_every_sum_field() -> None:
+    """``add`` spells the sums out for speed: each one of ``_SUMS`` must reach the aggregate, and ``remove`` (which
+    loops over ``_SUMS``) must undo it."""
+    c = Contribution(**{name: 3 + i for i, name in enumerate(agg._SUMS)}, categories=("tea",), plan="pro",
+                     industry="SaaS")
+    a = GroupAggregate()
+    a.add(c)
+    a.add(c)
+    assert {name: getattr(a, name) for name in agg._SUMS} == {name: 2 * (3 + i) for i, name in enumerate(agg._SUMS)}
+    assert (a.n, a.categories, a.plans, a.industries, a.spend_counts) == (2, {"tea": 2}, {"pro": 2}, {"SaaS": 2},
+                                                                          {c.spend_cents: 2})
+    a.remove(c)
+    assert a == GroupAggregate.build([c])
 
 
 def test_contribution_from_features_is_exact_integers() -> None:

@@ -238,5 +238,11 @@ def test_fast_scaling_matches_exact_decimal_rounding(x: float, places: int) -> N
     assert scaled(x, places) == _scaled_exact(repr(x), places)
 
 
+@given(st.integers(-10**15, 10**15), st.integers(0, 8), st.sampled_from([0, 2, 6]))
+def test_fast_scaling_matches_exact_rounding_on_short_decimals(k: int, decimals: int, places: int) -> None:
+    x = k / 10**decimals  # the amounts money and churn actually take: few decimals, up to and past 1e9
+    assert scaled(x, places) == _scaled_exact(repr(x), places)
+
+
 def test_scaling_rounds_half_up_past_the_kept_places() -> None:
     assert scaled(0.1234565, 6) == 123457 and scaled(2.5, 0) == 3 and scaled(-1.005, 2) == -101

@@ -131,3 +131,23 @@ def test_unreadable_stored_state_makes_the_refresh_rebuild(r: redis.Redis, corru
     assert report.get("full") and r.scard(K.dirty) == 0
     assert state(r)[K.cluster_aggregates] == healthy[K.cluster_aggregates]
     assert state(r)[K.clusters] == healthy[K.clusters]
+
+
+class _RepeatingScan(redis.Redis):
+    """Real Redis whose SCAN hands some keys back twice, as SCAN may while a hash table is resized."""
+
+    def scan_iter(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for i, key in enumerate(super().scan_iter(*args, **kwargs)):
+            yield key
+            if i % 3 == 0:
+                yield key
+
+
+def test_full_recompute_counts_a_key_scan_returns_twice_once(r: redis.Redis) -> None:
+    apply(r, mixed_stream(1500, users=40, seed=5))
+    once = full_recompute(r, Settings(), "default", now_ms=NOW)
+    expected = state(r)
+    twice = _RepeatingScan(connection_pool=r.connection_pool)
+    again = full_recompute(twice, Settings(), "default", now_ms=NOW)
+    assert again["profiles"] == once["profiles"] == 40 and again["changed_clusters"] == []
+    assert state(r) == expected

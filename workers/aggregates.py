@@ -129,12 +129,27 @@ class GroupAggregate:
         return keys
 
     def add(self, c: Contribution) -> None:
+        # The sums of ``_SUMS`` spelt out (a full recompute adds every profile twice; a test keeps them in step)
         self.n += 1
-        for name in _SUMS:
-            setattr(self, name, getattr(self, name) + getattr(c, name))
-        for counter, key in self._keys(c):
-            bucket = getattr(self, counter)
-            bucket[key] = bucket.get(key, 0) + 1
+        self.ltv_cents += c.ltv_cents
+        self.purchases += c.purchases
+        self.churn_ppm += c.churn_ppm
+        self.spend_cents += c.spend_cents
+        self.frequency += c.frequency
+        self.web_sessions += c.web_sessions
+        self.mobile_sessions += c.mobile_sessions
+        self.email_sessions += c.email_sessions
+        self.identifier_count += c.identifier_count
+        if self.has_histogram:
+            self.spend_counts[c.spend_cents] = self.spend_counts.get(c.spend_cents, 0) + 1
+        if c.categories:
+            categories = self.categories
+            for cat in c.categories:  # canonical: sorted, no repeats
+                categories[cat] = categories.get(cat, 0) + 1
+        if c.plan:
+            self.plans[c.plan] = self.plans.get(c.plan, 0) + 1
+        if c.industry:
+            self.industries[c.industry] = self.industries.get(c.industry, 0) + 1
 
     def remove(self, c: Contribution) -> None:
         """Undo one ``add(c)``; checks everything first so a mismatch leaves the aggregate untouched."""

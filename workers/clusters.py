@@ -19,7 +19,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,11 @@ class Condition:
 
     def holds(self, features: Features) -> bool:
         actual = getattr(features, self.feature)
-        if actual is None:
-            return False
-        ops = NUMERIC_OPS if self.feature in NUMERIC else TEXT_OPS
-        return bool(ops[self.op](actual, self.value))
+        return actual is not None and bool(self.test(actual, self.value))
+
+    @property
+    def test(self) -> Callable[[Any, Any], bool]:
+        return (NUMERIC_OPS if self.feature in NUMERIC else TEXT_OPS)[self.op]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class Rule:
 class Rules:
     rules: tuple[Rule, ...]
     default: str
+    # (cluster, ((feature, test, value), ...)) per rule, resolved once: ``assign_cluster`` runs for every profile
+    plan: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", tuple((r.cluster, tuple((c.feature, c.test, c.value) for c in r.all))
+                                               for r in self.rules))
 
     @property
     def clusters(self) -> list[str]:
@@ -149,10 +156,15 @@ def load_rules(path: str | Path | None = None) -> Rules:
 
 
 def assign_cluster(features: Features, rules: Rules) -> str:
-    """The first rule whose conditions all hold names the cluster; otherwise the default."""
-    for rule in rules.rules:
-        if all(c.holds(features) for c in rule.all):
-            return rule.cluster
+    """The first rule whose conditions all hold names the cluster; otherwise the default (``Condition.holds``,
+    unrolled over the resolved ``Rules.plan``)."""
+    for cluster, conditions in rules.plan:
+        for feature, test, value in conditions:
+            actual = getattr(features, feature)
+            if actual is None or not test(actual, value):
+                break
+        else:
+            return cluster
     return rules.default
 
 

@@ -13,6 +13,7 @@ and rebuilds everything if they disagree.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import time
@@ -80,7 +81,7 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
     for pid in pids:
         pipe.hgetall(keys.profile(pid))
     raws = pipe.execute()
-    profiles = {pid: decode_profile(pid, raw, TRAITS_USED, identifiers=False)
+    profiles = {pid: decode_profile(pid, raw, TRAITS_USED, detail=False)
                 for pid, raw in zip(pids, raws, strict=True) if raw}
     groups = sorted({g for p in profiles.values() for g in p.groups})
     accounts: dict[str, dict[str, Any]] = {}
@@ -89,7 +90,7 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
         for g in groups:
             pipe.hgetall(keys.account(g))
         for g, raw in zip(groups, pipe.execute(), strict=True):
-            accounts[g] = decode_profile(g, raw, TRAITS_USED, identifiers=False).trait_values()
+            accounts[g] = decode_profile(g, raw, TRAITS_USED, detail=False).trait_values()
     out: dict[str, Entry | None] = {pid: None for pid in pids}
     for pid, p in profiles.items():
         account: dict[str, Any] = {}
@@ -102,7 +103,8 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
 
 
 def _encode(entry: Entry) -> bytes:
-    return orjson.dumps({"cluster": entry[0], "pattern": entry[1], "contribution": entry[2].to_dict()})
+    """orjson writes the Contribution dataclass itself (fields in order, categories as a list): ``to_dict``'s form."""
+    return orjson.dumps({"cluster": entry[0], "pattern": entry[1], "contribution": entry[2]})
 
 
 def _decode(raw: bytes | None) -> Entry | None:
@@ -288,7 +290,9 @@ def _pool_args(client: redis.Redis) -> tuple:
 
 
 def _connect(pool_args: tuple) -> redis.Redis:
+    """A connection of this process's own; replies come decoded (``decode_profile`` then skips that step)."""
     connection_class, kwargs = pool_args
+    kwargs = {**kwargs, "decode_responses": True, "encoding_errors": "replace"}
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
 
 
@@ -314,16 +318,24 @@ def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: 
 
 
 def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
-    """Every profile id of a space, in chunks (SCAN: never blocks Redis)."""
+    """Every profile id of a space once, in chunks (SCAN never blocks Redis, but may return a key twice)."""
     prefix = keys.profile("")
+    seen: set[str] = set()
     batch: list[str] = []
     for key in client.scan_iter(match=prefix + "*", count=2000):
-        batch.append(key.decode()[len(prefix):])
+        pid = key.decode()[len(prefix):]
+        if pid in seen:
+            continue
+        seen.add(pid)
+        batch.append(pid)
         if len(batch) >= CHUNK:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+Part = tuple[int, dict[str, A.GroupAggregate], dict[str, A.GroupAggregate]]  # profiles, clusters, patterns
 
 
 def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, started: float,
@@ -335,26 +347,28 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     staging = _staging(keys.contributions)
     indexed = {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
     client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
-    pids = [pid for chunk in profile_ids(client, keys) for pid in chunk]
-    procs = processes or (min(os.cpu_count() or 1, 4) if len(pids) >= PARALLEL_FROM else 1)
-    slices = [(_pool_args(client), settings, space, now_ms, pids[i::procs]) for i in range(procs)]
-    if procs == 1:
-        parts = [_full_slice(*slices[0])]
-    else:
-        with multiprocessing.get_context("fork").Pool(procs) as pool:
-            parts = pool.starmap(_full_slice, slices)
+    chunks = profile_ids(client, keys)
+    head: list[list[str]] = []  # scan far enough to tell a small space (one process) from a large one
+    while sum(map(len, head)) < PARALLEL_FROM and (chunk := next(chunks, None)) is not None:
+        head.append(chunk)
+    work = itertools.chain(head, chunks)
+    procs = processes or (min(os.cpu_count() or 1, 4) if sum(map(len, head)) >= PARALLEL_FROM else 1)
+    job = (_pool_args(client), settings, space, now_ms)
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
-    for part_clusters, part_patterns in parts:
-        for target, part in ((clusters, part_clusters), (patterns, part_patterns)):
-            for name, agg in part.items():
-                if name in target:
-                    target[name].merge(agg)
-                else:
-                    target[name] = agg
+    total = 0
+    if procs == 1:
+        _start_child(*job)
+        try:
+            total = _join(map(_full_chunk, work), clusters, patterns)
+        finally:
+            _child.pop("client").connection_pool.disconnect()
+    else:  # chunks go to whichever process is free (a shared host slows one core at a time), as the scan runs
+        with multiprocessing.get_context("fork").Pool(procs, initializer=_start_child, initargs=job) as pool:
+            total = _join(pool.imap_unordered(_full_chunk, work), clusters, patterns)
     pipe = client.pipeline(transaction=True)
     changed = publish(client, settings, space, clusters, patterns, pipe)
-    if pids:
+    if total:
         pipe.rename(staging, keys.contributions)
     else:
         pipe.delete(keys.contributions)
@@ -365,33 +379,51 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
             pipe.delete(keys.cluster_spend(name))
     pipe.delete(snapshot, keys.dirty + ":work")
     pipe.execute()
-    return {"space": space, "profiles": len(pids), "changed_clusters": changed, "full": True, "reason": reason,
+    return {"space": space, "profiles": total, "changed_clusters": changed, "full": True, "reason": reason,
             "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _full_slice(pool_args: tuple, settings: Settings, space: str, now_ms: int,
-                pids: list[str]) -> tuple[dict[str, A.GroupAggregate], dict[str, A.GroupAggregate]]:
-    """One process's share of a full recompute: contributions to the staging hash, partial aggregates back."""
-    client = _connect(pool_args)
-    keys = Keys(space)
-    staging = _staging(keys.contributions)
-    rules = rules_for(settings)
+def _join(parts: Iterator[Part], clusters: dict[str, A.GroupAggregate],
+          patterns: dict[str, A.GroupAggregate]) -> int:
+    """Merge the chunks' partial aggregates into ``clusters`` / ``patterns``; return the number of profiles."""
+    total = 0
+    for n, part_clusters, part_patterns in parts:
+        total += n
+        for target, part in ((clusters, part_clusters), (patterns, part_patterns)):
+            for name, agg in part.items():
+                if name in target:
+                    target[name].merge(agg)
+                else:
+                    target[name] = agg
+    return total
+
+
+_child: dict[str, Any] = {}  # one full recompute's connection and settings, per process (see ``_start_child``)
+
+
+def _start_child(pool_args: tuple, settings: Settings, space: str, now_ms: int) -> None:
+    _child.update(client=_connect(pool_args), settings=settings, keys=Keys(space), now_ms=now_ms,
+                  rules=rules_for(settings))
+
+
+def _full_chunk(pids: list[str]) -> Part:
+    """One chunk of a full recompute: contributions and spend to the staging keys, partial aggregates back."""
+    client, keys = _child["client"], _child["keys"]
+    news = _contributions(client, keys, pids, _child["rules"], _child["settings"], _child["now_ms"])
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
-    for i in range(0, len(pids), CHUNK):
-        news = _contributions(client, keys, pids[i:i + CHUNK], rules, settings, now_ms)
-        mapping: dict[str, bytes] = {}
-        for pid, new in news.items():
-            if new is not None:
-                _move(clusters, patterns, None, new)
-                mapping[pid] = _encode(new)
-        if mapping:
-            pipe = client.pipeline(transaction=False)
-            pipe.hset(staging, mapping=mapping)
-            for name, members in _spend_by_cluster(news).items():
-                pipe.zadd(_staging(keys.cluster_spend(name)), members)
-            pipe.execute()
-    return clusters, patterns
+    mapping: dict[str, bytes] = {}
+    for pid, new in news.items():
+        if new is not None:
+            _move(clusters, patterns, None, new)
+            mapping[pid] = _encode(new)
+    if mapping:
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(_staging(keys.contributions), mapping=mapping)
+        for name, members in _spend_by_cluster(news).items():
+            pipe.zadd(_staging(keys.cluster_spend(name)), members)
+        pipe.execute()
+    return len(mapping), clusters, patterns
 
 
 def _staging(key: str) -> str:
