@@ -72,7 +72,7 @@ def touch(client: redis.Redis, keys: Keys, n: int, fraction: float, now_ms: int)
     return len(chosen)
 
 
-def run(n: int) -> dict:
+def run(n: int, processes: int | None = None) -> dict:
     settings = Settings()
     keys = Keys("bench")
     now_ms = int(time.time() * 1000)
@@ -83,7 +83,7 @@ def run(n: int) -> dict:
         load(client, keys, n, now_ms)
         loaded = time.perf_counter() - t
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        full = full_recompute(client, settings, "bench", now_ms=now_ms)
+        full = full_recompute(client, settings, "bench", now_ms=now_ms, processes=processes)
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the forked recompute processes
         used = client.info("memory")["used_memory"] - base
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.recompute", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profiles", type=int, nargs="+", default=[100_000], help="profile counts to measure")
+    p.add_argument("--processes", type=int, help="processes of the full recompute (default: one per core, up to 4)")
     args = p.parse_args(argv)
     for n in args.profiles:
-        print(orjson.dumps(run(n)).decode(), flush=True)
+        print(orjson.dumps(run(n, args.processes)).decode(), flush=True)
     return 0
 
 

@@ -6,6 +6,7 @@ Scenarios (each run several times; medians reported):
   batch   Webhooks (Actions) batches of 1000 events: events/s
   memory     Redis bytes per remembered messageId and per profile (see bench/memory.py)
   recompute  full recompute of N synthetic profiles, refresh with 1 % and 10 % dirty (bench/recompute.py)
+  profile_cost  CPU per profile of the recompute's pure stages, without Redis (bench/profile_cost.py)
   freshness  event → PATCH at Mavera under steady ingest (bench/freshness.py)
 Results go to bench/results/latest.json and are printed as a Markdown table for BENCHMARKS.md.
 """
@@ -29,7 +30,7 @@ import redis
 from service.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "freshness"]
+SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness"]
 
 
 def free_port() -> int:
@@ -156,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
         report["recompute"] = [recompute_run(n) for n in args.profiles]
         print("recompute", report["recompute"], flush=True)
+    if "profile_cost" in only:
+        from bench.profile_cost import run as profile_cost_run
+
+        report["profile_cost"] = profile_cost_run(20_000, 5)
+        print("profile_cost", report["profile_cost"], flush=True)
     if "freshness" in only:
         from bench.freshness import run as freshness_run
 

@@ -28,7 +28,7 @@ import redis
 from service.config import Settings
 from service.keys import Keys
 from service.kpis import InsightRule
-from service.profile import decode_profile
+from service.profile import Profile, decode_profile
 from workers import aggregates as A
 from workers.channels import channel_pattern, pattern_summaries
 from workers.clusters import Rules, assign_cluster, load_rules
@@ -93,13 +93,19 @@ def _contributions(client: redis.Redis, keys: Keys, pids: list[str], rules: Rule
             accounts[g] = decode_profile(g, raw, TRAITS_USED, detail=False).trait_values()
     out: dict[str, Entry | None] = {pid: None for pid in pids}
     for pid, p in profiles.items():
-        account: dict[str, Any] = {}
-        for g in sorted(p.groups):  # several accounts: the first group id wins, deterministically
-            for k, v in accounts.get(g, {}).items():
-                account.setdefault(k, v)
-        f = compute_features(p, account, now_ms, settings.analysis_window_days)
-        out[pid] = (assign_cluster(f, rules), channel_pattern(f), A.contribution_from_features(f))
+        out[pid] = entry_of(p, accounts, rules, settings, now_ms)
     return out
+
+
+def entry_of(p: Profile, accounts: dict[str, dict[str, Any]], rules: Rules, settings: Settings,
+             now_ms: int) -> Entry:
+    """Pure: one decoded profile (and the traits of the accounts it belongs to) → cluster, pattern, contribution."""
+    account: dict[str, Any] = {}
+    for g in sorted(p.groups):  # several accounts: the first group id wins, deterministically
+        for k, v in accounts.get(g, {}).items():
+            account.setdefault(k, v)
+    f = compute_features(p, account, now_ms, settings.analysis_window_days)
+    return assign_cluster(f, rules), channel_pattern(f), A.contribution_from_features(f)
 
 
 def _encode(entry: Entry) -> bytes:
