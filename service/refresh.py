@@ -30,7 +30,7 @@ class RefreshScheduler:
         self.queue_url = queue_url
         self.debounce = debounce
         self._queue: Queue | None = None
-        self._touched: dict[str, float] = {}
+        self._quiet_until: dict[str, float] = {}  # space -> monotonic time up to which a refresh is known due
 
     def queue(self) -> Queue:
         if self._queue is None:
@@ -40,16 +40,25 @@ class RefreshScheduler:
     async def touch(self, space: str) -> None:
         """Enqueue one refresh for ``space`` unless one is already due within the debounce interval.
 
-        The process-local clock check keeps the hot path free of a Redis round trip per request; the Redis
-        marker then makes the debounce hold across every web process."""
+        The Redis marker (``SET NX PX``, expiring when its refresh runs) makes the debounce hold across every web
+        process. A process then stays quiet, without a Redis round trip per request, only until that marker
+        expires — whichever process set it: a refresh scheduled for then reads every profile dirtied before it.
+        """
         now = time.monotonic()
-        if now - self._touched.get(space, -1e9) < self.debounce:
+        if now < self._quiet_until.get(space, 0.0):
             return
-        self._touched[space] = now
+        key = Keys(space).refresh_pending
         try:
-            first = await self.state.set(Keys(space).refresh_pending, b"1", nx=True, px=int(self.debounce * 1000))
+            async with self.state.pipeline(transaction=True) as pipe:
+                first, ttl_ms = await pipe.set(key, b"1", nx=True, px=int(self.debounce * 1000)).pttl(key).execute()
+            self._quiet_until[space] = now + max(0, ttl_ms) / 1000
             if first and self.queue_url:
-                await asyncio.to_thread(self._enqueue, space)
+                try:
+                    await asyncio.to_thread(self._enqueue, space)
+                except BaseException:
+                    self._quiet_until.pop(space, None)
+                    await self.state.delete(key)  # no refresh is due after all: the next touch tries again
+                    raise
         except (redis.RedisError, OSError) as exc:  # the scheduled full recompute catches up; never fail intake
             log_event(log, "refresh not scheduled", logging.WARNING, space=space, error=type(exc).__name__)
 

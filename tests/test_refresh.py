@@ -1,0 +1,70 @@
+"""Debounced refresh scheduling across several web processes (each its own ``RefreshScheduler``), real Redis and
+RQ's scheduled-job registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+import redis.asyncio as aredis
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+
+from service.refresh import QUEUE_NAME, RefreshScheduler
+
+DEBOUNCE = 0.6
+
+
+def scheduled(r: redis.Redis) -> list[str]:
+    return ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=r)).get_job_ids()
+
+
+def run_refresh(r: redis.Redis) -> None:
+    """What the worker does when the scheduled refresh comes due: take the job off the schedule."""
+    registry = ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=r))
+    for job_id in registry.get_job_ids():
+        registry.remove(job_id)
+
+
+def test_one_refresh_per_interval_across_processes(redis_url: str, r: redis.Redis) -> None:
+    async def go() -> list[int]:
+        a = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
+        b = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
+        counts = []
+        for _ in range(2):  # two intervals of steady traffic from both processes
+            for _ in range(10):
+                await a.touch("default")
+                await b.touch("default")
+                await asyncio.sleep(DEBOUNCE / 20)
+            counts.append(len(scheduled(r)))
+            await asyncio.sleep(DEBOUNCE)
+            run_refresh(r)
+        return counts
+
+    assert asyncio.run(go()) == [1, 1]
+
+
+def test_a_process_that_lost_the_race_schedules_once_the_marker_expired(redis_url: str, r: redis.Redis) -> None:
+    """B schedules; A sees B's marker. Once B's refresh has run, a profile A dirties must get a refresh of its own
+    (A must not keep trusting a marker that has expired)."""
+    async def go() -> tuple[int, int]:
+        a = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
+        b = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
+        await b.touch("default")
+        await asyncio.sleep(DEBOUNCE / 2)
+        await a.touch("default")  # covered by B's refresh
+        first = len(scheduled(r))
+        await asyncio.sleep(DEBOUNCE / 2 + 0.1)  # B's marker expired; its refresh ran
+        run_refresh(r)
+        await a.touch("default")  # a profile dirtied after that refresh
+        return first, len(scheduled(r))
+
+    assert asyncio.run(go()) == (1, 1)
+
+
+def test_redis_down_never_fails_intake() -> None:
+    async def go() -> None:
+        down = RefreshScheduler(aredis.Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2), "", 5.0)
+        await down.touch("default")  # logs and returns: the hourly full recompute catches up
+
+    asyncio.run(go())
