@@ -61,6 +61,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     setup(settings.log_level)
     conn = redis.Redis.from_url(queue_url(settings))
     os.environ.setdefault("REDIS_URL", state_url(settings))
+    if settings.mavera_api_key:  # personas kept in the outbox (no key until now) or paused go out at once
+        from service.refresh import enqueue_sync
+
+        enqueue_sync(redis.Redis.from_url(state_url(settings)), queue_url(settings), settings.mave_chat_timeout,
+                     only_waiting=True)
     worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn)
     worker.work(with_scheduler=True, burst=args.burst)
     return 0
@@ -118,11 +123,14 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
     from service.keys import MAVERA_PAUSED_KEY
+    from service.refresh import enqueue_sync
 
     client = redis.Redis.from_url(state_url(settings))
     paused = client.get(MAVERA_PAUSED_KEY)
     client.delete(MAVERA_PAUSED_KEY)
     print(f"Mavera sync resumed (was paused: {paused.decode()})" if paused else "Mavera sync was not paused")
+    spaces = enqueue_sync(client, queue_url(settings), settings.mave_chat_timeout)
+    print(f"sync queued for {len(spaces)} space(s): {', '.join(spaces) or 'none yet'}")
     return 0
 
 

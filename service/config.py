@@ -29,13 +29,15 @@ def parse_duration(name: str, raw: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def _int(name: str, raw: str, lo: int = 0) -> int:
+def _int(name: str, raw: str, lo: int = 0, hi: int | None = None) -> int:
     try:
         v = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
     if v < lo:
         raise ConfigError(f"{name}={raw!r}: must be at least {lo}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{name}={raw!r}: must be at most {hi}")
     return v
 
 
@@ -89,7 +91,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("MAVERA_RATE_LIMIT", "60", "Mavera requests per minute, shared by every worker (your plan's limit)."),
     ("MAVERA_TIMEOUT", "30s", "Read timeout of persona calls."),
     ("MAVE_CHAT_TIMEOUT", "180s", "Read timeout of Mave chat calls (they take 5-90 s; at least 120 s)."),
-    ("MAVE_CHAT_CONCURRENCY", "10", "Most Mave chat calls in flight at once across workers (Mavera allows 10)."),
+    ("MAVE_CHAT_CONCURRENCY", "10", "Most Mave chat calls in flight at once across workers, 1-10 (Mavera allows 10)."),
     ("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -174,7 +176,7 @@ class Settings:
             mavera_rate_limit=_int("MAVERA_RATE_LIMIT", raw["MAVERA_RATE_LIMIT"], 1),
             mavera_timeout=parse_duration("MAVERA_TIMEOUT", raw["MAVERA_TIMEOUT"]),
             mave_chat_timeout=_min_duration("MAVE_CHAT_TIMEOUT", raw["MAVE_CHAT_TIMEOUT"], 120),
-            mave_chat_concurrency=_int("MAVE_CHAT_CONCURRENCY", raw["MAVE_CHAT_CONCURRENCY"], 1),
+            mave_chat_concurrency=_int("MAVE_CHAT_CONCURRENCY", raw["MAVE_CHAT_CONCURRENCY"], 1, 10),
             log_level=_level(raw["LOG_LEVEL"]),
         )
 

@@ -15,13 +15,34 @@ import redis
 import redis.asyncio as aredis
 from rq import Queue
 
-from service.keys import Keys
+from service.keys import SPACES_KEY, Keys
 from service.logs import event as log_event
 
 log = logging.getLogger("refresh")
 REFRESH_JOB = "workers.jobs.refresh"
+SYNC_JOB = "workers.jobs.sync"
 PURGE_JOB = "service.ops.purge_job"
 QUEUE_NAME = "persona-sync"
+
+
+def sync_timeout(mave_chat_timeout: float) -> int:
+    """RQ job timeout of a sync: rate-limit and chat-slot waits (120 s + 300 s), the persona calls, and up to five
+    Mave chat attempts of ``MAVE_CHAT_TIMEOUT`` each — so RQ never cuts a chat short."""
+    return int(600 + 5 * (mave_chat_timeout + 60))
+
+
+def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, only_waiting: bool = False) -> list[str]:
+    """Queue a persona sync for every known space (``only_waiting``: those with personas in the outbox or paused),
+    e.g. after ``persona-sync resume`` or when a worker starts with a key for the first time."""
+    spaces = sorted(s.decode() for s in state.smembers(SPACES_KEY))
+    if only_waiting:
+        spaces = [sp for sp in spaces if any(b'"state":"outbox"' in v or b'"state":"paused"' in v
+                                             for v in state.hvals(Keys(sp).personas))]
+    queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
+    for space in spaces:
+        queue.enqueue(SYNC_JOB, space, job_timeout=sync_timeout(mave_chat_timeout),
+                      description=f"sync personas of {space}")
+    return spaces
 
 
 class RefreshScheduler:

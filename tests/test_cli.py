@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rq import Queue
 
 from service.config import VARIABLES, ConfigError, Settings
 
@@ -37,6 +38,8 @@ def test_bad_configuration_says_what_to_fix() -> None:
         Settings.from_env({"DEDUPE_WINDOW": "forever"})
     with pytest.raises(ConfigError, match="SPACE_ID"):
         Settings.from_env({"SPACE_ID": "{bad}"})
+    with pytest.raises(ConfigError, match="MAVE_CHAT_CONCURRENCY='11': must be at most 10"):
+        Settings.from_env({"MAVE_CHAT_CONCURRENCY": "11"})  # Mavera allows 10 chats in flight per key
     s = Settings.from_env({"DEDUPE_WINDOW": "2h", "SEGMENT_WRITE_KEYS": "a, b=spa_2", "IDENTITY_LIMITS": "email:2"})
     assert s.dedupe_window == 7200 and dict(s.write_keys) == {"a": "default", "b": "spa_2"}
     assert s.identity_limits == {"user_id": 1, "*": 5, "email": 2}
@@ -60,3 +63,6 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noq
     assert "PAUSED" in subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60, env=env).stdout
     resumed = subprocess.run([EXE, "resume"], capture_output=True, text=True, timeout=60, env=env)
     assert "resumed" in resumed.stdout and not r.exists(MAVERA_PAUSED_KEY)
+    assert "sync queued for 1 space(s): default" in resumed.stdout  # what waited goes out now, not at the next refresh
+    [job] = Queue("persona-sync", connection=r).get_jobs()
+    assert job.func_name == "workers.jobs.sync" and job.args == ("default",) and job.timeout >= 5 * 120

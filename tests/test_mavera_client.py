@@ -12,7 +12,7 @@ import redis
 from service.config import Settings
 from tests.mavera_server import API_KEY, MaveraServer
 from workers.mavera import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused, resume
-from workers.ratelimit import ChatSlots, RateLimiter
+from workers.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 PERSONA = {"name": "Test persona", "description": "d", "pipeline_type": "intermediate", "type": "B2C"}
 
@@ -93,6 +93,25 @@ def test_create_timeout_is_maybe_created(mavera: MaveraServer, r: redis.Redis) -
     with pytest.raises(MaybeCreated):
         make(mavera, r).create_persona(PERSONA)
     assert len(mavera.calls("POST")) == 1
+
+
+def test_gateway_5xx_after_a_create_is_maybe_created(mavera: MaveraServer, r: redis.Redis) -> None:
+    mavera.fault("POST", "/personas", status=502, message="bad gateway")
+    with pytest.raises(MaybeCreated, match="502"):  # a proxy's 502 says nothing about whether Mavera created it
+        make(mavera, r).create_persona(PERSONA)
+    assert len(mavera.calls("POST")) == 1
+
+
+def test_a_long_retry_after_blocks_everyone_instead_of_holding_the_worker(mavera: MaveraServer,
+                                                                          r: redis.Redis) -> None:
+    mavera.fault("GET", "/personas", status=429, retry_after=600)
+    start = time.monotonic()
+    with pytest.raises(RateLimited, match="600"):
+        make(mavera, r).list_personas()
+    assert time.monotonic() - start < 5
+    other = RateLimiter(r, per_minute=100, max_wait=1.0)  # another worker's limiter sees the block
+    with pytest.raises(RateLimited):
+        other.acquire()
 
 
 def test_shared_limiter_caps_requests_across_clients(mavera: MaveraServer, r: redis.Redis) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -15,7 +18,7 @@ from tests.helpers import NOW, apply
 from tests.mavera_server import API_KEY, MaveraServer
 from workers.mavera import MaveraClient, paused, resume
 from workers.recompute import refresh
-from workers.sync import SyncFailed, narrate_space, persona_name, sync_space
+from workers.sync import SyncFailed, narrate_space, persona_name, persona_payload, sync_space
 
 K = Keys("default")
 
@@ -29,7 +32,11 @@ def mavera() -> Iterator[MaveraServer]:
 def settings_for(server: MaveraServer | None) -> Settings:
     if server is None:
         return Settings()
-    return Settings(mavera_api_key=API_KEY, mavera_base_url=server.url, mavera_timeout=1.0)
+    return settings_for_url(server.url)
+
+
+def settings_for_url(url: str) -> Settings:
+    return Settings(mavera_api_key=API_KEY, mavera_base_url=url, mavera_timeout=1.0)
 
 
 def client_for(server: MaveraServer, r: redis.Redis) -> MaveraClient:
@@ -132,6 +139,78 @@ def test_400_marks_the_cluster_failed_with_mavera_message(mavera: MaveraServer, 
         sync_space(r, settings_for(mavera), "default", client_for(mavera, r))
     states = {c: rec["state"] for c, rec in records(r).items()}
     assert sorted(states.values()) == ["failed", "synced"]
+
+
+def test_a_refused_payload_is_not_resent_until_it_changes_or_its_job_is_requeued(mavera: MaveraServer,
+                                                                                 r: redis.Redis) -> None:
+    seed(r)
+    client = client_for(mavera, r)
+    mavera.fault("POST", "/personas", status=400, message="description too long")
+    with pytest.raises(SyncFailed, match="description too long"):
+        sync_space(r, settings_for(mavera), "default", client, job_id="job-1")
+    [refused] = [c for c, rec in records(r).items() if rec["state"] == "failed"]
+    posts = len(mavera.calls("POST"))
+    later = sync_space(r, settings_for(mavera), "default", client, job_id="job-2")  # a new sync: not sent again
+    assert later["refused"] == [refused] and len(mavera.calls("POST")) == posts
+    assert records(r)[refused]["error"] == "Mavera 400: description too long (api_error)"
+    retried = sync_space(r, settings_for(mavera), "default", client, job_id="job-1")  # `rq requeue` of job-1
+    assert retried["created"] == [refused] and records(r)[refused]["state"] == "synced"
+
+
+def test_a_refused_payload_is_sent_again_once_it_changed(mavera: MaveraServer, r: redis.Redis) -> None:
+    seed(r)
+    client = client_for(mavera, r)
+    mavera.fault("POST", "/personas", status=400, message="description too long")
+    with pytest.raises(SyncFailed):
+        sync_space(r, settings_for(mavera), "default", client, job_id="job-1")
+    [refused] = [c for c, rec in records(r).items() if rec["state"] == "failed"]
+    tag, ltv, churn = ("hv3", 2000, 0.01) if refused == "high_value" else ("risk3", 40, 0.9)
+    people(r, tag, 1, ltv, churn, ts="2026-03-03T00:00:00Z")
+    refresh(r, Settings(), "default", now_ms=NOW)
+    assert sync_space(r, settings_for(mavera), "default", client, job_id="job-2")["created"] == [refused]
+
+
+def test_a_worker_killed_mid_create_never_leads_to_a_second_persona(mavera: MaveraServer, redis_url: str,
+                                                                     r: redis.Redis) -> None:
+    """SIGKILL (OOM, RQ's hard timeout) while the POST is at Mavera: Mavera creates the persona, we never store
+    its id. The next sync must wait for the create to settle, then adopt it by name."""
+    seed(r)
+    mavera.fault("POST", "/personas", sleep=1.0)
+    code = ("import redis; from tests.test_sync import settings_for_url, sync_space; from workers.mavera import "
+            f"MaveraClient; r = redis.Redis.from_url({redis_url!r}); s = settings_for_url({mavera.url!r}); "
+            "sync_space(r, s, 'default', MaveraClient(s, r))")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 20
+    while not mavera.calls("POST") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.kill()
+    child.wait()
+    time.sleep(1.2)  # the POST completes at Mavera after its sleep
+    assert len(mavera.calls("POST")) == 1 and len(mavera.state.personas) == 1
+    [(cluster, rec)] = [(c, rec) for c, rec in records(r).items() if rec.get("state") == "creating"]
+    assert not rec.get("mavera_id") and rec["uncertain_create_ms"]
+    client = client_for(mavera, r)
+    with pytest.raises(SyncFailed, match=f"{cluster}: waiting for a lost create to settle"):
+        sync_space(r, settings_for(mavera), "default", client)  # the other cluster is created meanwhile
+    time.sleep(3.2)  # the grace period (2 x MAVERA_TIMEOUT) and the dead worker's lock (3 x) have lapsed
+    report = sync_space(r, settings_for(mavera), "default", client)
+    assert report["adopted"] == [cluster] and report["created"] == [], report
+    assert mavera.state.credits == 600 and len(mavera.state.personas) == 2
+    assert sorted(p["name"] for p in mavera.state.personas.values()) == sorted(
+        rec["name"] for rec in records(r).values() if rec["state"] == "synced")
+
+
+def test_cents_do_not_make_a_new_persona_payload() -> None:
+    doc = {"cluster": "growth", "label": "Growth customers", "n": 40,
+           "summary": {"avg_ltv": 250.11, "avg_purchases": 3.02, "avg_churn": 0.1, "industries": [], "plans": []},
+           "kpi": {"avg_spend": 120.4, "median_spend": 99.99, "avg_frequency": 3.01, "share_of_revenue_pct": 21.2,
+                   "top_categories": ["tea", "coffee"], "insight": ""}}
+    nudged = {**doc, "summary": {**doc["summary"], "avg_ltv": 250.32},
+              "kpi": {**doc["kpi"], "avg_spend": 120.45, "share_of_revenue_pct": 21.4}}
+    assert persona_payload("default", doc) == persona_payload("default", nudged)
+    assert "Top categories: tea, coffee." in persona_payload("default", doc)["description"]
+    grown = {**doc, "n": 41}
+    assert persona_payload("default", doc) != persona_payload("default", grown)
 
 
 def test_narrative_asks_mave_once_per_material_change(mavera: MaveraServer, r: redis.Redis) -> None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import redis
-from rq import Queue
+from rq import Queue, get_current_job
 
 from service.config import Settings
 from service.keys import SPACES_KEY
 from service.logs import event as log_event
+from service.refresh import sync_timeout
 from workers import recompute
 
 log = logging.getLogger("jobs")
 QUEUE = "persona-sync"
+BUSY_RETRY = 30  # seconds before a refresh that found the space locked tries again
 
 
 def _state() -> redis.Redis:
@@ -30,28 +33,48 @@ def _spaces(client: redis.Redis) -> list[str]:
     return sorted(s.decode() for s in client.smembers(SPACES_KEY))
 
 
+def _enqueue_sync(settings: Settings, space: str) -> None:
+    _queue().enqueue(sync, space, job_timeout=sync_timeout(settings.mave_chat_timeout),
+                     description=f"sync personas of {space}")
+
+
 def refresh(space: str) -> dict:
-    """Debounced refresh of the dirty profiles; enqueues a sync when a cluster summary changed."""
+    """Debounced refresh of the dirty profiles; enqueues a sync when a cluster summary changed.
+
+    If another recompute holds the space's lock past the wait (a full recompute of a large space), this refresh
+    steps aside and comes back in ``BUSY_RETRY`` seconds: the dirty marks stay until a refresh reads them."""
     settings = Settings.from_env()
     client = _state()
-    report = recompute.refresh(client, settings, space)
+    try:
+        report = recompute.refresh(client, settings, space)
+    except recompute.Busy as exc:
+        log_event(log, "refresh postponed", space=space, reason=str(exc), retry_in=BUSY_RETRY)
+        _queue().enqueue_in(timedelta(seconds=BUSY_RETRY), refresh, space,
+                            description=f"refresh dirty profiles of {space}")
+        return {"space": space, "postponed": str(exc)}
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
               seconds=report["seconds"])
     if report["changed_clusters"] or report["profiles"]:
-        _queue().enqueue(sync, space, description=f"sync personas of {space}")
+        _enqueue_sync(settings, space)
     return report
 
 
 def full_recompute() -> list[dict]:
-    """Scheduled by `rq cron`: rebuild every space's aggregates, then sync."""
+    """Scheduled by `rq cron`: rebuild every space's aggregates, then sync. A space that another recompute holds is
+    skipped (the others still run)."""
     settings = Settings.from_env()
     client = _state()
     reports = []
     for space in _spaces(client):
-        report = recompute.full_recompute(client, settings, space)
+        try:
+            report = recompute.full_recompute(client, settings, space)
+        except recompute.Busy as exc:
+            log_event(log, "full recompute skipped", logging.WARNING, space=space, reason=str(exc))
+            reports.append({"space": space, "skipped": str(exc)})
+            continue
         log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"])
         reports.append(report)
-        _queue().enqueue(sync, space, description=f"sync personas of {space}")
+        _enqueue_sync(settings, space)
     return reports
 
 
@@ -67,7 +90,9 @@ def sync(space: str) -> dict:
     mavera = MaveraClient(settings, client) if settings.mavera_api_key else None
     out: dict = {}
     errors = []
-    for name, step in (("personas", sync_space), ("narrative", narrate_space)):
+    job = get_current_job()
+    steps = (("personas", lambda *a: sync_space(*a, job_id=job.id if job else None)), ("narrative", narrate_space))
+    for name, step in steps:
         try:
             out[name] = step(client, settings, space, mavera)
         except Exception as exc:  # noqa: BLE001 - reported below, after the other step ran

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,10 +21,11 @@ import redis
 from service.config import Settings
 from service.keys import MAVERA_PAUSED_KEY
 from service.logs import event as log_event
-from workers.ratelimit import ChatSlots, RateLimiter
+from workers.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 log = logging.getLogger("mavera")
 RETRYABLE = (429, 500, 503)
+MAX_SLEEP = 60.0  # a longer Retry-After blocks every worker instead, and this call gives up (RateLimited)
 
 
 class MaveraError(RuntimeError):
@@ -89,11 +91,15 @@ class MaveraClient:
         return self.base_delay * (2 ** attempt) * (0.5 + random.random())  # exponential, with jitter
 
     def request(self, method: str, path: str, body: Any = None, *, creates: bool = False,
-                timeout: float | None = None, params: dict | None = None) -> Any:
-        """One API call under the shared limit; retried where that is safe."""
+                timeout: float | None = None, params: dict | None = None,
+                on_send: Callable[[], None] | None = None) -> Any:
+        """One API call under the shared limit; retried where that is safe. ``on_send`` runs right before each
+        attempt goes out (after any rate-limit wait): the sync marks a create uncertain from that moment."""
         limit = httpx.Timeout(timeout, connect=10.0) if timeout else httpx.USE_CLIENT_DEFAULT
         for attempt in range(self.max_attempts):
             self.limiter.acquire()
+            if on_send is not None:
+                on_send()
             try:
                 resp = self.http.request(method, path, json=body, params=params, timeout=limit)
             except httpx.TransportError as exc:
@@ -109,12 +115,14 @@ class MaveraClient:
             if resp.status_code == 402:
                 pause(self.state, f"402 from Mavera: {message}")
                 raise CreditsExhausted(402, message, code)
+            if creates and resp.status_code >= 500:  # a 5xx (even a gateway's) may follow a create that happened
+                raise MaybeCreated(f"{method} {path}: {resp.status_code} {message}")
             if resp.status_code in RETRYABLE and attempt + 1 < self.max_attempts:
-                if creates and resp.status_code != 429:  # only a 429 proves the create was not processed
-                    raise MaybeCreated(f"{method} {path}: {resp.status_code} {message}")
                 delay = self._delay(attempt, resp)
                 if resp.status_code == 429:
                     self.limiter.block_for(delay)
+                if delay > MAX_SLEEP:  # do not hold a worker for minutes: the next sync tries after the block
+                    raise RateLimited(f"{method} {path}: Mavera asked to wait {delay:.0f}s ({resp.status_code})")
                 log_event(log, "mavera retry", logging.WARNING, path=path, status=resp.status_code,
                           delay=round(delay, 2))
                 time.sleep(delay)
@@ -138,8 +146,8 @@ class MaveraClient:
                 break
         return out
 
-    def create_persona(self, payload: dict) -> dict:
-        return self.request("POST", "/personas", payload, creates=True)
+    def create_persona(self, payload: dict, on_send: Callable[[], None] | None = None) -> dict:
+        return self.request("POST", "/personas", payload, creates=True, on_send=on_send)
 
     def update_persona(self, persona_id: str, payload: dict) -> dict:
         return self.request("PATCH", f"/personas/{persona_id}", payload)

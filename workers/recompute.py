@@ -38,6 +38,7 @@ CHUNK = 500
 PARALLEL_FROM = 20_000  # profiles from which the full recompute forks one process per core
 PARALLEL_REFRESH_FROM = 2_000  # dirty profiles from which a refresh does the same
 LOCK_TTL_MS = 15 * 60 * 1000
+LOCK_WAIT = 30.0  # seconds a recompute waits for another to finish before it gives up (``Busy``)
 LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
           "new": "New customers"}
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -48,10 +49,10 @@ class Busy(RuntimeError):
 
 
 @contextmanager
-def space_lock(client: redis.Redis, space: str, wait: float = 30.0) -> Iterator[None]:
+def space_lock(client: redis.Redis, space: str, wait: float | None = None) -> Iterator[None]:
     """The space's recompute lock (token-checked release, expiry against crashed holders)."""
     key, token = Keys(space).recompute_lock, uuid.uuid4().hex
-    deadline = time.monotonic() + wait
+    deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
     while not client.set(key, token, nx=True, px=LOCK_TTL_MS):
         if time.monotonic() > deadline:
             raise Busy(f"recompute of {space} is already running")

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import redis
+from redis.exceptions import LockError
 
 from service.config import Settings
 from service.keys import Keys
@@ -24,7 +28,6 @@ from workers.mavera import CreditsExhausted, MaveraClient, MaveraError, MaybeCre
 from workers.ratelimit import RateLimited
 
 log = logging.getLogger("sync")
-LOCK_MS = 120_000
 # Persona detail fields per default cluster (documented Mavera fields only). Other clusters get generic text.
 PROFILES = {
     "high_value": {"goals": ["Get more value from a product they already trust"], "pains": ["Generic, mass messaging"],
@@ -40,6 +43,11 @@ PROFILES = {
 
 class SyncFailed(RuntimeError):
     """Some clusters were refused by Mavera (400-404); the message lists them so the failed RQ job shows why."""
+
+
+def refused(exc: MaveraError) -> bool:
+    """400-404 (but not 402): the same payload would be refused again, so it is not re-sent by later syncs."""
+    return 400 <= exc.status <= 404 and exc.status != 402
 
 
 def persona_name(space: str, doc: dict) -> str:
@@ -63,13 +71,14 @@ def persona_payload(space: str, doc: dict) -> dict[str, Any]:
     summary, kpi = doc.get("summary") or {}, doc.get("kpi") or {}
     industries, plans = summary.get("industries") or [], summary.get("plans") or []
     profile = PROFILES.get(doc["cluster"], {"goals": [], "pains": [], "values": [], "pipeline_type": "intermediate"})
-    description = (
-        f"{doc.get('n', 0)} customers. Average LTV ${summary.get('avg_ltv', 0):,.2f}, "
-        f"{summary.get('avg_purchases', 0)} purchases on average, churn risk {summary.get('avg_churn', 0):.0%}. "
-        f"Spend in the analysis window: average ${kpi.get('avg_spend', 0):,.2f}, median "
-        f"${kpi.get('median_spend', 0):,.2f}, {kpi.get('avg_frequency', 0)} orders; "
-        f"{kpi.get('share_of_revenue_pct', 0)}% of revenue. "
-        f"Top categories: {kpi.get('top_categories') or 'none yet'}. Plans: {', '.join(plans) or 'unknown'}. "
+    description = (  # figures rounded for reading, so a refresh that moves only cents leaves the persona alone
+        f"{doc.get('n', 0):,} customers. Average LTV ${summary.get('avg_ltv', 0):,.0f}, "
+        f"{summary.get('avg_purchases', 0):.1f} purchases on average, churn risk {summary.get('avg_churn', 0):.0%}. "
+        f"Spend in the analysis window: average ${kpi.get('avg_spend', 0):,.0f}, median "
+        f"${kpi.get('median_spend', 0):,.0f}, {kpi.get('avg_frequency', 0):.1f} orders; "
+        f"{kpi.get('share_of_revenue_pct', 0):.0f}% of revenue. "
+        f"Top categories: {', '.join(kpi.get('top_categories') or []) or 'none yet'}. "
+        f"Plans: {', '.join(plans) or 'unknown'}. "
         f"Industries: {', '.join(industries) or 'unknown'}. {kpi.get('insight', '')}"
     ).strip()
     payload: dict[str, Any] = {
@@ -97,12 +106,16 @@ def _load(client: redis.Redis, key: str) -> dict[str, dict]:
     return {k.decode(): orjson.loads(v) for k, v in client.hgetall(key).items()}
 
 
-def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: MaveraClient | None) -> dict:
-    """Create, PATCH or leave alone each cluster's persona; without a client keep them in the outbox."""
+def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: MaveraClient | None,
+               job_id: str | None = None) -> dict:
+    """Create, PATCH or leave alone each cluster's persona; without a client keep them in the outbox.
+
+    A payload Mavera refused (400-404) is not sent again until it changes, except by the job that was refused
+    (``job_id``): requeueing that failed job (``rq requeue``) is how an operator retries after fixing the cause."""
     keys = Keys(space)
     docs, records = _load(client, keys.clusters), _load(client, keys.personas)
     report: dict[str, list] = {"created": [], "adopted": [], "updated": [], "unchanged": [], "outbox": [],
-                               "paused": [], "failed": [], "small": []}
+                               "paused": [], "failed": [], "refused": [], "small": []}
     listing: list[dict] | None = None
     for cluster in sorted(docs):
         doc, rec = docs[cluster], records.get(cluster, {})
@@ -116,6 +129,10 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
         if rec.get("hash") == digest and rec.get("state") == "synced":
             report["unchanged"].append(cluster)
             continue
+        if rec.get("state") == "failed" and rec.get("refused_hash") == digest and \
+                (job_id is None or rec.get("refused_by") != job_id):
+            report["refused"].append(cluster)  # the failed job already carries Mavera's message
+            continue
         rec.update(name=payload["name"], payload=payload, pending_hash=digest)
         if mavera is None:
             _save(client, keys, cluster, rec, state="outbox")
@@ -128,7 +145,8 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
         try:
             if not rec.get("mavera_id"):
                 listing = _create_once(client, keys, cluster, rec, payload, mavera, listing, report,
-                                       grace_ms=int(2 * settings.mavera_timeout * 1000))
+                                       grace_ms=int(2 * settings.mavera_timeout * 1000),
+                                       lock_s=3 * settings.mavera_timeout)
                 if not rec.get("mavera_id"):
                     continue
                 if rec.get("adopted_now"):
@@ -137,13 +155,15 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
             else:
                 mavera.update_persona(rec["mavera_id"], payload)
                 report["updated"].append(cluster)
-            _save(client, keys, cluster, rec, state="synced", hash=digest, error=None)
+            _save(client, keys, cluster, rec, state="synced", hash=digest, error=None, refused_hash=None,
+                  refused_by=None)
             client.srem(keys.changed_clusters, cluster)
         except CreditsExhausted as exc:
             _save(client, keys, cluster, rec, state="paused", error=exc.message)
             report["paused"].append(cluster)
         except MaveraError as exc:
-            _save(client, keys, cluster, rec, state="failed", error=str(exc))
+            _save(client, keys, cluster, rec, state="failed", error=str(exc),
+                  refused_hash=digest if refused(exc) else None, refused_by=job_id)
             report["failed"].append(f"{cluster}: {exc}")
         except MaybeCreated as exc:
             _save(client, keys, cluster, rec, state="pending", error=f"create may have succeeded: {exc}",
@@ -159,7 +179,7 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
 
 
 def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, payload: dict, mavera: MaveraClient,
-                 listing: list[dict] | None, report: dict, grace_ms: int) -> list[dict] | None:
+                 listing: list[dict] | None, report: dict, grace_ms: int, lock_s: float) -> list[dict] | None:
     """Adopt a persona with our deterministic name if Mavera has one; else create it, under the cluster's lock.
 
     After a create whose answer was lost, wait ``grace_ms`` (twice the request timeout) before listing: a create
@@ -168,11 +188,10 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
     if uncertain and _now_ms() - uncertain < grace_ms:
         report["failed"].append(f"{cluster}: waiting for a lost create to settle before reconciling")
         return listing
-    lock = keys.persona_lock(cluster)
-    if not client.set(lock, b"1", nx=True, px=LOCK_MS):
-        report["failed"].append(f"{cluster}: another worker is creating this persona")
-        return listing
-    try:
+    with held_lock(client, keys.persona_lock(cluster), lock_s) as held:
+        if not held:
+            report["failed"].append(f"{cluster}: another worker is creating this persona")
+            return listing
         fresh = _load(client, keys.personas).get(cluster, {})
         if fresh.get("mavera_id"):  # another worker finished first
             rec["mavera_id"], rec["adopted_now"] = fresh["mavera_id"], True
@@ -185,15 +204,51 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
             report["adopted"].append(cluster)
             _save(client, keys, cluster, rec, state="pending")
             return listing
+        # Uncertain from the moment the POST goes out until the id is stored: a worker killed mid-create (job
+        # timeout, OOM) leaves this mark, and the next sync waits out the grace period before listing again.
         _save(client, keys, cluster, rec, state="creating")
-        created = mavera.create_persona(payload)
+        try:
+            created = mavera.create_persona(
+                payload, on_send=lambda: _save(client, keys, cluster, rec, uncertain_create_ms=_now_ms()))
+        except (MaveraError, RateLimited):  # refused, or never sent: nothing was created
+            rec.pop("uncertain_create_ms", None)
+            raise
         rec["mavera_id"] = created["id"]
+        rec.pop("uncertain_create_ms", None)
         _save(client, keys, cluster, rec, state="pending")  # the id is ours before anything else can fail
         listing.append(created)
         report["created"].append(cluster)
         return listing
+
+
+@contextmanager
+def held_lock(client: redis.Redis, key: str, ttl: float) -> Iterator[bool]:
+    """A lock (redis-py's, token-checked) that its holder renews every ``ttl / 3`` while it works: a create that
+    waits on the rate limit keeps it however long that takes, and a killed holder's lock lapses within ``ttl``."""
+    lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
+    if not lock.acquire():
+        yield False
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                lock.reacquire()
+            except (LockError, redis.RedisError):
+                return
+
+    renewer = threading.Thread(target=renew, name=f"renew {key}", daemon=True)
+    renewer.start()
+    try:
+        yield True
     finally:
-        client.delete(lock)
+        stop.set()
+        renewer.join()
+        try:
+            lock.release()
+        except LockError:  # lapsed (Redis unreachable for a while): nothing of ours to release
+            pass
 
 
 def _save(client: redis.Redis, keys: Keys, cluster: str, rec: dict, **changes: Any) -> None:

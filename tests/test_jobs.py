@@ -1,0 +1,41 @@
+"""The RQ entry points (workers/jobs.py) over real Redis and a real queue: what happens when a space is busy."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+
+from service.keys import Keys
+from tests.helpers import apply, mixed_stream
+from workers import jobs, recompute
+
+
+@pytest.fixture
+def env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("QUEUE_REDIS_URL", raising=False)
+    monkeypatch.setattr(recompute, "LOCK_WAIT", 0.3)
+
+
+def test_a_refresh_that_finds_the_space_locked_comes_back_later(env: None, r: redis.Redis) -> None:
+    apply(r, mixed_stream(200, users=10, seed=3))
+    with recompute.space_lock(r, "default"):  # a long full recompute is running
+        report = jobs.refresh("default")
+    assert "postponed" in report
+    assert r.scard(Keys("default").dirty) == 10  # nothing was lost: the dirty marks wait
+    [job] = ScheduledJobRegistry(queue=Queue(jobs.QUEUE, connection=r)).get_job_ids()
+    assert Queue(jobs.QUEUE, connection=r).fetch_job(job).func_name == "workers.jobs.refresh"
+    assert jobs.refresh("default")["profiles"] == 10  # the later run does the work
+
+
+def test_full_recompute_skips_a_locked_space_and_does_the_others(env: None, r: redis.Redis) -> None:
+    apply(r, mixed_stream(200, users=10, seed=3))
+    apply(r, [dict(e, messageId="b-" + e["messageId"]) for e in mixed_stream(100, users=5, seed=4)], space="spa_b")
+    with recompute.space_lock(r, "default"):
+        reports = jobs.full_recompute()
+    assert [("skipped" in rep, rep["space"]) for rep in reports] == [(True, "default"), (False, "spa_b")]
+    assert reports[1]["profiles"] == 5
+    syncs = [j for j in Queue(jobs.QUEUE, connection=r).get_jobs() if j.func_name == "workers.jobs.sync"]
+    assert [j.args for j in syncs] == [("spa_b",)] and syncs[0].timeout >= 5 * 120
