@@ -39,3 +39,24 @@ def test_full_recompute_skips_a_locked_space_and_does_the_others(env: None, r: r
     assert reports[1]["profiles"] == 5
     syncs = [j for j in Queue(jobs.QUEUE, connection=r).get_jobs() if j.func_name == "workers.jobs.sync"]
     assert [j.args for j in syncs] == [("spa_b",)] and syncs[0].timeout >= 5 * 120
+
+
+def test_rq_cron_runs_the_full_recompute_on_the_configured_schedule(env: None, r: redis.Redis,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+    from pathlib import Path
+
+    from rq.cron import CronScheduler
+
+    import workers
+
+    monkeypatch.setenv("FULL_RECOMPUTE_CRON", "*/5 * * * *")
+    scheduler = CronScheduler(connection=r)
+    scheduler.load_config_from_file(str(Path(workers.__file__).with_name("cron.py")))  # what `persona-sync cron` runs
+    [cron_job] = scheduler.get_jobs()
+    assert (cron_job.func_name, cron_job.cron, cron_job.queue_name) == ("workers.jobs.full_recompute", "*/5 * * * *",
+                                                                        jobs.QUEUE)
+    cron_job.next_enqueue_time -= timedelta(minutes=5)  # it is due
+    assert scheduler.enqueue_jobs() == [cron_job]
+    [job] = Queue(jobs.QUEUE, connection=r).get_jobs()
+    assert job.func_name == "workers.jobs.full_recompute" and job.timeout == 3600
