@@ -64,8 +64,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if settings.mavera_api_key:  # personas kept in the outbox (no key until now) or paused go out at once
         from service.refresh import enqueue_sync
 
-        enqueue_sync(redis.Redis.from_url(state_url(settings)), queue_url(settings), settings.mave_chat_timeout,
-                     only_waiting=True)
+        try:
+            enqueue_sync(redis.Redis.from_url(state_url(settings)), queue_url(settings), settings.mave_chat_timeout,
+                         only_waiting=True)
+        except redis.RedisError as exc:  # the worker still starts; the next refresh or hourly run syncs
+            print(f"persona-sync worker: could not queue the waiting syncs ({exc}); continuing", file=sys.stderr)
     worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn)
     worker.work(with_scheduler=True, burst=args.burst)
     return 0

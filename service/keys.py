@@ -80,6 +80,11 @@ class Keys:
     def refresh_pending(self) -> str:
         return f"{self.prefix}refresh:pending"
 
+    @property
+    def refresh_postponed(self) -> str:
+        """Set while a refresh that found the space locked waits to try again (one such retry at a time)."""
+        return f"{self.prefix}refresh:postponed"
+
     def dedupe(self, bucket: int, shard: int) -> str:
         return f"{self.prefix}dd:{bucket}:{shard:x}"
 
@@ -125,6 +130,16 @@ class Keys:
 
     def persona_lock(self, cluster: str) -> str:
         return f"{self.prefix}w:plock:{cluster}"
+
+    @property
+    def sync_lock(self) -> str:
+        """One sync of a space at a time (``workers.jobs.sync``)."""
+        return f"{self.prefix}w:sync-lock"
+
+    @property
+    def sync_wanted(self) -> str:
+        """Set by every sync job; the one holding ``sync_lock`` runs again while it is set."""
+        return f"{self.prefix}w:sync-wanted"
 
     @property
     def narrative(self) -> str:

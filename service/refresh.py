@@ -20,14 +20,16 @@ from service.logs import event as log_event
 
 log = logging.getLogger("refresh")
 REFRESH_JOB = "workers.jobs.refresh"
+REFRESH_TIMEOUT = 3600  # a refresh that finds the aggregates inconsistent rebuilds the space, like the hourly run
 SYNC_JOB = "workers.jobs.sync"
 PURGE_JOB = "service.ops.purge_job"
 QUEUE_NAME = "persona-sync"
 
 
 def sync_timeout(mave_chat_timeout: float) -> int:
-    """RQ job timeout of a sync: rate-limit and chat-slot waits (120 s + 300 s), the persona calls, and up to five
-    Mave chat attempts of ``MAVE_CHAT_TIMEOUT`` each — so RQ never cuts a chat short."""
+    """RQ job timeout of a sync: room for rate-limit and chat-slot waits (120 s + 300 s), the persona calls and
+    Mave chat attempts that use their whole read timeout. A sync that still runs out of time stops (its creates
+    stay marked uncertain, so none is sent twice) and the next sync carries on."""
     return int(600 + 5 * (mave_chat_timeout + 60))
 
 
@@ -36,8 +38,9 @@ def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, o
     e.g. after ``persona-sync resume`` or when a worker starts with a key for the first time."""
     spaces = sorted(s.decode() for s in state.smembers(SPACES_KEY))
     if only_waiting:
-        spaces = [sp for sp in spaces if any(b'"state":"outbox"' in v or b'"state":"paused"' in v
-                                             for v in state.hvals(Keys(sp).personas))]
+        waiting = (b"outbox", b"paused")
+        spaces = [sp for sp in spaces if state.hget(Keys(sp).narrative, "state") in waiting
+                  or any(b'"state":"%s"' % w in v for v in state.hvals(Keys(sp).personas) for w in waiting)]
     queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
     for space in spaces:
         queue.enqueue(SYNC_JOB, space, job_timeout=sync_timeout(mave_chat_timeout),
@@ -66,14 +69,14 @@ class RefreshScheduler:
         expires — whichever process set it: a refresh scheduled for then reads every profile dirtied before it.
         """
         now = time.monotonic()
-        if now < self._quiet_until.get(space, 0.0):
-            return
+        if not self.queue_url or now < self._quiet_until.get(space, 0.0):
+            return  # no queue configured: nothing to schedule
         key = Keys(space).refresh_pending
         try:
             async with self.state.pipeline(transaction=True) as pipe:
                 first, ttl_ms = await pipe.set(key, b"1", nx=True, px=int(self.debounce * 1000)).pttl(key).execute()
             self._quiet_until[space] = now + max(0, ttl_ms) / 1000
-            if first and self.queue_url:
+            if first:
                 try:
                     await asyncio.to_thread(self._enqueue, space)
                 except BaseException:
@@ -84,7 +87,7 @@ class RefreshScheduler:
             log_event(log, "refresh not scheduled", logging.WARNING, space=space, error=type(exc).__name__)
 
     def _enqueue(self, space: str) -> None:
-        self.queue().enqueue_in(timedelta(seconds=self.debounce), REFRESH_JOB, space,
+        self.queue().enqueue_in(timedelta(seconds=self.debounce), REFRESH_JOB, space, job_timeout=REFRESH_TIMEOUT,
                                 description=f"refresh dirty profiles of {space}")
 
     async def purge(self, space: str) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 import redis
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
+from service.config import Settings
 from service.keys import Keys
 from tests.helpers import apply, mixed_stream
+from tests.mavera_server import API_KEY, MaveraServer
 from workers import jobs, recompute
 
 
@@ -17,12 +23,14 @@ def env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.delenv("QUEUE_REDIS_URL", raising=False)
     monkeypatch.setattr(recompute, "LOCK_WAIT", 0.3)
+    monkeypatch.setattr(jobs, "REFRESH_LOCK_WAIT", 0.3)
 
 
 def test_a_refresh_that_finds_the_space_locked_comes_back_later(env: None, r: redis.Redis) -> None:
     apply(r, mixed_stream(200, users=10, seed=3))
     with recompute.space_lock(r, "default"):  # a long full recompute is running
         report = jobs.refresh("default")
+        assert "postponed" in jobs.refresh("default")  # a second postponed refresh adds no second retry
     assert "postponed" in report
     assert r.scard(Keys("default").dirty) == 10  # nothing was lost: the dirty marks wait
     [job] = ScheduledJobRegistry(queue=Queue(jobs.QUEUE, connection=r)).get_job_ids()
@@ -60,3 +68,55 @@ def test_rq_cron_runs_the_full_recompute_on_the_configured_schedule(env: None, r
     assert scheduler.enqueue_jobs() == [cron_job]
     [job] = Queue(jobs.QUEUE, connection=r).get_jobs()
     assert job.func_name == "workers.jobs.full_recompute" and job.timeout == 3600
+
+
+@pytest.fixture
+def mavera_env(env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[MaveraServer]:
+    with MaveraServer() as server:
+        monkeypatch.setenv("MAVERA_API_KEY", API_KEY)
+        monkeypatch.setenv("MAVERA_BASE_URL", server.url)
+        monkeypatch.setenv("MAVERA_TIMEOUT", "1s")
+        yield server
+
+
+def customers(r: redis.Redis, tag: str, n: int, ltv: float, churn: float, ts: str = "2026-03-01T00:00:00Z") -> None:
+    apply(r, [{"type": "identify", "userId": f"{tag}-{i}", "messageId": f"{tag}-{i}-{ts}", "timestamp": ts,
+               "traits": {"ltv": ltv, "churn_risk": churn}} for i in range(n)])
+
+
+def test_a_sync_that_finds_another_running_leaves_a_note_and_the_running_one_goes_round_again(
+        mavera_env: MaveraServer, r: redis.Redis) -> None:
+    customers(r, "hv", 4, 900, 0.05)
+    recompute.refresh(r, Settings(), "default")
+    mavera_env.fault("GET", "/personas", sleep=0.8)  # the first sync is slow to list
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(jobs.sync("default")))
+    runner.start()
+    time.sleep(0.3)
+    customers(r, "hv2", 1, 1500, 0.01, ts="2026-03-02T00:00:00Z")  # changes while the first sync runs
+    recompute.refresh(r, Settings(), "default")
+    second = jobs.sync("default")
+    assert second.get("coalesced")  # returned at once: no second sync of the space in parallel
+    runner.join(30)
+    assert len(mavera_env.calls("POST", "/personas")) == 1  # one create, never two
+    [patch] = mavera_env.calls("PATCH")  # the first sync went round again and sent the change
+    assert "5 customers" in patch["json"]["description"]
+    assert not r.exists(Keys("default").sync_wanted)
+
+
+def test_a_sync_that_only_needs_time_queues_another(mavera_env: MaveraServer, r: redis.Redis) -> None:
+    customers(r, "hv", 4, 900, 0.05)
+    recompute.refresh(r, Settings(), "default")
+    mavera_env.fault("POST", "/personas", lose=True)
+    with pytest.raises(RuntimeError, match="may exist|RemoteProtocolError|POST"):
+        jobs.sync("default")
+    [job_id] = ScheduledJobRegistry(queue=Queue(jobs.QUEUE, connection=r)).get_job_ids()
+    assert Queue(jobs.QUEUE, connection=r).fetch_job(job_id).func_name == "workers.jobs.sync"
+
+
+def test_a_refresh_waits_for_the_debounce_marker_to_expire(env: None, r: redis.Redis) -> None:
+    apply(r, mixed_stream(100, users=5, seed=2))
+    r.set(Keys("default").refresh_pending, b"1", px=700)  # the job came due a little early
+    started = time.monotonic()
+    assert jobs.refresh("default")["profiles"] == 5
+    assert time.monotonic() - started >= 0.6

@@ -95,6 +95,17 @@ def test_create_timeout_is_maybe_created(mavera: MaveraServer, r: redis.Redis) -
     assert len(mavera.calls("POST")) == 1
 
 
+def test_a_503_with_retry_after_makes_every_worker_wait(mavera: MaveraServer, r: redis.Redis) -> None:
+    mavera.fault("GET", "/personas", status=503, retry_after=1)
+    worker = threading.Thread(target=make(mavera, r).list_personas)
+    worker.start()
+    time.sleep(0.4)
+    other = RateLimiter(r, per_minute=100)
+    assert other.acquire() >= 0.3  # another worker waits out the same Retry-After
+    worker.join(10)
+    assert len(mavera.calls("GET")) == 2
+
+
 def test_gateway_5xx_after_a_create_is_maybe_created(mavera: MaveraServer, r: redis.Redis) -> None:
     mavera.fault("POST", "/personas", status=502, message="bad gateway")
     with pytest.raises(MaybeCreated, match="502"):  # a proxy's 502 says nothing about whether Mavera created it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,14 +191,42 @@ def test_a_worker_killed_mid_create_never_leads_to_a_second_persona(mavera: Mave
     [(cluster, rec)] = [(c, rec) for c, rec in records(r).items() if rec.get("state") == "creating"]
     assert not rec.get("mavera_id") and rec["uncertain_create_ms"]
     client = client_for(mavera, r)
-    with pytest.raises(SyncFailed, match=f"{cluster}: waiting for a lost create to settle"):
+    with pytest.raises(SyncFailed, match=f"{cluster}: (waiting for a lost create to settle|another worker is "
+                                          "creating)") as failed:  # the dead worker's lock, or its mark
         sync_space(r, settings_for(mavera), "default", client)  # the other cluster is created meanwhile
+    assert failed.value.retry == [cluster]
     time.sleep(3.2)  # the grace period (2 x MAVERA_TIMEOUT) and the dead worker's lock (3 x) have lapsed
     report = sync_space(r, settings_for(mavera), "default", client)
     assert report["adopted"] == [cluster] and report["created"] == [], report
     assert mavera.state.credits == 600 and len(mavera.state.personas) == 2
     assert sorted(p["name"] for p in mavera.state.personas.values()) == sorted(
         rec["name"] for rec in records(r).values() if rec["state"] == "synced")
+
+
+def test_a_persona_deleted_at_mavera_is_created_again_once(mavera: MaveraServer, r: redis.Redis) -> None:
+    seed(r)
+    client = client_for(mavera, r)
+    sync_space(r, settings_for(mavera), "default", client)
+    gone = records(r)["high_value"]["mavera_id"]
+    del mavera.state.personas[gone]  # someone deleted it in Mavera's app
+    people(r, "hv2", 1, 1500, 0.01, ts="2026-03-02T00:00:00Z")
+    refresh(r, Settings(), "default", now_ms=NOW)
+    report = sync_space(r, settings_for(mavera), "default", client)  # PATCH 404 → look up by name → create
+    assert report["created"] == ["high_value"] and records(r)["high_value"]["mavera_id"] != gone
+    assert records(r)["high_value"]["state"] == "synced" and mavera.state.credits == 900
+    assert len(mavera.named("High-value customers · default")) == 1
+
+
+def test_a_create_is_not_sent_once_its_lock_lapsed(mavera: MaveraServer, r: redis.Redis) -> None:
+    seed(r)
+    mavera.fault("GET", "/personas", sleep=0.6)  # while the worker lists, its lock lapses (Redis lost it)
+    lapse = threading.Timer(0.3, lambda: r.delete(*r.keys("sps:{default}:w:plock:*")))
+    lapse.start()
+    with pytest.raises(SyncFailed, match="lost the create lock") as failed:
+        sync_space(r, settings_for(mavera), "default", client_for(mavera, r))
+    lapse.join()
+    assert "at_risk" in failed.value.retry
+    assert [c["json"]["name"] for c in mavera.calls("POST", "/personas")] == ["High-value customers · default"]
 
 
 def test_cents_do_not_make_a_new_persona_payload() -> None:

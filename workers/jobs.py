@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from datetime import timedelta
 
 import redis
 from rq import Queue, get_current_job
+from rq.timeouts import BaseTimeoutException
 
 from service.config import Settings
-from service.keys import SPACES_KEY
+from service.keys import SPACES_KEY, Keys
 from service.logs import event as log_event
-from service.refresh import sync_timeout
+from service.refresh import REFRESH_TIMEOUT, sync_timeout
 from workers import recompute
 
 log = logging.getLogger("jobs")
 QUEUE = "persona-sync"
 BUSY_RETRY = 30  # seconds before a refresh that found the space locked tries again
+REFRESH_LOCK_WAIT = 5.0  # seconds a refresh waits for another recompute (refreshes take a second or two)
+RETRY_PENDING = 60  # seconds before another sync of clusters that only needed time
+SYNC_LOCK_TTL = 60.0  # renewed while the sync runs; a killed worker's lapses within this
 
 
 def _state() -> redis.Redis:
@@ -41,16 +46,23 @@ def _enqueue_sync(settings: Settings, space: str) -> None:
 def refresh(space: str) -> dict:
     """Debounced refresh of the dirty profiles; enqueues a sync when a cluster summary changed.
 
-    If another recompute holds the space's lock past the wait (a full recompute of a large space), this refresh
-    steps aside and comes back in ``BUSY_RETRY`` seconds: the dirty marks stay until a refresh reads them."""
+    It starts only once the debounce marker has expired (RQ may run a scheduled job up to a second early, and web
+    processes stay quiet until the marker expires, trusting this refresh to read what they dirtied). If another
+    recompute holds the space, it steps aside and one retry comes back in ``BUSY_RETRY`` seconds: the dirty marks
+    stay until a refresh reads them."""
     settings = Settings.from_env()
     client = _state()
+    keys = Keys(space)
+    deadline = time.monotonic() + settings.refresh_debounce + 5
+    while (ttl_ms := client.pttl(keys.refresh_pending)) > 0 and time.monotonic() < deadline:
+        time.sleep(ttl_ms / 1000 + 0.005)
     try:
-        report = recompute.refresh(client, settings, space)
+        report = recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
     except recompute.Busy as exc:
+        if client.set(keys.refresh_postponed, b"1", nx=True, px=BUSY_RETRY * 1000):
+            _queue().enqueue_in(timedelta(seconds=BUSY_RETRY), refresh, space, job_timeout=REFRESH_TIMEOUT,
+                                description=f"refresh dirty profiles of {space}")
         log_event(log, "refresh postponed", space=space, reason=str(exc), retry_in=BUSY_RETRY)
-        _queue().enqueue_in(timedelta(seconds=BUSY_RETRY), refresh, space,
-                            description=f"refresh dirty profiles of {space}")
         return {"space": space, "postponed": str(exc)}
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
               seconds=report["seconds"])
@@ -81,24 +93,61 @@ def full_recompute() -> list[dict]:
 def sync(space: str) -> dict:
     """Push changed cluster personas to Mavera (or the outbox) and refresh the channel narrative.
 
-    Both always run; if either failed, the job fails afterwards with both reasons, so RQ keeps it for requeue."""
-    from workers.mavera import MaveraClient
-    from workers.sync import narrate_space, sync_space
+    One sync of a space runs at a time (two could each miss the other's create): a job that finds another running
+    leaves it a note (``sync_wanted``) and returns; the running one goes round again while the note is there.
+    Both steps always run; if either failed, the job fails afterwards with both reasons, so RQ keeps it for
+    requeue, and clusters that only need time get another sync queued for later."""
+    from workers.sync import held_lock
 
     settings = Settings.from_env()
     client = _state()
+    keys = Keys(space)
+    client.set(keys.sync_wanted, b"1")
+    out: dict = {"space": space, "coalesced": True}
+    failure: Exception | None = None
+    while True:
+        with held_lock(client, keys.sync_lock, SYNC_LOCK_TTL) as lock:
+            if lock is None:
+                return out  # the running sync sees the note and goes round again
+            while client.delete(keys.sync_wanted):
+                try:
+                    out, failure = _sync_once(client, settings, space), None
+                except BaseTimeoutException:  # RQ's job timeout: stop; the next sync continues
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a later round may still succeed; raised at the end
+                    failure = exc
+        if not client.exists(keys.sync_wanted):  # a note left while we released: take the lock again
+            break
+    if failure is not None:
+        raise failure
+    return out
+
+
+def _sync_once(client: redis.Redis, settings: Settings, space: str) -> dict:
+    from workers.mavera import MaveraClient
+    from workers.sync import SyncFailed, narrate_space, sync_space
+
     mavera = MaveraClient(settings, client) if settings.mavera_api_key else None
-    out: dict = {}
-    errors = []
     job = get_current_job()
+    out: dict = {"space": space}
+    errors, retry = [], False
     steps = (("personas", lambda *a: sync_space(*a, job_id=job.id if job else None)), ("narrative", narrate_space))
-    for name, step in steps:
-        try:
-            out[name] = step(client, settings, space, mavera)
-        except Exception as exc:  # noqa: BLE001 - reported below, after the other step ran
-            errors.append(f"{name}: {exc}")
-    if mavera:
-        mavera.close()
+    try:
+        for name, step in steps:
+            try:
+                out[name] = step(client, settings, space, mavera)
+            except BaseTimeoutException:  # RQ's job timeout: stop here, the next sync continues
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported below, after the other step ran
+                errors.append(f"{name}: {exc}")
+                retry = retry or bool(isinstance(exc, SyncFailed) and exc.retry)
+    finally:
+        if mavera:
+            mavera.close()
+    if retry:  # a lost create to settle, a rate limit to pass: without this a quiet space would wait an hour
+        delay = max(RETRY_PENDING, 2 * settings.mavera_timeout + 5)
+        _queue().enqueue_in(timedelta(seconds=delay), sync, space, job_timeout=sync_timeout(settings.mave_chat_timeout),
+                            description=f"sync personas of {space} (retry)")
     if errors:
         raise RuntimeError("; ".join(errors))
     return out

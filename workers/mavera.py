@@ -117,12 +117,16 @@ class MaveraClient:
                 raise CreditsExhausted(402, message, code)
             if creates and resp.status_code >= 500:  # a 5xx (even a gateway's) may follow a create that happened
                 raise MaybeCreated(f"{method} {path}: {resp.status_code} {message}")
-            if resp.status_code in RETRYABLE and attempt + 1 < self.max_attempts:
+            if resp.status_code in RETRYABLE:
                 delay = self._delay(attempt, resp)
-                if resp.status_code == 429:
-                    self.limiter.block_for(delay)
+                if resp.status_code == 429 or resp.headers.get("retry-after"):
+                    self.limiter.block_for(delay)  # Mavera asked every caller of this key to wait
                 if delay > MAX_SLEEP:  # do not hold a worker for minutes: the next sync tries after the block
                     raise RateLimited(f"{method} {path}: Mavera asked to wait {delay:.0f}s ({resp.status_code})")
+                if attempt + 1 == self.max_attempts:
+                    if resp.status_code == 429:
+                        raise RateLimited(f"{method} {path}: still rate limited after {self.max_attempts} attempts")
+                    raise MaveraError(resp.status_code, f"{message} (gave up after {self.max_attempts} attempts)", code)
                 log_event(log, "mavera retry", logging.WARNING, path=path, status=resp.status_code,
                           delay=round(delay, 2))
                 time.sleep(delay)

@@ -213,13 +213,14 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
     return changed
 
 
-def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None) -> dict:
+def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
+            lock_wait: float | None = None) -> dict:
     """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree."""
     now_ms = now_ms or int(time.time() * 1000)
     keys = Keys(space)
     work = keys.dirty + ":work"
     started = time.perf_counter()
-    with space_lock(client, space):
+    with space_lock(client, space, lock_wait):
         if client.exists(keys.dirty):  # a crashed refresh left `work`: merge, never lose a dirty mark
             if client.exists(work):
                 client.sunionstore(work, [work, keys.dirty])

@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 import redis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
 
 from service.config import Settings
 from service.keys import Keys
@@ -42,12 +43,26 @@ PROFILES = {
 
 
 class SyncFailed(RuntimeError):
-    """Some clusters were refused by Mavera (400-404); the message lists them so the failed RQ job shows why."""
+    """Some clusters were refused by Mavera (400-404); the message lists them so the failed RQ job shows why.
+
+    ``retry`` lists the clusters that only need time (a create to settle, a rate limit to pass): the job queues
+    another sync for them."""
+
+    def __init__(self, message: str, retry: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.retry = retry or []
+
+
+REFUSED = (400, 409, 413, 422)  # the payload itself was refused (401/403/404 are about the key, URL or id)
 
 
 def refused(exc: MaveraError) -> bool:
-    """400-404 (but not 402): the same payload would be refused again, so it is not re-sent by later syncs."""
-    return 400 <= exc.status <= 404 and exc.status != 402
+    """The same payload would be refused again, so later syncs do not re-send it until it changes."""
+    return exc.status in REFUSED
+
+
+class LockLost(RuntimeError):
+    """The cluster's create lock lapsed (Redis unreachable while renewing): do not send a create without it."""
 
 
 def persona_name(space: str, doc: dict) -> str:
@@ -115,7 +130,7 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
     keys = Keys(space)
     docs, records = _load(client, keys.clusters), _load(client, keys.personas)
     report: dict[str, list] = {"created": [], "adopted": [], "updated": [], "unchanged": [], "outbox": [],
-                               "paused": [], "failed": [], "refused": [], "small": []}
+                               "paused": [], "failed": [], "retry": [], "refused": [], "small": []}
     listing: list[dict] | None = None
     for cluster in sorted(docs):
         doc, rec = docs[cluster], records.get(cluster, {})
@@ -143,6 +158,17 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
             report["paused"].append(cluster)
             continue
         try:
+            if rec.get("mavera_id"):
+                try:
+                    mavera.update_persona(rec["mavera_id"], payload)
+                    report["updated"].append(cluster)
+                except MaveraError as exc:
+                    if exc.status != 404:
+                        raise
+                    # Gone at Mavera (deleted there): look it up by name, adopt or create it again
+                    log_event(log, "persona not found", logging.WARNING, space=space, cluster=cluster)
+                    rec.pop("mavera_id")
+                    _save(client, keys, cluster, rec, state="pending", error=f"persona not found at Mavera: {exc}")
             if not rec.get("mavera_id"):
                 listing = _create_once(client, keys, cluster, rec, payload, mavera, listing, report,
                                        grace_ms=int(2 * settings.mavera_timeout * 1000),
@@ -152,9 +178,6 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
                 if rec.get("adopted_now"):
                     rec.pop("adopted_now")
                     mavera.update_persona(rec["mavera_id"], payload)
-            else:
-                mavera.update_persona(rec["mavera_id"], payload)
-                report["updated"].append(cluster)
             _save(client, keys, cluster, rec, state="synced", hash=digest, error=None, refused_hash=None,
                   refused_by=None)
             client.srem(keys.changed_clusters, cluster)
@@ -169,12 +192,14 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
             _save(client, keys, cluster, rec, state="pending", error=f"create may have succeeded: {exc}",
                   uncertain_create_ms=_now_ms())
             report["failed"].append(f"{cluster}: {exc}")
-        except RateLimited as exc:
+            report["retry"].append(cluster)
+        except (RateLimited, LockLost) as exc:
             _save(client, keys, cluster, rec, state="pending", error=str(exc))
             report["failed"].append(f"{cluster}: {exc}")
+            report["retry"].append(cluster)
     log_event(log, "sync", space=space, **{k: len(v) for k, v in report.items()})
     if report["failed"]:
-        raise SyncFailed("; ".join(report["failed"]))
+        raise SyncFailed("; ".join(report["failed"]), retry=report["retry"])
     return report
 
 
@@ -184,19 +209,23 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
 
     After a create whose answer was lost, wait ``grace_ms`` (twice the request timeout) before listing: a create
     that timed out on our side may still be running at Mavera, and would not be listed yet."""
-    uncertain = rec.get("uncertain_create_ms")
-    if uncertain and _now_ms() - uncertain < grace_ms:
-        report["failed"].append(f"{cluster}: waiting for a lost create to settle before reconciling")
-        return listing
-    with held_lock(client, keys.persona_lock(cluster), lock_s) as held:
-        if not held:
+    with held_lock(client, keys.persona_lock(cluster), lock_s) as lock:
+        if lock is None:
             report["failed"].append(f"{cluster}: another worker is creating this persona")
+            report["retry"].append(cluster)
             return listing
-        fresh = _load(client, keys.personas).get(cluster, {})
+        fresh = _load(client, keys.personas).get(cluster, {})  # as it is now, not as this job first read it
         if fresh.get("mavera_id"):  # another worker finished first
             rec["mavera_id"], rec["adopted_now"] = fresh["mavera_id"], True
             return listing
-        listing = mavera.list_personas() if listing is None else listing
+        uncertain = fresh.get("uncertain_create_ms") or rec.get("uncertain_create_ms")
+        if uncertain and _now_ms() - uncertain < grace_ms:
+            rec["uncertain_create_ms"] = uncertain
+            report["failed"].append(f"{cluster}: waiting for a lost create to settle before reconciling")
+            report["retry"].append(cluster)
+            return listing
+        if uncertain or listing is None:  # after a lost create, list afresh: a listing from before may miss it
+            listing = mavera.list_personas()
         found = [p for p in listing if p.get("name") == payload["name"]]
         rec.pop("uncertain_create_ms", None)
         if found:
@@ -207,9 +236,14 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
         # Uncertain from the moment the POST goes out until the id is stored: a worker killed mid-create (job
         # timeout, OOM) leaves this mark, and the next sync waits out the grace period before listing again.
         _save(client, keys, cluster, rec, state="creating")
+
+        def before_send() -> None:
+            if not lock.owned():
+                raise LockLost(f"{cluster}: lost the create lock; the next sync reconciles")
+            _save(client, keys, cluster, rec, uncertain_create_ms=_now_ms())
+
         try:
-            created = mavera.create_persona(
-                payload, on_send=lambda: _save(client, keys, cluster, rec, uncertain_create_ms=_now_ms()))
+            created = mavera.create_persona(payload, on_send=before_send)
         except (MaveraError, RateLimited):  # refused, or never sent: nothing was created
             rec.pop("uncertain_create_ms", None)
             raise
@@ -222,12 +256,13 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
 
 
 @contextmanager
-def held_lock(client: redis.Redis, key: str, ttl: float) -> Iterator[bool]:
+def held_lock(client: redis.Redis, key: str, ttl: float) -> Iterator[Lock | None]:
     """A lock (redis-py's, token-checked) that its holder renews every ``ttl / 3`` while it works: a create that
-    waits on the rate limit keeps it however long that takes, and a killed holder's lock lapses within ``ttl``."""
+    waits on the rate limit keeps it however long that takes, and a killed holder's lock lapses within ``ttl``.
+    Yields None when another holder has it; a holder checks ``owned()`` before anything that needs it."""
     lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
     if not lock.acquire():
-        yield False
+        yield None
         return
     stop = threading.Event()
 
@@ -235,19 +270,21 @@ def held_lock(client: redis.Redis, key: str, ttl: float) -> Iterator[bool]:
         while not stop.wait(ttl / 3):
             try:
                 lock.reacquire()
-            except (LockError, redis.RedisError):
+            except LockNotOwnedError:  # lapsed: the holder sees it through ``owned()``
                 return
+            except redis.RedisError:  # a blip: keep trying while the lock may still be ours
+                continue
 
     renewer = threading.Thread(target=renew, name=f"renew {key}", daemon=True)
     renewer.start()
     try:
-        yield True
+        yield lock
     finally:
         stop.set()
         renewer.join()
         try:
             lock.release()
-        except LockError:  # lapsed (Redis unreachable for a while): nothing of ours to release
+        except (LockError, redis.RedisError):  # lapsed, or Redis unreachable: it expires on its own
             pass
 
 
