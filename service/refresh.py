@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from datetime import timedelta
 
 import redis
@@ -71,14 +72,14 @@ class RefreshScheduler:
         now = time.monotonic()
         if not self.queue_url or now < self._quiet_until.get(space, 0.0):
             return  # no queue configured: nothing to schedule
-        key = Keys(space).refresh_pending
+        key, token = Keys(space).refresh_pending, uuid.uuid4().hex
         try:
             async with self.state.pipeline(transaction=True) as pipe:
-                first, ttl_ms = await pipe.set(key, b"1", nx=True, px=int(self.debounce * 1000)).pttl(key).execute()
+                first, ttl_ms = await pipe.set(key, token, nx=True, px=int(self.debounce * 1000)).pttl(key).execute()
             self._quiet_until[space] = now + max(0, ttl_ms) / 1000
             if first:
                 try:
-                    await asyncio.to_thread(self._enqueue, space)
+                    await asyncio.to_thread(self._enqueue, space, token)
                 except BaseException:
                     self._quiet_until.pop(space, None)
                     await self.state.delete(key)  # no refresh is due after all: the next touch tries again
@@ -86,9 +87,10 @@ class RefreshScheduler:
         except (redis.RedisError, OSError) as exc:  # the scheduled full recompute catches up; never fail intake
             log_event(log, "refresh not scheduled", logging.WARNING, space=space, error=type(exc).__name__)
 
-    def _enqueue(self, space: str) -> None:
-        self.queue().enqueue_in(timedelta(seconds=self.debounce), REFRESH_JOB, space, job_timeout=REFRESH_TIMEOUT,
-                                description=f"refresh dirty profiles of {space}")
+    def _enqueue(self, space: str, token: str) -> None:
+        """The job gets the marker's token: it starts once that marker has expired (RQ may run it a little early)."""
+        self.queue().enqueue_in(timedelta(seconds=self.debounce), REFRESH_JOB, space, token,
+                                job_timeout=REFRESH_TIMEOUT, description=f"refresh dirty profiles of {space}")
 
     async def purge(self, space: str) -> None:
         """After a GDPR delete: purge the erased profile's logged events in a job, not in the request."""

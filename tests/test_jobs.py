@@ -114,9 +114,14 @@ def test_a_sync_that_only_needs_time_queues_another(mavera_env: MaveraServer, r:
     assert Queue(jobs.QUEUE, connection=r).fetch_job(job_id).func_name == "workers.jobs.sync"
 
 
-def test_a_refresh_waits_for_the_debounce_marker_to_expire(env: None, r: redis.Redis) -> None:
+def test_a_refresh_waits_for_its_own_debounce_marker_only(env: None, r: redis.Redis) -> None:
     apply(r, mixed_stream(100, users=5, seed=2))
-    r.set(Keys("default").refresh_pending, b"1", px=700)  # the job came due a little early
+    r.set(Keys("default").refresh_pending, "tok-1", px=700)  # the job came due a little early
     started = time.monotonic()
-    assert jobs.refresh("default")["profiles"] == 5
+    assert jobs.refresh("default", "tok-1")["profiles"] == 5
     assert time.monotonic() - started >= 0.6
+    apply(r, [dict(e, messageId="n-" + e["messageId"]) for e in mixed_stream(100, users=5, seed=2)])
+    r.set(Keys("default").refresh_pending, "tok-2", px=5000)  # a newer marker belongs to the next refresh
+    started = time.monotonic()
+    jobs.refresh("default", "tok-1")
+    assert time.monotonic() - started < 2

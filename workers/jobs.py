@@ -43,18 +43,23 @@ def _enqueue_sync(settings: Settings, space: str) -> None:
                      description=f"sync personas of {space}")
 
 
-def refresh(space: str) -> dict:
+def refresh(space: str, marker: str | None = None) -> dict:
     """Debounced refresh of the dirty profiles; enqueues a sync when a cluster summary changed.
 
-    It starts only once the debounce marker has expired (RQ may run a scheduled job up to a second early, and web
-    processes stay quiet until the marker expires, trusting this refresh to read what they dirtied). If another
+    It starts only once its debounce marker (``marker``, the token the receiver set) has expired: RQ may run a
+    scheduled job up to a second early, and web processes stay quiet until the marker expires, trusting this
+    refresh to read what they dirtied. A newer marker is the next refresh's business, not this one's. If another
     recompute holds the space, it steps aside and one retry comes back in ``BUSY_RETRY`` seconds: the dirty marks
     stay until a refresh reads them."""
     settings = Settings.from_env()
     client = _state()
     keys = Keys(space)
     deadline = time.monotonic() + settings.refresh_debounce + 5
-    while (ttl_ms := client.pttl(keys.refresh_pending)) > 0 and time.monotonic() < deadline:
+    while marker and time.monotonic() < deadline:
+        with client.pipeline(transaction=True) as pipe:
+            current, ttl_ms = pipe.get(keys.refresh_pending).pttl(keys.refresh_pending).execute()
+        if current is None or current.decode() != marker or ttl_ms <= 0:
+            break
         time.sleep(ttl_ms / 1000 + 0.005)
     try:
         report = recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
