@@ -34,6 +34,21 @@ def sync_timeout(mave_chat_timeout: float) -> int:
     return int(600 + 5 * (mave_chat_timeout + 60))
 
 
+def queue_sync(queue: Queue, space: str, mave_chat_timeout: float, delay: float = 0.0) -> None:
+    """One persona sync job for ``space`` (now, or in ``delay`` seconds), with a timeout that fits it."""
+    options = {"job_timeout": sync_timeout(mave_chat_timeout), "description": f"sync personas of {space}"}
+    if delay:
+        queue.enqueue_in(timedelta(seconds=delay), SYNC_JOB, space, **options)
+    else:
+        queue.enqueue(SYNC_JOB, space, **options)
+
+
+def queue_refresh(queue: Queue, space: str, delay: float, marker: str | None = None) -> None:
+    """One refresh job for ``space`` in ``delay`` seconds; ``marker`` is the debounce marker it waits out."""
+    queue.enqueue_in(timedelta(seconds=delay), REFRESH_JOB, space, marker, job_timeout=REFRESH_TIMEOUT,
+                     description=f"refresh dirty profiles of {space}")
+
+
 def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, only_waiting: bool = False) -> list[str]:
     """Queue a persona sync for every known space (``only_waiting``: those with personas in the outbox or paused),
     e.g. after ``persona-sync resume`` or when a worker starts with a key for the first time."""
@@ -44,8 +59,7 @@ def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, o
                   or any(b'"state":"%s"' % w in v for v in state.hvals(Keys(sp).personas) for w in waiting)]
     queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
     for space in spaces:
-        queue.enqueue(SYNC_JOB, space, job_timeout=sync_timeout(mave_chat_timeout),
-                      description=f"sync personas of {space}")
+        queue_sync(queue, space, mave_chat_timeout)
     return spaces
 
 
@@ -89,8 +103,7 @@ class RefreshScheduler:
 
     def _enqueue(self, space: str, token: str) -> None:
         """The job gets the marker's token: it starts once that marker has expired (RQ may run it a little early)."""
-        self.queue().enqueue_in(timedelta(seconds=self.debounce), REFRESH_JOB, space, token,
-                                job_timeout=REFRESH_TIMEOUT, description=f"refresh dirty profiles of {space}")
+        queue_refresh(self.queue(), space, self.debounce, token)
 
     async def purge(self, space: str) -> None:
         """After a GDPR delete: purge the erased profile's logged events in a job, not in the request."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import timedelta
 
 import redis
 from rq import Queue, get_current_job
@@ -14,8 +13,9 @@ from rq.timeouts import BaseTimeoutException
 from service.config import Settings
 from service.keys import SPACES_KEY, Keys
 from service.logs import event as log_event
-from service.refresh import REFRESH_TIMEOUT, sync_timeout
+from service.refresh import queue_refresh, queue_sync
 from workers import recompute
+from workers.locks import held_lock
 
 log = logging.getLogger("jobs")
 QUEUE = "persona-sync"
@@ -36,11 +36,6 @@ def _queue() -> Queue:
 
 def _spaces(client: redis.Redis) -> list[str]:
     return sorted(s.decode() for s in client.smembers(SPACES_KEY))
-
-
-def _enqueue_sync(settings: Settings, space: str) -> None:
-    _queue().enqueue(sync, space, job_timeout=sync_timeout(settings.mave_chat_timeout),
-                     description=f"sync personas of {space}")
 
 
 def refresh(space: str, marker: str | None = None) -> dict:
@@ -65,14 +60,13 @@ def refresh(space: str, marker: str | None = None) -> dict:
         report = recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
     except recompute.Busy as exc:
         if client.set(keys.refresh_postponed, b"1", nx=True, px=BUSY_RETRY * 1000):
-            _queue().enqueue_in(timedelta(seconds=BUSY_RETRY), refresh, space, job_timeout=REFRESH_TIMEOUT,
-                                description=f"refresh dirty profiles of {space}")
+            queue_refresh(_queue(), space, BUSY_RETRY)
         log_event(log, "refresh postponed", space=space, reason=str(exc), retry_in=BUSY_RETRY)
         return {"space": space, "postponed": str(exc)}
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
               seconds=report["seconds"])
     if report["changed_clusters"] or report["profiles"]:
-        _enqueue_sync(settings, space)
+        queue_sync(_queue(), space, settings.mave_chat_timeout)
     return report
 
 
@@ -91,7 +85,7 @@ def full_recompute() -> list[dict]:
             continue
         log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"])
         reports.append(report)
-        _enqueue_sync(settings, space)
+        queue_sync(_queue(), space, settings.mave_chat_timeout)
     return reports
 
 
@@ -102,8 +96,6 @@ def sync(space: str) -> dict:
     leaves it a note (``sync_wanted``) and returns; the running one goes round again while the note is there.
     Both steps always run; if either failed, the job fails afterwards with both reasons, so RQ keeps it for
     requeue, and clusters that only need time get another sync queued for later."""
-    from workers.sync import held_lock
-
     settings = Settings.from_env()
     client = _state()
     keys = Keys(space)
@@ -151,8 +143,7 @@ def _sync_once(client: redis.Redis, settings: Settings, space: str) -> dict:
             mavera.close()
     if retry:  # a lost create to settle, a rate limit to pass: without this a quiet space would wait an hour
         delay = max(RETRY_PENDING, 2 * settings.mavera_timeout + 5)
-        _queue().enqueue_in(timedelta(seconds=delay), sync, space, job_timeout=sync_timeout(settings.mave_chat_timeout),
-                            description=f"sync personas of {space} (retry)")
+        queue_sync(_queue(), space, settings.mave_chat_timeout, delay=delay)
     if errors:
         raise RuntimeError("; ".join(errors))
     return out

@@ -17,13 +17,13 @@ import itertools
 import multiprocessing
 import os
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import redis
+from redis.exceptions import LockError
 
 from service.config import Settings
 from service.keys import Keys
@@ -41,7 +41,6 @@ LOCK_TTL_MS = 15 * 60 * 1000
 LOCK_WAIT = 30.0  # seconds a recompute waits for another to finish before it gives up (``Busy``)
 LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
           "new": "New customers"}
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 class Busy(RuntimeError):
@@ -50,17 +49,18 @@ class Busy(RuntimeError):
 
 @contextmanager
 def space_lock(client: redis.Redis, space: str, wait: float | None = None) -> Iterator[None]:
-    """The space's recompute lock (token-checked release, expiry against crashed holders)."""
-    key, token = Keys(space).recompute_lock, uuid.uuid4().hex
-    deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
-    while not client.set(key, token, nx=True, px=LOCK_TTL_MS):
-        if time.monotonic() > deadline:
-            raise Busy(f"recompute of {space} is already running")
-        time.sleep(0.2)
+    """The space's recompute lock (redis-py's: token-checked release, expiry against crashed holders)."""
+    lock = client.lock(Keys(space).recompute_lock, timeout=LOCK_TTL_MS / 1000, sleep=0.2,
+                       blocking_timeout=LOCK_WAIT if wait is None else wait, thread_local=False)
+    if not lock.acquire():
+        raise Busy(f"recompute of {space} is already running")
     try:
         yield
     finally:
-        client.eval(_RELEASE, 1, key, token)
+        try:
+            lock.release()
+        except LockError:  # expired under a run longer than its TTL: nothing of ours to release
+            pass
 
 
 def rules_for(settings: Settings) -> Rules:
@@ -231,7 +231,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         if not pids:
             return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
         rules = rules_for(settings)
-        news = _entries(client, settings, space, now_ms, pids, rules)
+        news = _entries(client, settings, space, now_ms, pids)
         pipe = client.pipeline(transaction=True)
         try:  # stored state that does not add up (or does not parse) means: rebuild everything
             olds: dict[str, Entry | None] = {}
@@ -275,19 +275,32 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _entries(client: redis.Redis, settings: Settings, space: str, now_ms: int, pids: list[str],
-             rules: Rules) -> dict[str, Entry | None]:
+def _entries(client: redis.Redis, settings: Settings, space: str, now_ms: int,
+             pids: list[str]) -> dict[str, Entry | None]:
     """Features → entries of ``pids``; many dirty profiles are computed by one process per core."""
     procs = min(os.cpu_count() or 1, 4) if len(pids) >= PARALLEL_REFRESH_FROM else 1
+    chunks = (pids[i:i + CHUNK] for i in range(0, len(pids), CHUNK))
+    out: dict[str, Entry | None] = {}
+    with _chunk_map(_entries_chunk, chunks, (_pool_args(client), settings, space, now_ms), procs) as parts:
+        for part in parts:
+            out.update(part)
+    return out
+
+
+@contextmanager
+def _chunk_map(fn: Callable[[list[str]], Any], chunks: Iterable[list[str]], job: tuple,
+               procs: int) -> Iterator[Iterator[Any]]:
+    """``fn`` over ``chunks`` of profile ids in this process, or in ``procs`` forked ones that each take the next
+    chunk when free (a shared host slows one core at a time). ``job`` sets every process up (``_start_child``)."""
     if procs == 1:
-        out: dict[str, Entry | None] = {}
-        for i in range(0, len(pids), CHUNK):
-            out.update(_contributions(client, Keys(space), pids[i:i + CHUNK], rules, settings, now_ms))
-        return out
-    slices = [(_pool_args(client), settings, space, now_ms, pids[i::procs]) for i in range(procs)]
-    with multiprocessing.get_context("fork").Pool(procs) as pool:
-        parts = pool.starmap(_entries_slice, slices)
-    return {pid: entry for part in parts for pid, entry in part.items()}
+        _start_child(*job)
+        try:
+            yield map(fn, chunks)
+        finally:
+            _child.pop("client").connection_pool.disconnect()
+    else:
+        with multiprocessing.get_context("fork").Pool(procs, initializer=_start_child, initargs=job) as pool:
+            yield pool.imap_unordered(fn, chunks)
 
 
 def _pool_args(client: redis.Redis) -> tuple:
@@ -302,14 +315,6 @@ def _connect(pool_args: tuple) -> redis.Redis:
     connection_class, kwargs = pool_args
     kwargs = {**kwargs, "decode_responses": True, "encoding_errors": "replace"}
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
-
-
-def _entries_slice(pool_args: tuple, settings: Settings, space: str, now_ms: int,
-                   pids: list[str]) -> dict[str, Entry | None]:
-    client, rules, out = _connect(pool_args), rules_for(settings), {}
-    for i in range(0, len(pids), CHUNK):
-        out.update(_contributions(client, Keys(space), pids[i:i + CHUNK], rules, settings, now_ms))
-    return out
 
 
 def _move(clusters: dict, patterns: dict, old: Entry | None, new: Entry | None) -> None:
@@ -357,23 +362,16 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
     chunks = profile_ids(client, keys)
     head: list[list[str]] = []  # scan far enough to tell a small space (one process) from a large one
-    while sum(map(len, head)) < PARALLEL_FROM and (chunk := next(chunks, None)) is not None:
+    scanned = 0
+    while scanned < PARALLEL_FROM and (chunk := next(chunks, None)) is not None:
         head.append(chunk)
-    work = itertools.chain(head, chunks)
-    procs = processes or (min(os.cpu_count() or 1, 4) if sum(map(len, head)) >= PARALLEL_FROM else 1)
-    job = (_pool_args(client), settings, space, now_ms)
+        scanned += len(chunk)
+    procs = processes or (min(os.cpu_count() or 1, 4) if scanned >= PARALLEL_FROM else 1)
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
-    total = 0
-    if procs == 1:
-        _start_child(*job)
-        try:
-            total = _join(map(_full_chunk, work), clusters, patterns)
-        finally:
-            _child.pop("client").connection_pool.disconnect()
-    else:  # chunks go to whichever process is free (a shared host slows one core at a time), as the scan runs
-        with multiprocessing.get_context("fork").Pool(procs, initializer=_start_child, initargs=job) as pool:
-            total = _join(pool.imap_unordered(_full_chunk, work), clusters, patterns)
+    with _chunk_map(_full_chunk, itertools.chain(head, chunks), (_pool_args(client), settings, space, now_ms),
+                    procs) as parts:  # the scan goes on while the chunks already found are worked on
+        total = _join(parts, clusters, patterns)
     pipe = client.pipeline(transaction=True)
     changed = publish(client, settings, space, clusters, patterns, pipe)
     if total:
@@ -414,10 +412,15 @@ def _start_child(pool_args: tuple, settings: Settings, space: str, now_ms: int) 
                   rules=rules_for(settings))
 
 
+def _entries_chunk(pids: list[str]) -> dict[str, Entry | None]:
+    return _contributions(_child["client"], _child["keys"], pids, _child["rules"], _child["settings"],
+                          _child["now_ms"])
+
+
 def _full_chunk(pids: list[str]) -> Part:
     """One chunk of a full recompute: contributions and spend to the staging keys, partial aggregates back."""
     client, keys = _child["client"], _child["keys"]
-    news = _contributions(client, keys, pids, _child["rules"], _child["settings"], _child["now_ms"])
+    news = _entries_chunk(pids)
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
     mapping: dict[str, bytes] = {}

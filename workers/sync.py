@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import redis
-from redis.exceptions import LockError, LockNotOwnedError
-from redis.lock import Lock
 
 from service.config import Settings
 from service.keys import Keys
 from service.logs import event as log_event
 from workers.channels import build_prompt, material_changes
+from workers.locks import held_lock
 from workers.mavera import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused
 from workers.ratelimit import RateLimited
 
@@ -125,7 +121,7 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
                job_id: str | None = None) -> dict:
     """Create, PATCH or leave alone each cluster's persona; without a client keep them in the outbox.
 
-    A payload Mavera refused (400-404) is not sent again until it changes, except by the job that was refused
+    A payload Mavera refused (``REFUSED``) is not sent again until it changes, except by the job that was refused
     (``job_id``): requeueing that failed job (``rq requeue``) is how an operator retries after fixing the cause."""
     keys = Keys(space)
     docs, records = _load(client, keys.clusters), _load(client, keys.personas)
@@ -253,39 +249,6 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
         listing.append(created)
         report["created"].append(cluster)
         return listing
-
-
-@contextmanager
-def held_lock(client: redis.Redis, key: str, ttl: float) -> Iterator[Lock | None]:
-    """A lock (redis-py's, token-checked) that its holder renews every ``ttl / 3`` while it works: a create that
-    waits on the rate limit keeps it however long that takes, and a killed holder's lock lapses within ``ttl``.
-    Yields None when another holder has it; a holder checks ``owned()`` before anything that needs it."""
-    lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
-    if not lock.acquire():
-        yield None
-        return
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(ttl / 3):
-            try:
-                lock.reacquire()
-            except LockNotOwnedError:  # lapsed: the holder sees it through ``owned()``
-                return
-            except redis.RedisError:  # a blip: keep trying while the lock may still be ours
-                continue
-
-    renewer = threading.Thread(target=renew, name=f"renew {key}", daemon=True)
-    renewer.start()
-    try:
-        yield lock
-    finally:
-        stop.set()
-        renewer.join()
-        try:
-            lock.release()
-        except (LockError, redis.RedisError):  # lapsed, or Redis unreachable: it expires on its own
-            pass
 
 
 def _save(client: redis.Redis, keys: Keys, cluster: str, rec: dict, **changes: Any) -> None:
