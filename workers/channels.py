@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from workers.aggregates import GroupAggregate, contribution_from_features
 from workers.features import Features
 
-CHANNELS = ("web", "mobile", "email")
 PATTERNS = ("web_dominant", "mobile_dominant", "email_dominant", "omnichannel")
 MATERIAL_CHANGE = 0.10
 

@@ -49,12 +49,10 @@ class Condition:
     op: str
     value: Any
 
-    def holds(self, features: Features) -> bool:
-        actual = getattr(features, self.feature)
-        return actual is not None and bool(self.test(actual, self.value))
-
     @property
     def test(self) -> Callable[[Any, Any], bool]:
+        """The comparison ``op`` names for this feature's kind; a condition holds when the feature has a value and
+        ``test(value, self.value)`` is true (``assign_cluster``)."""
         return (NUMERIC_OPS if self.feature in NUMERIC else TEXT_OPS)[self.op]
 
 
@@ -156,8 +154,8 @@ def load_rules(path: str | Path | None = None) -> Rules:
 
 
 def assign_cluster(features: Features, rules: Rules) -> str:
-    """The first rule whose conditions all hold names the cluster; otherwise the default (``Condition.holds``,
-    unrolled over the resolved ``Rules.plan``)."""
+    """The first rule whose conditions all hold names the cluster; otherwise the default (over the resolved
+    ``Rules.plan``)."""
     for cluster, conditions in rules.plan:
         for feature, test, value in conditions:
             actual = getattr(features, feature)
