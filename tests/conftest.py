@@ -15,6 +15,8 @@ import orjson
 import pytest
 import redis
 import uvicorn
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from starlette.testclient import TestClient
 
 from service.app import create_app
@@ -28,6 +30,11 @@ SECRET = "whsec_fixture_secret"
 PROFILE_TOKEN = "profile-token-123"
 ADMIN_TOKEN = "admin-token-456"
 WRITE_KEY = "wk_test_123"
+
+# Speed is measured in benchmarks, never asserted in tests: on a shared two-core machine hypothesis's per-example
+# deadline and its "input generation is slow" check fail for reasons that have nothing to do with the code.
+hypothesis_settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")
