@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from service.config import VARIABLES, ConfigError, Settings
@@ -69,8 +70,75 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                          only_waiting=True)
         except redis.RedisError as exc:  # the worker still starts; the next refresh or hourly run syncs
             print(f"persona-sync worker: could not queue the waiting syncs ({exc}); continuing", file=sys.stderr)
-    worker = Worker([Queue(QUEUE_NAME, connection=conn)], connection=conn)
-    worker.work(with_scheduler=True, burst=args.burst)
+    queue = Queue(QUEUE_NAME, connection=conn)
+    watchdog = None
+    if not args.burst:  # refreshes that a crash or a Redis restart left behind are queued again within seconds
+        from service.refresh import RefreshWatchdog
+
+        watchdog = RefreshWatchdog(redis.Redis.from_url(state_url(settings)), queue, settings.refresh_debounce)
+        try:
+            watchdog.check()
+        except redis.RedisError as exc:
+            print(f"persona-sync worker: Redis not reachable yet ({exc}); the watchdog keeps trying", file=sys.stderr)
+        watchdog.start()
+    worker = Worker([queue], connection=conn)
+    try:
+        worker.work(with_scheduler=True, burst=args.burst)
+    finally:
+        if watchdog:
+            watchdog.stop()
+    return 0
+
+
+def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
+    """A full recompute now, run by a worker at the front of the queue, for an operator who does not want to wait
+    for the scheduled run. A recompute lock left by a process of this host that died is cleared first."""
+    import redis
+    from rich.progress import Progress
+    from rq import Queue, Worker
+    from rq.job import JobStatus
+
+    from service.holders import holder_is_gone
+    from service.keys import Keys
+    from service.ops import spaces
+    from service.refresh import FULL_RECOMPUTE_JOB, REFRESH_TIMEOUT
+
+    client = redis.Redis.from_url(state_url(settings))
+    chosen = [args.space] if args.space else spaces(client)
+    if not chosen:
+        print("no spaces yet: nothing to recompute")
+        return 0
+    for space in chosen:
+        holder = client.get(Keys(space).recompute_lock)
+        if holder and holder_is_gone(holder):  # no need to wait for the lock of a dead process to lapse
+            client.delete(Keys(space).recompute_lock)
+            print(f"{space}: cleared the recompute lock of a process that no longer runs ({holder.decode()})")
+        elif holder:
+            print(f"{space}: a recompute is running ({holder.decode()}); this one waits for it")
+    conn = redis.Redis.from_url(queue_url(settings))
+    queue = Queue(QUEUE_NAME, connection=conn)
+    if not Worker.count(queue=queue):
+        print("no worker is running: start one (`persona-sync worker`, or `make run`), then run this again",
+              file=sys.stderr)
+        return 1
+    job = queue.enqueue(FULL_RECOMPUTE_JOB, args.space, at_front=True, job_timeout=REFRESH_TIMEOUT,
+                        description="full recompute (persona-sync recompute)")
+    with Progress() as bar:
+        task = bar.add_task(f"recomputing {', '.join(chosen)}", total=None)
+        while (status := job.get_status(refresh=True)) not in (JobStatus.FINISHED, JobStatus.FAILED,
+                                                              JobStatus.STOPPED, JobStatus.CANCELED, None):
+            bar.update(task, completed=job.get_meta(refresh=True).get("profiles", 0))
+            time.sleep(0.5)
+    if status != JobStatus.FINISHED:
+        print(f"the recompute did not finish ({status}): see `rq info -u <queue url>` and the worker's log",
+              file=sys.stderr)
+        return 1
+    for report in job.return_value() or []:
+        if "skipped" in report:
+            print(f"{report['space']}: skipped: {report['skipped']}", file=sys.stderr)
+        else:
+            print(f"{report['space']}: {report['profiles']} profiles in {report['seconds']} s; clusters changed: "
+                  f"{', '.join(report['changed_clusters']) or 'none'}; sync queued")
     return 0
 
 
@@ -176,6 +244,12 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cron", help="run the rq cron scheduler (exactly one per deployment)",
                        description="Enqueue the scheduled full recompute. Run exactly one of these.")
     c.set_defaults(func=cmd_cron)
+    rc = sub.add_parser("recompute", help="run a full recompute now (all spaces, or one), then queue the syncs",
+                        description="Rebuild clusters, KPI cards and channel patterns from every profile now, in "
+                                    "this process, instead of waiting for the scheduled run. Waits for a recompute "
+                                    "that is running; a lock left by a process that died is cleared.")
+    rc.add_argument("--space", help="only this space")
+    rc.set_defaults(func=cmd_recompute)
     s = sub.add_parser("status", help="profiles, dirty set, event log and dead letters per space",
                        description="Print the state of every space (or one).")
     s.add_argument("--space", help="only this space")

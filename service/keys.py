@@ -60,6 +60,16 @@ class Keys:
         return f"{self.prefix}dirty"
 
     @property
+    def dirty_work(self) -> str:
+        """The dirty profiles a refresh took (left behind if it crashed; the next refresh merges them back)."""
+        return f"{self.prefix}dirty:work"
+
+    @property
+    def dirty_full(self) -> str:
+        """The dirty marks a running full recompute took over (likewise merged back after a crash)."""
+        return f"{self.prefix}dirty:full"
+
+    @property
     def log(self) -> str:
         return f"{self.prefix}log"
 
@@ -81,9 +91,10 @@ class Keys:
         return f"{self.prefix}refresh:pending"
 
     @property
-    def refresh_postponed(self) -> str:
-        """Set while a refresh that found the space locked waits to try again (one such retry at a time)."""
-        return f"{self.prefix}refresh:postponed"
+    def refresh_queued(self) -> str:
+        """Set (with an expiry) when a refresh job is queued, cleared when it starts: while it is set the watchdog
+        leaves the dirty profiles to that job; once it expires, a lost job is replaced."""
+        return f"{self.prefix}refresh:queued"
 
     def dedupe(self, bucket: int, shard: int) -> str:
         return f"{self.prefix}dd:{bucket}:{shard:x}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -21,10 +22,13 @@ from service.logs import event as log_event
 
 log = logging.getLogger("refresh")
 REFRESH_JOB = "workers.jobs.refresh"
+FULL_RECOMPUTE_JOB = "workers.jobs.full_recompute"
 REFRESH_TIMEOUT = 3600  # a refresh that finds the aggregates inconsistent rebuilds the space, like the hourly run
 SYNC_JOB = "workers.jobs.sync"
 PURGE_JOB = "service.ops.purge_job"
 QUEUE_NAME = "persona-sync"
+REFRESH_QUEUED_TTL = 60  # seconds a queued refresh is trusted to run before the watchdog queues another
+WATCHDOG_INTERVAL = 5.0  # seconds between the worker watchdog's looks for dirty profiles nobody works on
 
 
 def sync_timeout(mave_chat_timeout: float) -> int:
@@ -43,10 +47,74 @@ def queue_sync(queue: Queue, space: str, mave_chat_timeout: float, delay: float 
         queue.enqueue(SYNC_JOB, space, **options)
 
 
-def queue_refresh(queue: Queue, space: str, delay: float, marker: str | None = None) -> None:
-    """One refresh job for ``space`` in ``delay`` seconds; ``marker`` is the debounce marker it waits out."""
-    queue.enqueue_in(timedelta(seconds=delay), REFRESH_JOB, space, marker, job_timeout=REFRESH_TIMEOUT,
-                     description=f"refresh dirty profiles of {space}")
+def queue_refresh(queue: Queue, space: str, marker: str | None = None) -> None:
+    """One refresh job for ``space``, queued now; ``marker`` is the debounce marker it waits out before it reads.
+
+    Queued at once rather than with ``enqueue_in``: a delayed job needs RQ's scheduler, which lives in one worker
+    at a time and, when that worker dies (or Redis blinks), is only taken over minutes later. Any live worker
+    runs a queued job."""
+    queue.enqueue(REFRESH_JOB, space, marker, job_timeout=REFRESH_TIMEOUT,
+                  description=f"refresh dirty profiles of {space}")
+
+
+def schedule_refresh(state: redis.Redis, queue: Queue, space: str, debounce: float) -> bool:
+    """Queue one refresh of ``space`` unless one is already due within the debounce interval (workers' twin of
+    ``RefreshScheduler.touch``). True when this call queued it."""
+    keys, token = Keys(space), uuid.uuid4().hex
+    if not state.set(keys.refresh_pending, token, nx=True, px=int(debounce * 1000)):
+        return False
+    try:
+        queue_refresh(queue, space, token)
+    except BaseException:
+        state.delete(keys.refresh_pending)
+        raise
+    state.set(keys.refresh_queued, token, ex=REFRESH_QUEUED_TTL)
+    return True
+
+
+def refresh_due(state: redis.Redis, space: str) -> bool:
+    """Whether dirty profiles of ``space`` wait with nobody on them: no recompute holds the space, and either a
+    crashed one left its taken marks behind, or dirty marks wait with no refresh due or queued."""
+    keys = Keys(space)
+    with state.pipeline(transaction=False) as pipe:
+        locked, leftovers, dirty, pending, queued = (
+            pipe.exists(keys.recompute_lock).exists(keys.dirty_work, keys.dirty_full).scard(keys.dirty)
+            .exists(keys.refresh_pending).exists(keys.refresh_queued).execute())
+    return not locked and bool(leftovers or (dirty and not pending and not queued))
+
+
+class RefreshWatchdog:
+    """Runs in every ``persona-sync worker``: every few seconds, queue a refresh for any space whose dirty profiles
+    nobody is working on — after a worker died mid-refresh (its lock lapses within seconds), a refresh job was
+    lost with a Redis restart, or a refresh stepped aside for a recompute that then crashed. Cheap: a handful of
+    reads per space."""
+
+    def __init__(self, state: redis.Redis, queue: Queue, debounce: float, interval: float = WATCHDOG_INTERVAL) -> None:
+        self.state, self.queue, self.debounce, self.interval = state, queue, debounce, interval
+        self._stop = threading.Event()
+
+    def check(self) -> list[str]:
+        """One pass; returns the spaces it queued a refresh for."""
+        queued = []
+        for space in sorted(s.decode() for s in self.state.smembers(SPACES_KEY)):
+            if refresh_due(self.state, space) and schedule_refresh(self.state, self.queue, space, self.debounce):
+                log_event(log, "refresh resumed", space=space)
+                queued.append(space)
+        return queued
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except (redis.RedisError, OSError) as exc:  # Redis down: try again next round
+                log_event(log, "refresh watchdog", logging.WARNING, error=type(exc).__name__)
+
+    def start(self) -> RefreshWatchdog:
+        threading.Thread(target=self.run, name="refresh watchdog", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, only_waiting: bool = False) -> list[str]:
@@ -98,12 +166,13 @@ class RefreshScheduler:
                     self._quiet_until.pop(space, None)
                     await self.state.delete(key)  # no refresh is due after all: the next touch tries again
                     raise
+                await self.state.set(Keys(space).refresh_queued, token, ex=REFRESH_QUEUED_TTL)
         except (redis.RedisError, OSError) as exc:  # the scheduled full recompute catches up; never fail intake
             log_event(log, "refresh not scheduled", logging.WARNING, space=space, error=type(exc).__name__)
 
     def _enqueue(self, space: str, token: str) -> None:
-        """The job gets the marker's token: it starts once that marker has expired (RQ may run it a little early)."""
-        queue_refresh(self.queue(), space, self.debounce, token)
+        """The job gets the marker's token: it waits until that marker has expired, then reads the dirty set."""
+        queue_refresh(self.queue(), space, token)
 
     async def purge(self, space: str) -> None:
         """After a GDPR delete: purge the erased profile's logged events in a job, not in the request."""

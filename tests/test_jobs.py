@@ -13,6 +13,7 @@ from rq.registry import ScheduledJobRegistry
 
 from service.config import Settings
 from service.keys import Keys
+from service.refresh import RefreshWatchdog
 from tests.helpers import apply, mixed_stream
 from tests.mavera_server import API_KEY, MaveraServer
 from workers import jobs, recompute
@@ -26,16 +27,52 @@ def env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jobs, "REFRESH_LOCK_WAIT", 0.3)
 
 
-def test_a_refresh_that_finds_the_space_locked_comes_back_later(env: None, r: redis.Redis) -> None:
+def test_a_refresh_that_finds_the_space_locked_steps_aside_and_the_watchdog_brings_it_back(
+        env: None, r: redis.Redis) -> None:
     apply(r, mixed_stream(200, users=10, seed=3))
+    queue = Queue(jobs.QUEUE, connection=r)
+    watchdog = RefreshWatchdog(r, queue, debounce=0.05)
     with recompute.space_lock(r, "default"):  # a long full recompute is running
-        report = jobs.refresh("default")
-        assert "postponed" in jobs.refresh("default")  # a second postponed refresh adds no second retry
-    assert "postponed" in report
+        assert "deferred" in jobs.refresh("default")
+        assert watchdog.check() == []  # a live holder's space is left alone
     assert r.scard(Keys("default").dirty) == 10  # nothing was lost: the dirty marks wait
-    [job] = ScheduledJobRegistry(queue=Queue(jobs.QUEUE, connection=r)).get_job_ids()
-    assert Queue(jobs.QUEUE, connection=r).fetch_job(job).func_name == "workers.jobs.refresh"
-    assert jobs.refresh("default")["profiles"] == 10  # the later run does the work
+    assert watchdog.check() == ["default"] and watchdog.check() == []  # queued once, not on every pass
+    [job] = queue.get_jobs()
+    assert job.func_name == "workers.jobs.refresh" and not ScheduledJobRegistry(queue=queue).get_job_ids()
+    assert jobs.refresh(*job.args)["profiles"] == 10  # the queued run does the work
+
+
+def test_a_refresh_killed_mid_run_is_resumed_within_the_lock_ttl(env: None, r: redis.Redis) -> None:
+    """A worker SIGKILLed inside a refresh leaves its lock and its taken dirty marks: the lock lapses within
+    LOCK_TTL (nobody renews it), and the watchdog then queues a refresh that merges the marks back."""
+    import multiprocessing
+
+    apply(r, mixed_stream(300, users=12, seed=5))
+    keys = Keys("default")
+    ready = multiprocessing.get_context("fork").Event()
+
+    def crash_inside_refresh() -> None:
+        client = redis.Redis.from_url(jobs.os.environ["REDIS_URL"])
+        with recompute.space_lock(client, "default"):
+            client.rename(keys.dirty, keys.dirty_work)  # what a refresh does first
+            ready.set()
+            time.sleep(60)
+
+    child = multiprocessing.get_context("fork").Process(target=crash_inside_refresh)
+    child.start()
+    assert ready.wait(10)
+    child.kill()
+    child.join()
+    queue = Queue(jobs.QUEUE, connection=r)
+    watchdog = RefreshWatchdog(r, queue, debounce=0.05)
+    assert watchdog.check() == []  # the dead holder's lock has not lapsed yet
+    deadline = time.monotonic() + recompute.LOCK_TTL + 5
+    while not watchdog.check():
+        assert time.monotonic() < deadline, "the dead holder's lock never lapsed"
+        time.sleep(0.2)
+    [job] = queue.get_jobs()
+    assert jobs.refresh(*job.args)["profiles"] == 12
+    assert not r.exists(keys.dirty_work) and r.hlen(keys.contributions) == 12
 
 
 def test_full_recompute_skips_a_locked_space_and_does_the_others(env: None, r: redis.Redis) -> None:

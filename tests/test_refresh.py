@@ -1,5 +1,5 @@
 """Debounced refresh scheduling across several web processes (each its own ``RefreshScheduler``), real Redis and
-RQ's scheduled-job registry."""
+a real RQ queue (refresh jobs are queued at once and wait out their debounce marker themselves)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,21 @@ import asyncio
 import redis
 import redis.asyncio as aredis
 from rq import Queue
-from rq.registry import ScheduledJobRegistry
 
-from service.refresh import QUEUE_NAME, RefreshScheduler
+from service.refresh import QUEUE_NAME, REFRESH_JOB, RefreshScheduler
 
 DEBOUNCE = 0.6
 
 
 def scheduled(r: redis.Redis) -> list[str]:
-    return ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=r)).get_job_ids()
+    return [j.id for j in Queue(QUEUE_NAME, connection=r).get_jobs() if j.func_name == REFRESH_JOB]
 
 
 def run_refresh(r: redis.Redis) -> None:
-    """What the worker does when the scheduled refresh comes due: take the job off the schedule."""
-    registry = ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=r))
-    for job_id in registry.get_job_ids():
-        registry.remove(job_id)
+    """What the worker does with a queued refresh: take the job off the queue."""
+    queue = Queue(QUEUE_NAME, connection=r)
+    for job_id in scheduled(r):
+        queue.remove(job_id)
 
 
 def test_one_refresh_per_interval_across_processes(redis_url: str, r: redis.Redis) -> None:

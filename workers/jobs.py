@@ -13,14 +13,14 @@ from rq.timeouts import BaseTimeoutException
 from service.config import Settings
 from service.keys import SPACES_KEY, Keys
 from service.logs import event as log_event
-from service.refresh import queue_refresh, queue_sync
+from service.refresh import queue_sync, schedule_refresh
 from workers import recompute
 from workers.locks import held_lock
 
 log = logging.getLogger("jobs")
 QUEUE = "persona-sync"
-BUSY_RETRY = 30  # seconds before a refresh that found the space locked tries again
-REFRESH_LOCK_WAIT = 5.0  # seconds a refresh waits for another recompute (refreshes take a second or two)
+# seconds a refresh waits for another recompute: refreshes take a second or two, and a dead holder's lock lapses
+REFRESH_LOCK_WAIT = recompute.LOCK_TTL + 2
 RETRY_PENDING = 60  # seconds before another sync of clusters that only needed time
 SYNC_LOCK_TTL = 60.0  # renewed while the sync runs; a killed worker's lapses within this
 
@@ -41,11 +41,11 @@ def _spaces(client: redis.Redis) -> list[str]:
 def refresh(space: str, marker: str | None = None) -> dict:
     """Debounced refresh of the dirty profiles; enqueues a sync when a cluster summary changed.
 
-    It starts only once its debounce marker (``marker``, the token the receiver set) has expired: RQ may run a
-    scheduled job up to a second early, and web processes stay quiet until the marker expires, trusting this
-    refresh to read what they dirtied. A newer marker is the next refresh's business, not this one's. If another
-    recompute holds the space, it steps aside and one retry comes back in ``BUSY_RETRY`` seconds: the dirty marks
-    stay until a refresh reads them."""
+    It starts only once its debounce marker (``marker``, the token the receiver set) has expired: web processes
+    stay quiet until the marker expires, trusting this refresh to read what they dirtied. A newer marker is the
+    next refresh's business, not this one's. If another recompute holds the space, it steps aside: the holder
+    queues a refresh when it is done if profiles are still dirty, and if the holder dies instead, its lock lapses
+    within seconds and a worker's watchdog queues one (``service.refresh.RefreshWatchdog``)."""
     settings = Settings.from_env()
     client = _state()
     keys = Keys(space)
@@ -56,29 +56,47 @@ def refresh(space: str, marker: str | None = None) -> dict:
         if current is None or current.decode() != marker or ttl_ms <= 0:
             break
         time.sleep(ttl_ms / 1000 + 0.005)
+    client.delete(keys.refresh_queued)
     try:
         report = recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
     except recompute.Busy as exc:
-        if client.set(keys.refresh_postponed, b"1", nx=True, px=BUSY_RETRY * 1000):
-            queue_refresh(_queue(), space, BUSY_RETRY)
-        log_event(log, "refresh postponed", space=space, reason=str(exc), retry_in=BUSY_RETRY)
-        return {"space": space, "postponed": str(exc)}
+        log_event(log, "refresh stepped aside", space=space, reason=str(exc))
+        return {"space": space, "deferred": str(exc)}
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
               seconds=report["seconds"])
     if report["changed_clusters"] or report["profiles"]:
         queue_sync(_queue(), space, settings.mave_chat_timeout)
+    _refresh_if_dirty(client, settings, space)
     return report
 
 
-def full_recompute() -> list[dict]:
-    """Scheduled by `rq cron`: rebuild every space's aggregates, then sync. A space that another recompute holds is
-    skipped (the others still run)."""
+def _refresh_if_dirty(client: redis.Redis, settings: Settings, space: str) -> None:
+    """After a recompute released the space: profiles dirtied meanwhile (or left by a refresh that stepped aside
+    for it) get their refresh now, debounced like the receiver's."""
+    if client.scard(Keys(space).dirty):
+        schedule_refresh(client, _queue(), space, settings.refresh_debounce)
+
+
+def full_recompute(only: str | None = None) -> list[dict]:
+    """Scheduled by `rq cron` (and queued by `persona-sync recompute`): rebuild every space's aggregates (or
+    ``only`` that one), then sync. A space that another recompute holds is skipped (the others still run).
+    Progress (profiles done) is kept in the job's meta for the operator command to show."""
     settings = Settings.from_env()
     client = _state()
     reports = []
-    for space in _spaces(client):
+    job = get_current_job()
+    done, saved = 0, time.monotonic()
+
+    def progress(n: int) -> None:
+        nonlocal done, saved
+        done += n
+        if job and time.monotonic() - saved > 0.5:
+            job.meta["profiles"], saved = done, time.monotonic()
+            job.save_meta()
+
+    for space in [only] if only else _spaces(client):
         try:
-            report = recompute.full_recompute(client, settings, space)
+            report = recompute.full_recompute(client, settings, space, progress=progress)
         except recompute.Busy as exc:
             log_event(log, "full recompute skipped", logging.WARNING, space=space, reason=str(exc))
             reports.append({"space": space, "skipped": str(exc)})
@@ -86,6 +104,7 @@ def full_recompute() -> list[dict]:
         log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"])
         reports.append(report)
         queue_sync(_queue(), space, settings.mave_chat_timeout)
+        _refresh_if_dirty(client, settings, space)
     return reports
 
 

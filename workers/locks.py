@@ -1,4 +1,9 @@
-"""A Redis lock that lives as long as its holder works on: redis-py's ``Lock`` (token-checked) renewed by a thread."""
+"""A Redis lock that lives as long as its holder works on: redis-py's ``Lock`` (token-checked) renewed by a thread.
+
+Locks are short (seconds) and renewed while held, so a holder that dies — SIGKILL, OOM, a lost machine — stops
+blocking everyone else within one ``ttl``, while a holder that works for an hour keeps its lock the whole time.
+The token names the holder (``service.holders``) so that an operator can tell a live holder from a dead one.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ import redis
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
+from service.holders import holder_token
+
 
 @contextmanager
-def held_lock(client: redis.Redis, key: str, ttl: float) -> Iterator[Lock | None]:
+def held_lock(client: redis.Redis, key: str, ttl: float, wait: float = 0.0) -> Iterator[Lock | None]:
     """A lock that its holder renews every ``ttl / 3`` while it works: a create that waits on the rate limit keeps
-    it however long that takes, and a killed holder's lock lapses within ``ttl``.
-    Yields None when another holder has it; a holder checks ``owned()`` before anything that needs it."""
-    lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
-    if not lock.acquire():
+    it however long that takes, and a killed holder's lock lapses within ``ttl``. Waits up to ``wait`` seconds
+    for another holder to finish. Yields None when another holder kept it; a holder checks ``owned()`` before
+    anything that needs it."""
+    lock = client.lock(key, timeout=ttl, sleep=0.1, blocking=wait > 0, blocking_timeout=wait or None,
+                       thread_local=False)
+    if not lock.acquire(token=holder_token()):
         yield None
         return
     stop = threading.Event()

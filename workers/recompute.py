@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import redis
-from redis.exceptions import LockError
+from redis.lock import Lock
 
 from service.config import Settings
 from service.keys import Keys
@@ -33,11 +33,12 @@ from workers import aggregates as A
 from workers.channels import channel_pattern, pattern_summaries
 from workers.clusters import Rules, assign_cluster, load_rules
 from workers.features import TRAITS_USED, compute_features
+from workers.locks import held_lock
 
 CHUNK = 500
 PARALLEL_FROM = 20_000  # profiles from which the full recompute forks one process per core
 PARALLEL_REFRESH_FROM = 2_000  # dirty profiles from which a refresh does the same
-LOCK_TTL_MS = 15 * 60 * 1000
+LOCK_TTL = 10.0  # seconds a dead holder's recompute lock outlives it (a live holder renews it every third of that)
 LOCK_WAIT = 30.0  # seconds a recompute waits for another to finish before it gives up (``Busy``)
 LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
           "new": "New customers"}
@@ -48,19 +49,22 @@ class Busy(RuntimeError):
 
 
 @contextmanager
-def space_lock(client: redis.Redis, space: str, wait: float | None = None) -> Iterator[None]:
-    """The space's recompute lock (redis-py's: token-checked release, expiry against crashed holders)."""
-    lock = client.lock(Keys(space).recompute_lock, timeout=LOCK_TTL_MS / 1000, sleep=0.2,
-                       blocking_timeout=LOCK_WAIT if wait is None else wait, thread_local=False)
-    if not lock.acquire():
-        raise Busy(f"recompute of {space} is already running")
-    try:
-        yield
-    finally:
-        try:
-            lock.release()
-        except LockError:  # expired under a run longer than its TTL: nothing of ours to release
-            pass
+def space_lock(client: redis.Redis, space: str, wait: float | None = None) -> Iterator[Lock]:
+    """The space's recompute lock: held for as long as the recompute runs (renewed every few seconds), lapsing
+    within ``LOCK_TTL`` seconds of a holder's death, so a crashed worker never freezes refreshes for long."""
+    with held_lock(client, Keys(space).recompute_lock, LOCK_TTL, LOCK_WAIT if wait is None else wait) as lock:
+        if lock is None:
+            raise Busy(f"recompute of {space} is already running")
+        yield lock
+
+
+def _publish_if_held(lock: Lock, pipe: redis.client.Pipeline) -> None:
+    """Write the recompute's result only while its lock is still ours: a holder cut off from Redis for longer
+    than ``LOCK_TTL`` may have been replaced, and its result must not overwrite the newer one."""
+    if not lock.owned():
+        pipe.reset()
+        raise Busy("the recompute lock lapsed before the result was written; the next refresh does the work")
+    pipe.execute()
 
 
 def rules_for(settings: Settings) -> Rules:
@@ -218,15 +222,14 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
     """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree."""
     now_ms = now_ms or int(time.time() * 1000)
     keys = Keys(space)
-    work = keys.dirty + ":work"
+    work = keys.dirty_work
     started = time.perf_counter()
-    with space_lock(client, space, lock_wait):
-        if client.exists(keys.dirty):  # a crashed refresh left `work`: merge, never lose a dirty mark
-            if client.exists(work):
-                client.sunionstore(work, [work, keys.dirty])
-                client.delete(keys.dirty)
-            else:
-                client.rename(keys.dirty, work)
+    with space_lock(client, space, lock_wait) as lock:
+        # A crashed refresh left `work`, a crashed full recompute its snapshot: merge, never lose a dirty mark.
+        leftovers = [k for k in (keys.dirty, work, keys.dirty_full) if client.exists(k)]
+        if leftovers and leftovers != [work]:
+            client.sunionstore(work, leftovers)
+            client.delete(*(k for k in leftovers if k != work))
         pids = sorted(m.decode() for m in client.smembers(work))
         if not pids:
             return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
@@ -267,10 +270,10 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             pipe.reset()
             client.sunionstore(keys.dirty, [keys.dirty, work])
             client.delete(work)
-            return _full(client, settings, space, now_ms, started, reason=str(e))
+            return _full(client, settings, space, now_ms, started, lock, reason=str(e))
         changed = publish(client, settings, space, clusters, patterns, pipe, touched)
         pipe.delete(work)
-        pipe.execute()
+        _publish_if_held(lock, pipe)
     return {"space": space, "profiles": len(pids), "changed_clusters": changed,
             "seconds": round(time.perf_counter() - started, 3)}
 
@@ -323,11 +326,12 @@ def _move(clusters: dict, patterns: dict, old: Entry | None, new: Entry | None) 
 
 
 def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
-                   processes: int | None = None) -> dict:
+                   processes: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Rebuild every contribution and aggregate from every profile (one process per core for large spaces)."""
     now_ms = now_ms or int(time.time() * 1000)
-    with space_lock(client, space):
-        return _full(client, settings, space, now_ms, time.perf_counter(), processes=processes)
+    with space_lock(client, space) as lock:
+        return _full(client, settings, space, now_ms, time.perf_counter(), lock, processes=processes,
+                     progress=progress)
 
 
 def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
@@ -351,12 +355,14 @@ def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
 Part = tuple[int, dict[str, A.GroupAggregate], dict[str, A.GroupAggregate]]  # profiles, clusters, patterns
 
 
-def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, started: float,
-          reason: str = "scheduled", processes: int | None = None) -> dict:
+def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, started: float, lock: Lock,
+          reason: str = "scheduled", processes: int | None = None,
+          progress: Callable[[int], None] | None = None) -> dict:
     keys = Keys(space)
-    snapshot = keys.dirty + ":full"
-    if client.exists(keys.dirty):
-        client.rename(keys.dirty, snapshot)  # changes from now on stay dirty for the next refresh
+    snapshot = keys.dirty_full
+    if client.exists(keys.dirty):  # changes from now on stay dirty for the next refresh
+        client.sunionstore(snapshot, [snapshot, keys.dirty])  # (with what a crashed run left)
+        client.delete(keys.dirty)
     staging = _staging(keys.contributions)
     indexed = {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
     client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
@@ -371,7 +377,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     patterns: dict[str, A.GroupAggregate] = {}
     with _chunk_map(_full_chunk, itertools.chain(head, chunks), (_pool_args(client), settings, space, now_ms),
                     procs) as parts:  # the scan goes on while the chunks already found are worked on
-        total = _join(parts, clusters, patterns)
+        total = _join(parts, clusters, patterns, progress)
     pipe = client.pipeline(transaction=True)
     changed = publish(client, settings, space, clusters, patterns, pipe)
     if total:
@@ -383,18 +389,20 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
             pipe.rename(_staging(keys.cluster_spend(name)), keys.cluster_spend(name))
         else:
             pipe.delete(keys.cluster_spend(name))
-    pipe.delete(snapshot, keys.dirty + ":work")
-    pipe.execute()
+    pipe.delete(snapshot, keys.dirty_work)
+    _publish_if_held(lock, pipe)
     return {"space": space, "profiles": total, "changed_clusters": changed, "full": True, "reason": reason,
             "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _join(parts: Iterator[Part], clusters: dict[str, A.GroupAggregate],
-          patterns: dict[str, A.GroupAggregate]) -> int:
+          patterns: dict[str, A.GroupAggregate], progress: Callable[[int], None] | None = None) -> int:
     """Merge the chunks' partial aggregates into ``clusters`` / ``patterns``; return the number of profiles."""
     total = 0
     for n, part_clusters, part_patterns in parts:
         total += n
+        if progress:
+            progress(n)
         for target, part in ((clusters, part_clusters), (patterns, part_patterns)):
             for name, agg in part.items():
                 if name in target:

@@ -1,0 +1,61 @@
+"""`persona-sync recompute`: an operator's full recompute now, run by a real worker, past a dead holder's lock."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.keys import Keys
+from tests.helpers import apply, mixed_stream
+
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+
+
+def env_for(redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY")}
+    env.update(REDIS_URL=redis_url, LOG_LEVEL="WARNING")
+    return env
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def worker(redis_url: str) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([EXE, "worker"], env=env_for(redis_url), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    yield proc
+    proc.terminate()
+    proc.wait(20)
+
+
+def test_recompute_clears_a_dead_holders_lock_and_rebuilds_now(worker: subprocess.Popen, r: redis.Redis,
+                                                                redis_url: str) -> None:
+    apply(r, mixed_stream(300, users=12, seed=7))
+    keys = Keys("default")
+    r.set(keys.recompute_lock, f"{socket.gethostname()}:{dead_pid()}:abc", ex=3600)  # a lock no one will renew
+    out = subprocess.run([EXE, "recompute", "--space", "default"], env=env_for(redis_url), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cleared the recompute lock" in out.stdout and "default: 12 profiles" in out.stdout
+    assert r.hlen(keys.contributions) == 12 and r.hlen(keys.clusters) > 0
+
+
+def test_recompute_waits_for_a_live_holder_rather_than_clearing_it(r: redis.Redis, redis_url: str) -> None:
+    apply(r, mixed_stream(50, users=3, seed=1))
+    keys = Keys("default")
+    r.set(keys.recompute_lock, f"{socket.gethostname()}:{os.getpid()}:abc", ex=3600)  # this test process: alive
+    out = subprocess.run([EXE, "recompute"], env=env_for(redis_url), capture_output=True, text=True, timeout=60)
+    assert r.exists(keys.recompute_lock)  # never cleared under a live holder
+    assert "a recompute is running" in out.stdout
+    assert out.returncode == 1 and "no worker is running" in out.stderr  # and says what to do next
