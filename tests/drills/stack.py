@@ -193,6 +193,7 @@ class Delivery:
     body: bytes
     headers: dict[str, str]
     attempts: list[str] = field(default_factory=list)  # "200", "503", "ConnectError", ...
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)  # (sent, answered, outcome), monotonic
     acked: bool = False
 
 
@@ -226,9 +227,11 @@ class Sender:
         backoff = 0.02
         deadline = time.monotonic() + self.give_up_after
         while time.monotonic() < deadline:
+            sent = time.monotonic()
             try:
                 resp = client.post(self.url, content=d.body, headers=d.headers)
                 d.attempts.append(str(resp.status_code))
+                d.timeline.append((sent, time.monotonic(), d.attempts[-1]))
                 if resp.status_code == 200:
                     d.acked = True
                     with self._lock:
@@ -238,6 +241,7 @@ class Sender:
                     return
             except httpx.HTTPError as exc:
                 d.attempts.append(type(exc).__name__)
+                d.timeline.append((sent, time.monotonic(), d.attempts[-1]))
             time.sleep(backoff)
             backoff = min(self.max_backoff, backoff * 2)
 

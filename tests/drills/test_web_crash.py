@@ -60,6 +60,7 @@ def test_web_sigkill_under_load_loses_and_doubles_nothing(start_redis, start_web
     assert len(kills) == len(KILLS) and web.starts == len(KILLS) + 1
 
     counts = attempt_counts(deliveries)
+    print(f"attempt outcomes: {dict(counts)}")
     # the drill did hit the crashes: some attempts met a dead server (refused, reset or cut off mid-request)
     assert sum(n for outcome, n in counts.items() if outcome != "200") > 0, counts
     # nothing but 200 or a transport error: a crash never turns into a 5xx for an event that a retry can apply

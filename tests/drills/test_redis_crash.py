@@ -1,0 +1,113 @@
+"""Drill: redis-server (AOF, appendfsync everysec, as in production) is SIGKILLed under load and restarted from its
+AOF on the same data directory and socket, twice; the web keeps running.
+
+What a user relies on: while Redis is down the receiver answers 503 (Segment retries those) — never a 500, never a
+dropped connection — and no event that got a 200 is missing afterwards, nor applied twice.
+
+Why zero loss is the right expectation here: with ``appendfsync everysec`` Redis write()s the AOF before it replies,
+so a SIGKILL of redis-server loses nothing the kernel already has; only a power cut or kernel crash can lose up to
+about a second (not drilled here). One corner exists even for SIGKILL: when a background fsync is still running,
+everysec postpones the write() by up to 2 s while replies still go out (``aof_delayed_fsync`` in INFO counts the
+times it gave up waiting); the failure message below prints that counter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+
+from tests.drills.stack import (
+    Delivery,
+    Redis,
+    Sender,
+    Web,
+    attempt_counts,
+    logged_message_ids,
+    profile_of,
+    signed_headers,
+)
+
+EVENTS = 600
+KILLS = (0.25, 0.6)  # kill Redis when this share of the events has been acknowledged
+DOWN_SECONDS = 2.5
+
+
+def identify_events(n: int) -> list[dict]:
+    return [{"type": "identify", "userId": f"redis-user-{i}", "anonymousId": f"redis-anon-{i}",
+             "messageId": f"redis-msg-{i}", "timestamp": "2026-03-02T10:00:00Z",
+             "traits": {"email": f"redis{i}@example.com", "seq": i}}
+            for i in range(n)]
+
+
+def refresh_and_sync_resume(redis_server: Redis, web: Web) -> None:
+    """Follow-up (worker side, being fixed by another engineer): after Redis came back, the debounced profile
+    refresh and the Mavera sync must resume by themselves within 30 s — start a `persona-sync worker` against
+    ``redis_server.url`` and assert that the dirty profiles are refreshed and the personas synced by then.
+
+    Checks nothing yet; it is called where that check belongs (Redis restarted, the web still up)."""
+
+
+def test_redis_sigkill_under_load_answers_503_and_loses_nothing(start_redis, start_web) -> None:
+    redis_server = start_redis(persistent=True)
+    web = start_web(redis_server.url, concurrency=1)
+    events = identify_events(EVENTS)
+    deliveries = []
+    for e in events:
+        body = orjson.dumps(e)
+        deliveries.append(Delivery(e["messageId"], body, signed_headers(body)))
+    sender = Sender(f"{web.url}/segment", threads=4)
+    outages: list[tuple[float, float]] = []  # (killed, restart begun), monotonic
+    failure: list[BaseException] = []
+
+    def killer() -> None:
+        try:
+            for share in KILLS:
+                while sender.acked < share * EVENTS:
+                    time.sleep(0.005)
+                redis_server.kill()
+                killed = time.monotonic()
+                time.sleep(DOWN_SECONDS)
+                outages.append((killed, time.monotonic()))
+                redis_server.start()  # same data dir and socket: loads the AOF
+        except BaseException as exc:
+            failure.append(exc)
+
+    chaos = threading.Thread(target=killer, daemon=True)
+    chaos.start()
+    sender.run(deliveries)
+    chaos.join(120)
+    assert not failure, f"restarting redis-server failed: {failure[0]!r}"
+    assert len(outages) == len(KILLS)
+
+    counts = attempt_counts(deliveries)
+    print(f"attempt outcomes: {dict(counts)}")
+    # the web never failed differently: 200 or 503, no 500, no reset or refused connection
+    assert set(counts) <= {"200", "503"}, counts
+    for killed, restarted in outages:
+        during = [o for d in deliveries for sent, answered, o in d.timeline if sent > killed and answered < restarted]
+        assert during, "no request was answered while Redis was down: the drill did not drill"
+        assert set(during) == {"503"}, counts
+    assert web.proc is not None and web.proc.poll() is None, "the web died with Redis"
+    assert [d.key for d in deliveries if not d.acked] == []
+
+    refresh_and_sync_resume(redis_server, web)
+
+    # one more SIGKILL and restart: what was acknowledged after the restarts is in the AOF too
+    r = redis_server.client()
+    delayed = r.info("persistence").get("aof_delayed_fsync")
+    r.close()
+    redis_server.kill()
+    redis_server.start()
+    r = redis_server.client()
+    logged = logged_message_ids(r)
+    assert {m: n for m, n in logged.items() if n != 1} == {}, "events applied more than once"
+    missing = sorted({d.key for d in deliveries if d.acked} - set(logged))
+    assert missing == [], f"{len(missing)} acknowledged events lost (aof_delayed_fsync={delayed}): {missing[:10]}"
+    assert len(logged) == EVENTS
+    for e in events:
+        profile = profile_of(r, e["userId"])
+        assert profile.get("t:seq") == str(e["traits"]["seq"]), e["userId"]
+        assert f"x:anonymous_id:{e['anonymousId']}" in profile, e["userId"]
+    r.close()
