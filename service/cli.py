@@ -223,6 +223,43 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_worker_alive(settings: Settings, args: argparse.Namespace) -> int:
+    """Liveness probe of a worker container: exit 0 if an RQ worker started on this host (the pod) sent a heartbeat
+    within ``--max-age`` seconds, else exit 1 saying what is wrong.
+
+    rq heartbeats every 30 s while a job runs but only once per blocking dequeue when idle (worker_ttl - 15 =
+    405 s by default), so the default limit is worker_ttl + 60, the time rq itself keeps a silent worker's key:
+    anything shorter would restart healthy idle workers."""
+    import socket
+    from datetime import UTC, datetime
+
+    import redis
+    from rq import Queue, Worker
+    from rq.defaults import DEFAULT_WORKER_TTL
+
+    max_age = args.max_age if args.max_age is not None else DEFAULT_WORKER_TTL + 60
+    host = socket.gethostname()
+    try:
+        conn = redis.Redis.from_url(queue_url(settings), socket_timeout=5, socket_connect_timeout=5)
+        workers = [w for w in Worker.all(queue=Queue(QUEUE_NAME, connection=conn)) if w.hostname == host]
+    except redis.RedisError as exc:
+        print(f"worker-alive: cannot read the RQ workers from the queue Redis: {exc}", file=sys.stderr)
+        return 1
+    now = datetime.now(UTC)
+    ages = sorted((now - w.last_heartbeat).total_seconds() for w in workers if w.last_heartbeat)
+    if ages and ages[0] <= max_age:
+        print(f"worker-alive: ok, last heartbeat {ages[0]:.0f} s ago ({len(workers)} worker(s) on {host})")
+        return 0
+    if not workers:
+        print(f"worker-alive: no RQ worker of queue {QUEUE_NAME} registered from host {host}", file=sys.stderr)
+    elif not ages:
+        print(f"worker-alive: the RQ worker(s) on {host} never sent a heartbeat", file=sys.stderr)
+    else:
+        print(f"worker-alive: the newest heartbeat of an RQ worker on {host} is {ages[0]:.0f} s old "
+              f"(limit {max_age:g} s): the worker is stuck or cannot reach Redis", file=sys.stderr)
+    return 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona-sync", description="Segment events in, live profiles and Mavera "
                                 "personas out. Configuration comes from environment variables (`persona-sync config`).")
@@ -241,6 +278,12 @@ def parser() -> argparse.ArgumentParser:
                        description="Run recompute and sync jobs from the persona-sync queue.")
     k.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     k.set_defaults(func=cmd_worker)
+    wa = sub.add_parser("worker-alive", help="liveness probe: exit 0 if this host's RQ worker has a recent heartbeat",
+                        description="Exit 0 when an RQ worker registered from this host (the pod) sent a heartbeat "
+                                    "recently, else 1 with the reason. For a Kubernetes exec liveness probe.")
+    wa.add_argument("--max-age", type=float, help="seconds a heartbeat stays recent (default: rq's worker TTL + 60, "
+                                                  "480 s; an idle rq worker heartbeats every 405 s)")
+    wa.set_defaults(func=cmd_worker_alive)
     c = sub.add_parser("cron", help="run the rq cron scheduler (exactly one per deployment)",
                        description="Enqueue the scheduled full recompute. Run exactly one of these.")
     c.set_defaults(func=cmd_cron)
