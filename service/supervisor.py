@@ -1,7 +1,11 @@
 """``persona-sync dev``: embedded Redis, web, worker and cron as one supervised process group.
 
-A child that dies is restarted (with back-off); Ctrl-C or SIGTERM stops every child, Redis last, so that the
-append-only file is flushed and a restart keeps the data.
+One ``DATA_DIR`` holds one stack: the supervisor keeps an exclusive lock on it for its whole life, and a second
+``dev`` on the same directory refuses to start and names the running one. Each child runs in a process group of
+its own and is stopped and restarted with that whole group, so a web master's uvicorn workers (or a worker's
+job process) never outlive it holding the port. A child that dies — the embedded redis-server included — is
+restarted with back-off (0.5 s doubling to 10 s, reset once it has run a minute) and the log says so. Ctrl-C or
+SIGTERM stops every child, Redis last, so that the append-only file is flushed and a restart keeps the data.
 """
 
 from __future__ import annotations
@@ -11,10 +15,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from service.config import Settings
-from service.redis_server import EmbeddedRedis
+from service.redis_server import DataDirLock, EmbeddedRedis
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0  # seconds before a restart: doubling from the first to the most
+STABLE_AFTER = 60.0  # a child that ran this long is healthy again: its next crash restarts it at once
+STOP_GRACE = 15.0  # seconds a child gets to finish after SIGTERM before its group is killed
+
+
+def say(message: str) -> None:
+    print(f"persona-sync dev: {message}", flush=True)
 
 
 def _children(with_worker: bool, with_cron: bool) -> dict[str, list[str]]:
@@ -27,13 +41,88 @@ def _children(with_worker: bool, with_cron: bool) -> dict[str, list[str]]:
     return kids
 
 
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the child's whole process group (it leads one: started with ``process_group=0``)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
+    """SIGTERM the group, wait up to ``grace`` for the leader, then SIGKILL whatever of the group is left."""
+    if proc.poll() is None:
+        signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    signal_group(proc, signal.SIGKILL)  # orphans of a leader that died (uvicorn workers, an RQ job process)
+    proc.wait()
+
+
+@dataclass
+class Child:
+    """One supervised program: how to start it, and when it may next be restarted."""
+
+    name: str
+    start: Callable[[], subprocess.Popen]
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+
+    def launch(self) -> None:
+        self.proc, self.started, self.restart_at = self.start(), time.monotonic(), None
+
+    def exited(self) -> int | None:
+        """The exit code if the program died (and has not been dealt with yet)."""
+        if self.proc is None or self.restart_at is not None:
+            return None
+        return self.proc.poll()
+
+    def schedule_restart(self, code: int) -> float:
+        """Clean up the dead program's group; return the back-off before it starts again."""
+        assert self.proc is not None
+        stop_group(self.proc, grace=0)
+        ran = time.monotonic() - self.started
+        self.failures = 0 if ran >= STABLE_AFTER else self.failures + 1
+        delay = 0.0 if self.failures == 0 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+        self.restart_at = time.monotonic() + delay
+        return delay
+
+
 def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True) -> int:
-    embedded = None
     env = dict(os.environ)
+    lock = embedded = None
+    children: list[Child] = []
     if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.data_dir).start()
+        lock = DataDirLock(settings.data_dir, f"http://{settings.host}:{settings.port}")
+        holder = lock.acquire()
+        if holder is not None:
+            print(f"persona-sync dev: DATA_DIR {lock.data_dir} is in use by another stack ({holder}). Stop it, or "
+                  "run this one with its own DATA_DIR and PORT (e.g. DATA_DIR=./var2 PORT=8001 make run).",
+                  file=sys.stderr, flush=True)
+            return 1
+        embedded = EmbeddedRedis(settings.data_dir)
+        try:
+            embedded.start()
+        except RuntimeError as exc:
+            lock.release()
+            print(f"persona-sync dev: {exc}", file=sys.stderr, flush=True)
+            return 1
         env["REDIS_URL"] = embedded.url
-        print(f"persona-sync dev: embedded Redis at {embedded.url} (data in {embedded.data_dir})", flush=True)
+        say(f"embedded Redis at {embedded.url} (data in {embedded.data_dir})")
+
+        def start_redis() -> subprocess.Popen:
+            assert embedded is not None
+            embedded.start()
+            assert embedded.proc is not None
+            return embedded.proc
+
+        redis_child = Child("redis", start_redis)
+        redis_child.proc, redis_child.started = embedded.proc, time.monotonic()
+        children.append(redis_child)
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -42,38 +131,40 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    specs = _children(with_worker, with_cron)
-    procs: dict[str, subprocess.Popen] = {}
-    restarts: dict[str, list[float]] = {name: [] for name in specs}
+    for name, cmd in _children(with_worker, with_cron).items():
+        child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env, process_group=0))
+        child.launch()
+        children.append(child)
     try:
-        for name, cmd in specs.items():
-            procs[name] = subprocess.Popen(cmd, env=env)
-        print(f"persona-sync dev: listening on http://{settings.host}:{settings.port} "
-              f"({', '.join(specs)} running; Ctrl-C stops all)", flush=True)
+        say(f"listening on http://{settings.host}:{settings.port} "
+            f"({', '.join(c.name for c in children)} running; Ctrl-C stops all)")
         while not stopping:
-            time.sleep(0.5)
-            for name, proc in list(procs.items()):
-                if proc.poll() is None or stopping:
-                    continue
-                recent = [t for t in restarts[name] if t > time.monotonic() - 60]
-                restarts[name] = recent + [time.monotonic()]
-                if len(recent) >= 5:
-                    print(f"persona-sync dev: {name} keeps exiting (code {proc.returncode}); stopping", flush=True)
-                    stopping = True
+            time.sleep(0.2)
+            for child in children:
+                if stopping:
                     break
-                print(f"persona-sync dev: {name} exited with {proc.returncode}; restarting", flush=True)
-                time.sleep(min(5, 0.5 * 2 ** len(recent)))
-                procs[name] = subprocess.Popen(specs[name], env=env)
+                code = child.exited()
+                if code is not None:
+                    delay = child.schedule_restart(code)
+                    say(f"{child.name} exited with {code}; restarting in {delay:.1f} s")
+                elif child.restart_at is not None and time.monotonic() >= child.restart_at:
+                    try:
+                        child.launch()
+                    except (OSError, RuntimeError) as exc:  # e.g. Redis could not start yet: try again later
+                        child.proc, child.restart_at = None, time.monotonic() + BACKOFF_MAX
+                        say(f"{child.name} did not start ({exc}); trying again in {BACKOFF_MAX:.0f} s")
+                        continue
+                    say(f"{child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for child in children:  # ask every program to stop at once, then wait: Redis last
+            if child.name != "redis" and child.proc and child.proc.poll() is None:
+                signal_group(child.proc, signal.SIGTERM)
+        for child in children:
+            if child.name != "redis" and child.proc:
+                stop_group(child.proc)
         if embedded:
             embedded.stop()
-        print("persona-sync dev: stopped", flush=True)
+        if lock:
+            lock.release()
+        say("stopped")
     return 0
