@@ -5,25 +5,51 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
+import re
 from collections.abc import Iterable, Mapping
+
+# Strings (with their escapes), a quote that opens a string never closed, and brackets: all that matters to find
+# where a JSON value ends. The string alternative is "unrolled" so that it runs in linear time.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|"|[\[\]{}]', re.DOTALL)
+_SCALAR = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[^\s,\]]+', re.DOTALL)
+_WS = b" \t\r\n"
 
 
 def signed_part(body: bytes) -> bytes:
     """What Segment signs: the whole body, or for a Webhooks (Actions) batch the raw text of element 0.
 
     Actions computes ``HMAC(JSON.stringify(payload[0]))``; re-serialising in Python would not reproduce
-    JavaScript's spacing and escaping, so the first element's exact bytes are cut out of the raw text.
+    JavaScript's spacing and escaping, so the first element's exact bytes are cut out of the raw text. The cut is
+    found by scanning tokens with a stack of open brackets, never by a recursive parser: a body nested thousands of
+    levels deep costs one linear scan (a recursive decoder raised RecursionError: a 500). Raises ``ValueError`` when
+    the body has no complete first element; whether it is valid JSON is the parser's business, after the signature.
     """
     stripped = body.lstrip()
     if not stripped.startswith(b"["):
         return body
-    text = body.decode("utf-8")
-    start = text.index("[") + 1
-    while start < len(text) and text[start] in " \t\r\n":
+    start = len(body) - len(stripped) + 1
+    while start < len(body) and body[start] in _WS:
         start += 1
-    _, end = json.JSONDecoder().raw_decode(text, start)
-    return text[start:end].encode("utf-8")
+    if start >= len(body) or body[start] in b"],":
+        raise ValueError("no first element")
+    if body[start] not in b"[{":
+        scalar = _SCALAR.match(body, start)
+        if scalar is None:
+            raise ValueError("no first element")
+        return scalar.group()
+    open_brackets = bytearray()
+    for token in _TOKEN.finditer(body, start):
+        c = body[token.start()]
+        if c == 0x22:  # '"'
+            if token.end() - token.start() == 1:
+                raise ValueError("unterminated string")
+        elif c in b"[{":
+            open_brackets.append(c + 2)  # the closing bracket: ord("[") + 2 == ord("]"), ord("{") + 2 == ord("}")
+        elif not open_brackets or open_brackets.pop() != c:
+            raise ValueError("mismatched brackets")
+        elif not open_brackets:
+            return body[start:token.end()]
+    raise ValueError("unterminated first element")
 
 
 def signature_ok(body: bytes, header: str | None, secrets: Iterable[str]) -> bool:

@@ -71,20 +71,39 @@ def parse_json(body: bytes) -> Any:
 
 @dataclass(frozen=True)
 class Item:
-    """One event as received: the decoded object and the bytes kept for the log and dead letters."""
+    """One event as received: the decoded object and the bytes kept for the log and dead letters.
+
+    ``error`` is set for an event refused before it is looked at (nested deeper than ``MAX_DEPTH``).
+    """
 
     obj: Any
     raw: bytes
+    error: str = ""
+
+
+# orjson parses 1024 levels but serialises at most 254, and every event is serialised again downstream (the log,
+# the script payload, generated messageIds): an event nested deeper is refused on its own, never with a 500.
+MAX_DEPTH = 254
+TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
+
+
+def item(obj: Any, raw: bytes | None = None) -> Item:
+    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check."""
+    try:
+        encoded = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return Item(obj, raw if raw is not None else b"", TOO_DEEP)
+    return Item(obj, raw if raw is not None else encoded)
 
 
 def webhook_items(doc: Any, body: bytes) -> list[Item]:
     """Classic Webhooks (one object) or Webhooks (Actions) (one object, or a bare array)."""
     if isinstance(doc, dict):
-        return [Item(doc, body)]
+        return [item(doc, body)]
     if isinstance(doc, list):
         if len(doc) > MAX_ACTIONS_BATCH:
             raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
-        return [Item(e, orjson.dumps(e)) for e in doc]
+        return [item(e) for e in doc]
     raise BodyError(400, "body must be a JSON object (one event) or an array of events")
 
 
@@ -98,7 +117,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
         event = dict(doc)
         event.pop("writeKey", None)
         event.setdefault("type", kind)
-        return [Item(event, orjson.dumps(event))]
+        return [item(event)]
     batch = doc.get("batch")
     if not isinstance(batch, list):
         raise BodyError(400, "a batch body needs a 'batch' array of events")
@@ -106,7 +125,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
         raise BodyError(413, f"batch of {len(batch)} events; the Tracking API allows {MAX_BATCH_EVENTS}")
     shared_ctx = doc.get("context") if isinstance(doc.get("context"), dict) else None
     shared_int = doc.get("integrations") if isinstance(doc.get("integrations"), dict) else None
-    items = []
+    items: list[Item] = []
     for e in batch:
         if isinstance(e, dict) and (shared_ctx or shared_int):
             e = dict(e)
@@ -115,6 +134,5 @@ def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
                 e["context"] = {**shared_ctx, **ctx}
             if shared_int and not isinstance(e.get("integrations"), dict):
                 e["integrations"] = shared_int
-        raw = orjson.dumps(e)
-        items.append(Item(e, raw))
+        items.append(item(e))
     return items

@@ -55,6 +55,8 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
     for i, item in enumerate(items):
         kind = str(item.obj.get("type", "?"))[:20] if isinstance(item.obj, dict) else "?"
         try:
+            if item.error:
+                raise InvalidEvent(item.error)
             if source == "tracking" and len(item.raw) > MAX_EVENT_BYTES:
                 raise InvalidEvent(f"event is {len(item.raw)} bytes; the Tracking API allows {MAX_EVENT_BYTES}")
             good.append((normalise(item.obj, received, state.rules), item.raw))

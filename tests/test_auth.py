@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
 from service.auth import basic_username, bearer_token, signature_ok, signed_part, token_ok, write_key_space
 from tests.conftest import SECRET, fixture_bytes, fixture_json
 
@@ -34,3 +38,31 @@ def test_credentials() -> None:
     assert token_ok("t", "t") and not token_ok("t", "") and not token_ok(None, "t")
     assert write_key_space([None, "k2"], {"k1": "a", "k2": "b"}) == "b"
     assert write_key_space(["zz"], {"k1": "a"}) is None
+
+
+def test_signed_part_of_deep_or_broken_bodies_is_linear_and_never_recursive() -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+    assert signed_part(b"[" + deep + b", 1]") == deep  # a recursive decoder raised RecursionError (a 500)
+    assert not signature_ok(b"[" * 100_000, "00", [SECRET])
+    assert not signature_ok(b'[{"a": "unterminated \\"}]', "00", [SECRET])
+    assert signed_part(b'[ "a]b\\"c" ,{}]') == b'"a]b\\"c"' and signed_part(b"[1e400]") == b"1e400"
+    for broken in (b"[", b"[]", b"[ ,1]", b'[{"a":"}', b"[{]"):
+        try:
+            signed_part(broken)
+        except ValueError:
+            continue
+        raise AssertionError(broken)
+
+
+@given(st.lists(st.recursive(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(),
+                                       st.floats(allow_nan=False)),
+                             lambda k: st.lists(k) | st.dictionaries(st.text(), k), max_leaves=20), min_size=1))
+def test_signed_part_is_the_first_elements_exact_text(batch: list) -> None:
+    import json
+
+    for body in (orjson.dumps(batch), json.dumps(batch, indent=1).encode(), b" \n" + json.dumps(batch).encode()):
+        start = body.index(b"[") + 1
+        start += len(body[start:]) - len(body[start:].lstrip())
+        text = body.decode()
+        _, end = json.JSONDecoder().raw_decode(text, len(body[:start].decode()))
+        assert signed_part(body) == text[:end].encode()[start:]
