@@ -1,7 +1,11 @@
-"""Operator routes (Bearer ``ADMIN_TOKEN``): what was refused, and the state of a space."""
+"""Operator routes (Bearer ``ADMIN_TOKEN``): what was refused, and the state of a space.
+
+``/admin/dead-letters`` holds what passed authentication but could not be applied (replayable);
+``/admin/refusals`` what was refused before authentication: metadata only, never a body, never replayable."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
@@ -10,7 +14,7 @@ from starlette.routing import Route
 
 from service import auth
 from service.config import valid_space
-from service.keys import Keys
+from service.keys import REFUSALS_KEY, Keys
 from service.responses import JSON, error, unavailable
 from service.status import queue_status, status_row
 from service.store import REDIS_DOWN
@@ -53,30 +57,72 @@ def admin_endpoint(handler: Callable[[Request, str], Awaitable[Response]]) -> Ca
     return endpoint
 
 
+def _page(request: Request) -> tuple[int, str] | Response:
+    """``?limit=`` (1-1000, default 50) and ``?before=<entry id>``, or the 400 to send."""
+    raw_limit = request.query_params.get("limit", "50")
+    before = request.query_params.get("before") or "+"
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        return error(400, "validation_error", "limit must be a number from 1 to 1000")
+    if before != "+" and not _ENTRY_ID.match(before):
+        return error(400, "validation_error", "before must be an entry id such as 1700000000000-0")
+    return int(raw_limit), before
+
+
+_ENTRY_ID = re.compile(r"^\(?\d{1,20}(-\d{1,20})?$")
+
+
 async def dead_letters(request: Request) -> Response:
     """Newest first; ``?space=``, ``?limit=`` (1-1000), ``?before=<entry id>`` to page back."""
     if denied := admin_denied(request):
         return denied
     space = _space(request)
-    raw_limit = request.query_params.get("limit", "50")
-    if not valid_space(space) or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
-        return error(400, "validation_error", "space must be a valid space id and limit a number from 1 to 1000")
-    before = request.query_params.get("before") or "+"
+    if not valid_space(space):
+        return error(400, "validation_error", "space must be a valid space id")
+    page = _page(request)
+    if isinstance(page, Response):
+        return page
+    limit, before = page
     try:
         client = request.app.state.redis
-        rows = await client.xrevrange(Keys(space).dead_letters, max=before, min="-", count=int(raw_limit) + 1)
+        rows = await client.xrevrange(Keys(space).dead_letters, max=before, min="-", count=limit + 1)
         total = await client.xlen(Keys(space).dead_letters)
     except REDIS_DOWN as exc:
         return unavailable(exc)
     items = []
-    for entry_id, fields in rows[: int(raw_limit)]:
+    for entry_id, fields in rows[: limit]:
         f = {k.decode(): v for k, v in fields.items()}
         items.append({"id": entry_id.decode(), "reason": f.get("reason", b"").decode(errors="replace"),
                       "source": f.get("source", b"").decode(errors="replace"), "at": int(f.get("at", b"0")),
                       "raw": f.get("raw", b"").decode(errors="replace")})
-    more = len(rows) > int(raw_limit)
+    more = len(rows) > limit
     return JSON({"space": space, "total": total, "data": items, "has_more": more,
-                         "next_before": items[-1]["id"] if more and items else None})
+                 "next_before": rows[limit][0].decode() if more else None})
+
+
+async def refusals(request: Request) -> Response:
+    """Requests refused before authentication, newest first, every space: time, space claimed, route, status,
+    reason, size and peer address. Never a body; nothing here can be replayed. ``?limit=``, ``?before=``."""
+    if denied := admin_denied(request):
+        return denied
+    page = _page(request)
+    if isinstance(page, Response):
+        return page
+    limit, before = page
+    try:
+        client = request.app.state.redis
+        rows = await client.xrevrange(REFUSALS_KEY, max=before, min="-", count=limit + 1)
+        total = await client.xlen(REFUSALS_KEY)
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    items = []
+    for entry_id, fields in rows[:limit]:
+        f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+        items.append({"id": entry_id.decode(), "at": int(f.get("at", "0")), "space": f.get("space", ""),
+                      "route": f.get("route", ""), "status": int(f.get("status", "0")), "reason": f.get("reason", ""),
+                      "bytes": int(f.get("bytes", "0")), "addr": f.get("addr", "")})
+    more = len(rows) > limit
+    return JSON({"total": total, "data": items, "has_more": more,
+                 "next_before": rows[limit][0].decode() if more else None})
 
 
 @admin_endpoint
@@ -88,5 +134,6 @@ async def status(request: Request, space: str) -> Response:
 
 routes = [
     Route("/admin/dead-letters", dead_letters, methods=["GET"]),
+    Route("/admin/refusals", refusals, methods=["GET"]),
     Route("/admin/status", status, methods=["GET"]),
 ]

@@ -163,6 +163,10 @@ class Keys:
 
 
 SPACES_KEY = "sps:spaces"  # set of every space that has received data (not tagged: a global index)
+# Requests refused before they were authenticated: metadata only (time, space claimed, route, status, reason, size,
+# peer address), never any of the body. One capped stream for the deployment, not one per space: the space of an
+# unauthenticated request is itself a claim, and a key per claimed space would let anyone create keys.
+REFUSALS_KEY = "sps:refusals"
 # Mavera is one account per deployment: its limiter and pause switch are global, not per space.
 MAVERA_RATE_KEY = "sps:mavera:rate"  # sorted set of request timestamps (sliding 60 s window)
 MAVERA_PAUSED_KEY = "sps:mavera:paused"  # JSON {"reason", "at_ms"} while syncing is paused (402)

@@ -66,15 +66,23 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
     return removed
 
 
-def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None) -> dict:  # noqa: ANN001
-    """Apply the dead letters again (after a fix, or a secret rotation); what applies is removed, the rest stays.
+# Dead-letter sources whose bodies passed authentication (a valid signature or write key, or open mode). Anything
+# else, notably ``webhook-unsigned`` (bodies that failed the signature check, stored by earlier versions), is never
+# applied.
+AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking"})
 
-    A dead letter holds one event, or a whole refused body (an event, an Actions array or a Tracking API batch).
-    Signatures are not checked again: an operator is vouching for what they replay."""
+
+def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,  # noqa: ANN001
+                        drop_unauthenticated: bool = False) -> dict:
+    """Apply the dead letters again (after a fix); what applies is removed, the rest stays.
+
+    A dead letter holds one event, or a whole refused body (an event, an Actions array or a Tracking API batch)
+    that had passed authentication. An entry from any other source (``AUTHENTICATED_SOURCES``) is skipped and
+    counted as ``unauthenticated``, never applied: ``drop_unauthenticated`` deletes those entries."""
     k = Keys(space)
     rules = IdentityRules.from_settings(settings)
     store = SyncStore(client, settings)
-    counts = {"entries": 0, "replayed": 0, "kept": 0, "events_applied": 0}
+    counts = {"entries": 0, "replayed": 0, "kept": 0, "events_applied": 0, "unauthenticated": 0}
     last = "-"
     while True:
         rows = client.xrange(k.dead_letters, min=last, max="+", count=500)
@@ -85,13 +93,18 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
             counts["entries"] += 1
             if progress:
                 progress(1)
+            if fields.get(b"source", b"").decode(errors="replace") not in AUTHENTICATED_SOURCES:
+                counts["unauthenticated"] += 1
+                if drop_unauthenticated:
+                    client.xdel(k.dead_letters, entry_id)
+                continue
             try:
                 doc = orjson.loads(fields.get(b"raw", b""))
                 items = doc.get("batch") if isinstance(doc, dict) and "batch" in doc else doc
                 items = items if isinstance(items, list) else [items]
                 events = [(normalise(e, now_ms(), rules), encode_raw(e)) for e in items]
                 outcomes = store.apply(space, events)
-            except (orjson.JSONDecodeError, ValueError):
+            except (orjson.JSONDecodeError, orjson.JSONEncodeError, ValueError):  # encode: nested too deeply
                 counts["kept"] += 1
                 continue
             if all(o.status != "error" for o in outcomes):

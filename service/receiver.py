@@ -32,7 +32,21 @@ from service.responses import JSON, error, unavailable
 from service.store import StoreUnavailable, now_ms
 
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
-UNSIGNED_DLQ_LIMIT = 64 * 1024
+UNKEPT = "nothing of this request was kept"
+
+
+async def _unauthenticated(request: Request, space: str, status: int, reason: str, size: int) -> None:
+    """Log a refusal that came before authentication succeeded: metadata only (see ``REFUSALS_KEY``).
+
+    The body is never stored: what failed authentication must never become replayable, nor fill Redis. The
+    address is the peer as the ASGI server reports it (uvicorn applies X-Forwarded-For only from
+    FORWARDED_ALLOW_IPS)."""
+    metrics.REFUSED.labels(str(status)).inc()
+    peer = request.client.host if request.client else ""
+    try:
+        await request.app.state.store.refusal(space, request.url.path, status, reason, size, peer)
+    except StoreUnavailable:
+        pass  # the refusal stands either way; nothing was accepted
 
 
 async def _refuse(request: Request, space: str, exc: BodyError, source: str) -> JSON:
@@ -103,12 +117,12 @@ async def segment_webhook(request: Request) -> Response:
     secrets = state.settings.shared_secrets
     if secrets and not auth.signature_ok(body, request.headers.get("x-signature"), secrets):
         reason = "X-Signature missing" if not request.headers.get("x-signature") else "X-Signature does not match"
-        metrics.REFUSED.labels("401").inc()
-        try:
-            await state.store.dead_letter(space, reason, body[:UNSIGNED_DLQ_LIMIT], "webhook-unsigned")
-        except StoreUnavailable:
-            pass
-        return error(401, "authentication_error", f"{reason}: sign the body with a secret in SEGMENT_SHARED_SECRETS")
+        await _unauthenticated(request, space, 401, reason, len(body))
+        return error(401, "authentication_error",
+                     f"{reason}: sign the body with a secret in SEGMENT_SHARED_SECRETS; {UNKEPT} (only its time, "
+                     "size and source address, see GET /admin/refusals). If this is Segment signing with a secret "
+                     "not configured here yet, add it to SEGMENT_SHARED_SECRETS: deliveries made after that are "
+                     "accepted.")
     try:
         doc = parse_json(body)
         items = webhook_items(doc, body)
@@ -135,9 +149,11 @@ async def tracking(request: Request) -> Response:
     if keys:
         space = auth.write_key_space([auth.basic_username(header), body_key, auth.bearer_token(header)], keys)
         if space is None:
-            metrics.REFUSED.labels("401").inc()
+            reason = "write key missing" if not (header or body_key) else "write key unknown"
+            await _unauthenticated(request, state.settings.space_id, 401, reason, len(body))
             return error(401, "authentication_error",
-                         "missing or unknown write key: send it as the Basic username or as writeKey in the body")
+                         f"missing or unknown write key: send one of SEGMENT_WRITE_KEYS as the Basic username or as "
+                         f"writeKey in the body; {UNKEPT} (only its time, size and source address)")
     try:
         items = tracking_items(doc, body, None if kind == "batch" else kind)
     except BodyError as exc:

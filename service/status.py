@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from service.keys import Keys
+from service.keys import REFUSALS_KEY, Keys
 
 
 def queue_status(pipe: Any, keys: Keys) -> None:
@@ -18,14 +18,16 @@ def queue_status(pipe: Any, keys: Keys) -> None:
     pipe.scard(keys.suppressed)
     pipe.hlen(keys.clusters)
     pipe.hvals(keys.personas)
+    pipe.xlen(REFUSALS_KEY)
 
 
 def status_row(space: str, replies: list) -> dict[str, Any]:
-    seq, dirty, log_len, dlq, suppressed, clusters, personas = replies[:7]
+    seq, dirty, log_len, dlq, suppressed, clusters, personas, refusals = replies[:8]
     states: dict[str, int] = {}
     for raw in personas:
         state = orjson.loads(raw).get("state", "?")
         states[state] = states.get(state, 0) + 1
     return {"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty, "event_log_entries": log_len,
             "dead_letters": dlq, "suppressed_user_ids": suppressed, "clusters": clusters,
-            "personas": dict(sorted(states.items()))}
+            "personas": dict(sorted(states.items())),
+            "refusals_logged": refusals}  # requests refused before authentication, every space (GET /admin/refusals)

@@ -20,7 +20,7 @@ import redis.asyncio as aredis
 from service.config import Settings
 from service.events import Event, dedupe_digest
 from service.identity import IdentityRules
-from service.keys import SPACES_KEY, Keys
+from service.keys import REFUSALS_KEY, SPACES_KEY, Keys
 
 SCRIPT = resources.files("service").joinpath("lua/apply.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
@@ -143,6 +143,18 @@ class AsyncStore:
         fields = self.applier.dead_letter_fields(reason, raw, source, now_ms())
         try:
             await self.client.xadd(Keys(space).dead_letters, fields, maxlen=self.applier.settings.dead_letter_max,
+                                   approximate=True)
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def refusal(self, space: str, route: str, status: int, reason: str, size: int, addr: str) -> None:
+        """Log a request refused before it was authenticated: metadata only, never a byte of its body.
+
+        Nothing in it can be replayed; the log is capped (REFUSAL_LOG_MAX) and shared by every space."""
+        fields = {"at": now_ms(), "space": space[:64], "route": route[:100], "status": status, "reason": reason[:200],
+                  "bytes": size, "addr": addr[:64]}
+        try:
+            await self.client.xadd(REFUSALS_KEY, fields, maxlen=self.applier.settings.refusal_log_max,
                                    approximate=True)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc

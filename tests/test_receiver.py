@@ -63,14 +63,19 @@ def test_actions_batch_signature_covers_only_first_element(client: TestClient) -
     assert post(client, tampered_head, **{"X-Signature": first_sig}).status_code == 401
 
 
-def test_wrong_or_missing_signature_is_401_and_kept(client: TestClient, r: redis.Redis) -> None:
+def test_wrong_or_missing_signature_is_401_and_only_its_metadata_kept(client: TestClient, r: redis.Redis) -> None:
     body = fixture_bytes("identify.body")
     resp = post(client, body, **{"X-Signature": sign(body, "other-secret")})
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "authentication_error"
+    assert "nothing of this request was kept" in resp.json()["error"]["message"]
     assert client.post("/segment", content=body).status_code == 401
-    dl = client.get("/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
-    assert dl["total"] == 2 and "X-Signature" in dl["data"][0]["reason"]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert client.get("/admin/dead-letters", headers=admin).json()["total"] == 0
+    refused = client.get("/admin/refusals", headers=admin).json()
+    assert refused["total"] == 2 and [e["reason"] for e in refused["data"]] == ["X-Signature missing",
+                                                                               "X-Signature does not match"]
+    assert {e["bytes"] for e in refused["data"]} == {len(body)} and refused["data"][0]["status"] == 401
     assert r.exists(Keys("default").profile("use_1")) == 0
 
 
@@ -168,11 +173,16 @@ def test_dead_letters_can_be_replayed_after_the_cause_is_fixed(client: TestClien
     from tests.helpers import find
 
     body = fixture_bytes("identify.body")
-    assert post(client, body, **{"X-Signature": sign(body, "rotated-away")}).status_code == 401
+    assert post(client, body, **{"X-Signature": sign(body, "rotated-away")}).status_code == 401  # not stored
     post(client, orjson.dumps([{"type": "track", "event": "x", "userId": "u1", "messageId": "ok-1"},
                                {"type": "teleport", "userId": "u1", "messageId": "bad"}]))
-    assert r.xlen(Keys("default").dead_letters) == 2
+    # what an older version stored for a body that failed the signature check: never applied
+    r.xadd(Keys("default").dead_letters, {"reason": "X-Signature does not match", "source": "webhook-unsigned",
+                                          "at": 1, "raw": body})
+    # a signed event that a bug refused, fixed since
+    r.xadd(Keys("default").dead_letters, {"reason": "store error", "source": "webhook", "at": 1, "raw": body})
+    assert r.xlen(Keys("default").dead_letters) == 3
     counts = replay_dead_letters(r, Settings(), "default")
-    assert counts == {"entries": 2, "replayed": 1, "kept": 1, "events_applied": 1}
+    assert counts == {"entries": 3, "replayed": 1, "kept": 1, "events_applied": 1, "unauthenticated": 1}
     assert find(r, "user_id", "usr_001") is not None
-    assert r.xlen(Keys("default").dead_letters) == 1
+    assert r.xlen(Keys("default").dead_letters) == 2
