@@ -13,12 +13,18 @@ times it gave up waiting); the failure message below prints that counter.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 
 import orjson
 
+from service.keys import Keys
 from tests.drills.stack import (
+    EXE,
+    SPACE,
     Delivery,
     Redis,
     Sender,
@@ -27,7 +33,9 @@ from tests.drills.stack import (
     logged_message_ids,
     profile_of,
     signed_headers,
+    wait_until,
 )
+from tests.mavera_server import API_KEY, MaveraServer
 
 EVENTS = 600
 KILLS = (0.25, 0.6)  # kill Redis when this share of the events has been acknowledged
@@ -41,17 +49,50 @@ def identify_events(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def refresh_and_sync_resume(redis_server: Redis, web: Web) -> None:
-    """Follow-up (worker side, being fixed by another engineer): after Redis came back, the debounced profile
-    refresh and the Mavera sync must resume by themselves within 30 s — start a `persona-sync worker` against
-    ``redis_server.url`` and assert that the dirty profiles are refreshed and the personas synced by then.
+def start_worker(redis_url: str, mavera: MaveraServer) -> subprocess.Popen:
+    """A ``persona-sync worker`` syncing to the loopback Mavera server: it lives through the Redis outages."""
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(REDIS_URL=redis_url, MAVERA_API_KEY=API_KEY, MAVERA_BASE_URL=mavera.url, MAVERA_TIMEOUT="2s",
+               REFRESH_DEBOUNCE="1s", LOG_LEVEL="WARNING", SPACE_ID=SPACE)
+    return subprocess.Popen([EXE, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            process_group=0)
 
-    Checks nothing yet; it is called where that check belongs (Redis restarted, the web still up)."""
+
+def refresh_and_sync_resume(redis_server: Redis, mavera: MaveraServer, since: float) -> None:
+    """After Redis came back, the debounced refresh and the Mavera sync resume by themselves within 30 s: every
+    profile is refreshed (none left dirty) and the persona of their cluster carries all of them."""
+    r = redis_server.client()
+    keys = Keys(SPACE)
+    try:
+        wait_until(lambda: not r.exists(keys.dirty, keys.dirty_work, keys.dirty_full)
+                   and r.hlen(keys.contributions) == EVENTS, 30 - (time.monotonic() - since),
+                   "refresh resumed after the Redis restarts")
+        wait_until(lambda: any(p["description"].startswith(f"{EVENTS:,} customers")
+                               for p in list(mavera.state.personas.values())),
+                   30 - (time.monotonic() - since), "sync resumed after the Redis restarts")
+    except AssertionError:
+        print("state:", {k: r.exists(k) for k in (keys.dirty, keys.dirty_work, keys.dirty_full, keys.recompute_lock,
+                                                   keys.refresh_pending, keys.refresh_queued)},
+              "contributions:", r.hlen(keys.contributions))
+        raise
+    finally:
+        r.close()
+    assert len(mavera.state.personas) == 1  # one cluster, one persona: never created twice
 
 
 def test_redis_sigkill_under_load_answers_503_and_loses_nothing(start_redis, start_web) -> None:
     redis_server = start_redis(persistent=True)
     web = start_web(redis_server.url, concurrency=1)
+    with MaveraServer() as mavera:
+        worker = start_worker(redis_server.url, mavera)
+        try:
+            drill(redis_server, web, mavera)
+        finally:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def drill(redis_server: Redis, web: Web, mavera: MaveraServer) -> None:
     events = identify_events(EVENTS)
     deliveries = []
     for e in events:
@@ -92,7 +133,7 @@ def test_redis_sigkill_under_load_answers_503_and_loses_nothing(start_redis, sta
     assert web.proc is not None and web.proc.poll() is None, "the web died with Redis"
     assert [d.key for d in deliveries if not d.acked] == []
 
-    refresh_and_sync_resume(redis_server, web)
+    refresh_and_sync_resume(redis_server, mavera, since=outages[-1][1])
 
     # one more SIGKILL and restart: what was acknowledged after the restarts is in the AOF too
     r = redis_server.client()
