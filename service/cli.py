@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from service.config import VARIABLES, ConfigError, Settings
 
@@ -81,13 +83,32 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         except redis.RedisError as exc:
             print(f"persona-sync worker: Redis not reachable yet ({exc}); the watchdog keeps trying", file=sys.stderr)
         watchdog.start()
-    worker = Worker([queue], connection=conn)
     try:
-        worker.work(with_scheduler=True, burst=args.burst)
+        return _work(lambda: Worker([queue], connection=conn), args.burst)
     finally:
         if watchdog:
             watchdog.stop()
-    return 0
+
+
+def _work(make_worker: Callable[[], Any], burst: bool) -> int:
+    """Run an RQ worker; when Redis goes away under it (a restart, a failover), start a new one once Redis is back
+    instead of exiting: RQ retries only while it waits for a job, not while it registers or reports one."""
+    import redis
+
+    backoff = 0.5
+    while True:
+        worker = None
+        try:
+            worker = make_worker()
+            worker.work(with_scheduler=True, burst=burst)
+            return 0
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            print(f"persona-sync worker: Redis unreachable ({exc}); starting again in {backoff:.1f} s",
+                  file=sys.stderr, flush=True)
+        if worker is not None and worker.scheduler:
+            worker.stop_scheduler()
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
 
 
 def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
