@@ -51,6 +51,7 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)  # must be set before the workers import metrics
     uvicorn.run("service.asgi:app", host=args.host or settings.host, port=args.port or settings.port,
                 workers=workers, access_log=False, log_config=None,
+                http="service.http_protocol:BoundedHttpToolsProtocol",
                 timeout_graceful_shutdown=10)
     return 0
 

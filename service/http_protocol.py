@@ -1,0 +1,83 @@
+"""uvicorn's httptools protocol with a bound on the request head (request line and headers), enforced while reading.
+
+httptools itself accepts headers of any size and buffers them until they end, so one client could hold megabytes
+of a never-ending header in memory. Segment's requests carry a few hundred bytes of headers; anything past
+``MAX_HEAD_BYTES`` is answered 431 with a JSON error and the connection is closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing, and uvicorn answers through ``send_400_response``."""
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """Two counts, both checked while reading: the head's parts as the parser hands them over (request line and
+    complete headers), and the data chunks that are wholly head, for a header that never ends (httptools buffers
+    it whole before handing it over). A chunk in which a head or a message ended is not counted by the second
+    (part of it may be a body), so that bound holds to within a chunk or two (uvicorn reads 64 KB at a time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_size = 0  # request line and headers of the current request, as parsed
+        self._head_chunks = 0  # bytes of whole chunks received while a head is incomplete
+        self._in_head = True  # until a request's headers are complete, and again once its message is complete
+        self._boundaries = 0  # heads and messages completed so far on this connection
+        self._too_large = False
+
+    def _grow(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > MAX_HEAD_BYTES:
+            self._too_large = True
+            raise HeadTooLarge
+
+    def data_received(self, data: bytes) -> None:
+        before = self._boundaries
+        super().data_received(data)
+        if self._boundaries != before:
+            self._head_chunks = 0
+        elif self._in_head and not self.transport.is_closing():
+            self._head_chunks += len(data)
+            if self._head_chunks > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._grow(len(name) + len(value) + 4)
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._boundaries = False, self._boundaries + 1
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._boundaries = True, self._boundaries + 1
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        body = orjson.dumps({"error": {"code": "request_header_fields_too_large",
+                                       "message": f"request line and headers exceed {MAX_HEAD_BYTES} bytes"}})
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        self.transport.close()

@@ -1,0 +1,67 @@
+"""The web's HTTP protocol (``service/http_protocol.py``): a request head past 64 KB is refused while it is read,
+and nothing else changes — large bodies and keep-alive connections are served as before."""
+
+from __future__ import annotations
+
+import socket
+
+import orjson
+
+from service.app import create_app
+from service.config import Settings
+from service.http_protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
+from tests.conftest import LiveServer
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_an_oversized_head_is_refused_with_431_and_json(redis_url: str) -> None:
+    with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
+        big = b"x" * (MAX_HEAD_BYTES + 1)
+        reply = exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + big + b"\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431")
+        assert orjson.loads(body)["error"]["code"] == "request_header_fields_too_large"
+
+
+def test_large_bodies_and_keep_alive_requests_are_served(redis_url: str) -> None:
+    with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
+        events = [{"type": "track", "event": "Big", "userId": f"u{i}", "messageId": f"m{i}",
+                   "properties": {"pad": "y" * 900}} for i in range(200)]
+        body = orjson.dumps(events)
+        assert len(body) > 3 * MAX_HEAD_BYTES  # a body is not a head
+        post = (b"POST /segment HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+        last = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        reply = exchange(server.port, post + post + last)  # three requests on one connection
+        assert reply.count(b"HTTP/1.1 200") == 3, reply[:300]
+        assert b'"accepted":200' in reply and b'"duplicate":200' in reply
+
+
+def test_a_header_that_never_ends_is_refused_before_it_ends(redis_url: str) -> None:
+    import time
+
+    with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Endless: ")
+            reply = b""
+            for _ in range(40):  # up to 40 x 16 KB, never ending the header
+                try:
+                    s.sendall(b"x" * 16384)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(0.01)
+            s.settimeout(10)
+            try:
+                while chunk := s.recv(65536):
+                    reply += chunk
+            except ConnectionResetError:
+                pass
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
