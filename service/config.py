@@ -71,6 +71,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("DEDUPE_SHARDS", "65536", "Hash shards per dedupe bucket; size so each shard holds a few hundred ids."),
     ("EVENT_LOG_RETENTION", "30d", "How long the event log (a Redis Stream per space) keeps events."),
     ("DEAD_LETTER_MAX", "100000", "Most dead letters kept per space (oldest trimmed first)."),
+    ("DEAD_LETTER_MAX_BYTES", "67108864", "Most bytes of dead letters (bodies and reasons) kept per space, oldest "
+     "trimmed first; one body is kept up to 1 MiB. Only authenticated (or open-mode) bodies are ever dead letters."),
     ("REFUSAL_LOG_MAX", "10000", "Most entries in the log of requests refused before authentication (GET "
      "/admin/refusals): metadata only, never a body; one log for the deployment, oldest trimmed first."),
     ("MAX_BODY_BYTES", "16777216", "Largest webhook body accepted on /segment (Actions batches of 4000 events)."),
@@ -117,6 +119,7 @@ class Settings:
     dedupe_shards: int = 65536
     event_log_retention: float = 30 * 86400.0
     dead_letter_max: int = 100000
+    dead_letter_max_bytes: int = 64 * 1024 * 1024
     refusal_log_max: int = 10000
     max_body_bytes: int = 16 * 1024 * 1024
     identity_limits: Mapping[str, int] = field(default_factory=lambda: {"user_id": 1, "*": 5})
@@ -160,6 +163,7 @@ class Settings:
             dedupe_shards=_int("DEDUPE_SHARDS", raw["DEDUPE_SHARDS"], 1),
             event_log_retention=parse_duration("EVENT_LOG_RETENTION", raw["EVENT_LOG_RETENTION"]),
             dead_letter_max=_int("DEAD_LETTER_MAX", raw["DEAD_LETTER_MAX"], 1),
+            dead_letter_max_bytes=_int("DEAD_LETTER_MAX_BYTES", raw["DEAD_LETTER_MAX_BYTES"], 1024),
             refusal_log_max=_int("REFUSAL_LOG_MAX", raw["REFUSAL_LOG_MAX"], 1),
             max_body_bytes=_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"], 1024),
             identity_limits=_limits(raw["IDENTITY_LIMITS"]),

@@ -18,32 +18,35 @@ MAX_ACTIONS_BATCH = 4000
 
 
 class BodyError(Exception):
-    """The request as a whole is refused; ``status`` is 400 or 413 and ``message`` says why."""
+    """The request as a whole is refused; ``status`` is 400 or 413, ``message`` says why and ``size`` is how many
+    bytes were received (for the refusal log: the body itself is never part of the error)."""
 
-    def __init__(self, status: int, message: str, body: bytes = b"") -> None:
+    def __init__(self, status: int, message: str, size: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.body = body
+        self.size = size
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, stopping as soon as it passes ``limit`` bytes (decompressed size for gzip bodies)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BodyError(413, f"body is {declared} bytes; the limit here is {limit}")
+    raw_length = request.headers.get("content-length", "").strip()
+    # at most 18 digits: int() of a few thousand digits raises ValueError (and longer is over any limit anyway)
+    declared = (int(raw_length) if len(raw_length) <= 18 else 10**18) if raw_length.isdigit() else 0
+    if declared > limit:
+        raise BodyError(413, f"body is {declared} bytes; the limit here is {limit}", declared)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):  # refused before a byte is read
+        raise BodyError(400, "this Content-Encoding is not supported; send gzip, deflate or plain JSON", declared)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BodyError(413, f"body exceeds {limit} bytes", b"".join(chunks))
+            raise BodyError(413, f"body exceeds {limit} bytes", size)
         chunks.append(chunk)
     body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding in ("gzip", "x-gzip", "deflate"):
         body = inflate(body, limit, encoding)
-    elif encoding not in ("", "identity"):
-        raise BodyError(400, f"Content-Encoding {encoding!r} is not supported; send gzip or plain JSON")
     return body
 
 
@@ -54,19 +57,20 @@ def inflate(body: bytes, limit: int, encoding: str) -> bytes:
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise BodyError(400, f"body is not valid {encoding}: {exc}", body) from None
+        raise BodyError(400, f"body is not valid {encoding}: {exc}", len(body)) from None
     if len(out) > limit or d.unconsumed_tail:
-        raise BodyError(413, f"decompressed body exceeds {limit} bytes")
+        raise BodyError(413, f"decompressed body exceeds {limit} bytes", len(body))
     return out
 
 
 def parse_json(body: bytes) -> Any:
     if not body.strip():
-        raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch", body)
+        raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch",
+                        len(body))
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BodyError(400, f"malformed JSON: {exc}", body) from None
+        raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,11 @@ class Keys:
         return f"{self.prefix}dlq"
 
     @property
+    def dead_letter_bytes(self) -> str:
+        """How many bytes the dead letters hold (their 'n' fields), kept by ``store.DLQ_ADD`` / ``DLQ_DELETE``."""
+        return f"{self.prefix}dlq:bytes"
+
+    @property
     def suppressed(self) -> str:
         return f"{self.prefix}suppressed"
 

@@ -12,7 +12,7 @@ from service.events import normalise
 from service.identity import IdentityRules
 from service.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
 from service.status import queue_status, status_row
-from service.store import Outcome, SyncStore, encode_raw, now_ms
+from service.store import Outcome, SyncStore, delete_dead_letters, encode_raw, now_ms
 
 
 def spaces(client: redis.Redis) -> list[str]:
@@ -96,7 +96,7 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
             if fields.get(b"source", b"").decode(errors="replace") not in AUTHENTICATED_SOURCES:
                 counts["unauthenticated"] += 1
                 if drop_unauthenticated:
-                    client.xdel(k.dead_letters, entry_id)
+                    delete_dead_letters(client, space, [entry_id])
                 continue
             try:
                 doc = orjson.loads(fields.get(b"raw", b""))
@@ -108,7 +108,7 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
                 counts["kept"] += 1
                 continue
             if all(o.status != "error" for o in outcomes):
-                client.xdel(k.dead_letters, entry_id)
+                delete_dead_letters(client, space, [entry_id])
                 counts["replayed"] += 1
                 counts["events_applied"] += sum(o.status in ("ok", "deleted") for o in outcomes)
             else:

@@ -1,8 +1,17 @@
 """Intake routes: ``/segment`` (classic Webhooks and Webhooks (Actions)) and the Tracking API ``/v1/*``.
 
 Auth, signatures and limits only; what an event means is ``service/events.py``'s job and applying it is the
-store's. Status codes follow Segment's retry rules: 4xx only when a retry can never help (and what we refuse is
-kept as a dead letter), 503 when Redis is unavailable so that Segment sends again.
+store's. Status codes follow Segment's retry rules: 4xx only when a retry can never help, 503 when Redis is
+unavailable so that Segment sends again.
+
+What is kept of a refusal depends on whether the request was authenticated. Nothing of a body that was not:
+a request refused before its signature or write key was verified (401, and 400/413 for a body that could not be
+read or, on /v1 without a valid key in the Authorization header, not parsed) leaves only metadata in the refusal
+log (``_unauthenticated``). A body that was authenticated but is invalid is kept as a dead letter, the only thing
+``persona-sync replay-dead-letters`` applies (capped per space by DEAD_LETTER_MAX and DEAD_LETTER_MAX_BYTES).
+Open mode (no SEGMENT_SHARED_SECRETS on /segment, no SEGMENT_WRITE_KEYS on /v1) trusts every sender, as it does
+for the events it applies: its invalid bodies are dead letters too, within the same caps; a body that could not
+even be read (size, encoding) keeps metadata only in every mode.
 """
 
 from __future__ import annotations
@@ -49,14 +58,25 @@ async def _unauthenticated(request: Request, space: str, status: int, reason: st
         pass  # the refusal stands either way; nothing was accepted
 
 
-async def _refuse(request: Request, space: str, exc: BodyError, source: str) -> JSON:
+def _refusal(exc: BodyError, note: str = "") -> JSON:
+    code = "payload_too_large" if exc.status == 413 else "invalid_request_error"
+    return error(exc.status, code, exc.message + note)
+
+
+async def _refuse_unread(request: Request, space: str, exc: BodyError) -> JSON:
+    """A body refused before it could be authenticated: metadata only."""
+    await _unauthenticated(request, space, exc.status, exc.message, exc.size)
+    return _refusal(exc, f"; {UNKEPT}")
+
+
+async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, source: str) -> JSON:
+    """An authenticated (or open-mode) body refused as a whole: kept as a dead letter for the operator."""
     metrics.REFUSED.labels(str(exc.status)).inc()
     try:
-        await request.app.state.store.dead_letter(space, exc.message, exc.body, source)
+        await request.app.state.store.dead_letter(space, exc.message, body, source)
     except StoreUnavailable:
         pass  # the refusal stands either way; nothing was accepted
-    code = "payload_too_large" if exc.status == 413 else "invalid_request_error"
-    return error(exc.status, code, exc.message)
+    return _refusal(exc)
 
 
 async def ingest(request: Request, space: str, items: list[Item], source: str, single: bool) -> Response:
@@ -110,24 +130,23 @@ async def segment_webhook(request: Request) -> Response:
     space = request.path_params.get("space", state.settings.space_id)
     if not valid_space(space):
         return error(404, "not_found", "unknown space id: use letters, digits, '_', '-' or '.'")
-    try:
+    try:  # a body that cannot be read whole (size, encoding) cannot be verified either
         body = await read_body(request, state.settings.max_body_bytes)
     except BodyError as exc:
-        return await _refuse(request, space, exc, "webhook")
+        return await _refuse_unread(request, space, exc)
     secrets = state.settings.shared_secrets
     if secrets and not auth.signature_ok(body, request.headers.get("x-signature"), secrets):
         reason = "X-Signature missing" if not request.headers.get("x-signature") else "X-Signature does not match"
         await _unauthenticated(request, space, 401, reason, len(body))
         return error(401, "authentication_error",
-                     f"{reason}: sign the body with a secret in SEGMENT_SHARED_SECRETS; {UNKEPT} (only its time, "
-                     "size and source address, see GET /admin/refusals). If this is Segment signing with a secret "
-                     "not configured here yet, add it to SEGMENT_SHARED_SECRETS: deliveries made after that are "
-                     "accepted.")
+                     f"{reason}: sign the body with a secret in SEGMENT_SHARED_SECRETS; {UNKEPT} (its time, size "
+                     "and source address are in GET /admin/refusals). If Segment signs with a secret not configured "
+                     "here yet, add it to SEGMENT_SHARED_SECRETS: deliveries from then on are accepted.")
     try:
         doc = parse_json(body)
         items = webhook_items(doc, body)
     except BodyError as exc:
-        return await _refuse(request, space, exc, "webhook")
+        return await _refuse(request, space, exc, body, "webhook")
     return await ingest(request, space, items, "webhook", single=isinstance(doc, dict))
 
 
@@ -138,14 +157,20 @@ async def tracking(request: Request) -> Response:
         return error(404, "not_found", f"unknown Tracking API call /v1/{kind}")
     limit = MAX_BATCH_BYTES if kind == "batch" else MAX_EVENT_BYTES
     space = state.settings.space_id
+    keys = state.settings.write_keys
+    header = request.headers.get("authorization")
     try:
         body = await read_body(request, limit)
-        doc = parse_json(body)
     except BodyError as exc:
-        return await _refuse(request, space, exc, "tracking")
-    header = request.headers.get("authorization")
+        return await _refuse_unread(request, space, exc)
+    try:
+        doc = parse_json(body)
+    except BodyError as exc:  # the write key may be in the body: kept only if the header's key is valid (or open)
+        header_space = auth.write_key_space([auth.basic_username(header), auth.bearer_token(header)], keys)
+        if keys and header_space is None:
+            return await _refuse_unread(request, space, exc)
+        return await _refuse(request, header_space or space, exc, body, "tracking")
     body_key = doc.get("writeKey") if isinstance(doc, dict) and isinstance(doc.get("writeKey"), str) else None
-    keys = state.settings.write_keys
     if keys:
         space = auth.write_key_space([auth.basic_username(header), body_key, auth.bearer_token(header)], keys)
         if space is None:
@@ -157,7 +182,7 @@ async def tracking(request: Request) -> Response:
     try:
         items = tracking_items(doc, body, None if kind == "batch" else kind)
     except BodyError as exc:
-        return await _refuse(request, space, exc, "tracking")
+        return await _refuse(request, space, exc, body, "tracking")
     return await ingest(request, space, items, "tracking", single=kind != "batch")
 
 

@@ -19,15 +19,16 @@ def queue_status(pipe: Any, keys: Keys) -> None:
     pipe.hlen(keys.clusters)
     pipe.hvals(keys.personas)
     pipe.xlen(REFUSALS_KEY)
+    pipe.get(keys.dead_letter_bytes)
 
 
 def status_row(space: str, replies: list) -> dict[str, Any]:
-    seq, dirty, log_len, dlq, suppressed, clusters, personas, refusals = replies[:8]
+    seq, dirty, log_len, dlq, suppressed, clusters, personas, refusals, dlq_bytes = replies[:9]
     states: dict[str, int] = {}
     for raw in personas:
         state = orjson.loads(raw).get("state", "?")
         states[state] = states.get(state, 0) + 1
     return {"space": space, "profiles_created": int(seq or 0), "dirty_profiles": dirty, "event_log_entries": log_len,
-            "dead_letters": dlq, "suppressed_user_ids": suppressed, "clusters": clusters,
-            "personas": dict(sorted(states.items())),
+            "dead_letters": dlq, "dead_letter_bytes": int(dlq_bytes or 0), "suppressed_user_ids": suppressed,
+            "clusters": clusters, "personas": dict(sorted(states.items())),
             "refusals_logged": refusals}  # requests refused before authentication, every space (GET /admin/refusals)

@@ -27,6 +27,67 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 DEDUPE_BUCKETS = 2  # the window is split in 2 buckets: memory at most 1.5 x the window's ids, 3 lookups an event
 DLQ_RAW_LIMIT = 1024 * 1024
 
+# Dead letters are capped per space in entries (DEAD_LETTER_MAX) and in bytes (DEAD_LETTER_MAX_BYTES), oldest
+# trimmed first. Each entry records its size in 'n'; KEYS[2] holds the sum. Sizes of entries written before 'n'
+# existed are what their values hold, counted once when the sum is missing.
+_DLQ_SIZE = """
+local function size_of(fields)
+  local n = 0
+  for i = 1, #fields, 2 do
+    if fields[i] == 'n' then return tonumber(fields[i + 1]) end
+    n = n + #fields[i + 1]
+  end
+  return n
+end
+"""
+# KEYS: stream, byte sum. ARGV: most entries, most bytes, then reason, source, at, raw for each entry.
+DLQ_ADD = _DLQ_SIZE + """
+local maxlen, maxbytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local total = tonumber(redis.call('GET', KEYS[2]) or '')
+if total == nil then
+  total = 0
+  local from = '-'
+  while true do
+    local rows = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 100)
+    for _, row in ipairs(rows) do total = total + size_of(row[2]) end
+    if #rows < 100 then break end
+    from = '(' .. rows[#rows][1]
+  end
+end
+for i = 3, #ARGV, 4 do
+  local n = #ARGV[i] + #ARGV[i + 1] + #ARGV[i + 2] + #ARGV[i + 3]
+  redis.call('XADD', KEYS[1], '*', 'reason', ARGV[i], 'source', ARGV[i + 1], 'at', ARGV[i + 2], 'raw', ARGV[i + 3],
+             'n', n)
+  total = total + n
+end
+local len = redis.call('XLEN', KEYS[1])
+while len > 0 and (len > maxlen or (total > maxbytes and len > 1)) do  -- the newest entry always stays
+  local row = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+  redis.call('XDEL', KEYS[1], row[1])
+  total = total - size_of(row[2])
+  len = len - 1
+end
+if total < 0 or len == 0 then total = 0 end
+redis.call('SET', KEYS[2], total)
+return total
+"""
+# KEYS: stream, byte sum. ARGV: entry ids. Returns the bytes freed.
+DLQ_DELETE = _DLQ_SIZE + """
+local freed = 0
+for _, id in ipairs(ARGV) do
+  local rows = redis.call('XRANGE', KEYS[1], id, id)
+  if #rows == 1 then
+    redis.call('XDEL', KEYS[1], id)
+    freed = freed + size_of(rows[1][2])
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local left = redis.call('DECRBY', KEYS[2], freed)
+  if left < 0 or redis.call('XLEN', KEYS[1]) == 0 then redis.call('SET', KEYS[2], 0) end
+end
+return freed
+"""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -60,8 +121,14 @@ class Applier:
                   f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}")
         return [keys.log], [header, field, event.script_payload(), raw, self.rules_json]
 
-    def dead_letter_fields(self, reason: str, raw: bytes, source: str, now_ms: int) -> dict:
-        return {"reason": reason[:500], "source": source, "at": now_ms, "raw": raw[:DLQ_RAW_LIMIT]}
+    def dead_letter_args(self, keys: Keys, entries: Sequence[tuple[str, bytes]], source: str,
+                         now_ms: int) -> tuple[list[str], list]:
+        """KEYS and ARGV of ``DLQ_ADD`` for (reason, raw) entries; a body is kept up to 1 MiB (and the byte cap)."""
+        cap = min(DLQ_RAW_LIMIT, self.settings.dead_letter_max_bytes)
+        args: list = [self.settings.dead_letter_max, self.settings.dead_letter_max_bytes]
+        for reason, raw in entries:
+            args += [reason[:500], source, now_ms, raw[:cap]]
+        return [keys.dead_letters, keys.dead_letter_bytes], args
 
 
 def _outcome(reply: list) -> Outcome:
@@ -101,6 +168,7 @@ class AsyncStore:
         self.client = client
         self.applier = Applier(settings)
         self._spaces: set[str] = set()
+        self._dlq_add = client.register_script(DLQ_ADD)
 
     async def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None) -> list[Outcome]:
         if not items:
@@ -139,13 +207,9 @@ class AsyncStore:
             return exc
 
     async def dead_letter(self, space: str, reason: str, raw: bytes, source: str) -> None:
-        """Keep what we refused where an operator can see and replay it."""
-        fields = self.applier.dead_letter_fields(reason, raw, source, now_ms())
-        try:
-            await self.client.xadd(Keys(space).dead_letters, fields, maxlen=self.applier.settings.dead_letter_max,
-                                   approximate=True)
-        except REDIS_DOWN as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        """Keep an authenticated body we refused where an operator can see and replay it (never anything that
+        failed authentication: that is ``refusal``'s, metadata only)."""
+        await self.dead_letters(space, [(reason, raw)], source)
 
     async def refusal(self, space: str, route: str, status: int, reason: str, size: int, addr: str) -> None:
         """Log a request refused before it was authenticated: metadata only, never a byte of its body.
@@ -160,14 +224,12 @@ class AsyncStore:
             raise StoreUnavailable(str(exc)) from exc
 
     async def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:
+        """Add dead letters in one script call, trimming the oldest past DEAD_LETTER_MAX or DEAD_LETTER_MAX_BYTES."""
         if not items:
             return
+        keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for reason, raw in items:
-                pipe.xadd(Keys(space).dead_letters, self.applier.dead_letter_fields(reason, raw, source, now_ms()),
-                          maxlen=self.applier.settings.dead_letter_max, approximate=True)
-            await pipe.execute()
+            await self._dlq_add(keys=keys, args=args)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -196,6 +258,15 @@ class SyncStore:
                 continue
             break
         return _outcomes(replies[: len(items)])
+
+
+def delete_dead_letters(client: redis.Redis, space: str, entry_ids: Sequence[bytes | str]) -> int:
+    """Delete dead letters (replayed, or dropped by the operator) and their bytes from the sum; returns bytes freed."""
+    if not entry_ids:
+        return 0
+    keys = Keys(space)
+    return int(client.register_script(DLQ_DELETE)(keys=[keys.dead_letters, keys.dead_letter_bytes],
+                                                  args=list(entry_ids)))
 
 
 def encode_raw(obj: object) -> bytes:

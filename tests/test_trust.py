@@ -87,3 +87,104 @@ def test_refusals_page_back_without_repeats(client: TestClient) -> None:
     assert client.get("/admin/refusals").status_code == 401
     assert client.get("/admin/refusals?before=nope", headers=ADMIN).status_code == 400
     assert client.get("/admin/dead-letters?before=nope", headers=ADMIN).status_code == 400  # was a Redis error: 500
+
+
+MARKER = b"FORGED-BODY-BYTES-"
+
+
+def _all_values(r: redis.Redis) -> list[bytes]:
+    """Every value Redis holds, read by type (DUMP would compress them)."""
+    out: list[bytes] = []
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key)
+        if kind == b"stream":
+            out += [v for _, f in r.xrange(key) for v in f.values()]
+        elif kind == b"string":
+            out.append(r.get(key))
+        elif kind == b"hash":
+            out += list(r.hgetall(key).values())
+        elif kind in (b"set", b"zset", b"list"):
+            out += list(r.smembers(key) if kind == b"set" else r.zrange(key, 0, -1) if kind == b"zset"
+                        else r.lrange(key, 0, -1))
+    return out
+
+
+def test_unauthenticated_bodies_cannot_fill_redis(settings: Settings, redis_url: str, r: redis.Redis) -> None:
+    """40 unsigned 60 KB posts, and every kind of body refused before authentication: metadata only, bounded."""
+    import gzip
+
+    big = b'{"type":"identify","userId":"x","traits":{"blob":"' + MARKER * 3400 + b'"}}'  # about 60 KB
+    app = create_app(settings.replace(max_body_bytes=32 * 1024), redis_url, "")
+    r.set("baseline", "1")
+    before = r.info("memory")["used_memory"]
+    with TestClient(app) as c:
+        for _ in range(40):
+            assert c.post("/segment", content=big[:30_000] + b'"}}').status_code == 401  # fits, unsigned
+            assert c.post("/segment", content=big).status_code == 413  # over MAX_BODY_BYTES: cannot be verified
+            assert c.post("/v1/batch", content=b"{" + MARKER * 3000).status_code == 400  # malformed, no key
+            assert c.post("/v1/track", content=big[:31_000]).status_code == 400  # malformed (cut), no key
+            assert c.post("/v1/batch", content=MARKER * 3000,
+                          headers={"Content-Encoding": "gzip"}).status_code == 400  # not gzip
+            assert c.post("/segment", content=gzip.compress(MARKER * 100_000),
+                          headers={"Content-Encoding": "gzip"}).status_code == 413  # inflates past the limit
+            assert c.post("/v1/batch", content=MARKER * 3000, headers={"Content-Encoding": "br"}).status_code == 400
+            resp = c.post("/v1/identify", content=big[:20_000] + b'"}}',
+                          headers={"Authorization": "Basic " + base64.b64encode(b"nope:").decode()})
+            assert resp.status_code == 401 and "nothing of this request was kept" in resp.json()["error"]["message"]
+    grown = r.info("memory")["used_memory"] - before
+    assert grown < 256 * 1024, grown  # 320 refusals of metadata; the bodies alone were about 13 MB
+    assert not any(MARKER in v for v in _all_values(r))
+    assert {k.decode() for k in r.scan_iter()} == {"baseline", REFUSALS_KEY}
+    assert r.xlen(REFUSALS_KEY) == 320
+    statuses = {int(f[b"status"]) for _, f in r.xrange(REFUSALS_KEY)}
+    assert statuses == {400, 401, 413}
+
+
+def test_a_body_with_a_valid_write_key_header_is_kept_even_when_malformed(client: TestClient, r: redis.Redis) -> None:
+    from tests.conftest import WRITE_KEY
+
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
+    assert client.post("/v1/batch", content=b'{"batch": [', headers=basic).status_code == 400
+    assert client.post("/v1/batch", content=b'{"batch": [').status_code == 400
+    [(_, fields)] = r.xrange(Keys("default").dead_letters)
+    assert fields[b"raw"] == b'{"batch": [' and fields[b"source"] == b"tracking"
+    assert r.xlen(REFUSALS_KEY) == 1
+
+
+def test_open_mode_keeps_invalid_bodies_it_could_read_and_never_what_it_could_not(settings: Settings,
+                                                                                  redis_url: str,
+                                                                                  r: redis.Redis) -> None:
+    open_mode = settings.replace(shared_secrets=(), write_keys={}, max_body_bytes=4096)
+    with TestClient(create_app(open_mode, redis_url, "")) as c:
+        assert c.post("/segment", content=b'{"type": ').status_code == 400
+        assert c.post("/v1/track", content=b'{"type": ').status_code == 400
+        assert c.post("/segment", content=b"[" + MARKER * 400 + b"]").status_code == 413
+    assert [f[b"raw"] for _, f in r.xrange(Keys("default").dead_letters)] == [b'{"type": ', b'{"type": ']
+    assert r.xlen(REFUSALS_KEY) == 1 and not any(MARKER in v for v in _all_values(r))
+
+
+def test_dead_letters_are_capped_in_bytes_and_replay_frees_them(settings: Settings, redis_url: str,
+                                                                 r: redis.Redis) -> None:
+    cap = 100_000
+    k = Keys("default")
+    with TestClient(create_app(settings.replace(dead_letter_max_bytes=cap), redis_url, "")) as c:
+        for n in range(30):  # signed batches, each with one event that cannot apply (10 KB)
+            bad = {"type": "track", "event": "x", "messageId": f"bad-{n}", "properties": {"blob": "b" * 10_000}}
+            good = {"type": "track", "event": "x", "userId": "u", "messageId": f"good-{n}"}
+            assert post(c, orjson.dumps([good, bad])).json()["rejected"] == 1
+        status = c.get("/admin/status", headers=ADMIN).json()
+    stored = sum(int(f[b"n"]) for _, f in r.xrange(k.dead_letters))
+    assert stored == int(r.get(k.dead_letter_bytes)) == status["dead_letter_bytes"]
+    assert cap - 11_000 < stored <= cap and 5 <= r.xlen(k.dead_letters) < 30
+    assert b"bad-29" in r.xrevrange(k.dead_letters, count=1)[0][1][b"raw"]  # oldest trimmed first
+    # an entry an older version wrote (no size recorded, no sum kept) is counted by what it holds at the next write
+    r.delete(k.dead_letter_bytes)
+    late = orjson.dumps({"type": "identify", "userId": "late", "messageId": "late"})
+    r.xadd(k.dead_letters, {"reason": "old", "source": "webhook", "at": 1, "raw": late})
+    with TestClient(create_app(settings.replace(dead_letter_max_bytes=cap), redis_url, "")) as c:
+        assert post(c, orjson.dumps({"type": "track", "event": "x", "messageId": "no-ids"})).status_code == 400
+    sized = sum(int(f[b"n"]) for _, f in r.xrange(k.dead_letters) if b"n" in f)
+    assert int(r.get(k.dead_letter_bytes)) == sized + len(b"old" + b"webhook" + b"1" + late)
+    counts = replay_dead_letters(r, Settings(), "default")
+    assert counts["replayed"] == 1 and counts["kept"] == r.xlen(k.dead_letters)
+    assert int(r.get(k.dead_letter_bytes)) == sum(int(f[b"n"]) for _, f in r.xrange(k.dead_letters)) == sized
