@@ -92,6 +92,16 @@ def token_ok(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+def pair_ok(given_id: str | None, given_secret: str | None, api_id: str, api_secret: str) -> bool:
+    """An id and secret pair (the KPI API's X-Customer-Api-Id / X-Secret): both compared in constant time, with no
+    early exit on the first; an unconfigured pair (either part empty) matches nothing."""
+    if not api_id or not api_secret:
+        return False
+    id_ok = hmac.compare_digest((given_id or "").encode(), api_id.encode())
+    secret_ok = hmac.compare_digest((given_secret or "").encode(), api_secret.encode())
+    return id_ok & secret_ok
+
+
 def write_key_space(candidates: Iterable[str | None], keys: Mapping[str, str]) -> str | None:
     """The space of the first candidate that is a configured write key, compared in constant time."""
     found = None

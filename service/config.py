@@ -67,6 +67,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("SEGMENT_WRITE_KEYS", "", "Comma-separated Tracking API write keys, each optionally `key=space`. Empty: any key."),
     ("PROFILE_API_TOKEN", "", "Token for the Profile API (HTTP Basic username). Empty: Profile API disabled (401)."),
     ("ADMIN_TOKEN", "", "Bearer token for /admin and /api routes. Empty: those routes are disabled (401)."),
+    ("KPI_API_ID", "", "With KPI_API_SECRET: callers of POST /api/v1/segment_cluster_profiles may authenticate with "
+     "the headers X-Customer-Api-Id and X-Secret instead of the ADMIN_TOKEN bearer. Set both or neither."),
+    ("KPI_API_SECRET", "", "The X-Secret that goes with KPI_API_ID."),
     ("DEDUPE_WINDOW", "24h", "How long a messageId is remembered to drop retries."),
     ("DEDUPE_SHARDS", "65536", "Hash shards per dedupe bucket; size so each shard holds a few hundred ids."),
     ("EVENT_LOG_RETENTION", "30d", "How long the event log (a Redis Stream per space) keeps events."),
@@ -115,6 +118,8 @@ class Settings:
     write_keys: Mapping[str, str] = field(default_factory=dict)
     profile_api_token: str = ""
     admin_token: str = ""
+    kpi_api_id: str = ""
+    kpi_api_secret: str = ""
     dedupe_window: float = 86400.0
     dedupe_shards: int = 65536
     event_log_retention: float = 30 * 86400.0
@@ -159,6 +164,8 @@ class Settings:
             write_keys=_write_keys(raw["SEGMENT_WRITE_KEYS"], raw["SPACE_ID"]),
             profile_api_token=raw["PROFILE_API_TOKEN"],
             admin_token=raw["ADMIN_TOKEN"],
+            kpi_api_id=raw["KPI_API_ID"].strip(),
+            kpi_api_secret=_pair_secret(raw["KPI_API_ID"].strip(), raw["KPI_API_SECRET"].strip()),
             dedupe_window=parse_duration("DEDUPE_WINDOW", raw["DEDUPE_WINDOW"]),
             dedupe_shards=_int("DEDUPE_SHARDS", raw["DEDUPE_SHARDS"], 1),
             event_log_retention=parse_duration("EVENT_LOG_RETENTION", raw["EVENT_LOG_RETENTION"]),
@@ -215,6 +222,12 @@ def _write_keys(raw: str, default_space: str) -> dict[str, str]:
         key, _, space = item.partition("=")
         keys[key.strip()] = _space("SEGMENT_WRITE_KEYS", space.strip() or default_space)
     return keys
+
+
+def _pair_secret(api_id: str, secret: str) -> str:
+    if bool(api_id) != bool(secret):
+        raise ConfigError("KPI_API_ID and KPI_API_SECRET: set both (X-Customer-Api-Id / X-Secret) or neither")
+    return secret
 
 
 def _limits(raw: str) -> dict[str, int]:

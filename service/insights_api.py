@@ -1,7 +1,9 @@
 """Read APIs over what the workers computed (Bearer ``ADMIN_TOKEN``), and seed 004's KPI endpoint.
 
 ``POST /api/v1/segment_cluster_profiles`` runs the same KPI maths as the incremental path (``service/kpis.py``)
-for callers who bring their own customer → cluster labels.
+for callers who bring their own customer → cluster labels. It needs a credential, checked before a byte of the
+body is read: Bearer ``ADMIN_TOKEN``, or (when KPI_API_ID / KPI_API_SECRET are set) the KPI API's own headers
+``X-Customer-Api-Id`` and ``X-Secret``. The body is read within MAX_KPI_BODY as it streams (gzip too).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import kpis
+from service import auth, kpis
 from service.admin import admin_endpoint
+from service.intake import BodyError, read_body
 from service.keys import MAVERA_PAUSED_KEY, Keys
 from service.responses import JSON, error
 
@@ -50,10 +53,30 @@ async def patterns(request: Request, space: str) -> Response:
     return JSON({"space": space, "patterns": data, "narrative": narrative or None})
 
 
+def kpi_denied(request: Request) -> Response | None:
+    """None for Bearer ADMIN_TOKEN or a configured X-Customer-Api-Id / X-Secret pair; else the 401 to send."""
+    settings = request.app.state.settings
+    headers = request.headers
+    token = auth.token_ok(auth.bearer_token(headers.get("authorization")), settings.admin_token)
+    pair = auth.pair_ok(headers.get("x-customer-api-id"), headers.get("x-secret"), settings.kpi_api_id,
+                        settings.kpi_api_secret)
+    if token | pair:  # both checks always run: the time taken does not tell which credential was close
+        return None
+    how = "send ADMIN_TOKEN as a Bearer token (Authorization: Bearer <token>)"
+    if settings.kpi_api_id:
+        how += ", or the headers X-Customer-Api-Id and X-Secret (KPI_API_ID / KPI_API_SECRET)"
+    return error(401, "authentication_error", f"missing or wrong credentials: {how}",
+                 {"WWW-Authenticate": 'Bearer realm="persona-sync"'})
+
+
 async def segment_cluster_profiles(request: Request) -> Response:
-    body = await request.body()
-    if len(body) > MAX_KPI_BODY:
-        return error(413, "payload_too_large", f"body exceeds {MAX_KPI_BODY} bytes")
+    if denied := kpi_denied(request):
+        return denied
+    try:
+        body = await read_body(request, MAX_KPI_BODY)
+    except BodyError as exc:
+        code = "payload_too_large" if exc.status == 413 else "invalid_request_error"
+        return error(exc.status, code, exc.message)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
