@@ -206,9 +206,14 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
     total = client.xlen(Keys(space).dead_letters)
     with Progress() as bar:
         task = bar.add_task(f"replaying dead letters of {space}", total=total)
-        counts = replay_dead_letters(client, settings, space, progress=lambda n: bar.advance(task, n))
+        counts = replay_dead_letters(client, settings, space, progress=lambda n: bar.advance(task, n),
+                                     drop_unauthenticated=args.drop_unauthenticated)
     print(f"{counts['replayed']} of {counts['entries']} dead letters replayed ({counts['events_applied']} events "
           f"applied); {counts['kept']} still invalid and kept: see GET /admin/dead-letters")
+    if counts["unauthenticated"]:
+        fate = "deleted" if args.drop_unauthenticated else "kept (delete them with --drop-unauthenticated)"
+        print(f"{counts['unauthenticated']} dead letters came from requests that failed authentication (stored by an "
+              f"earlier version): never applied; {fate}")
     return 0
 
 
@@ -326,9 +331,12 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--space", help="space (default SPACE_ID)")
     f.set_defaults(func=cmd_forget)
     d2 = sub.add_parser("replay-dead-letters", help="apply the dead letters again; what applies is removed",
-                        description="Re-apply refused events (after a fix or a secret rotation). Events that are "
-                                    "still invalid stay in the dead-letter stream.")
+                        description="Re-apply refused events that had passed authentication (after a fix). Events "
+                                    "that are still invalid stay in the dead-letter stream; nothing that failed "
+                                    "authentication is ever applied.")
     d2.add_argument("--space", help="space (default SPACE_ID)")
+    d2.add_argument("--drop-unauthenticated", action="store_true",
+                    help="delete dead letters of requests that failed authentication (never applied either way)")
     d2.set_defaults(func=cmd_replay_dead_letters)
     r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",
                        description="Clear the pause that a 402 from Mavera set; the next sync pushes what waited.")

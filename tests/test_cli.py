@@ -66,3 +66,23 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noq
     assert "sync queued for 1 space(s): default" in resumed.stdout  # what waited goes out now, not at the next refresh
     [job] = Queue("persona-sync", connection=r).get_jobs()
     assert job.func_name == "workers.jobs.sync" and job.args == ("default",) and job.timeout >= 5 * 120
+
+
+def test_replay_dead_letters_command_never_applies_unauthenticated_entries(redis_url: str, r) -> None:  # noqa: ANN001
+    import orjson
+
+    from service.keys import Keys
+    from tests.helpers import profiles
+
+    dlq = Keys("default").dead_letters
+    for n in range(4):  # what earlier versions kept of bodies that failed the signature check
+        r.xadd(dlq, {"reason": "X-Signature does not match", "source": "webhook-unsigned", "at": 1,
+                     "raw": orjson.dumps({"type": "identify", "userId": f"forged-{n}", "messageId": f"f{n}"})})
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    out = subprocess.run([EXE, "replay-dead-letters"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "4 dead letters came from requests that failed authentication" in out.stdout
+    assert profiles(r) == [] and r.xlen(dlq) == 4
+    out = subprocess.run([EXE, "replay-dead-letters", "--drop-unauthenticated"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0 and "deleted" in out.stdout
+    assert profiles(r) == [] and r.xlen(dlq) == 0
