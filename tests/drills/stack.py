@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -98,8 +99,9 @@ class Web:
     """``persona-sync web`` (uvicorn) as a process group of its own, so that a SIGKILL takes every worker with it."""
 
     def __init__(self, redis_url: str, port: int | None = None, concurrency: int = 1,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.redis_url = redis_url
+        self.nofile = nofile  # RLIMIT_NOFILE of the web processes (None: inherited)
         self.port = port or free_port()
         self.concurrency = concurrency
         self.extra_env = env or {}
@@ -123,7 +125,7 @@ class Web:
     def start(self, ready_within: float = 60.0) -> Web:
         assert self.proc is None or self.proc.poll() is not None, "web already running"
         self.proc = subprocess.Popen([EXE, "web"], env=self.environment(), stdout=self.log, stderr=self.log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=self._limits)
         self.starts += 1
         deadline = time.monotonic() + ready_within
         while not self.healthy():
@@ -134,6 +136,10 @@ class Web:
                 raise AssertionError(f"persona-sync web not serving within {ready_within:.0f} s: {self.output()}")
             time.sleep(0.05)
         return self
+
+    def _limits(self) -> None:
+        if self.nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def healthy(self) -> bool:
         """/healthz answers (it does not need Redis; /readyz does)."""

@@ -7,6 +7,10 @@ normal client's signed events (keep-alive, and one new connection per request) m
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from tests.drills.slowclients import Adversaries, normal_requests
 
 
@@ -40,3 +44,27 @@ def test_oversized_header_is_refused(start_redis, start_web) -> None:
     with Adversaries("127.0.0.1", web.port, idle=0, partial=0, trickle=0) as bad:
         outcome = bad.wait_oversized(60)
     assert outcome.startswith("HTTP/1.1 431"), outcome  # refused while reading (service/http_protocol.py)
+
+
+IDLE_SHED_SECONDS = 30  # room for an idle or request-head timeout of up to ~25 s
+
+
+@pytest.mark.xfail(strict=True, reason="the web never closes a connection that sends nothing (no idle or request-head "
+                                       "timeout): idle sockets beyond its file descriptor limit lock every new "
+                                       "client out for as long as they stay open")
+def test_idle_connections_past_the_fd_limit_do_not_lock_clients_out(start_redis, start_web) -> None:
+    """300 idle sockets against a web limited to 256 file descriptors (a small stand-in for a real limit and a larger
+    flood): within 30 s the server must shed idle connections and serve a normal client again."""
+    redis_server = start_redis(persistent=False)
+    web = start_web(redis_server.url, concurrency=1, nofile=256)
+    with Adversaries("127.0.0.1", web.port, idle=300, partial=0, trickle=0, oversized=False):
+        deadline = time.monotonic() + IDLE_SHED_SECONDS
+        outcomes = []
+        while time.monotonic() < deadline:
+            result = normal_requests(web.url, 1, clients=1, timeout=3, tag=f"fd{len(outcomes)}")
+            outcomes.append(result.failures[0] if result.failures else "200")
+            if outcomes[-1] == "200":
+                break
+            time.sleep(0.5)
+    print(f"\nnormal requests while 300 idle sockets held a 256-fd web: {outcomes}")
+    assert outcomes[-1] == "200", f"no request served within {IDLE_SHED_SECONDS} s: {outcomes[-5:]}"
