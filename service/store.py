@@ -220,7 +220,7 @@ class AsyncStore:
         try:
             await self.client.xadd(REFUSALS_KEY, fields, maxlen=self.applier.settings.refusal_log_max,
                                    approximate=True)
-        except REDIS_DOWN as exc:
+        except (*REDIS_DOWN, redis.RedisError) as exc:  # OOM under noeviction too: the refusal stands regardless
             raise StoreUnavailable(str(exc)) from exc
 
     async def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:
@@ -232,6 +232,10 @@ class AsyncStore:
             await self._dlq_add(keys=keys, args=args)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
+        except redis.ResponseError as exc:
+            if "OOM command not allowed" in str(exc):  # maxmemory, noeviction: nothing kept, ask for a retry (503)
+                raise StoreUnavailable(str(exc)) from exc
+            raise
 
 
 class SyncStore:

@@ -188,3 +188,17 @@ def test_dead_letters_are_capped_in_bytes_and_replay_frees_them(settings: Settin
     counts = replay_dead_letters(r, Settings(), "default")
     assert counts["replayed"] == 1 and counts["kept"] == r.xlen(k.dead_letters)
     assert int(r.get(k.dead_letter_bytes)) == sum(int(f[b"n"]) for _, f in r.xrange(k.dead_letters)) == sized
+
+
+def test_a_full_redis_never_turns_a_refusal_into_a_500(client: TestClient, r: redis.Redis) -> None:
+    """maxmemory reached with noeviction: an unauthenticated request is still a 401 (its log entry is skipped); the
+    dead letters of an authenticated body cannot be kept, so 503 asks Segment to send it again."""
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)
+    try:
+        assert client.post("/segment", content=identify(1)).status_code == 401
+        assert client.post("/v1/track", content=b"{").status_code == 400
+        resp = post(client, orjson.dumps([{"type": "track", "event": "x", "messageId": "no-ids"}]))
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
+    finally:
+        r.config_set("maxmemory", 0)
