@@ -61,7 +61,7 @@ def _page(request: Request) -> tuple[int, str] | Response:
     """``?limit=`` (1-1000, default 50) and ``?before=<entry id>``, or the 400 to send."""
     raw_limit = request.query_params.get("limit", "50")
     before = request.query_params.get("before") or "+"
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+    if not (raw_limit.isdigit() and len(raw_limit) <= 4) or not 1 <= int(raw_limit) <= 1000:
         return error(400, "validation_error", "limit must be a number from 1 to 1000")
     if before != "+" and not _ENTRY_ID.match(before):
         return error(400, "validation_error", "before must be an entry id such as 1700000000000-0")

@@ -87,6 +87,7 @@ def test_refusals_page_back_without_repeats(client: TestClient) -> None:
     assert client.get("/admin/refusals").status_code == 401
     assert client.get("/admin/refusals?before=nope", headers=ADMIN).status_code == 400
     assert client.get("/admin/dead-letters?before=nope", headers=ADMIN).status_code == 400  # was a Redis error: 500
+    assert client.get("/admin/refusals?limit=" + "9" * 5000, headers=ADMIN).status_code == 400  # int() would raise
 
 
 MARKER = b"FORGED-BODY-BYTES-"
