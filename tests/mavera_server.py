@@ -1,12 +1,15 @@
 """A Mavera-compatible HTTP server for the tests, on loopback, with switchable faults.
 
-Documented behaviour (PROTOCOLS.md §7): Bearer auth, ``{"error": {"message", "type", "code", "param"}}``,
+Mavera's documented behaviour: Bearer auth, ``{"error": {"message", "type", "code", "param"}}``,
 cursor paging on ``GET /personas``, ``POST /personas`` (300 credits), ``PATCH /personas/{id}``, ``POST /mave/chat``
 (at most 10 concurrent), and ``X-RateLimit-*`` headers. Faults are queued and consumed by the next matching request:
 
     server.fault("POST", "/personas", status=429, retry_after=1)
     server.fault("POST", "/personas", lose=True)      # create the persona, then drop the connection
+    server.fault("POST", "/personas", status=503, lose=True)  # drop the connection before creating anything
     server.fault("PATCH", None, sleep=3)               # answer too late
+    server.fault("GET", "/personas", status=503, skip=1, times=5)  # let one through, then fail the next five
+    server.fault("POST", "/personas", lose=True, times=None)       # every create, for as long as the server runs
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class Fault:
     sleep: float = 0.0
     lose: bool = False
     message: str = "injected fault"
+    skip: int = 0  # matching requests let through untouched before the fault applies
+    times: int | None = 1  # matching requests it applies to; None: all of them
 
 
 @dataclass
@@ -87,7 +92,14 @@ class MaveraServer:
         with self.lock:
             for i, f in enumerate(self.state.faults):
                 if f.method == method and (f.path is None or path.startswith(f.path)):
-                    return self.state.faults.pop(i)
+                    if f.skip:
+                        f.skip -= 1
+                        return None
+                    if f.times is not None:
+                        f.times -= 1
+                        if f.times <= 0:
+                            self.state.faults.pop(i)
+                    return f
         return None
 
     async def app(self, scope: dict, receive: Any, send: Any) -> None:

@@ -19,7 +19,7 @@ from tests.helpers import NOW, apply
 from tests.mavera_server import API_KEY, MaveraServer
 from workers.mavera import MaveraClient, paused, resume
 from workers.recompute import refresh
-from workers.sync import SyncFailed, narrate_space, persona_name, persona_payload, sync_space
+from workers.sync import SyncFailed, narrate_space, persona_payload, sync_space
 
 K = Keys("default")
 
@@ -89,23 +89,96 @@ def test_created_once_then_unchanged_then_patched(mavera: MaveraServer, r: redis
     assert rec["state"] == "synced" and rec["last_sync_ms"] and rec["mavera_id"].startswith("per_")
 
 
-@pytest.mark.parametrize("fault", [{"lose": True}, {"sleep": 1.5}], ids=["lost-response", "timeout"])
-def test_lost_create_never_duplicates(mavera: MaveraServer, r: redis.Redis, fault: dict) -> None:
+AT_RISK, HIGH_VALUE = "At-risk customers · default", "High-value customers · default"
+
+
+def test_a_create_that_times_out_is_never_duplicated(mavera: MaveraServer, r: redis.Redis) -> None:
+    """Our side gives up after MAVERA_TIMEOUT while Mavera is still creating: the lookup right after finds
+    nothing, so the sync waits the grace period, looks again and adopts; it never creates a second one."""
     seed(r)
-    mavera.fault("POST", "/personas", **fault)
+    mavera.fault("POST", "/personas", sleep=2.5)  # the first create (at_risk) finishes 1.5 s after we gave up
     client = client_for(mavera, r)
-    with pytest.raises(SyncFailed, match="may exist|ReadTimeout|RemoteProtocolError|Maybe|POST"):
+    with pytest.raises(SyncFailed, match="ReadTimeout") as failed:
         sync_space(r, settings_for(mavera), "default", client)
-    with pytest.raises(SyncFailed, match="settle"):  # too soon: the lost create may still be running
+    assert failed.value.retry == ["at_risk"]
+    with pytest.raises(SyncFailed, match="settle"):  # too soon: the lost create is still running
         sync_space(r, settings_for(mavera), "default", client)
     time.sleep(2.1)  # the grace period: twice MAVERA_TIMEOUT
     report = sync_space(r, settings_for(mavera), "default", client)
-    for cluster in ("high_value", "at_risk"):
-        name = persona_name("default", {"cluster": cluster, "label": records(r)[cluster]["name"].split(" · ")[0]})
-        assert len(mavera.named(name)) == 1, name
-    assert len(report["adopted"]) == 1, report
+    assert report["adopted"] == ["at_risk"] and report["created"] == [], report
+    assert len(mavera.named(AT_RISK)) == 1 and len(mavera.named(HIGH_VALUE)) == 1
     assert mavera.state.credits == 600  # two personas, never a third
+    assert mavera.calls("PATCH") == []  # Mavera holds what the create sent
     assert all(rec["state"] == "synced" for rec in records(r).values())
+
+
+def test_a_lost_create_that_mavera_performed_is_adopted_in_the_same_job_without_a_patch(
+        mavera: MaveraServer, r: redis.Redis) -> None:
+    seed(r)
+    mavera.fault("POST", "/personas", lose=True)  # at_risk is created, its answer lost
+    client = client_for(mavera, r)
+    report = sync_space(r, settings_for(mavera), "default", client)  # no grace period, no failed job
+    assert report["adopted"] == ["at_risk"] and report["created"] == ["high_value"], report
+    assert len(mavera.named(AT_RISK)) == 1 and mavera.state.credits == 600
+    assert mavera.calls("PATCH") == []  # its fields already hold the payload
+    rec = records(r)["at_risk"]
+    assert rec["state"] == "synced" and rec["mavera_id"] == mavera.named(AT_RISK)[0]["id"]
+    assert "uncertain_create_ms" not in rec
+    before = len(mavera.state.requests)
+    again = sync_space(r, settings_for(mavera), "default", client)  # recorded as sent: not PATCHed later either
+    assert sorted(again["unchanged"]) == ["at_risk", "high_value"] and len(mavera.state.requests) == before
+
+
+def test_an_adopted_persona_whose_fields_differ_is_patched_once(mavera: MaveraServer, r: redis.Redis) -> None:
+    """A lost create, a lookup that fails right after, then the cluster changes: the next sync, well inside the
+    grace period, finds the persona with the old fields, adopts it and PATCHes it once."""
+    seed(r)
+    settings = Settings(mavera_api_key=API_KEY, mavera_base_url=mavera.url, mavera_timeout=10.0)  # grace: 20 s
+    client = MaveraClient(settings, r, base_delay=0.05)
+    mavera.fault("POST", "/personas", lose=True)  # at_risk is created, its answer lost
+    mavera.fault("GET", "/personas", status=503, skip=1, times=5)  # the first listing passes, the lookup fails
+    with pytest.raises(SyncFailed, match="at_risk") as failed:
+        sync_space(r, settings, "default", client)
+    assert failed.value.retry == ["at_risk"] and records(r)["at_risk"]["uncertain_create_ms"]
+    people(r, "risk3", 1, 40, 0.9, ts="2026-03-03T00:00:00Z")
+    assert "at_risk" in refresh(r, Settings(), "default", now_ms=NOW)["changed_clusters"]
+    report = sync_space(r, settings, "default", client)
+    assert report["adopted"] == ["at_risk"] and report["created"] == [], report
+    persona = mavera.named(AT_RISK)[0]
+    assert [c["path"] for c in mavera.calls("PATCH")] == [f"/personas/{persona['id']}"]
+    assert mavera.calls("PATCH")[0]["json"] == records(r)["at_risk"]["payload"]
+    assert persona["description"].startswith("4 customers")
+    assert mavera.state.credits == 600 and len(mavera.named(AT_RISK)) == 1
+    before = len(mavera.state.requests)
+    again = sync_space(r, settings, "default", client)
+    assert sorted(again["unchanged"]) == ["at_risk", "high_value"] and len(mavera.state.requests) == before
+
+
+def test_a_lost_create_mavera_never_performed_waits_the_grace_then_creates_once(mavera: MaveraServer,
+                                                                                  r: redis.Redis) -> None:
+    """Nothing is listed right after the lost create: it might still be in flight, so no second create before
+    the grace period; after it, one create."""
+    people(r, "risk", 3, 50, 0.7)
+    refresh(r, Settings(), "default", now_ms=NOW)
+    mavera.fault("POST", "/personas", status=503, lose=True)  # dropped before Mavera created anything
+    client = client_for(mavera, r)
+    with pytest.raises(SyncFailed, match="at_risk") as failed:
+        sync_space(r, settings_for(mavera), "default", client)
+    assert failed.value.retry == ["at_risk"]
+    [lost] = mavera.calls("POST", "/personas")
+    assert [c for c in mavera.calls("GET", "/personas") if c["at"] > lost["at"]]  # looked for it at once
+    looked = len(mavera.calls("GET", "/personas"))
+    with pytest.raises(SyncFailed, match="settle"):
+        sync_space(r, settings_for(mavera), "default", client)
+    assert len(mavera.calls("GET", "/personas")) == looked + 1  # looked again, found nothing, created nothing
+    assert len(mavera.calls("POST", "/personas")) == 1 and mavera.state.personas == {}
+    time.sleep(2.1)  # the grace period: twice MAVERA_TIMEOUT
+    report = sync_space(r, settings_for(mavera), "default", client)
+    assert report["created"] == ["at_risk"] and report["adopted"] == [], report
+    posts = mavera.calls("POST", "/personas")
+    assert len(posts) == 2 and posts[1]["at"] - lost["at"] >= 2.0
+    assert len(mavera.named(AT_RISK)) == 1 and mavera.state.credits == 300
+    assert records(r)["at_risk"]["state"] == "synced"
 
 
 def test_outbox_then_key_configured_pushes_once(mavera: MaveraServer, r: redis.Redis) -> None:
@@ -199,6 +272,7 @@ def test_a_worker_killed_mid_create_never_leads_to_a_second_persona(mavera: Mave
     report = sync_space(r, settings_for(mavera), "default", client)
     assert report["adopted"] == [cluster] and report["created"] == [], report
     assert mavera.state.credits == 600 and len(mavera.state.personas) == 2
+    assert mavera.calls("PATCH") == []  # the dead worker's create sent this very payload
     assert sorted(p["name"] for p in mavera.state.personas.values()) == sorted(
         rec["name"] for rec in records(r).values() if rec["state"] == "synced")
 

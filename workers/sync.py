@@ -3,7 +3,8 @@
 Never two personas for one cluster: Mavera has no idempotency keys and no external-id field, so the cluster →
 persona id mapping is ours (``Keys.personas``). A cluster without a stored id first looks for a persona with its
 deterministic name (a create whose answer was lost, or a crash before the id was stored) and adopts it; only then,
-holding the cluster's lock, does it create. Unchanged payloads (same hash as last sent) make no call.
+holding the cluster's lock, does it create. Unchanged payloads (same hash as last sent) make no call, and neither
+does adopting a persona whose fields already hold the payload.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def cadence(avg_frequency: float) -> str:
 
 
 def persona_payload(space: str, doc: dict) -> dict[str, Any]:
-    """Mavera persona from the seed-000 summary and the seed-004 KPI card (documented fields only)."""
+    """Mavera persona from the cluster summary and its KPI card (documented fields only)."""
     summary, kpi = doc.get("summary") or {}, doc.get("kpi") or {}
     industries, plans = summary.get("industries") or [], summary.get("plans") or []
     profile = PROFILES.get(doc["cluster"], {"goals": [], "pains": [], "values": [], "pipeline_type": "intermediate"})
@@ -166,13 +167,12 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
                     rec.pop("mavera_id")
                     _save(client, keys, cluster, rec, state="pending", error=f"persona not found at Mavera: {exc}")
             if not rec.get("mavera_id"):
-                listing = _create_once(client, keys, cluster, rec, payload, mavera, listing, report,
-                                       grace_ms=int(2 * settings.mavera_timeout * 1000),
-                                       lock_s=3 * settings.mavera_timeout)
+                listing, stale = _create_once(client, keys, cluster, rec, payload, mavera, listing, report,
+                                              grace_ms=int(2 * settings.mavera_timeout * 1000),
+                                              lock_s=3 * settings.mavera_timeout)
                 if not rec.get("mavera_id"):
                     continue
-                if rec.get("adopted_now"):
-                    rec.pop("adopted_now")
+                if stale:
                     mavera.update_persona(rec["mavera_id"], payload)
             _save(client, keys, cluster, rec, state="synced", hash=digest, error=None, refused_hash=None,
                   refused_by=None)
@@ -199,38 +199,58 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
     return report
 
 
-def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, payload: dict, mavera: MaveraClient,
-                 listing: list[dict] | None, report: dict, grace_ms: int, lock_s: float) -> list[dict] | None:
-    """Adopt a persona with our deterministic name if Mavera has one; else create it, under the cluster's lock.
+def holds(persona: dict, payload: dict) -> bool:
+    """Mavera's persona already carries every field we would PATCH, so a PATCH would change nothing. A field the
+    listing leaves out counts as different: a needless PATCH is cheap, a stale persona is not."""
+    return all(k in persona and persona[k] == v for k, v in payload.items())
 
-    After a create whose answer was lost, wait ``grace_ms`` (twice the request timeout) before listing: a create
-    that timed out on our side may still be running at Mavera, and would not be listed yet."""
+
+def _adopt(client: redis.Redis, keys: Keys, cluster: str, rec: dict, payload: dict, listing: list[dict],
+           report: dict) -> bool | None:
+    """Take the listed persona with our deterministic name as this cluster's. None when there is none; else
+    whether it still needs a PATCH (not when a create whose answer was lost already gave it this payload)."""
+    found = [p for p in listing if p.get("name") == payload["name"]]
+    if not found:
+        return None
+    rec["mavera_id"] = found[0]["id"]
+    rec.pop("uncertain_create_ms", None)
+    report["adopted"].append(cluster)
+    _save(client, keys, cluster, rec, state="pending")  # the id is ours before anything else can fail
+    return not holds(found[0], payload)
+
+
+def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, payload: dict, mavera: MaveraClient,
+                 listing: list[dict] | None, report: dict, grace_ms: int,
+                 lock_s: float) -> tuple[list[dict] | None, bool]:
+    """Adopt a persona with our deterministic name if Mavera has one; else create it, under the cluster's lock.
+    Returns the listing (reused by the next cluster) and whether the persona still needs a PATCH.
+
+    A create whose answer was lost is looked up at once, in the same job: Mavera has usually done it, and adopting
+    it then saves a whole retry. Only if it is not listed yet do we wait ``grace_ms`` (twice the request timeout)
+    and look again before creating: a create that timed out on our side may still be running at Mavera."""
     with held_lock(client, keys.persona_lock(cluster), lock_s) as lock:
         if lock is None:
             report["failed"].append(f"{cluster}: another worker is creating this persona")
             report["retry"].append(cluster)
-            return listing
+            return listing, False
         fresh = _load(client, keys.personas).get(cluster, {})  # as it is now, not as this job first read it
-        if fresh.get("mavera_id"):  # another worker finished first
-            rec["mavera_id"], rec["adopted_now"] = fresh["mavera_id"], True
-            return listing
+        if fresh.get("mavera_id"):  # another worker finished first; it already sent this payload if it synced it
+            rec["mavera_id"] = fresh["mavera_id"]
+            return listing, not (fresh.get("state") == "synced" and fresh.get("hash") == rec.get("pending_hash"))
         uncertain = fresh.get("uncertain_create_ms") or rec.get("uncertain_create_ms")
-        if uncertain and _now_ms() - uncertain < grace_ms:
-            rec["uncertain_create_ms"] = uncertain
-            report["failed"].append(f"{cluster}: waiting for a lost create to settle before reconciling")
-            report["retry"].append(cluster)
-            return listing
         if uncertain or listing is None:  # after a lost create, list afresh: a listing from before may miss it
             listing = mavera.list_personas()
-        found = [p for p in listing if p.get("name") == payload["name"]]
+        stale = _adopt(client, keys, cluster, rec, payload, listing, report)
+        if stale is not None:
+            return listing, stale
+        if uncertain and _now_ms() - uncertain < grace_ms:
+            rec["uncertain_create_ms"] = uncertain
+            report["failed"].append(f"{cluster}: waiting for a lost create to settle before creating again")
+            report["retry"].append(cluster)
+            return listing, False
         rec.pop("uncertain_create_ms", None)
-        if found:
-            rec["mavera_id"], rec["adopted_now"] = found[0]["id"], True
-            report["adopted"].append(cluster)
-            _save(client, keys, cluster, rec, state="pending")
-            return listing
         # Uncertain from the moment the POST goes out until the id is stored: a worker killed mid-create (job
-        # timeout, OOM) leaves this mark, and the next sync waits out the grace period before listing again.
+        # timeout, OOM) leaves this mark, and the next sync waits out the grace period before creating again.
         _save(client, keys, cluster, rec, state="creating")
 
         def before_send() -> None:
@@ -243,12 +263,21 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
         except (MaveraError, RateLimited):  # refused, or never sent: nothing was created
             rec.pop("uncertain_create_ms", None)
             raise
+        except MaybeCreated as lost:  # look now; if it is not listed yet, the mark stays and the grace applies
+            try:
+                listing = mavera.list_personas()
+            except (MaveraError, RateLimited):
+                raise lost from None
+            stale = _adopt(client, keys, cluster, rec, payload, listing, report)
+            if stale is None:
+                raise
+            return listing, stale
         rec["mavera_id"] = created["id"]
         rec.pop("uncertain_create_ms", None)
         _save(client, keys, cluster, rec, state="pending")  # the id is ours before anything else can fail
         listing.append(created)
         report["created"].append(cluster)
-        return listing
+        return listing, False
 
 
 def _save(client: redis.Redis, keys: Keys, cluster: str, rec: dict, **changes: Any) -> None:
