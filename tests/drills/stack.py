@@ -123,13 +123,32 @@ class Web:
         return env
 
     def start(self, ready_within: float = 60.0) -> Web:
+        """Start and wait until this process serves /healthz on its port.
+
+        ``free_port`` cannot reserve the port: another process on this shared machine (another test run) may bind
+        it first, and then /healthz would answer from *that* server. So the web counts as started only once its own
+        process holds the listening socket; on a first start a port lost that way is replaced by a fresh one (a
+        restart must keep its port, and fails instead)."""
+        for _ in range(5):
+            try:
+                return self._start_once(ready_within)
+            except _PortTaken:
+                if self.starts > 1:
+                    raise AssertionError(f"port {self.port} was taken by another process during the restart") from None
+                self.starts -= 1
+                self.port = free_port()
+        raise AssertionError("no free port could be kept for persona-sync web after 5 tries")
+
+    def _start_once(self, ready_within: float) -> Web:
         assert self.proc is None or self.proc.poll() is not None, "web already running"
         self.proc = subprocess.Popen([EXE, "web"], env=self.environment(), stdout=self.log, stderr=self.log,
                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=self._limits)
         self.starts += 1
         deadline = time.monotonic() + ready_within
-        while not self.healthy():
+        while not (_holds_listener(self.proc.pid, self.port) and self.healthy()):
             if self.proc.poll() is not None:
+                if _listening_inodes(self.port):  # someone else listens there: the bind failed
+                    raise _PortTaken()
                 raise AssertionError(f"persona-sync web exited at start ({self.proc.returncode}): {self.output()}")
             if time.monotonic() > deadline:
                 self.kill()
@@ -174,6 +193,47 @@ class Web:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-3000:]
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP ``port`` (Linux /proc)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                found.add(cols[9])
+    return found
+
+
+def _holds_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on ``port`` (True where /proc cannot tell)."""
+    if not Path("/proc/net/tcp").exists():
+        return True
+    listening = _listening_inodes(port)
+    if not listening:
+        return False
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in listening:
+            return True
+    return False
 
 
 def _group_alive(pgid: int) -> bool:
