@@ -63,8 +63,10 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("PORT", "8000", "Port of the web receiver."),
     ("WEB_CONCURRENCY", "2", "uvicorn worker processes for `persona-sync web` (about one per core)."),
     ("SPACE_ID", "default", "Space that /segment and write keys without a space map to."),
-    ("SEGMENT_SHARED_SECRETS", "", "Comma-separated webhook shared secrets (several while rotating). Empty: unsigned."),
-    ("SEGMENT_WRITE_KEYS", "", "Comma-separated Tracking API write keys, each optionally `key=space`. Empty: any key."),
+    ("SEGMENT_SHARED_SECRETS", "", "Comma-separated webhook shared secrets (several while rotating). Empty: open mode, "
+     "unsigned bodies are trusted (development only)."),
+    ("SEGMENT_WRITE_KEYS", "", "Comma-separated Tracking API write keys, each optionally `key=space`. Empty: open "
+     "mode, any key is trusted (development only)."),
     ("PROFILE_API_TOKEN", "", "Token for the Profile API (HTTP Basic username). Empty: Profile API disabled (401)."),
     ("ADMIN_TOKEN", "", "Bearer token for /admin and /api routes. Empty: those routes are disabled (401)."),
     ("KPI_API_ID", "", "With KPI_API_SECRET: callers of POST /api/v1/segment_cluster_profiles may authenticate with "
