@@ -109,7 +109,8 @@ BIG_BATCH = 2000
 @pytest.mark.xfail(strict=True, raises=Miscounted,
                    reason="AsyncStore.apply re-runs a whole pipeline after NOSCRIPT: when another process loads the "
                           "script while the pipeline runs (several web workers after a Redis restart), the events "
-                          "that ran are reported duplicate; the refresh (and a delete's purge) is then not scheduled")
+                          "that ran are reported duplicate (and if none is left ok or deleted, no refresh or purge "
+                          "is scheduled)")
 def test_a_batch_racing_a_script_load_is_counted_once(start_redis, start_web) -> None:
     """One 2,000-event batch on a cold script cache; the script is loaded from another connection (as another web
     worker would) as soon as the batch's pipeline meets NOSCRIPT. Every event is new: all must be ``accepted``.
