@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import TypeVar
 
 import orjson
 import redis
@@ -24,6 +25,7 @@ from service.keys import REFUSALS_KEY, SPACES_KEY, Keys
 
 SCRIPT = resources.files("service").joinpath("lua/apply.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+Pipe = TypeVar("Pipe", redis.client.Pipeline, aredis.client.Pipeline)
 DEDUPE_BUCKETS = 2  # the window is split in 2 buckets: memory at most 1.5 x the window's ids, 3 lookups an event
 DLQ_RAW_LIMIT = 1024 * 1024
 
@@ -153,8 +155,23 @@ def _outcomes(replies: Sequence) -> list[Outcome]:
     return out
 
 
-def _noscript(replies: Sequence) -> bool:
-    return any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
+Call = tuple[list[str], list]  # (keys, args) of one EVALSHA of the apply script
+
+
+def _queue(pipe: Pipe, calls: Sequence[Call], which: Sequence[int] | None = None) -> Pipe:
+    """Queue the apply script for ``calls`` (or only those at the indexes ``which``) on a sync or async pipeline."""
+    for i in range(len(calls)) if which is None else which:
+        keys, args = calls[i]
+        pipe.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+    return pipe
+
+
+def _noscript(replies: Sequence) -> list[int]:
+    """Which calls of a pipeline met NOSCRIPT (the script cache is empty after a Redis restart or failover).
+
+    Only those are re-run: another process may load the script while a pipeline runs, and the calls after that
+    point have then been applied; running them again would report them as duplicates."""
+    return [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
 
 
 def now_ms() -> int:
@@ -182,18 +199,15 @@ class AsyncStore:
                 self._spaces.add(space)
             if len(calls) == 1:  # one event: a plain call is cheaper than a pipeline
                 return _outcomes([await self._evalsha(*calls[0])])
-            for attempt in (0, 1):
-                pipe = self.client.pipeline(transaction=False)
-                for k, a in calls:
-                    pipe.evalsha(SCRIPT_SHA, len(k), *k, *a)
-                replies = await pipe.execute(raise_on_error=False)
-                if _noscript(replies) and attempt == 0:
-                    await self.client.script_load(SCRIPT)
-                    continue
-                return _outcomes(replies)
+            replies = await _queue(self.client.pipeline(transaction=False), calls).execute(raise_on_error=False)
+            if missing := _noscript(replies):  # Redis restarted: load the script, re-run only what did not run
+                await self.client.script_load(SCRIPT)
+                rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
+                for i, reply in zip(missing, await rerun.execute(raise_on_error=False), strict=True):
+                    replies[i] = reply
+            return _outcomes(replies)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
-        raise AssertionError("unreachable")
 
     async def _evalsha(self, keys: list[str], args: list) -> object:
         try:
@@ -250,18 +264,16 @@ class SyncStore:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
-        for attempt in (0, 1):
-            pipe = self.client.pipeline(transaction=False)
-            for event, raw in items:
-                k, a = self.applier.script_args(keys, event, raw, now)
-                pipe.evalsha(SCRIPT_SHA, len(k), *k, *a)
-            pipe.sadd(SPACES_KEY, space)
-            replies = pipe.execute(raise_on_error=False)
-            if _noscript(replies) and attempt == 0:
-                self.client.script_load(SCRIPT)
-                continue
-            break
-        return _outcomes(replies[: len(items)])
+        calls = [self.applier.script_args(keys, event, raw, now) for event, raw in items]
+        pipe = _queue(self.client.pipeline(transaction=False), calls)
+        pipe.sadd(SPACES_KEY, space)
+        replies = pipe.execute(raise_on_error=False)[: len(calls)]
+        if missing := _noscript(replies):  # as in ``AsyncStore.apply``: re-run only what did not run
+            self.client.script_load(SCRIPT)
+            rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
+            for i, reply in zip(missing, rerun.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return _outcomes(replies)
 
 
 def delete_dead_letters(client: redis.Redis, space: str, entry_ids: Sequence[bytes | str]) -> int:

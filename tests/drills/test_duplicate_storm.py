@@ -4,14 +4,10 @@ across two uvicorn workers) is applied exactly once.
 What a user relies on: however many copies of a batch arrive and however they interleave, the profiles are the
 ones a single delivery gives, and the event log holds each messageId once.
 
-Two starting points: Redis with the apply script already loaded (any Redis that has served a request), where every
-answer's counts are exact too (each event ``accepted`` by one copy, ``duplicate`` in the 39 others); and a cold
-script cache (the first traffic after a Redis restart or failover), where only the state is asserted: there a copy
-whose pipeline met NOSCRIPT part-way re-runs the whole pipeline after loading the script, so events that its first
-attempt applied are reported ``duplicate`` by every copy (seen on a loaded machine: 24 of 50 accepted in total; see
-``AsyncStore.apply`` in service/store.py). The state is right either way, which is what the cold drill checks;
-the miscount itself is reproduced on a single batch by the strict xfail at the end (a fix that re-runs only the
-entries that met NOSCRIPT makes it pass).
+Two starting points, with the same assertions: Redis with the apply script already loaded (any Redis that has
+served a request), and a cold script cache (the first traffic after a Redis restart or failover), where copies meet
+NOSCRIPT part-way through their pipelines while other copies load the script. Each event is ``accepted`` by exactly
+one copy and ``duplicate`` in the 39 others; the test at the end reproduces the race on one large batch.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import threading
 
 import httpx
 import orjson
-import pytest
 
 from service.keys import Keys
 from service.store import SCRIPT
@@ -96,7 +91,8 @@ def test_batch_posted_40_times_concurrently_equals_one_application(start_redis, 
 
 
 def test_batch_storm_on_a_cold_script_cache_still_applies_once(start_redis, start_web) -> None:
-    storm(start_redis, start_web, warm_script_cache=False)
+    once, summaries = storm(start_redis, start_web, warm_script_cache=False)
+    assert sum(s["accepted"] for s in summaries) == once["accepted"], (once, summaries)
 
 
 class Miscounted(AssertionError):
@@ -106,11 +102,6 @@ class Miscounted(AssertionError):
 BIG_BATCH = 2000
 
 
-@pytest.mark.xfail(strict=True, raises=Miscounted,
-                   reason="AsyncStore.apply re-runs a whole pipeline after NOSCRIPT: when another process loads the "
-                          "script while the pipeline runs (several web workers after a Redis restart), the events "
-                          "that ran are reported duplicate (and if none is left ok or deleted, no refresh or purge "
-                          "is scheduled)")
 def test_a_batch_racing_a_script_load_is_counted_once(start_redis, start_web) -> None:
     """One 2,000-event batch on a cold script cache; the script is loaded from another connection (as another web
     worker would) as soon as the batch's pipeline meets NOSCRIPT. Every event is new: all must be ``accepted``.
