@@ -1,18 +1,24 @@
-"""uvicorn's httptools protocol with a bound on the request head (request line and headers), enforced while reading.
+"""uvicorn's httptools protocol with bounds on the request head (request line and headers): its size and its time.
 
 httptools itself accepts headers of any size and buffers them until they end, so one client could hold megabytes
-of a never-ending header in memory. Segment's requests carry a few hundred bytes of headers; anything past
-``MAX_HEAD_BYTES`` is answered 431 with a JSON error and the connection is closed.
+of a never-ending header in memory; and uvicorn times out only idle keep-alive connections, so sockets that connect
+and send nothing, or half a request line, stay open for ever — enough of them use up the process's file
+descriptors and lock every other client out. Segment's requests carry a few hundred bytes of headers, sent at once:
+a head past ``MAX_HEAD_BYTES`` is answered 431, one not complete within ``HEAD_TIMEOUT`` seconds of the connection
+(or of the previous response) 408, both with a JSON error, and the connection is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import http
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT = 15.0
 
 
 class HeadTooLarge(Exception):
@@ -32,6 +38,35 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # until a request's headers are complete, and again once its message is complete
         self._boundaries = 0  # heads and messages completed so far on this connection
         self._too_large = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()  # the next request's head is due within HEAD_TIMEOUT too
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        """Close a connection still waiting for a head, never one whose request is being answered."""
+        self._head_timer = None
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._in_head and not answering and not self.transport.is_closing():
+            self._refuse(408, "request_timeout", f"no complete request head within {HEAD_TIMEOUT:.0f} s")
 
     def _grow(self, n: int) -> None:
         self._head_size += n
@@ -63,6 +98,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._boundaries = False, self._boundaries + 1
+        self._cancel_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -76,8 +112,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def _refuse_head(self) -> None:
-        body = orjson.dumps({"error": {"code": "request_header_fields_too_large",
-                                       "message": f"request line and headers exceed {MAX_HEAD_BYTES} bytes"}})
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+        self._refuse(431, "request_header_fields_too_large", f"request line and headers exceed {MAX_HEAD_BYTES} bytes")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        body = orjson.dumps({"error": {"code": code, "message": message}})
+        self.transport.write(f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json"
+                             f"\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
         self.transport.close()

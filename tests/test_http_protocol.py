@@ -65,3 +65,37 @@ def test_a_header_that_never_ends_is_refused_before_it_ends(redis_url: str) -> N
             except ConnectionResetError:
                 pass
     assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+
+
+def slow_app() -> object:
+    """A bare app with a response that takes longer than the (shortened) head timeout."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def slow(request: object) -> PlainTextResponse:
+        await asyncio.sleep(1.0)
+        return PlainTextResponse("done")
+
+    return Starlette(routes=[Route("/slow", slow)])
+
+
+def test_a_connection_without_a_complete_head_is_closed_with_408(monkeypatch) -> None:  # noqa: ANN001
+    import time
+
+    from service import http_protocol
+
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT", 0.3)
+    with LiveServer(slow_app(), http=BoundedHttpToolsProtocol) as server:
+        for opening in (b"", b"GET /slow HT"):  # nothing at all; half a request line
+            started = time.monotonic()
+            reply = exchange(server.port, opening)
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+            assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+            assert time.monotonic() - started < 5
+        # a response that takes longer than the head timeout is never cut, nor is the keep-alive request after it
+        slow = b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+        reply = exchange(server.port, slow + b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert reply.count(b"HTTP/1.1 200") == 2 and reply.count(b"done") == 2, reply[:300]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from tests.drills.slowclients import Adversaries, normal_requests
 
 
@@ -49,9 +47,6 @@ def test_oversized_header_is_refused(start_redis, start_web) -> None:
 IDLE_SHED_SECONDS = 30  # room for an idle or request-head timeout of up to ~25 s
 
 
-@pytest.mark.xfail(strict=True, reason="the web never closes a connection that sends nothing (no idle or request-head "
-                                       "timeout): idle sockets beyond its file descriptor limit lock every new "
-                                       "client out for as long as they stay open")
 def test_idle_connections_past_the_fd_limit_do_not_lock_clients_out(start_redis, start_web) -> None:
     """300 idle sockets against a web limited to 256 file descriptors (a small stand-in for a real limit and a larger
     flood): within 30 s the server must shed idle connections and serve a normal client again."""
