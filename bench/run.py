@@ -7,7 +7,10 @@ Scenarios (each run several times; medians reported):
   memory     Redis bytes per remembered messageId and per profile (see bench/memory.py)
   recompute  full recompute of N synthetic profiles, refresh with 1 % and 10 % dirty (bench/recompute.py)
   profile_cost  CPU per profile of the recompute's pure stages, without Redis (bench/profile_cost.py)
-  freshness  event → PATCH at Mavera under steady ingest (bench/freshness.py)
+  freshness  event → PATCH at Mavera under steady ingest, and with every create answer lost (bench/freshness.py)
+  slow_clients  p50 / p99 of normal requests alone and beside idle, half-sent and trickling clients
+                (bench/drill_slow_clients.py)
+  fsync      intake under appendfsync everysec vs always (bench/drill_fsync.py)
 Results go to bench/results/latest.json and are printed as a Markdown table for BENCHMARKS.md.
 """
 
@@ -30,7 +33,7 @@ import redis
 from service.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness"]
+SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness", "slow_clients", "fsync"]
 
 
 def free_port() -> int:
@@ -167,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
 
         report["freshness"] = freshness_run(12, 8.0)
         print("freshness", report["freshness"], flush=True)
+        report["freshness_lost_creates"] = freshness_run(12, 8.0, lose_creates=True)
+        print("freshness with every create answer lost", report["freshness_lost_creates"], flush=True)
+    for name in ("slow_clients", "fsync"):  # each prints its own table; kept verbatim in the report
+        if name in only:
+            out = subprocess.run([sys.executable, "-m", f"bench.drill_{name}", "--runs", str(args.runs)],
+                                 capture_output=True, text=True, check=True).stdout
+            print(out, flush=True)
+            report[name] = out
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2))
