@@ -97,9 +97,20 @@ class Keys:
 
     @property
     def refresh_queued(self) -> str:
-        """Set (with an expiry) when a refresh job is queued, cleared when it starts: while it is set the watchdog
-        leaves the dirty profiles to that job; once it expires, a lost job is replaced."""
+        """The id of the refresh job queued last: while that job waits or runs, the watchdog leaves the dirty
+        profiles to it; once it finished, failed or was lost, dirty profiles left waiting get another."""
         return f"{self.prefix}refresh:queued"
+
+    @property
+    def refresh_failures(self) -> str:
+        """How many refreshes in a row failed (reset by one that succeeds)."""
+        return f"{self.prefix}refresh:failures"
+
+    @property
+    def refresh_backoff(self) -> str:
+        """Set after a failed refresh, expiring after a delay that doubles with each failure in a row: the watchdog
+        does not queue another refresh meanwhile."""
+        return f"{self.prefix}refresh:backoff"
 
     def dedupe(self, bucket: int, shard: int) -> str:
         return f"{self.prefix}dd:{bucket}:{shard:x}"

@@ -16,6 +16,8 @@ from datetime import timedelta
 import redis
 import redis.asyncio as aredis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from service.keys import SPACES_KEY, Keys
 from service.logs import event as log_event
@@ -27,7 +29,6 @@ REFRESH_TIMEOUT = 3600  # a refresh that finds the aggregates inconsistent rebui
 SYNC_JOB = "workers.jobs.sync"
 PURGE_JOB = "service.ops.purge_job"
 QUEUE_NAME = "persona-sync"
-REFRESH_QUEUED_TTL = 60  # seconds a queued refresh is trusted to run before the watchdog queues another
 WATCHDOG_INTERVAL = 5.0  # seconds between the worker watchdog's looks for dirty profiles nobody works on
 
 
@@ -47,14 +48,17 @@ def queue_sync(queue: Queue, space: str, mave_chat_timeout: float, delay: float 
         queue.enqueue(SYNC_JOB, space, **options)
 
 
-def queue_refresh(queue: Queue, space: str, marker: str | None = None) -> None:
+def queue_refresh(queue: Queue, space: str, marker: str | None = None) -> str:
     """One refresh job for ``space``, queued now; ``marker`` is the debounce marker it waits out before it reads.
+    Returns the job's id.
 
     Queued at once rather than with ``enqueue_in``: a delayed job needs RQ's scheduler, which lives in one worker
     at a time and, when that worker dies (or Redis blinks), is only taken over minutes later. Any live worker
-    runs a queued job."""
-    queue.enqueue(REFRESH_JOB, space, marker, job_timeout=REFRESH_TIMEOUT,
-                  description=f"refresh dirty profiles of {space}")
+    runs a queued job; the price is a worker that waits out the debounce interval (``REFRESH_DEBOUNCE``, 5 s)
+    inside the job."""
+    job = queue.enqueue(REFRESH_JOB, space, marker, job_timeout=REFRESH_TIMEOUT,
+                        description=f"refresh dirty profiles of {space}")
+    return str(job.id)
 
 
 def schedule_refresh(state: redis.Redis, queue: Queue, space: str, debounce: float) -> bool:
@@ -64,23 +68,38 @@ def schedule_refresh(state: redis.Redis, queue: Queue, space: str, debounce: flo
     if not state.set(keys.refresh_pending, token, nx=True, px=int(debounce * 1000)):
         return False
     try:
-        queue_refresh(queue, space, token)
+        job_id = queue_refresh(queue, space, token)
     except BaseException:
         state.delete(keys.refresh_pending)
         raise
-    state.set(keys.refresh_queued, token, ex=REFRESH_QUEUED_TTL)
+    state.set(keys.refresh_queued, job_id, ex=REFRESH_TIMEOUT)
     return True
 
 
-def refresh_due(state: redis.Redis, space: str) -> bool:
-    """Whether dirty profiles of ``space`` wait with nobody on them: no recompute holds the space, and either a
-    crashed one left its taken marks behind, or dirty marks wait with no refresh due or queued."""
+def job_waiting(queue: Queue, job_id: bytes | str | None) -> bool:
+    """Whether the RQ job ``job_id`` is still to run or running (not finished, failed, or lost)."""
+    if not job_id:
+        return False
+    try:
+        job = Job.fetch(job_id.decode() if isinstance(job_id, bytes) else job_id, connection=queue.connection)
+    except NoSuchJobError:
+        return False
+    return job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED,
+                                             JobStatus.SCHEDULED)
+
+
+def refresh_due(state: redis.Redis, queue: Queue, space: str) -> bool:
+    """Whether dirty profiles of ``space`` wait with nobody on them: no recompute holds the space, the last
+    queued refresh is not waiting to run (it finished, failed or was lost), refreshes are not backing off after
+    failures, and either a crashed recompute left its taken marks behind or dirty marks wait with no refresh due."""
     keys = Keys(space)
     with state.pipeline(transaction=False) as pipe:
-        locked, leftovers, dirty, pending, queued = (
+        locked, leftovers, dirty, pending, queued, backoff = (
             pipe.exists(keys.recompute_lock).exists(keys.dirty_work, keys.dirty_full).scard(keys.dirty)
-            .exists(keys.refresh_pending).exists(keys.refresh_queued).execute())
-    return not locked and bool(leftovers or (dirty and not pending and not queued))
+            .exists(keys.refresh_pending).get(keys.refresh_queued).exists(keys.refresh_backoff).execute())
+    if locked or backoff or not (leftovers or (dirty and not pending)):
+        return False
+    return not job_waiting(queue, queued)
 
 
 class RefreshWatchdog:
@@ -97,7 +116,8 @@ class RefreshWatchdog:
         """One pass; returns the spaces it queued a refresh for."""
         queued = []
         for space in sorted(s.decode() for s in self.state.smembers(SPACES_KEY)):
-            if refresh_due(self.state, space) and schedule_refresh(self.state, self.queue, space, self.debounce):
+            if refresh_due(self.state, self.queue, space) and schedule_refresh(self.state, self.queue, space,
+                                                                                   self.debounce):
                 log_event(log, "refresh resumed", space=space)
                 queued.append(space)
         return queued
@@ -161,18 +181,18 @@ class RefreshScheduler:
             self._quiet_until[space] = now + max(0, ttl_ms) / 1000
             if first:
                 try:
-                    await asyncio.to_thread(self._enqueue, space, token)
+                    job_id = await asyncio.to_thread(self._enqueue, space, token)
                 except BaseException:
                     self._quiet_until.pop(space, None)
                     await self.state.delete(key)  # no refresh is due after all: the next touch tries again
                     raise
-                await self.state.set(Keys(space).refresh_queued, token, ex=REFRESH_QUEUED_TTL)
+                await self.state.set(Keys(space).refresh_queued, job_id, ex=REFRESH_TIMEOUT)
         except (redis.RedisError, OSError) as exc:  # the scheduled full recompute catches up; never fail intake
             log_event(log, "refresh not scheduled", logging.WARNING, space=space, error=type(exc).__name__)
 
-    def _enqueue(self, space: str, token: str) -> None:
+    def _enqueue(self, space: str, token: str) -> str:
         """The job gets the marker's token: it waits until that marker has expired, then reads the dirty set."""
-        queue_refresh(self.queue(), space, token)
+        return queue_refresh(self.queue(), space, token)
 
     async def purge(self, space: str) -> None:
         """After a GDPR delete: purge the erased profile's logged events in a job, not in the request."""

@@ -42,6 +42,41 @@ def test_a_refresh_that_finds_the_space_locked_steps_aside_and_the_watchdog_brin
     assert jobs.refresh(*job.args)["profiles"] == 10  # the queued run does the work
 
 
+def test_the_watchdog_leaves_a_queued_refresh_alone_and_replaces_a_lost_one(env: None, r: redis.Redis) -> None:
+    apply(r, mixed_stream(100, users=4, seed=3))
+    queue = Queue(jobs.QUEUE, connection=r)
+    watchdog = RefreshWatchdog(r, queue, debounce=0.05)
+    assert watchdog.check() == ["default"]
+    time.sleep(0.1)  # its debounce marker expired; the job still waits behind a long one in the queue
+    assert watchdog.check() == []
+    [job] = queue.get_jobs()
+    job.delete()  # lost (a Redis restart from an older snapshot, a flushed queue)
+    assert watchdog.check() == ["default"]
+
+
+def test_a_failing_refresh_is_retried_with_back_off(env: None, r: redis.Redis,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    apply(r, mixed_stream(100, users=4, seed=3))
+    keys = Keys("default")
+    watchdog = RefreshWatchdog(r, Queue(jobs.QUEUE, connection=r), debounce=0.05)
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("a bug in the recompute")
+
+    working = recompute.refresh
+    monkeypatch.setattr(recompute, "refresh", broken)
+    for failures, backoff in ((1, 5), (2, 10), (3, 20)):
+        with pytest.raises(RuntimeError):
+            jobs.refresh("default")
+        assert int(r.get(keys.refresh_failures)) == failures and abs(r.ttl(keys.refresh_backoff) - backoff) <= 1
+        time.sleep(0.1)
+        assert watchdog.check() == []  # no retry while backing off
+    monkeypatch.setattr(recompute, "refresh", working)
+    r.delete(keys.refresh_backoff)  # the back-off ran out
+    assert jobs.refresh("default")["profiles"] == 4
+    assert not r.exists(keys.refresh_failures, keys.refresh_backoff)
+
+
 def test_a_refresh_killed_mid_run_is_resumed_within_the_lock_ttl(env: None, r: redis.Redis) -> None:
     """A worker SIGKILLed inside a refresh leaves its lock and its taken dirty marks: the lock lapses within
     LOCK_TTL (nobody renews it), and the watchdog then queues a refresh that merges the marks back."""

@@ -151,3 +151,30 @@ def test_full_recompute_counts_a_key_scan_returns_twice_once(r: redis.Redis) -> 
     again = full_recompute(twice, Settings(), "default", now_ms=NOW)
     assert again["profiles"] == once["profiles"] == 40 and again["changed_clusters"] == []
     assert state(r) == expected
+
+
+def test_taking_the_dirty_marks_never_loses_one_added_meanwhile(redis_url: str, r: redis.Redis) -> None:
+    """The web marks profiles dirty at any moment; a refresh takes the marks while it does. Every mark added while
+    marks are being taken ends up taken or still waiting, never dropped."""
+    import threading
+
+    from workers.recompute import _take
+
+    stop, added = threading.Event(), []
+
+    def web() -> None:
+        client = redis.Redis.from_url(redis_url)
+        while not stop.is_set():
+            member = f"p{len(added)}"
+            client.sadd("dirty", member)
+            added.append(member)
+        client.close()
+
+    writer = threading.Thread(target=web)
+    writer.start()
+    for _ in range(1500):
+        _take(r, "work", ["dirty"])
+    stop.set()
+    writer.join()
+    _take(r, "work", ["dirty"])
+    assert len(added) > 100 and {m.decode() for m in r.smembers("work")} == set(added)

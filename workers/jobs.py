@@ -19,8 +19,10 @@ from workers.locks import held_lock
 
 log = logging.getLogger("jobs")
 QUEUE = "persona-sync"
-# seconds a refresh waits for another recompute: refreshes take a second or two, and a dead holder's lock lapses
-REFRESH_LOCK_WAIT = recompute.LOCK_TTL + 2
+# seconds a refresh waits for another recompute before it steps aside: the holder queues a refresh when it is done,
+# and the watchdog one when a dead holder's lock has lapsed
+REFRESH_LOCK_WAIT = 1.0
+REFRESH_BACKOFF, REFRESH_BACKOFF_MAX = 5, 300  # seconds the watchdog waits after a failed refresh: doubling, capped
 RETRY_PENDING = 60  # seconds before another sync of clusters that only needed time
 SYNC_LOCK_TTL = 60.0  # renewed while the sync runs; a killed worker's lapses within this
 
@@ -56,12 +58,16 @@ def refresh(space: str, marker: str | None = None) -> dict:
         if current is None or current.decode() != marker or ttl_ms <= 0:
             break
         time.sleep(ttl_ms / 1000 + 0.005)
-    client.delete(keys.refresh_queued)
     try:
         report = recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
     except recompute.Busy as exc:
         log_event(log, "refresh stepped aside", space=space, reason=str(exc))
         return {"space": space, "deferred": str(exc)}
+    except Exception:  # noqa: BLE001 - RQ keeps the failed job; the watchdog waits longer after each failure
+        failures = client.incr(keys.refresh_failures)
+        client.set(keys.refresh_backoff, failures, ex=min(REFRESH_BACKOFF_MAX, REFRESH_BACKOFF * 2 ** (failures - 1)))
+        raise
+    client.delete(keys.refresh_failures, keys.refresh_backoff)
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
               seconds=report["seconds"])
     if report["changed_clusters"] or report["profiles"]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import redis
+from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
 from service.config import Settings
@@ -58,12 +59,30 @@ def space_lock(client: redis.Redis, space: str, wait: float | None = None) -> It
         yield lock
 
 
+def _take(client: redis.Redis, into: str, sources: list[str]) -> None:
+    """Move the dirty marks of ``sources`` into ``into`` (adding to what it holds) in one transaction: the web's
+    apply script adds marks at any moment, and one added between a union and a separate delete would be lost."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.sunionstore(into, [into, *sources]).delete(*sources).execute()
+
+
+def _still_held(lock: Lock) -> None:
+    """Before a recompute writes its result: make sure its lock is still ours, and good for another ``LOCK_TTL``
+    (a holder cut off from Redis for longer than that may have been replaced; its result must not overwrite the
+    newer one, and the write that follows has the whole TTL to land)."""
+    try:
+        lock.reacquire()
+    except LockNotOwnedError:
+        raise Busy("the recompute lock lapsed before the result was written; the next refresh does the work") from None
+
+
 def _publish_if_held(lock: Lock, pipe: redis.client.Pipeline) -> None:
-    """Write the recompute's result only while its lock is still ours: a holder cut off from Redis for longer
-    than ``LOCK_TTL`` may have been replaced, and its result must not overwrite the newer one."""
-    if not lock.owned():
+    """Write the recompute's result (queued on ``pipe``) only while its lock is still ours."""
+    try:
+        _still_held(lock)
+    except Busy:
         pipe.reset()
-        raise Busy("the recompute lock lapsed before the result was written; the next refresh does the work")
+        raise
     pipe.execute()
 
 
@@ -226,10 +245,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
     started = time.perf_counter()
     with space_lock(client, space, lock_wait) as lock:
         # A crashed refresh left `work`, a crashed full recompute its snapshot: merge, never lose a dirty mark.
-        leftovers = [k for k in (keys.dirty, work, keys.dirty_full) if client.exists(k)]
-        if leftovers and leftovers != [work]:
-            client.sunionstore(work, leftovers)
-            client.delete(*(k for k in leftovers if k != work))
+        _take(client, work, [keys.dirty, keys.dirty_full])
         pids = sorted(m.decode() for m in client.smembers(work))
         if not pids:
             return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
@@ -259,7 +275,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
                     pipe.hset(keys.contributions, pid, _encode(new))
             index = client.pipeline(transaction=True)
             _index_spend(index, keys, news, indexed)
-            index.execute()
+            _publish_if_held(lock, index)
             medians = _medians(client, keys, sorted(indexed))
             for name, (size, median_x2) in medians.items():
                 if size != (clusters[name].n if name in clusters else 0):
@@ -360,9 +376,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
           progress: Callable[[int], None] | None = None) -> dict:
     keys = Keys(space)
     snapshot = keys.dirty_full
-    if client.exists(keys.dirty):  # changes from now on stay dirty for the next refresh
-        client.sunionstore(snapshot, [snapshot, keys.dirty])  # (with what a crashed run left)
-        client.delete(keys.dirty)
+    _take(client, snapshot, [keys.dirty])  # changes from now on stay dirty for the next refresh
     staging = _staging(keys.contributions)
     indexed = {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
     client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
