@@ -120,7 +120,7 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     from rq import Queue, Worker
     from rq.job import JobStatus
 
-    from service.holders import holder_is_gone
+    from service.holders import clear_if_gone
     from service.keys import Keys
     from service.ops import spaces
     from service.refresh import FULL_RECOMPUTE_JOB, REFRESH_TIMEOUT
@@ -131,12 +131,11 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
         print("no spaces yet: nothing to recompute")
         return 0
     for space in chosen:
-        holder = client.get(Keys(space).recompute_lock)
-        if holder and holder_is_gone(holder):  # no need to wait for the lock of a dead process to lapse
-            client.delete(Keys(space).recompute_lock)
-            print(f"{space}: cleared the recompute lock of a process that no longer runs ({holder.decode()})")
-        elif holder:
-            print(f"{space}: a recompute is running ({holder.decode()}); this one waits for it")
+        if cleared := clear_if_gone(client, Keys(space).recompute_lock):  # no need to wait for it to lapse
+            print(f"{space}: cleared the recompute lock of a process that no longer runs ({cleared.decode()})")
+        elif holder := client.get(Keys(space).recompute_lock):
+            print(f"{space}: a recompute is running ({holder.decode()}); this one waits up to 30 s for it, "
+                  "else skips the space")
     conn = redis.Redis.from_url(queue_url(settings))
     queue = Queue(QUEUE_NAME, connection=conn)
     if not Worker.count(queue=queue):
@@ -315,9 +314,11 @@ def parser() -> argparse.ArgumentParser:
                        description="Enqueue the scheduled full recompute. Run exactly one of these.")
     c.set_defaults(func=cmd_cron)
     rc = sub.add_parser("recompute", help="run a full recompute now (all spaces, or one), then queue the syncs",
-                        description="Rebuild clusters, KPI cards and channel patterns from every profile now, in "
-                                    "this process, instead of waiting for the scheduled run. Waits for a recompute "
-                                    "that is running; a lock left by a process that died is cleared.")
+                        description="Rebuild clusters, KPI cards and channel patterns from every profile now, "
+                                    "instead of waiting for the scheduled run: a running worker takes the job at "
+                                    "the front of the queue, and this command shows its progress. A recompute that "
+                                    "is running is waited for (up to 30 s); a lock left by a process of this host "
+                                    "that died is cleared.")
     rc.add_argument("--space", help="only this space")
     rc.set_defaults(func=cmd_recompute)
     s = sub.add_parser("status", help="profiles, dirty set, event log and dead letters per space",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from service.holders import clear_if_gone, holder_token
 from service.keys import Keys
 from tests.helpers import apply, mixed_stream
 
@@ -43,7 +43,8 @@ def test_recompute_clears_a_dead_holders_lock_and_rebuilds_now(worker: subproces
                                                                 redis_url: str) -> None:
     apply(r, mixed_stream(300, users=12, seed=7))
     keys = Keys("default")
-    r.set(keys.recompute_lock, f"{socket.gethostname()}:{dead_pid()}:abc", ex=3600)  # a lock no one will renew
+    dead = holder_token().replace(f":{os.getpid()}:", f":{dead_pid()}:")  # a lock no one will renew
+    r.set(keys.recompute_lock, dead, ex=3600)
     out = subprocess.run([EXE, "recompute", "--space", "default"], env=env_for(redis_url), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -54,8 +55,18 @@ def test_recompute_clears_a_dead_holders_lock_and_rebuilds_now(worker: subproces
 def test_recompute_waits_for_a_live_holder_rather_than_clearing_it(r: redis.Redis, redis_url: str) -> None:
     apply(r, mixed_stream(50, users=3, seed=1))
     keys = Keys("default")
-    r.set(keys.recompute_lock, f"{socket.gethostname()}:{os.getpid()}:abc", ex=3600)  # this test process: alive
+    r.set(keys.recompute_lock, holder_token(), ex=3600)  # this test process: alive
     out = subprocess.run([EXE, "recompute"], env=env_for(redis_url), capture_output=True, text=True, timeout=60)
     assert r.exists(keys.recompute_lock)  # never cleared under a live holder
     assert "a recompute is running" in out.stdout
     assert out.returncode == 1 and "no worker is running" in out.stderr  # and says what to do next
+
+
+def test_only_a_lock_whose_process_is_gone_here_is_cleared(r: redis.Redis) -> None:
+    mine = holder_token()
+    dead = mine.replace(f":{os.getpid()}:", f":{dead_pid()}:")
+    elsewhere = "another-host" + dead[dead.index(":"):]
+    for token, cleared in ((mine, False), (elsewhere, False), ("an-old-style-token", False), (dead, True)):
+        r.set("lock", token)
+        assert (clear_if_gone(r, "lock") is not None) == cleared, token
+        assert r.exists("lock") != cleared
