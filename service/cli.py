@@ -84,8 +84,18 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         except redis.RedisError as exc:
             print(f"persona-sync worker: Redis not reachable yet ({exc}); the watchdog keeps trying", file=sys.stderr)
         watchdog.start()
+    class StoppableWorker(Worker):
+        """Remembers a stop request (SIGTERM, Ctrl-C), so that Redis going away during shutdown ends the process
+        instead of starting a new worker."""
+
+        stop_signalled = False
+
+        def request_stop(self, signum: int, frame: Any) -> None:
+            self.stop_signalled = True
+            super().request_stop(signum, frame)
+
     try:
-        return _work(lambda: Worker([queue], connection=conn), args.burst)
+        return _work(lambda: StoppableWorker([queue], connection=conn), args.burst)
     finally:
         if watchdog:
             watchdog.stop()
@@ -104,6 +114,8 @@ def _work(make_worker: Callable[[], Any], burst: bool) -> int:
             worker.work(with_scheduler=True, burst=burst)
             return 0
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if getattr(worker, "stop_signalled", False):
+                return 0  # asked to stop: Redis going away (often with the rest of the stack) changes nothing
             print(f"persona-sync worker: Redis unreachable ({exc}); starting again in {backoff:.1f} s",
                   file=sys.stderr, flush=True)
         if worker is not None and worker.scheduler:

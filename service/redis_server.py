@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -80,9 +81,11 @@ class DataDirLock:
 class EmbeddedRedis:
     """A redis-server child process listening on a unix socket inside ``data_dir``."""
 
-    def __init__(self, data_dir: str | os.PathLike, persistent: bool = True) -> None:
+    def __init__(self, data_dir: str | os.PathLike, persistent: bool = True,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.persistent = persistent
+        self.preexec_fn = preexec_fn  # run in the child before redis-server starts (the supervisor's death signal)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -111,8 +114,9 @@ class EmbeddedRedis:
                 raise RuntimeError(f"a redis-server already answers on {self.socket}: another stack uses this "
                                    "DATA_DIR; stop it, or choose another DATA_DIR")
             self.socket.unlink()  # left by a server that is gone
+        # its own process group: Ctrl-C reaches the supervisor, which stops Redis last
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     process_group=0)  # Ctrl-C reaches the supervisor, which stops Redis last
+                                     process_group=0, preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket))
         while time.monotonic() < deadline:

@@ -5,11 +5,13 @@ One ``DATA_DIR`` holds one stack: the supervisor keeps an exclusive lock on it f
 its own and is stopped and restarted with that whole group, so a web master's uvicorn workers (or a worker's
 job process) never outlive it holding the port. A child that dies — the embedded redis-server included — is
 restarted with back-off (0.5 s doubling to 10 s, reset once it has run a minute) and the log says so. Ctrl-C or
-SIGTERM stops every child, Redis last, so that the append-only file is flushed and a restart keeps the data.
+SIGTERM (or SIGHUP) stops every child, Redis last, so that the append-only file is flushed and a restart keeps the
+data; if the supervisor itself is killed, every child gets SIGTERM from the kernel.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from service.redis_server import DataDirLock, EmbeddedRedis
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0  # seconds before a restart: doubling from the first to the most
 STABLE_AFTER = 60.0  # a child that ran this long is healthy again: its next crash restarts it at once
 STOP_GRACE = 15.0  # seconds a child gets to finish after SIGTERM before its group is killed
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def say(message: str) -> None:
@@ -39,6 +42,16 @@ def _children(with_worker: bool, with_cron: bool) -> dict[str, list[str]]:
     if with_cron:
         kids["cron"] = [exe, "cron"]
     return kids
+
+
+def die_with_parent() -> None:
+    """In a child, before it runs its program: SIGTERM it when the supervisor dies, however it dies (SIGKILL
+    included), so no program outlives its supervisor in a group of its own (Linux ``PR_SET_PDEATHSIG``)."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -104,7 +117,7 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
                   "run this one with its own DATA_DIR and PORT (e.g. DATA_DIR=./var2 PORT=8001 make run).",
                   file=sys.stderr, flush=True)
             return 1
-        embedded = EmbeddedRedis(settings.data_dir)
+        embedded = EmbeddedRedis(settings.data_dir, preexec_fn=die_with_parent)
         try:
             embedded.start()
         except RuntimeError as exc:
@@ -129,10 +142,11 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(sig, stop)
     for name, cmd in _children(with_worker, with_cron).items():
-        child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env, process_group=0))
+        child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env, process_group=0,
+                                                             preexec_fn=die_with_parent))
         child.launch()
         children.append(child)
     try:

@@ -145,3 +145,13 @@ def test_a_crashed_embedded_redis_is_restarted_on_the_same_data(stack) -> None: 
     assert traits(port, "kept") == 200
     post(port, "after-redis")
     assert traits(port, "after-redis") == 200
+
+
+def test_nothing_outlives_a_killed_supervisor(stack) -> None:  # noqa: ANN001
+    proc, _, port, _ = stack
+    family = descendants(proc.pid)
+    assert len(family) >= 5  # redis, web (and its workers), worker, cron
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not any(alive(p) for p in family), 40)
+    assert not ready(port)
