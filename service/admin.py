@@ -58,17 +58,47 @@ def admin_endpoint(handler: Callable[[Request, str], Awaitable[Response]]) -> Ca
 
 
 def _page(request: Request) -> tuple[int, str] | Response:
-    """``?limit=`` (1-1000, default 50) and ``?before=<entry id>``, or the 400 to send."""
+    """``?limit=`` (1-1000, default 50) and ``?before=<entry id>``, or the 400 to send. ASCII digits only: ``'²'``
+    passes ``str.isdigit`` but not ``int``, and Redis refuses an entry id in other scripts' digits."""
     raw_limit = request.query_params.get("limit", "50")
     before = request.query_params.get("before") or "+"
-    if not (raw_limit.isdigit() and len(raw_limit) <= 4) or not 1 <= int(raw_limit) <= 1000:
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4) or not 1 <= int(raw_limit) <= 1000:
         return error(400, "validation_error", "limit must be a number from 1 to 1000")
     if before != "+" and not _ENTRY_ID.match(before):
         return error(400, "validation_error", "before must be an entry id such as 1700000000000-0")
     return int(raw_limit), before
 
 
-_ENTRY_ID = re.compile(r"^\(?\d{1,20}(-\d{1,20})?$")
+_ENTRY_ID = re.compile(r"^\(?[0-9]{1,20}(-[0-9]{1,20})?$")
+
+
+async def _stream_page(request: Request, key: str, item: Callable[[str, dict[str, bytes]], dict],
+                       extra: dict | None = None) -> Response:
+    """One page of a stream, newest first (``?limit=``, ``?before=``), each entry shaped by ``item``."""
+    page = _page(request)
+    if isinstance(page, Response):
+        return page
+    limit, before = page
+    try:
+        client = request.app.state.redis
+        rows = await client.xrevrange(key, max=before, min="-", count=limit + 1)
+        total = await client.xlen(key)
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    more = len(rows) > limit
+    return JSON({**(extra or {}), "total": total,
+                 "data": [item(entry_id.decode(), {k.decode(): v for k, v in fields.items()})
+                          for entry_id, fields in rows[:limit]],
+                 "has_more": more, "next_before": rows[limit][0].decode() if more else None})
+
+
+def _text(f: dict[str, bytes], name: str) -> str:
+    return f.get(name, b"").decode(errors="replace")
+
+
+def _number(f: dict[str, bytes], name: str) -> int:
+    value = f.get(name, b"0")
+    return int(value) if value.isdigit() else 0
 
 
 async def dead_letters(request: Request) -> Response:
@@ -78,25 +108,9 @@ async def dead_letters(request: Request) -> Response:
     space = _space(request)
     if not valid_space(space):
         return error(400, "validation_error", "space must be a valid space id")
-    page = _page(request)
-    if isinstance(page, Response):
-        return page
-    limit, before = page
-    try:
-        client = request.app.state.redis
-        rows = await client.xrevrange(Keys(space).dead_letters, max=before, min="-", count=limit + 1)
-        total = await client.xlen(Keys(space).dead_letters)
-    except REDIS_DOWN as exc:
-        return unavailable(exc)
-    items = []
-    for entry_id, fields in rows[: limit]:
-        f = {k.decode(): v for k, v in fields.items()}
-        items.append({"id": entry_id.decode(), "reason": f.get("reason", b"").decode(errors="replace"),
-                      "source": f.get("source", b"").decode(errors="replace"), "at": int(f.get("at", b"0")),
-                      "raw": f.get("raw", b"").decode(errors="replace")})
-    more = len(rows) > limit
-    return JSON({"space": space, "total": total, "data": items, "has_more": more,
-                 "next_before": rows[limit][0].decode() if more else None})
+    return await _stream_page(request, Keys(space).dead_letters, lambda entry_id, f: {
+        "id": entry_id, "reason": _text(f, "reason"), "source": _text(f, "source"), "at": _number(f, "at"),
+        "raw": _text(f, "raw")}, {"space": space})
 
 
 async def refusals(request: Request) -> Response:
@@ -104,25 +118,10 @@ async def refusals(request: Request) -> Response:
     reason, size and peer address. Never a body; nothing here can be replayed. ``?limit=``, ``?before=``."""
     if denied := admin_denied(request):
         return denied
-    page = _page(request)
-    if isinstance(page, Response):
-        return page
-    limit, before = page
-    try:
-        client = request.app.state.redis
-        rows = await client.xrevrange(REFUSALS_KEY, max=before, min="-", count=limit + 1)
-        total = await client.xlen(REFUSALS_KEY)
-    except REDIS_DOWN as exc:
-        return unavailable(exc)
-    items = []
-    for entry_id, fields in rows[:limit]:
-        f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
-        items.append({"id": entry_id.decode(), "at": int(f.get("at", "0")), "space": f.get("space", ""),
-                      "route": f.get("route", ""), "status": int(f.get("status", "0")), "reason": f.get("reason", ""),
-                      "bytes": int(f.get("bytes", "0")), "addr": f.get("addr", "")})
-    more = len(rows) > limit
-    return JSON({"total": total, "data": items, "has_more": more,
-                 "next_before": rows[limit][0].decode() if more else None})
+    return await _stream_page(request, REFUSALS_KEY, lambda entry_id, f: {
+        "id": entry_id, "at": _number(f, "at"), "space": _text(f, "space"), "route": _text(f, "route"),
+        "status": _number(f, "status"), "reason": _text(f, "reason"), "bytes": _number(f, "bytes"),
+        "addr": _text(f, "addr")})
 
 
 @admin_endpoint

@@ -99,6 +99,14 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
             counts[(kind, "rejected")] += 1
     try:
         outcomes = await state.store.apply(space, good, received)
+    except StoreUnavailable as exc:
+        return unavailable(exc)
+    # what was applied is scheduled before anything else can fail: a retry would find these events duplicates
+    if any(o.status in ("ok", "deleted") for o in outcomes):
+        await state.refresh.touch(space)
+    if any(o.status == "deleted" for o in outcomes):
+        await state.refresh.purge(space)
+    try:
         failed = [(o.profile_id, raw) for o, (_, raw) in zip(outcomes, good, strict=True) if o.status == "error"]
         await state.store.dead_letters(space, [(r, raw) for _, r, raw in rejected] + failed, source)
     except StoreUnavailable as exc:
@@ -106,10 +114,6 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
     for (event, _), outcome in zip(good, outcomes, strict=True):
         counts[(event.type, "rejected" if outcome.status == "error" else outcome.status)] += 1
     metrics.count_events(counts)
-    if any(o.status in ("ok", "deleted") for o in outcomes):
-        await state.refresh.touch(space)
-    if any(o.status == "deleted" for o in outcomes):
-        await state.refresh.purge(space)
     summary: dict[str, Any] = {
         "accepted": sum(n for (_, o), n in counts.items() if o in ("ok", "deleted")),
         "duplicate": sum(n for (_, o), n in counts.items() if o == "duplicate"),

@@ -88,6 +88,9 @@ def test_refusals_page_back_without_repeats(client: TestClient) -> None:
     assert client.get("/admin/refusals?before=nope", headers=ADMIN).status_code == 400
     assert client.get("/admin/dead-letters?before=nope", headers=ADMIN).status_code == 400  # was a Redis error: 500
     assert client.get("/admin/refusals?limit=" + "9" * 5000, headers=ADMIN).status_code == 400  # int() would raise
+    for route in ("/admin/refusals", "/admin/dead-letters"):  # digits that are not ASCII: int() or Redis refuse them
+        assert client.get(f"{route}?limit=%C2%B2", headers=ADMIN).status_code == 400
+        assert client.get(f"{route}?before=%D9%A1-0", headers=ADMIN).status_code == 400
 
 
 MARKER = b"FORGED-BODY-BYTES-"
