@@ -17,7 +17,7 @@ from service import auth, kpis
 from service.admin import admin_endpoint
 from service.intake import BodyError, read_body
 from service.keys import MAVERA_PAUSED_KEY, Keys
-from service.responses import JSON, error
+from service.responses import JSON, error, refused
 
 MAX_KPI_BODY = 8 * 1024 * 1024
 
@@ -75,8 +75,7 @@ async def segment_cluster_profiles(request: Request) -> Response:
     try:
         body = await read_body(request, MAX_KPI_BODY)
     except BodyError as exc:
-        code = "payload_too_large" if exc.status == 413 else "invalid_request_error"
-        return error(exc.status, code, exc.message)
+        return refused(exc.status, exc.message)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -37,7 +37,7 @@ from service.intake import (
     tracking_items,
     webhook_items,
 )
-from service.responses import JSON, error, unavailable
+from service.responses import JSON, error, refused, unavailable
 from service.store import StoreUnavailable, now_ms
 
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
@@ -58,15 +58,10 @@ async def _unauthenticated(request: Request, space: str, status: int, reason: st
         pass  # the refusal stands either way; nothing was accepted
 
 
-def _refusal(exc: BodyError, note: str = "") -> JSON:
-    code = "payload_too_large" if exc.status == 413 else "invalid_request_error"
-    return error(exc.status, code, exc.message + note)
-
-
 async def _refuse_unread(request: Request, space: str, exc: BodyError) -> JSON:
     """A body refused before it could be authenticated: metadata only."""
     await _unauthenticated(request, space, exc.status, exc.message, exc.size)
-    return _refusal(exc, f"; {UNKEPT}")
+    return refused(exc.status, f"{exc.message}; {UNKEPT}")
 
 
 async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, source: str) -> JSON:
@@ -76,7 +71,7 @@ async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, sou
         await request.app.state.store.dead_letter(space, exc.message, body, source)
     except StoreUnavailable:
         pass  # the refusal stands either way; nothing was accepted
-    return _refusal(exc)
+    return refused(exc.status, exc.message)
 
 
 async def ingest(request: Request, space: str, items: list[Item], source: str, single: bool) -> Response:

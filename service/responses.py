@@ -25,6 +25,11 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return JSON({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def refused(status: int, message: str) -> JSON:
+    """A request refused as a whole: 413 for a body over a limit, else 400."""
+    return error(status, "payload_too_large" if status == 413 else "invalid_request_error", message)
+
+
 def unavailable(exc: Exception) -> JSON:
     """Redis is down or refused the write: 503 with Retry-After, so Segment sends again."""
     metrics.REDIS_ERRORS.inc()
