@@ -342,3 +342,34 @@ def profile_of(client: redis.Redis, user_id: str, space: str = SPACE) -> dict[st
     if pid is None:
         return {}
     return {f.decode(): v.decode() for f, v in client.hgetall(k.profile(pid.decode())).items()}
+
+
+def signed_deliveries(events: list[dict]) -> list[Delivery]:
+    """One classic Webhooks delivery per event: its body and X-Signature, keyed by messageId."""
+    out = []
+    for e in events:
+        body = orjson.dumps(e)
+        out.append(Delivery(e["messageId"], body, signed_headers(body)))
+    return out
+
+
+def deliver_with_strikes(sender: Sender, deliveries: list[Delivery], shares: Iterable[float],
+                         strike: Callable[[], None]) -> None:
+    """Send ``deliveries`` while ``strike`` (kill something, restart it) runs each time this share of them has been
+    acknowledged; a strike that fails fails the drill."""
+    failure: list[BaseException] = []
+
+    def striker() -> None:
+        try:
+            for share in shares:
+                while sender.acked < share * len(deliveries):
+                    time.sleep(0.005)
+                strike()
+        except BaseException as exc:
+            failure.append(exc)
+
+    chaos = threading.Thread(target=striker, daemon=True)
+    chaos.start()
+    sender.run(deliveries)
+    chaos.join(120)
+    assert not failure, f"the strike failed: {failure[0]!r}"

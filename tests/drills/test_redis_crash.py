@@ -16,23 +16,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
-
-import orjson
 
 from service.keys import Keys
 from tests.drills.stack import (
     EXE,
     SPACE,
-    Delivery,
     Redis,
     Sender,
     Web,
     attempt_counts,
+    deliver_with_strikes,
     logged_message_ids,
     profile_of,
-    signed_headers,
+    signed_deliveries,
     wait_until,
 )
 from tests.mavera_server import API_KEY, MaveraServer
@@ -94,32 +91,18 @@ def test_redis_sigkill_under_load_answers_503_and_loses_nothing(start_redis, sta
 
 def drill(redis_server: Redis, web: Web, mavera: MaveraServer) -> None:
     events = identify_events(EVENTS)
-    deliveries = []
-    for e in events:
-        body = orjson.dumps(e)
-        deliveries.append(Delivery(e["messageId"], body, signed_headers(body)))
+    deliveries = signed_deliveries(events)
     sender = Sender(f"{web.url}/segment", threads=4)
     outages: list[tuple[float, float]] = []  # (killed, restart begun), monotonic
-    failure: list[BaseException] = []
 
-    def killer() -> None:
-        try:
-            for share in KILLS:
-                while sender.acked < share * EVENTS:
-                    time.sleep(0.005)
-                redis_server.kill()
-                killed = time.monotonic()
-                time.sleep(DOWN_SECONDS)
-                outages.append((killed, time.monotonic()))
-                redis_server.start()  # same data dir and socket: loads the AOF
-        except BaseException as exc:
-            failure.append(exc)
+    def kill_redis() -> None:
+        redis_server.kill()
+        killed = time.monotonic()
+        time.sleep(DOWN_SECONDS)
+        outages.append((killed, time.monotonic()))
+        redis_server.start()  # same data dir and socket: loads the AOF
 
-    chaos = threading.Thread(target=killer, daemon=True)
-    chaos.start()
-    sender.run(deliveries)
-    chaos.join(120)
-    assert not failure, f"restarting redis-server failed: {failure[0]!r}"
+    deliver_with_strikes(sender, deliveries, KILLS, kill_redis)
     assert len(outages) == len(KILLS)
 
     counts = attempt_counts(deliveries)

@@ -8,12 +8,16 @@ or slow the machine is.
 
 from __future__ import annotations
 
-import threading
 import time
 
-import orjson
-
-from tests.drills.stack import Delivery, Sender, attempt_counts, logged_message_ids, profile_of, signed_headers
+from tests.drills.stack import (
+    Sender,
+    attempt_counts,
+    deliver_with_strikes,
+    logged_message_ids,
+    profile_of,
+    signed_deliveries,
+)
 
 EVENTS = 800
 USERS = 40
@@ -32,31 +36,17 @@ def test_web_sigkill_under_load_loses_and_doubles_nothing(start_redis, start_web
     redis_server = start_redis(persistent=False)  # this drill crashes the web, not Redis
     web = start_web(redis_server.url, concurrency=1)
     events = order_events(EVENTS, USERS)
-    deliveries = []
-    for e in events:
-        body = orjson.dumps(e)
-        deliveries.append(Delivery(e["messageId"], body, signed_headers(body)))
+    deliveries = signed_deliveries(events)
     sender = Sender(f"{web.url}/segment", threads=4)
     kills: list[float] = []
-    failure: list[BaseException] = []
 
-    def killer() -> None:
-        try:
-            for share in KILLS:
-                while sender.acked < share * EVENTS:
-                    time.sleep(0.005)
-                web.kill()
-                kills.append(time.monotonic())
-                time.sleep(0.3)  # down for a moment: clients meet refused connections and back off
-                web.start()
-        except BaseException as exc:  # surfaced below: a web that does not come back fails the drill
-            failure.append(exc)
+    def kill_web() -> None:
+        web.kill()
+        kills.append(time.monotonic())
+        time.sleep(0.3)  # down for a moment: clients meet refused connections and back off
+        web.start()
 
-    chaos = threading.Thread(target=killer, daemon=True)
-    chaos.start()
-    sender.run(deliveries)
-    chaos.join(120)
-    assert not failure, f"restarting the web failed: {failure[0]!r}"
+    deliver_with_strikes(sender, deliveries, KILLS, kill_web)
     assert len(kills) == len(KILLS) and web.starts == len(KILLS) + 1
 
     counts = attempt_counts(deliveries)
