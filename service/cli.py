@@ -303,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
                                 "personas out. Configuration comes from environment variables (`persona-sync config`).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("dev", help="run everything: embedded Redis (unless REDIS_URL), web, worker, cron",
-                       description="One supervised process group for a laptop or a single box. Ctrl-C stops all.")
+                       description="The whole stack under one supervisor for a laptop or a single box: a program "
+                                   "that dies is restarted. One DATA_DIR holds one stack. Ctrl-C stops all.")
     d.add_argument("--no-worker", action="store_true", help="do not start the RQ worker")
     d.add_argument("--no-cron", action="store_true", help="do not start the rq cron scheduler")
     d.set_defaults(func=cmd_dev)

@@ -1,4 +1,4 @@
-"""``persona-sync dev``: embedded Redis, web, worker and cron as one supervised process group.
+"""``persona-sync dev``: embedded Redis, web, worker and cron under one supervisor.
 
 One ``DATA_DIR`` holds one stack: the supervisor keeps an exclusive lock on it for its whole life, and a second
 ``dev`` on the same directory refuses to start and names the running one. Each child runs in a process group of
