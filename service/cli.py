@@ -301,6 +301,7 @@ def cmd_worker_alive(settings: Settings, args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona-sync", description="Segment events in, live profiles and Mavera "
                                 "personas out. Configuration comes from environment variables (`persona-sync config`).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("dev", help="run everything: embedded Redis (unless REDIS_URL), web, worker, cron",
                        description="The whole stack under one supervisor for a laptop or a single box: a program "
@@ -376,7 +377,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    return args.func(settings, args) or 0
+    try:
+        return args.func(settings, args) or 0
+    except BrokenPipeError:  # `persona-sync config | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        return 0
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("segment-persona-sync")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from rq import Queue
 from service.config import VARIABLES, ConfigError, Settings
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
-COMMANDS = ["dev", "web", "worker", "cron", "status", "forget", "resume", "replay-dead-letters", "config"]
+COMMANDS = ["dev", "web", "worker", "cron", "status", "forget", "resume", "replay-dead-letters", "config",
+            "recompute", "worker-alive"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -20,6 +22,24 @@ def test_help(command: str | None) -> None:
     out = subprocess.run([EXE, *([command] if command else []), "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "usage: persona-sync" in out.stdout
+
+
+def test_version() -> None:
+    out = subprocess.run([EXE, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"persona-sync {version('segment-persona-sync')}"
+
+
+def test_config_into_a_pipe_that_closes_early_ends_quietly() -> None:
+    """`persona-sync config | head`: the reader is gone before the table is written (here: from the start)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([EXE, "config"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and out.stderr == ""
 
 
 def test_bench_help_reaches_the_benchmark_driver() -> None:
