@@ -32,7 +32,7 @@ import orjson
 import redis
 
 from bench.run import Stack
-from service.keys import Keys
+from service.spec.keys import Keys
 from tests.mavera_server import API_KEY, MaveraServer
 
 

@@ -14,11 +14,11 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.events import normalise
-from service.identity import IdentityRules
-from service.keys import Keys
-from service.redis_server import EmbeddedRedis
-from service.store import SyncStore
+from service.devstack.redis_server import EmbeddedRedis
+from service.spec.events import normalise
+from service.spec.identity import IdentityRules
+from service.spec.keys import Keys
+from service.state.store import SyncStore
 
 RATE, WINDOW_S, BUCKETS = 1000, 86400, 2
 PER_SHARD = RATE * WINDOW_S // BUCKETS // 65536  # ids per shard at the default DEDUPE_SHARDS

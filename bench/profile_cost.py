@@ -17,10 +17,10 @@ import redis
 
 from bench.recompute import load
 from service.config import Settings
-from service.keys import Keys
-from service.profile import decode_profile
-from service.redis_server import EmbeddedRedis
-from workers.features import TRAITS_USED
+from service.devstack.redis_server import EmbeddedRedis
+from service.spec.keys import Keys
+from service.spec.profile import decode_profile
+from workers.compute.features import TRAITS_USED
 from workers.recompute import _encode, _move, entry_of, profile_ids, rules_for
 
 

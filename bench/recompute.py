@@ -1,6 +1,6 @@
 """Recompute at scale: full recompute of N synthetic profiles, then refreshes with 1 % and 10 % of them dirty.
 
-Profiles are written straight in the stored layout (service/keys.py) with pipelined HSETs — the apply path has its
+Profiles are written straight in the stored layout (service/spec/keys.py) with pipelined HSETs — the apply path has its
 own benchmark — so that a million of them load in seconds. Reports time, the worker's peak RSS and Redis bytes per
 profile (profile hash + identifier index + contribution).
 
@@ -20,8 +20,8 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.keys import DAY_MS, Keys
-from service.redis_server import EmbeddedRedis
+from service.devstack.redis_server import EmbeddedRedis
+from service.spec.keys import DAY_MS, Keys
 from workers.recompute import full_recompute, refresh
 
 PLANS, INDUSTRIES, CATS = ["free", "pro", "enterprise"], ["SaaS", "Retail", "Media", "Health"], ["books", "toys",

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.redis_server import EmbeddedRedis
+from service.devstack.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness", "slow_clients", "fsync"]

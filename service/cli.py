@@ -31,7 +31,7 @@ def queue_url(settings: Settings) -> str:
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from service.supervisor import run_dev
+    from service.devstack.supervisor import run_dev
 
     return run_dev(settings, with_worker=not args.no_worker, with_cron=not args.no_cron)
 
@@ -49,9 +49,9 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
         shutil.rmtree(prom, ignore_errors=True)
         prom.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)  # must be set before the workers import metrics
-    uvicorn.run("service.asgi:app", host=args.host or settings.host, port=args.port or settings.port,
+    uvicorn.run("service.http.asgi:app", host=args.host or settings.host, port=args.port or settings.port,
                 workers=workers, access_log=False, log_config=None,
-                http="service.http_protocol:BoundedHttpToolsProtocol",
+                http="service.http.protocol:BoundedHttpToolsProtocol",
                 timeout_graceful_shutdown=10)
     return 0
 
@@ -66,7 +66,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     conn = redis.Redis.from_url(queue_url(settings))
     os.environ.setdefault("REDIS_URL", state_url(settings))
     if settings.mavera_api_key:  # personas kept in the outbox (no key until now) or paused go out at once
-        from service.refresh import enqueue_sync
+        from service.state.refresh import enqueue_sync
 
         try:
             enqueue_sync(redis.Redis.from_url(state_url(settings)), queue_url(settings), settings.mave_chat_timeout,
@@ -76,7 +76,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     queue = Queue(QUEUE_NAME, connection=conn)
     watchdog = None
     if not args.burst:  # refreshes that a crash or a Redis restart left behind are queued again within seconds
-        from service.refresh import RefreshWatchdog
+        from service.state.refresh import RefreshWatchdog
 
         watchdog = RefreshWatchdog(redis.Redis.from_url(state_url(settings)), queue, settings.refresh_debounce)
         try:
@@ -132,10 +132,10 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     from rq import Queue, Worker
     from rq.job import JobStatus
 
-    from service.holders import clear_if_gone
-    from service.keys import Keys
-    from service.ops import spaces
-    from service.refresh import FULL_RECOMPUTE_JOB, REFRESH_TIMEOUT
+    from service.spec.keys import Keys
+    from service.state.holders import clear_if_gone
+    from service.state.ops import spaces
+    from service.state.refresh import FULL_RECOMPUTE_JOB, REFRESH_TIMEOUT
 
     client = redis.Redis.from_url(state_url(settings))
     chosen = [args.space] if args.space else spaces(client)
@@ -186,7 +186,7 @@ def cmd_cron(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
-    from service.ops import space_status
+    from service.state.ops import space_status
 
     client = redis.Redis.from_url(state_url(settings))
     for row in space_status(client, args.space):
@@ -197,7 +197,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
-    from service.ops import forget
+    from service.state.ops import forget
 
     client = redis.Redis.from_url(state_url(settings))
     outcome = forget(client, settings, args.space or settings.space_id, args.user_id)
@@ -209,8 +209,8 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
     import redis
     from rich.progress import Progress
 
-    from service.keys import Keys
-    from service.ops import replay_dead_letters
+    from service.spec.keys import Keys
+    from service.state.ops import replay_dead_letters
 
     client = redis.Redis.from_url(state_url(settings))
     space = args.space or settings.space_id
@@ -231,8 +231,8 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
-    from service.keys import MAVERA_PAUSED_KEY
-    from service.refresh import enqueue_sync
+    from service.spec.keys import MAVERA_PAUSED_KEY
+    from service.state.refresh import enqueue_sync
 
     client = redis.Redis.from_url(state_url(settings))
     paused = client.get(MAVERA_PAUSED_KEY)

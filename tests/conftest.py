@@ -19,9 +19,9 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from starlette.testclient import TestClient
 
-from service.app import create_app
 from service.config import Settings
-from service.redis_server import EmbeddedRedis
+from service.devstack.redis_server import EmbeddedRedis
+from service.http.app import create_app
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment"
 if not FIXTURES.exists():  # a checkout whose shared/ sits elsewhere

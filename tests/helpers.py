@@ -10,11 +10,11 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.events import normalise
-from service.identity import IdentityRules
-from service.keys import TOMBSTONE, Keys
-from service.profile import Profile, decode_profile
-from service.store import Outcome, SyncStore
+from service.spec.events import normalise
+from service.spec.identity import IdentityRules
+from service.spec.keys import TOMBSTONE, Keys
+from service.spec.profile import Profile, decode_profile
+from service.state.store import Outcome, SyncStore
 
 NOW = int(time.time() * 1000)  # "received" time; dedupe buckets expire relative to the real clock
 

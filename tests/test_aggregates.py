@@ -10,12 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import kpis
-from service.kpis import Customer, InsightRule, cluster_kpis
-from workers import aggregates as agg
-from workers.aggregates import AggregateError, Contribution, GroupAggregate, build_groups, contribution_from_features
-from workers.clusters import assign_cluster, cluster_groups, load_rules
-from workers.features import Features
+from service.spec import kpis
+from service.spec.kpis import Customer, InsightRule, cluster_kpis
+from workers.compute import aggregates as agg
+from workers.compute.aggregates import (
+    AggregateError,
+    Contribution,
+    GroupAggregate,
+    build_groups,
+    contribution_from_features,
+)
+from workers.compute.clusters import assign_cluster, cluster_groups, load_rules
+from workers.compute.features import Features
 
 CATS = ["tea", "coffee", "milk", "shoes", "socks"]
 names = st.none() | st.sampled_from(["pro", "free", "starter", "SaaS", "Retail"])

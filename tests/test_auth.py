@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.auth import basic_username, bearer_token, signature_ok, signed_part, token_ok, write_key_space
+from service.http.auth import basic_username, bearer_token, signature_ok, signed_part, token_ok, write_key_space
 from tests.conftest import SECRET, fixture_bytes, fixture_json
 
 

@@ -6,9 +6,15 @@ from dataclasses import replace
 
 import pytest
 
-from workers.aggregates import contribution_from_features
-from workers.channels import build_prompt, channel_pattern, material_changes, patterns_changed, summarize_patterns
-from workers.features import Features
+from workers.compute.aggregates import contribution_from_features
+from workers.compute.channels import (
+    build_prompt,
+    channel_pattern,
+    material_changes,
+    patterns_changed,
+    summarize_patterns,
+)
+from workers.compute.features import Features
 
 BASE = Features(profile_id="p", ltv=0.0, purchases=0, churn_risk=0.0, plan=None, industry=None,
                 engagement_tier="low", spend=0.0, frequency=0, categories=(), web_sessions=0, mobile_sessions=0,

@@ -69,7 +69,7 @@ def test_bad_configuration_says_what_to_fix() -> None:
 
 
 def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noqa: ANN001
-    from service.keys import MAVERA_PAUSED_KEY
+    from service.spec.keys import MAVERA_PAUSED_KEY
     from tests.helpers import apply, find
 
     apply(r, [{"type": "identify", "userId": "op-1", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
@@ -91,7 +91,7 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noq
 def test_replay_dead_letters_command_never_applies_unauthenticated_entries(redis_url: str, r) -> None:  # noqa: ANN001
     import orjson
 
-    from service.keys import Keys
+    from service.spec.keys import Keys
     from tests.helpers import profiles
 
     dlq = Keys("default").dead_letters

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.clusters import RulesError, assign_cluster, load_rules, parse_rules, summarize_clusters
-from workers.features import Features
+from workers.compute.clusters import RulesError, assign_cluster, load_rules, parse_rules, summarize_clusters
+from workers.compute.features import Features
 
 BASE = Features(profile_id="p", ltv=0.0, purchases=0, churn_risk=0.0, plan=None, industry=None,
                 engagement_tier="low", spend=0.0, frequency=0, categories=(), web_sessions=0, mobile_sessions=0,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.events import InvalidEvent, dedupe_digest, normalise, parse_timestamp
-from service.identity import IdentityRules
+from service.spec.events import InvalidEvent, dedupe_digest, normalise, parse_timestamp
+from service.spec.identity import IdentityRules
 from tests.conftest import fixture_json
 
 RULES = IdentityRules()

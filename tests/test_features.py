@@ -7,9 +7,9 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.keys import DAY_MS, SLOT_MS
-from service.profile import Identifier, Order, Profile, Trait, decode_profile
-from workers.features import Features, compute_features, engagement_tier, recency_churn
+from service.spec.keys import DAY_MS, SLOT_MS
+from service.spec.profile import Identifier, Order, Profile, Trait, decode_profile
+from workers.compute.features import Features, compute_features, engagement_tier, recency_churn
 
 NOW = 20_000 * DAY_MS + 12 * 3_600_000  # noon UTC on day 20000
 TODAY = NOW // DAY_MS

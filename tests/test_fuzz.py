@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from service.app import create_app
 from service.config import Settings
+from service.http.app import create_app
 from tests.conftest import PROFILE_TOKEN, WRITE_KEY
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
@@ -159,7 +159,7 @@ def _signature(body: bytes) -> str:
     import hashlib
     import hmac
 
-    from service.auth import signed_part
+    from service.http.auth import signed_part
 
     try:
         part = signed_part(body)

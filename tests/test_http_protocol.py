@@ -1,4 +1,4 @@
-"""The web's HTTP protocol (``service/http_protocol.py``): a request head past 64 KB is refused while it is read,
+"""The web's HTTP protocol (``service/http/protocol.py``): a request head past 64 KB is refused while it is read,
 and nothing else changes — large bodies and keep-alive connections are served as before."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import socket
 
 import orjson
 
-from service.app import create_app
 from service.config import Settings
-from service.http_protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
+from service.http.app import create_app
+from service.http.protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 from tests.conftest import LiveServer
 
 
@@ -85,9 +85,9 @@ def slow_app() -> object:
 def test_a_connection_without_a_complete_head_is_closed_with_408(monkeypatch) -> None:  # noqa: ANN001
     import time
 
-    from service import http_protocol
+    from service.http import protocol
 
-    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(protocol, "HEAD_TIMEOUT", 0.3)
     with LiveServer(slow_app(), http=BoundedHttpToolsProtocol) as server:
         for opening in (b"", b"GET /slow HT"):  # nothing at all; half a request line
             started = time.monotonic()

@@ -9,9 +9,9 @@ import orjson
 import redis
 from starlette.testclient import TestClient
 
-from service.app import create_app
 from service.config import ConfigError, Settings
-from service.insights_api import MAX_KPI_BODY
+from service.http.app import create_app
+from service.http.insights_api import MAX_KPI_BODY
 from tests.conftest import ADMIN_TOKEN, LiveServer
 from tests.helpers import NOW, apply
 from tests.test_kpis import SEED_BODY, SEED_FIGURES

@@ -12,8 +12,8 @@ from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
 from service.config import Settings
-from service.keys import Keys
-from service.refresh import RefreshWatchdog
+from service.spec.keys import Keys
+from service.state.refresh import RefreshWatchdog
 from tests.helpers import apply, mixed_stream
 from tests.mavera_server import API_KEY, MaveraServer
 from workers import jobs, recompute

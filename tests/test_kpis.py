@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.kpis import (
+from service.spec.kpis import (
     GROWTH,
     RETENTION,
     BadRequest,

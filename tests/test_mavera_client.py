@@ -11,8 +11,8 @@ import redis
 
 from service.config import Settings
 from tests.mavera_server import API_KEY, MaveraServer
-from workers.mavera import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused, resume
-from workers.ratelimit import ChatSlots, RateLimited, RateLimiter
+from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused, resume
+from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 PERSONA = {"name": "Test persona", "description": "d", "pipeline_type": "intermediate", "type": "B2C"}
 

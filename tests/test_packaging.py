@@ -24,7 +24,7 @@ from packaging.utils import canonicalize_name
 
 from service.cli import parser as cli_parser
 from service.config import Settings
-from service.refresh import REFRESH_TIMEOUT, sync_timeout
+from service.state.refresh import REFRESH_TIMEOUT, sync_timeout
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"

@@ -10,8 +10,8 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
-from service.app import create_app
-from service.keys import Keys
+from service.http.app import create_app
+from service.spec.keys import Keys
 from tests.conftest import ADMIN_TOKEN, FIXTURES, SECRET, fixture_bytes, fixture_json
 
 
@@ -169,7 +169,7 @@ def test_unknown_route_and_method_are_json(client: TestClient) -> None:
 
 def test_dead_letters_can_be_replayed_after_the_cause_is_fixed(client: TestClient, r: redis.Redis) -> None:
     from service.config import Settings
-    from service.ops import replay_dead_letters
+    from service.state.ops import replay_dead_letters
     from tests.helpers import find
 
     body = fixture_bytes("identify.body")

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from service.config import Settings
-from service.keys import Keys
+from service.spec.keys import Keys
 from tests.helpers import NOW, apply, mixed_stream
 from workers import recompute
 from workers.recompute import full_recompute, refresh

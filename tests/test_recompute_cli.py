@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.holders import clear_if_gone, holder_token
-from service.keys import Keys
+from service.spec.keys import Keys
+from service.state.holders import clear_if_gone, holder_token
 from tests.helpers import apply, mixed_stream
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))

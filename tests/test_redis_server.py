@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from service.redis_server import DataDirLock, EmbeddedRedis
+from service.devstack.redis_server import DataDirLock, EmbeddedRedis
 from tests.drills.stack import short_tmpdir
 
 

@@ -9,7 +9,7 @@ import redis
 import redis.asyncio as aredis
 from rq import Queue
 
-from service.refresh import QUEUE_NAME, REFRESH_JOB, RefreshScheduler
+from service.state.refresh import QUEUE_NAME, REFRESH_JOB, RefreshScheduler
 
 DEBOUNCE = 0.6
 

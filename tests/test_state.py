@@ -7,8 +7,8 @@ import random
 import redis
 
 from service.config import Settings
-from service.keys import Keys
-from service.ops import forget, purge_forgotten
+from service.spec.keys import Keys
+from service.state.ops import forget, purge_forgotten
 from tests.helpers import apply, find, mixed_stream, profiles, snapshot
 
 

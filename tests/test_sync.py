@@ -14,12 +14,12 @@ import pytest
 import redis
 
 from service.config import Settings
-from service.keys import Keys
+from service.spec.keys import Keys
 from tests.helpers import NOW, apply
 from tests.mavera_server import API_KEY, MaveraServer
-from workers.mavera import MaveraClient, paused, resume
+from workers.mavera.client import MaveraClient, paused, resume
+from workers.mavera.sync import SyncFailed, narrate_space, persona_payload, sync_space
 from workers.recompute import refresh
-from workers.sync import SyncFailed, narrate_space, persona_payload, sync_space
 
 K = Keys("default")
 
@@ -250,7 +250,7 @@ def test_a_worker_killed_mid_create_never_leads_to_a_second_persona(mavera: Mave
     its id. The next sync must wait for the create to settle, then adopt it by name."""
     seed(r)
     mavera.fault("POST", "/personas", sleep=1.0)
-    code = ("import redis; from tests.test_sync import settings_for_url, sync_space; from workers.mavera import "
+    code = ("import redis; from tests.test_sync import settings_for_url, sync_space; from workers.mavera.client import "
             f"MaveraClient; r = redis.Redis.from_url({redis_url!r}); s = settings_for_url({mavera.url!r}); "
             "sync_space(r, s, 'default', MaveraClient(s, r))")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])

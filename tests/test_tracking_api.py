@@ -11,8 +11,8 @@ import redis
 from segment.analytics import Client
 from starlette.testclient import TestClient
 
-from service.app import create_app
-from service.keys import Keys
+from service.http.app import create_app
+from service.spec.keys import Keys
 from tests.conftest import WRITE_KEY, LiveServer, fixture_bytes
 from tests.helpers import find
 

@@ -9,10 +9,10 @@ import orjson
 import redis
 from starlette.testclient import TestClient
 
-from service.app import create_app
 from service.config import Settings
-from service.keys import REFUSALS_KEY, Keys
-from service.ops import replay_dead_letters, space_status
+from service.http.app import create_app
+from service.spec.keys import REFUSALS_KEY, Keys
+from service.state.ops import replay_dead_letters, space_status
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import profiles
 from tests.test_receiver import post, sign

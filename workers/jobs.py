@@ -11,9 +11,9 @@ from rq import Queue, get_current_job
 from rq.timeouts import BaseTimeoutException
 
 from service.config import Settings
-from service.keys import SPACES_KEY, Keys
 from service.logs import event as log_event
-from service.refresh import queue_sync, schedule_refresh
+from service.spec.keys import SPACES_KEY, Keys
+from service.state.refresh import queue_sync, schedule_refresh
 from workers import recompute
 from workers.locks import held_lock
 
@@ -47,7 +47,7 @@ def refresh(space: str, marker: str | None = None) -> dict:
     stay quiet until the marker expires, trusting this refresh to read what they dirtied. A newer marker is the
     next refresh's business, not this one's. If another recompute holds the space, it steps aside: the holder
     queues a refresh when it is done if profiles are still dirty, and if the holder dies instead, its lock lapses
-    within seconds and a worker's watchdog queues one (``service.refresh.RefreshWatchdog``)."""
+    within seconds and a worker's watchdog queues one (``service.state.refresh.RefreshWatchdog``)."""
     settings = Settings.from_env()
     client = _state()
     keys = Keys(space)
@@ -146,8 +146,8 @@ def sync(space: str) -> dict:
 
 
 def _sync_once(client: redis.Redis, settings: Settings, space: str) -> dict:
-    from workers.mavera import MaveraClient
-    from workers.sync import SyncFailed, narrate_space, sync_space
+    from workers.mavera.client import MaveraClient
+    from workers.mavera.sync import SyncFailed, narrate_space, sync_space
 
     mavera = MaveraClient(settings, client) if settings.mavera_api_key else None
     job = get_current_job()

@@ -2,7 +2,7 @@
 
 Locks are short (seconds) and renewed while held, so a holder that dies — SIGKILL, OOM, a lost machine — stops
 blocking everyone else within one ``ttl``, while a holder that works for an hour keeps its lock the whole time.
-The token names the holder (``service.holders``) so that an operator can tell a live holder from a dead one.
+The token names the holder (``service.state.holders``) so that an operator can tell a live holder from a dead one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import redis
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
-from service.holders import holder_token
+from service.state.holders import holder_token
 
 
 @contextmanager

@@ -27,13 +27,13 @@ from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
 from service.config import Settings
-from service.keys import Keys
-from service.kpis import InsightRule
-from service.profile import Profile, decode_profile
-from workers import aggregates as A
-from workers.channels import channel_pattern, pattern_summaries
-from workers.clusters import Rules, assign_cluster, load_rules
-from workers.features import TRAITS_USED, compute_features
+from service.spec.keys import Keys
+from service.spec.kpis import InsightRule
+from service.spec.profile import Profile, decode_profile
+from workers.compute import aggregates as A
+from workers.compute.channels import channel_pattern, pattern_summaries
+from workers.compute.clusters import Rules, assign_cluster, load_rules
+from workers.compute.features import TRAITS_USED, compute_features
 from workers.locks import held_lock
 
 CHUNK = 500

@@ -27,8 +27,8 @@ import httpx
 import orjson
 import redis
 
-from service.keys import Keys
-from service.redis_server import EmbeddedRedis
+from service.devstack.redis_server import EmbeddedRedis
+from service.spec.keys import Keys
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 SECRET = "whsec_drill_secret"

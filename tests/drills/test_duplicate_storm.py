@@ -17,8 +17,8 @@ import threading
 import httpx
 import orjson
 
-from service.keys import Keys
-from service.store import SCRIPT
+from service.spec.keys import Keys
+from service.state.store import SCRIPT
 from tests.drills.stack import logged_message_ids, signed_headers
 from tests.helpers import mixed_stream, snapshot
 

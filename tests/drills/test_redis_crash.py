@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from service.keys import Keys
+from service.spec.keys import Keys
 from tests.drills.stack import (
     EXE,
     SPACE,

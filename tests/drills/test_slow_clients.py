@@ -41,7 +41,7 @@ def test_oversized_header_is_refused(start_redis, start_web) -> None:
     web = start_web(redis_server.url, concurrency=1)
     with Adversaries("127.0.0.1", web.port, idle=0, partial=0, trickle=0) as bad:
         outcome = bad.wait_oversized(60)
-    assert outcome.startswith("HTTP/1.1 431"), outcome  # refused while reading (service/http_protocol.py)
+    assert outcome.startswith("HTTP/1.1 431"), outcome  # refused while reading (service/http/protocol.py)
 
 
 IDLE_SHED_SECONDS = 30  # room for an idle or request-head timeout of up to ~25 s

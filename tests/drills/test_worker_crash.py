@@ -18,8 +18,8 @@ import redis
 from rq import Queue
 
 from service.config import Settings
-from service.keys import Keys
-from service.refresh import QUEUE_NAME, schedule_refresh
+from service.spec.keys import Keys
+from service.state.refresh import QUEUE_NAME, schedule_refresh
 from tests.drills.stack import Redis
 from tests.helpers import apply, mixed_stream
 from workers import recompute

@@ -1,9 +1,9 @@
-"""ASGI entry point for uvicorn (``service.asgi:app``): settings and Redis URLs from the environment."""
+"""ASGI entry point for uvicorn (``service.http.asgi:app``): settings and Redis URLs from the environment."""
 
 from __future__ import annotations
 
-from service.app import create_app
 from service.config import Settings
+from service.http.app import create_app
 from service.logs import setup
 
 _settings = Settings.from_env()

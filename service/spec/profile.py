@@ -1,7 +1,7 @@
 """Decode a profile hash (as ``HGETALL`` returns it) into plain data.
 
 Pure: the Profile API and the workers both read profiles through ``decode_profile`` so that the hash layout
-(``service/keys.py``) is interpreted in one place.
+(``service/spec/keys.py``) is interpreted in one place.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from service import keys as K
+from service.spec import keys as K
 
 
 class Trait(NamedTuple):  # NamedTuples: a full recompute builds millions of these, and they are cheap
@@ -92,7 +92,7 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
                    detail: bool = True) -> Profile:
     """Turn the flat hash into a ``Profile``; unknown fields are ignored so old data never breaks a read.
 
-    Field prefixes are those of ``service/keys.py`` (spelt out here: this loop runs for every field of every
+    Field prefixes are those of ``service/spec/keys.py`` (spelt out here: this loop runs for every field of every
     profile in a full recompute, so values are decoded only where they are used, and a client that decodes
     replies itself (``decode_responses=True``) saves the key decoding altogether).
 

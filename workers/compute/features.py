@@ -29,9 +29,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from service.keys import DAY_MS, SLOT_MS
-from service.kpis import MAX_VALUE
-from service.profile import Profile
+from service.spec.keys import DAY_MS, SLOT_MS
+from service.spec.kpis import MAX_VALUE
+from service.spec.profile import Profile
 
 CHURN_HORIZON_DAYS = 90
 UNKNOWN_CHURN = 0.5

@@ -19,9 +19,9 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.keys import MAVERA_PAUSED_KEY
 from service.logs import event as log_event
-from workers.ratelimit import ChatSlots, RateLimited, RateLimiter
+from service.spec.keys import MAVERA_PAUSED_KEY
+from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 log = logging.getLogger("mavera")
 RETRYABLE = (429, 500, 503)

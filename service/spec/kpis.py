@@ -1,6 +1,6 @@
 """Seed 004's cluster KPI cards: pure maths over exact per-cluster totals.
 
-Both the batch endpoint (``cluster_kpis`` over a request body) and the incremental path (``workers.aggregates``)
+Both the batch endpoint (``cluster_kpis`` over a request body) and the incremental path (``workers.compute.aggregates``)
 reduce their input to ``ClusterTotals`` and call ``kpi_cards``, so the two produce identical numbers. Money is held
 in integer cents and every average, median and share is rounded from an exact ratio (half up, 2 decimals), so the
 result does not depend on the order in which customers were added.

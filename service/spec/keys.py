@@ -2,7 +2,7 @@
 
 All keys of a space carry the hash tag ``{<space>}`` so that a space lives on one Redis Cluster shard and one
 Lua script may touch all of them. The Lua script builds the same names from the prefix it is given
-(``Keys.prefix``); ``service/lua/apply.lua`` documents the suffixes it uses and mirrors the methods below.
+(``Keys.prefix``); ``service/state/lua/apply.lua`` documents the suffixes it uses and mirrors the methods below.
 """
 
 from __future__ import annotations

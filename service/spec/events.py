@@ -1,7 +1,7 @@
 """Segment Spec → one normalised ``Event`` (pure, no I/O).
 
 Every Segment field name and the meaning of every call type live here once. The receiver turns raw JSON into
-``Event`` objects; ``service/store.py`` hands their ``script_args`` to the Lua script that applies them.
+``Event`` objects; ``service/state/store.py`` hands their ``script_args`` to the Lua script that applies them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from service.identity import IdentityRules
-from service.keys import SLOT_MS, SLOTS_PER_DAY
+from service.spec.identity import IdentityRules
+from service.spec.keys import SLOT_MS, SLOTS_PER_DAY
 
 TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias", "delete"})
 MAX_MESSAGE_ID = 100

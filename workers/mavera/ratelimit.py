@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import redis
 
-from service.keys import MAVE_CHAT_SLOTS_KEY, MAVERA_RATE_KEY
+from service.spec.keys import MAVE_CHAT_SLOTS_KEY, MAVERA_RATE_KEY
 
 BLOCKED_UNTIL_KEY = "sps:mavera:blocked-until"  # epoch ms before which no worker calls Mavera
 

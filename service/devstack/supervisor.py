@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.config import Settings
-from service.redis_server import DataDirLock, EmbeddedRedis
+from service.devstack.redis_server import DataDirLock, EmbeddedRedis
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0  # seconds before a restart: doubling from the first to the most
 STABLE_AFTER = 60.0  # a child that ran this long is healthy again: its next crash restarts it at once

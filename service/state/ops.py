@@ -8,11 +8,11 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.events import normalise
-from service.identity import IdentityRules
-from service.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
-from service.status import queue_status, status_row
-from service.store import Outcome, SyncStore, delete_dead_letters, encode_raw, now_ms
+from service.spec.events import normalise
+from service.spec.identity import IdentityRules
+from service.spec.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
+from service.state.status import queue_status, status_row
+from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, now_ms
 
 
 def spaces(client: redis.Redis) -> list[str]:

@@ -14,12 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import auth
 from service.config import valid_space
-from service.keys import TOMBSTONE, Keys
-from service.profile import Profile, decode_profile
-from service.responses import JSON, error, unavailable
-from service.store import REDIS_DOWN
+from service.http import auth
+from service.http.responses import JSON, error, unavailable
+from service.spec.keys import TOMBSTONE, Keys
+from service.spec.profile import Profile, decode_profile
+from service.state.store import REDIS_DOWN
 
 BASE = "/v1/spaces/{space}/collections/users/profiles/{ident}"
 CLASSES = {"audience": "audience", "computed_trait": "computed_trait"}

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import kpis
-from workers.features import Features
+from service.spec import kpis
+from workers.compute.features import Features
 
 CHURN_SCALE = 1_000_000
 TOP_N = 3

@@ -1,6 +1,6 @@
 """Read APIs over what the workers computed (Bearer ``ADMIN_TOKEN``), and seed 004's KPI endpoint.
 
-``POST /api/v1/segment_cluster_profiles`` runs the same KPI maths as the incremental path (``service/kpis.py``)
+``POST /api/v1/segment_cluster_profiles`` runs the same KPI maths as the incremental path (``service/spec/kpis.py``)
 for callers who bring their own customer → cluster labels. It needs a credential, checked before a byte of the
 body is read: Bearer ``ADMIN_TOKEN``, or (when KPI_API_ID / KPI_API_SECRET are set) the KPI API's own headers
 ``X-Customer-Api-Id`` and ``X-Secret``. The body is read within MAX_KPI_BODY as it streams (gzip too).
@@ -13,11 +13,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import auth, kpis
-from service.admin import admin_endpoint
-from service.intake import BodyError, read_body
-from service.keys import MAVERA_PAUSED_KEY, Keys
-from service.responses import JSON, error, refused
+from service.http import auth
+from service.http.admin import admin_endpoint
+from service.http.intake import BodyError, read_body
+from service.http.responses import JSON, error, refused
+from service.spec import kpis
+from service.spec.keys import MAVERA_PAUSED_KEY, Keys
 
 MAX_KPI_BODY = 8 * 1024 * 1024
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from starlette.responses import JSONResponse
 
-from service import metrics
+from service.http import metrics
 from service.logs import event as log_event
 
 log = logging.getLogger("responses")

@@ -19,11 +19,11 @@ import redis
 import redis.asyncio as aredis
 
 from service.config import Settings
-from service.events import Event, dedupe_digest
-from service.identity import IdentityRules
-from service.keys import REFUSALS_KEY, SPACES_KEY, Keys
+from service.spec.events import Event, dedupe_digest
+from service.spec.identity import IdentityRules
+from service.spec.keys import REFUSALS_KEY, SPACES_KEY, Keys
 
-SCRIPT = resources.files("service").joinpath("lua/apply.lua").read_text()
+SCRIPT = resources.files("service.state").joinpath("lua/apply.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 Pipe = TypeVar("Pipe", redis.client.Pipeline, aredis.client.Pipeline)
 DEDUPE_BUCKETS = 2  # the window is split in 2 buckets: memory at most 1.5 x the window's ids, 3 lookups an event

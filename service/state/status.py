@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from service.keys import REFUSALS_KEY, Keys
+from service.spec.keys import REFUSALS_KEY, Keys
 
 
 def queue_status(pipe: Any, keys: Keys) -> None:

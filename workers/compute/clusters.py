@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.aggregates import GroupAggregate, contribution_from_features
-from workers.features import Features
+from workers.compute.aggregates import GroupAggregate, contribution_from_features
+from workers.compute.features import Features
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("cluster_rules.json")
 NUMERIC = ("ltv", "purchases", "churn_risk", "spend", "frequency", "web_sessions", "mobile_sessions",
@@ -139,7 +139,7 @@ def parse_rules(data: Any) -> Rules:
 
 
 def load_rules(path: str | Path | None = None) -> Rules:
-    """Read and validate a rules file (default: ``workers/cluster_rules.json``)."""
+    """Read and validate a rules file (default: ``workers/compute/cluster_rules.json``)."""
     p = Path(path) if path is not None else DEFAULT_RULES_PATH
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

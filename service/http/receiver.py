@@ -1,6 +1,6 @@
 """Intake routes: ``/segment`` (classic Webhooks and Webhooks (Actions)) and the Tracking API ``/v1/*``.
 
-Auth, signatures and limits only; what an event means is ``service/events.py``'s job and applying it is the
+Auth, signatures and limits only; what an event means is ``service/spec/events.py``'s job and applying it is the
 store's. Status codes follow Segment's retry rules: 4xx only when a retry can never help, 503 when Redis is
 unavailable so that Segment sends again.
 
@@ -24,10 +24,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import auth, metrics
 from service.config import valid_space
-from service.events import Event, InvalidEvent, normalise
-from service.intake import (
+from service.http import auth, metrics
+from service.http.intake import (
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
     BodyError,
@@ -37,8 +36,9 @@ from service.intake import (
     tracking_items,
     webhook_items,
 )
-from service.responses import JSON, error, refused, unavailable
-from service.store import StoreUnavailable, now_ms
+from service.http.responses import JSON, error, refused, unavailable
+from service.spec.events import Event, InvalidEvent, normalise
+from service.state.store import StoreUnavailable, now_ms
 
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 UNKEPT = "nothing of this request was kept"

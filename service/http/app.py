@@ -12,13 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import admin, insights_api, metrics, profiles_api, receiver
 from service.config import Settings
-from service.identity import IdentityRules
+from service.http import admin, insights_api, metrics, profiles_api, receiver
+from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
-from service.refresh import RefreshScheduler
-from service.responses import JSON, error, unavailable
-from service.store import REDIS_DOWN, AsyncStore
+from service.spec.identity import IdentityRules
+from service.state.refresh import RefreshScheduler
+from service.state.store import REDIS_DOWN, AsyncStore
 
 log = logging.getLogger("app")
 

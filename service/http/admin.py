@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service import auth
 from service.config import valid_space
-from service.keys import REFUSALS_KEY, Keys
-from service.responses import JSON, error, unavailable
-from service.status import queue_status, status_row
-from service.store import REDIS_DOWN
+from service.http import auth
+from service.http.responses import JSON, error, unavailable
+from service.spec.keys import REFUSALS_KEY, Keys
+from service.state.status import queue_status, status_row
+from service.state.store import REDIS_DOWN
 
 
 def admin_denied(request: Request) -> Response | None:

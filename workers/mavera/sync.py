@@ -18,12 +18,12 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.keys import Keys
 from service.logs import event as log_event
-from workers.channels import build_prompt, material_changes
+from service.spec.keys import Keys
+from workers.compute.channels import build_prompt, material_changes
 from workers.locks import held_lock
-from workers.mavera import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused
-from workers.ratelimit import RateLimited
+from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused
+from workers.mavera.ratelimit import RateLimited
 
 log = logging.getLogger("sync")
 # Persona detail fields per default cluster (documented Mavera fields only). Other clusters get generic text.

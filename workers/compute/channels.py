@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from typing import Any, Protocol
 
-from workers.aggregates import GroupAggregate, contribution_from_features
-from workers.features import Features
+from workers.compute.aggregates import GroupAggregate, contribution_from_features
+from workers.compute.features import Features
 
 PATTERNS = ("web_dominant", "mobile_dominant", "email_dominant", "omnichannel")
 MATERIAL_CHANGE = 0.10

@@ -1,6 +1,6 @@
 """Identity-resolution rules (PROTOCOLS.md §5): normalisation, blocked values, priority and limits.
 
-Pure. The matching itself runs inside the Lua script (``service/lua/apply.lua``) so that match, create and merge
+Pure. The matching itself runs inside the Lua script (``service/state/lua/apply.lua``) so that match, create and merge
 are atomic with the event's effects; this module prepares its inputs and the rule table it is given.
 """
 

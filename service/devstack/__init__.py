@@ -1,0 +1,1 @@
+"""`persona-sync dev`: the supervisor and the embedded redis-server launcher."""
