@@ -10,24 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.config import VARIABLES, ConfigError, Settings
-
-QUEUE_NAME = "persona-sync"
-
-
-def state_url(settings: Settings) -> str:
-    """REDIS_URL, else the socket of a running ``persona-sync dev`` under DATA_DIR."""
-    if settings.redis_url:
-        return settings.redis_url
-    sock = Path(settings.data_dir).resolve() / "redis.sock"
-    if sock.exists():
-        return f"unix://{sock}"
-    raise SystemExit("REDIS_URL is not set and no `persona-sync dev` is running under DATA_DIR: "
-                     "start one with `make run`, or set REDIS_URL=redis://host:6379/0")
-
-
-def queue_url(settings: Settings) -> str:
-    return settings.queue_redis_url or state_url(settings)
+from service.config import VARIABLES, ConfigError, Settings, queue_url, state_url
+from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
@@ -39,7 +23,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    os.environ.setdefault("REDIS_URL", state_url(settings))
+    state_url(settings)  # refuse to start without a Redis to talk to (the app resolves it the same way)
     workers = args.workers or settings.web_concurrency
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import shutil
@@ -48,7 +32,8 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
         prom = Path(tempfile.gettempdir()) / f"persona-sync-metrics-{os.getpid()}"
         shutil.rmtree(prom, ignore_errors=True)
         prom.mkdir()
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)  # must be set before the workers import metrics
+        # prometheus-client's own interface (not one of our settings): read by each uvicorn worker as it imports
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     uvicorn.run("service.http.asgi:app", host=args.host or settings.host, port=args.port or settings.port,
                 workers=workers, access_log=False, log_config=None,
                 http="service.http.protocol:BoundedHttpToolsProtocol",
@@ -64,7 +49,6 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     setup(settings.log_level)
     conn = redis.Redis.from_url(queue_url(settings))
-    os.environ.setdefault("REDIS_URL", state_url(settings))
     if settings.mavera_api_key:  # personas kept in the outbox (no key until now) or paused go out at once
         from service.state.refresh import enqueue_sync
 
@@ -135,7 +119,7 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     from service.spec.keys import Keys
     from service.state.holders import clear_if_gone
     from service.state.ops import spaces
-    from service.state.refresh import FULL_RECOMPUTE_JOB, REFRESH_TIMEOUT
+    from service.state.refresh import REFRESH_TIMEOUT
 
     client = redis.Redis.from_url(state_url(settings))
     chosen = [args.space] if args.space else spaces(client)
@@ -176,10 +160,8 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cron(settings: Settings, args: argparse.Namespace) -> int:
-    os.environ.setdefault("REDIS_URL", state_url(settings))
-    config = Path(__file__).resolve().parent.parent / "workers" / "cron.py"
     rq = Path(sys.executable).with_name("rq")
-    os.execv(str(rq), [str(rq), "cron", str(config), "--url", queue_url(settings)])
+    os.execv(str(rq), [str(rq), "cron", CRON_CONFIG, "--url", queue_url(settings)])
     return 0  # not reached
 
 

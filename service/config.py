@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -279,3 +280,22 @@ def _level(raw: str) -> str:
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL={raw!r}: expected DEBUG, INFO, WARNING or ERROR")
     return v
+
+
+EMBEDDED_SOCKET = "redis.sock"  # the embedded redis-server's unix socket, inside DATA_DIR
+
+
+def state_url(settings: Settings) -> str:
+    """REDIS_URL, else the socket of a running ``persona-sync dev`` under DATA_DIR."""
+    if settings.redis_url:
+        return settings.redis_url
+    sock = Path(settings.data_dir).resolve() / EMBEDDED_SOCKET
+    if sock.exists():
+        return f"unix://{sock}"
+    raise ConfigError("REDIS_URL is not set and no `persona-sync dev` is running under DATA_DIR: start one with "
+                      "`make run`, or set REDIS_URL=redis://host:6379/0")
+
+
+def queue_url(settings: Settings) -> str:
+    """QUEUE_REDIS_URL, else the STATE Redis."""
+    return settings.queue_redis_url or state_url(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from rq.registry import ScheduledJobRegistry
 
 from service.config import Settings
 from service.spec.keys import Keys
+from service.state.queue import CRON_CONFIG, QUEUE_NAME
 from service.state.refresh import RefreshWatchdog
 from tests.helpers import apply, mixed_stream
 from tests.mavera_server import API_KEY, MaveraServer
@@ -30,7 +32,7 @@ def env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_refresh_that_finds_the_space_locked_steps_aside_and_the_watchdog_brings_it_back(
         env: None, r: redis.Redis) -> None:
     apply(r, mixed_stream(200, users=10, seed=3))
-    queue = Queue(jobs.QUEUE, connection=r)
+    queue = Queue(QUEUE_NAME, connection=r)
     watchdog = RefreshWatchdog(r, queue, debounce=0.05)
     with recompute.space_lock(r, "default"):  # a long full recompute is running
         assert "deferred" in jobs.refresh("default")
@@ -44,7 +46,7 @@ def test_a_refresh_that_finds_the_space_locked_steps_aside_and_the_watchdog_brin
 
 def test_the_watchdog_leaves_a_queued_refresh_alone_and_replaces_a_lost_one(env: None, r: redis.Redis) -> None:
     apply(r, mixed_stream(100, users=4, seed=3))
-    queue = Queue(jobs.QUEUE, connection=r)
+    queue = Queue(QUEUE_NAME, connection=r)
     watchdog = RefreshWatchdog(r, queue, debounce=0.05)
     assert watchdog.check() == ["default"]
     time.sleep(0.1)  # its debounce marker expired; the job still waits behind a long one in the queue
@@ -58,7 +60,7 @@ def test_a_failing_refresh_is_retried_with_back_off(env: None, r: redis.Redis,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     apply(r, mixed_stream(100, users=4, seed=3))
     keys = Keys("default")
-    watchdog = RefreshWatchdog(r, Queue(jobs.QUEUE, connection=r), debounce=0.05)
+    watchdog = RefreshWatchdog(r, Queue(QUEUE_NAME, connection=r), debounce=0.05)
 
     def broken(*args: object, **kwargs: object) -> dict:
         raise RuntimeError("a bug in the recompute")
@@ -87,7 +89,7 @@ def test_a_refresh_killed_mid_run_is_resumed_within_the_lock_ttl(env: None, r: r
     ready = multiprocessing.get_context("fork").Event()
 
     def crash_inside_refresh() -> None:
-        client = redis.Redis.from_url(jobs.os.environ["REDIS_URL"])
+        client = redis.Redis.from_url(os.environ["REDIS_URL"])
         with recompute.space_lock(client, "default"):
             client.rename(keys.dirty, keys.dirty_work)  # what a refresh does first
             ready.set()
@@ -98,7 +100,7 @@ def test_a_refresh_killed_mid_run_is_resumed_within_the_lock_ttl(env: None, r: r
     assert ready.wait(10)
     child.kill()
     child.join()
-    queue = Queue(jobs.QUEUE, connection=r)
+    queue = Queue(QUEUE_NAME, connection=r)
     watchdog = RefreshWatchdog(r, queue, debounce=0.05)
     assert watchdog.check() == []  # the dead holder's lock has not lapsed yet
     deadline = time.monotonic() + recompute.LOCK_TTL + 5
@@ -117,28 +119,26 @@ def test_full_recompute_skips_a_locked_space_and_does_the_others(env: None, r: r
         reports = jobs.full_recompute()
     assert [("skipped" in rep, rep["space"]) for rep in reports] == [(True, "default"), (False, "spa_b")]
     assert reports[1]["profiles"] == 5
-    syncs = [j for j in Queue(jobs.QUEUE, connection=r).get_jobs() if j.func_name == "workers.jobs.sync"]
+    syncs = [j for j in Queue(QUEUE_NAME, connection=r).get_jobs() if j.func_name == "workers.jobs.sync"]
     assert [j.args for j in syncs] == [("spa_b",)] and syncs[0].timeout >= 5 * 120
 
 
 def test_rq_cron_runs_the_full_recompute_on_the_configured_schedule(env: None, r: redis.Redis,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import timedelta
-    from pathlib import Path
 
     from rq.cron import CronScheduler
 
-    import workers
 
     monkeypatch.setenv("FULL_RECOMPUTE_CRON", "*/5 * * * *")
     scheduler = CronScheduler(connection=r)
-    scheduler.load_config_from_file(str(Path(workers.__file__).with_name("cron.py")))  # what `persona-sync cron` runs
+    scheduler.load_config_from_file(CRON_CONFIG)  # what `persona-sync cron` hands to `rq cron`
     [cron_job] = scheduler.get_jobs()
     assert (cron_job.func_name, cron_job.cron, cron_job.queue_name) == ("workers.jobs.full_recompute", "*/5 * * * *",
-                                                                        jobs.QUEUE)
+                                                                        QUEUE_NAME)
     cron_job.next_enqueue_time -= timedelta(minutes=5)  # it is due
     assert scheduler.enqueue_jobs() == [cron_job]
-    [job] = Queue(jobs.QUEUE, connection=r).get_jobs()
+    [job] = Queue(QUEUE_NAME, connection=r).get_jobs()
     assert job.func_name == "workers.jobs.full_recompute" and job.timeout == 3600
 
 
@@ -184,8 +184,8 @@ def test_a_sync_that_only_needs_time_queues_another(mavera_env: MaveraServer, r:
     mavera_env.fault("POST", "/personas", status=503, lose=True)
     with pytest.raises(RuntimeError, match="may exist|RemoteProtocolError|POST"):
         jobs.sync("default")
-    [job_id] = ScheduledJobRegistry(queue=Queue(jobs.QUEUE, connection=r)).get_job_ids()
-    assert Queue(jobs.QUEUE, connection=r).fetch_job(job_id).func_name == "workers.jobs.sync"
+    [job_id] = ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=r)).get_job_ids()
+    assert Queue(QUEUE_NAME, connection=r).fetch_job(job_id).func_name == "workers.jobs.sync"
 
 
 def test_a_refresh_waits_for_its_own_debounce_marker_only(env: None, r: redis.Redis) -> None:

@@ -9,7 +9,8 @@ import redis
 import redis.asyncio as aredis
 from rq import Queue
 
-from service.state.refresh import QUEUE_NAME, REFRESH_JOB, RefreshScheduler
+from service.state.queue import QUEUE_NAME, REFRESH_JOB
+from service.state.refresh import RefreshScheduler
 
 DEBOUNCE = 0.6
 

@@ -18,7 +18,7 @@ import redis
 from rq import Queue, Worker
 from rq.utils import now, utcformat
 
-from service.cli import QUEUE_NAME
+from service.state.queue import QUEUE_NAME
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 

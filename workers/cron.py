@@ -8,7 +8,8 @@ from __future__ import annotations
 from rq import cron
 
 from service.config import Settings
-from workers.jobs import QUEUE, full_recompute
+from service.state.queue import QUEUE_NAME
+from workers.jobs import full_recompute
 
-cron.register(full_recompute, QUEUE, cron=Settings.from_env().full_recompute_cron, name="full-recompute",
+cron.register(full_recompute, QUEUE_NAME, cron=Settings.from_env().full_recompute_cron, name="full-recompute",
               job_timeout=3600)

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import redis
 from rq import Queue, get_current_job
 from rq.timeouts import BaseTimeoutException
 
-from service.config import Settings
+from service.config import Settings, queue_url, state_url
 from service.logs import event as log_event
 from service.spec.keys import SPACES_KEY, Keys
+from service.state.queue import QUEUE_NAME
 from service.state.refresh import queue_sync, schedule_refresh
 from workers import recompute
 from workers.locks import held_lock
 
 log = logging.getLogger("jobs")
-QUEUE = "persona-sync"
 # seconds a refresh waits for another recompute before it steps aside: the holder queues a refresh when it is done,
 # and the watchdog one when a dead holder's lock has lapsed
 REFRESH_LOCK_WAIT = 1.0
@@ -28,12 +27,11 @@ SYNC_LOCK_TTL = 60.0  # renewed while the sync runs; a killed worker's lapses wi
 
 
 def _state() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["REDIS_URL"])
+    return redis.Redis.from_url(state_url(Settings.from_env()))
 
 
 def _queue() -> Queue:
-    url = os.environ.get("QUEUE_REDIS_URL") or os.environ["REDIS_URL"]
-    return Queue(QUEUE, connection=redis.Redis.from_url(url))
+    return Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url(Settings.from_env())))
 
 
 def _spaces(client: redis.Redis) -> list[str]:

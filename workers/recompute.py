@@ -27,6 +27,7 @@ from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
 from service.config import Settings
+from service.spec import clock
 from service.spec.keys import Keys
 from service.spec.kpis import InsightRule
 from service.spec.profile import Profile, decode_profile
@@ -239,7 +240,7 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
 def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
             lock_wait: float | None = None) -> dict:
     """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree."""
-    now_ms = now_ms or int(time.time() * 1000)
+    now_ms = now_ms or clock.now_ms()
     keys = Keys(space)
     work = keys.dirty_work
     started = time.perf_counter()
@@ -344,7 +345,7 @@ def _move(clusters: dict, patterns: dict, old: Entry | None, new: Entry | None) 
 def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
                    processes: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Rebuild every contribution and aggregate from every profile (one process per core for large spaces)."""
-    now_ms = now_ms or int(time.time() * 1000)
+    now_ms = now_ms or clock.now_ms()
     with space_lock(client, space) as lock:
         return _full(client, settings, space, now_ms, time.perf_counter(), lock, processes=processes,
                      progress=progress)

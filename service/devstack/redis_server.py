@@ -18,6 +18,8 @@ from pathlib import Path
 
 import redis
 
+from service.config import EMBEDDED_SOCKET
+
 # Small hashes stay in the compact ziplist encoding: the dedupe shards hold a few hundred 8-byte fields each.
 TUNING = ("--hash-max-ziplist-entries", "1024", "--hash-max-ziplist-value", "128")
 
@@ -90,7 +92,7 @@ class EmbeddedRedis:
 
     @property
     def socket(self) -> Path:
-        return self.data_dir / "redis.sock"
+        return self.data_dir / EMBEDDED_SOCKET
 
     @property
     def url(self) -> str:

@@ -37,8 +37,9 @@ from service.http.intake import (
     webhook_items,
 )
 from service.http.responses import JSON, error, refused, unavailable
+from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, normalise
-from service.state.store import StoreUnavailable, now_ms
+from service.state.store import StoreUnavailable
 
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 UNKEPT = "nothing of this request was kept"

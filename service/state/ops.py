@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import orjson
 import redis
 
-from service.config import Settings
+from service.config import Settings, state_url
+from service.spec.clock import now_ms
 from service.spec.events import normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
 from service.state.status import queue_status, status_row
-from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, now_ms
+from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw
 
 
 def spaces(client: redis.Redis) -> list[str]:
@@ -119,5 +118,5 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
 
 def purge_job(space: str) -> int:
     """RQ entry point (enqueued by the receiver after a delete)."""
-    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client = redis.Redis.from_url(state_url(Settings.from_env()))
     return purge_forgotten(client, space)

@@ -21,14 +21,10 @@ from rq.job import Job, JobStatus
 
 from service.logs import event as log_event
 from service.spec.keys import SPACES_KEY, Keys
+from service.state.queue import PURGE_JOB, QUEUE_NAME, REFRESH_JOB, SYNC_JOB
 
 log = logging.getLogger("refresh")
-REFRESH_JOB = "workers.jobs.refresh"
-FULL_RECOMPUTE_JOB = "workers.jobs.full_recompute"
 REFRESH_TIMEOUT = 3600  # a refresh that finds the aggregates inconsistent rebuilds the space, like the hourly run
-SYNC_JOB = "workers.jobs.sync"
-PURGE_JOB = "service.state.ops.purge_job"
-QUEUE_NAME = "persona-sync"
 WATCHDOG_INTERVAL = 5.0  # seconds between the worker watchdog's looks for dirty profiles nobody works on
 
 

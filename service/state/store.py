@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +18,7 @@ import redis
 import redis.asyncio as aredis
 
 from service.config import Settings
+from service.spec.clock import now_ms
 from service.spec.events import Event, dedupe_digest
 from service.spec.identity import IdentityRules
 from service.spec.keys import REFUSALS_KEY, SPACES_KEY, Keys
@@ -172,10 +172,6 @@ def _noscript(replies: Sequence) -> list[int]:
     Only those are re-run: another process may load the script while a pipeline runs, and the calls after that
     point have then been applied; running them again would report them as duplicates."""
     return [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class AsyncStore:

@@ -19,7 +19,8 @@ from rq import Queue
 
 from service.config import Settings
 from service.spec.keys import Keys
-from service.state.refresh import QUEUE_NAME, schedule_refresh
+from service.state.queue import QUEUE_NAME
+from service.state.refresh import schedule_refresh
 from tests.drills.stack import Redis
 from tests.helpers import apply, mixed_stream
 from workers import recompute

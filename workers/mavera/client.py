@@ -20,6 +20,7 @@ import redis
 
 from service.config import Settings
 from service.logs import event as log_event
+from service.spec.clock import now_ms
 from service.spec.keys import MAVERA_PAUSED_KEY
 from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 
@@ -50,7 +51,7 @@ def paused(client: redis.Redis) -> dict | None:
 
 
 def pause(client: redis.Redis, reason: str) -> None:
-    client.set(MAVERA_PAUSED_KEY, orjson.dumps({"reason": reason, "at_ms": int(time.time() * 1000)}))
+    client.set(MAVERA_PAUSED_KEY, orjson.dumps({"reason": reason, "at_ms": now_ms()}))
 
 
 def resume(client: redis.Redis) -> bool:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import redis
 
+from service.spec.clock import now_ms
 from service.spec.keys import MAVE_CHAT_SLOTS_KEY, MAVERA_RATE_KEY
 
 BLOCKED_UNTIL_KEY = "sps:mavera:blocked-until"  # epoch ms before which no worker calls Mavera
@@ -55,10 +56,6 @@ class RateLimited(RuntimeError):
     """No slot within the longest wait we accept; the job fails and RQ or the next sync tries again."""
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class RateLimiter:
     def __init__(self, client: redis.Redis, per_minute: int, window_ms: int = 60_000, max_wait: float = 120.0,
                  key: str = MAVERA_RATE_KEY, blocked_key: str = BLOCKED_UNTIL_KEY) -> None:
@@ -75,7 +72,7 @@ class RateLimiter:
         start = time.monotonic()
         while True:
             wait_ms = int(self._take(keys=[self.key, self.blocked_key],
-                                     args=[_now_ms(), self.window_ms, self.limit, uuid.uuid4().hex]))
+                                     args=[now_ms(), self.window_ms, self.limit, uuid.uuid4().hex]))
             if wait_ms <= 0:
                 return time.monotonic() - start
             if time.monotonic() - start + wait_ms / 1000 > self.max_wait:
@@ -85,7 +82,7 @@ class RateLimiter:
     def block_for(self, seconds: float) -> None:
         """Every worker waits ``seconds`` (Retry-After, or until X-RateLimit-Reset)."""
         if seconds > 0:
-            self._block(keys=[self.blocked_key], args=[_now_ms() + int(seconds * 1000)])
+            self._block(keys=[self.blocked_key], args=[now_ms() + int(seconds * 1000)])
 
     def observe(self, headers: dict[str, str] | object) -> None:
         """Honour X-RateLimit-Remaining / -Reset: at zero remaining, wait until the reset for everyone."""
@@ -113,7 +110,7 @@ class ChatSlots:
     @contextmanager
     def slot(self, max_wait: float = 300.0) -> Iterator[None]:
         token, start = uuid.uuid4().hex, time.monotonic()
-        while not self._slot(keys=[self.key], args=[_now_ms(), self.limit, _now_ms() + int(self.hold * 1000), token]):
+        while not self._slot(keys=[self.key], args=[now_ms(), self.limit, now_ms() + int(self.hold * 1000), token]):
             if time.monotonic() - start > max_wait:
                 raise RateLimited(f"no Mave chat slot within {max_wait:.0f}s ({self.limit} in flight)")
             time.sleep(0.2)
@@ -123,5 +120,5 @@ class ChatSlots:
             self.client.zrem(self.key, token)
 
     def in_flight(self) -> int:
-        self.client.zremrangebyscore(self.key, "-inf", _now_ms())
+        self.client.zremrangebyscore(self.key, "-inf", now_ms())
         return self.client.zcard(self.key)

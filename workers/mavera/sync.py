@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -19,6 +18,7 @@ import redis
 
 from service.config import Settings
 from service.logs import event as log_event
+from service.spec.clock import now_ms
 from service.spec.keys import Keys
 from workers.compute.channels import build_prompt, material_changes
 from workers.locks import held_lock
@@ -110,10 +110,6 @@ def payload_hash(payload: dict) -> str:
     return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _load(client: redis.Redis, key: str) -> dict[str, dict]:
     return {k.decode(): orjson.loads(v) for k, v in client.hgetall(key).items()}
 
@@ -186,7 +182,7 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
             report["failed"].append(f"{cluster}: {exc}")
         except MaybeCreated as exc:
             _save(client, keys, cluster, rec, state="pending", error=f"create may have succeeded: {exc}",
-                  uncertain_create_ms=_now_ms())
+                  uncertain_create_ms=now_ms())
             report["failed"].append(f"{cluster}: {exc}")
             report["retry"].append(cluster)
         except (RateLimited, LockLost) as exc:
@@ -243,7 +239,7 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
         stale = _adopt(client, keys, cluster, rec, payload, listing, report)
         if stale is not None:
             return listing, stale
-        if uncertain and _now_ms() - uncertain < grace_ms:
+        if uncertain and now_ms() - uncertain < grace_ms:
             rec["uncertain_create_ms"] = uncertain
             report["failed"].append(f"{cluster}: waiting for a lost create to settle before creating again")
             report["retry"].append(cluster)
@@ -256,7 +252,7 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
         def before_send() -> None:
             if not lock.owned():
                 raise LockLost(f"{cluster}: lost the create lock; the next sync reconciles")
-            _save(client, keys, cluster, rec, uncertain_create_ms=_now_ms())
+            _save(client, keys, cluster, rec, uncertain_create_ms=now_ms())
 
         try:
             created = mavera.create_persona(payload, on_send=before_send)
@@ -282,7 +278,7 @@ def _create_once(client: redis.Redis, keys: Keys, cluster: str, rec: dict, paylo
 
 def _save(client: redis.Redis, keys: Keys, cluster: str, rec: dict, **changes: Any) -> None:
     rec.update(changes)
-    rec["last_sync_ms"] = _now_ms() if changes.get("state") == "synced" else rec.get("last_sync_ms")
+    rec["last_sync_ms"] = now_ms() if changes.get("state") == "synced" else rec.get("last_sync_ms")
     client.hset(keys.personas, cluster, orjson.dumps(rec))
 
 
@@ -309,6 +305,6 @@ def narrate_space(client: redis.Redis, settings: Settings, space: str, mavera: M
         client.hset(keys.narrative, mapping={"state": "failed", "error": str(exc)})
         raise
     client.hset(keys.narrative, mapping={**base, "state": "synced", "content": answer.get("content") or "",
-                                         "thread_id": answer.get("thread_id") or "", "at_ms": _now_ms(),
+                                         "thread_id": answer.get("thread_id") or "", "at_ms": now_ms(),
                                          "error": ""})
     return {"state": "synced", "thread_id": answer.get("thread_id")}
