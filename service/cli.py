@@ -118,8 +118,8 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
 
     from service.spec.keys import Keys
     from service.state.holders import clear_if_gone
-    from service.state.ops import spaces
     from service.state.refresh import REFRESH_TIMEOUT
+    from service.state.status import spaces
 
     client = redis.Redis.from_url(state_url(settings))
     chosen = [args.space] if args.space else spaces(client)
@@ -211,17 +211,18 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
 
 
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
     import redis
 
-    from service.spec.keys import MAVERA_PAUSED_KEY
+    from service.state.ops import paused, resume
     from service.state.refresh import enqueue_sync
 
     client = redis.Redis.from_url(state_url(settings))
-    paused = client.get(MAVERA_PAUSED_KEY)
-    client.delete(MAVERA_PAUSED_KEY)
-    print(f"Mavera sync resumed (was paused: {paused.decode()})" if paused else "Mavera sync was not paused")
-    spaces = enqueue_sync(client, queue_url(settings), settings.mave_chat_timeout)
-    print(f"sync queued for {len(spaces)} space(s): {', '.join(spaces) or 'none yet'}")
+    why = paused(client)
+    resume(client)
+    print(f"Mavera sync resumed (was paused: {orjson.dumps(why).decode()})" if why else "Mavera sync was not paused")
+    chosen = enqueue_sync(client, queue_url(settings), settings.mave_chat_timeout)
+    print(f"sync queued for {len(chosen)} space(s): {', '.join(chosen) or 'none yet'}")
     return 0
 
 

@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from service.config import Settings
+from service.state.ops import paused, resume
 from tests.mavera_server import API_KEY, MaveraServer
-from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, paused, resume
+from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated
 from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 PERSONA = {"name": "Test persona", "description": "d", "pipeline_type": "intermediate", "type": "B2C"}

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from rq import Queue, Worker
 
 from service.spec.keys import Keys
 from service.state.holders import clear_if_gone, holder_token
+from service.state.queue import QUEUE_NAME
 from tests.helpers import apply, mixed_stream
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
@@ -34,6 +37,11 @@ def dead_pid() -> int:
 def worker(redis_url: str) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen([EXE, "worker"], env=env_for(redis_url), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(redis_url))
+    deadline = time.monotonic() + 60
+    while not Worker.count(queue=queue):  # registered: the command would otherwise say no worker runs
+        assert time.monotonic() < deadline and proc.poll() is None, "the worker did not start"
+        time.sleep(0.1)
     yield proc
     proc.terminate()
     proc.wait(20)

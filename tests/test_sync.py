@@ -15,9 +15,10 @@ import redis
 
 from service.config import Settings
 from service.spec.keys import Keys
+from service.state.ops import paused, resume
 from tests.helpers import NOW, apply
 from tests.mavera_server import API_KEY, MaveraServer
-from workers.mavera.client import MaveraClient, paused, resume
+from workers.mavera.client import MaveraClient
 from workers.mavera.sync import SyncFailed, narrate_space, persona_payload, sync_space
 from workers.recompute import refresh
 

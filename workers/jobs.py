@@ -11,9 +11,10 @@ from rq.timeouts import BaseTimeoutException
 
 from service.config import Settings, queue_url, state_url
 from service.logs import event as log_event
-from service.spec.keys import SPACES_KEY, Keys
+from service.spec.keys import Keys
 from service.state.queue import QUEUE_NAME
 from service.state.refresh import queue_sync, schedule_refresh
+from service.state.status import spaces
 from workers import recompute
 from workers.locks import held_lock
 
@@ -32,10 +33,6 @@ def _state() -> redis.Redis:
 
 def _queue() -> Queue:
     return Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url(Settings.from_env())))
-
-
-def _spaces(client: redis.Redis) -> list[str]:
-    return sorted(s.decode() for s in client.smembers(SPACES_KEY))
 
 
 def refresh(space: str, marker: str | None = None) -> dict:
@@ -98,7 +95,7 @@ def full_recompute(only: str | None = None) -> list[dict]:
             job.meta["profiles"], saved = done, time.monotonic()
             job.save_meta()
 
-    for space in [only] if only else _spaces(client):
+    for space in [only] if only else spaces(client):
         try:
             report = recompute.full_recompute(client, settings, space, progress=progress)
         except recompute.Busy as exc:

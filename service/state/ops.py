@@ -9,13 +9,24 @@ from service.config import Settings, state_url
 from service.spec.clock import now_ms
 from service.spec.events import normalise
 from service.spec.identity import IdentityRules
-from service.spec.keys import MAVERA_PAUSED_KEY, SPACES_KEY, Keys
-from service.state.status import queue_status, status_row
+from service.spec.keys import MAVERA_PAUSED_KEY, Keys
+from service.state.status import queue_status, spaces, status_row
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw
 
 
-def spaces(client: redis.Redis) -> list[str]:
-    return sorted(s.decode() for s in client.smembers(SPACES_KEY))
+def paused(client: redis.Redis) -> dict | None:
+    """Why Mavera syncing is paused (a 402: credits exhausted), or None."""
+    raw = client.get(MAVERA_PAUSED_KEY)
+    return orjson.loads(raw) if raw else None
+
+
+def pause(client: redis.Redis, reason: str) -> None:
+    client.set(MAVERA_PAUSED_KEY, orjson.dumps({"reason": reason, "at_ms": now_ms()}))
+
+
+def resume(client: redis.Redis) -> bool:
+    """``persona-sync resume``: clear the pause. True when there was one."""
+    return bool(client.delete(MAVERA_PAUSED_KEY))
 
 
 def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
@@ -24,9 +35,9 @@ def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
         pipe = client.pipeline(transaction=False)
         queue_status(pipe, Keys(space))
         rows.append(status_row(space, pipe.execute()))
-    paused = client.get(MAVERA_PAUSED_KEY)
-    if paused:
-        rows.append({"mavera": "PAUSED", "detail": paused.decode(), "fix": "top up credits, then persona-sync resume"})
+    why = client.get(MAVERA_PAUSED_KEY)
+    if why:
+        rows.append({"mavera": "PAUSED", "detail": why.decode(), "fix": "top up credits, then persona-sync resume"})
     return rows
 
 

@@ -20,8 +20,9 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from service.logs import event as log_event
-from service.spec.keys import SPACES_KEY, Keys
+from service.spec.keys import Keys
 from service.state.queue import PURGE_JOB, QUEUE_NAME, REFRESH_JOB, SYNC_JOB
+from service.state.status import spaces
 
 log = logging.getLogger("refresh")
 REFRESH_TIMEOUT = 3600  # a refresh that finds the aggregates inconsistent rebuilds the space, like the hourly run
@@ -111,7 +112,7 @@ class RefreshWatchdog:
     def check(self) -> list[str]:
         """One pass; returns the spaces it queued a refresh for."""
         queued = []
-        for space in sorted(s.decode() for s in self.state.smembers(SPACES_KEY)):
+        for space in spaces(self.state):
             if refresh_due(self.state, self.queue, space) and schedule_refresh(self.state, self.queue, space,
                                                                                    self.debounce):
                 log_event(log, "refresh resumed", space=space)
@@ -136,15 +137,15 @@ class RefreshWatchdog:
 def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, only_waiting: bool = False) -> list[str]:
     """Queue a persona sync for every known space (``only_waiting``: those with personas in the outbox or paused),
     e.g. after ``persona-sync resume`` or when a worker starts with a key for the first time."""
-    spaces = sorted(s.decode() for s in state.smembers(SPACES_KEY))
+    chosen = spaces(state)
     if only_waiting:
         waiting = (b"outbox", b"paused")
-        spaces = [sp for sp in spaces if state.hget(Keys(sp).narrative, "state") in waiting
+        chosen = [sp for sp in chosen if state.hget(Keys(sp).narrative, "state") in waiting
                   or any(b'"state":"%s"' % w in v for v in state.hvals(Keys(sp).personas) for w in waiting)]
     queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
-    for space in spaces:
+    for space in chosen:
         queue_sync(queue, space, mave_chat_timeout)
-    return spaces
+    return chosen
 
 
 class RefreshScheduler:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import redis
 
-from service.spec.keys import REFUSALS_KEY, Keys
+from service.spec.keys import REFUSALS_KEY, SPACES_KEY, Keys
+
+
+def spaces(client: redis.Redis) -> list[str]:
+    """Every space that has received an event, sorted."""
+    return sorted(s.decode() for s in client.smembers(SPACES_KEY))
 
 
 def queue_status(pipe: Any, keys: Keys) -> None:

@@ -15,13 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import orjson
 import redis
 
 from service.config import Settings
 from service.logs import event as log_event
-from service.spec.clock import now_ms
-from service.spec.keys import MAVERA_PAUSED_KEY
+from service.state.ops import pause
 from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 log = logging.getLogger("mavera")
@@ -43,19 +41,6 @@ class CreditsExhausted(MaveraError):
 
 class MaybeCreated(RuntimeError):
     """A create was sent but its answer was lost: the persona may exist. Reconcile before creating again."""
-
-
-def paused(client: redis.Redis) -> dict | None:
-    raw = client.get(MAVERA_PAUSED_KEY)
-    return orjson.loads(raw) if raw else None
-
-
-def pause(client: redis.Redis, reason: str) -> None:
-    client.set(MAVERA_PAUSED_KEY, orjson.dumps({"reason": reason, "at_ms": now_ms()}))
-
-
-def resume(client: redis.Redis) -> bool:
-    return bool(client.delete(MAVERA_PAUSED_KEY))
 
 
 def _error(resp: httpx.Response) -> tuple[str, str | None]:
