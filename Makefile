@@ -35,6 +35,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check service workers tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -42,6 +43,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check service workers tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

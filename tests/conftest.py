@@ -91,7 +91,7 @@ def free_port() -> int:
 class LiveServer:
     """The app under a real uvicorn on loopback, for clients that need a real socket (SDKs, load)."""
 
-    def __init__(self, app, **config) -> None:  # noqa: ANN001, ANN003
+    def __init__(self, app, **config) -> None:
         self.port = free_port()
         config.setdefault("log_level", "warning")
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **config))

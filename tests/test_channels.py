@@ -1,4 +1,4 @@
-"""Cross-channel patterns (seed 001): dominance rule, summaries, the Mave prompt and material-change detection."""
+"""Cross-channel patterns: dominance rule, summaries, the Mave prompt and material-change detection."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def feat(web: int = 0, mobile: int = 0, email: int = 0, **kw) -> Features:
 
 
 @pytest.mark.parametrize(("sessions", "pattern"), [
-    ((14, 22, 8), "omnichannel"),  # seed 001's first sample: mobile has exactly half, not over half
-    ((4, 1, 12), "email_dominant"),  # seed 001's second sample
-    ((28, 35, 15), "omnichannel"),  # seed 001's third sample
+    ((14, 22, 8), "omnichannel"),  # the specification's first sample: mobile has exactly half, not over half
+    ((4, 1, 12), "email_dominant"),  # the specification's second sample
+    ((28, 35, 15), "omnichannel"),  # the specification's third sample
     ((3, 1, 1), "web_dominant"),
     ((0, 1, 0), "mobile_dominant"),
     ((5, 5, 0), "omnichannel"),

@@ -68,7 +68,7 @@ def test_bad_configuration_says_what_to_fix() -> None:
     assert out.returncode == 2 and "DEDUPE_WINDOW" in out.stderr
 
 
-def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noqa: ANN001
+def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
     from service.spec.keys import MAVERA_PAUSED_KEY
     from tests.helpers import apply, find
 
@@ -88,7 +88,7 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:  # noq
     assert job.func_name == "workers.jobs.sync" and job.args == ("default",) and job.timeout >= 5 * 120
 
 
-def test_replay_dead_letters_command_never_applies_unauthenticated_entries(redis_url: str, r) -> None:  # noqa: ANN001
+def test_replay_dead_letters_command_never_applies_unauthenticated_entries(redis_url: str, r) -> None:
     import orjson
 
     from service.spec.keys import Keys

@@ -1,4 +1,4 @@
-"""Trait clusters: seed 000's default rules, the operator-editable rules file, and the per-cluster summary."""
+"""Trait clusters: the default rules, the operator-editable rules file, and the per-cluster summary."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def rules():
     return load_rules()
 
 
-# Seed 000's fallback sample: three trait combinations, 20 profiles each.
+# The specification's fallback sample: three trait combinations, 20 profiles each.
 SEED_SAMPLE = [
     feat(ltv=1200, purchases=8, churn_risk=0.05, plan="pro", industry="SaaS", engagement_tier="high"),
     feat(ltv=450, purchases=3, churn_risk=0.22, plan="starter", industry="E-commerce", engagement_tier="medium"),

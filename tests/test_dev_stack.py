@@ -42,7 +42,7 @@ def ready(port: int) -> bool:
         return False
 
 
-def wait_for(check, seconds: float = 30.0):  # noqa: ANN001, ANN201
+def wait_for(check, seconds: float = 30.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = check()

@@ -74,7 +74,7 @@ def test_external_ids_lowercase_types() -> None:
     ({"type": "identify", "userId": "u", "traits": {str(i): i for i in range(300)}}, "300"),
     ([], "not a JSON object"),
 ])
-def test_invalid_events_say_why(raw, reason: str) -> None:  # noqa: ANN001
+def test_invalid_events_say_why(raw, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason):
         normalise(raw, NOW, RULES)
 

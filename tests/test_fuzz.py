@@ -70,13 +70,13 @@ headers = st.fixed_dictionaries({}, optional={
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(redis_server) -> Iterator[TestClient]:  # noqa: ANN001
+def fuzz_client(redis_server) -> Iterator[TestClient]:
     app = create_app(Settings(profile_api_token=PROFILE_TOKEN, admin_token="a"), redis_server.url, "")
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
 
-def check(resp) -> None:  # noqa: ANN001
+def check(resp) -> None:
     assert resp.status_code < 500, (resp.status_code, resp.text[:300])
     if resp.status_code >= 400:
         assert "error" in resp.json() and resp.json()["error"]["message"]
@@ -147,7 +147,7 @@ HOSTILE_SECRET = "fuzz-secret"
 
 
 @pytest.fixture(scope="module")
-def signed_client(redis_server) -> Iterator[TestClient]:  # noqa: ANN001
+def signed_client(redis_server) -> Iterator[TestClient]:
     """Secrets and write keys configured: hostile bodies reach the code behind the signature and write-key checks."""
     app = create_app(Settings(shared_secrets=(HOSTILE_SECRET,), write_keys={WRITE_KEY: "default"},
                               profile_api_token=PROFILE_TOKEN, admin_token="a"), redis_server.url, "")

@@ -82,7 +82,7 @@ def slow_app() -> object:
     return Starlette(routes=[Route("/slow", slow)])
 
 
-def test_a_connection_without_a_complete_head_is_closed_with_408(monkeypatch) -> None:  # noqa: ANN001
+def test_a_connection_without_a_complete_head_is_closed_with_408(monkeypatch) -> None:
     import time
 
     from service.http import protocol

@@ -1,4 +1,4 @@
-"""The /api read routes and seed 004's KPI endpoint over HTTP."""
+"""The /api read routes and the KPI endpoint over HTTP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed 004's KPI cards: the worked 40-customer example, TF-IDF ordering, the insight rule and request checks."""
+"""The KPI cards: the specification's 40-customer example, TF-IDF ordering, the insight rule and request checks."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from service.spec.kpis import (
     validate_request,
 )
 
-# Seed 004's request, verbatim: (id, frequency, amount_spent, product_types, label).
+# The specification's example request, verbatim: (id, frequency, amount_spent, product_types, label).
 SEED_ROWS = [
     ("C001", 28, 4120.75, ["laptop", "mouse", "keyboard", "monitor"], 2),
     ("C002", 5, 190.4, ["tea", "coffee"], 0),
@@ -69,7 +69,7 @@ SEED_BODY = {
     "customers": [{"id": i, "frequency": f, "amount_spent": a, "product_types": p} for i, f, a, p, _ in SEED_ROWS],
     "labels": {i: label for i, _, _, _, label in SEED_ROWS},
 }
-# Seed 004's response figures.
+# The specification's example response figures.
 SEED_FIGURES = {
     0: {"n_customers": 31, "avg_spend": 591.11, "median_spend": 540.0, "avg_frequency": 8.81,
         "share_of_revenue_pct": 40.71},

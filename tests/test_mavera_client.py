@@ -24,7 +24,7 @@ def mavera() -> Iterator[MaveraServer]:
         yield server
 
 
-def make(server: MaveraServer, r: redis.Redis, **kw) -> MaveraClient:  # noqa: ANN003
+def make(server: MaveraServer, r: redis.Redis, **kw) -> MaveraClient:
     settings = Settings(mavera_api_key=API_KEY, mavera_base_url=server.url, mavera_timeout=2.0,
                         mave_chat_timeout=120.0, mavera_rate_limit=600)
     return MaveraClient(settings, r, base_delay=0.05, **kw)

@@ -119,7 +119,7 @@ def test_a_drifted_spend_index_is_detected_and_rebuilt(r: redis.Redis) -> None:
     lambda r, pid: r.hset(K.contributions, pid, orjson.dumps({"cluster": "new"})),
     lambda r, pid: r.hset(K.cluster_aggregates, "new", b"[1, 2"),
 ], ids=["contribution-not-json", "contribution-incomplete", "aggregate-not-json"])
-def test_unreadable_stored_state_makes_the_refresh_rebuild(r: redis.Redis, corrupt) -> None:  # noqa: ANN001
+def test_unreadable_stored_state_makes_the_refresh_rebuild(r: redis.Redis, corrupt) -> None:
     s = Settings()
     apply(r, [{"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "timestamp": "2026-03-01T00:00:00Z",
                "traits": {"ltv": 50, "churn_risk": 0.1}} for i in range(4)])

@@ -58,7 +58,7 @@ def refresh(space: str, marker: str | None = None) -> dict:
     except recompute.Busy as exc:
         log_event(log, "refresh stepped aside", space=space, reason=str(exc))
         return {"space": space, "deferred": str(exc)}
-    except Exception:  # noqa: BLE001 - RQ keeps the failed job; the watchdog waits longer after each failure
+    except Exception:  # RQ keeps the failed job; the watchdog waits longer after each failure
         failures = client.incr(keys.refresh_failures)
         client.set(keys.refresh_backoff, failures, ex=min(REFRESH_BACKOFF_MAX, REFRESH_BACKOFF * 2 ** (failures - 1)))
         raise
@@ -131,7 +131,7 @@ def sync(space: str) -> dict:
                     out, failure = _sync_once(client, settings, space), None
                 except BaseTimeoutException:  # RQ's job timeout: stop; the next sync continues
                     raise
-                except Exception as exc:  # noqa: BLE001 - a later round may still succeed; raised at the end
+                except Exception as exc:  # a later round may still succeed; raised at the end
                     failure = exc
         if not client.exists(keys.sync_wanted):  # a note left while we released: take the lock again
             break
@@ -148,14 +148,15 @@ def _sync_once(client: redis.Redis, settings: Settings, space: str) -> dict:
     job = get_current_job()
     out: dict = {"space": space}
     errors, retry = [], False
-    steps = (("personas", lambda *a: sync_space(*a, job_id=job.id if job else None)), ("narrative", narrate_space))
+    job_id = job.id if job else None
+    steps = (("personas", lambda c, s, sp, m: sync_space(c, s, sp, m, job_id=job_id)), ("narrative", narrate_space))
     try:
         for name, step in steps:
             try:
                 out[name] = step(client, settings, space, mavera)
             except BaseTimeoutException:  # RQ's job timeout: stop here, the next sync continues
                 raise
-            except Exception as exc:  # noqa: BLE001 - reported below, after the other step ran
+            except Exception as exc:  # reported below, after the other step ran
                 errors.append(f"{name}: {exc}")
                 retry = retry or bool(isinstance(exc, SyncFailed) and exc.retry)
     finally:

@@ -12,6 +12,7 @@ data; if the supervisor itself is killed, every child gets SIGTERM from the kern
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -145,8 +146,8 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
         signal.signal(sig, stop)
     for name, cmd in _children(with_worker, with_cron).items():
-        child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env, process_group=0,
-                                                             preexec_fn=die_with_parent))
+        child = Child(name, functools.partial(subprocess.Popen, cmd, env=env, process_group=0,
+                                              preexec_fn=die_with_parent))
         child.launch()
         children.append(child)
     try:

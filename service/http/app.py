@@ -56,7 +56,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
     """``redis_url`` is STATE; ``queue_url`` the RQ Redis (defaults to STATE)."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):  # noqa: ANN202
+    async def lifespan(app: Starlette):
         client = aredis.Redis.from_url(redis_url, socket_timeout=4, socket_connect_timeout=2,
                                        health_check_interval=30)
         app.state.settings = settings

@@ -1,4 +1,4 @@
-"""Read APIs over what the workers computed (Bearer ``ADMIN_TOKEN``), and seed 004's KPI endpoint.
+"""Read APIs over what the workers computed (Bearer ``ADMIN_TOKEN``), and the KPI endpoint.
 
 ``POST /api/v1/segment_cluster_profiles`` runs the same KPI maths as the incremental path (``service/spec/kpis.py``)
 for callers who bring their own customer → cluster labels. It needs a credential, checked before a byte of the

@@ -134,7 +134,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
         if isinstance(e, dict) and (shared_ctx or shared_int):
             e = dict(e)
             if shared_ctx:
-                ctx = e.get("context") if isinstance(e.get("context"), dict) else {}
+                ctx = e["context"] if isinstance(e.get("context"), dict) else {}
                 e["context"] = {**shared_ctx, **ctx}
             if shared_int and not isinstance(e.get("integrations"), dict):
                 e["integrations"] = shared_int

@@ -1,7 +1,8 @@
 """Segment Profile API, self-hosted: ``/v1/spaces/<space>/collections/users/profiles/<type>:<value>/...``.
 
-Same URLs, parameters, response shapes and error envelope as Segment's (PROTOCOLS.md §6), so a client written
-for Segment's Profile API reads our profiles by changing only the host. A merged profile answers to every one of
+Same URLs, parameters, response shapes and error envelope as Segment's
+(https://segment.com/docs/unify/profile-api/), so a client written for Segment's Profile API reads our profiles by
+changing only the host. A merged profile answers to every one of
 its identifiers; audience membership shows as boolean traits.
 """
 

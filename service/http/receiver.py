@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -41,6 +42,7 @@ from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, normalise
 from service.state.store import StoreUnavailable
 
+Endpoint = Callable[[Request], Awaitable[Response]]
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 UNKEPT = "nothing of this request was kept"
 
@@ -186,7 +188,8 @@ async def tracking(request: Request) -> Response:
     return await ingest(request, space, items, "tracking", single=kind != "batch")
 
 
-def timed(endpoint, route: str):  # noqa: ANN001, ANN201 - starlette endpoint wrapper
+def timed(endpoint: Endpoint, route: str) -> Endpoint:
+    """``endpoint``, timed into the request-duration histogram under its route template."""
     async def wrapper(request: Request) -> Response:
         start = time.perf_counter()
         response = await endpoint(request)

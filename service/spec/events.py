@@ -1,7 +1,22 @@
 """Segment Spec → one normalised ``Event`` (pure, no I/O).
 
 Every Segment field name and the meaning of every call type live here once. The receiver turns raw JSON into
-``Event`` objects; ``service/state/store.py`` hands their ``script_args`` to the Lua script that applies them.
+``Event`` objects; ``service/state/store.py`` hands them, encoded by ``Event.script_payload`` (the one encoder), to
+``service/state/lua/apply.lua``, which applies each atomically. Where a call takes effect:
+
+    call          what it changes (the ``Event`` field)                                where in apply.lua
+    every call    dedupe by messageId; identity: match, create or merge profiles by      1 dedupe, 3 identity,
+                  ``identifiers``; first / last seen; event log; dirty mark              4 merge, 5 meta, 6 log
+    identify      user traits, Engage audiences, computed traits (``traits``; last       5 ``lww``
+                  write wins per trait, by event time)
+    track         ``Order Completed``: an order keyed by order_id (``order``);           5 ``ofield``, ``lww``,
+                  ``Audience Entered`` / ``Exited``, ``Trait Computed``: traits of       ``afield``
+                  class audience / computed_trait (``traits``); activity (``activity``)
+    page, screen  channel activity slot, web or mobile (``activity``)                   5 ``afield``
+    group         link to the account, and the account's traits (``group``)             5 ``gfield``, ``acct:``
+    alias         previousId's profile merges into userId's (``alias_of``;               3 identity
+                  ``ALIAS_MERGES=false`` turns it off)
+    delete        erase the profile and its identifiers; suppress the userId             2 deletion
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ EMAIL_ENGAGEMENT = frozenset({"Email Opened", "Email Link Clicked"})
 AUDIENCE_ENTERED, AUDIENCE_EXITED, TRAIT_COMPUTED = "Audience Entered", "Audience Exited", "Trait Computed"
 MOBILE_LIBRARY = re.compile(r"ios|android|react-native|flutter|xamarin|kotlin|swift|unity")
 WEB_LIBRARY = re.compile(r"^(?:analytics\.js|analytics-next|analytics-browser|web)")
-_EMPTY: dict = {}
+_EMPTY: dict[str, Any] = {}
 AUDIENCE, COMPUTED = "audience", "computed_trait"
 
 
@@ -48,7 +63,13 @@ class Event:
     alias_of: str | None = None  # previousId, for alias merging
 
     def script_payload(self) -> bytes:
-        """The compact JSON the Lua script decodes (cjson): everything it needs and nothing more."""
+        """The compact JSON the Lua script decodes (cjson) as ``ev``: everything it needs and nothing more.
+
+        Short keys keep every event's payload small; this is the only place they are written:
+        ``t`` type, ``mid`` message_id, ``ts`` event time (ms), ``uid`` user_id or "", ``ids`` identifiers
+        ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order ([key, revenue as
+        text, categories joined by U+001F] or null), ``a`` activity ([channel, day, slot] or null), ``g`` group
+        ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null)."""
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -94,24 +115,24 @@ def _id(value: Any) -> str | None:
     return value or None
 
 
-def _dict(value: Any) -> dict:
+def _dict(value: Any) -> dict[str, Any]:
     return value if type(value) is dict else _EMPTY
 
 
-def _event_name(raw: dict) -> str | None:
+def _event_name(raw: dict[str, Any]) -> str | None:
     """``event`` of a track call; anything but a string (a list, an object) names nothing."""
     name = raw.get("event")
     return name if isinstance(name, str) else None
 
 
-def _event_time(raw: dict, received_ms: int) -> int:
+def _event_time(raw: dict[str, Any], received_ms: int) -> int:
     for name in ("timestamp", "originalTimestamp", "receivedAt", "sentAt"):
         if raw.get(name) is not None:
             return parse_timestamp(raw[name])
     return received_ms
 
 
-def _message_id(raw: dict) -> str:
+def _message_id(raw: dict[str, Any]) -> str:
     mid = raw.get("messageId")
     if mid is None or mid == "":
         # Deterministic, so a retried body without messageId still dedupes.
@@ -131,7 +152,7 @@ def _dumps(value: Any) -> str:
         return orjson.dumps(str(value)).decode()
 
 
-def _traits(kind: str, raw: dict, ctx: dict, props: dict) -> list[tuple[str, str, str]]:
+def _traits(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dict[str, Any]) -> list[tuple[str, str, str]]:
     personas = _dict(ctx.get("personas"))
     pclass = personas.get("computation_class")
     pkey = personas.get("computation_key")
@@ -162,7 +183,7 @@ def _traits(kind: str, raw: dict, ctx: dict, props: dict) -> list[tuple[str, str
     return sorted(out.values())
 
 
-def _platform(device: Any, ctx: dict) -> str | None:
+def _platform(device: Any, ctx: dict[str, Any]) -> str | None:
     text = f"{_dict(device).get('type') or ''} {_dict(ctx.get('os')).get('name') or ''}".lower()
     if "android" in text:
         return "android"
@@ -171,7 +192,7 @@ def _platform(device: Any, ctx: dict) -> str | None:
     return None
 
 
-def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | None,
+def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dict[str, Any], user_id: str | None,
                  platform: str | None) -> list[tuple[str, str]]:
     """Identifiers of the person. A groupId is not one: it is shared by everyone in the account, so it would
     either merge colleagues or, under merge protection, land on whoever arrived first. Groups are links."""
@@ -188,15 +209,15 @@ def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | No
             ids.append(("email", email))
     device = _dict(ctx.get("device"))
     if platform:
-        if _id(device.get("id")):
-            ids.append((f"{platform}.id", _id(device.get("id"))))
-        if device.get("adTrackingEnabled") is True and _id(device.get("advertisingId")):
-            ids.append((f"{platform}.idfa", _id(device.get("advertisingId"))))
-        if _id(device.get("token")):
-            ids.append((f"{platform}.push_token", _id(device.get("token"))))
+        if device_id := _id(device.get("id")):
+            ids.append((f"{platform}.id", device_id))
+        if device.get("adTrackingEnabled") is True and (advertising_id := _id(device.get("advertisingId"))):
+            ids.append((f"{platform}.idfa", advertising_id))
+        if token := _id(device.get("token")):
+            ids.append((f"{platform}.push_token", token))
     ga = _dict(_dict(raw.get("integrations")).get("Google Analytics")).get("clientId")
-    if _id(ga):
-        ids.append(("ga_client_id", _id(ga)))
+    if ga_id := _id(ga):
+        ids.append(("ga_client_id", ga_id))
     external = ctx.get("externalIds")
     if isinstance(external, list):
         for item in external:
@@ -207,7 +228,7 @@ def _identifiers(kind: str, raw: dict, ctx: dict, props: dict, user_id: str | No
     return ids
 
 
-def _channel(kind: str, raw: dict, ctx: dict, platform: str | None) -> str | None:
+def _channel(kind: str, raw: dict[str, Any], ctx: dict[str, Any], platform: str | None) -> str | None:
     if kind == "track" and _event_name(raw) in EMAIL_ENGAGEMENT:
         return "email"
     library = str(_dict(ctx.get("library")).get("name") or "").lower()
@@ -232,7 +253,7 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _order(raw: dict, props: dict, mid: str) -> tuple[str, float, tuple[str, ...]]:
+def _order(raw: dict[str, Any], props: dict[str, Any], mid: str) -> tuple[str, float, tuple[str, ...]]:
     revenue = _number(props.get("revenue"))
     if revenue is None:
         revenue = _number(props.get("total")) or 0.0
@@ -276,9 +297,9 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     channel = _channel(kind, raw, ctx, platform)
     slot = ts // SLOT_MS
     group = None
-    if kind == "group" and _id(raw.get("groupId")):
+    if kind == "group" and (group_id := _id(raw.get("groupId"))):
         gtraits = tuple(sorted((str(k), _dumps(v)) for k, v in _dict(raw.get("traits")).items()))
-        group = (_id(raw.get("groupId")), gtraits)
+        group = (group_id, gtraits)
     return Event(
         type=kind,
         message_id=mid,

@@ -1,4 +1,5 @@
-"""Identity-resolution rules (PROTOCOLS.md §5): normalisation, blocked values, priority and limits.
+"""Identity-resolution rules, as Segment Unify applies them: normalisation, blocked values, priority and limits
+(https://segment.com/docs/unify/identity-resolution/).
 
 Pure. The matching itself runs inside the Lua script (``service/state/lua/apply.lua``) so that match, create and merge
 are atomic with the event's effects; this module prepares its inputs and the rule table it is given.
@@ -9,8 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:  # config imports nothing from here, but keep the pure room free of import cycles
+    from service.config import Settings
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class IdentityRules:
         })
 
     @classmethod
-    def from_settings(cls, settings) -> IdentityRules:  # noqa: ANN001 - avoids a config import cycle
+    def from_settings(cls, settings: Settings) -> IdentityRules:
         return cls(
             priority=tuple(settings.identity_priority),
             limits=dict(settings.identity_limits),

@@ -1,17 +1,19 @@
-"""Seed 004's cluster KPI cards: pure maths over exact per-cluster totals.
+"""The cluster KPI cards (``POST /api/v1/segment_cluster_profiles`` and the personas): pure maths over exact
+per-cluster totals.
 
 Both the batch endpoint (``cluster_kpis`` over a request body) and the incremental path (``workers.compute.aggregates``)
 reduce their input to ``ClusterTotals`` and call ``kpi_cards``, so the two produce identical numbers. Money is held
 in integer cents and every average, median and share is rounded from an exact ratio (half up, 2 decimals), so the
 result does not depend on the order in which customers were added.
 
-Choices (seed 004 leaves them open):
+Choices (the KPI API's specification leaves them open):
 - ``top_categories``: TF-IDF with each cluster as one document. tf = number of the cluster's customers whose
   ``product_types`` contain the category (a category listed twice by one customer counts once);
   idf = ln((1 + D) / (1 + df)) + 1 (smoothed, as scikit-learn) with D = number of clusters and df = clusters
-  containing the category. Top 5 by score descending, ties by name ascending; joined with ", " as in the seed.
-- ``insight``: the documented rule (avg_spend > population mean AND share >= 30 %) by default. The seed's worked
-  example follows "share >= 30 %" alone; ``InsightRule(require_above_mean=False)`` reproduces it.
+  containing the category. Top 5 by score descending, ties by name ascending; joined with ", " as in the
+  specification's example.
+- ``insight``: the documented rule (avg_spend > population mean AND share >= 30 %) by default. The specification's
+  worked example follows "share >= 30 %" alone; ``InsightRule(require_above_mean=False)`` reproduces it.
   Both comparisons use exact values, not the rounded figures.
 - A customer without a label is rejected (dropping it would silently change every share of revenue).
 """
@@ -42,7 +44,8 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class InsightRule:
-    """Thresholds of the insight narrative, so an operator can match the seed's example or the documented rule."""
+    """Thresholds of the insight narrative, so an operator can match the specification's worked example or the
+    documented rule."""
 
     min_share_pct: float = 30.0
     require_above_mean: bool = True
@@ -71,7 +74,7 @@ class ClusterTotals:
     median_x2: int | None = None  # twice the median when already known (then spend_counts may be empty)
 
 
-_POW10 = tuple(10**i for i in range(7))
+_POW10: tuple[int, ...] = tuple(10**i for i in range(7))
 
 
 def to_cents(amount: float) -> int:
@@ -111,7 +114,7 @@ def round_ratio(num: int, den: int, places: int = 2) -> float:
         return 0.0
     if den < 0:
         num, den = -num, -den
-    scale = 10**places
+    scale: int = 10**places
     q = (2 * abs(num) * scale + den) // (2 * den)
     return (q if num >= 0 else -q) / scale
 
@@ -127,6 +130,7 @@ def median_cents_x2(spend_counts: Mapping[int, int], n: int) -> int:
         if lo is None and seen > lo_rank:
             lo = value
         if seen > hi_rank:
+            assert lo is not None  # lo_rank <= hi_rank: set at this value or before
             return lo + value
     raise ValueError("spend counts do not add up to n")
 
@@ -149,7 +153,7 @@ def _label_key(label: Any) -> tuple[int, Any]:
 
 
 def kpi_cards(totals: Sequence[ClusterTotals], insight_rule: InsightRule | None = None) -> dict[str, Any]:
-    """Seed 004's response ``{"cluster_profiles": [...]}`` for every non-empty cluster, ordered by cluster id."""
+    """The KPI API's response ``{"cluster_profiles": [...]}`` for every non-empty cluster, ordered by cluster id."""
     rule = insight_rule or InsightRule()
     live = sorted((t for t in totals if t.n > 0), key=lambda t: _label_key(t.cluster_id))
     pop_n = sum(t.n for t in live)

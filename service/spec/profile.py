@@ -100,7 +100,8 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
     ``detail=False`` leaves out what the workers never read: identifier records (only counted, see
     ``Profile.identifier_count``) and trait timestamps and classes (``Trait.ts`` 0, ``Trait.kind`` None)."""
     if raw and isinstance(next(iter(raw)), bytes):  # one comprehension, no call per field: this is the hot loop
-        fields: dict[str, bytes | str] = {k.decode("utf-8", "replace"): v for k, v in raw.items()}
+        fields: dict[str, bytes | str] = {k.decode("utf-8", "replace"): v  # type: ignore[union-attr]
+                                          for k, v in raw.items()}  # keys are all bytes or all str
     else:
         fields = raw  # type: ignore[assignment]
     p = Profile(id=pid)

@@ -82,7 +82,7 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
 AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking"})
 
 
-def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,  # noqa: ANN001
+def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,
                         drop_unauthenticated: bool = False) -> dict:
     """Apply the dead letters again (after a fix); what applies is removed, the rest stays.
 

@@ -32,7 +32,7 @@ def actions_batch() -> tuple[bytes, dict[str, str]]:
     return body, signed_headers(body, signed_part=orjson.dumps(events[0]))
 
 
-def storm(start_redis, start_web, warm_script_cache: bool) -> tuple[dict, list[dict]]:  # noqa: ANN001
+def storm(start_redis, start_web, warm_script_cache: bool) -> tuple[dict, list[dict]]:
     """Post the batch once to a fresh stack and 40 times at once to another; assert the two states are equal.
     Returns the single delivery's answer and the 40 answers."""
     body, headers = actions_batch()

@@ -97,7 +97,7 @@ def traits(port: int, uid: str) -> int:
                      auth=(PROFILE_TOKEN, ""), timeout=5).status_code
 
 
-def test_a_second_stack_on_the_same_data_dir_refuses_and_the_first_keeps_serving(stack) -> None:  # noqa: ANN001
+def test_a_second_stack_on_the_same_data_dir_refuses_and_the_first_keeps_serving(stack) -> None:
     proc, data, port, _ = stack
     post(port, "first")
     second = subprocess.run([EXE, "dev"], env=dev_env(data / "var", free_port()), capture_output=True, text=True,
@@ -108,7 +108,7 @@ def test_a_second_stack_on_the_same_data_dir_refuses_and_the_first_keeps_serving
     assert traits(port, "first") == 200 and ready(port)  # its socket was not touched
 
 
-def test_every_crashed_child_is_restarted_and_the_log_says_so(stack) -> None:  # noqa: ANN001
+def test_every_crashed_child_is_restarted_and_the_log_says_so(stack) -> None:
     proc, _, port, log = stack
     post(port, "before")
     web = child(proc.pid, "web")
@@ -135,7 +135,7 @@ def _restarted(parent: int, name: str, old: int) -> bool:
         return False
 
 
-def test_a_crashed_embedded_redis_is_restarted_on_the_same_data(stack) -> None:  # noqa: ANN001
+def test_a_crashed_embedded_redis_is_restarted_on_the_same_data(stack) -> None:
     proc, _, port, log = stack
     post(port, "kept")
     time.sleep(1.5)  # appendfsync everysec: what the kernel has is kept by a SIGKILL anyway; this is belt and braces
@@ -147,7 +147,7 @@ def test_a_crashed_embedded_redis_is_restarted_on_the_same_data(stack) -> None: 
     assert traits(port, "after-redis") == 200
 
 
-def test_nothing_outlives_a_killed_supervisor(stack) -> None:  # noqa: ANN001
+def test_nothing_outlives_a_killed_supervisor(stack) -> None:
     proc, _, port, _ = stack
     family = descendants(proc.pid)
     assert len(family) >= 5  # redis, web (and its workers), worker, cron

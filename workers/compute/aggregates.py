@@ -220,7 +220,8 @@ class GroupAggregate:
         return agg
 
     def cluster_summary(self, label: str) -> dict[str, Any] | None:
-        """Seed 000's per-cluster summary; None for an empty group."""
+        """The per-cluster summary (N, average LTV / purchases / churn, top industries and plans); None for an empty
+        group."""
         if self.n == 0:
             return None
         return {
@@ -232,7 +233,7 @@ class GroupAggregate:
         }
 
     def pattern_summary(self, label: str) -> dict[str, Any] | None:
-        """Seed 001's per-channel-pattern summary; None for an empty group."""
+        """The per-channel-pattern summary; None for an empty group."""
         if self.n == 0:
             return None
         return {
@@ -253,7 +254,7 @@ class GroupAggregate:
 
 
 def kpi_cards(aggregates: Mapping[Any, GroupAggregate], insight_rule: kpis.InsightRule | None = None) -> dict[str, Any]:
-    """Seed 004's KPI response over every group at once (share of revenue and TF-IDF need all of them)."""
+    """The KPI API's response over every group at once (share of revenue and TF-IDF need all of them)."""
     return kpis.kpi_cards([agg.kpi_totals(cid) for cid, agg in aggregates.items()], insight_rule)
 
 

@@ -1,8 +1,8 @@
-"""Cross-channel patterns (seed 001): which channel a profile mostly uses, summaries per pattern, the Mave prompt.
+"""Cross-channel patterns: which channel a profile mostly uses, summaries per pattern, the Mave prompt.
 
 Pattern of a profile, over its 30-day web + mobile + email sessions: a channel with strictly more than half of
 the total makes it ``<channel>_dominant``; otherwise ``omnichannel``; no sessions at all -> no pattern (the
-profile is left out, as in the seed).
+profile is left out).
 
 A change between two sets of summaries is "material" (worth a new Mave chat) when a pattern appears or disappears,
 or, for a pattern present in both, its N or its average LTV moves by at least ``threshold`` (default 10 %) of the
@@ -23,9 +23,12 @@ MATERIAL_CHANGE = 0.10
 
 
 class HasSessions(Protocol):
-    web_sessions: int
-    mobile_sessions: int
-    email_sessions: int
+    @property
+    def web_sessions(self) -> int: ...
+    @property
+    def mobile_sessions(self) -> int: ...
+    @property
+    def email_sessions(self) -> int: ...
 
 
 def channel_pattern(x: HasSessions) -> str | None:
@@ -87,7 +90,7 @@ def pattern_block(summaries: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def build_prompt(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """The Mave chat message asking for a unified cross-channel persona framework (seed 001's questions)."""
+    """The Mave chat message asking for a unified cross-channel persona framework."""
     return f"""We want one persona framework that respects how the same customer behaves differently on our \
 website, mobile app and email. The groups below come from identity-resolved profiles over the last 30 days; a \
 session is a distinct 30-minute period with activity on that channel.

@@ -1,4 +1,4 @@
-"""Trait clusters (seed 000): operator-editable rules in ``cluster_rules.json`` and the per-cluster summary.
+"""Trait clusters: operator-editable rules in ``cluster_rules.json`` and the per-cluster summary.
 
 The rules file is data, never code: each rule is a cluster name and a list of conditions that must all hold,
 tried in order (first match wins), with a ``default`` cluster for everything else. A condition compares one
@@ -67,7 +67,8 @@ class Rules:
     rules: tuple[Rule, ...]
     default: str
     # (cluster, ((feature, test, value), ...)) per rule, resolved once: ``assign_cluster`` runs for every profile
-    plan: tuple = field(init=False, repr=False, compare=False)
+    plan: tuple[tuple[str, tuple[tuple[str, Callable[[Any, Any], bool], Any], ...]], ...] = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plan", tuple((r.cluster, tuple((c.feature, c.test, c.value) for c in r.all))
@@ -80,7 +81,7 @@ class Rules:
         return list(dict.fromkeys(names))
 
 
-def _keys(obj: Any, where: str, required: set[str], optional: set[str]) -> dict:
+def _keys(obj: Any, where: str, required: set[str], optional: set[str]) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise RulesError(f"{where} must be an object")
     unknown = set(obj) - required - optional
@@ -175,7 +176,8 @@ def cluster_groups(features: Iterable[Features], rules: Rules) -> dict[str, Grou
 
 
 def summarize_clusters(features: Iterable[Features], rules: Rules) -> dict[str, dict[str, Any]]:
-    """Seed 000's summary (N, avg ltv / purchases / churn, top 3 industries and plans) per non-empty cluster,
+    """The summary (N, avg ltv / purchases / churn, top 3 industries and plans) per non-empty cluster,
     in rule order."""
     groups = cluster_groups(features, rules)
-    return {name: groups[name].cluster_summary(name) for name in rules.clusters if name in groups}
+    summaries = {name: groups[name].cluster_summary(name) for name in rules.clusters if name in groups}
+    return {name: summary for name, summary in summaries.items() if summary is not None}  # groups have members

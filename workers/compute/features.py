@@ -13,12 +13,12 @@ Documented choices:
 - churn_risk: trait ``churn_risk`` then ``churn_probability`` when within [0, 1]; else derived from recency:
   ``min(1, days_since_last_activity / 90)`` (0 when active today, 0.5 after 45 days, 1 after 90 days). Last activity
   is the latest channel activity slot or order; without either, the profile's last event; without any, 0.5
-  (seed 000's default for an unknown risk).
+  (the neutral default for an unknown risk).
 - engagement_tier: trait ``engagement_tier`` (non-empty string, lower-cased), else from the 30-day sessions over all
   channels: >= 20 "high", >= 5 "medium", else "low".
 - plan / industry: the profile's trait, else the account traits (non-empty strings only).
 - spend / frequency / categories: orders with ``now - window <= ts <= now``; categories sorted, de-duplicated.
-- sessions: computed traits ``web_sessions_30d``, ``mobile_sessions_30d``, ``email_sessions_30d`` (or seed 001's
+- sessions: computed traits ``web_sessions_30d``, ``mobile_sessions_30d``, ``email_sessions_30d`` (or
   ``emails_opened_30d``) win; else distinct active 30-minute slots over the last 30 UTC days including today.
 """
 

@@ -4,15 +4,27 @@
 -- effects (traits, audiences, orders, channel activity, groups, metadata) -> event log -> dirty mark.
 -- Every effect is idempotent and order-independent on its own (last-write-wins by event time, sets, min/max),
 -- so a replay older than the dedupe window converges to the same state. Nothing below may raise after the
--- first write: inputs are validated by service/events.py, and this script only decodes them.
+-- first write: inputs are validated by service/spec/events.py, and this script only decodes them.
 --
 -- The common case (every identifier already known, on one profile) costs one HMGET and one HSET of the
 -- profile hash; limits are only consulted when an event brings a new identifier or spans several profiles.
 --
+-- Inputs, built by service/state/store.py (``Applier.script_args``) and service/spec/events.py:
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
 -- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID"
 -- ARGV[2]  dedupe field (8 bytes)   ARGV[3] event JSON   ARGV[4] raw event   ARGV[5] rules JSON
--- Layout of the profile hash: see service/keys.py.
+-- ARGV[3], decoded as ``ev`` (written only by ``Event.script_payload``):
+--   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
+--   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
+--   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null
+-- ARGV[5], decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
+--   merge and identifier caps, alias merging.
+-- Keys of the space (prefix P, the space's hash tag; names as in service/spec/keys.py):
+--   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
+--   P..'i:'type':'value     identifier index    P..'p:'pid       profile hash      P..'mrg:'pid    merged away
+--   P..'seq'                profile counter     P..'acct:'group  account traits    P..'dirty'      refresh set
+--   KEYS[1]                 event log (XADD, trimmed by MINID)
+-- Layout of the profile hash: see service/spec/keys.py.
 
 local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
