@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 
+from tests.devstack.test_dev_stack import ADMIN_TOKEN, PROFILE_TOKEN, free_port, ready, wait_for
 from tests.drills.stack import short_tmpdir
-from tests.test_dev_stack import ADMIN_TOKEN, PROFILE_TOKEN, free_port, ready, wait_for
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 

@@ -14,7 +14,7 @@ from service.http.app import create_app
 from service.http.insights_api import MAX_KPI_BODY
 from tests.conftest import ADMIN_TOKEN, LiveServer
 from tests.helpers import NOW, apply
-from tests.test_kpis import SEED_BODY, SEED_FIGURES
+from tests.spec.test_kpis import SEED_BODY, SEED_FIGURES
 from workers.recompute import refresh
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

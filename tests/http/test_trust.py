@@ -15,7 +15,7 @@ from service.spec.keys import REFUSALS_KEY, Keys
 from service.state.ops import replay_dead_letters, space_status
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import profiles
-from tests.test_receiver import post, sign
+from tests.http.test_receiver import post, sign
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

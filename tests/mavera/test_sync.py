@@ -251,10 +251,11 @@ def test_a_worker_killed_mid_create_never_leads_to_a_second_persona(mavera: Mave
     its id. The next sync must wait for the create to settle, then adopt it by name."""
     seed(r)
     mavera.fault("POST", "/personas", sleep=1.0)
-    code = ("import redis; from tests.test_sync import settings_for_url, sync_space; from workers.mavera.client import "
-            f"MaveraClient; r = redis.Redis.from_url({redis_url!r}); s = settings_for_url({mavera.url!r}); "
+    code = ("import redis; from tests.mavera.test_sync import settings_for_url, sync_space; "
+            f"from workers.mavera.client import MaveraClient; r = redis.Redis.from_url({redis_url!r}); "
+            f"s = settings_for_url({mavera.url!r}); "
             "sync_space(r, s, 'default', MaveraClient(s, r))")
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
     deadline = time.monotonic() + 20
     while not mavera.calls("POST") and time.monotonic() < deadline:
         time.sleep(0.02)
