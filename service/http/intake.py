@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from service.spec.events import generated_message_id
+
 # Segment Tracking API limits.
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
@@ -92,7 +94,10 @@ TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
 
 
 def item(obj: Any, raw: bytes | None = None) -> Item:
-    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check."""
+    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check. An event
+    without a messageId gets a generated one here, in the bytes that are logged too, so a replay keeps it."""
+    if isinstance(obj, dict) and obj.get("messageId") in (None, ""):
+        obj, raw = {**obj, "messageId": generated_message_id()}, None
     try:
         encoded = orjson.dumps(obj)
     except orjson.JSONEncodeError:

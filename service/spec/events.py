@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -135,14 +136,20 @@ def _event_time(raw: dict[str, Any], received_ms: int) -> int:
 def _message_id(raw: dict[str, Any]) -> str:
     mid = raw.get("messageId")
     if mid is None or mid == "":
-        # Deterministic, so a retried body without messageId still dedupes.
-        return "gen-" + hashlib.blake2b(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS), digest_size=12).hexdigest()
+        # Segment "deduplicates on messageId, not on the contents": two identical events without one are two
+        # events. (The receiver writes the generated id into the event it logs, so a replay keeps it.)
+        return generated_message_id()
     if not isinstance(mid, str | int):
         raise InvalidEvent("messageId must be a string")
     mid = str(mid)
     if len(mid) > MAX_MESSAGE_ID:
         raise InvalidEvent(f"messageId is {len(mid)} characters; Segment allows at most {MAX_MESSAGE_ID}")
     return mid
+
+
+def generated_message_id() -> str:
+    """A messageId for an event that came without one: unique, never derived from the event's contents."""
+    return f"gen-{uuid.uuid4().hex}"
 
 
 def _dumps(value: Any) -> str:
@@ -157,9 +164,10 @@ def _traits(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dict[str
     pclass = personas.get("computation_class")
     pkey = personas.get("computation_key")
     out: dict[str, tuple[str, str, str]] = {}
-    base = dict(_dict(ctx.get("traits")))
-    if kind in ("identify",):
-        base.update(_dict(raw.get("traits")))
+    # Only identify writes user traits: context.traits on other calls feeds identity resolution (its email) but
+    # "won't update the user's profile" (https://segment.com/docs/connections/spec/track/); group traits belong
+    # to the account.
+    base = dict(_dict(raw.get("traits"))) if kind == "identify" else {}
     if len(base) >= MAX_TRAITS:
         raise InvalidEvent(f"{len(base)} traits; Segment rejects identify calls with {MAX_TRAITS} or more")
     for name, value in base.items():
@@ -203,7 +211,7 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
     if anon:
         ids.append(("anonymous_id", anon))
     traits = _dict(raw.get("traits")) if kind == "identify" else {}
-    for src in (traits, _dict(ctx.get("traits")), props):
+    for src in (traits, _dict(ctx.get("traits"))):  # never properties.email: `Invite Sent {email: friend}`
         email = src.get("email")
         if isinstance(email, str) and email.strip():
             ids.append(("email", email))
@@ -228,14 +236,28 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
     return ids
 
 
+DESKTOP_OS = re.compile(r"mac|windows|linux|chrome ?os|ubuntu|fedora|debian")
+
+
 def _channel(kind: str, raw: dict[str, Any], ctx: dict[str, Any], platform: str | None) -> str | None:
+    """Email engagement, then an explicit channel, then the device and OS (a macOS app built on analytics-swift
+    is web, not mobile), then the call (screen / page), then the library's name."""
     if kind == "track" and _event_name(raw) in EMAIL_ENGAGEMENT:
         return "email"
-    library = str(_dict(ctx.get("library")).get("name") or "").lower()
     channel = str(raw.get("channel") or ctx.get("channel") or "").lower()
-    if kind == "screen" or channel == "mobile" or platform or MOBILE_LIBRARY.search(library):
+    if channel == "mobile":
         return "mobile"
-    if kind == "page" or channel == "browser" or WEB_LIBRARY.match(library):
+    if channel == "browser":
+        return "web"
+    if platform:
+        return "mobile"
+    device_os = f"{_dict(ctx.get('device')).get('type') or ''} {_dict(ctx.get('os')).get('name') or ''}".lower()
+    if DESKTOP_OS.search(device_os):
+        return "web"
+    library = str(_dict(ctx.get("library")).get("name") or "").lower()
+    if kind == "screen" or MOBILE_LIBRARY.search(library):
+        return "mobile"
+    if kind == "page" or WEB_LIBRARY.match(library):
         return "web"
     return None
 
