@@ -119,6 +119,8 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
                 value = orjson.loads(v)
             except orjson.JSONDecodeError:
                 value = _s(v)
+            if value is None:  # set to null: removed. The stored write and its time stay, so an older value
+                continue  # arriving later loses to it (last write wins) and does not bring the trait back
             if detail:
                 kind = fields.get("c:" + rest)
                 traits_out[rest] = Trait(value, _int_or_none(fields.get("T:" + rest)) or 0,
