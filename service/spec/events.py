@@ -11,7 +11,8 @@ Every Segment field name and the meaning of every call type live here once. The 
                   write wins per trait, by event time)
     track         ``Order Completed``: an order keyed by order_id (``order``);           5 ``ofield``, ``lww``,
                   ``Audience Entered`` / ``Exited``, ``Trait Computed``: traits of       ``afield``
-                  class audience / computed_trait (``traits``); activity (``activity``)
+                  class audience / computed_trait (``traits``); activity (``activity``);
+                  ``Order Refunded`` / ``Cancelled``: the order is taken back (``reversal``)   ``rfield``
     page, screen  channel activity slot, web or mobile (``activity``)                   5 ``afield``
     group         link to the account, and the account's traits (``group``)             5 ``gfield``, ``acct:``
     alias         previousId's profile merges into userId's (``alias_of``;               3 identity
@@ -37,6 +38,7 @@ TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias", "del
 MAX_MESSAGE_ID = 100
 MAX_TRAITS = 300
 ORDER_EVENTS = frozenset({"Order Completed"})
+REVERSAL_EVENTS = frozenset({"Order Refunded", "Order Cancelled"})  # take an Order Completed back, by order_id
 # Email-spec events that show a person engaging with email. Delivered/Bounced say nothing about the person.
 EMAIL_ENGAGEMENT = frozenset({"Email Opened", "Email Link Clicked"})
 AUDIENCE_ENTERED, AUDIENCE_EXITED, TRAIT_COMPUTED = "Audience Entered", "Audience Exited", "Trait Computed"
@@ -62,6 +64,7 @@ class Event:
     activity: tuple[str, int, int] | None = None  # (channel, UTC day, slot 0..47)
     group: tuple[str, tuple[tuple[str, str], ...]] | None = None  # (groupId, account traits as JSON)
     alias_of: str | None = None  # previousId, for alias merging
+    reversal: str | None = None  # order key of an Order Refunded / Order Cancelled
 
     def script_payload(self) -> bytes:
         """The compact JSON the Lua script decodes (cjson) as ``ev``: everything it needs and nothing more.
@@ -70,7 +73,8 @@ class Event:
         ``t`` type, ``mid`` message_id, ``ts`` event time (ms), ``uid`` user_id or "", ``ids`` identifiers
         ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order ([key, revenue as
         text, categories joined by U+001F] or null), ``a`` activity ([channel, day, slot] or null), ``g`` group
-        ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null)."""
+        ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null), ``rv`` reversal (the
+        order key of a refund or cancellation, or null)."""
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -82,6 +86,7 @@ class Event:
             "a": self.activity,
             "g": self.group,
             "al": self.alias_of,
+            "rv": self.reversal,
         })
 
 
@@ -286,8 +291,12 @@ def _order(raw: dict[str, Any], props: dict[str, Any], mid: str) -> tuple[str, f
             cat = _dict(p).get("category")
             if isinstance(cat, str) and cat.strip():
                 cats.append(cat.strip().replace("\x1f", " ").replace("|", "/"))
-    key = _id(props.get("order_id")) or mid
-    return key.replace("|", "/"), round(revenue, 6), tuple(cats)
+    return _order_key(props, mid), round(revenue, 6), tuple(cats)
+
+
+def _order_key(props: dict[str, Any], mid: str) -> str:
+    """The order's id (``order_id``), which an Order Completed and its refund or cancellation share."""
+    return (_id(props.get("order_id")) or mid).replace("|", "/")
 
 
 def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
@@ -333,4 +342,5 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
         activity=(channel, slot // SLOTS_PER_DAY, slot % SLOTS_PER_DAY) if channel else None,
         group=group,
         alias_of=alias_of,
+        reversal=_order_key(props, mid) if kind == "track" and _event_name(raw) in REVERSAL_EVENTS else None,
     )

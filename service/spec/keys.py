@@ -16,6 +16,7 @@ TRAIT_CLASS = "c:"  # c:<name>   -> "audience" | "computed_trait" (Engage-made v
 IDENT = "x:"  # x:<type>:<value> -> "<first seen ms>|<first messageId>"
 IDENT_COUNT = "n:"  # n:<type>   -> how many values of that type the profile holds
 ORDER = "o:"  # o:<order key> -> "<ms>|<revenue>|<category>\x1f<category>..."
+REVERSED = "q:"  # q:<order key> -> "<ms>": the order was refunded or cancelled (in either arrival order)
 ACTIVITY = "a:"  # a:<channel>:<day> -> 48-bit integer, one bit per 30-minute slot of that UTC day
 GROUP = "g:"  # g:<groupId>  -> first-seen ms
 ANCESTOR = "r:"  # r:<merged profile id> -> "1": profiles merged into this one

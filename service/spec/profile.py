@@ -84,7 +84,7 @@ def _s(v: bytes | str) -> str:
 
 
 assert (K.TRAIT, K.TRAIT_TS, K.TRAIT_CLASS, K.IDENT, K.IDENT_COUNT, K.ORDER, K.ACTIVITY, K.META, K.GROUP,
-        K.ANCESTOR) == ("t:", "T:", "c:", "x:", "n:", "o:", "a:", "m:", "g:", "r:"), \
+        K.ANCESTOR, K.REVERSED) == ("t:", "T:", "c:", "x:", "n:", "o:", "a:", "m:", "g:", "r:", "q:"), \
     "decode_profile spells the prefixes out: keep it in step"
 
 
@@ -107,6 +107,7 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
     p = Profile(id=pid)
     traits_out, idents, orders, activity, groups, meta = p.traits, p.identifiers, p.orders, p.activity, p.groups, p.meta
     count = 0
+    reversed_orders: set[str] = set()
     for f, v in fields.items():
         prefix = f[:2]  # most frequent first; "T:", "c:" and "n:" are read beside their trait, or not at all
         if prefix == "m:":
@@ -150,12 +151,16 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
                 idents.append(Identifier(kind, value, _int_or_none(ts) or 0, mid))
         elif prefix == "g:":
             groups[f[2:]] = _int_or_none(v) or 0
+        elif prefix == "q:":
+            reversed_orders.add(f[2:])
         elif prefix == "r:":
             p.merged_from.append(f[2:])
     if not detail:
         p.identifier_total = count
     if len(idents) > 1:
         idents.sort(key=lambda i: (i.type, i.value))
+    if reversed_orders:  # refunded or cancelled: out of spend, counts and categories, whichever arrived first
+        orders[:] = [o for o in orders if o.key not in reversed_orders]
     if len(orders) > 1:
         orders.sort(key=lambda o: (o.ts, o.key))
     p.merged_from.sort()

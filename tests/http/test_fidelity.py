@@ -68,3 +68,45 @@ def test_a_trait_set_to_null_is_removed_and_an_older_value_does_not_bring_it_bac
     assert find(r, "user_id", "u1").trait_values() == {"industry": "SaaS"}
     apply(r, [identify("m3", "2026-03-01T12:00:00Z", "team")])  # newer: the trait is back
     assert find(r, "user_id", "u1").trait_values() == {"industry": "SaaS", "plan": "team"}
+
+
+def order(mid: str, ts: str, key: str, event: str = "Order Completed", revenue: float = 40.0) -> dict:
+    return {"type": "track", "userId": "buyer", "messageId": mid, "timestamp": ts, "event": event,
+            "properties": {"order_id": key, "revenue": revenue, "products": [{"category": "books"}]}}
+
+
+def test_refunded_and_cancelled_orders_leave_spend_counts_and_categories(r: redis.Redis) -> None:
+    apply(r, [order("m1", "2026-03-01T10:00:00Z", "o1"), order("m2", "2026-03-01T10:00:00Z", "o2", revenue=60),
+              order("m3", "2026-03-02T10:00:00Z", "o1", "Order Refunded")])
+    assert [(o.key, o.revenue) for o in find(r, "user_id", "buyer").orders] == [("o2", 60.0)]
+    # a cancellation that arrives before its order: the order never counts
+    apply(r, [order("m4", "2026-03-03T10:00:00Z", "o3", "Order Cancelled"),
+              order("m5", "2026-03-01T12:00:00Z", "o3", revenue=99)])
+    assert [o.key for o in find(r, "user_id", "buyer").orders] == ["o2"]
+
+
+def test_any_order_of_events_with_refunds_and_nulls_gives_the_same_profiles(r: redis.Redis) -> None:
+    """The order-independence guarantee, with the rules above: refunds and cancellations before or after their
+    orders, traits set to null before or after other values."""
+    import random
+
+    from tests.helpers import mixed_stream, snapshot
+
+    events = mixed_stream(4000, users=60, seed=9)
+    orders = [e for e in events if e.get("event") == "Order Completed"]
+    rnd = random.Random(4)
+    for i, o in enumerate(rnd.sample(orders, len(orders) // 3)):
+        events.append(dict(o, messageId=f"rev-{i}", event=rnd.choice(["Order Refunded", "Order Cancelled"]),
+                           timestamp=rnd.choice([o["timestamp"], "2026-01-01T00:00:00Z"])))
+    identifies = [e for e in events if e["type"] == "identify" and "plan" in e.get("traits", {})]
+    for i, e in enumerate(rnd.sample(identifies, len(identifies) // 4)):
+        events.append(dict(e, messageId=f"null-{i}", traits={"plan": None}))
+    apply(r, events)
+    in_order = snapshot(r)
+    assert sum(len(p["orders"]) for p in in_order.values()) < len(orders)  # some orders really were taken back
+    for seed in (1, 2):
+        r.flushall()
+        shuffled = list(events)
+        random.Random(seed).shuffle(shuffled)
+        apply(r, shuffled)
+        assert snapshot(r) == in_order

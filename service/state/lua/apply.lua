@@ -16,7 +16,8 @@
 -- ARGV[3], decoded as ``ev`` (written only by ``Event.script_payload``):
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
---   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null
+--   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null,
+--   rv order key of a refund or cancellation or null
 -- ARGV[5], decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
 --   merge and identifier caps, alias merging.
 -- Keys of the space (prefix P, the space's hash tag; names as in service/spec/keys.py):
@@ -246,7 +247,7 @@ local function merge_into(L)
     local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
     if pre == 't:' then
       traits[#traits + 1] = {rest, v, tonumber(lo['T:' .. rest]) or 0, lo['c:' .. rest] or ''}
-    elseif pre == 'a:' or pre == 'g:' or pre == 'o:' then
+    elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
       fields[#fields + 1] = k
     elseif pre == 'x:' then
       redis.call('SET', P .. 'i:' .. rest, pid)
@@ -257,7 +258,7 @@ local function merge_into(L)
   local w = {}
   for k, v in pairs(lo) do
     local pre = string.sub(k, 1, 2)
-    if pre == 'x:' or pre == 'r:' or (pre == 'o:' and not cur[k]) then
+    if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
       w[#w + 1] = k; w[#w + 1] = v
     elseif pre == 'a:' then
       w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
@@ -290,10 +291,11 @@ local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm'}
 local items = {}
 for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3]} end
 trait_fields(items, fields, true)
-local afield, ofield, gfield
+local afield, ofield, gfield, rfield
 if ev.a ~= NULL then afield = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; fields[#fields + 1] = afield end
 if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
 if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
+if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
 for i, id in ipairs(ids) do
   if active[i] and owner[i] then fields[#fields + 1] = 'x:' .. id[1] .. ':' .. id[2] end
 end
@@ -329,6 +331,8 @@ end
 
 lww(cur, items, w, true, S)
 if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = fmt(ts) .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
+-- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
+if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = fmt(ts) end
 if afield then
   local bits = tonumber(cur[afield]) or 0
   local p = 2 ^ ev.a[3]
