@@ -67,23 +67,15 @@ def _take(client: redis.Redis, into: str, sources: list[str]) -> None:
         pipe.sunionstore(into, [into, *sources]).delete(*sources).execute()
 
 
-def _still_held(lock: Lock) -> None:
-    """Before a recompute writes its result: make sure its lock is still ours, and good for another ``LOCK_TTL``
-    (a holder cut off from Redis for longer than that may have been replaced; its result must not overwrite the
-    newer one, and the write that follows has the whole TTL to land)."""
+def _publish_if_held(lock: Lock, pipe: redis.client.Pipeline) -> None:
+    """Write the recompute's result (queued on ``pipe``) only while its lock is still ours, renewed for another
+    ``LOCK_TTL`` first: a holder cut off from Redis for longer than that may have been replaced, and its result
+    must not overwrite the newer one; the write that follows has the whole TTL to land."""
     try:
         lock.reacquire()
     except LockNotOwnedError:
-        raise Busy("the recompute lock lapsed before the result was written; the next refresh does the work") from None
-
-
-def _publish_if_held(lock: Lock, pipe: redis.client.Pipeline) -> None:
-    """Write the recompute's result (queued on ``pipe``) only while its lock is still ours."""
-    try:
-        _still_held(lock)
-    except Busy:
         pipe.reset()
-        raise
+        raise Busy("the recompute lock lapsed before the result was written; the next refresh does the work") from None
     pipe.execute()
 
 
@@ -285,8 +277,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
                     clusters[name].median_x2 = median_x2
         except A.AggregateError as e:
             pipe.reset()
-            client.sunionstore(keys.dirty, [keys.dirty, work])
-            client.delete(work)
+            _take(client, keys.dirty, [work])
             return _full(client, settings, space, now_ms, started, lock, reason=str(e))
         changed = publish(client, settings, space, clusters, patterns, pipe, touched)
         pipe.delete(work)
