@@ -95,7 +95,7 @@ class Child:
             return None
         return self.proc.poll()
 
-    def schedule_restart(self, code: int) -> float:
+    def schedule_restart(self) -> float:
         """Clean up the dead program's group; return the back-off before it starts again."""
         assert self.proc is not None
         stop_group(self.proc, grace=0)
@@ -119,14 +119,6 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
                   file=sys.stderr, flush=True)
             return 1
         embedded = EmbeddedRedis(settings.data_dir, preexec_fn=die_with_parent)
-        try:
-            embedded.start()
-        except RuntimeError as exc:
-            lock.release()
-            print(f"persona-sync dev: {exc}", file=sys.stderr, flush=True)
-            return 1
-        env["REDIS_URL"] = embedded.url
-        say(f"embedded Redis at {embedded.url} (data in {embedded.data_dir})")
 
         def start_redis() -> subprocess.Popen:
             assert embedded is not None
@@ -135,8 +127,15 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
             return embedded.proc
 
         redis_child = Child("redis", start_redis)
-        redis_child.proc, redis_child.started = embedded.proc, time.monotonic()
+        try:
+            redis_child.launch()
+        except RuntimeError as exc:
+            lock.release()
+            print(f"persona-sync dev: {exc}", file=sys.stderr, flush=True)
+            return 1
         children.append(redis_child)
+        env["REDIS_URL"] = embedded.url
+        say(f"embedded Redis at {embedded.url} (data in {embedded.data_dir})")
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -160,7 +159,7 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
                     break
                 code = child.exited()
                 if code is not None:
-                    delay = child.schedule_restart(code)
+                    delay = child.schedule_restart()
                     say(f"{child.name} exited with {code}; restarting in {delay:.1f} s")
                 elif child.restart_at is not None and time.monotonic() >= child.restart_at:
                     try:
