@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from service.spec.events import generated_message_id
+from service.spec.events import generated_message_id, iso_ms, tracking_times
 
 # Segment Tracking API limits.
 MAX_EVENT_BYTES = 32 * 1024
@@ -72,7 +73,33 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "surrogate" in str(exc):
+            repaired = repair_surrogates(body)
+            if repaired is not None:
+                return repaired
         raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None
+
+
+# A JSON string escape: an escaped backslash (kept, so that `\\ud800` stays text), a high + low surrogate pair
+# (kept), or a lone surrogate (replaced). Scanning left to right keeps the backslashes paired.
+_ESCAPE = re.compile(rb"(\\\\)|(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                     rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A surrogate encoded as UTF-8 bytes (ED A0..BF xx), which UTF-8 forbids.
+_RAW_SURROGATE = re.compile(rb"\xed[\xa0-\xbf][\x80-\xbf]")
+
+
+def repair_surrogates(body: bytes) -> Any | None:
+    """The document with every lone UTF-16 surrogate replaced by U+FFFD, or None if it is still not JSON.
+
+    JavaScript strings may hold half an emoji (a string cut in the middle of a pair), and ``JSON.stringify``
+    writes it as a lone ``\\udXXX`` escape, which strict JSON parsers refuse. One such character must not sink a
+    whole batch. Signatures are checked on the bytes as received, before this runs."""
+    fixed = _ESCAPE.sub(lambda m: m.group(0) if m.group(1) or m.group(2) else b"\\ufffd", body)
+    fixed = _RAW_SURROGATE.sub("\ufffd".encode(), fixed)
+    try:
+        return orjson.loads(fixed)
+    except orjson.JSONDecodeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -93,11 +120,17 @@ MAX_DEPTH = 254
 TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
 
 
-def item(obj: Any, raw: bytes | None = None) -> Item:
-    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check. An event
-    without a messageId gets a generated one here, in the bytes that are logged too, so a replay keeps it."""
-    if isinstance(obj, dict) and obj.get("messageId") in (None, ""):
-        obj, raw = {**obj, "messageId": generated_message_id()}, None
+def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> Item:
+    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check.
+
+    What the receiver adds goes into the bytes that are logged too, so that a replay applies the event exactly as
+    it was applied live: a messageId where the event had none, and ``received_at`` as ``receivedAt`` where the
+    event had none (Segment's webhook deliveries carry their own)."""
+    if isinstance(obj, dict):
+        if obj.get("messageId") in (None, ""):
+            obj, raw = {**obj, "messageId": generated_message_id()}, None
+        if received_at is not None and obj.get("receivedAt") is None:
+            obj, raw = {**obj, "receivedAt": received_at}, None
     try:
         encoded = orjson.dumps(obj)
     except orjson.JSONEncodeError:
@@ -105,25 +138,29 @@ def item(obj: Any, raw: bytes | None = None) -> Item:
     return Item(obj, raw if raw is not None else encoded)
 
 
-def webhook_items(doc: Any, body: bytes) -> list[Item]:
+def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:
     """Classic Webhooks (one object) or Webhooks (Actions) (one object, or a bare array)."""
+    received_at = iso_ms(received_ms)
     if isinstance(doc, dict):
-        return [item(doc, body)]
+        return [item(doc, body, received_at)]
     if isinstance(doc, list):
         if len(doc) > MAX_ACTIONS_BATCH:
             raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
-        return [item(e) for e in doc]
+        return [item(e, None, received_at) for e in doc]
     raise BodyError(400, "body must be a JSON object (one event) or an array of events")
 
 
-def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
-    """Tracking API: ``/v1/<type>`` carries one event; ``/v1/batch`` a ``batch`` array with shared context."""
+def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) -> list[Item]:
+    """Tracking API: ``/v1/<type>`` carries one event; ``/v1/batch`` a ``batch`` array with shared context.
+
+    Every event gets Segment's times (``tracking_times``: our receivedAt, and the clock-skew correction when the
+    client sent ``sentAt``, per event or for the whole batch)."""
     if not isinstance(doc, dict):
         raise BodyError(400, "body must be a JSON object")
     if kind is not None:
         if len(body) > MAX_EVENT_BYTES:
             raise BodyError(413, f"event is {len(body)} bytes; the Tracking API allows {MAX_EVENT_BYTES}")
-        event = dict(doc)
+        event = tracking_times(doc, None, received_ms)
         event.pop("writeKey", None)
         event.setdefault("type", kind)
         return [item(event)]
@@ -134,10 +171,11 @@ def tracking_items(doc: Any, body: bytes, kind: str | None) -> list[Item]:
         raise BodyError(413, f"batch of {len(batch)} events; the Tracking API allows {MAX_BATCH_EVENTS}")
     shared_ctx = doc.get("context") if isinstance(doc.get("context"), dict) else None
     shared_int = doc.get("integrations") if isinstance(doc.get("integrations"), dict) else None
+    sent_at = doc.get("sentAt")
     items: list[Item] = []
     for e in batch:
-        if isinstance(e, dict) and (shared_ctx or shared_int):
-            e = dict(e)
+        if isinstance(e, dict):
+            e = tracking_times(e, sent_at, received_ms)
             if shared_ctx:
                 ctx = e["context"] if isinstance(e.get("context"), dict) else {}
                 e["context"] = {**shared_ctx, **ctx}

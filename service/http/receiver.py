@@ -77,10 +77,10 @@ async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, sou
     return refused(exc.status, exc.message)
 
 
-async def ingest(request: Request, space: str, items: list[Item], source: str, single: bool) -> Response:
+async def ingest(request: Request, space: str, items: list[Item], source: str, single: bool,
+                 received: int) -> Response:
     """Normalise, apply and count a list of events; invalid ones become dead letters, the rest are applied."""
     state = request.app.state
-    received = now_ms()
     good: list[tuple[Event, bytes]] = []
     rejected: list[tuple[int, str, bytes]] = []
     counts: Counter[tuple[str, str]] = Counter()
@@ -132,6 +132,7 @@ async def segment_webhook(request: Request) -> Response:
     space = request.path_params.get("space", state.settings.space_id)
     if not valid_space(space):
         return error(404, "not_found", "unknown space id: use letters, digits, '_', '-' or '.'")
+    received = now_ms()
     try:  # a body that cannot be read whole (size, encoding) cannot be verified either
         body = await read_body(request, state.settings.max_body_bytes)
     except BodyError as exc:
@@ -146,10 +147,10 @@ async def segment_webhook(request: Request) -> Response:
                      "here yet, add it to SEGMENT_SHARED_SECRETS: deliveries from then on are accepted.")
     try:
         doc = parse_json(body)
-        items = webhook_items(doc, body)
+        items = webhook_items(doc, body, received)
     except BodyError as exc:
         return await _refuse(request, space, exc, body, "webhook")
-    return await ingest(request, space, items, "webhook", single=isinstance(doc, dict))
+    return await ingest(request, space, items, "webhook", isinstance(doc, dict), received)
 
 
 async def tracking(request: Request) -> Response:
@@ -161,6 +162,7 @@ async def tracking(request: Request) -> Response:
     space = state.settings.space_id
     keys = state.settings.write_keys
     header = request.headers.get("authorization")
+    received = now_ms()
     try:
         body = await read_body(request, limit)
     except BodyError as exc:
@@ -182,10 +184,10 @@ async def tracking(request: Request) -> Response:
                          f"missing or unknown write key: send one of SEGMENT_WRITE_KEYS as the Basic username or as "
                          f"writeKey in the body; {UNKEPT} (only its time, size and source address)")
     try:
-        items = tracking_items(doc, body, None if kind == "batch" else kind)
+        items = tracking_items(doc, body, None if kind == "batch" else kind, received)
     except BodyError as exc:
         return await _refuse(request, space, exc, body, "tracking")
-    return await ingest(request, space, items, "tracking", single=kind != "batch")
+    return await ingest(request, space, items, "tracking", kind != "batch", received)
 
 
 def timed(endpoint: Endpoint, route: str) -> Endpoint:

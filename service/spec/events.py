@@ -56,7 +56,7 @@ class InvalidEvent(ValueError):
 class Event:
     type: str
     message_id: str
-    ts: int  # event time, epoch ms
+    ts: int  # when the event takes effect, epoch ms: its time, never later than its receipt (``effective_time``)
     user_id: str | None
     identifiers: tuple[tuple[str, str], ...]  # by priority, highest first
     traits: tuple[tuple[str, str, str], ...] = ()  # (name, JSON value, class or "")
@@ -65,6 +65,7 @@ class Event:
     group: tuple[str, tuple[tuple[str, str], ...]] | None = None  # (groupId, account traits as JSON)
     alias_of: str | None = None  # previousId, for alias merging
     reversal: str | None = None  # order key of an Order Refunded / Order Cancelled
+    received: int = 0  # when it was received, epoch ms: breaks ties between writes of the same ``ts``
 
     def script_payload(self) -> bytes:
         """The compact JSON the Lua script decodes (cjson) as ``ev``: everything it needs and nothing more.
@@ -74,7 +75,7 @@ class Event:
         ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order ([key, revenue as
         text, categories joined by U+001F] or null), ``a`` activity ([channel, day, slot] or null), ``g`` group
         ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null), ``rv`` reversal (the
-        order key of a refund or cancellation, or null)."""
+        order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts`` when unknown)."""
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -87,6 +88,7 @@ class Event:
             "g": self.group,
             "al": self.alias_of,
             "rv": self.reversal,
+            "rc": max(self.received, self.ts),
         })
 
 
@@ -136,6 +138,59 @@ def _event_time(raw: dict[str, Any], received_ms: int) -> int:
         if raw.get(name) is not None:
             return parse_timestamp(raw[name])
     return received_ms
+
+
+def _received_time(raw: dict[str, Any], received_ms: int) -> int:
+    """When the event was received: its ``receivedAt`` (Segment's, on webhook deliveries; ours, written by the
+    receiver into Tracking API events, so a replay keeps it), never later than ``received_ms`` (now)."""
+    value = raw.get("receivedAt")
+    if isinstance(value, str):
+        try:
+            return min(parse_timestamp(value), received_ms)
+        except InvalidEvent:
+            pass  # a malformed receivedAt cannot sink an event whose timestamp is fine
+    return received_ms
+
+
+def effective_time(event_ms: int, received_ms: int) -> int:
+    """When a write takes effect: the event's time, but never later than its receipt. A client clock set to 2099
+    must not pin a trait for ever: last write wins, audience enter/exit, first/last seen, activity slots, orders
+    and deletion order by this time. The event keeps its own timestamp in the log."""
+    return min(event_ms, received_ms)
+
+
+def tracking_times(event: dict[str, Any], batch_sent_at: Any, received_ms: int) -> dict[str, Any]:
+    """The times Segment's Tracking API gives an event, as a new dict: ``receivedAt`` is our receipt (a client's
+    own receivedAt is overwritten), and when the client sent ``sentAt`` (its own, else the batch's) the clock skew
+    is corrected as Segment does: ``timestamp = receivedAt - (sentAt - originalTimestamp)``, where the client's
+    time is its ``originalTimestamp``, else the ``timestamp`` its library stamped. An event that carries both
+    ``timestamp`` and ``originalTimestamp`` had its timestamp set explicitly and keeps it
+    (https://segment.com/docs/connections/spec/common/#timestamps). Unreadable times are left for ``normalise``
+    to refuse."""
+    out = dict(event)
+    out["receivedAt"] = iso_ms(received_ms)
+    sent = event.get("sentAt", batch_sent_at)
+    if sent is None or (event.get("timestamp") is not None and event.get("originalTimestamp") is not None):
+        return out
+    client = event.get("originalTimestamp")
+    if client is None:
+        client = event.get("timestamp")
+    if client is None:
+        return out
+    try:
+        corrected = iso_ms(received_ms - (parse_timestamp(sent) - parse_timestamp(client)))
+    except (InvalidEvent, ValueError, OverflowError, OSError):  # unreadable, or corrected out of datetime's range
+        return out
+    out["originalTimestamp"] = client
+    out["timestamp"] = corrected
+    if "sentAt" not in out:
+        out["sentAt"] = sent
+    return out
+
+
+def iso_ms(ms: int) -> str:
+    """ISO-8601 UTC with milliseconds and a Z, as Segment writes its times."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _message_id(raw: dict[str, Any]) -> str:
@@ -308,11 +363,12 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
         raise InvalidEvent(f"unknown type {str(kind)[:40]!r}; expected one of {', '.join(sorted(TYPES))}")
     kind = kind.lower()
     user_id = _id(raw.get("userId"))
-    ts = _event_time(raw, received_ms)
+    received = _received_time(raw, received_ms)
+    ts = effective_time(_event_time(raw, received_ms), received)
     if kind == "delete":
         if not user_id:
             raise InvalidEvent("delete needs a userId")
-        return Event("delete", _message_id(raw), ts, user_id, (("user_id", user_id),))
+        return Event("delete", _message_id(raw), ts, user_id, (("user_id", user_id),), received=received)
     if not user_id and not _id(raw.get("anonymousId")):
         raise InvalidEvent("neither userId nor anonymousId is set")
     mid = _message_id(raw)
@@ -343,4 +399,5 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
         group=group,
         alias_of=alias_of,
         reversal=_order_key(props, mid) if kind == "track" and _event_name(raw) in REVERSAL_EVENTS else None,
+        received=received,
     )
