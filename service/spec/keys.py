@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 # Profile hash field prefixes (one hash per profile). Shared by the Lua script, the Profile API and the workers.
 TRAIT = "t:"  # t:<name>   -> JSON text of the value
-TRAIT_TS = "T:"  # T:<name>   -> event timestamp (ms) of that value
+TRAIT_TS = "T:"  # T:<name>   -> "<effective ms>" or "<effective ms>+<received that much later>" of that value
 TRAIT_CLASS = "c:"  # c:<name>   -> "audience" | "computed_trait" (Engage-made values only)
 IDENT = "x:"  # x:<type>:<value> -> "<first seen ms>|<first messageId>"
 IDENT_COUNT = "n:"  # n:<type>   -> how many values of that type the profile holds
@@ -22,7 +22,7 @@ GROUP = "g:"  # g:<groupId>  -> first-seen ms
 ANCESTOR = "r:"  # r:<merged profile id> -> "1": profiles merged into this one
 META = "m:"  # m:fs m:ls (first/last event ms), m:fm m:lm (their messageIds), m:ca m:ua (received ms), m:merges
 
-TOMBSTONE = "!"  # index value of a deleted userId: its later events are suppressed (see lua/apply.lua)
+TOMBSTONE = "!"  # index value of a deleted userId until a later event builds a new profile (see lua/apply.lua)
 
 CHANNELS = ("web", "mobile", "email")
 SLOT_MS = 30 * 60 * 1000
@@ -86,6 +86,11 @@ class Keys:
     @property
     def suppressed(self) -> str:
         return f"{self.prefix}suppressed"
+
+    @property
+    def deleted(self) -> str:
+        """userId -> effective time (ms) of its latest deletion: its events at or before it are suppressed."""
+        return f"{self.prefix}deleted"
 
     @property
     def forgotten_profiles(self) -> str:

@@ -17,7 +17,7 @@ from service.spec import keys as K
 
 class Trait(NamedTuple):  # NamedTuples: a full recompute builds millions of these, and they are cheap
     value: Any
-    ts: int  # event timestamp, ms
+    ts: int  # effective time of the write, ms (the event's time, never later than its receipt)
     kind: str | None  # None, "audience" or "computed_trait"
 
 
@@ -79,6 +79,13 @@ def _int_or_none(v: bytes | str | None) -> int | None:
         return None
 
 
+def stamp_time(v: bytes | str | None) -> int:
+    """The effective time (ms) of a trait's stamp, ``<ms>`` or ``<ms>+<received later by>`` (see apply.lua)."""
+    if v is None:
+        return 0
+    return _int_or_none(_s(v).partition("+")[0]) or 0
+
+
 def _s(v: bytes | str) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
@@ -124,7 +131,7 @@ def decode_profile(pid: str, raw: dict[bytes | str, bytes | str], traits: Collec
                 continue  # arriving later loses to it (last write wins) and does not bring the trait back
             if detail:
                 kind = fields.get("c:" + rest)
-                traits_out[rest] = Trait(value, _int_or_none(fields.get("T:" + rest)) or 0,
+                traits_out[rest] = Trait(value, stamp_time(fields.get("T:" + rest)),
                                          _s(kind) if kind is not None else None)
             else:
                 traits_out[rest] = Trait(value, 0, None)

@@ -22,7 +22,8 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 
 def post(client: TestClient, body: bytes, path: str = "/segment", **headers: str):
-    headers.setdefault("X-Signature", sign(body))
+    if "X-Signature" not in headers:
+        headers["X-Signature"] = sign(body)
     return client.post(path, content=body, headers={"Content-Type": "application/json", **headers})
 
 

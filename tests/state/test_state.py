@@ -211,9 +211,20 @@ def test_gdpr_delete_erases_and_suppresses(r: redis.Redis) -> None:
     k = Keys("default")
     assert purge_forgotten(r, "default") == 3
     assert [f[b"p"] for _, f in r.xrange(k.log)] == [find(r, "user_id", "stays").id.encode()]
-    assert apply(r, [{"type": "identify", "userId": "gone", "messageId": "5",
-                      "timestamp": "2026-06-01T00:00:00Z"}])[0].status == "suppressed"
+    # a late retry from before the deletion stays out; one from after it builds a new profile (DELETE_ONLY)
+    assert apply(r, [{"type": "identify", "userId": "gone", "messageId": "5", "traits": {"plan": "old"},
+                      "timestamp": "2026-04-30T00:00:00Z"}])[0].status == "suppressed"
+    assert apply(r, [{"type": "identify", "userId": "gone", "messageId": "5b", "anonymousId": "ga",
+                      "timestamp": "2026-05-01T00:00:00Z"}])[0].status == "suppressed"  # at the deletion: out
     assert find(r, "user_id", "gone") is None
+    fresh = apply(r, [{"type": "identify", "userId": "gone", "messageId": "6", "traits": {"plan": "new"},
+                       "timestamp": "2026-06-01T00:00:00Z"}])[0]
+    assert fresh.status == "ok" and fresh.created
+    again = find(r, "user_id", "gone")
+    assert again.id == fresh.profile_id and {t: v.value for t, v in again.traits.items()} == {"plan": "new"}
+    assert [(i.type, i.value) for i in again.identifiers] == [("user_id", "gone")]
+    assert apply(r, [{"type": "track", "userId": "gone", "event": "late", "messageId": "7",
+                      "timestamp": "2026-04-01T00:00:00Z"}])[0].status == "suppressed"  # still, after the rebirth
 
 
 def test_forget_command_path(r: redis.Redis) -> None:

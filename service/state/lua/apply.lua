@@ -2,7 +2,7 @@
 --
 -- dedupe by messageId -> suppression -> identity resolution (match / create / merge under limits) ->
 -- effects (traits, audiences, orders, channel activity, groups, metadata) -> event log -> dirty mark.
--- Every effect is idempotent and order-independent on its own (last-write-wins by event time, sets, min/max),
+-- Every effect is idempotent and order-independent on its own (last-write-wins by time, sets, min/max),
 -- so a replay older than the dedupe window converges to the same state. Nothing below may raise after the
 -- first write: inputs are validated by service/spec/events.py, and this script only decodes them.
 --
@@ -17,11 +17,13 @@
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
 --   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null,
---   rv order key of a refund or cancellation or null
+--   rv order key of a refund or cancellation or null, rc received ms (>= ts). ``ts`` is the effective time: the
+--   event's own, never later than its receipt (a client clock in 2099 cannot pin a trait).
 -- ARGV[5], decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
 --   merge and identifier caps, alias merging.
 -- Keys of the space (prefix P, the space's hash tag; names as in service/spec/keys.py):
 --   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
+--   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
 --   P..'i:'type':'value     identifier index    P..'p:'pid       profile hash      P..'mrg:'pid    merged away
 --   P..'seq'                profile counter     P..'acct:'group  account traits    P..'dirty'      refresh set
 --   KEYS[1]                 event log (XADD, trimmed by MINID)
@@ -48,12 +50,17 @@ local function remember()
   if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, (bucket + nb + 1) * bw) end
 end
 
--- 2. GDPR deletion. A deleted userId's index entry becomes the tombstone '!', so that suppressing its later
--- events costs nothing beyond the identifier lookup every event makes anyway (step 3).
+-- 2. GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
+-- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
+-- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
+-- without one suppresses every later event, as it did then).
 local TOMBSTONE = '!'
 local uid = ev.uid
+local ts, mid, rc = ev.ts, ev.mid, ev.rc or ev.ts
 if ev.t == 'delete' then
   redis.call('SADD', P .. 'suppressed', uid)
+  local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
+  if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
   local pid = redis.call('GET', ikey('user_id', uid))
   remember()
   if pid == TOMBSTONE then pid = false end
@@ -93,15 +100,22 @@ if ev.t == 'alias' and ev.al ~= NULL and ev.al then
   end
 end
 
+local deleted_at = false
+if uid ~= '' then deleted_at = tonumber(redis.call('HGET', P .. 'deleted', uid)) end
+if deleted_at and ts <= deleted_at then
+  remember()
+  return {'suppressed', ''}
+end
+
 local owner, distinct, unmapped = {}, {}, 0
 for i, id in ipairs(ids) do
   local o = redis.call('GET', ikey(id[1], id[2]))
   if o == TOMBSTONE then
-    if id[1] == 'user_id' and id[2] == uid then
-      remember()
+    if id[1] == 'user_id' and id[2] == uid and not deleted_at then
+      remember()   -- deleted by an older version, which kept no time: suppressed for ever, as then
       return {'suppressed', ''}
     end
-    o = false   -- an alias previousId that was erased: treat as unknown, never resurrect it
+    o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
   end
   owner[i] = o
   if o then distinct[o] = true else unmapped = unmapped + 1 end
@@ -194,15 +208,31 @@ local function bits_or(a, b)
   return r
 end
 
--- Last write wins by (event time, then value) so every delivery order gives the same result.
--- cur: field -> current value; items: {name, json, ts, class}; appends winning writes to w.
+-- A write's stamp: its effective time, and how much later it was received ('<ts>' or '<ts>+<received - ts>').
+local function stamp(t, r)
+  if r > t then return fmt(t) .. '+' .. fmt(r - t) end
+  return fmt(t)
+end
+local function unstamp(s)
+  if not s then return 0, 0 end
+  local plus = string.find(s, '+', 1, true)
+  if not plus then local t = tonumber(s) or 0; return t, t end
+  local t = tonumber(string.sub(s, 1, plus - 1)) or 0
+  return t, t + (tonumber(string.sub(s, plus + 1)) or 0)
+end
+
+-- Last write wins by effective time; at the same millisecond the later receipt wins, then the greater value.
+-- The receipt time travels with the event (Segment's receivedAt, or ours written into the logged event), so
+-- every delivery and replay order gives the same result.
+-- cur: field -> current value; items: {name, json, ts, class, received}; appends winning writes to w.
 local function lww(cur, items, w, with_class, key)
   for _, it in ipairs(items) do
-    local cv, cts = cur['t:' .. it[1]], tonumber(cur['T:' .. it[1]])
-    local ts = it[3]
-    if not cv or ts > cts or (ts == cts and it[2] > cv) then
+    local cv = cur['t:' .. it[1]]
+    local ts, r = it[3], it[5]
+    local cts, cr = unstamp(cur['T:' .. it[1]])
+    if not cv or ts > cts or (ts == cts and (r > cr or (r == cr and it[2] > cv))) then
       w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
-      w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = fmt(ts)
+      w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = stamp(ts, r)
       if with_class then
         if it[4] ~= '' then
           w[#w + 1] = 'c:' .. it[1]; w[#w + 1] = it[4]
@@ -246,7 +276,8 @@ local function merge_into(L)
   for k, v in pairs(lo) do
     local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
     if pre == 't:' then
-      traits[#traits + 1] = {rest, v, tonumber(lo['T:' .. rest]) or 0, lo['c:' .. rest] or ''}
+      local t, r = unstamp(lo['T:' .. rest])
+      traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
     elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
       fields[#fields + 1] = k
     elseif pre == 'x:' then
@@ -286,10 +317,9 @@ for _, o in ipairs(mlist) do
 end
 
 -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
-local ts, mid = ev.ts, ev.mid
 local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm'}
 local items = {}
-for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3]} end
+for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
 trait_fields(items, fields, true)
 local afield, ofield, gfield, rfield
 if ev.a ~= NULL then afield = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; fields[#fields + 1] = afield end
@@ -342,7 +372,7 @@ if gfield then
   local g = tonumber(cur[gfield])
   if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
   local acct = {}
-  for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, ''} end
+  for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
   local akey = P .. 'acct:' .. ev.g[1]
   local aw, af = {}, {}
   trait_fields(acct, af, false)
