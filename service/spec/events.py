@@ -1,5 +1,9 @@
 """Segment Spec → one normalised ``Event`` (pure, no I/O).
 
+Time: ``Event.ts`` is when an event takes effect, its timestamp but never later than its receipt
+(``effective_time``); ``Event.received`` breaks ties. The Tracking API's clock-skew correction is
+``tracking_times``, applied by the receiver before ``normalise`` and written into the logged event.
+
 Every Segment field name and the meaning of every call type live here once. The receiver turns raw JSON into
 ``Event`` objects; ``service/state/store.py`` hands them, encoded by ``Event.script_payload`` (the one encoder), to
 ``service/state/lua/apply.lua``, which applies each atomically. Where a call takes effect:
@@ -8,7 +12,7 @@ Every Segment field name and the meaning of every call type live here once. The 
     every call    dedupe by messageId; identity: match, create or merge profiles by      1 dedupe, 3 identity,
                   ``identifiers``; first / last seen; event log; dirty mark              4 merge, 5 meta, 6 log
     identify      user traits, Engage audiences, computed traits (``traits``; last       5 ``lww``
-                  write wins per trait, by event time)
+                  write wins per trait, by effective time, then receipt)
     track         ``Order Completed``: an order keyed by order_id (``order``);           5 ``ofield``, ``lww``,
                   ``Audience Entered`` / ``Exited``, ``Trait Computed``: traits of       ``afield``
                   class audience / computed_trait (``traits``); activity (``activity``);
@@ -17,7 +21,8 @@ Every Segment field name and the meaning of every call type live here once. The 
     group         link to the account, and the account's traits (``group``)             5 ``gfield``, ``acct:``
     alias         previousId's profile merges into userId's (``alias_of``;               3 identity
                   ``ALIAS_MERGES=false`` turns it off)
-    delete        erase the profile and its identifiers; suppress the userId             2 deletion
+    delete        erase the profile and its identifiers; suppress the userId's events   2 deletion
+                  at or before it (``ts``)
 """
 
 from __future__ import annotations
