@@ -76,7 +76,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
 
     routes = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
-        *receiver.routes, *profiles_api.routes, *admin.routes, *insights_api.routes,
+        *receiver.routes, *receiver.tracking_routes, *profiles_api.routes, *admin.routes, *insights_api.routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: unexpected})

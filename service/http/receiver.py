@@ -1,4 +1,4 @@
-"""Intake routes: ``/segment`` (classic Webhooks and Webhooks (Actions)) and the Tracking API ``/v1/*``.
+"""Intake routes: ``/segment`` (classic Webhooks and Webhooks (Actions)) and the Tracking API ``/v1/*`` and ``/b``.
 
 Auth, signatures and limits only; what an event means is ``service/spec/events.py``'s job and applying it is the
 store's. Status codes follow Segment's retry rules: 4xx only when a retry can never help, 503 when Redis is
@@ -44,6 +44,10 @@ from service.state.store import StoreUnavailable
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+# analytics.js (@segment/analytics-next) posts each call to ``{apiHost}/`` + the first letter of its type
+# (src/plugins/segmentio/index.ts, with apiHost "api.segment.io/v1") and its batching plugin to ``{apiHost}/b``
+# (batched-dispatcher.ts); analytics-swift and analytics-kotlin upload batches to ``https://{apiHost}/b`` too.
+SHORT_NAMES = {"t": "track", "p": "page", "i": "identify", "g": "group", "a": "alias", "s": "screen", "b": "batch"}
 UNKEPT = "nothing of this request was kept"
 
 
@@ -155,9 +159,10 @@ async def segment_webhook(request: Request) -> Response:
 
 async def tracking(request: Request) -> Response:
     state = request.app.state
-    kind = request.path_params["kind"]
+    called = request.path_params.get("kind", "b")  # /b (mobile SDKs with an apiHost without /v1) is a batch
+    kind = SHORT_NAMES.get(called, called)
     if kind != "batch" and kind not in TRACKING_TYPES:
-        return error(404, "not_found", f"unknown Tracking API call /v1/{kind}")
+        return error(404, "not_found", f"unknown Tracking API call /v1/{called}")
     limit = MAX_BATCH_BYTES if kind == "batch" else MAX_EVENT_BYTES
     space = state.settings.space_id
     keys = state.settings.write_keys
@@ -204,5 +209,9 @@ def timed(endpoint: Endpoint, route: str) -> Endpoint:
 routes = [
     Route("/segment", timed(segment_webhook, "/segment"), methods=["POST", "PUT", "PATCH"]),
     Route("/segment/{space}", timed(segment_webhook, "/segment/{space}"), methods=["POST", "PUT", "PATCH"]),
+]
+# The Tracking API, as the SDKs call it.
+tracking_routes = [
     Route("/v1/{kind}", timed(tracking, "/v1/{kind}"), methods=["POST"]),
+    Route("/b", timed(tracking, "/b"), methods=["POST"]),
 ]
