@@ -68,6 +68,10 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
      "unsigned bodies are trusted (development only)."),
     ("SEGMENT_WRITE_KEYS", "", "Comma-separated Tracking API write keys, each optionally `key=space`. Empty: open "
      "mode, any key is trusted (development only)."),
+    ("CORS_ALLOW_ORIGINS", "*", "Comma-separated origins (`https://shop.example.com`, scheme and host, optional port) "
+     "whose web pages may call the Tracking API (/v1/*, /b) and GET /v1/projects/<writeKey>/settings from a "
+     "browser; `*` is any origin. Empty: no cross-origin browser calls. Cookies and other credentials are never "
+     "allowed."),
     ("PROFILE_API_TOKEN", "", "Token for the Profile API (HTTP Basic username). Empty: Profile API disabled (401)."),
     ("ADMIN_TOKEN", "", "Bearer token for /admin and /api routes. Empty: those routes are disabled (401)."),
     ("KPI_API_ID", "", "With KPI_API_SECRET: callers of POST /api/v1/segment_cluster_profiles may authenticate with "
@@ -119,6 +123,7 @@ class Settings:
     space_id: str = "default"
     shared_secrets: tuple[str, ...] = ()
     write_keys: Mapping[str, str] = field(default_factory=dict)
+    cors_allow_origins: tuple[str, ...] = ("*",)
     profile_api_token: str = ""
     admin_token: str = ""
     kpi_api_id: str = ""
@@ -165,6 +170,7 @@ class Settings:
             space_id=_space("SPACE_ID", raw["SPACE_ID"]),
             shared_secrets=_list(raw["SEGMENT_SHARED_SECRETS"]),
             write_keys=_write_keys(raw["SEGMENT_WRITE_KEYS"], raw["SPACE_ID"]),
+            cors_allow_origins=_origins(raw["CORS_ALLOW_ORIGINS"]),
             profile_api_token=raw["PROFILE_API_TOKEN"],
             admin_token=raw["ADMIN_TOKEN"],
             kpi_api_id=raw["KPI_API_ID"].strip(),
@@ -225,6 +231,19 @@ def _write_keys(raw: str, default_space: str) -> dict[str, str]:
         key, _, space = item.partition("=")
         keys[key.strip()] = _space("SEGMENT_WRITE_KEYS", space.strip() or default_space)
     return keys
+
+
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """Origins as browsers send them in ``Origin``: scheme and host (and port), no path, no trailing slash."""
+    origins = _list(raw)
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigError(f"CORS_ALLOW_ORIGINS item {origin!r}: expected * or an origin such as "
+                              "https://shop.example.com or http://localhost:3000 (no path, no trailing slash)")
+    return ("*",) if "*" in origins else tuple(o.lower() for o in origins)
 
 
 def _pair_secret(api_id: str, secret: str) -> str:

@@ -210,7 +210,7 @@ routes = [
     Route("/segment", timed(segment_webhook, "/segment"), methods=["POST", "PUT", "PATCH"]),
     Route("/segment/{space}", timed(segment_webhook, "/segment/{space}"), methods=["POST", "PUT", "PATCH"]),
 ]
-# The Tracking API, as the SDKs call it.
+# The Tracking API: what browsers call cross-origin, so the app serves these behind CORS (service/http/sdk.py).
 tracking_routes = [
     Route("/v1/{kind}", timed(tracking, "/v1/{kind}"), methods=["POST"]),
     Route("/b", timed(tracking, "/b"), methods=["POST"]),
