@@ -15,9 +15,10 @@ from starlette.routing import Route
 
 from service.http import auth
 from service.http.admin import admin_endpoint
-from service.http.intake import BodyError, read_body
+from service.http.intake import read_body
 from service.http.responses import JSON, error, refused
 from service.spec import kpis
+from service.spec.bodies import BodyError
 from service.spec.keys import MAVERA_PAUSED_KEY, Keys
 
 MAX_KPI_BODY = 8 * 1024 * 1024

@@ -27,17 +27,17 @@ from starlette.routing import Route
 
 from service.config import valid_space
 from service.http import auth, metrics
-from service.http.intake import (
+from service.http.intake import read_body
+from service.http.responses import JSON, error, refused, unavailable
+from service.spec.bodies import (
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
     BodyError,
     Item,
     parse_json,
-    read_body,
     tracking_items,
     webhook_items,
 )
-from service.http.responses import JSON, error, refused, unavailable
 from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, normalise
 from service.state.store import StoreUnavailable

@@ -104,3 +104,14 @@ def test_real_segment_python_library_lands_in_profiles(live_server: LiveServer, 
     assert [o.revenue for o in p.orders] == [42.5] and p.orders[0].categories == ("books",)
     assert list(p.groups) == ["acc-9"]
     assert p.sessions("web", 0, 10**6) >= 1
+
+
+def test_the_log_never_keeps_a_write_key(client: TestClient, r: redis.Redis) -> None:
+    """analytics.js repeats writeKey in every batched event: a credential is not part of the event."""
+    body = {"writeKey": WRITE_KEY, "batch": [dict(EVENT, type="track", messageId=f"wk-{i}", writeKey=WRITE_KEY)
+                                            for i in range(2)]}
+    assert client.post("/v1/b", content=orjson.dumps(body)).json()["accepted"] == 2
+    assert client.post("/v1/t", content=orjson.dumps(dict(EVENT, messageId="wk-3", writeKey=WRITE_KEY))).json()[
+        "accepted"] == 1
+    logged = [f[b"e"] for _, f in r.xrange(Keys("default").log)]
+    assert len(logged) == 3 and not any(WRITE_KEY.encode() in e for e in logged)

@@ -1,0 +1,163 @@
+"""Request bodies as Segment's senders write them, split into events (pure: no I/O, no business rules).
+
+The receiver (``service/http/receiver.py``) and the replay engine (``service/state/replay.py``) split bodies with
+the same functions, so a replayed body becomes exactly the events it became live."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.spec.events import generated_message_id, iso_ms, tracking_times
+
+# Segment Tracking API limits.
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+# Webhooks (Actions) batch size ceiling.
+MAX_ACTIONS_BATCH = 4000
+
+
+class BodyError(Exception):
+    """The request as a whole is refused; ``status`` is 400 or 413, ``message`` says why and ``size`` is how many
+    bytes were received (for the refusal log: the body itself is never part of the error)."""
+
+    def __init__(self, status: int, message: str, size: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.size = size
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch",
+                        len(body))
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "surrogate" in str(exc):
+            repaired = repair_surrogates(body)
+            if repaired is not None:
+                return repaired
+        raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None
+
+
+# A JSON string escape: an escaped backslash (kept, so that `\\ud800` stays text), a high + low surrogate pair
+# (kept), or a lone surrogate (replaced). Scanning left to right keeps the backslashes paired.
+_ESCAPE = re.compile(rb"(\\\\)|(\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                     rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A surrogate encoded as UTF-8 bytes (ED A0..BF xx), which UTF-8 forbids.
+_RAW_SURROGATE = re.compile(rb"\xed[\xa0-\xbf][\x80-\xbf]")
+
+
+def repair_surrogates(body: bytes) -> Any | None:
+    """The document with every lone UTF-16 surrogate replaced by U+FFFD, or None if it is still not JSON.
+
+    JavaScript strings may hold half an emoji (a string cut in the middle of a pair), and ``JSON.stringify``
+    writes it as a lone ``\\udXXX`` escape, which strict JSON parsers refuse. One such character must not sink a
+    whole batch. Signatures are checked on the bytes as received, before this runs."""
+    fixed = _ESCAPE.sub(lambda m: m.group(0) if m.group(1) or m.group(2) else b"\\ufffd", body)
+    fixed = _RAW_SURROGATE.sub("\ufffd".encode(), fixed)
+    try:
+        return orjson.loads(fixed)
+    except orjson.JSONDecodeError:
+        return None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One event as received: the decoded object and the bytes kept for the log and dead letters.
+
+    ``error`` is set for an event refused before it is looked at (nested deeper than ``MAX_DEPTH``).
+    """
+
+    obj: Any
+    raw: bytes
+    error: str = ""
+
+
+# orjson parses 1024 levels but serialises at most 254, and every event is serialised again downstream (the log,
+# the script payload, generated messageIds): an event nested deeper is refused on its own, never with a 500.
+MAX_DEPTH = 254
+TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
+
+
+def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> Item:
+    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check.
+
+    What the receiver adds goes into the bytes that are logged too, so that a replay applies the event exactly as
+    it was applied live: a messageId where the event had none, and ``received_at`` as ``receivedAt`` where the
+    event had none (Segment's webhook deliveries carry their own)."""
+    if isinstance(obj, dict):
+        if obj.get("messageId") in (None, ""):
+            obj, raw = {**obj, "messageId": generated_message_id()}, None
+        if received_at is not None and obj.get("receivedAt") is None:
+            obj, raw = {**obj, "receivedAt": received_at}, None
+    try:
+        encoded = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return Item(obj, raw if raw is not None else b"", TOO_DEEP)
+    return Item(obj, raw if raw is not None else encoded)
+
+
+def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:
+    """Classic Webhooks (one object) or Webhooks (Actions) (one object, or a bare array)."""
+    received_at = iso_ms(received_ms)
+    if isinstance(doc, dict):
+        return [item(doc, body, received_at)]
+    if isinstance(doc, list):
+        if len(doc) > MAX_ACTIONS_BATCH:
+            raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
+        return [item(e, None, received_at) for e in doc]
+    raise BodyError(400, "body must be a JSON object (one event) or an array of events")
+
+
+def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) -> list[Item]:
+    """Tracking API: ``/v1/<type>`` carries one event; ``/v1/batch`` a ``batch`` array with shared context.
+
+    Every event gets Segment's times (``tracking_times``: our receivedAt, and the clock-skew correction when the
+    client sent ``sentAt``, per event or for the whole batch)."""
+    if not isinstance(doc, dict):
+        raise BodyError(400, "body must be a JSON object")
+    if kind is not None:
+        if len(body) > MAX_EVENT_BYTES:
+            raise BodyError(413, f"event is {len(body)} bytes; the Tracking API allows {MAX_EVENT_BYTES}")
+        event = tracking_times(doc, None, received_ms)
+        event.pop("writeKey", None)
+        event.setdefault("type", kind)
+        return [item(event)]
+    items: list[Item] = []
+    for e in batch_events(doc):
+        if isinstance(e, dict):
+            e = tracking_times(e, doc.get("sentAt"), received_ms)
+        items.append(item(e))
+    return items
+
+
+def batch_events(doc: dict[str, Any]) -> list[Any]:
+    """The events of a Tracking API batch body, each with the batch's ``context`` merged under its own and the
+    batch's ``integrations`` where it has none, and without ``writeKey`` (analytics.js repeats it in every
+    batched event; a credential is not part of the event, and the log never keeps it)."""
+    batch = doc.get("batch")
+    if not isinstance(batch, list):
+        raise BodyError(400, "a batch body needs a 'batch' array of events")
+    if len(batch) > MAX_BATCH_EVENTS:
+        raise BodyError(413, f"batch of {len(batch)} events; the Tracking API allows {MAX_BATCH_EVENTS}")
+    shared_ctx = doc.get("context") if isinstance(doc.get("context"), dict) else None
+    shared_int = doc.get("integrations") if isinstance(doc.get("integrations"), dict) else None
+    out: list[Any] = []
+    for e in batch:
+        if isinstance(e, dict):
+            e = dict(e)
+            e.pop("writeKey", None)
+            if shared_ctx:
+                ctx = e["context"] if isinstance(e.get("context"), dict) else {}
+                e["context"] = {**shared_ctx, **ctx}
+            if shared_int and not isinstance(e.get("integrations"), dict):
+                e["integrations"] = shared_int
+        out.append(e)
+    return out
