@@ -53,6 +53,13 @@ def test_config_table_lists_every_variable() -> None:
         assert f"`{name}`" in out
 
 
+def test_the_readme_configuration_table_is_the_config_command_output() -> None:
+    """The README's table is pasted from `persona-sync config`: a variable added without regenerating it fails."""
+    table = subprocess.run([EXE, "config"], capture_output=True, text=True, timeout=30).stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert table.strip() in readme, "regenerate the README's configuration table with `persona-sync config`"
+
+
 def test_bad_configuration_says_what_to_fix() -> None:
     with pytest.raises(ConfigError, match="DEDUPE_WINDOW"):
         Settings.from_env({"DEDUPE_WINDOW": "forever"})
