@@ -10,6 +10,7 @@ from service.spec.clock import now_ms
 from service.spec.events import normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, Keys
+from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, run
 from service.state.status import queue_status, spaces, status_row
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw
 
@@ -76,55 +77,25 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
     return removed
 
 
-# Dead-letter sources whose bodies passed authentication (a valid signature or write key, or open mode). Anything
-# else, notably ``webhook-unsigned`` (bodies that failed the signature check, stored by earlier versions), is never
-# applied.
-AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking"})
-
-
 def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,
                         drop_unauthenticated: bool = False) -> dict:
-    """Apply the dead letters again (after a fix); what applies is removed, the rest stays.
+    """Apply the dead letters again (after a fix) with the replay engine; what applies is removed, the rest stays.
 
-    A dead letter holds one event, or a whole refused body (an event, an Actions array or a Tracking API batch)
-    that had passed authentication. An entry from any other source (``AUTHENTICATED_SOURCES``) is skipped and
-    counted as ``unauthenticated``, never applied: ``drop_unauthenticated`` deletes those entries."""
+    An entry whose source is not known to have passed authentication (``AUTHENTICATED_SOURCES``: notably
+    ``webhook-unsigned``, bodies that older versions kept after a failed signature check) is never applied and
+    is counted as ``unauthenticated``: ``drop_unauthenticated`` deletes those entries."""
     k = Keys(space)
-    rules = IdentityRules.from_settings(settings)
-    store = SyncStore(client, settings)
-    counts = {"entries": 0, "replayed": 0, "kept": 0, "events_applied": 0, "unauthenticated": 0}
-    last = "-"
-    while True:
-        rows = client.xrange(k.dead_letters, min=last, max="+", count=500)
-        rows = [row for row in rows if row[0].decode() != last]
-        if not rows:
-            break
-        for entry_id, fields in rows:
-            counts["entries"] += 1
-            if progress:
-                progress(1)
-            if fields.get(b"source", b"").decode(errors="replace") not in AUTHENTICATED_SOURCES:
-                counts["unauthenticated"] += 1
-                if drop_unauthenticated:
-                    delete_dead_letters(client, space, [entry_id])
-                continue
-            try:
-                doc = orjson.loads(fields.get(b"raw", b""))
-                items = doc.get("batch") if isinstance(doc, dict) and "batch" in doc else doc
-                items = items if isinstance(items, list) else [items]
-                events = [(normalise(e, now_ms(), rules), encode_raw(e)) for e in items]
-                outcomes = store.apply(space, events)
-            except (orjson.JSONDecodeError, orjson.JSONEncodeError, ValueError):  # encode: nested too deeply
-                counts["kept"] += 1
-                continue
-            if all(o.status != "error" for o in outcomes):
-                delete_dead_letters(client, space, [entry_id])
-                counts["replayed"] += 1
-                counts["events_applied"] += sum(o.status in ("ok", "deleted") for o in outcomes)
-            else:
-                counts["kept"] += 1
-        last = rows[-1][0].decode()
-    return counts
+    entries = client.xlen(k.dead_letters)
+    unauthenticated = [entry_id for entry_id, fields in client.xrange(k.dead_letters)
+                       if fields.get(b"source", b"").decode(errors="replace") not in AUTHENTICATED_SOURCES]
+    if unauthenticated and drop_unauthenticated:
+        delete_dead_letters(client, space, unauthenticated)
+    report = run(client, settings, space, dead_letter_records(client, space), Options(), "replay",
+                 progress=progress)
+    left = client.xlen(k.dead_letters)
+    return {"entries": entries, "replayed": report.dead_letters_removed,
+            "kept": left - (0 if drop_unauthenticated else len(unauthenticated)),
+            "events_applied": report.outcome_totals().get("applied", 0), "unauthenticated": len(unauthenticated)}
 
 
 def purge_job(space: str) -> int:

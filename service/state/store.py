@@ -115,12 +115,14 @@ class Applier:
         self.rules_json = self.rules.script_rules()
         self.bucket_width = max(1, math.ceil(settings.dedupe_window / DEDUPE_BUCKETS))
 
-    def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int) -> tuple[list[str], list]:
+    def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int,
+                    reapply: bool = False) -> tuple[list[str], list]:
+        """``reapply``: a replay of the event log (no dedupe, not logged again); see apply.lua's header."""
         shard, field = dedupe_digest(event.message_id)
         bucket = now_ms // 1000 // self.bucket_width
         minid = max(0, now_ms - int(self.settings.event_log_retention * 1000))
         header = (f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t"
-                  f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}")
+                  f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}\t{'reapply' if reapply else 'live'}")
         return [keys.log], [header, field, event.script_payload(), raw, self.rules_json]
 
     def dead_letter_args(self, keys: Keys, entries: Sequence[tuple[str, bytes]], source: str,
@@ -255,12 +257,13 @@ class SyncStore:
         self.client = client
         self.applier = Applier(settings)
 
-    def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None) -> list[Outcome]:
+    def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None,
+              reapply: bool = False) -> list[Outcome]:
         if not items:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
-        calls = [self.applier.script_args(keys, event, raw, now) for event, raw in items]
+        calls = [self.applier.script_args(keys, event, raw, now, reapply) for event, raw in items]
         pipe = _queue(self.client.pipeline(transaction=False), calls)
         pipe.sadd(SPACES_KEY, space)
         replies = pipe.execute(raise_on_error=False)[: len(calls)]
@@ -270,6 +273,14 @@ class SyncStore:
             for i, reply in zip(missing, rerun.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         return _outcomes(replies)
+
+
+    def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:
+        """As ``AsyncStore.dead_letters``: one script call, capped by DEAD_LETTER_MAX and DEAD_LETTER_MAX_BYTES."""
+        if not items:
+            return
+        keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
+        self.client.register_script(DLQ_ADD)(keys=keys, args=args)
 
 
 def delete_dead_letters(client: redis.Redis, space: str, entry_ids: Sequence[bytes | str]) -> int:

@@ -11,7 +11,9 @@
 --
 -- Inputs, built by service/state/store.py (``Applier.script_args``) and service/spec/events.py:
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
--- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID"
+-- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID
+--           \t mode": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the event log:
+--           the event is applied again whether or not it was seen, and not logged a second time)
 -- ARGV[2]  dedupe field (8 bytes)   ARGV[3] event JSON   ARGV[4] raw event   ARGV[5] rules JSON
 -- ARGV[3], decoded as ``ev`` (written only by ``Event.script_payload``):
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
@@ -32,6 +34,7 @@
 local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
 local P, bucket, bw, nb, shard, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6], h[7]
+local reapply = h[8] == 'reapply'
 local dfield = ARGV[2]
 local ev = cjson.decode(ARGV[3])
 local NULL = cjson.null
@@ -41,10 +44,13 @@ local function ikey(t, v) return P .. 'i:' .. t .. ':' .. v end
 local function fmt(n) return string.format('%.0f', n) end
 
 -- 1. dedupe ---------------------------------------------------------------------------------------
-for b = bucket - nb, bucket do
-  if redis.call('HEXISTS', P .. 'dd:' .. b .. ':' .. shard, dfield) == 1 then return {'duplicate', ''} end
+if not reapply then
+  for b = bucket - nb, bucket do
+    if redis.call('HEXISTS', P .. 'dd:' .. b .. ':' .. shard, dfield) == 1 then return {'duplicate', ''} end
+  end
 end
 local function remember()
+  if reapply then return end
   local k = P .. 'dd:' .. bucket .. ':' .. shard
   redis.call('HSET', k, dfield, '1')
   if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, (bucket + nb + 1) * bw) end
@@ -383,7 +389,7 @@ meta_writes(cur, w, ts, mid, ts, mid)
 redis.call('HSET', S, unpack(w))
 
 -- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
-redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4])
+if not reapply then redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4]) end
 redis.call('SADD', P .. 'dirty', pid)
 remember()
 return {'ok', pid, created, merged}

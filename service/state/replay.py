@@ -1,0 +1,514 @@
+"""Replay: apply events again, through the receiver's own path (split → ``normalise`` → apply.lua), from the
+event log, the dead letters or history files (Segment's S3 / GCS archives, NDJSON, JSON arrays, Tracking API
+batches).
+
+One engine serves every source: a source yields ``Record``s with a resume position; ``run`` normalises them,
+applies them in pipelined chunks as the receiver does, keeps what cannot apply as dead letters, throttles to a rate,
+saves a checkpoint after every chunk and stops cleanly between chunks when asked.
+
+What a replay does to what was already applied:
+- from the log, every event is applied again (``reapply``: not deduplicated, not logged a second time). Every
+  effect is idempotent (last write wins by time, orders by id, slot bits, min/max), so a profile that was right
+  stays the same and one that a bug had got wrong is rewritten by the current code.
+- from files and dead letters, events go through the live path: deduplicated by messageId, logged once.
+  Events of files without a messageId get one derived from the file's name and line, so importing the same file
+  twice adds nothing; events without ``receivedAt`` get their own timestamp as receipt, so ties resolve the same
+  way on every import.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import itertools
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.spec.bodies import BodyError, Item, batch_events, item, parse_json, tracking_items, webhook_items
+from service.spec.clock import now_ms
+from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
+from service.spec.identity import IdentityRules
+from service.spec.keys import Keys
+from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters
+
+CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
+# dead letters that may be applied again: bodies that passed authentication, and what an operator replayed or imported
+AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking", "import", "replay"})
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event to apply (or the reason it cannot be), where it came from, and where to resume after it."""
+
+    item: Item
+    where: str  # "orders.ndjson.gz:12", "log 1700000000000-0", "dead letter 1700000000000-0"
+    position: str  # resume token: a run started with this position skips everything up to and including it
+    received_ms: int | None = None  # receipt of a dead letter's body; None: now
+    dead_letter: bytes | None = None  # the dead letter this event came from (removed once all of it applies)
+
+
+@dataclass
+class Report:
+    """What a run did, by event type and outcome; ``stopped`` is the position to resume from, if interrupted."""
+
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    dead_letters_removed: int = 0
+    stopped: str | None = None
+    seconds: float = 0.0
+
+    def outcome_totals(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for (_, outcome), n in self.counts.items():
+            out[outcome] += n
+        return dict(sorted(out.items()))
+
+    def by_type(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (kind, outcome), n in sorted(self.counts.items()):
+            out.setdefault(kind, {})[outcome] = n
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"events": self.total, "outcomes": self.outcome_totals(), "by_type": self.by_type(),
+                "dead_letters_removed": self.dead_letters_removed, "stopped_at": self.stopped,
+                "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class Options:
+    dry_run: bool = False
+    rate: float | None = None  # events per second; None: as fast as Redis takes them
+    reapply: bool = False  # the event log: apply again, not deduplicated, not logged again
+
+
+# --- sources --------------------------------------------------------------------------------------------------
+
+def log_records(client: redis.Redis, space: str, since_ms: int | None = None, until_ms: int | None = None,
+                pids: set[bytes] | None = None, types: set[str] | None = None, event: str | None = None,
+                after: str | None = None) -> Iterator[Record]:
+    """The space's event log in arrival order, filtered: receipt time (the entry id), profile ids (the profile
+    and those merged into it), call types, track event name. ``after``: resume past this entry id."""
+    key = Keys(space).log
+    start = f"({after}" if after else (str(since_ms) if since_ms is not None else "-")
+    end = str(until_ms) if until_ms is not None else "+"
+    while True:
+        rows = client.xrange(key, min=start, max=end, count=CHUNK)
+        for entry_id, fields in rows:
+            eid = entry_id.decode()
+            if pids is not None and fields.get(b"p") not in pids:
+                continue
+            raw = fields.get(b"e", b"")
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            if types and not (isinstance(obj, dict) and str(obj.get("type", "")).lower() in types):
+                continue
+            if event is not None and not (isinstance(obj, dict) and obj.get("event") == event):
+                continue
+            yield Record(item(obj, raw) if obj is not None else Item(None, raw, "logged event is not JSON"),
+                         f"log {eid}", eid)
+        if len(rows) < CHUNK:
+            return
+        start = "(" + rows[-1][0].decode()
+
+
+def profile_ids(client: redis.Redis, space: str, kind: str, value: str) -> set[bytes] | None:
+    """The profile that identifier resolves to and every profile merged into it (their log entries carry the id
+    they had then), or None when it resolves to nothing."""
+    k = Keys(space)
+    pid = client.get(k.ident(kind, value))
+    if not pid or pid == b"!":
+        return None
+    for _ in range(100):  # a merged-away id points at the survivor (chains are short)
+        nxt = client.get(k.redirect(pid.decode()))
+        if not nxt:
+            break
+        pid = nxt
+    ancestors = [f[2:] for f in client.hkeys(k.profile(pid.decode())) if f.startswith(b"r:")]
+    return {pid, *ancestors}
+
+
+def dead_letter_records(client: redis.Redis, space: str, reason: str | None = None,
+                        after: str | None = None) -> Iterator[Record]:
+    """The dead letters that passed authentication, oldest first (``reason``: a case-insensitive substring). A
+    dead letter holds one event or a whole refused body; each of its events becomes a record."""
+    key = Keys(space).dead_letters
+    start = f"({after}" if after else "-"
+    needle = reason.lower() if reason else None
+    while True:
+        rows = client.xrange(key, min=start, max="+", count=200)
+        for entry_id, fields in rows:
+            eid = entry_id.decode()
+            source = fields.get(b"source", b"").decode(errors="replace")
+            why = fields.get(b"reason", b"").decode(errors="replace")
+            if source not in AUTHENTICATED_SOURCES or (needle and needle not in why.lower()):
+                continue
+            at = int(fields.get(b"at", b"0") or 0) or None
+            raw = fields.get(b"raw", b"")
+            try:
+                items = split_body(parse_json(raw), raw, source, at or now_ms())
+            except BodyError as exc:
+                items = [Item(None, raw, exc.message)]
+            for n, it in enumerate(items):
+                yield Record(it, f"dead letter {eid}" + (f" #{n}" if len(items) > 1 else ""), eid, at, entry_id)
+        if len(rows) < 200:
+            return
+        start = "(" + rows[-1][0].decode()
+
+
+def split_body(doc: Any, raw: bytes, source: str, received_ms: int) -> list[Item]:
+    """A body as the receiver split it: a Tracking API batch or event, an Actions array or a webhook event."""
+    if source == "tracking" and isinstance(doc, dict):
+        return tracking_items(doc, raw, None if isinstance(doc.get("batch"), list) else str(doc.get("type", "")),
+                              received_ms)
+    return webhook_items(doc, raw, received_ms)
+
+
+def open_history(path: str) -> io.BufferedReader:
+    """A history file (``-`` is stdin), decompressed when it is gzip (by its first bytes, not its name)."""
+    raw = cast(io.BufferedReader, sys.stdin.buffer) if path == "-" else open(path, "rb")  # noqa: SIM115
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        return io.BufferedReader(cast(io.RawIOBase, gzip.GzipFile(fileobj=raw)), 1 << 16)
+    return raw
+
+
+def file_records(paths: list[str], after: str | None = None) -> Iterator[Record]:
+    """Events of history files, in order: one JSON event per line (Segment's S3 / GCS archives, gzip or not, and
+    NDJSON), a JSON array of events, or a Tracking API batch body. A line that is not an event becomes a record
+    that carries the reason (a dead letter, with file and line); nothing stops the import.
+
+    Positions are ``<file index>:<line>``; ``after`` skips up to and including one."""
+    skip_file, skip_line = -1, -1
+    if after:
+        f, _, ln = after.partition(":")
+        skip_file, skip_line = int(f), int(ln)
+    for index, path in enumerate(paths):
+        if index < skip_file:
+            continue
+        name = "stdin" if path == "-" else Path(path).name
+        stream = open_history(path)
+        try:
+            first, blank = stream.readline(), 0
+            while first and not first.strip():
+                first, blank = stream.readline(), blank + 1
+            if first.lstrip()[:1] == b"[" or (first.lstrip()[:1] == b"{" and not _is_json(first)):
+                records = _document_records(first + stream.read(), name, index)  # an array, or pretty-printed
+            else:
+                records = _line_records(itertools.chain([first], stream), name, index, 1 + blank)
+            for rec in records:
+                line = int(rec.position.partition(":")[2])
+                if index == skip_file and line <= skip_line:
+                    continue
+                yield rec
+        finally:
+            if path != "-":
+                stream.close()
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: int) -> Iterator[Record]:
+    for n, line in enumerate(stream, first_line):
+        line = line.strip()
+        if not line:
+            continue
+        where, position = f"{name}:{n}", f"{index}:{n}"
+        try:
+            doc = parse_json(line)
+        except BodyError as exc:
+            yield Record(Item(None, line, exc.message), where, position)
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("batch"), list):  # one Tracking API batch per line
+            for m, it in enumerate(_batch_items(doc, line, name, n)):
+                yield Record(it, f"{where} #{m}", position)
+            continue
+        yield Record(_history_item(doc, None, name, n), where, position)
+
+
+def _document_records(body: bytes, name: str, index: int) -> Iterator[Record]:
+    """A whole-file document: a JSON array of events, a Tracking API batch body, or one event."""
+    try:
+        doc = parse_json(body)
+    except BodyError as exc:
+        yield Record(Item(None, body[:DOCUMENT_SNIPPET], exc.message), f"{name}:1", f"{index}:1")
+        return
+    if isinstance(doc, dict) and isinstance(doc.get("batch"), list):
+        items = _batch_items(doc, body, name, 0)
+    elif isinstance(doc, list):
+        items = [_history_item(e, None, name, n) for n, e in enumerate(doc, 1)]
+    else:
+        items = [_history_item(doc, None, name, 1)]
+    for n, it in enumerate(items, 1):  # the element's number stands for its "line"
+        yield Record(it, f"{name}#{n}", f"{index}:{n}")
+
+
+DOCUMENT_SNIPPET = 64 * 1024  # of a file that is not JSON at all, what the dead letter keeps
+
+
+def _batch_items(doc: dict[str, Any], raw: bytes, name: str, line: int) -> list[Item]:
+    """A Tracking API batch from a file, split as the receiver splits one, but with its times as they are: a
+    historical batch's sentAt says nothing about its sender's clock today."""
+    try:
+        events = batch_events(doc)
+    except BodyError as exc:
+        return [Item(None, raw[:DOCUMENT_SNIPPET], exc.message)]
+    return [_history_item(e, None, name, line * 100_000 + n) for n, e in enumerate(events, 1)]
+
+
+def _history_item(obj: Any, raw: bytes | None, name: str, line: int) -> Item:
+    """An event from a file. Without a messageId it gets one from the file's name and line (re-importing the
+    file adds nothing); without receivedAt, its own time (ties resolve the same on every import)."""
+    if isinstance(obj, dict):
+        extra: dict[str, Any] = {}
+        if obj.get("messageId") in (None, ""):
+            extra["messageId"] = "import-" + hashlib.sha1(f"{name}:{line}".encode()).hexdigest()[:24]
+        if obj.get("receivedAt") is None:
+            for key in ("timestamp", "originalTimestamp", "sentAt"):
+                if isinstance(obj.get(key), str):
+                    try:
+                        extra["receivedAt"] = iso_ms(parse_timestamp(obj[key]))
+                    except (InvalidEvent, ValueError, OverflowError, OSError):
+                        pass
+                    break
+        if extra:
+            return item({**obj, **extra})
+    return item(obj, raw)
+
+
+# --- the engine -----------------------------------------------------------------------------------------------
+
+class Checkpoint:
+    """Where a run got to, kept in Redis under a name made from its source and filters, so that the same command
+    with ``--resume`` continues there. Saved after every applied chunk; deleted when the run completes."""
+
+    def __init__(self, client: redis.Redis, space: str, name: str) -> None:
+        self.client = client
+        self.key = f"{Keys(space).prefix}replay:{name}"
+
+    @staticmethod
+    def name_of(*parts: object) -> str:
+        return hashlib.sha1(orjson.dumps([str(p) for p in parts])).hexdigest()[:16]
+
+    def load(self) -> str | None:
+        raw = self.client.hget(self.key, "position")
+        return raw.decode() if raw else None
+
+    def save(self, position: str) -> None:
+        self.client.hset(self.key, mapping={"position": position, "at": now_ms()})
+        self.client.expire(self.key, 30 * 86400)
+
+    def clear(self) -> None:
+        self.client.delete(self.key)
+
+
+def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[Record], options: Options,
+        source: str, checkpoint: Checkpoint | None = None, progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None) -> Report:
+    """Apply ``records`` to ``space``; invalid ones become dead letters (``source`` names where they came from).
+
+    Stops between chunks when ``should_stop()`` (Ctrl-C, a cancelled job) and reports where: the checkpoint then
+    holds that position."""
+    rules = IdentityRules.from_settings(settings)
+    store = SyncStore(client, settings)
+    report = Report()
+    start = time.monotonic()
+    seen: set[bytes] = set()  # dry run: messageIds met earlier in this input
+    chunk: list[Record] = []
+    last_position: str | None = None
+    batch = CHUNK if not options.rate else max(1, min(CHUNK, int(options.rate // 10) or 1))
+    pace_start = time.monotonic()
+    paced = 0
+
+    def flush() -> None:
+        nonlocal chunk, paced
+        if not chunk:
+            return
+        _apply_chunk(client, store, rules, space, chunk, options, source, report, seen)
+        if progress:
+            progress(len(chunk))
+        paced += len(chunk)
+        if checkpoint and not options.dry_run:
+            checkpoint.save(chunk[-1].position)
+        chunk = []
+        if options.rate:  # sleep off what ran ahead of the rate
+            ahead = paced / options.rate - (time.monotonic() - pace_start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    try:
+        for rec in records:
+            # a position is complete once every record carrying it is in a chunk: stop only at a boundary
+            if len(chunk) >= batch and rec.position != chunk[-1].position:
+                flush()
+                if should_stop and should_stop():
+                    report.stopped = last_position
+                    break
+            chunk.append(rec)
+            last_position = rec.position
+        else:
+            flush()
+            if checkpoint and not options.dry_run:
+                checkpoint.clear()
+    except KeyboardInterrupt:  # between or inside a chunk: what the checkpoint holds is fully applied
+        report.stopped = checkpoint.load() if checkpoint else None
+        report.seconds = time.monotonic() - start
+        raise Interrupted(report) from None
+    report.seconds = time.monotonic() - start
+    return report
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; ``report`` says what was done and where to resume."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__("interrupted")
+        self.report = report
+
+
+def _kind(obj: Any) -> str:
+    return str(obj.get("type", "?")).lower()[:20] if isinstance(obj, dict) else "?"
+
+
+def _apply_chunk(client: redis.Redis, store: SyncStore, rules: IdentityRules, space: str, chunk: list[Record],
+                 options: Options, source: str, report: Report, seen: set[bytes]) -> None:
+    now = now_ms()
+    good: list[tuple[Record, Event]] = []
+    invalid: list[tuple[Record, str]] = []
+    for rec in chunk:
+        try:
+            if rec.item.error:
+                raise InvalidEvent(rec.item.error)
+            good.append((rec, normalise(rec.item.obj, rec.received_ms or now, rules)))
+        except InvalidEvent as exc:
+            invalid.append((rec, str(exc)))
+            report.counts[(_kind(rec.item.obj), "invalid")] += 1
+    if options.dry_run:
+        for (_, event), dup in zip(good, _already_seen(client, store, space, [e for _, e in good], now, seen,
+                                                         options.reapply), strict=True):
+            report.counts[(event.type, "duplicate" if dup else ("reapply" if options.reapply else "new"))] += 1
+        return
+    outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in good], now=now, reapply=options.reapply)
+    failed: set[bytes] = set()
+    for (rec, event), outcome in zip(good, outcomes, strict=True):
+        status = {"ok": "applied", "deleted": "applied", "error": "invalid"}.get(outcome.status, outcome.status)
+        report.counts[(event.type, status)] += 1
+        if outcome.status == "error":
+            invalid.append((rec, outcome.profile_id))
+    letters = []
+    for rec, why in invalid:
+        if rec.dead_letter is not None:
+            failed.add(rec.dead_letter)  # it stays, with its reason
+        else:
+            letters.append((f"{rec.where}: {why}"[:500], rec.item.raw))
+    if letters:
+        store.dead_letters(space, letters, source)
+    done = {rec.dead_letter for rec in chunk if rec.dead_letter is not None} - failed
+    if done:
+        report.dead_letters_removed += len(done)
+        delete_dead_letters(client, space, sorted(done))
+
+
+def _already_seen(client: redis.Redis, store: SyncStore, space: str, events: list[Event], now: int,
+                  seen: set[bytes], reapply: bool) -> list[bool]:
+    """Dry run: which events the dedupe would drop (read-only; the same buckets the script checks)."""
+    if reapply:
+        return [False] * len(events)
+    keys = Keys(space)
+    width = store.applier.bucket_width
+    bucket = now // 1000 // width
+    shards = store.applier.settings.dedupe_shards
+    pipe = client.pipeline(transaction=False)
+    digests = []
+    for e in events:
+        shard, fld = dedupe_digest(e.message_id)
+        digests.append(fld + shard.to_bytes(2, "big"))
+        for b in range(bucket - DEDUPE_BUCKETS, bucket + 1):
+            pipe.hexists(keys.dedupe(b, shard % shards), fld)
+    replies = pipe.execute()
+    per = DEDUPE_BUCKETS + 1
+    out = []
+    for i, digest in enumerate(digests):
+        dup = any(replies[i * per:(i + 1) * per]) or digest in seen
+        seen.add(digest)
+        out.append(dup)
+    return out
+
+
+# --- the RQ job behind POST /admin/replay ---------------------------------------------------------------------
+
+def cancel_key(job_id: str) -> str:
+    """Set by DELETE /admin/jobs/{id} while the job runs: it stops at its next chunk boundary."""
+    return f"sps:replay-cancel:{job_id}"
+
+
+def records_for(client: redis.Redis, space: str, spec: dict[str, Any], after: str | None) -> Iterator[Record]:
+    """The records a replay request names (``spec`` as validated by the admin route)."""
+    if spec.get("source") == "dead-letters":
+        return dead_letter_records(client, space, spec.get("reason"), after)
+    pids = None
+    if spec.get("profile"):
+        kind, _, value = str(spec["profile"]).partition(":")
+        pids = profile_ids(client, space, kind, value) or set()
+    types = set(spec["types"]) if spec.get("types") else None
+    return log_records(client, space, spec.get("since_ms"), spec.get("until_ms"), pids, types, spec.get("event"),
+                       after)
+
+
+def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """RQ entry point: run a replay, with its progress in the job's meta (``done``, ``total``) and a clean stop
+    when cancelled. Resumable like the command: the checkpoint is named after the request."""
+    from rq import get_current_job
+
+    from service.config import state_url
+
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(state_url(settings))
+    job = get_current_job()
+    source = "dead-letters" if spec.get("source") == "dead-letters" else "log"
+    key = Keys(space)
+    total = client.xlen(key.dead_letters if source == "dead-letters" else key.log)
+    checkpoint = Checkpoint(client, space, Checkpoint.name_of("http", space, sorted(spec.items())))
+    after = checkpoint.load() if spec.get("resume") else None
+    done = 0
+    last_save = 0.0
+
+    def progress(n: int) -> None:
+        nonlocal done, last_save
+        done += n
+        if job is not None and time.monotonic() - last_save >= 1:
+            last_save = time.monotonic()
+            job.meta.update(done=done, total=total)
+            job.save_meta()
+
+    def should_stop() -> bool:
+        return job is not None and bool(job.connection.exists(cancel_key(job.id)))
+
+    options = Options(dry_run=bool(spec.get("dry_run")), rate=spec.get("rate") or None,
+                      reapply=source == "log")
+    report = run(client, settings, space, records_for(client, space, spec, after), options, "replay", checkpoint,
+                 progress, should_stop)
+    if job is not None:
+        job.meta.update(done=done, total=total, stopped=report.stopped is not None)
+        job.save_meta()
+    return {"space": space, "source": source, **report.as_dict()}

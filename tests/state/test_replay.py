@@ -1,0 +1,196 @@
+"""The replay engine against a real Redis: imports of every file format, replays of the log and of dead letters,
+dry runs, filters, idempotence and resume."""
+
+from __future__ import annotations
+
+import gzip
+import random
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from service.config import Settings
+from service.spec.events import iso_ms, parse_timestamp
+from service.spec.keys import Keys
+from service.state.replay import (
+    Checkpoint,
+    Options,
+    Report,
+    dead_letter_records,
+    file_records,
+    log_records,
+    profile_ids,
+    run,
+)
+from service.state.store import SyncStore
+from tests.helpers import apply, find, mixed_stream, snapshot
+
+SPACE = "default"
+
+
+def archived(events: list[dict]) -> list[dict]:
+    """As Segment's archives hold them: every event with Segment's receivedAt (a little after its timestamp)."""
+    rnd = random.Random(1)
+    return [dict(e, receivedAt=iso_ms(parse_timestamp(e["timestamp"]) + rnd.randint(0, 5000))) for e in events]
+
+
+def write_archive(path: Path, events: list[dict]) -> Path:
+    """Segment's S3 destination layout: gzip, one event JSON per line."""
+    with gzip.open(path, "wb") as f:
+        for e in events:
+            f.write(orjson.dumps(e) + b"\n")
+    return path
+
+
+def import_files(r: redis.Redis, paths: list[Path], **options: object) -> Report:
+    return run(r, Settings(), SPACE, file_records([str(p) for p in paths]), Options(**options), "import")  # type: ignore[arg-type]
+
+
+def log_entries(r: redis.Redis) -> list[bytes]:
+    return [f[b"e"] for _, f in r.xrange(Keys(SPACE).log)]
+
+
+def test_an_archive_import_gives_the_profiles_live_ingest_gives(r: redis.Redis, tmp_path: Path) -> None:
+    events = archived(mixed_stream(6000, users=150, seed=11))
+    apply(r, events)
+    live = snapshot(r)
+    r.flushall()
+    half = len(events) // 2  # an hour per file, as the archive lays them out
+    files = [write_archive(tmp_path / "a.gz", events[:half]), write_archive(tmp_path / "b.gz", events[half:])]
+    report = import_files(r, files)
+    assert report.outcome_totals() == {"applied": len(events)}
+    assert snapshot(r) == live
+    # and importing the same archive again changes nothing, and logs nothing twice
+    again = import_files(r, files)
+    assert again.outcome_totals() == {"duplicate": len(events)}
+    assert snapshot(r) == live and len(log_entries(r)) == len(events)
+
+
+def test_every_file_format_and_invalid_lines_become_dead_letters(r: redis.Redis, tmp_path: Path) -> None:
+    event = {"type": "identify", "userId": "f1", "messageId": "x1", "timestamp": "2026-03-01T10:00:00Z",
+             "traits": {"plan": "pro"}}
+    ndjson = tmp_path / "plain.ndjson"
+    ndjson.write_bytes(orjson.dumps(event) + b"\n\nnot json at all\n"
+                       + orjson.dumps({"type": "track", "userId": "f1", "messageId": "x2"}) + b"\n"  # no event: fine
+                       + orjson.dumps({"type": "teleport", "userId": "f1", "messageId": "x3"}) + b"\n")
+    array = tmp_path / "array.json"
+    array.write_bytes(orjson.dumps([dict(event, userId="f2", messageId="y1")], option=orjson.OPT_INDENT_2))
+    batch = tmp_path / "batch.json"
+    batch.write_bytes(orjson.dumps({"writeKey": "wk", "context": {"library": {"name": "analytics-python"}},
+                                    "batch": [dict(event, userId="f3", messageId="z1", writeKey="wk")]}))
+    report = import_files(r, [ndjson, array, batch])
+    assert report.outcome_totals() == {"applied": 4, "invalid": 2}
+    for uid in ("f1", "f2", "f3"):
+        assert find(r, "user_id", uid).trait_values() == {"plan": "pro"}
+    letters = r.xrange(Keys(SPACE).dead_letters)
+    reasons = sorted(f[b"reason"].decode() for _, f in letters)
+    assert reasons[0].startswith("plain.ndjson:3: malformed JSON")
+    assert reasons[1].startswith("plain.ndjson:5: unknown type 'teleport'")
+    assert {f[b"source"] for _, f in letters} == {b"import"}
+    assert not any(b"wk" in e for e in log_entries(r))  # the batch's write key is not part of the events
+
+
+def test_events_without_message_id_or_receipt_import_the_same_every_time(r: redis.Redis, tmp_path: Path) -> None:
+    path = tmp_path / "history.ndjson"
+    path.write_bytes(b"".join(orjson.dumps({"type": "track", "userId": "n1", "event": "Email Opened",
+                                            "timestamp": "2026-03-01T10:00:00Z"}) + b"\n" for _ in range(3)))
+    assert import_files(r, [path]).outcome_totals() == {"applied": 3}  # three lines: three events
+    assert import_files(r, [path]).outcome_totals() == {"duplicate": 3}  # the same lines again: nothing new
+    logged = [orjson.loads(e) for e in log_entries(r)]
+    assert len({e["messageId"] for e in logged}) == 3
+    assert {e["receivedAt"] for e in logged} == {"2026-03-01T10:00:00.000Z"}
+
+
+def test_dry_run_counts_and_changes_nothing(r: redis.Redis, tmp_path: Path) -> None:
+    events = archived(mixed_stream(800, users=30, seed=2))
+    apply(r, events[:300])
+    before = (snapshot(r), r.dbsize())
+    path = write_archive(tmp_path / "h.gz", events + events[:10] + [{"type": "nope", "messageId": "bad"}])
+    report = import_files(r, [path], dry_run=True)
+    assert report.outcome_totals() == {"new": 500, "duplicate": 310, "invalid": 1}
+    assert (snapshot(r), r.dbsize()) == before
+
+
+def test_a_log_replay_rewrites_what_was_wrong_and_logs_nothing_twice(r: redis.Redis) -> None:
+    events = archived(mixed_stream(3000, users=80, seed=5))
+    apply(r, events)
+    right = snapshot(r)
+    k = Keys(SPACE)
+    logged = log_entries(r)
+    for pid in list(r.smembers(k.dirty))[:20]:  # a bug had lost some traits and orders
+        fields = [f for f in r.hkeys(k.profile(pid.decode())) if f[:2] in (b"t:", b"o:")]
+        if fields:
+            r.hdel(k.profile(pid.decode()), *fields)
+    assert snapshot(r) != right
+    for _ in range(2):  # and twice is the same as once
+        report = run(r, Settings(), SPACE, log_records(r, SPACE), Options(reapply=True), "replay")
+        assert report.outcome_totals() == {"applied": len(events)}
+        assert snapshot(r) == right and log_entries(r) == logged
+
+
+def test_log_filters_profile_type_event_and_time(r: redis.Redis) -> None:
+    t = "2026-03-01T10:00:00Z"
+    apply(r, [
+        {"type": "page", "anonymousId": "anon-a", "messageId": "1", "timestamp": t},
+        {"type": "identify", "userId": "ada", "messageId": "2", "timestamp": t, "traits": {"email": "ada@x.io"}},
+        {"type": "alias", "userId": "ada", "previousId": "anon-a", "messageId": "3", "timestamp": t},
+        {"type": "track", "userId": "ada", "event": "Clicked", "messageId": "4", "timestamp": t},
+        {"type": "track", "userId": "bob", "event": "Clicked", "messageId": "5", "timestamp": t},
+    ])
+    pids = profile_ids(r, SPACE, "email", "ada@x.io")
+    assert pids is not None and len(pids) == 2  # ada's profile and the anonymous one merged into it
+
+    def mids(**filters: object) -> list[str]:
+        return [orjson.loads(rec.item.raw)["messageId"] for rec in log_records(r, SPACE, **filters)]  # type: ignore[arg-type]
+
+    assert mids(pids=pids) == ["1", "2", "3", "4"]
+    assert mids(types={"track"}) == ["4", "5"]
+    assert mids(event="Clicked", pids=pids) == ["4"]
+    first = int(r.xrange(Keys(SPACE).log)[0][0].decode().split("-")[0])
+    assert len(mids(since_ms=first)) == 5 and mids(until_ms=first - 1) == []
+    assert profile_ids(r, SPACE, "email", "nobody@x.io") is None
+
+
+def test_dead_letters_that_apply_are_removed_the_rest_stay(r: redis.Redis) -> None:
+    store = SyncStore(r, Settings())
+    good = {"type": "identify", "userId": "dl", "messageId": "d1", "timestamp": "2026-03-01T10:00:00Z",
+            "traits": {"plan": "pro"}}
+    store.dead_letters(SPACE, [("store error: OOM", orjson.dumps(good)),
+                               ("unknown type 'x'", orjson.dumps({"type": "x", "messageId": "d2"}))], "webhook")
+    store.dead_letters(SPACE, [("X-Signature does not match", orjson.dumps(dict(good, userId="forged")))],
+                       "webhook-unsigned")
+    dry = run(r, Settings(), SPACE, dead_letter_records(r, SPACE), Options(dry_run=True), "replay")
+    assert dry.outcome_totals() == {"new": 1, "invalid": 1} and r.xlen(Keys(SPACE).dead_letters) == 3
+    only_oom = run(r, Settings(), SPACE, dead_letter_records(r, SPACE, reason="oom"), Options(), "replay")
+    assert only_oom.outcome_totals() == {"applied": 1} and only_oom.dead_letters_removed == 1
+    assert find(r, "user_id", "dl").trait_values() == {"plan": "pro"} and find(r, "user_id", "forged") is None
+    rest = run(r, Settings(), SPACE, dead_letter_records(r, SPACE), Options(), "replay")
+    assert rest.outcome_totals() == {"invalid": 1}
+    reasons = sorted(f[b"reason"] for _, f in r.xrange(Keys(SPACE).dead_letters))
+    assert reasons == [b"X-Signature does not match", b"unknown type 'x'"]  # kept, with their own reasons
+
+
+def test_an_interrupted_import_resumes_where_it_stopped(r: redis.Redis, tmp_path: Path) -> None:
+    events = archived(mixed_stream(5000, users=100, seed=8))
+    apply(r, events)
+    whole = snapshot(r)
+    r.flushall()
+    path = write_archive(tmp_path / "big.gz", events)
+    checkpoint = Checkpoint(r, SPACE, "test")
+    chunks = iter(range(10**6))
+    stopped = run(r, Settings(), SPACE, file_records([str(path)]), Options(), "import", checkpoint,
+                  should_stop=lambda: next(chunks) >= 1)
+    assert stopped.stopped == "0:2000" and checkpoint.load() == "0:2000"
+    assert r.xlen(Keys(SPACE).log) == 2000
+    rest = run(r, Settings(), SPACE, file_records([str(path)], checkpoint.load()), Options(), "import", checkpoint)
+    assert rest.outcome_totals() == {"applied": 3000} and checkpoint.load() is None
+    assert snapshot(r) == whole and r.xlen(Keys(SPACE).log) == len(events)
+
+
+@pytest.mark.parametrize("rate", [500.0])
+def test_a_throttled_run_applies_everything(r: redis.Redis, tmp_path: Path, rate: float) -> None:
+    """The rate only spaces the chunks out (how well it protects live intake is measured in BENCHMARKS.md)."""
+    path = write_archive(tmp_path / "t.gz", archived(mixed_stream(300, users=10, seed=3)))
+    assert import_files(r, [path], rate=rate).outcome_totals() == {"applied": 300}
