@@ -13,6 +13,10 @@ from typing import Any
 from service.config import VARIABLES, ConfigError, Settings, queue_url, state_url
 from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 
+# events/s of `replay` and `import` unless --rate says otherwise: measured to keep live single-event p95 within 2x
+# of its unloaded value on the benchmark machine (BENCHMARKS.md, "Replay and import")
+DEFAULT_REPLAY_RATE = 2000.0
+
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     from service.devstack.supervisor import run_dev
@@ -210,6 +214,304 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
     return 0
 
 
+class CommandError(Exception):
+    """A command cannot go on; the message is the one line the operator reads (with the fix)."""
+
+
+def state_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily, as in every command
+    """The STATE Redis as the stack finds it (REDIS_URL, else the embedded server of `persona-sync dev` under
+    DATA_DIR), checked with a PING: an unreachable one is a one-line error with the fix."""
+    import redis
+
+    try:
+        url = state_url(settings)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        where = url if settings.redis_url else f"the embedded server under DATA_DIR={settings.data_dir}"
+        raise CommandError(f"cannot reach Redis at {where} ({exc}): start the stack with `make run`, or point "
+                           "REDIS_URL at your Redis") from None
+    return client
+
+
+def parse_since(name: str, text: str | None, now: int) -> int | None:
+    """``--since`` / ``--until``: ISO-8601 or a time ago; a one-line error otherwise."""
+    from service.spec.clock import point_in_time
+
+    if text is None:
+        return None
+    when = point_in_time(text, now)
+    if when is None:
+        raise CommandError(f"--{name} {text!r}: give an ISO-8601 time (2026-03-01T10:00:00Z) or a time ago "
+                           "(90m, 2h, 7d)")
+    return when
+
+
+class Reporter:
+    """Progress of a long run: a rich bar (count, rate, ETA) on a terminal, a plain line every 5 s otherwise."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.started = self.last = time.monotonic()
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            class Rate(TextColumn):
+                def render(self, task: Any) -> Any:  # events per second since the start
+                    from rich.text import Text
+
+                    return Text(f"{task.completed / max(task.elapsed or 0, 1e-6):,.0f} events/s")
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), Rate(""), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total)
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+            return
+        now = time.monotonic()
+        if now - self.last >= 5:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-6)
+            of = f" of {self.total:,}" if self.total else ""
+            print(f"{self.label}: {self.done:,}{of} events, {rate:,.0f}/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_report(report: Any, dry_run: bool) -> None:
+    verb = "would be" if dry_run else "were"
+    totals = report.outcome_totals()
+    print(f"{report.total:,} events {verb}: " + ", ".join(f"{n:,} {o}" for o, n in totals.items())
+          + f" ({report.seconds:.1f} s)")
+    for kind, outcomes in report.by_type().items():
+        print(f"  {kind:<9} " + ", ".join(f"{n:,} {o}" for o, n in outcomes.items()))
+    if report.dead_letters_removed:
+        print(f"{report.dead_letters_removed:,} dead letters applied and removed")
+    if totals.get("invalid") and not dry_run:
+        print("invalid events are dead letters now, each with its reason: `persona-sync dead-letters list`")
+
+
+def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Callable[[str | None], Any],
+                total: int | None, options: Any, source: str, run_name: str, label: str) -> int:
+    """Shared by `replay` and `import`: resume, progress, Ctrl-C, report."""
+    from service.state.replay import Checkpoint, Interrupted, run
+
+    client = state_client(settings)
+    space = args.space or settings.space_id
+    checkpoint = Checkpoint(client, space, run_name)
+    after = checkpoint.load() if args.resume else None
+    if args.resume and after is None:
+        print("nothing to resume (no interrupted run with these arguments): starting from the beginning",
+              file=sys.stderr)
+    reporter = Reporter(label, total)
+    try:
+        report = run(client, settings, space, records_for(after), options, source, checkpoint, reporter)
+    except Interrupted as exc:
+        reporter.close()
+        _print_report(exc.report, options.dry_run)
+        resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
+        if "--resume" not in resume:
+            resume += " --resume"
+        print(f"stopped{' at ' + exc.report.stopped if exc.report.stopped else ''}; continue with: "
+              f"persona-sync {resume}", file=sys.stderr)
+        return 130
+    finally:
+        reporter.close()
+    _print_report(report, options.dry_run)
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from service.spec.clock import now_ms
+    from service.spec.keys import Keys
+    from service.state.replay import Checkpoint, Options, dead_letter_records, log_records, profile_ids
+
+    client = state_client(settings)
+    space = args.space or settings.space_id
+    options = Options(dry_run=args.dry_run, rate=args.rate or None, reapply=not args.dead_letters)
+    if args.dead_letters:
+        total = client.xlen(Keys(space).dead_letters)
+        name = Checkpoint.name_of("dead-letters", space, args.reason)
+        return _run_replay(settings, args, lambda after: dead_letter_records(client, space, args.reason, after),
+                           total, options, "replay", name, f"replaying dead letters of {space}")
+    now = now_ms()
+    since, until = parse_since("since", args.since, now), parse_since("until", args.until, now)
+    pids = None
+    if args.profile:
+        kind, sep, value = args.profile.partition(":")
+        if not sep or not value:
+            raise CommandError(f"--profile {args.profile!r}: give TYPE:VALUE, e.g. user_id:u-42 or "
+                               "email:ada@example.com")
+        from service.spec.identity import IdentityRules
+
+        prepared = IdentityRules.from_settings(settings).prepare([(kind, value)])
+        kind, value = prepared[0] if prepared else (kind, value)
+        pids = profile_ids(client, space, kind, value)
+        if pids is None:
+            raise CommandError(f"no profile has {kind}:{value} in space {space}")
+    types = {t.lower() for t in args.type} if args.type else None
+    name = Checkpoint.name_of("log", space, since, until, sorted(pids or []), sorted(types or []), args.event)
+    total = client.xlen(Keys(space).log)
+    return _run_replay(settings, args, lambda after: log_records(client, space, since, until, pids, types,
+                                                                 args.event, after),
+                       total, options, "replay", name, f"replaying the event log of {space}")
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    from service.state.replay import Checkpoint, Options, file_records
+
+    for path in args.files:
+        if path != "-" and not Path(path).is_file():
+            raise CommandError(f"{path}: no such file")
+    stamp = [(p, Path(p).stat().st_size) if p != "-" else (p, 0) for p in args.files]
+    name = Checkpoint.name_of("import", args.space or settings.space_id, stamp)
+    options = Options(dry_run=args.dry_run, rate=args.rate or None)
+    return _run_replay(settings, args, lambda after: file_records(args.files, after), None, options, "import", name,
+                       f"importing {len(args.files)} file(s)")
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """Failed RQ jobs, newest first: id, function, space, age and the last line of the error (Mavera's answer)."""
+    from datetime import UTC, datetime
+
+    from rq import Queue
+    from rq.job import Job
+
+    queue = Queue(QUEUE_NAME, connection=queue_client(settings))
+    ids = queue.failed_job_registry.get_job_ids()
+    jobs = [j for j in Job.fetch_many(ids, connection=queue.connection) if j is not None]
+    if not jobs:
+        print("no failed jobs")
+        return 0
+    now = datetime.now(UTC)
+
+    def ended(j: Job) -> datetime:  # rq keeps naive UTC times
+        at = j.ended_at or now
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+    jobs.sort(key=ended, reverse=True)
+    for j in jobs:
+        age = now - ended(j)
+        result = j.latest_result()
+        text = (result.exc_string if result else None) or ""
+        last = text.strip().splitlines()[-1] if text.strip() else "(no error recorded)"
+        space = j.args[0] if j.args and isinstance(j.args[0], str) else "-"
+        print(f"{j.id}  {j.func_name}  space={space}  {_age(age.total_seconds())} ago  {last[:300]}")
+    print(f"{len(jobs)} failed job(s): `persona-sync requeue --all`, `--function NAME` or `JOB_ID ...` runs them "
+          "again once the cause is fixed")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
+    from rq import Queue
+    from rq.job import Job
+
+    if not (args.all or args.function or args.job_ids):
+        raise CommandError("say which: --all, --function NAME (e.g. workers.jobs.sync) or JOB_ID ...")
+    queue = Queue(QUEUE_NAME, connection=queue_client(settings))
+    registry = queue.failed_job_registry
+    failed = registry.get_job_ids()
+    chosen = set(failed) if args.all else set(args.job_ids) & set(failed)
+    if args.function:
+        chosen |= {j.id for j in Job.fetch_many(failed, connection=queue.connection)
+                   if j is not None and j.func_name == args.function}
+    missing = set(args.job_ids) - set(failed)
+    for job_id in sorted(chosen):
+        registry.requeue(job_id)
+    print(f"requeued {len(chosen)} job(s)")
+    if missing:
+        print(f"not failed (or unknown): {', '.join(sorted(missing))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def queue_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily
+    """The QUEUE Redis, checked like ``state_client``."""
+    import redis
+
+    try:
+        url = queue_url(settings)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise CommandError(f"cannot reach the queue Redis ({exc}): start the stack with `make run`, or set "
+                           "QUEUE_REDIS_URL / REDIS_URL") from None
+    return client
+
+
+def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from service.spec.keys import Keys
+    from service.state.store import delete_dead_letters
+
+    client = state_client(settings)
+    space = args.space or settings.space_id
+    key = Keys(space).dead_letters
+    if args.action == "list":
+        needle = (args.reason or "").lower()
+        shown = 0
+        for entry_id, f in client.xrevrange(key, count=max(args.limit * 20, 1000) if needle else args.limit):
+            reason = f.get(b"reason", b"").decode(errors="replace")
+            if needle and needle not in reason.lower():
+                continue
+            at = int(f.get(b"at", b"0") or 0)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at / 1000)) if at else "?"
+            print(f"{entry_id.decode()}  {when}  {f.get(b'source', b'').decode()}  "
+                  f"{len(f.get(b'raw', b''))} B  {reason}")
+            shown += 1
+            if shown >= args.limit:
+                break
+        print(f"{shown} shown of {client.xlen(key)} in {space}; `persona-sync dead-letters show ID` prints one, "
+              "`persona-sync replay --dead-letters` applies them again")
+        return 0
+    if not args.ids:
+        raise CommandError(f"{args.action} needs one or more dead-letter ids (see `persona-sync dead-letters list`)")
+    if args.action == "show":
+        for entry_id in args.ids:
+            rows = client.xrange(key, min=entry_id, max=entry_id)
+            if not rows:
+                raise CommandError(f"no dead letter {entry_id} in space {space}")
+            f = rows[0][1]
+            print(orjson.dumps({"id": entry_id, "reason": f.get(b"reason", b"").decode(errors="replace"),
+                                "source": f.get(b"source", b"").decode(), "at": int(f.get(b"at", b"0") or 0)}).decode())
+            print(f.get(b"raw", b"").decode(errors="replace"))
+        return 0
+    freed = delete_dead_letters(client, space, args.ids)
+    print(f"deleted; {freed} bytes freed")
+    return 0
+
+
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
     import redis
@@ -336,6 +638,61 @@ def parser() -> argparse.ArgumentParser:
     d2.add_argument("--drop-unauthenticated", action="store_true",
                     help="delete dead letters of requests that failed authentication (never applied either way)")
     d2.set_defaults(func=cmd_replay_dead_letters)
+    rp = sub.add_parser("replay", help="apply logged events (or dead letters) again through the receiver's path",
+                        description="Apply events again, exactly as the receiver applies them. By default the "
+                                    "space's event log, filtered: every event is applied again with the current "
+                                    "code and rules (effects are idempotent, so what was right stays the same) and "
+                                    "is not logged a second time. With --dead-letters, the refused events: what "
+                                    "applies is removed, the rest stays with its reason.")
+    rp.add_argument("--space", help="space (default SPACE_ID)")
+    rp.add_argument("--dead-letters", action="store_true", help="replay the dead letters instead of the log")
+    rp.add_argument("--reason", help="with --dead-letters: only those whose reason contains TEXT")
+    rp.add_argument("--since", help="log: received at or after (ISO-8601, or a time ago: 90m, 2h, 7d)")
+    rp.add_argument("--until", help="log: received at or before (ISO-8601, or a time ago)")
+    rp.add_argument("--profile", metavar="TYPE:VALUE",
+                    help="log: every event of the profile that identifier resolves to, and of those merged into it")
+    rp.add_argument("--type", action="append", help="log: only this call type (repeatable)")
+    rp.add_argument("--event", metavar="NAME", help="log: only track events of this name")
+    for cmd in (rp,):
+        cmd.add_argument("--dry-run", action="store_true", help="count by type and expected outcome; change nothing")
+        cmd.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
+                         help=f"events per second (default {DEFAULT_REPLAY_RATE:g}, which keeps live intake's p95 "
+                              "within 2x; 0: as fast as Redis takes them)")
+        cmd.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    rp.set_defaults(func=cmd_replay)
+    im = sub.add_parser("import", help="backfill history from files: Segment S3/GCS archives, NDJSON, JSON arrays",
+                        description="Load events from files into a space, through the receiver's path (deduplicated "
+                                    "by messageId, logged once): Segment's S3 / GCS destination archives (gzip, one "
+                                    "event per line), plain NDJSON, a JSON array of events, or a Tracking API batch "
+                                    "body; `-` reads stdin. A line that is not a valid event becomes a dead letter "
+                                    "with its file and line and never stops the import.")
+    im.add_argument("files", nargs="+", metavar="FILE")
+    im.add_argument("--space", help="space (default SPACE_ID)")
+    im.add_argument("--dry-run", action="store_true", help="count by type and expected outcome; change nothing")
+    im.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
+                    help=f"events per second (default {DEFAULT_REPLAY_RATE:g}; 0: as fast as Redis takes them)")
+    im.add_argument("--resume", action="store_true", help="continue an interrupted import of the same files")
+    im.set_defaults(func=cmd_import)
+    jb = sub.add_parser("jobs", help="list failed jobs (function, space, age, error)",
+                        description="List the failed RQ jobs, newest first, with the last line of their error "
+                                    "(for a sync, Mavera's answer).")
+    jb.set_defaults(func=cmd_jobs)
+    rq_ = sub.add_parser("requeue", help="run failed jobs again: --all, --function NAME or JOB_ID ...",
+                         description="Move failed RQ jobs back to the queue once their cause is fixed.")
+    rq_.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    rq_.add_argument("--all", action="store_true", help="every failed job")
+    rq_.add_argument("--function", help="every failed job of this function, e.g. workers.jobs.sync")
+    rq_.set_defaults(func=cmd_requeue)
+    dl = sub.add_parser("dead-letters", help="list, show or delete dead letters",
+                        description="Dead letters are authenticated events that could not be applied, each with "
+                                    "its reason, source and time. `persona-sync replay --dead-letters` applies "
+                                    "them again.")
+    dl.add_argument("action", choices=["list", "show", "delete"])
+    dl.add_argument("ids", nargs="*", metavar="ID", help="entry ids (show, delete)")
+    dl.add_argument("--space", help="space (default SPACE_ID)")
+    dl.add_argument("--reason", help="list: only those whose reason contains TEXT")
+    dl.add_argument("--limit", type=int, default=50, help="list: at most this many, newest first (default 50)")
+    dl.set_defaults(func=cmd_dead_letters)
     r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",
                        description="Clear the pause that a 402 from Mavera set; the next sync pushes what waited.")
     r.set_defaults(func=cmd_resume)
@@ -362,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(settings, args) or 0
+    except CommandError as exc:
+        print(f"persona-sync {args.command}: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `persona-sync config | head`: the reader left; not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
         return 0

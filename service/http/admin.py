@@ -1,23 +1,33 @@
-"""Operator routes (Bearer ``ADMIN_TOKEN``): what was refused, and the state of a space.
+"""Operator routes (Bearer ``ADMIN_TOKEN``): what was refused, replays and jobs, and the state of a space.
 
 ``/admin/dead-letters`` holds what passed authentication but could not be applied (replayable);
 ``/admin/refusals`` what was refused before authentication: metadata only, never a body, never replayable."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import orjson
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from service.config import valid_space
 from service.http import auth
+from service.http.intake import read_body
 from service.http.responses import JSON, error, unavailable
+from service.spec.bodies import BodyError
+from service.spec.clock import now_ms, point_in_time
 from service.spec.keys import REFUSALS_KEY, Keys
+from service.state.queue import REPLAY_JOB
+from service.state.replay import cancel_key
 from service.state.status import queue_status, status_row
-from service.state.store import REDIS_DOWN
+from service.state.store import DLQ_DELETE, REDIS_DOWN
 
 
 def admin_denied(request: Request) -> Response | None:
@@ -131,7 +141,154 @@ async def status(request: Request, space: str) -> Response:
     return JSON(status_row(space, await pipe.execute()))
 
 
+@admin_endpoint
+async def dead_letter(request: Request, space: str) -> Response:
+    """``GET``: one dead letter, its body whole; ``DELETE``: drop it (it is never applied)."""
+    entry_id = request.path_params["entry_id"]
+    if not _ENTRY_ID.match(entry_id) or entry_id.startswith("("):
+        return error(400, "validation_error", "the id is an entry id such as 1700000000000-0")
+    client = request.app.state.redis
+    if request.method == "DELETE":
+        if not await client.xrange(Keys(space).dead_letters, min=entry_id, max=entry_id):
+            return error(404, "not_found", f"no dead letter {entry_id} in space {space}")
+        keys = Keys(space)
+        freed = await client.register_script(DLQ_DELETE)(keys=[keys.dead_letters, keys.dead_letter_bytes],
+                                                           args=[entry_id])
+        return JSON({"deleted": entry_id, "bytes_freed": int(freed)})
+    rows = await client.xrange(Keys(space).dead_letters, min=entry_id, max=entry_id)
+    if not rows:
+        return error(404, "not_found", f"no dead letter {entry_id} in space {space}")
+    f = {k.decode(): v for k, v in rows[0][1].items()}
+    return JSON({"id": entry_id, "space": space, "reason": _text(f, "reason"), "source": _text(f, "source"),
+                 "at": _number(f, "at"), "raw": _text(f, "raw")})
+
+
+REPLAY_FIELDS = {"source", "since", "until", "profile", "types", "event", "reason", "dry_run", "rate", "resume"}
+
+
+def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
+    """The validated replay request, or what is wrong with it."""
+    if not isinstance(doc, dict):
+        return "send a JSON object, e.g. {\"source\": \"log\", \"since\": \"2h\"}"
+    unknown = set(doc) - REPLAY_FIELDS
+    if unknown:
+        return f"unknown fields {sorted(unknown)}; allowed: {sorted(REPLAY_FIELDS)}"
+    spec: dict[str, Any] = {"source": doc.get("source", "log")}
+    if spec["source"] not in ("log", "dead-letters"):
+        return "source is 'log' or 'dead-letters' (files are loaded with `persona-sync import` on a host)"
+    for name in ("since", "until"):
+        if doc.get(name) is not None:
+            when = point_in_time(doc[name], now)
+            if when is None:
+                return f"{name}: an ISO-8601 time or a time ago such as 90m, 2h or 7d"
+            spec[f"{name}_ms"] = when
+    for name in ("profile", "event", "reason"):
+        if doc.get(name) is not None:
+            if not isinstance(doc[name], str) or not doc[name] or len(doc[name]) > 500:
+                return f"{name}: a non-empty string"
+            spec[name] = doc[name]
+    if "profile" in spec and ":" not in spec["profile"]:
+        return "profile: TYPE:VALUE, e.g. email:ada@example.com"
+    if doc.get("types") is not None:
+        if not isinstance(doc["types"], list) or not all(isinstance(t, str) for t in doc["types"]):
+            return "types: a list of call types, e.g. [\"identify\", \"track\"]"
+        spec["types"] = sorted({t.lower() for t in doc["types"]})
+    if doc.get("rate") is not None:
+        if isinstance(doc["rate"], bool) or not isinstance(doc["rate"], int | float) or not 0 <= doc["rate"] <= 1e6:
+            return "rate: events per second, 0 (no limit) to 1000000"
+        spec["rate"] = float(doc["rate"])
+    for name in ("dry_run", "resume"):
+        if doc.get(name) is not None:
+            if not isinstance(doc[name], bool):
+                return f"{name}: true or false"
+            spec[name] = doc[name]
+    return spec
+
+
+@admin_endpoint
+async def replay(request: Request, space: str) -> Response:
+    """Queue a replay of the log or the dead letters as an RQ job; 202 with where to follow it."""
+    try:
+        body = await read_body(request, 64 * 1024)
+        doc = orjson.loads(body) if body.strip() else {}
+    except BodyError as exc:
+        return error(exc.status, "validation_error", exc.message)
+    except orjson.JSONDecodeError as exc:
+        return error(400, "validation_error", f"malformed JSON: {exc}")
+    spec = replay_spec(doc, now_ms())
+    if isinstance(spec, str):
+        return error(400, "validation_error", spec)
+    if not request.app.state.refresh.queue_url:
+        return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
+    queue = request.app.state.refresh.queue()
+    job = await asyncio.to_thread(queue.enqueue, REPLAY_JOB, space, spec, job_timeout=REPLAY_TIMEOUT,
+                                  result_ttl=7 * 86400, failure_ttl=7 * 86400,
+                                  description=f"replay {spec['source']} of {space}")
+    return JSON({"job": job.id, "status": "queued", "space": space, "request": spec,
+                 "follow": f"/admin/jobs/{job.id}"}, 202)
+
+
+REPLAY_TIMEOUT = 24 * 3600
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    status = job.get_status(refresh=False)
+    error_line = None
+    if status == JobStatus.FAILED:
+        result = job.latest_result()
+        text = (result.exc_string if result else None) or ""
+        error_line = text.strip().splitlines()[-1] if text.strip() else None
+    def iso(dt: Any) -> str | None:
+        return dt.isoformat() if dt else None
+    return {"id": job.id, "function": job.func_name, "args": list(job.args), "status": str(status.value if
+            status else "unknown"), "enqueued_at": iso(job.enqueued_at), "started_at": iso(job.started_at),
+            "ended_at": iso(job.ended_at), "progress": {k: job.meta[k] for k in ("done", "total", "stopped")
+                                                        if k in job.meta},
+            "result": job.return_value(refresh=False) if status == JobStatus.FINISHED else None, "error": error_line}
+
+
+async def job(request: Request) -> Response:
+    """``GET``: a job's state, progress and result; ``DELETE``: cancel it (a running replay stops at its next
+    chunk and can be resumed)."""
+    if denied := admin_denied(request):
+        return denied
+    job_id = request.path_params["job_id"]
+    if not _JOB_ID.match(job_id):
+        return error(400, "validation_error", "a job id is letters, digits and '-'")
+    if not request.app.state.refresh.queue_url:
+        return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
+    queue = request.app.state.refresh.queue()
+
+    def act() -> dict[str, Any] | None:
+        try:
+            found = Job.fetch(job_id, connection=queue.connection)
+        except NoSuchJobError:
+            return None
+        if request.method == "DELETE":
+            status = found.get_status()
+            if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+                found.cancel()
+            elif status == JobStatus.STARTED:
+                queue.connection.set(cancel_key(job_id), "1", ex=REPLAY_TIMEOUT)
+            found.refresh()
+        return job_view(found) | ({"cancel": "requested"} if request.method == "DELETE" else {})
+
+    try:
+        view = await asyncio.to_thread(act)
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
+    if view is None:
+        return error(404, "not_found", f"no job {job_id} (finished jobs are kept 7 days)")
+    return JSON(view)
+
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
 routes = [
+    Route("/admin/replay", replay, methods=["POST"]),
+    Route("/admin/jobs/{job_id}", job, methods=["GET", "DELETE"]),
+    Route("/admin/dead-letters/{entry_id}", dead_letter, methods=["GET", "DELETE"]),
     Route("/admin/dead-letters", dead_letters, methods=["GET"]),
     Route("/admin/refusals", refusals, methods=["GET"]),
     Route("/admin/status", status, methods=["GET"]),

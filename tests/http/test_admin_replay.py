@@ -1,0 +1,130 @@
+"""Replays, jobs and dead letters through the operator API (Bearer ADMIN_TOKEN), with a real RQ worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from starlette.testclient import TestClient
+
+from service.config import Settings
+from service.http.app import create_app
+from service.spec.keys import Keys
+from service.state.queue import QUEUE_NAME
+from service.state.store import SyncStore
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import apply, mixed_stream, snapshot
+from tests.state.test_replay import archived
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+
+
+@pytest.fixture
+def admin(settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("REDIS_URL", redis_url)  # what the worker's job reads, as in production
+    with TestClient(create_app(settings, redis_url, redis_url), raise_server_exceptions=False) as c:
+        yield c
+
+
+def work(r: redis.Redis) -> None:
+    SimpleWorker([Queue(QUEUE_NAME, connection=r)], connection=r).work(burst=True)
+
+
+def test_a_log_replay_queued_over_http_repairs_profiles(admin: TestClient, r: redis.Redis) -> None:
+    apply(r, archived(mixed_stream(1500, users=40, seed=12)))
+    right = snapshot(r)
+    k = Keys("default")
+    for pid in list(r.smembers(k.dirty))[:10]:
+        r.hdel(k.profile(pid.decode()), *[f for f in r.hkeys(k.profile(pid.decode())) if f.startswith(b"t:")] or
+               [b"none"])
+    queued = admin.post("/admin/replay", json={"source": "log", "since": "7d", "rate": 0}, headers=ADMIN)
+    assert queued.status_code == 202, queued.text
+    job_id = queued.json()["job"]
+    assert admin.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()["status"] == "queued"
+    work(r)
+    view = admin.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()
+    assert view["status"] == "finished" and view["result"]["outcomes"] == {"applied": 1500}
+    assert view["progress"]["done"] == 1500 and view["result"]["stopped_at"] is None
+    assert snapshot(r) == right
+
+
+def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> None:
+    assert admin.post("/admin/replay", json={}).status_code == 401
+    for body, word in (({"source": "files"}, "source"), ({"since": "last tuesday"}, "since"),
+                       ({"rate": -1}, "rate"), ({"types": "track"}, "types"), ({"bogus": 1}, "unknown"),
+                       ({"profile": "ada"}, "TYPE:VALUE")):
+        resp = admin.post("/admin/replay", json=body, headers=ADMIN)
+        assert resp.status_code == 400 and word in resp.json()["error"]["message"], (body, resp.text)
+    assert admin.post("/admin/replay", content=b"{nope", headers=ADMIN).status_code == 400
+    assert admin.get("/admin/jobs/no-such-job", headers=ADMIN).status_code == 404
+    assert admin.get("/admin/jobs/../../x", headers=ADMIN).status_code in (400, 404)
+
+
+def test_cancelling_a_queued_job_and_stopping_a_running_one(admin: TestClient, r: redis.Redis,
+                                                             redis_url: str) -> None:
+    apply(r, archived(mixed_stream(3000, users=60, seed=13)))
+    queued = admin.post("/admin/replay", json={"rate": 1000}, headers=ADMIN).json()["job"]
+    assert admin.delete(f"/admin/jobs/{queued}", headers=ADMIN).json()["status"] == "canceled"
+    running = admin.post("/admin/replay", json={"rate": 1000}, headers=ADMIN).json()["job"]
+    worker = subprocess.Popen([EXE, "worker", "--burst"], env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while admin.get(f"/admin/jobs/{running}", headers=ADMIN).json()["status"] != "started":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert admin.delete(f"/admin/jobs/{running}", headers=ADMIN).json()["cancel"] == "requested"
+    assert worker.wait(60) == 0
+    view = admin.get(f"/admin/jobs/{running}", headers=ADMIN).json()
+    assert view["status"] == "finished" and view["result"]["stopped_at"] is not None
+    assert 0 < view["result"]["events"] < 3000 and view["progress"]["stopped"] is True
+
+
+def test_dead_letters_one_by_one(admin: TestClient, r: redis.Redis) -> None:
+    SyncStore(r, Settings()).dead_letters("default", [("unknown type 'x'", b'{"type":"x"}')], "webhook")
+    [(entry_id, _)] = r.xrange(Keys("default").dead_letters)
+    one = admin.get(f"/admin/dead-letters/{entry_id.decode()}", headers=ADMIN).json()
+    assert one["reason"] == "unknown type 'x'" and one["raw"] == '{"type":"x"}' and one["source"] == "webhook"
+    assert admin.get("/admin/dead-letters/1-1", headers=ADMIN).status_code == 404
+    assert admin.get("/admin/dead-letters/x", headers=ADMIN).status_code == 400
+    gone = admin.delete(f"/admin/dead-letters/{entry_id.decode()}", headers=ADMIN).json()
+    assert gone["deleted"] == entry_id.decode() and gone["bytes_freed"] > 0
+    assert r.xlen(Keys("default").dead_letters) == 0 and int(r.get(Keys("default").dead_letter_bytes)) == 0
+
+
+def test_failed_jobs_are_listed_and_requeued(redis_url: str, r: redis.Redis) -> None:
+    queue = Queue(QUEUE_NAME, connection=r)
+    job = queue.enqueue("service.state.replay.cancel_key", None, "too", "many")  # fails: TypeError
+    work(r)
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    listed = subprocess.run([EXE, "jobs"], capture_output=True, text=True, timeout=60, env=env)
+    assert listed.returncode == 0 and job.id in listed.stdout and "TypeError" in listed.stdout
+    assert "service.state.replay.cancel_key" in listed.stdout
+    again = subprocess.run([EXE, "requeue", "--function", "service.state.replay.cancel_key"], capture_output=True,
+                           text=True, timeout=60, env=env)
+    assert again.returncode == 0 and "requeued 1 job(s)" in again.stdout
+    assert job.id in queue.job_ids and queue.failed_job_registry.count == 0
+    assert subprocess.run([EXE, "requeue"], capture_output=True, text=True, timeout=60, env=env).returncode == 1
+
+
+def test_dead_letters_command(redis_url: str, r: redis.Redis) -> None:
+    SyncStore(r, Settings()).dead_letters("default", [("unknown type 'x'", orjson.dumps({"type": "x"})),
+                                                      ("store error: OOM", b"{}")], "webhook")
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    listed = subprocess.run([EXE, "dead-letters", "list", "--reason", "oom"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert listed.returncode == 0 and "store error: OOM" in listed.stdout and "unknown type" not in listed.stdout
+    first = r.xrange(Keys("default").dead_letters)[0][0].decode()
+    shown = subprocess.run([EXE, "dead-letters", "show", first], capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0 and '{"type":"x"}' in shown.stdout
+    deleted = subprocess.run([EXE, "dead-letters", "delete", first], capture_output=True, text=True, timeout=60,
+                             env=env)
+    assert deleted.returncode == 0 and r.xlen(Keys("default").dead_letters) == 1

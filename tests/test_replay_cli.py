@@ -1,0 +1,78 @@
+"""`persona-sync replay` and `import` as an operator runs them: real processes against a real Redis, Ctrl-C
+included."""
+
+from __future__ import annotations
+
+import gzip
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis
+
+from service.spec.keys import Keys
+from tests.helpers import apply, mixed_stream, snapshot
+from tests.state.test_replay import archived
+
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+
+
+def env(redis_url: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+
+
+def test_an_unreachable_redis_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "h.ndjson"
+    path.write_bytes(b"{}\n")
+    out = subprocess.run([EXE, "import", str(path)], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert "cannot reach Redis" in out.stderr and "REDIS_URL" in out.stderr
+    nothing = subprocess.run([EXE, "replay"], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path)})
+    assert nothing.returncode == 1 and "make run" in nothing.stderr and len(nothing.stderr.strip().splitlines()) == 1
+
+
+def test_import_from_stdin_and_a_log_replay_dry_run(redis_url: str, r: redis.Redis) -> None:
+    lines = b"".join(orjson.dumps(e) + b"\n" for e in archived(mixed_stream(400, users=20, seed=4)))
+    out = subprocess.run([EXE, "import", "-", "--rate", "0"], input=lines, capture_output=True, timeout=120,
+                         env=env(redis_url))
+    assert out.returncode == 0, out.stderr
+    assert b"400 events were: 400 applied" in out.stdout
+    dry = subprocess.run([EXE, "replay", "--dry-run", "--type", "identify"], capture_output=True, text=True,
+                         timeout=120, env=env(redis_url))
+    assert dry.returncode == 0 and "would be" in dry.stdout and "reapply" in dry.stdout
+    assert "identify" in dry.stdout and "track" not in dry.stdout
+    unknown = subprocess.run([EXE, "replay", "--profile", "email:nobody@example.com"], capture_output=True,
+                             text=True, timeout=60, env=env(redis_url))
+    assert unknown.returncode == 1 and "no profile has email:nobody@example.com" in unknown.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    events = archived(mixed_stream(20_000, users=300, seed=6))
+    apply(r, events)
+    whole = snapshot(r)
+    r.flushall()
+    path = tmp_path / "archive.gz"
+    with gzip.open(path, "wb") as f:
+        for e in events:
+            f.write(orjson.dumps(e) + b"\n")
+    cmd = [EXE, "import", str(path), "--rate", "4000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True)
+    deadline = time.monotonic() + 60
+    while r.xlen(Keys("default").log) < 2000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "continue with: persona-sync import" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    done = r.xlen(Keys("default").log)
+    assert 2000 <= done < len(events)
+    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
+                           env=env(redis_url))
+    assert again.returncode == 0, again.stderr
+    assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)  # nothing lost, nothing twice
