@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -337,24 +338,38 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
     chunk: list[Record] = []
     last_position: str | None = None
     batch = CHUNK if not options.rate else max(1, min(CHUNK, int(options.rate // 10) or 1))
-    pace_start = time.monotonic()
     paced = 0
+    # One chunk is in Redis while the next is normalised: the two halves of the work overlap (redis-py waits on
+    # the socket without the GIL), and chunks still apply strictly in order.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="replay-apply")
+    pending: tuple[Future[None], list[Record]] | None = None
 
-    def flush() -> None:
-        nonlocal chunk, paced
-        if not chunk:
+    def settle() -> None:
+        """Wait for the chunk in flight, then count it, checkpoint it and sleep off what ran ahead of the rate."""
+        nonlocal pending, paced
+        if pending is None:
             return
-        _apply_chunk(client, store, rules, space, chunk, options, source, report, seen)
+        future, applied = pending
+        future.result()
+        pending = None
         if progress:
-            progress(len(chunk))
-        paced += len(chunk)
+            progress(len(applied))
+        paced += len(applied)
         if checkpoint and not options.dry_run:
-            checkpoint.save(chunk[-1].position)
-        chunk = []
-        if options.rate:  # sleep off what ran ahead of the rate
-            ahead = paced / options.rate - (time.monotonic() - pace_start)
+            checkpoint.save(applied[-1].position)
+        if options.rate:
+            ahead = paced / options.rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)
+
+    def flush() -> None:
+        nonlocal chunk, pending
+        if not chunk:
+            return
+        prepared = _prepare(chunk, rules, now_ms())
+        settle()
+        pending = (pool.submit(_execute, client, store, space, prepared, options, source, report, seen), chunk)
+        chunk = []
 
     try:
         for rec in records:
@@ -362,18 +377,27 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
             if len(chunk) >= batch and rec.position != chunk[-1].position:
                 flush()
                 if should_stop and should_stop():
+                    settle()
                     report.stopped = last_position
                     break
             chunk.append(rec)
             last_position = rec.position
         else:
             flush()
+            settle()
             if checkpoint and not options.dry_run:
                 checkpoint.clear()
-    except KeyboardInterrupt:  # between or inside a chunk: what the checkpoint holds is fully applied
+    except KeyboardInterrupt:  # the chunk in flight completes; the checkpoint then holds what is fully applied
+        try:
+            settle()
+        except Exception:  # noqa: BLE001 - it stays unapplied; the resume applies it again
+            pass
+        pool.shutdown(wait=True)
         report.stopped = checkpoint.load() if checkpoint else None
         report.seconds = time.monotonic() - start
         raise Interrupted(report) from None
+    finally:
+        pool.shutdown(wait=True)
     report.seconds = time.monotonic() - start
     return report
 
@@ -390,9 +414,17 @@ def _kind(obj: Any) -> str:
     return str(obj.get("type", "?")).lower()[:20] if isinstance(obj, dict) else "?"
 
 
-def _apply_chunk(client: redis.Redis, store: SyncStore, rules: IdentityRules, space: str, chunk: list[Record],
-                 options: Options, source: str, report: Report, seen: set[bytes]) -> None:
-    now = now_ms()
+@dataclass
+class Prepared:
+    """A chunk, normalised: what the store applies, and what is invalid already."""
+
+    chunk: list[Record]
+    now: int
+    good: list[tuple[Record, Event]]
+    invalid: list[tuple[Record, str]]
+
+
+def _prepare(chunk: list[Record], rules: IdentityRules, now: int) -> Prepared:
     good: list[tuple[Record, Event]] = []
     invalid: list[tuple[Record, str]] = []
     for rec in chunk:
@@ -402,19 +434,28 @@ def _apply_chunk(client: redis.Redis, store: SyncStore, rules: IdentityRules, sp
             good.append((rec, normalise(rec.item.obj, rec.received_ms or now, rules)))
         except InvalidEvent as exc:
             invalid.append((rec, str(exc)))
-            report.counts[(_kind(rec.item.obj), "invalid")] += 1
+    return Prepared(chunk, now, good, invalid)
+
+
+def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, options: Options, source: str,
+             report: Report, seen: set[bytes]) -> None:
+    """Apply a prepared chunk (one pipeline), keep what failed as dead letters, remove dead letters that applied."""
+    for rec, _ in p.invalid:
+        report.counts[(_kind(rec.item.obj), "invalid")] += 1
     if options.dry_run:
-        for (_, event), dup in zip(good, _already_seen(client, store, space, [e for _, e in good], now, seen,
-                                                         options.reapply), strict=True):
+        events = [e for _, e in p.good]
+        for event, dup in zip(events, _already_seen(client, store, space, events, p.now, seen, options.reapply),
+                              strict=True):
             report.counts[(event.type, "duplicate" if dup else ("reapply" if options.reapply else "new"))] += 1
         return
-    outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in good], now=now, reapply=options.reapply)
-    failed: set[bytes] = set()
-    for (rec, event), outcome in zip(good, outcomes, strict=True):
+    invalid = list(p.invalid)
+    outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in p.good], now=p.now, reapply=options.reapply)
+    for (rec, event), outcome in zip(p.good, outcomes, strict=True):
         status = {"ok": "applied", "deleted": "applied", "error": "invalid"}.get(outcome.status, outcome.status)
         report.counts[(event.type, status)] += 1
         if outcome.status == "error":
             invalid.append((rec, outcome.profile_id))
+    failed: set[bytes] = set()
     letters = []
     for rec, why in invalid:
         if rec.dead_letter is not None:
@@ -423,7 +464,7 @@ def _apply_chunk(client: redis.Redis, store: SyncStore, rules: IdentityRules, sp
             letters.append((f"{rec.where}: {why}"[:500], rec.item.raw))
     if letters:
         store.dead_letters(space, letters, source)
-    done = {rec.dead_letter for rec in chunk if rec.dead_letter is not None} - failed
+    done = {rec.dead_letter for rec in p.chunk if rec.dead_letter is not None} - failed
     if done:
         report.dead_letters_removed += len(done)
         delete_dead_letters(client, space, sorted(done))

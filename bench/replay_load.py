@@ -1,0 +1,106 @@
+"""Replay and import: how fast a history file loads, and what a replay running at a given rate does to live intake.
+
+For each rate: live single-event webhooks paced as `make bench`'s `paced` scenario (~1,800 requests/s: wrk, 24
+connections, 10 ms apart), p95 alone and while `persona-sync import` loads a generated Segment S3 archive at that
+rate; the ratio is what the default `--rate` is chosen by (live p95 within 2x). Unthrottled, the import's own
+speed (events/s).
+
+    python -m bench.replay_load [--events 100000] [--rates 1000 2000 4000 0] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.run import Stack, wrk
+
+
+def archive(path: Path, n: int, seed: int = 1) -> Path:
+    """A month of Segment history as the S3 destination writes it: gzip, one event per line, Segment's times."""
+    rnd = random.Random(seed)
+    start = int(time.time() * 1000) - 30 * 86_400_000
+    with gzip.open(path, "wb") as f:
+        for i in range(n):
+            user = rnd.randrange(n // 10 or 1)
+            ts = start + rnd.randrange(30 * 86_400_000)
+            iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts / 1000)) + f".{ts % 1000:03d}Z"
+            if i % 5 == 0:
+                e = {"type": "identify", "userId": f"h{user}", "anonymousId": f"ha{user}", "traits": {
+                    "plan": rnd.choice(["free", "pro"]), "email": f"h{user}@example.com"}}
+            else:
+                e = {"type": "track", "userId": f"h{user}", "event": "Order Completed", "properties": {
+                    "order_id": f"ho{i}", "revenue": rnd.randint(5, 300), "products": [{"category": "books"}]}}
+            e.update(messageId=f"hist-{i}", timestamp=iso, receivedAt=iso,
+                     context={"library": {"name": "analytics.js"}})
+            f.write(orjson.dumps(e) + b"\n")
+    return path
+
+
+def import_run(stack: Stack, path: Path, rate: float) -> tuple[subprocess.Popen, float]:
+    exe = str(Path(sys.executable).with_name("persona-sync"))
+    env = dict(os.environ, REDIS_URL=stack.redis.url)
+    return subprocess.Popen([exe, "import", str(path), "--rate", str(rate)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True), time.monotonic()
+
+
+def paced(stack: Stack, seconds: int, tag: str) -> dict:
+    return wrk(stack, "single.lua", threads=1, conns=24, seconds=seconds, run_id=tag, env={"BENCH_DELAY_MS": "10"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=100_000, help="events in the archive")
+    p.add_argument("--rates", type=float, nargs="+", default=[1000, 2000, 4000, 0], help="import rates (0: none)")
+    p.add_argument("--runs", type=int, default=3, help="runs per figure (median reported)")
+    p.add_argument("--seconds", type=int, default=10, help="length of one live-load run")
+    args = p.parse_args(argv)
+    report: dict = {"events": args.events, "rates": {}}
+    with tempfile.TemporaryDirectory(prefix="sps-replay-") as d, Stack(web_workers=2) as stack:
+        path = archive(Path(d) / "archive.gz", args.events)
+        speeds = []
+        for _ in range(args.runs):  # the import alone, unthrottled
+            stack.flush()
+            proc, t0 = import_run(stack, path, 0)
+            proc.wait()
+            speeds.append(args.events / (time.monotonic() - t0))
+        report["import_events_per_s"] = round(statistics.median(speeds))
+        report["import_runs"] = [round(s) for s in speeds]
+        print("import alone", report["import_events_per_s"], "events/s", report["import_runs"], flush=True)
+        alone = []
+        for i in range(args.runs):
+            stack.flush()
+            alone.append(paced(stack, args.seconds, f"alone{i}{time.time_ns()}")["p95_us"])
+        report["live_p95_us_alone"] = statistics.median(alone)
+        for rate in args.rates:
+            loaded = []
+            for i in range(args.runs):
+                stack.flush()
+                proc, _ = import_run(stack, path, rate)
+                time.sleep(1)  # the import is under way
+                result = paced(stack, args.seconds, f"r{rate}{i}{time.time_ns()}")  # the import runs beside it
+                still_running = proc.poll() is None
+                proc.terminate()
+                proc.wait()
+                loaded.append((result["p95_us"], still_running))
+            p95 = statistics.median(x for x, _ in loaded)
+            report["rates"][str(int(rate))] = {"live_p95_us": p95, "ratio": round(p95 / report["live_p95_us_alone"], 2),
+                                               "import_ran_throughout": all(r for _, r in loaded)}
+            print("rate", rate, report["rates"][str(int(rate))], flush=True)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
