@@ -16,9 +16,11 @@ request = function()
   for i = 1, size do
     counter = counter + 1
     local user = counter % 50000
+    -- with receivedAt, as Segment's deliveries carry it (without one, the receiver writes its own into the log)
     parts[i] = string.format('{"type":"track","event":"Page Viewed","userId":"u%d","messageId":"%s-%d",' ..
-      '"timestamp":"2026-03-01T00:%02d:00Z","properties":{"path":"/p"},"context":{"library":{"name":"analytics.js"}}}',
-      user, prefix, counter, counter % 60)
+      '"timestamp":"2026-03-01T00:%02d:00Z","receivedAt":"2026-03-01T00:%02d:01.250Z","properties":{"path":"/p"},' ..
+      '"context":{"library":{"name":"analytics.js"}}}',
+      user, prefix, counter, counter % 60, counter % 60)
   end
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, "[" .. table.concat(parts, ",") .. "]")
 end

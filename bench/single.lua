@@ -1,4 +1,5 @@
--- wrk script: one Segment event per request, every messageId unique, 20,000 distinct users.
+-- wrk script: one Segment event per request, every messageId unique, 20,000 distinct users; each event carries
+-- receivedAt, as Segment's webhook deliveries do.
 -- Optional pacing: BENCH_DELAY_MS per connection turns wrk into a fixed-rate load (rate = connections * 1000 / delay).
 local counter, prefix, delay_ms = 0, "run", tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local threads = {}
@@ -22,13 +23,15 @@ request = function()
   local body
   if counter % 5 == 0 then
     body = string.format('{"type":"identify","userId":"u%d","anonymousId":"a%d","messageId":"%s-%d",' ..
-      '"timestamp":"2026-03-01T00:00:00Z","traits":{"plan":"pro","ltv":%d,"email":"u%d@example.com"},' ..
+      '"timestamp":"2026-03-01T00:00:00Z","receivedAt":"2026-03-01T00:00:01.250Z",' ..
+      '"traits":{"plan":"pro","ltv":%d,"email":"u%d@example.com"},' ..
       '"context":{"library":{"name":"analytics.js"}}}', user, user, prefix, counter, counter % 900, user)
   else
     body = string.format('{"type":"track","event":"Order Completed","userId":"u%d","messageId":"%s-%d",' ..
-      '"timestamp":"2026-03-01T00:%02d:00Z","properties":{"order_id":"%s-%d","revenue":%d,' ..
+      '"timestamp":"2026-03-01T00:%02d:00Z","receivedAt":"2026-03-01T00:%02d:01.250Z",' ..
+      '"properties":{"order_id":"%s-%d","revenue":%d,' ..
       '"products":[{"category":"books"}]},"context":{"library":{"name":"analytics.js"}}}',
-      user, prefix, counter, counter % 60, prefix, counter, counter % 200)
+      user, prefix, counter, counter % 60, counter % 60, prefix, counter, counter % 200)
   end
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, body)
 end

@@ -15,7 +15,7 @@ from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 
 # events/s of `replay` and `import` unless --rate says otherwise: measured to keep live single-event p95 within 2x
 # of its unloaded value on the benchmark machine (BENCHMARKS.md, "Replay and import")
-DEFAULT_REPLAY_RATE = 2000.0
+DEFAULT_REPLAY_RATE = 1000.0
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
