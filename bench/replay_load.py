@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.run import Stack, wrk
+from bench.run import Stack, scenario, wrk
 
 
 def archive(path: Path, n: int, seed: int = 1) -> Path:
@@ -48,11 +48,11 @@ def archive(path: Path, n: int, seed: int = 1) -> Path:
     return path
 
 
-def import_run(stack: Stack, path: Path, rate: float) -> tuple[subprocess.Popen, float]:
+def import_run(stack: Stack, path: Path, rate: float, workers: int = 1) -> tuple[subprocess.Popen, float]:
     exe = str(Path(sys.executable).with_name("persona-sync"))
     env = dict(os.environ, REDIS_URL=stack.redis.url)
-    return subprocess.Popen([exe, "import", str(path), "--rate", str(rate)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True), time.monotonic()
+    return subprocess.Popen([exe, "import", str(path), "--rate", str(rate), "--workers", str(workers)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True), time.monotonic()
 
 
 def paced(stack: Stack, seconds: int, tag: str) -> dict:
@@ -65,19 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[1000, 2000, 4000, 0], help="import rates (0: none)")
     p.add_argument("--runs", type=int, default=3, help="runs per figure (median reported)")
     p.add_argument("--seconds", type=int, default=10, help="length of one live-load run")
+    p.add_argument("--import-workers", type=int, nargs="+", default=[1, 2], help="processes of the lone import")
+    p.add_argument("--only-import", action="store_true", help="measure the import alone, not the live load")
     args = p.parse_args(argv)
     report: dict = {"events": args.events, "rates": {}}
     with tempfile.TemporaryDirectory(prefix="sps-replay-") as d, Stack(web_workers=2) as stack:
         path = archive(Path(d) / "archive.gz", args.events)
-        speeds = []
-        for _ in range(args.runs):  # the import alone, unthrottled
-            stack.flush()
-            proc, t0 = import_run(stack, path, 0)
-            proc.wait()
-            speeds.append(args.events / (time.monotonic() - t0))
-        report["import_events_per_s"] = round(statistics.median(speeds))
-        report["import_runs"] = [round(s) for s in speeds]
-        print("import alone", report["import_events_per_s"], "events/s", report["import_runs"], flush=True)
+        for workers in args.import_workers:  # the import alone, unthrottled
+            speeds = []
+            for _ in range(args.runs):
+                stack.flush()
+                proc, t0 = import_run(stack, path, 0, workers)
+                proc.wait()
+                speeds.append(args.events / (time.monotonic() - t0))
+            report[f"import_events_per_s_{workers}"] = round(statistics.median(speeds))
+            report[f"import_runs_{workers}"] = [round(s) for s in speeds]
+            print(f"import alone, {workers} process(es)", round(statistics.median(speeds)), "events/s",
+                  [round(s) for s in speeds], flush=True)
+        batch = scenario(stack, "b", args.runs, args.seconds, script="batch.lua", threads=1, conns=4)
+        report["batch_intake_events_per_s"] = round(batch["events_per_s"])
+        print("batch intake (Actions batches of 1,000, 2 web workers), same stack", report["batch_intake_events_per_s"],
+              "events/s", batch["runs_events"], flush=True)
+        if args.only_import:
+            print(json.dumps(report, indent=2))
+            return 0
         alone = []
         for i in range(args.runs):
             stack.flush()

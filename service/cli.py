@@ -383,11 +383,98 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     for path in args.files:
         if path != "-" and not Path(path).is_file():
             raise CommandError(f"{path}: no such file")
+    if args.workers < 1 or (args.workers > 1 and "-" in args.files):
+        raise CommandError("--workers is 1 or more, and stdin (-) can only be read by one")
     stamp = [(p, Path(p).stat().st_size) if p != "-" else (p, 0) for p in args.files]
     name = Checkpoint.name_of("import", args.space or settings.space_id, stamp)
+    label = f"importing {len(args.files)} file(s)"
+    if args.workers > 1:
+        state_client(settings)  # one clear line now rather than one per process
+        return _import_sharded(settings, args, f"{name}-{args.workers}", label)
     options = Options(dry_run=args.dry_run, rate=args.rate or None)
     return _run_replay(settings, args, lambda after: file_records(args.files, after), None, options, "import", name,
-                       f"importing {len(args.files)} file(s)")
+                       label)
+
+
+def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, label: str) -> int:
+    """``import --workers N``: N processes read the same files and each applies its share of the lines (the state
+    is order-independent), each with its own checkpoint. Ctrl-C asks them all to stop at their next chunk."""
+    import multiprocessing
+
+    from service.state.replay import Report
+
+    ctx = multiprocessing.get_context("fork")
+    messages = ctx.Queue()
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_import_shard, args=(settings, args, name, k, messages, stop), daemon=True)
+             for k in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    reporter = Reporter(f"{label} with {args.workers} processes", None)
+    merged, finished, stopped, failed = Report(), 0, False, []
+    try:
+        while finished < len(procs):
+            try:
+                kind, payload = messages.get(timeout=0.5)
+            except KeyboardInterrupt:
+                stop.set()
+                continue
+            except Exception:  # noqa: BLE001 - queue.Empty: check that nobody died without a word
+                if any(p.exitcode not in (None, 0) for p in procs) and messages.empty():
+                    failed.append("an import process died; see the messages above")
+                    break
+                continue
+            if kind == "progress":
+                reporter(payload)
+            elif kind == "done":
+                report, was_stopped = payload
+                merged.counts.update(report.counts)
+                merged.seconds = max(merged.seconds, report.seconds)
+                stopped = stopped or was_stopped
+                finished += 1
+            elif kind == "error":
+                failed.append(payload)
+                finished += 1
+    finally:
+        reporter.close()
+        for proc in procs:
+            proc.join(30)
+    _print_report(merged, args.dry_run)
+    if failed:
+        print(f"persona-sync import: {failed[0]}", file=sys.stderr)
+        return 1
+    if stopped:
+        resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
+        print(f"stopped; continue with: persona-sync {resume}{'' if '--resume' in resume else ' --resume'}",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: int, messages: Any, stop: Any) -> None:
+    """One process of ``import --workers N``: its own Redis client, its share of the lines, progress to the
+    parent."""
+    import signal
+
+    from service.state.replay import Checkpoint, Interrupted, Options, file_records, run
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (``stop``)
+    try:
+        client = state_client(settings)
+        space = args.space or settings.space_id
+        checkpoint = Checkpoint(client, space, f"{name}-{k}")
+        rate = (args.rate / args.workers) if args.rate else None
+        options = Options(dry_run=args.dry_run, rate=rate)
+        after = checkpoint.load() if args.resume else None
+        try:
+            report = run(client, settings, space, file_records(args.files, after, (k, args.workers)), options,
+                         "import", checkpoint,
+                         progress=lambda n: messages.put(("progress", n)), should_stop=stop.is_set)
+        except Interrupted as exc:
+            report = exc.report
+        messages.put(("done", (report, report.interrupted)))
+    except Exception as exc:  # noqa: BLE001 - reported by the parent in one line
+        messages.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
@@ -672,6 +759,8 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
                     help=f"events per second (default {DEFAULT_REPLAY_RATE:g}; 0: as fast as Redis takes them)")
     im.add_argument("--resume", action="store_true", help="continue an interrupted import of the same files")
+    im.add_argument("--workers", type=int, default=1,
+                    help="processes sharing the import (the rate is shared too); as many as cores for a quiet hour")
     im.set_defaults(func=cmd_import)
     jb = sub.add_parser("jobs", help="list failed jobs (function, space, age, error)",
                         description="List the failed RQ jobs, newest first, with the last line of their error "

@@ -76,3 +76,29 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: 
                            env=env(redis_url))
     assert again.returncode == 0, again.stderr
     assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)  # nothing lost, nothing twice
+
+
+def test_an_import_shared_by_processes_equals_one_and_resumes(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """--workers 3: every third chunk each, in any order (the state is order-independent): the same profiles and
+    log as one process; interrupted, each process resumes from its own checkpoint."""
+    events = archived(mixed_stream(12_000, users=200, seed=14))
+    apply(r, events)
+    whole = snapshot(r)
+    r.flushall()
+    path = tmp_path / "archive.gz"
+    with gzip.open(path, "wb") as f:
+        for e in events:
+            f.write(orjson.dumps(e) + b"\n")
+    cmd = [EXE, "import", str(path), "--workers", "3", "--rate", "3000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True)
+    deadline = time.monotonic() + 60
+    while r.xlen(Keys("default").log) < 3000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in stderr, stderr
+    assert 3000 <= r.xlen(Keys("default").log) < len(events)
+    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
+                           env=env(redis_url))
+    assert again.returncode == 0, again.stderr
+    assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)

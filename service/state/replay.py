@@ -43,6 +43,7 @@ from service.spec.keys import Keys
 from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters
 
 CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
+SHARD_LINES = 500  # lines (or array elements) per share of a file split between processes (``file_records``)
 # dead letters that may be applied again: bodies that passed authentication, and what an operator replayed or imported
 AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking", "import", "replay"})
 
@@ -65,6 +66,7 @@ class Report:
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     dead_letters_removed: int = 0
     stopped: str | None = None
+    interrupted: bool = False  # stopped before the end of the input (Ctrl-C, a cancelled job)
     seconds: float = 0.0
 
     def outcome_totals(self) -> dict[str, int]:
@@ -85,7 +87,8 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"events": self.total, "outcomes": self.outcome_totals(), "by_type": self.by_type(),
-                "dead_letters_removed": self.dead_letters_removed, "stopped_at": self.stopped,
+                "dead_letters_removed": self.dead_letters_removed, "interrupted": self.interrupted,
+                "stopped_at": self.stopped,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -188,12 +191,15 @@ def open_history(path: str) -> io.BufferedReader:
     return raw
 
 
-def file_records(paths: list[str], after: str | None = None) -> Iterator[Record]:
+def file_records(paths: list[str], after: str | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[Record]:
     """Events of history files, in order: one JSON event per line (Segment's S3 / GCS archives, gzip or not, and
     NDJSON), a JSON array of events, or a Tracking API batch body. A line that is not an event becomes a record
     that carries the reason (a dead letter, with file and line); nothing stops the import.
 
-    Positions are ``<file index>:<line>``; ``after`` skips up to and including one."""
+    Positions are ``<file index>:<line>``; ``after`` skips up to and including one. ``shard`` (k, n) keeps only
+    the k-th of every n runs of ``SHARD_LINES`` lines (array elements) and skips the others before parsing them,
+    so that n processes share an import: the state is order-independent, so the shares may apply in any order,
+    and each has its own positions to resume from."""
     skip_file, skip_line = -1, -1
     if after:
         f, _, ln = after.partition(":")
@@ -208,9 +214,9 @@ def file_records(paths: list[str], after: str | None = None) -> Iterator[Record]
             while first and not first.strip():
                 first, blank = stream.readline(), blank + 1
             if first.lstrip()[:1] == b"[" or (first.lstrip()[:1] == b"{" and not _is_json(first)):
-                records = _document_records(first + stream.read(), name, index)  # an array, or pretty-printed
+                records = _document_records(first + stream.read(), name, index, shard)  # an array, or pretty
             else:
-                records = _line_records(itertools.chain([first], stream), name, index, 1 + blank)
+                records = _line_records(itertools.chain([first], stream), name, index, 1 + blank, shard)
             for rec in records:
                 line = int(rec.position.partition(":")[2])
                 if index == skip_file and line <= skip_line:
@@ -229,8 +235,16 @@ def _is_json(line: bytes) -> bool:
     return True
 
 
-def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: int) -> Iterator[Record]:
+def _mine(number: int, shard: tuple[int, int]) -> bool:
+    """Whether line (or element) ``number`` (from 1) belongs to ``shard``."""
+    return shard[1] == 1 or ((number - 1) // SHARD_LINES) % shard[1] == shard[0]
+
+
+def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: int,
+                  shard: tuple[int, int]) -> Iterator[Record]:
     for n, line in enumerate(stream, first_line):
+        if not _mine(n, shard):
+            continue
         line = line.strip()
         if not line:
             continue
@@ -247,7 +261,7 @@ def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: in
         yield Record(_history_item(doc, None, name, n), where, position)
 
 
-def _document_records(body: bytes, name: str, index: int) -> Iterator[Record]:
+def _document_records(body: bytes, name: str, index: int, shard: tuple[int, int]) -> Iterator[Record]:
     """A whole-file document: a JSON array of events, a Tracking API batch body, or one event."""
     try:
         doc = parse_json(body)
@@ -261,7 +275,8 @@ def _document_records(body: bytes, name: str, index: int) -> Iterator[Record]:
     else:
         items = [_history_item(doc, None, name, 1)]
     for n, it in enumerate(items, 1):  # the element's number stands for its "line"
-        yield Record(it, f"{name}#{n}", f"{index}:{n}")
+        if _mine(n, shard):
+            yield Record(it, f"{name}#{n}", f"{index}:{n}")
 
 
 DOCUMENT_SNIPPET = 64 * 1024  # of a file that is not JSON at all, what the dead letter keeps
@@ -342,33 +357,35 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
     # One chunk is in Redis while the next is normalised: the two halves of the work overlap (redis-py waits on
     # the socket without the GIL), and chunks still apply strictly in order.
     pool = ThreadPoolExecutor(1, thread_name_prefix="replay-apply")
-    pending: tuple[Future[None], list[Record]] | None = None
+    pending: tuple[Future[None], int, str] | None = None  # the chunk in flight: its size and checkpoint
 
     def settle() -> None:
         """Wait for the chunk in flight, then count it, checkpoint it and sleep off what ran ahead of the rate."""
         nonlocal pending, paced
         if pending is None:
             return
-        future, applied = pending
+        future, size, position = pending
         future.result()
         pending = None
         if progress:
-            progress(len(applied))
-        paced += len(applied)
+            progress(size)
+        paced += size
         if checkpoint and not options.dry_run:
-            checkpoint.save(applied[-1].position)
+            checkpoint.save(position)
         if options.rate:
             ahead = paced / options.rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)
 
     def flush() -> None:
+        """Send the chunk to Redis (after the one in flight); its checkpoint is its last record's position."""
         nonlocal chunk, pending
         if not chunk:
             return
         prepared = _prepare(chunk, rules, now_ms())
         settle()
-        pending = (pool.submit(_execute, client, store, space, prepared, options, source, report, seen), chunk)
+        pending = (pool.submit(_execute, client, store, space, prepared, options, source, report, seen),
+                   len(chunk), chunk[-1].position)
         chunk = []
 
     try:
@@ -378,6 +395,7 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
                 flush()
                 if should_stop and should_stop():
                     settle()
+                    report.interrupted = True
                     report.stopped = last_position
                     break
             chunk.append(rec)
@@ -393,6 +411,7 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
         except Exception:  # noqa: BLE001 - it stays unapplied; the resume applies it again
             pass
         pool.shutdown(wait=True)
+        report.interrupted = True
         report.stopped = checkpoint.load() if checkpoint else None
         report.seconds = time.monotonic() - start
         raise Interrupted(report) from None
@@ -550,6 +569,6 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     report = run(client, settings, space, records_for(client, space, spec, after), options, "replay", checkpoint,
                  progress, should_stop)
     if job is not None:
-        job.meta.update(done=done, total=total, stopped=report.stopped is not None)
+        job.meta.update(done=done, total=total, stopped=report.interrupted)
         job.save_meta()
     return {"space": space, "source": source, **report.as_dict()}
