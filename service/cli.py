@@ -356,6 +356,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                            total, options, "replay", name, f"replaying dead letters of {space}")
     now = now_ms()
     since, until = parse_since("since", args.since, now), parse_since("until", args.until, now)
+    types = {t.lower() for t in args.type} if args.type else None
+    if args.from_archive:
+        return _replay_archive(settings, args, space, since, until, types, options)
     pids = None
     if args.profile:
         kind, sep, value = args.profile.partition(":")
@@ -369,12 +372,31 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         pids = profile_ids(client, space, kind, value)
         if pids is None:
             raise CommandError(f"no profile has {kind}:{value} in space {space}")
-    types = {t.lower() for t in args.type} if args.type else None
     name = Checkpoint.name_of("log", space, since, until, sorted(pids or []), sorted(types or []), args.event)
     total = client.xlen(Keys(space).log)
     return _run_replay(settings, args, lambda after: log_records(client, space, since, until, pids, types,
                                                                  args.event, after),
                        total, options, "replay", name, f"replaying the event log of {space}")
+
+
+def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, since: int | None, until: int | None,
+                    types: set[str] | None, options: Any) -> int:
+    """``replay --from-archive``: the archive files of the hours in [since, until], applied again like the log."""
+    from service.state.archive import archive_files
+    from service.state.replay import Checkpoint, file_records, only
+
+    if not settings.event_archive_dir:
+        raise CommandError("EVENT_ARCHIVE_DIR is not set: there is no archive to replay (see README, Replays)")
+    if args.profile:
+        raise CommandError("--profile works on the log only (archived events carry no profile id); use --type or "
+                           "--event, or replay the log")
+    files = [str(f) for f in archive_files(settings.event_archive_dir, space, since, until)]
+    if not files:
+        raise CommandError(f"no archive files for space {space} in that time range under "
+                           f"{settings.event_archive_dir}")
+    name = Checkpoint.name_of("archive", space, since, until, sorted(types or []), args.event, files)
+    return _run_replay(settings, args, lambda after: only(file_records(files, after), types, args.event), None,
+                       options, "replay", name, f"replaying {len(files)} archive file(s) of {space}")
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
@@ -733,6 +755,9 @@ def parser() -> argparse.ArgumentParser:
                                     "applies is removed, the rest stays with its reason.")
     rp.add_argument("--space", help="space (default SPACE_ID)")
     rp.add_argument("--dead-letters", action="store_true", help="replay the dead letters instead of the log")
+    rp.add_argument("--from-archive", action="store_true",
+                    help="replay the archive files (EVENT_ARCHIVE_DIR) instead of the log: everything older than "
+                         "the log's retention; --since/--until select whole hours")
     rp.add_argument("--reason", help="with --dead-letters: only those whose reason contains TEXT")
     rp.add_argument("--since", help="log: received at or after (ISO-8601, or a time ago: 90m, 2h, 7d)")
     rp.add_argument("--until", help="log: received at or before (ISO-8601, or a time ago)")

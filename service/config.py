@@ -79,7 +79,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("KPI_API_SECRET", "", "The X-Secret that goes with KPI_API_ID."),
     ("DEDUPE_WINDOW", "24h", "How long a messageId is remembered to drop retries."),
     ("DEDUPE_SHARDS", "65536", "Hash shards per dedupe bucket; size so each shard holds a few hundred ids."),
-    ("EVENT_LOG_RETENTION", "30d", "How long the event log (a Redis Stream per space) keeps events."),
+    ("EVENT_LOG_RETENTION", "30d", "How long the event log (a Redis Stream per space) keeps events. With an "
+     "archive, 14d is enough (what the Profile API's /events serves): older events are in the archive files."),
+    ("EVENT_ARCHIVE_DIR", "", "Directory of the event archive: hourly gzip NDJSON files laid out as Segment's S3 "
+     "destination's, written before the log trims events (one directory for every worker: a shared mount when "
+     "workers run on several hosts). Empty: no archive (`persona-sync dev` puts it under DATA_DIR/archive)."),
     ("DEAD_LETTER_MAX", "100000", "Most dead letters kept per space (oldest trimmed first)."),
     ("DEAD_LETTER_MAX_BYTES", "67108864", "Most bytes of dead letters (bodies and reasons) kept per space, oldest "
      "trimmed first; one body is kept up to 1 MiB. Only authenticated (or open-mode) bodies are ever dead letters."),
@@ -131,6 +135,7 @@ class Settings:
     dedupe_window: float = 86400.0
     dedupe_shards: int = 65536
     event_log_retention: float = 30 * 86400.0
+    event_archive_dir: str = ""
     dead_letter_max: int = 100000
     dead_letter_max_bytes: int = 64 * 1024 * 1024
     refusal_log_max: int = 10000
@@ -178,6 +183,7 @@ class Settings:
             dedupe_window=parse_duration("DEDUPE_WINDOW", raw["DEDUPE_WINDOW"]),
             dedupe_shards=_int("DEDUPE_SHARDS", raw["DEDUPE_SHARDS"], 1),
             event_log_retention=parse_duration("EVENT_LOG_RETENTION", raw["EVENT_LOG_RETENTION"]),
+            event_archive_dir=raw["EVENT_ARCHIVE_DIR"].strip(),
             dead_letter_max=_int("DEAD_LETTER_MAX", raw["DEAD_LETTER_MAX"], 1),
             dead_letter_max_bytes=_int("DEAD_LETTER_MAX_BYTES", raw["DEAD_LETTER_MAX_BYTES"], 1024),
             refusal_log_max=_int("REFUSAL_LOG_MAX", raw["REFUSAL_LOG_MAX"], 1),

@@ -8,8 +8,11 @@ from __future__ import annotations
 from rq import cron
 
 from service.config import Settings
+from service.state.archive import archive_job
 from service.state.queue import QUEUE_NAME
 from workers.jobs import full_recompute
 
-cron.register(full_recompute, QUEUE_NAME, cron=Settings.from_env().full_recompute_cron, name="full-recompute",
-              job_timeout=3600)
+settings = Settings.from_env()
+cron.register(full_recompute, QUEUE_NAME, cron=settings.full_recompute_cron, name="full-recompute", job_timeout=3600)
+if settings.event_archive_dir:  # every minute: events go to the archive files, then the log is trimmed
+    cron.register(archive_job, QUEUE_NAME, interval=60, name="archive", job_timeout=3600)

@@ -108,6 +108,9 @@ class Child:
 
 def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True) -> int:
     env = dict(os.environ)
+    if not env.get("EVENT_ARCHIVE_DIR"):  # one box: the archive lives beside the data, and the log keeps 14 days
+        env["EVENT_ARCHIVE_DIR"] = str(Path(settings.data_dir).resolve() / "archive")
+        env.setdefault("EVENT_LOG_RETENTION", "14d")
     lock = embedded = None
     children: list[Child] = []
     if not settings.redis_url:

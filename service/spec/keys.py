@@ -93,6 +93,20 @@ class Keys:
         return f"{self.prefix}deleted"
 
     @property
+    def forgotten_ids(self) -> str:
+        """userIds and anonymousIds of erased profiles whose events the archive files may still hold."""
+        return f"{self.prefix}forgotten:ids"
+
+    @property
+    def archive_cursor(self) -> str:
+        """The last log entry id written to the archive files (``service/state/archive.py``)."""
+        return f"{self.prefix}archive:cursor"
+
+    @property
+    def archive_lock(self) -> str:
+        return f"{self.prefix}archive:lock"
+
+    @property
     def forgotten_profiles(self) -> str:
         """Profile ids erased by GDPR deletion whose log entries still await purging."""
         return f"{self.prefix}forgotten"

@@ -10,6 +10,7 @@ from service.spec.clock import now_ms
 from service.spec.events import normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, Keys
+from service.state.archive import purge_archive
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, run
 from service.state.status import queue_status, spaces, status_row
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw
@@ -48,6 +49,7 @@ def forget(client: redis.Redis, settings: Settings, space: str, user_id: str) ->
     event = normalise(raw, now_ms(), IdentityRules.from_settings(settings))
     outcome = SyncStore(client, settings).apply(space, [(event, encode_raw(raw))])[0]
     purge_forgotten(client, space)
+    purge_archive(client, settings, space)
     return outcome
 
 
@@ -99,6 +101,7 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
 
 
 def purge_job(space: str) -> int:
-    """RQ entry point (enqueued by the receiver after a delete)."""
-    client = redis.Redis.from_url(state_url(Settings.from_env()))
-    return purge_forgotten(client, space)
+    """RQ entry point (enqueued by the receiver after a delete): the log, then the archive files."""
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(state_url(settings))
+    return purge_forgotten(client, space) + purge_archive(client, settings, space)

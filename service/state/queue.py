@@ -14,6 +14,7 @@ FULL_RECOMPUTE_JOB = "workers.jobs.full_recompute"
 SYNC_JOB = "workers.jobs.sync"
 PURGE_JOB = "service.state.ops.purge_job"
 REPLAY_JOB = "service.state.replay.replay_job"
-JOBS = (REFRESH_JOB, FULL_RECOMPUTE_JOB, SYNC_JOB, PURGE_JOB, REPLAY_JOB)
+ARCHIVE_JOB = "service.state.archive.archive_job"
+JOBS = (REFRESH_JOB, FULL_RECOMPUTE_JOB, SYNC_JOB, PURGE_JOB, REPLAY_JOB, ARCHIVE_JOB)
 
 CRON_CONFIG = "workers.cron"  # the module that registers the scheduled jobs with rq's cron

@@ -131,6 +131,17 @@ def log_records(client: redis.Redis, space: str, since_ms: int | None = None, un
         start = "(" + rows[-1][0].decode()
 
 
+def only(records: Iterable[Record], types: set[str] | None, event: str | None) -> Iterator[Record]:
+    """The records of these call types and this track event name (either may be None: any)."""
+    for rec in records:
+        obj = rec.item.obj
+        if types and not (isinstance(obj, dict) and str(obj.get("type", "")).lower() in types):
+            continue
+        if event is not None and not (isinstance(obj, dict) and obj.get("event") == event):
+            continue
+        yield rec
+
+
 def profile_ids(client: redis.Redis, space: str, kind: str, value: str) -> set[bytes] | None:
     """The profile that identifier resolves to and every profile merged into it (their log entries carry the id
     they had then), or None when it resolves to nothing."""

@@ -120,7 +120,9 @@ class Applier:
         """``reapply``: a replay of the event log (no dedupe, not logged again); see apply.lua's header."""
         shard, field = dedupe_digest(event.message_id)
         bucket = now_ms // 1000 // self.bucket_width
-        minid = max(0, now_ms - int(self.settings.event_log_retention * 1000))
+        # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
+        retention_ms = int(self.settings.event_log_retention * 1000)
+        minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
         header = (f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t"
                   f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}\t{'reapply' if reapply else 'live'}")
         return [keys.log], [header, field, event.script_payload(), raw, self.rules_json]

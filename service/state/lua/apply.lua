@@ -26,6 +26,7 @@
 -- Keys of the space (prefix P, the space's hash tag; names as in service/spec/keys.py):
 --   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
+--   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
 --   P..'i:'type':'value     identifier index    P..'p:'pid       profile hash      P..'mrg:'pid    merged away
 --   P..'seq'                profile counter     P..'acct:'group  account traits    P..'dirty'      refresh set
 --   KEYS[1]                 event log (XADD, trimmed by MINID)
@@ -65,6 +66,7 @@ local uid = ev.uid
 local ts, mid, rc = ev.ts, ev.mid, ev.rc or ev.ts
 if ev.t == 'delete' then
   redis.call('SADD', P .. 'suppressed', uid)
+  redis.call('SADD', P .. 'forgotten:ids', uid)
   local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
   if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
   local pid = redis.call('GET', ikey('user_id', uid))
@@ -79,6 +81,9 @@ if ev.t == 'delete' then
     local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
     if pre == 'x:' then
       redis.call('DEL', P .. 'i:' .. rest)
+      -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
+      local kind, value = string.match(rest, '^([^:]+):(.*)$')
+      if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
     elseif pre == 'r:' then
       redis.call('DEL', P .. 'mrg:' .. rest)
       redis.call('SADD', P .. 'forgotten', rest)

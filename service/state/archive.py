@@ -1,0 +1,187 @@
+"""The event archive: events leave the Redis log for gzip NDJSON files before the log trims them, laid out as
+Segment's own S3 destination lays out its logs (https://segment.com/docs/connections/storage/catalog/amazon-s3/):
+
+    EVENT_ARCHIVE_DIR/segment-logs/<space>/<received day, epoch ms>/<received hour, epoch ms>.gz
+
+one event per line, as received, by the hour its entry was logged. With an archive, the archiver owns the log's
+trimming (the apply script no longer trims): it appends what the log holds past its cursor to the hour files,
+makes them durable (fsync), moves the cursor, and only then trims the log to ``EVENT_LOG_RETENTION``, never past
+the cursor. A crash between writing and moving the cursor archives some events twice; archive replays apply
+events again idempotently (``reapply``), so a line written twice changes nothing.
+
+A GDPR deletion removes the user's events from the files too: the apply script records the erased userIds and
+anonymousIds, and ``purge_archive`` rewrites the files that hold their events (to a temporary file, fsynced,
+renamed over the old one).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.spec.clock import now_ms
+from service.spec.keys import DAY_MS, Keys
+
+HOUR_MS = 3_600_000
+READ = 5000  # log entries per read
+LOCK_TTL_MS = 120_000
+
+
+def space_dir(root: str | Path, space: str) -> Path:
+    return Path(root) / "segment-logs" / space
+
+
+def hour_file(root: str | Path, space: str, entry_ms: int) -> Path:
+    day = entry_ms - entry_ms % DAY_MS
+    hour = entry_ms - entry_ms % HOUR_MS
+    return space_dir(root, space) / str(day) / f"{hour}.gz"
+
+
+def archive_files(root: str | Path, space: str, since_ms: int | None = None,
+                  until_ms: int | None = None) -> list[Path]:
+    """The space's archive files in time order, those of hours that overlap [since, until]."""
+    out = []
+    base = space_dir(root, space)
+    if not base.is_dir():
+        return []
+    for day in sorted((d for d in base.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
+        for f in sorted((f for f in day.iterdir() if f.name.endswith(".gz") and f.name[:-3].isdigit()),
+                        key=lambda f: int(f.name[:-3])):
+            hour = int(f.name[:-3])
+            if (since_ms is None or hour + HOUR_MS > since_ms) and (until_ms is None or hour <= until_ms):
+                out.append(f)
+    return out
+
+
+def _lock(client: redis.Redis, space: str) -> str | None:
+    token = uuid.uuid4().hex
+    return token if client.set(Keys(space).archive_lock, token, nx=True, px=LOCK_TTL_MS) else None
+
+
+def _unlock(client: redis.Redis, space: str, token: str) -> None:
+    key = Keys(space).archive_lock
+    if client.get(key) == token.encode():
+        client.delete(key)
+
+
+def archive_space(client: redis.Redis, settings: Settings, space: str) -> dict[str, int]:
+    """Move what the log holds past the cursor into the hour files, then trim the log (never past the cursor)."""
+    root = settings.event_archive_dir
+    if not root:
+        return {"archived": 0, "trimmed": 0}
+    token = _lock(client, space)
+    if token is None:
+        return {"archived": 0, "trimmed": 0, "busy": 1}
+    k = Keys(space)
+    archived = 0
+    try:
+        cursor = (client.get(k.archive_cursor) or b"0-0").decode()
+        while True:
+            rows = client.xrange(k.log, min=f"({cursor}", max="+", count=READ)
+            if not rows:
+                break
+            by_hour: dict[Path, list[bytes]] = defaultdict(list)
+            for entry_id, fields in rows:
+                ms = int(entry_id.split(b"-")[0])
+                by_hour[hour_file(root, space, ms)].append(fields.get(b"e", b"{}"))
+            for path, lines in by_hour.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "ab") as raw:  # one more gzip member: concatenated members are one gzip stream
+                    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                        gz.write(b"\n".join(lines) + b"\n")
+                    raw.flush()
+                    os.fsync(raw.fileno())
+            cursor = rows[-1][0].decode()
+            client.set(k.archive_cursor, cursor)  # only once the lines are on disk
+            client.pexpire(k.archive_lock, LOCK_TTL_MS)
+            archived += len(rows)
+            if len(rows) < READ:
+                break
+        # the log keeps EVENT_LOG_RETENTION, and nothing that is not archived yet
+        cutoff = min(now_ms() - int(settings.event_log_retention * 1000), int(cursor.split("-")[0]) + 1)
+        trimmed = client.xtrim(k.log, minid=str(cutoff), approximate=False) if cutoff > 0 else 0
+    finally:
+        _unlock(client, space, token)
+    return {"archived": archived, "trimmed": int(trimmed)}
+
+
+def archive_job() -> dict[str, dict[str, int]]:
+    """RQ entry point, every minute from ``persona-sync cron``: archive every space."""
+    from service.config import state_url
+    from service.state.status import spaces
+
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(state_url(settings))
+    return {space: archive_space(client, settings, space) for space in spaces(client)}
+
+
+def archived_lines(path: Path) -> Iterator[bytes]:
+    with gzip.open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield line.rstrip(b"\n")
+
+
+def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
+    """Rewrite the archive files that hold events of erased users (``Keys.forgotten_ids``); returns lines removed.
+
+    Runs in the purge job after a deletion, under the archiver's lock so that no file changes under it."""
+    root = settings.event_archive_dir
+    k = Keys(space)
+    ids = client.smembers(k.forgotten_ids)
+    if not root or not ids:
+        return 0
+    wanted = {i.decode() for i in ids}
+    token = None
+    deadline = time.monotonic() + LOCK_TTL_MS / 1000
+    while token is None:
+        token = _lock(client, space)
+        if token is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the archiver of {space} holds its lock; the purge runs again with the next job")
+            time.sleep(0.2)
+    removed = 0
+    try:
+        for path in archive_files(root, space):
+            kept, dropped = [], 0
+            for line in archived_lines(path):
+                if _belongs(line, wanted):
+                    dropped += 1
+                else:
+                    kept.append(line)
+            if not dropped:
+                continue
+            tmp = path.with_suffix(".gz.tmp")
+            with open(tmp, "wb") as raw:
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                    if kept:
+                        gz.write(b"\n".join(kept) + b"\n")
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+            removed += dropped
+        client.srem(k.forgotten_ids, *ids)
+    finally:
+        _unlock(client, space, token)
+    return removed
+
+
+def _belongs(line: bytes, ids: set[str]) -> bool:
+    """Whether an archived event is one of an erased user's (by its userId or anonymousId)."""
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(event, dict):
+        return False
+    return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids
+               for f in ("userId", "anonymousId", "previousId"))

@@ -1,0 +1,117 @@
+"""The event archive against a real Redis and real files: Segment's S3 layout, trimming only what is archived,
+replaying the archive, a crash that archives twice, and GDPR deletion in the files."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.spec.keys import DAY_MS, Keys
+from service.state.archive import HOUR_MS, archive_files, archive_space, archived_lines, purge_archive
+from service.state.ops import purge_forgotten
+from service.state.replay import Options, file_records, run
+from tests.helpers import apply, mixed_stream, snapshot
+from tests.state.test_replay import archived
+
+SPACE = "default"
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+
+
+def settings_for(tmp_path: Path, retention: float = 30 * 86400.0) -> Settings:
+    return Settings(event_archive_dir=str(tmp_path / "archive"), event_log_retention=retention)
+
+
+def wipe(r: redis.Redis) -> None:
+    """Lose the space's state (profiles, identifiers, dedupe), as a Redis lost without a backup would."""
+    for key in r.scan_iter(match=f"{Keys(SPACE).prefix}*"):
+        r.delete(key)
+
+
+def lines(tmp_path: Path) -> list[bytes]:
+    return [line for f in archive_files(tmp_path / "archive", SPACE) for line in archived_lines(f)]
+
+
+def test_events_go_to_hourly_files_in_segments_layout_before_the_log_trims_them(r: redis.Redis,
+                                                                               tmp_path: Path) -> None:
+    s = settings_for(tmp_path, retention=0)  # keep nothing in the log that is archived
+    events = archived(mixed_stream(800, users=30, seed=21))
+    apply(r, events, settings=s)
+    k = Keys(SPACE)
+    assert r.xlen(k.log) == 800  # with an archive, nothing is trimmed before it is in the files
+    first = int(r.xrange(k.log, count=1)[0][0].split(b"-")[0])
+    assert archive_space(r, s, SPACE) == {"archived": 800, "trimmed": 800}
+    [path] = archive_files(tmp_path / "archive", SPACE)
+    day, hour = first - first % DAY_MS, first - first % HOUR_MS
+    assert path == tmp_path / "archive" / "segment-logs" / SPACE / str(day) / f"{hour}.gz"
+    assert [orjson.loads(line)["messageId"] for line in lines(tmp_path)] == [e["messageId"] for e in events]
+    assert r.xlen(k.log) == 0 and r.get(k.archive_cursor)
+    more = [dict(e, messageId=f"more-{e['messageId']}") for e in archived(mixed_stream(50, users=5, seed=22))]
+    apply(r, more, settings=s)  # appended to the hour's file as another gzip member
+    assert archive_space(r, s, SPACE)["archived"] == 50 and len(lines(tmp_path)) == 850
+    with gzip.open(path) as f:  # one gzip stream for any reader
+        assert len(f.read().splitlines()) == 850
+
+
+def test_the_log_keeps_its_retention_and_the_archive_everything(r: redis.Redis, tmp_path: Path) -> None:
+    s = settings_for(tmp_path)  # 30 days: nothing this new is trimmed
+    apply(r, archived(mixed_stream(300, users=10, seed=23)), settings=s)
+    assert archive_space(r, s, SPACE) == {"archived": 300, "trimmed": 0}
+    assert r.xlen(Keys(SPACE).log) == 300 and len(lines(tmp_path)) == 300
+    assert archive_space(r, s, SPACE) == {"archived": 0, "trimmed": 0}  # nothing twice
+
+
+def test_replaying_the_archive_rebuilds_the_profiles_even_when_a_crash_archived_twice(r: redis.Redis,
+                                                                                    tmp_path: Path) -> None:
+    s = settings_for(tmp_path)
+    events = archived(mixed_stream(3000, users=80, seed=24))
+    apply(r, events[:2000], settings=s)
+    archive_space(r, s, SPACE)
+    r.delete(Keys(SPACE).archive_cursor)  # as if the archiver died after writing, before moving its cursor
+    apply(r, events[2000:], settings=s)
+    archive_space(r, s, SPACE)
+    assert len(lines(tmp_path)) == 5000  # the first 2000 twice
+    whole = snapshot(r)
+    wipe(r)
+    files = [str(f) for f in archive_files(tmp_path / "archive", SPACE)]
+    report = run(r, s, SPACE, file_records(files), Options(reapply=True), "replay")
+    assert report.outcome_totals() == {"applied": 5000}
+    assert snapshot(r) == whole
+
+
+def test_a_gdpr_deletion_removes_the_users_events_from_the_archive(r: redis.Redis, tmp_path: Path) -> None:
+    s = settings_for(tmp_path)
+    t = "2026-03-01T10:00:00Z"
+    apply(r, [{"type": "identify", "userId": "gone", "anonymousId": "gone-anon", "messageId": "1", "timestamp": t},
+              {"type": "page", "anonymousId": "gone-anon", "messageId": "2", "timestamp": t},
+              {"type": "identify", "userId": "stays", "messageId": "3", "timestamp": t}], settings=s)
+    archive_space(r, s, SPACE)
+    apply(r, [{"type": "delete", "userId": "gone", "messageId": "4", "timestamp": "2026-03-02T10:00:00Z"}],
+          settings=s)
+    purge_forgotten(r, SPACE)
+    assert purge_archive(r, s, SPACE) == 2
+    kept = [orjson.loads(line) for line in lines(tmp_path)]
+    assert [e["messageId"] for e in kept] == ["3"]
+    assert not any(b"gone" in line for line in lines(tmp_path))
+    assert r.scard(Keys(SPACE).forgotten_ids) == 0
+
+
+def test_replay_from_archive_command(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    s = settings_for(tmp_path, retention=0)
+    apply(r, archived(mixed_stream(400, users=15, seed=25)), settings=s)
+    archive_space(r, s, SPACE)
+    whole = snapshot(r)
+    wipe(r)
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "EVENT_ARCHIVE_DIR": s.event_archive_dir}
+    out = subprocess.run([EXE, "replay", "--from-archive", "--rate", "0"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "400 events were: 400 applied" in out.stdout and snapshot(r) == whole
+    none = subprocess.run([EXE, "replay", "--from-archive"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url})
+    assert none.returncode == 1 and "EVENT_ARCHIVE_DIR is not set" in none.stderr
