@@ -194,3 +194,20 @@ def test_a_throttled_run_applies_everything(r: redis.Redis, tmp_path: Path, rate
     """The rate only spaces the chunks out (how well it protects live intake is measured in BENCHMARKS.md)."""
     path = write_archive(tmp_path / "t.gz", archived(mixed_stream(300, users=10, seed=3)))
     assert import_files(r, [path], rate=rate).outcome_totals() == {"applied": 300}
+
+
+def test_a_month_of_s3_archive_backfills_to_the_profiles_of_live_ingest(r: redis.Redis, tmp_path: Path) -> None:
+    """100,000 events of a generated Segment S3 archive (one gzip file per received day, as the destination lays
+    them out) imported into an empty space give exactly the profiles that live ingest of the same events gives."""
+    events = archived(mixed_stream(100_000, users=2000, seed=31))
+    apply(r, events, batch=1000)
+    live = snapshot(r)
+    r.flushall()
+    by_day: dict[str, list[dict]] = {}
+    for e in sorted(events, key=lambda e: e["receivedAt"]):
+        by_day.setdefault(e["receivedAt"][:10], []).append(e)
+    files = [write_archive(tmp_path / f"{day}.gz", day_events) for day, day_events in sorted(by_day.items())]
+    assert len(files) >= 28
+    report = import_files(r, files)
+    assert report.outcome_totals() == {"applied": 100_000}
+    assert snapshot(r) == live
