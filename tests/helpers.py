@@ -12,9 +12,9 @@ import redis
 from service.config import Settings
 from service.spec.events import normalise
 from service.spec.identity import IdentityRules
-from service.spec.keys import TOMBSTONE, Keys
+from service.spec.keys import TOMBSTONE
 from service.spec.profile import Profile, decode_profile
-from service.state.store import Outcome, SyncStore
+from service.state.store import Outcome, SyncStore, state_keys
 
 NOW = int(time.time() * 1000)  # "received" time; dedupe buckets expire relative to the real clock
 
@@ -32,7 +32,7 @@ def apply(client: redis.Redis, events: list[dict], settings: Settings | None = N
 
 
 def profiles(client: redis.Redis, space: str = "default") -> list[Profile]:
-    k = Keys(space)
+    k = state_keys(client, space)
     out = []
     for key in client.scan_iter(match=k.profile("*"), count=1000):
         pid = key.decode().rsplit(":", 1)[1]
@@ -41,7 +41,7 @@ def profiles(client: redis.Redis, space: str = "default") -> list[Profile]:
 
 
 def find(client: redis.Redis, kind: str, value: str, space: str = "default") -> Profile | None:
-    k = Keys(space)
+    k = state_keys(client, space)
     pid = client.get(k.ident(kind, value))
     if pid is None or pid.decode() == TOMBSTONE:
         return None

@@ -31,6 +31,7 @@ from service.spec import clock
 from service.spec.keys import Keys
 from service.spec.kpis import InsightRule
 from service.spec.profile import Profile, decode_profile
+from service.state.store import state_keys
 from workers.compute import aggregates as A
 from workers.compute.channels import channel_pattern, pattern_summaries
 from workers.compute.clusters import Rules, assign_cluster, load_rules
@@ -233,7 +234,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             lock_wait: float | None = None) -> dict:
     """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree."""
     now_ms = now_ms or clock.now_ms()
-    keys = Keys(space)
+    keys = state_keys(client, space)
     work = keys.dirty_work
     started = time.perf_counter()
     with space_lock(client, space, lock_wait) as lock:
@@ -366,7 +367,7 @@ Part = tuple[int, dict[str, A.GroupAggregate], dict[str, A.GroupAggregate]]  # p
 def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, started: float, lock: Lock,
           reason: str = "scheduled", processes: int | None = None,
           progress: Callable[[int], None] | None = None) -> dict:
-    keys = Keys(space)
+    keys = state_keys(client, space)
     snapshot = keys.dirty_full
     _take(client, snapshot, [keys.dirty])  # changes from now on stay dirty for the next refresh
     staging = _staging(keys.contributions)
@@ -422,7 +423,8 @@ _child: dict[str, Any] = {}  # one full recompute's connection and settings, per
 
 
 def _start_child(pool_args: tuple, settings: Settings, space: str, now_ms: int) -> None:
-    _child.update(client=_connect(pool_args), settings=settings, keys=Keys(space), now_ms=now_ms,
+    client = _connect(pool_args)
+    _child.update(client=client, settings=settings, keys=state_keys(client, space), now_ms=now_ms,
                   rules=rules_for(settings))
 
 

@@ -27,7 +27,7 @@ from service.spec.keys import REFUSALS_KEY, Keys
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key
 from service.state.status import queue_status, status_row
-from service.state.store import DLQ_DELETE, REDIS_DOWN
+from service.state.store import DLQ_DELETE, REDIS_DOWN, state_keys_async
 
 
 def admin_denied(request: Request) -> Response | None:
@@ -137,7 +137,7 @@ async def refusals(request: Request) -> Response:
 @admin_endpoint
 async def status(request: Request, space: str) -> Response:
     pipe = request.app.state.redis.pipeline(transaction=False)
-    queue_status(pipe, Keys(space))
+    queue_status(pipe, await state_keys_async(request.app.state.redis, space))
     return JSON(status_row(space, await pipe.execute()))
 
 

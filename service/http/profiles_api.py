@@ -18,9 +18,9 @@ from starlette.routing import Route
 from service.config import valid_space
 from service.http import auth
 from service.http.responses import JSON, error, unavailable
-from service.spec.keys import TOMBSTONE, Keys
+from service.spec.keys import TOMBSTONE
 from service.spec.profile import Profile, decode_profile
-from service.state.store import REDIS_DOWN
+from service.state.store import REDIS_DOWN, state_keys_async
 
 BASE = "/v1/spaces/{space}/collections/users/profiles/{ident}"
 CLASSES = {"audience": "audience", "computed_trait": "computed_trait"}
@@ -54,8 +54,8 @@ async def find_profile(request: Request) -> Profile:
     kind, sep, value = request.path_params["ident"].partition(":")
     if not sep or not kind or not value:
         raise ApiError(400, "invalid_request_error", "profile id must look like user_id:abc or email:a@b.c")
-    keys = Keys(space)
     client = state.redis
+    keys = await state_keys_async(client, space)
     if kind == "segment_id":
         pid = value
     else:

@@ -35,26 +35,38 @@ class Keys:
     """Key names of one space."""
 
     space: str
+    # The generation of the profile state (profiles, identifier index, merges, counter, accounts): "" or "g<n>:".
+    # A rebuild writes a new one while events go on to the current one, then switches (``generation_key``).
+    # Readers take the current one from Redis (``service.state.store.state_keys``).
+    gen: str = ""
 
     @property
     def prefix(self) -> str:
         return f"sps:{{{self.space}}}:"
 
+    @property
+    def generation_key(self) -> str:
+        """The space's current generation ("" when the key is absent)."""
+        return f"{self.prefix}gen"
+
+    def of(self, gen: str) -> Keys:
+        return Keys(self.space, gen)
+
     def profile(self, pid: str) -> str:
-        return f"{self.prefix}p:{pid}"
+        return f"{self.prefix}{self.gen}p:{pid}"
 
     def ident(self, kind: str, value: str) -> str:
-        return f"{self.prefix}i:{kind}:{value}"
+        return f"{self.prefix}{self.gen}i:{kind}:{value}"
 
     def redirect(self, pid: str) -> str:
-        return f"{self.prefix}mrg:{pid}"
+        return f"{self.prefix}{self.gen}mrg:{pid}"
 
     def account(self, group_id: str) -> str:
-        return f"{self.prefix}acct:{group_id}"
+        return f"{self.prefix}{self.gen}acct:{group_id}"
 
     @property
     def seq(self) -> str:
-        return f"{self.prefix}seq"
+        return f"{self.prefix}{self.gen}seq"
 
     @property
     def dirty(self) -> str:

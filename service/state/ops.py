@@ -13,7 +13,7 @@ from service.spec.keys import MAVERA_PAUSED_KEY, Keys
 from service.state.archive import purge_archive
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, run
 from service.state.status import queue_status, spaces, status_row
-from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw
+from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, state_keys
 
 
 def paused(client: redis.Redis) -> dict | None:
@@ -35,7 +35,7 @@ def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
     rows = []
     for space in [only] if only else spaces(client):
         pipe = client.pipeline(transaction=False)
-        queue_status(pipe, Keys(space))
+        queue_status(pipe, state_keys(client, space))
         rows.append(status_row(space, pipe.execute()))
     why = client.get(MAVERA_PAUSED_KEY)
     if why:

@@ -40,7 +40,7 @@ from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
 from service.spec.identity import IdentityRules
 from service.spec.keys import Keys
-from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters
+from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters, state_keys
 
 CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
 SHARD_LINES = 500  # lines (or array elements) per share of a file split between processes (``file_records``)
@@ -145,7 +145,7 @@ def only(records: Iterable[Record], types: set[str] | None, event: str | None) -
 def profile_ids(client: redis.Redis, space: str, kind: str, value: str) -> set[bytes] | None:
     """The profile that identifier resolves to and every profile merged into it (their log entries carry the id
     they had then), or None when it resolves to nothing."""
-    k = Keys(space)
+    k = state_keys(client, space)
     pid = client.get(k.ident(kind, value))
     if not pid or pid == b"!":
         return None

@@ -115,16 +115,18 @@ class Applier:
         self.rules_json = self.rules.script_rules()
         self.bucket_width = max(1, math.ceil(settings.dedupe_window / DEDUPE_BUCKETS))
 
-    def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int,
-                    reapply: bool = False) -> tuple[list[str], list]:
-        """``reapply``: a replay of the event log (no dedupe, not logged again); see apply.lua's header."""
+    def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int, reapply: bool = False,
+                    generation: str | None = None) -> tuple[list[str], list]:
+        """``reapply``: a replay of the event log (no dedupe, not logged again); ``generation``: the one a rebuild
+        writes (None: the space's current one). See apply.lua's header."""
         shard, field = dedupe_digest(event.message_id)
         bucket = now_ms // 1000 // self.bucket_width
         # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
         retention_ms = int(self.settings.event_log_retention * 1000)
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
         header = (f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t"
-                  f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}\t{'reapply' if reapply else 'live'}")
+                  f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}\t{'reapply' if reapply else 'live'}\t"
+                  f"{generation if generation else '-'}")
         return [keys.log], [header, field, event.script_payload(), raw, self.rules_json]
 
     def dead_letter_args(self, keys: Keys, entries: Sequence[tuple[str, bytes]], source: str,
@@ -260,12 +262,12 @@ class SyncStore:
         self.applier = Applier(settings)
 
     def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None,
-              reapply: bool = False) -> list[Outcome]:
+              reapply: bool = False, generation: str | None = None) -> list[Outcome]:
         if not items:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
-        calls = [self.applier.script_args(keys, event, raw, now, reapply) for event, raw in items]
+        calls = [self.applier.script_args(keys, event, raw, now, reapply, generation) for event, raw in items]
         pipe = _queue(self.client.pipeline(transaction=False), calls)
         pipe.sadd(SPACES_KEY, space)
         replies = pipe.execute(raise_on_error=False)[: len(calls)]
@@ -283,6 +285,17 @@ class SyncStore:
             return
         keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
         self.client.register_script(DLQ_ADD)(keys=keys, args=args)
+
+
+def state_keys(client: redis.Redis, space: str) -> Keys:
+    """The space's keys in its current generation (profiles, identifiers, merges, accounts)."""
+    gen = client.get(Keys(space).generation_key)
+    return Keys(space, gen.decode() if gen else "")
+
+
+async def state_keys_async(client: aredis.Redis, space: str) -> Keys:
+    gen = await client.get(Keys(space).generation_key)
+    return Keys(space, gen.decode() if gen else "")
 
 
 def delete_dead_letters(client: redis.Redis, space: str, entry_ids: Sequence[bytes | str]) -> int:

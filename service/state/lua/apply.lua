@@ -12,8 +12,9 @@
 -- Inputs, built by service/state/store.py (``Applier.script_args``) and service/spec/events.py:
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
 -- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID
---           \t mode": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the event log:
---           the event is applied again whether or not it was seen, and not logged a second time)
+--           \t mode \t generation": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the
+--           event log: applied again whether or not it was seen, and not logged a second time); generation '-' for
+--           the space's current one (P..'gen'), else the one a rebuild writes (service/state/rebuild.py)
 -- ARGV[2]  dedupe field (8 bytes)   ARGV[3] event JSON   ARGV[4] raw event   ARGV[5] rules JSON
 -- ARGV[3], decoded as ``ev`` (written only by ``Event.script_payload``):
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
@@ -27,8 +28,10 @@
 --   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
 --   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
---   P..'i:'type':'value     identifier index    P..'p:'pid       profile hash      P..'mrg:'pid    merged away
---   P..'seq'                profile counter     P..'acct:'group  account traits    P..'dirty'      refresh set
+--   G..'i:'type':'value     identifier index    G..'p:'pid       profile hash      G..'mrg:'pid    merged away
+--   G..'seq'                profile counter     G..'acct:'group  account traits    P..'dirty'      refresh set
+--   G is P followed by the generation ('' or 'g<n>:'): a rebuild writes a new one while events go on to the
+--   current one (P..'gen'), then switches by setting P..'gen'. Everything else (dedupe, deletion, log) is P's.
 --   KEYS[1]                 event log (XADD, trimmed by MINID)
 -- Layout of the profile hash: see service/spec/keys.py.
 
@@ -36,12 +39,14 @@ local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
 local P, bucket, bw, nb, shard, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6], h[7]
 local reapply = h[8] == 'reapply'
+local G = h[9]
+if G == nil or G == '-' then G = P .. (redis.call('GET', P .. 'gen') or '') else G = P .. G end
 local dfield = ARGV[2]
 local ev = cjson.decode(ARGV[3])
 local NULL = cjson.null
 
-local function pkey(pid) return P .. 'p:' .. pid end
-local function ikey(t, v) return P .. 'i:' .. t .. ':' .. v end
+local function pkey(pid) return G .. 'p:' .. pid end
+local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
 local function fmt(n) return string.format('%.0f', n) end
 
 -- 1. dedupe ---------------------------------------------------------------------------------------
@@ -80,12 +85,12 @@ if ev.t == 'delete' then
   for i = 1, #f, 2 do
     local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
     if pre == 'x:' then
-      redis.call('DEL', P .. 'i:' .. rest)
+      redis.call('DEL', G .. 'i:' .. rest)
       -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
       local kind, value = string.match(rest, '^([^:]+):(.*)$')
       if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
     elseif pre == 'r:' then
-      redis.call('DEL', P .. 'mrg:' .. rest)
+      redis.call('DEL', G .. 'mrg:' .. rest)
       redis.call('SADD', P .. 'forgotten', rest)
     end
   end
@@ -197,7 +202,7 @@ local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
 local created = 0
 local pid
 if #mlist == 0 then
-  pid = 'use_' .. redis.call('INCR', P .. 'seq')
+  pid = 'use_' .. redis.call('INCR', G .. 'seq')
   counts_of[pid], merges_of[pid] = {}, 0
   created = 1
 else
@@ -292,7 +297,7 @@ local function merge_into(L)
     elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
       fields[#fields + 1] = k
     elseif pre == 'x:' then
-      redis.call('SET', P .. 'i:' .. rest, pid)
+      redis.call('SET', G .. 'i:' .. rest, pid)
     end
   end
   trait_fields(traits, fields, true)
@@ -318,7 +323,7 @@ local function merge_into(L)
   for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
   merges_of[pid] = merges_of[pid] + merges_of[L] + 1
   redis.call('DEL', pkey(L))
-  redis.call('SET', P .. 'mrg:' .. L, pid)
+  redis.call('SET', G .. 'mrg:' .. L, pid)
   redis.call('SADD', P .. 'dirty', L)
 end
 
@@ -384,7 +389,7 @@ if gfield then
   if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
   local acct = {}
   for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
-  local akey = P .. 'acct:' .. ev.g[1]
+  local akey = G .. 'acct:' .. ev.g[1]
   local aw, af = {}, {}
   trait_fields(acct, af, false)
   lww(read(akey, af), acct, aw, false, akey)
