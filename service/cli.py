@@ -399,6 +399,38 @@ def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, si
                        options, "replay", name, f"replaying {len(files)} archive file(s) of {space}")
 
 
+def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    """Recompute a space's profiles from its history under the current rules, then switch (live ingest goes on)."""
+    from rq import Queue
+
+    from service.state.rebuild import RebuildRefused, drop_old, rebuild
+    from service.state.refresh import REFRESH_TIMEOUT
+
+    client = state_client(settings)
+    space = args.space or settings.space_id
+    if args.drop_old:
+        dropped = drop_old(client, space)
+        print(f"{space}: " + (", ".join(f"generation {g}: {n} keys deleted" for g, n in dropped.items())
+                              or "no old generation to drop"))
+        return 0
+    reporter = Reporter(f"rebuilding {space}", None)
+    try:
+        result = rebuild(client, settings, space, force=args.force, progress=reporter,
+                         say=lambda line: print(line, file=sys.stderr, flush=True))
+    except RebuildRefused as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        reporter.close()
+    print(f"{space}: rebuilt into generation {result['generation']} from {result['events']:,} events "
+          f"({', '.join(f'{n:,} {o}' for o, n in result['outcomes'].items())}); the previous generation "
+          f"{result['previous']} stays until `persona-sync rebuild --drop-old --space {space}`")
+    queue = Queue(QUEUE_NAME, connection=queue_client(settings))
+    queue.enqueue(FULL_RECOMPUTE_JOB, space, at_front=True, job_timeout=REFRESH_TIMEOUT,
+                  description=f"full recompute after the rebuild of {space}")
+    print("a full recompute of its clusters, KPI cards and personas is queued for the workers")
+    return 0
+
+
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     from service.state.replay import Checkpoint, Options, file_records
 
@@ -807,6 +839,16 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("--reason", help="list: only those whose reason contains TEXT")
     dl.add_argument("--limit", type=int, default=50, help="list: at most this many, newest first (default 50)")
     dl.set_defaults(func=cmd_dead_letters)
+    rb = sub.add_parser("rebuild", help="recompute a space's profiles from its history under the current rules",
+                        description="After a change of identity rules (IDENTITY_LIMITS, IDENTITY_PRIORITY, ...) or "
+                                    "a fix: apply the archive and the event log again into a new generation of "
+                                    "profile state while live ingest goes on, then switch to it at once; the old "
+                                    "generation stays until --drop-old. Refuses when history no longer reaches "
+                                    "back to every profile's first event, unless --force.")
+    rb.add_argument("--space", help="space (default SPACE_ID)")
+    rb.add_argument("--force", action="store_true", help="rebuild even if some profiles would lose data")
+    rb.add_argument("--drop-old", action="store_true", help="delete the generations a rebuild left behind")
+    rb.set_defaults(func=cmd_rebuild)
     r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",
                        description="Clear the pause that a 402 from Mavera set; the next sync pushes what waited.")
     r.set_defaults(func=cmd_resume)

@@ -45,7 +45,7 @@ from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters, 
 CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
 SHARD_LINES = 500  # lines (or array elements) per share of a file split between processes (``file_records``)
 # dead letters that may be applied again: bodies that passed authentication, and what an operator replayed or imported
-AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking", "import", "replay"})
+AUTHENTICATED_SOURCES = frozenset({"webhook", "tracking", "import", "replay", "rebuild"})
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,20 @@ class Options:
     dry_run: bool = False
     rate: float | None = None  # events per second; None: as fast as Redis takes them
     reapply: bool = False  # the event log: apply again, not deduplicated, not logged again
+    generation: str | None = None  # a rebuild's new generation (None: the space's current one)
 
 
 # --- sources --------------------------------------------------------------------------------------------------
 
 def log_records(client: redis.Redis, space: str, since_ms: int | None = None, until_ms: int | None = None,
                 pids: set[bytes] | None = None, types: set[str] | None = None, event: str | None = None,
-                after: str | None = None) -> Iterator[Record]:
+                after: str | None = None, until_id: str | None = None) -> Iterator[Record]:
     """The space's event log in arrival order, filtered: receipt time (the entry id), profile ids (the profile
-    and those merged into it), call types, track event name. ``after``: resume past this entry id."""
+    and those merged into it), call types, track event name. ``after``: resume past this entry id; ``until_id``:
+    stop at this one."""
     key = Keys(space).log
     start = f"({after}" if after else (str(since_ms) if since_ms is not None else "-")
-    end = str(until_ms) if until_ms is not None else "+"
+    end = until_id or (str(until_ms) if until_ms is not None else "+")
     while True:
         rows = client.xrange(key, min=start, max=end, count=CHUNK)
         for entry_id, fields in rows:
@@ -479,7 +481,8 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
             report.counts[(event.type, "duplicate" if dup else ("reapply" if options.reapply else "new"))] += 1
         return
     invalid = list(p.invalid)
-    outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in p.good], now=p.now, reapply=options.reapply)
+    outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in p.good], now=p.now, reapply=options.reapply,
+                           generation=options.generation)
     for (rec, event), outcome in zip(p.good, outcomes, strict=True):
         status = {"ok": "applied", "deleted": "applied", "error": "invalid"}.get(outcome.status, outcome.status)
         report.counts[(event.type, status)] += 1

@@ -40,7 +40,8 @@ for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
 local P, bucket, bw, nb, shard, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6], h[7]
 local reapply = h[8] == 'reapply'
 local G = h[9]
-if G == nil or G == '-' then G = P .. (redis.call('GET', P .. 'gen') or '') else G = P .. G end
+local rebuilding = not (G == nil or G == '-')   -- a rebuild's new generation: no dirty marks until it is current
+if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
 local dfield = ARGV[2]
 local ev = cjson.decode(ARGV[3])
 local NULL = cjson.null
@@ -324,7 +325,7 @@ local function merge_into(L)
   merges_of[pid] = merges_of[pid] + merges_of[L] + 1
   redis.call('DEL', pkey(L))
   redis.call('SET', G .. 'mrg:' .. L, pid)
-  redis.call('SADD', P .. 'dirty', L)
+  if not rebuilding then redis.call('SADD', P .. 'dirty', L) end
 end
 
 local merged = 0
@@ -400,6 +401,6 @@ redis.call('HSET', S, unpack(w))
 
 -- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
 if not reapply then redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4]) end
-redis.call('SADD', P .. 'dirty', pid)
+if not rebuilding then redis.call('SADD', P .. 'dirty', pid) end
 remember()
 return {'ok', pid, created, merged}

@@ -1,0 +1,179 @@
+"""Rebuild: recompute a space's whole profile state from its history under the current rules, while live ingest
+goes on, then switch to it at once.
+
+A space's profile state (profiles, identifier index, merges, counter, accounts) lives in a generation
+(``Keys.gen``: ``""``, ``"g1:"``, ...; the current one is ``Keys.generation_key``). A rebuild:
+
+1. checks that history reaches back far enough: a profile created before the first archived or logged event
+   would lose data, so the rebuild refuses and says how many, unless forced;
+2. applies the archive files older than the log (``EVENT_ARCHIVE_DIR``), then the log, into a new generation
+   (``reapply``: not deduplicated, not logged again, no dirty marks), while live events go on to the current one;
+3. catches up with what was logged meanwhile until little is left, switches the current generation with one
+   ``SET`` (the apply script resolves it per event, atomically), and applies the last entries again into the new
+   one: an event applied live in the old generation just before the switch is in the log, and applying an event
+   twice changes nothing, so nothing that arrived during the rebuild is lost or counted twice;
+4. leaves the old generation in place until ``drop_generations`` (``persona-sync rebuild --drop-old``).
+
+Deletions are not logged events: the space's deletion times (``Keys.deleted``) are shared by the generations and
+keep suppressing what came before a delete. Profile ids are new in the new generation (numbering continues after
+the old one's); aggregates are recomputed by a full recompute queued after the switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from service.config import Settings
+from service.spec.clock import now_ms
+from service.spec.keys import TOMBSTONE, Keys
+from service.state.archive import archive_files
+from service.state.replay import Options, Report, file_records, log_records, run
+from service.state.store import state_keys
+
+CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to apply
+CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
+GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:")  # key families of a generation, besides its counter ("seq")
+
+
+class RebuildRefused(Exception):
+    """History does not reach back to every profile's first event; the message says how many would lose data."""
+
+
+@dataclass
+class Coverage:
+    starts_ms: int | None  # the oldest receipt time history holds (archive hour or log entry), None: no history
+    profiles: int
+    older: int  # profiles created before that
+
+
+def coverage(client: redis.Redis, settings: Settings, space: str) -> Coverage:
+    """How far back history (archive, then log) reaches, against when the current profiles were created."""
+    k = state_keys(client, space)
+    starts: list[int] = []
+    first = client.xrange(k.log, count=1)
+    if first:
+        starts.append(int(first[0][0].split(b"-")[0]))
+    if settings.event_archive_dir:
+        files = archive_files(settings.event_archive_dir, space)
+        if files:
+            starts.append(int(files[0].name[:-3]))
+    start = min(starts) if starts else None
+    profiles = older = 0
+    prefix = k.profile("")
+    batch: list[bytes] = []
+
+    def count(keys: list[bytes]) -> int:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "m:ca")
+        return sum(1 for created in pipe.execute()
+                   if created is not None and (start is None or int(created) < start - CLOCK_MARGIN_MS))
+
+    for key in client.scan_iter(match=prefix + "*", count=2000):
+        profiles += 1
+        batch.append(key)
+        if len(batch) >= 1000:
+            older += count(batch)
+            batch = []
+    if batch:
+        older += count(batch)
+    return Coverage(start, profiles, older)
+
+
+def next_generation(current: str) -> str:
+    n = int(current[1:-1]) if current.startswith("g") and current[1:-1].isdigit() else 0
+    return f"g{n + 1}:"
+
+
+def drop_generation(client: redis.Redis, space: str, gen: str) -> int:
+    """Delete one generation's keys (never the current one's: the caller checks). Returns keys deleted."""
+    k = Keys(space, gen)
+    deleted = 0
+    patterns = [k.prefix + gen + family + "*" for family in GEN_FAMILIES]
+    for pattern in patterns:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=2000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+    deleted += client.unlink(k.seq)
+    return deleted
+
+
+def generations(client: redis.Redis, space: str) -> set[str]:
+    """Every generation with keys in Redis (a scan of the space's keys)."""
+    prefix = Keys(space).prefix
+    found: set[str] = set()
+    for key in client.scan_iter(match=prefix + "*", count=5000):
+        rest = key.decode(errors="replace")[len(prefix):]
+        if rest.startswith(GEN_FAMILIES) or rest == "seq":
+            found.add("")
+        elif rest.startswith("g") and ":" in rest:
+            gen, _, tail = rest.partition(":")
+            if gen[1:].isdigit() and (tail.startswith(GEN_FAMILIES) or tail == "seq"):
+                found.add(gen + ":")
+    return found
+
+
+def drop_old(client: redis.Redis, space: str) -> dict[str, int]:
+    """``rebuild --drop-old``: delete every generation but the current one."""
+    current = (client.get(Keys(space).generation_key) or b"").decode()
+    return {gen or "(original)": drop_generation(client, space, gen)
+            for gen in sorted(generations(client, space) - {current})}
+
+
+def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = False,
+            progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _: None) -> dict:
+    """Rebuild ``space`` into a new generation and switch to it (see the module's docstring)."""
+    k = Keys(space)
+    cover = coverage(client, settings, space)
+    if cover.older and not force:
+        raise RebuildRefused(
+            f"history starts at {cover.starts_ms} ms but {cover.older} of {cover.profiles} profiles were created "
+            "before it (the log's retention trimmed their first events and no archive holds them): a rebuild "
+            "would lose that data. Set EVENT_ARCHIVE_DIR to keep history from now on, or rebuild with --force.")
+    current = (client.get(k.generation_key) or b"").decode()
+    new = next_generation(current)
+    drop_generation(client, space, new)  # what an interrupted rebuild left
+    target = Keys(space, new)
+    client.set(target.seq, int(client.get(Keys(space, current).seq) or 0) + 1_000_000)
+    legacy = [uid for uid in client.smembers(k.suppressed) if not client.hexists(k.deleted, uid)]
+    for uid in legacy:  # deleted by a version that kept no deletion time: suppressed for ever, as before
+        client.set(target.ident("user_id", uid.decode()), TOMBSTONE)
+    options = Options(reapply=True, generation=new)
+    total = Report()
+
+    def add(report: Report) -> None:
+        total.counts.update(report.counts)
+
+    first = client.xrange(k.log, count=1)
+    log_start = int(first[0][0].split(b"-")[0]) if first else now_ms()
+    if settings.event_archive_dir:
+        files = [str(f) for f in archive_files(settings.event_archive_dir, space, until_ms=log_start)]
+        if files:
+            say(f"applying {len(files)} archive file(s) older than the log")
+            add(run(client, settings, space, file_records(files), options, "rebuild", progress=progress))
+    last = None
+    while True:  # the log, then what was logged meanwhile, until little is left
+        tail = client.xrange(k.log, min=f"({last}" if last else "-", max="+", count=CATCH_UP_TAIL)
+        if last is not None and len(tail) < CATCH_UP_TAIL:
+            break
+        end = client.xrevrange(k.log, count=1)
+        if not end:
+            break
+        end_id = end[0][0].decode()
+        say(f"applying the log {'from ' + last if last else 'from its start'} to {end_id}")
+        add(run(client, settings, space, log_records(client, space, after=last, until_ms=None, until_id=end_id),
+                options, "rebuild", progress=progress))
+        last = end_id
+    client.set(k.generation_key, new)  # the switch: every event from now on goes to the new generation
+    say(f"switched {space} to generation {new}")
+    add(run(client, settings, space, log_records(client, space, after=last), options, "rebuild", progress=progress))
+    return {"space": space, "generation": new, "previous": current or "(original)", "events": total.total,
+            "outcomes": total.outcome_totals(), "profiles_before": cover.profiles}

@@ -1,0 +1,122 @@
+"""Rebuild against a real Redis and a live server: new identity rules, live ingest and Profile API reads during
+the rebuild, the refusal when history is gone, and dropping the old generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from service.config import Settings
+from service.http.app import create_app
+from service.spec.clock import now_ms
+from service.spec.keys import Keys
+from service.state.rebuild import RebuildRefused, drop_old, generations, rebuild
+from tests.conftest import PROFILE_TOKEN, LiveServer
+from tests.helpers import apply, find, profiles
+from tests.http.test_receiver import sign
+
+SPACE = "default"
+
+
+def many_emails(people: int) -> list[dict]:
+    """Each anonymous visitor gives three emails, one identify each: under the default email limit (5) one
+    profile holds all three; under a limit of 1 the second and third stay apart."""
+    return [{"type": "identify", "anonymousId": f"anon-{i}", "messageId": f"e-{i}-{j}",
+             "timestamp": f"2026-03-01T10:{j:02d}:00Z", "traits": {"email": f"p{i}-{j}@example.com", "n": j}}
+            for i in range(people) for j in range(3)]
+
+
+def emails_per_profile(r: redis.Redis) -> Counter[int]:
+    return Counter(sum(1 for i in p.identifiers if i.type == "email") for p in profiles(r, SPACE))
+
+
+def test_a_rebuild_applies_new_rules_while_ingest_and_reads_go_on(settings: Settings, redis_url: str,
+                                                                   r: redis.Redis) -> None:
+    apply(r, many_emails(60), now=now_ms())
+    assert emails_per_profile(r) == Counter({3: 60})
+    strict = settings.replace(identity_limits={"user_id": 1, "email": 1, "*": 5})
+    acked: list[str] = []
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+    with LiveServer(create_app(strict, redis_url, "")) as server:
+        def post() -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                n = 0
+                while not stop.is_set():
+                    body = orjson.dumps({"type": "identify", "userId": f"live-{n}", "messageId": f"live-{n}",
+                                         "timestamp": "2026-03-02T10:00:00Z", "traits": {"plan": "pro"}})
+                    if http.post("/segment", content=body, headers={"X-Signature": sign(body)}).status_code == 200:
+                        acked.append(f"live-{n}")
+                    n += 1
+
+        def read() -> None:
+            with httpx.Client(base_url=server.url, timeout=10, auth=(PROFILE_TOKEN, "")) as http:
+                while not stop.is_set():
+                    for i in (0, 17, 59):
+                        statuses[http.get(f"/v1/spaces/{SPACE}/collections/users/profiles/"
+                                          f"anonymous_id:anon-{i}/traits").status_code] += 1
+
+        threads = [threading.Thread(target=post), threading.Thread(target=read)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        result = rebuild(r, strict, SPACE)
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert result["generation"] == "g1:" and r.get(Keys(SPACE).generation_key) == b"g1:"
+    assert statuses and set(statuses) == {200}, statuses  # no read failed, before, during or after the switch
+    assert len(acked) > 50
+    # the profiles follow the new rule: one email each; every visitor's first email stays with them
+    assert emails_per_profile(r) == Counter({1: 60 * 3, 0: len(acked)})
+    assert find(r, "anonymous_id", "anon-7").trait_values()["email"] == "p7-0@example.com"
+    # every event posted during the rebuild is in the new state, once
+    logged = Counter(orjson.loads(f[b"e"])["messageId"] for _, f in r.xrange(Keys(SPACE).log))
+    assert all(logged[mid] == 1 for mid in acked)
+    assert all(find(r, "user_id", uid) is not None for uid in acked)
+    # the old generation stays until it is dropped
+    assert generations(r, SPACE) == {"", "g1:"}
+    assert drop_old(r, SPACE)["(original)"] > 0 and generations(r, SPACE) == {"g1:"}
+    assert find(r, "anonymous_id", "anon-7") is not None
+
+
+def test_a_rebuild_refuses_when_history_no_longer_reaches_back(r: redis.Redis) -> None:
+    apply(r, many_emails(5), now=now_ms() - 3_600_000)  # created an hour ago...
+    log = Keys(SPACE).log
+    r.xtrim(log, minid=str(now_ms() + 1))  # ...and the log trimmed since
+    apply(r, [{"type": "identify", "userId": "new", "messageId": "n1", "timestamp": "2026-03-02T10:00:00Z"}],
+          now=now_ms())
+    with pytest.raises(RebuildRefused, match="5 of 6 profiles"):
+        rebuild(r, Settings(), SPACE)
+    assert r.get(Keys(SPACE).generation_key) is None
+    forced = rebuild(r, Settings(), SPACE, force=True)
+    assert forced["generation"] == "g1:" and [p.id for p in profiles(r, SPACE)] != []
+    assert find(r, "user_id", "new") is not None and find(r, "anonymous_id", "anon-0") is None  # what was lost
+
+
+def test_the_rebuild_command(redis_url: str, r: redis.Redis) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rq import Queue
+
+    exe = str(Path(sys.executable).with_name("persona-sync"))
+    apply(r, many_emails(4), now=now_ms())
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "IDENTITY_LIMITS": "user_id:1,email:1,*:5"}
+    out = subprocess.run([exe, "rebuild"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "rebuilt into generation g1: from 12 events" in out.stdout and "--drop-old" in out.stdout
+    assert emails_per_profile(r) == Counter({1: 12})
+    [job] = Queue("persona-sync", connection=r).get_jobs()
+    assert job.func_name == "workers.jobs.full_recompute" and job.args == ("default",)
+    dropped = subprocess.run([exe, "rebuild", "--drop-old"], capture_output=True, text=True, timeout=60, env=env)
+    assert dropped.returncode == 0 and "generation (original):" in dropped.stdout
+    assert generations(r, SPACE) == {"g1:"}
