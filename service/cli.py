@@ -115,7 +115,6 @@ def _work(make_worker: Callable[[], Any], burst: bool) -> int:
 def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     """A full recompute now, run by a worker at the front of the queue, for an operator who does not want to wait
     for the scheduled run. A recompute lock left by a process of this host that died is cleared first."""
-    import redis
     from rich.progress import Progress
     from rq import Queue, Worker
     from rq.job import JobStatus
@@ -125,7 +124,7 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     from service.state.refresh import REFRESH_TIMEOUT
     from service.state.status import spaces
 
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     chosen = [args.space] if args.space else spaces(client)
     if not chosen:
         print("no spaces yet: nothing to recompute")
@@ -136,7 +135,7 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
         elif holder := client.get(Keys(space).recompute_lock):
             print(f"{space}: a recompute is running ({holder.decode()}); this one waits up to 30 s for it, "
                   "else skips the space")
-    conn = redis.Redis.from_url(queue_url(settings))
+    conn = queue_client(settings)
     queue = Queue(QUEUE_NAME, connection=conn)
     if not Worker.count(queue=queue):
         print("no worker is running: start one (`persona-sync worker`, or `make run`), then run this again",
@@ -170,35 +169,32 @@ def cmd_cron(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
 
     from service.state.ops import space_status
 
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     for row in space_status(client, args.space):
         print("  ".join(f"{k}={v}" for k, v in row.items()))
     return 0
 
 
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
 
     from service.state.ops import forget
 
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     outcome = forget(client, settings, args.space or settings.space_id, args.user_id)
     print(f"{outcome.status}: profile {outcome.profile_id or '(none found)'}; userId suppressed from now on")
     return 0
 
 
 def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
     from rich.progress import Progress
 
     from service.spec.keys import Keys
     from service.state.ops import replay_dead_letters
 
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     space = args.space or settings.space_id
     total = client.xlen(Keys(space).dead_letters)
     with Progress() as bar:
@@ -655,12 +651,11 @@ def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
-    import redis
 
     from service.state.ops import paused, resume
     from service.state.refresh import enqueue_sync
 
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     why = paused(client)
     resume(client)
     print(f"Mavera sync resumed (was paused: {orjson.dumps(why).decode()})" if why else "Mavera sync was not paused")
@@ -875,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(settings, args) or 0
-    except CommandError as exc:
+    except (CommandError, ConfigError) as exc:
         print(f"persona-sync {args.command}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `persona-sync config | head`: the reader left; not an error worth a traceback

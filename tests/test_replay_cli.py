@@ -31,9 +31,15 @@ def test_an_unreachable_redis_is_one_line_with_the_fix(tmp_path: Path) -> None:
                          env={"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0"})
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
     assert "cannot reach Redis" in out.stderr and "REDIS_URL" in out.stderr
-    nothing = subprocess.run([EXE, "replay"], capture_output=True, text=True, timeout=60,
-                             env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path)})
-    assert nothing.returncode == 1 and "make run" in nothing.stderr and len(nothing.stderr.strip().splitlines()) == 1
+    for command in (["replay"], ["status"], ["forget", "u1"], ["rebuild"], ["jobs"], ["dead-letters", "list"]):
+        nothing = subprocess.run([EXE, *command], capture_output=True, text=True, timeout=60,
+                                 env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path)})
+        assert nothing.returncode == 1 and "make run" in nothing.stderr, (command, nothing.stderr)
+        assert len(nothing.stderr.strip().splitlines()) == 1, (command, nothing.stderr)
+        down = subprocess.run([EXE, *command], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0"})
+        assert down.returncode == 1 and "cannot reach" in down.stderr, (command, down.stderr)
+        assert len(down.stderr.strip().splitlines()) == 1, (command, down.stderr)
 
 
 def test_import_from_stdin_and_a_log_replay_dry_run(redis_url: str, r: redis.Redis) -> None:

@@ -174,8 +174,8 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
     if unknown:
         return f"unknown fields {sorted(unknown)}; allowed: {sorted(REPLAY_FIELDS)}"
     spec: dict[str, Any] = {"source": doc.get("source", "log")}
-    if spec["source"] not in ("log", "dead-letters"):
-        return "source is 'log' or 'dead-letters' (files are loaded with `persona-sync import` on a host)"
+    if spec["source"] not in ("log", "dead-letters", "archive"):
+        return "source is 'log', 'dead-letters' or 'archive' (files are loaded with `persona-sync import` on a host)"
     for name in ("since", "until"):
         if doc.get(name) is not None:
             when = point_in_time(doc[name], now)
@@ -189,6 +189,8 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
             spec[name] = doc[name]
     if "profile" in spec and ":" not in spec["profile"]:
         return "profile: TYPE:VALUE, e.g. email:ada@example.com"
+    if "profile" in spec and spec["source"] == "archive":
+        return "profile works on the log only (archived events carry no profile id); use types or event"
     if doc.get("types") is not None:
         if not isinstance(doc["types"], list) or not all(isinstance(t, str) for t in doc["types"]):
             return "types: a list of call types, e.g. [\"identify\", \"track\"]"
@@ -218,6 +220,8 @@ async def replay(request: Request, space: str) -> Response:
     spec = replay_spec(doc, now_ms())
     if isinstance(spec, str):
         return error(400, "validation_error", spec)
+    if spec["source"] == "archive" and not request.app.state.settings.event_archive_dir:
+        return error(400, "validation_error", "EVENT_ARCHIVE_DIR is not set: there is no archive to replay")
     if not request.app.state.refresh.queue_url:
         return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
     queue = request.app.state.refresh.queue()

@@ -536,10 +536,17 @@ def cancel_key(job_id: str) -> str:
     return f"sps:replay-cancel:{job_id}"
 
 
-def records_for(client: redis.Redis, space: str, spec: dict[str, Any], after: str | None) -> Iterator[Record]:
+def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[str, Any],
+                after: str | None) -> Iterator[Record]:
     """The records a replay request names (``spec`` as validated by the admin route)."""
     if spec.get("source") == "dead-letters":
         return dead_letter_records(client, space, spec.get("reason"), after)
+    if spec.get("source") == "archive":
+        from service.state.archive import archive_files
+
+        files = [str(f) for f in archive_files(settings.event_archive_dir, space, spec.get("since_ms"),
+                                               spec.get("until_ms"))] if settings.event_archive_dir else []
+        return only(file_records(files, after), set(spec["types"]) if spec.get("types") else None, spec.get("event"))
     pids = None
     if spec.get("profile"):
         kind, _, value = str(spec["profile"]).partition(":")
@@ -559,9 +566,9 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_env()
     client = redis.Redis.from_url(state_url(settings))
     job = get_current_job()
-    source = "dead-letters" if spec.get("source") == "dead-letters" else "log"
+    source = spec.get("source", "log")
     key = Keys(space)
-    total = client.xlen(key.dead_letters if source == "dead-letters" else key.log)
+    total = client.xlen(key.dead_letters if source == "dead-letters" else key.log) if source != "archive" else 0
     checkpoint = Checkpoint(client, space, Checkpoint.name_of("http", space, sorted(spec.items())))
     after = checkpoint.load() if spec.get("resume") else None
     done = 0
@@ -579,8 +586,9 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
         return job is not None and bool(job.connection.exists(cancel_key(job.id)))
 
     options = Options(dry_run=bool(spec.get("dry_run")), rate=spec.get("rate") or None,
-                      reapply=source == "log")
-    report = run(client, settings, space, records_for(client, space, spec, after), options, "replay", checkpoint,
+                      reapply=source != "dead-letters")
+    report = run(client, settings, space, records_for(client, settings, space, spec, after), options, "replay",
+                 checkpoint,
                  progress, should_stop)
     if job is not None:
         job.meta.update(done=done, total=total, stopped=report.interrupted)

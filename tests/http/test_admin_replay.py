@@ -128,3 +128,28 @@ def test_dead_letters_command(redis_url: str, r: redis.Redis) -> None:
     deleted = subprocess.run([EXE, "dead-letters", "delete", first], capture_output=True, text=True, timeout=60,
                              env=env)
     assert deleted.returncode == 0 and r.xlen(Keys("default").dead_letters) == 1
+
+
+def test_an_archive_replay_over_http(settings: Settings, redis_url: str, r: redis.Redis, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.state.archive import archive_space
+
+    archive_dir = str(tmp_path / "archive")
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("EVENT_ARCHIVE_DIR", archive_dir)
+    with_archive = settings.replace(event_archive_dir=archive_dir)
+    apply(r, archived(mixed_stream(600, users=20, seed=15)), settings=with_archive)
+    archive_space(r, with_archive, "default")
+    right = snapshot(r)
+    for key in r.scan_iter(match=f"{Keys('default').prefix}p:*"):
+        r.hdel(key, *[f for f in r.hkeys(key) if f.startswith(b"t:")] or [b"none"])
+    with TestClient(create_app(with_archive, redis_url, redis_url)) as c:
+        assert c.post("/admin/replay", json={"source": "archive", "profile": "user_id:x"},
+                      headers=ADMIN).status_code == 400
+        job_id = c.post("/admin/replay", json={"source": "archive", "rate": 0}, headers=ADMIN).json()["job"]
+        work(r)
+        view = c.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()
+    assert view["status"] == "finished" and view["result"]["outcomes"] == {"applied": 600}
+    assert snapshot(r) == right
+    with TestClient(create_app(settings, redis_url, redis_url)) as c:  # no archive configured
+        assert c.post("/admin/replay", json={"source": "archive"}, headers=ADMIN).status_code == 400
