@@ -48,10 +48,27 @@ def archive(path: Path, n: int, seed: int = 1) -> Path:
     return path
 
 
-def import_run(stack: Stack, path: Path, rate: float, workers: int = 1) -> tuple[subprocess.Popen, float]:
+def split_by_day(path: Path, into: Path) -> list[Path]:
+    """The archive as Segment's S3 destination lays it out: one gzip file per received day."""
+    into.mkdir()
+    days: dict[str, list[bytes]] = {}
+    with gzip.open(path) as f:
+        for line in f:
+            days.setdefault(orjson.loads(line)["receivedAt"][:10], []).append(line)
+    out = []
+    for day, lines in sorted(days.items()):
+        out.append(into / f"{day}.gz")
+        with gzip.open(out[-1], "wb") as g:
+            g.writelines(lines)
+    return out
+
+
+def import_run(stack: Stack, path: Path | list[Path], rate: float,
+               workers: int = 1) -> tuple[subprocess.Popen, float]:
     exe = str(Path(sys.executable).with_name("persona-sync"))
     env = dict(os.environ, REDIS_URL=stack.redis.url)
-    return subprocess.Popen([exe, "import", str(path), "--rate", str(rate), "--workers", str(workers)], env=env,
+    files = [str(p) for p in (path if isinstance(path, list) else [path])]
+    return subprocess.Popen([exe, "import", *files, "--rate", str(rate), "--workers", str(workers)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True), time.monotonic()
 
 
@@ -71,17 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"events": args.events, "rates": {}}
     with tempfile.TemporaryDirectory(prefix="sps-replay-") as d, Stack(web_workers=2) as stack:
         path = archive(Path(d) / "archive.gz", args.events)
+        daily = split_by_day(path, Path(d) / "daily")
         for workers in args.import_workers:  # the import alone, unthrottled
             speeds = []
-            for _ in range(args.runs):
-                stack.flush()
-                proc, t0 = import_run(stack, path, 0, workers)
-                proc.wait()
-                speeds.append(args.events / (time.monotonic() - t0))
-            report[f"import_events_per_s_{workers}"] = round(statistics.median(speeds))
-            report[f"import_runs_{workers}"] = [round(s) for s in speeds]
-            print(f"import alone, {workers} process(es)", round(statistics.median(speeds)), "events/s",
-                  [round(s) for s in speeds], flush=True)
+            for label, files in (("one file", [path]), ("daily files", daily)):
+                speeds = []
+                for _ in range(args.runs):
+                    stack.flush()
+                    proc, t0 = import_run(stack, files, 0, workers)
+                    proc.wait()
+                    speeds.append(args.events / (time.monotonic() - t0))
+                report[f"import_events_per_s_{workers}_{label.replace(' ', '_')}"] = round(statistics.median(speeds))
+                print(f"import alone, {workers} process(es), {label}", round(statistics.median(speeds)), "events/s",
+                      [round(s) for s in speeds], flush=True)
         batch = scenario(stack, "b", args.runs, args.seconds, script="batch.lua", threads=1, conns=4)
         report["batch_intake_events_per_s"] = round(batch["events_per_s"])
         print("batch intake (Actions batches of 1,000, 2 web workers), same stack", report["batch_intake_events_per_s"],

@@ -209,17 +209,20 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
     NDJSON), a JSON array of events, or a Tracking API batch body. A line that is not an event becomes a record
     that carries the reason (a dead letter, with file and line); nothing stops the import.
 
-    Positions are ``<file index>:<line>``; ``after`` skips up to and including one. ``shard`` (k, n) keeps only
-    the k-th of every n runs of ``SHARD_LINES`` lines (array elements) and skips the others before parsing them,
-    so that n processes share an import: the state is order-independent, so the shares may apply in any order,
-    and each has its own positions to resume from."""
+    Positions are ``<file index>:<line>``; ``after`` skips up to and including one. ``shard`` (k, n) lets n
+    processes share an import (the state is order-independent, so the shares may apply in any order, and each
+    has its own positions to resume from): with at least n files, process k takes every n-th file whole (each
+    file is read once); else the k-th of every n runs of ``SHARD_LINES`` lines (array elements), skipping the
+    others before parsing them."""
     skip_file, skip_line = -1, -1
     if after:
         f, _, ln = after.partition(":")
         skip_file, skip_line = int(f), int(ln)
+    by_file = shard[1] > 1 and len(paths) >= shard[1]
     for index, path in enumerate(paths):
-        if index < skip_file:
+        if index < skip_file or (by_file and index % shard[1] != shard[0]):
             continue
+        lines_of = (0, 1) if by_file else shard
         name = "stdin" if path == "-" else Path(path).name
         stream = open_history(path)
         try:
@@ -227,9 +230,9 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
             while first and not first.strip():
                 first, blank = stream.readline(), blank + 1
             if first.lstrip()[:1] == b"[" or (first.lstrip()[:1] == b"{" and not _is_json(first)):
-                records = _document_records(first + stream.read(), name, index, shard)  # an array, or pretty
+                records = _document_records(first + stream.read(), name, index, lines_of)  # array, or pretty
             else:
-                records = _line_records(itertools.chain([first], stream), name, index, 1 + blank, shard)
+                records = _line_records(itertools.chain([first], stream), name, index, 1 + blank, lines_of)
             for rec in records:
                 line = int(rec.position.partition(":")[2])
                 if index == skip_file and line <= skip_line:
