@@ -87,21 +87,24 @@ TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
 
 
 def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> Item:
-    """``raw`` defaults to the compact JSON of ``obj``; the serialisation doubles as the depth check.
+    """The event and the bytes that are logged (and archived, one per line): always its compact JSON, whatever
+    the body looked like (pretty-printed, lone surrogates repaired), so that every reader can parse a log entry
+    or an archive line on its own. The serialisation doubles as the depth check; ``raw`` (the bytes as received)
+    is kept only for an event too deep to serialise, as its dead letter.
 
-    What the receiver adds goes into the bytes that are logged too, so that a replay applies the event exactly as
-    it was applied live: a messageId where the event had none, and ``received_at`` as ``receivedAt`` where the
-    event had none (Segment's webhook deliveries carry their own)."""
+    What the receiver adds goes into those bytes too, so that a replay applies the event exactly as it was
+    applied live: a messageId where the event had none, and ``received_at`` as ``receivedAt`` where the event had
+    none (Segment's webhook deliveries carry their own)."""
     if isinstance(obj, dict):
         if obj.get("messageId") in (None, ""):
-            obj, raw = {**obj, "messageId": generated_message_id()}, None
+            obj = {**obj, "messageId": generated_message_id()}
         if received_at is not None and obj.get("receivedAt") is None:
-            obj, raw = {**obj, "receivedAt": received_at}, None
+            obj = {**obj, "receivedAt": received_at}
     try:
         encoded = orjson.dumps(obj)
     except orjson.JSONEncodeError:
         return Item(obj, raw if raw is not None else b"", TOO_DEEP)
-    return Item(obj, raw if raw is not None else encoded)
+    return Item(obj, encoded)
 
 
 def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:

@@ -24,10 +24,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import redis
 
 from service.config import Settings
+from service.spec.bodies import BodyError, parse_json
 from service.spec.clock import now_ms
 from service.spec.keys import DAY_MS, Keys
 
@@ -94,24 +94,37 @@ def archive_space(client: redis.Redis, settings: Settings, space: str) -> dict[s
                 ms = int(entry_id.split(b"-")[0])
                 by_hour[hour_file(root, space, ms)].append(fields.get(b"e", b"{}"))
             for path, lines in by_hour.items():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "ab") as raw:  # one more gzip member: concatenated members are one gzip stream
-                    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-                        gz.write(b"\n".join(lines) + b"\n")
-                    raw.flush()
-                    os.fsync(raw.fileno())
+                _append(path, lines)
             cursor = rows[-1][0].decode()
             client.set(k.archive_cursor, cursor)  # only once the lines are on disk
             client.pexpire(k.archive_lock, LOCK_TTL_MS)
             archived += len(rows)
             if len(rows) < READ:
                 break
-        # the log keeps EVENT_LOG_RETENTION, and nothing that is not archived yet
-        cutoff = min(now_ms() - int(settings.event_log_retention * 1000), int(cursor.split("-")[0]) + 1)
-        trimmed = client.xtrim(k.log, minid=str(cutoff), approximate=False) if cutoff > 0 else 0
+        # the log keeps EVENT_LOG_RETENTION, and nothing that is not archived yet: MINID keeps the cursor's entry
+        # and every later one (an entry of the cursor's millisecond logged after the read is not archived yet)
+        retained = now_ms() - int(settings.event_log_retention * 1000)
+        minid = str(retained) if retained < int(cursor.split("-")[0]) else cursor
+        trimmed = client.xtrim(k.log, minid=minid, approximate=False) if cursor != "0-0" else 0
     finally:
         _unlock(client, space, token)
     return {"archived": archived, "trimmed": int(trimmed)}
+
+
+def _append(path: Path, lines: list[bytes]) -> None:
+    """Append one gzip member (concatenated members are one gzip stream) and make it durable. A failed append
+    (disk full, a kill) is cut off again, so that the file stays readable to its end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as raw:
+        size = raw.tell()
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                gz.write(b"\n".join(lines) + b"\n")
+            raw.flush()
+            os.fsync(raw.fileno())
+        except BaseException:
+            raw.truncate(size)
+            raise
 
 
 def archive_job() -> dict[str, dict[str, int]]:
@@ -137,8 +150,11 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     Runs in the purge job after a deletion, under the archiver's lock so that no file changes under it."""
     root = settings.event_archive_dir
     k = Keys(space)
+    if not root:
+        client.delete(k.forgotten_ids)  # no archive: nothing to purge, and no reason to keep erased ids
+        return 0
     ids = client.smembers(k.forgotten_ids)
-    if not root or not ids:
+    if not ids:
         return 0
     wanted = {i.decode() for i in ids}
     token = None
@@ -152,6 +168,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     removed = 0
     try:
         for path in archive_files(root, space):
+            _renew(client, space, token)
             kept, dropped = [], 0
             for line in archived_lines(path):
                 if _belongs(line, wanted):
@@ -167,6 +184,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
                         gz.write(b"\n".join(kept) + b"\n")
                 raw.flush()
                 os.fsync(raw.fileno())
+            _renew(client, space, token)  # still ours: the archiver cannot have appended since we read the file
             os.replace(tmp, path)
             removed += dropped
         client.srem(k.forgotten_ids, *ids)
@@ -175,12 +193,19 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     return removed
 
 
+def _renew(client: redis.Redis, space: str, token: str) -> None:
+    """Extend the lock if it is still ours; else stop (the archiver may have appended to a file we rewrite)."""
+    key = Keys(space).archive_lock
+    if client.get(key) != token.encode() or not client.pexpire(key, LOCK_TTL_MS):
+        raise RuntimeError(f"the archive lock of {space} lapsed during the purge; the job is retried")
+
+
 def _belongs(line: bytes, ids: set[str]) -> bool:
     """Whether an archived event is one of an erased user's (by its userId or anonymousId)."""
     try:
-        event = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return False
+        event = parse_json(line)
+    except BodyError:
+        return any(b'"%s"' % i.encode() in line for i in ids)  # unreadable: dropped if it names an erased id
     if not isinstance(event, dict):
         return False
     return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids

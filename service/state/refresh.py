@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import redis
 import redis.asyncio as aredis
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -196,6 +196,7 @@ class RefreshScheduler:
         if not self.queue_url:
             return
         try:
-            await asyncio.to_thread(self.queue().enqueue, PURGE_JOB, space, description=f"purge forgotten ({space})")
+            await asyncio.to_thread(self.queue().enqueue, PURGE_JOB, space, description=f"purge forgotten ({space})",
+                                    retry=Retry(max=10, interval=[30, 60, 300, 900, 3600]))
         except (redis.RedisError, OSError) as exc:
             log_event(log, "purge not scheduled", logging.WARNING, space=space, error=type(exc).__name__)

@@ -119,15 +119,15 @@ def log_records(client: redis.Redis, space: str, since_ms: int | None = None, un
                 continue
             raw = fields.get(b"e", b"")
             try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
+                obj = parse_json(raw)  # entries of older versions may be pretty-printed or hold lone surrogates
+            except BodyError:
                 obj = None
             if types and not (isinstance(obj, dict) and str(obj.get("type", "")).lower() in types):
                 continue
             if event is not None and not (isinstance(obj, dict) and obj.get("event") == event):
                 continue
             yield Record(item(obj, raw) if obj is not None else Item(None, raw, "logged event is not JSON"),
-                         f"log {eid}", eid)
+                         f"log {eid}", eid, received_ms=int(eid.partition("-")[0]))  # its receipt, not now
         if len(rows) < CHUNK:
             return
         start = "(" + rows[-1][0].decode()
@@ -278,10 +278,14 @@ def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: in
 
 
 def _document_records(body: bytes, name: str, index: int, shard: tuple[int, int]) -> Iterator[Record]:
-    """A whole-file document: a JSON array of events, a Tracking API batch body, or one event."""
+    """A whole-file document: a JSON array of events, a Tracking API batch body, or one event. A file that is
+    not one document after all (lines of which the first is broken) is read line by line."""
     try:
         doc = parse_json(body)
     except BodyError as exc:
+        if body.lstrip()[:1] == b"{":
+            yield from _line_records(body.splitlines(), name, index, 1, shard)
+            return
         yield Record(Item(None, body[:DOCUMENT_SNIPPET], exc.message), f"{name}:1", f"{index}:1")
         return
     if isinstance(doc, dict) and isinstance(doc.get("batch"), list):

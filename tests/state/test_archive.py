@@ -45,12 +45,12 @@ def test_events_go_to_hourly_files_in_segments_layout_before_the_log_trims_them(
     k = Keys(SPACE)
     assert r.xlen(k.log) == 800  # with an archive, nothing is trimmed before it is in the files
     first = int(r.xrange(k.log, count=1)[0][0].split(b"-")[0])
-    assert archive_space(r, s, SPACE) == {"archived": 800, "trimmed": 800}
+    assert archive_space(r, s, SPACE) == {"archived": 800, "trimmed": 799}  # the cursor's entry stays
     [path] = archive_files(tmp_path / "archive", SPACE)
     day, hour = first - first % DAY_MS, first - first % HOUR_MS
     assert path == tmp_path / "archive" / "segment-logs" / SPACE / str(day) / f"{hour}.gz"
     assert [orjson.loads(line)["messageId"] for line in lines(tmp_path)] == [e["messageId"] for e in events]
-    assert r.xlen(k.log) == 0 and r.get(k.archive_cursor)
+    assert r.xlen(k.log) == 1 and r.get(k.archive_cursor)
     more = [dict(e, messageId=f"more-{e['messageId']}") for e in archived(mixed_stream(50, users=5, seed=22))]
     apply(r, more, settings=s)  # appended to the hour's file as another gzip member
     assert archive_space(r, s, SPACE)["archived"] == 50 and len(lines(tmp_path)) == 850
@@ -115,3 +115,54 @@ def test_replay_from_archive_command(redis_url: str, r: redis.Redis, tmp_path: P
     none = subprocess.run([EXE, "replay", "--from-archive"], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url})
     assert none.returncode == 1 and "EVENT_ARCHIVE_DIR is not set" in none.stderr
+
+
+def test_pretty_printed_bodies_and_lone_surrogates_are_one_readable_line_each(client, r: redis.Redis,
+                                                                              tmp_path: Path) -> None:
+    """A webhook body as a person might send it (pretty-printed, half an emoji) is logged and archived as one
+    compact line that any reader parses on its own."""
+    from tests.http.test_receiver import post
+
+    body = (b'{\n  "type": "identify",\n  "userId": "pretty",\n  "messageId": "pp-1",\n'
+            b'  "timestamp": "2026-03-01T10:00:00Z",\n  "receivedAt": "2026-03-01T10:00:01Z",\n'
+            b'  "traits": {"nick": "cut \\ud83d"}\n}')
+    assert post(client, body).status_code == 200
+    s = settings_for(tmp_path)
+    archive_space(r, s, SPACE)
+    [line] = lines(tmp_path)
+    assert b"\n" not in line and orjson.loads(line)["traits"] == {"nick": "cut \ufffd"}
+    [(_, fields)] = r.xrange(Keys(SPACE).log)
+    assert orjson.loads(fields[b"e"])["userId"] == "pretty"
+
+
+def test_an_entry_logged_in_the_cursors_millisecond_is_not_trimmed_unarchived(r: redis.Redis,
+                                                                              tmp_path: Path) -> None:
+    s = settings_for(tmp_path, retention=0)
+    log = Keys(SPACE).log
+    r.xadd(log, {"p": "use_1", "e": b'{"messageId":"a"}'}, id="1000-0")
+    assert archive_space(r, s, SPACE)["archived"] == 1
+    r.xadd(log, {"p": "use_1", "e": b'{"messageId":"b"}'}, id="1000-1")  # the same millisecond, after the read
+    assert archive_space(r, s, SPACE)["archived"] == 1
+    assert [orjson.loads(line)["messageId"] for line in lines(tmp_path)] == ["a", "b"]
+
+
+def test_a_failed_append_leaves_the_file_readable(tmp_path: Path, monkeypatch) -> None:
+    from service.state import archive
+
+    path = tmp_path / "h.gz"
+    archive._append(path, [b'{"n":1}'])
+
+    class DiskFull(OSError):
+        pass
+
+    def fail(fd: int) -> None:
+        raise DiskFull("no space left on device")
+
+    monkeypatch.setattr(archive.os, "fsync", fail)
+    try:
+        archive._append(path, [b'{"n":2}'])
+    except DiskFull:
+        pass
+    monkeypatch.undo()
+    archive._append(path, [b'{"n":3}'])
+    assert [orjson.loads(line)["n"] for line in archived_lines(path)] == [1, 3]
