@@ -211,3 +211,18 @@ def test_a_month_of_s3_archive_backfills_to_the_profiles_of_live_ingest(r: redis
     report = import_files(r, files)
     assert report.outcome_totals() == {"applied": 100_000}
     assert snapshot(r) == live
+
+
+def test_a_log_replay_takes_each_entrys_receipt_from_its_id(r: redis.Redis) -> None:
+    """An entry logged before receipts were written into events: replayed, its 2099 clock takes effect when it
+    was received (the entry id), not at replay time, so a later write keeps winning."""
+    log = Keys(SPACE).log
+    r.xadd(log, {"p": "use_1", "e": orjson.dumps({"type": "identify", "userId": "old", "messageId": "o1",
+                                                  "timestamp": "2099-01-01T00:00:00Z", "traits": {"plan": "a"}})},
+           id="1700000000000-0")
+    r.xadd(log, {"p": "use_1", "e": orjson.dumps({"type": "identify", "userId": "old", "messageId": "o2",
+                                                  "timestamp": "2023-11-14T22:14:10Z", "traits": {"plan": "b"}})},
+           id="1700000100000-0")
+    run(r, Settings(), SPACE, log_records(r, SPACE), Options(reapply=True), "replay")
+    p = find(r, "user_id", "old")
+    assert p.trait_values() == {"plan": "b"} and p.traits["plan"].ts == parse_timestamp("2023-11-14T22:14:10Z")
