@@ -16,6 +16,7 @@ from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 # events/s of `replay` and `import` unless --rate says otherwise: measured to keep live single-event p95 within 2x
 # of its unloaded value on the benchmark machine (BENCHMARKS.md, "Replay and import")
 DEFAULT_REPLAY_RATE = 1000.0
+DONE = "done"  # the checkpoint of a share of `import --workers N` that finished
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
@@ -184,7 +185,8 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
 
     client = state_client(settings)
     outcome = forget(client, settings, args.space or settings.space_id, args.user_id)
-    print(f"{outcome.status}: profile {outcome.profile_id or '(none found)'}; userId suppressed from now on")
+    print(f"{outcome.status}: profile {outcome.profile_id or '(none found)'}; the userId's events up to now are "
+          "suppressed (later ones build a new profile, as with Segment's DELETE_ONLY)")
     return 0
 
 
@@ -368,10 +370,13 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         pids = profile_ids(client, space, kind, value)
         if pids is None:
             raise CommandError(f"no profile has {kind}:{value} in space {space}")
-    name = Checkpoint.name_of("log", space, since, until, sorted(pids or []), sorted(types or []), args.event)
+    # named by the arguments as typed (a relative --since resolves differently later), so --resume finds it
+    name = Checkpoint.name_of("log", space, args.since, args.until, args.profile, sorted(types or []), args.event)
     total = client.xlen(Keys(space).log)
+    last = client.xrevrange(Keys(space).log, count=1)
+    end = last[0][0].decode() if last else None  # up to what is logged now, not the live tail for ever
     return _run_replay(settings, args, lambda after: log_records(client, space, since, until, pids, types,
-                                                                 args.event, after),
+                                                                 args.event, after, until_id=end),
                        total, options, "replay", name, f"replaying the event log of {space}")
 
 
@@ -390,7 +395,7 @@ def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, si
     if not files:
         raise CommandError(f"no archive files for space {space} in that time range under "
                            f"{settings.event_archive_dir}")
-    name = Checkpoint.name_of("archive", space, since, until, sorted(types or []), args.event, files)
+    name = Checkpoint.name_of("archive", space, args.since, args.until, sorted(types or []), args.event)
     return _run_replay(settings, args, lambda after: only(file_records(files, after), types, args.event), None,
                        options, "replay", name, f"replaying {len(files)} archive file(s) of {space}")
 
@@ -451,7 +456,7 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
     is order-independent), each with its own checkpoint. Ctrl-C asks them all to stop at their next chunk."""
     import multiprocessing
 
-    from service.state.replay import Report
+    from service.state.replay import Checkpoint, Report
 
     ctx = multiprocessing.get_context("fork")
     messages = ctx.Queue()
@@ -469,9 +474,11 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
             except KeyboardInterrupt:
                 stop.set()
                 continue
-            except Exception:  # noqa: BLE001 - queue.Empty: check that nobody died without a word
-                if any(p.exitcode not in (None, 0) for p in procs) and messages.empty():
-                    failed.append("an import process died; see the messages above")
+            except Exception:  # noqa: BLE001 - queue.Empty: check that nobody died or left without a word
+                if all(p.exitcode is not None for p in procs) and messages.empty():
+                    if any(p.exitcode != 0 for p in procs):
+                        failed.append("an import process died; see the messages above")
+                    stopped = stopped or stop.is_set()  # a report lost to Ctrl-C: resume to be sure
                     break
                 continue
             if kind == "progress":
@@ -493,6 +500,10 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
     if failed:
         print(f"persona-sync import: {failed[0]}", file=sys.stderr)
         return 1
+    if not stopped:  # every share is done: the next import of these files starts afresh
+        client = state_client(settings)
+        for k in range(args.workers):
+            Checkpoint(client, args.space or settings.space_id, f"{name}-{k}").clear()
     if stopped:
         resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
         print(f"stopped; continue with: persona-sync {resume}{'' if '--resume' in resume else ' --resume'}",
@@ -506,7 +517,7 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
     parent."""
     import signal
 
-    from service.state.replay import Checkpoint, Interrupted, Options, file_records, run
+    from service.state.replay import Checkpoint, Interrupted, Options, Report, file_records, run
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (``stop``)
     try:
@@ -516,12 +527,17 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
         rate = (args.rate / args.workers) if args.rate else None
         options = Options(dry_run=args.dry_run, rate=rate)
         after = checkpoint.load() if args.resume else None
+        if after == DONE:  # this share finished before the interruption: nothing to do again
+            messages.put(("done", (Report(), False)))
+            return
         try:
             report = run(client, settings, space, file_records(args.files, after, (k, args.workers)), options,
                          "import", checkpoint,
                          progress=lambda n: messages.put(("progress", n)), should_stop=stop.is_set)
         except Interrupted as exc:
             report = exc.report
+        if not report.interrupted and not args.dry_run:
+            checkpoint.save(DONE)  # until every share is done, a --resume must not redo this one
         messages.put(("done", (report, report.interrupted)))
     except Exception as exc:  # noqa: BLE001 - reported by the parent in one line
         messages.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -760,9 +776,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Print the state of every space (or one).")
     s.add_argument("--space", help="only this space")
     s.set_defaults(func=cmd_status)
-    f = sub.add_parser("forget", help="GDPR: erase a user's profile and suppress the userId",
-                       description="Erase the profile of USER_ID (identifiers, traits, logged events) and drop "
-                                   "that userId's events from now on, exactly as a Segment delete call does.")
+    f = sub.add_parser("forget", help="GDPR: erase a user's profile and suppress its events up to now",
+                       description="Erase the profile of USER_ID (identifiers, traits, logged and archived "
+                                   "events) exactly as a Segment delete call does: that userId's events stamped up "
+                                   "to now are suppressed (late retries, replays); later ones build a new profile.")
     f.add_argument("user_id")
     f.add_argument("--space", help="space (default SPACE_ID)")
     f.set_defaults(func=cmd_forget)

@@ -108,3 +108,19 @@ def test_an_import_shared_by_processes_equals_one_and_resumes(redis_url: str, r:
                            env=env(redis_url))
     assert again.returncode == 0, again.stderr
     assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)
+
+
+def test_a_resumed_shared_import_does_not_redo_a_finished_share(redis_url: str, r: redis.Redis,
+                                                                tmp_path: Path) -> None:
+    from service.state.replay import Checkpoint
+
+    events = archived(mixed_stream(2000, users=50, seed=16))
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    name = Checkpoint.name_of("import", "default", [(str(path), path.stat().st_size)]) + "-2"
+    Checkpoint(r, "default", f"{name}-0").save("done")  # share 0 finished before an interruption, share 1 not
+    out = subprocess.run([EXE, "import", str(path), "--workers", "2", "--rate", "0", "--resume"],
+                         capture_output=True, text=True, timeout=120, env=env(redis_url))
+    assert out.returncode == 0, out.stderr
+    assert "1,000 events were: 1,000 applied" in out.stdout  # share 1's runs of 500 lines only
+    assert Checkpoint(r, "default", f"{name}-0").load() is None  # all done: the next import starts afresh

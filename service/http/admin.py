@@ -23,7 +23,7 @@ from service.http.intake import read_body
 from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
-from service.spec.keys import REFUSALS_KEY, Keys
+from service.spec.keys import REFUSALS_KEY, TOMBSTONE, Keys
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key
 from service.state.status import queue_status, status_row
@@ -181,7 +181,7 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
             when = point_in_time(doc[name], now)
             if when is None:
                 return f"{name}: an ISO-8601 time or a time ago such as 90m, 2h or 7d"
-            spec[f"{name}_ms"] = when
+            spec[name], spec[f"{name}_ms"] = doc[name], when
     for name in ("profile", "event", "reason"):
         if doc.get(name) is not None:
             if not isinstance(doc[name], str) or not doc[name] or len(doc[name]) > 500:
@@ -222,6 +222,13 @@ async def replay(request: Request, space: str) -> Response:
         return error(400, "validation_error", spec)
     if spec["source"] == "archive" and not request.app.state.settings.event_archive_dir:
         return error(400, "validation_error", "EVENT_ARCHIVE_DIR is not set: there is no archive to replay")
+    if "profile" in spec:  # resolved as the receiver normalised it; an identifier of nobody is a 404, not a no-op
+        kind, _, value = spec["profile"].partition(":")
+        prepared = request.app.state.rules.prepare([(kind, value)])
+        keys = await state_keys_async(request.app.state.redis, space)
+        pid = await request.app.state.redis.get(keys.ident(*prepared[0])) if prepared else None
+        if not pid or pid == TOMBSTONE.encode():
+            return error(404, "not_found", f"no profile has {spec['profile']} in space {space}")
     if not request.app.state.refresh.queue_url:
         return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
     queue = request.app.state.refresh.queue()

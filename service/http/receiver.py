@@ -93,8 +93,6 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
         try:
             if item.error:
                 raise InvalidEvent(item.error)
-            if source == "tracking" and len(item.raw) > MAX_EVENT_BYTES:
-                raise InvalidEvent(f"event is {len(item.raw)} bytes; the Tracking API allows {MAX_EVENT_BYTES}")
             good.append((normalise(item.obj, received, state.rules), item.raw))
         except InvalidEvent as exc:
             rejected.append((i, str(exc), item.raw))

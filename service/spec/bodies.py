@@ -134,7 +134,15 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         event.setdefault("type", kind)
         return [item(event)]
     items: list[Item] = []
-    for e in batch_events(doc):
+    for sent, e in zip(doc["batch"], batch_events(doc), strict=True):
+        try:  # the 32 KB limit applies to the event as the client sent it, not with the times we add
+            size = len(orjson.dumps(sent))
+        except orjson.JSONEncodeError:
+            size = 0  # too deep: item() refuses it
+        if size > MAX_EVENT_BYTES:
+            items.append(Item(sent, orjson.dumps(sent),
+                              f"event is {size} bytes; the Tracking API allows {MAX_EVENT_BYTES}"))
+            continue
         if isinstance(e, dict):
             e = tracking_times(e, doc.get("sentAt"), received_ms)
         items.append(item(e))

@@ -557,10 +557,13 @@ def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[
     pids = None
     if spec.get("profile"):
         kind, _, value = str(spec["profile"]).partition(":")
+        prepared = IdentityRules.from_settings(settings).prepare([(kind, value)])
+        kind, value = prepared[0] if prepared else (kind, value)
         pids = profile_ids(client, space, kind, value) or set()
     types = set(spec["types"]) if spec.get("types") else None
+    last = client.xrevrange(Keys(space).log, count=1)
     return log_records(client, space, spec.get("since_ms"), spec.get("until_ms"), pids, types, spec.get("event"),
-                       after)
+                       after, until_id=last[0][0].decode() if last else None)
 
 
 def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -576,7 +579,8 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     source = spec.get("source", "log")
     key = Keys(space)
     total = client.xlen(key.dead_letters if source == "dead-letters" else key.log) if source != "archive" else 0
-    checkpoint = Checkpoint(client, space, Checkpoint.name_of("http", space, sorted(spec.items())))
+    named = {k: v for k, v in spec.items() if k not in ("resume", "dry_run", "rate", "since_ms", "until_ms")}
+    checkpoint = Checkpoint(client, space, Checkpoint.name_of("http", space, sorted(named.items())))
     after = checkpoint.load() if spec.get("resume") else None
     done = 0
     last_save = 0.0

@@ -64,6 +64,8 @@ def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> 
         resp = admin.post("/admin/replay", json=body, headers=ADMIN)
         assert resp.status_code == 400 and word in resp.json()["error"]["message"], (body, resp.text)
     assert admin.post("/admin/replay", content=b"{nope", headers=ADMIN).status_code == 400
+    nobody = admin.post("/admin/replay", json={"profile": "email:Nobody@Example.com"}, headers=ADMIN)
+    assert nobody.status_code == 404 and "no profile has" in nobody.json()["error"]["message"]
     assert admin.get("/admin/jobs/no-such-job", headers=ADMIN).status_code == 404
     assert admin.get("/admin/jobs/../../x", headers=ADMIN).status_code in (400, 404)
 
@@ -86,6 +88,30 @@ def test_cancelling_a_queued_job_and_stopping_a_running_one(admin: TestClient, r
     view = admin.get(f"/admin/jobs/{running}", headers=ADMIN).json()
     assert view["status"] == "finished" and view["result"]["stopped_at"] is not None
     assert 0 < view["result"]["events"] < 3000 and view["progress"]["stopped"] is True
+    # the same request with resume: true (any rate) continues where it stopped
+    resumed = admin.post("/admin/replay", json={"rate": 0, "resume": True}, headers=ADMIN).json()["job"]
+    work(r)
+    rest = admin.get(f"/admin/jobs/{resumed}", headers=ADMIN).json()["result"]
+    assert rest["events"] == 3000 - view["result"]["events"]
+
+
+def test_a_log_replay_stops_at_what_was_logged_when_it_started(settings: Settings, r: redis.Redis) -> None:
+    from service.state.replay import records_for
+
+    apply(r, archived(mixed_stream(50, users=5, seed=17)))
+    records = records_for(r, settings, "default", {"source": "log"}, None)
+    apply(r, [{"type": "identify", "userId": "late", "messageId": "late-1", "timestamp": "2026-03-01T00:00:00Z"}])
+    assert len(list(records)) == 50  # not the live tail
+
+
+def test_a_profile_filter_is_normalised_like_the_receiver(admin: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "ada", "messageId": "a1", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"email": "ada@example.com"}}])
+    queued = admin.post("/admin/replay", json={"profile": "email:Ada@Example.com ", "rate": 0}, headers=ADMIN)
+    assert queued.status_code == 202
+    work(r)
+    view = admin.get(f"/admin/jobs/{queued.json()['job']}", headers=ADMIN).json()
+    assert view["result"]["outcomes"] == {"applied": 1}
 
 
 def test_dead_letters_one_by_one(admin: TestClient, r: redis.Redis) -> None:

@@ -79,6 +79,14 @@ def test_limits_per_event_and_per_batch(client: TestClient) -> None:
     in_batch = {"batch": [dict(EVENT, type="track"), dict(big, type="track", messageId="big")]}
     out = client.post("/v1/batch", content=orjson.dumps(in_batch), headers=basic(WRITE_KEY)).json()
     assert (out["accepted"], out["rejected"]) == (1, 1) and "32768" in out["errors"][0]["message"]
+    # an event just under the limit as sent stays under it, whatever times the receiver adds
+    base = len(orjson.dumps(dict(EVENT, type="track", messageId="edge", sentAt="2026-03-01T00:00:01.000Z",
+                                 properties={"blob": ""})))
+    edge = dict(EVENT, type="track", messageId="edge", sentAt="2026-03-01T00:00:01.000Z",
+                properties={"blob": "x" * (32 * 1024 - base)})
+    assert len(orjson.dumps(edge)) == 32 * 1024
+    out = client.post("/v1/batch", content=orjson.dumps({"batch": [edge]}), headers=basic(WRITE_KEY)).json()
+    assert out["accepted"] == 1, out
     many = {"batch": [dict(EVENT, type="track", messageId=str(i)) for i in range(2501)]}
     assert client.post("/v1/batch", content=orjson.dumps(many), headers=basic(WRITE_KEY)).status_code == 413
     huge = {"batch": [dict(EVENT, type="track", messageId=str(i), properties={"p": "y" * 30_000})
