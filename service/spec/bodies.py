@@ -134,7 +134,8 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         event.setdefault("type", kind)
         return [item(event)]
     items: list[Item] = []
-    for sent, e in zip(doc["batch"], batch_events(doc), strict=True):
+    events = batch_events(doc)  # validates the batch first
+    for sent, e in zip(doc["batch"], events, strict=True):
         try:  # the 32 KB limit applies to the event as the client sent it, not with the times we add
             size = len(orjson.dumps(sent))
         except orjson.JSONEncodeError:
