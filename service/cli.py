@@ -249,17 +249,19 @@ def parse_since(name: str, text: str | None, now: int) -> int | None:
 
 
 class Reporter:
-    """Progress of a long run: a rich bar (count, rate, ETA) on a terminal, a plain line every 5 s otherwise."""
+    """Progress of a long run: a rich bar (count, rate, ETA) on a terminal, a plain line every 5 s otherwise.
 
-    def __init__(self, label: str, total: int | None) -> None:
-        self.label, self.total, self.done = label, total, 0
+    The bar measures events against ``total``, or, for files, bytes read against their size (``meter``: an
+    object with ``total`` and ``done`` bytes), so that an import has an ETA before its events are counted."""
+
+    def __init__(self, label: str, total: int | None, meter: Any = None) -> None:
+        self.label, self.total, self.done, self.meter = label, total, 0, meter
         self.started = self.last = time.monotonic()
         self.bar: Any = None
         if sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
-                MofNCompleteColumn,
                 Progress,
                 TaskProgressColumn,
                 TextColumn,
@@ -267,29 +269,44 @@ class Reporter:
                 TimeRemainingColumn,
             )
 
-            class Rate(TextColumn):
-                def render(self, task: Any) -> Any:  # events per second since the start
+            class Events(TextColumn):
+                def render(self, task: Any) -> Any:  # the count and events per second since the start
                     from rich.text import Text
 
-                    return Text(f"{task.completed / max(task.elapsed or 0, 1e-6):,.0f} events/s")
+                    n = task.fields.get("events", 0)
+                    of = f" of {task.total:,.0f}" if task.total and not task.fields.get("bytes") else ""
+                    return Text(f"{n:,}{of} events, {n / max(task.elapsed or 0, 1e-6):,.0f}/s")
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TaskProgressColumn(), Rate(""), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True))
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), Events(""),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
             self.bar.start()
-            self.task = self.bar.add_task(label, total=total)
+            by_bytes = meter is not None and meter.total
+            self.task = self.bar.add_task(label, total=meter.total if by_bytes else total, events=0,
+                                          bytes=bool(by_bytes))
+
+    def fraction(self) -> float | None:
+        if self.meter is not None and self.meter.total:
+            return min(1.0, self.meter.done / self.meter.total)
+        if self.total:
+            return min(1.0, self.done / self.total)
+        return None
 
     def __call__(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
-            self.bar.advance(self.task, n)
+            by_bytes = self.meter is not None and self.meter.total
+            self.bar.update(self.task, completed=self.meter.done if by_bytes else self.done, events=self.done)
             return
         now = time.monotonic()
         if now - self.last >= 5:
             self.last = now
-            rate = self.done / max(now - self.started, 1e-6)
-            of = f" of {self.total:,}" if self.total else ""
-            print(f"{self.label}: {self.done:,}{of} events, {rate:,.0f}/s", file=sys.stderr, flush=True)
+            elapsed = max(now - self.started, 1e-6)
+            line = f"{self.label}: {self.done:,} events, {self.done / elapsed:,.0f}/s"
+            share = self.fraction()
+            if share:
+                left = elapsed * (1 - share) / share
+                line += f", {share:.0%} done, about {left / 60:.0f} min {left % 60:02.0f} s left"
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -310,7 +327,7 @@ def _print_report(report: Any, dry_run: bool) -> None:
 
 
 def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Callable[[str | None], Any],
-                total: int | None, options: Any, source: str, run_name: str, label: str) -> int:
+                total: int | None, options: Any, source: str, run_name: str, label: str, meter: Any = None) -> int:
     """Shared by `replay` and `import`: resume, progress, Ctrl-C, report."""
     from service.state.replay import Checkpoint, Interrupted, run
 
@@ -321,7 +338,7 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
     if args.resume and after is None:
         print("nothing to resume (no interrupted run with these arguments): starting from the beginning",
               file=sys.stderr)
-    reporter = Reporter(label, total)
+    reporter = Reporter(label, total, meter)
     try:
         report = run(client, settings, space, records_for(after), options, source, checkpoint, reporter)
     except Interrupted as exc:
@@ -384,7 +401,7 @@ def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, si
                     types: set[str] | None, options: Any) -> int:
     """``replay --from-archive``: the archive files of the hours in [since, until], applied again like the log."""
     from service.state.archive import archive_files
-    from service.state.replay import Checkpoint, file_records, only
+    from service.state.replay import ByteMeter, Checkpoint, file_records, only
 
     if not settings.event_archive_dir:
         raise CommandError("EVENT_ARCHIVE_DIR is not set: there is no archive to replay (see README, Replays)")
@@ -396,8 +413,10 @@ def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, si
         raise CommandError(f"no archive files for space {space} in that time range under "
                            f"{settings.event_archive_dir}")
     name = Checkpoint.name_of("archive", space, args.since, args.until, sorted(types or []), args.event)
-    return _run_replay(settings, args, lambda after: only(file_records(files, after), types, args.event), None,
-                       options, "replay", name, f"replaying {len(files)} archive file(s) of {space}")
+    meter = ByteMeter.of(files)
+    return _run_replay(settings, args, lambda after: only(file_records(files, after, meter=meter), types,
+                                                          args.event),
+                       None, options, "replay", name, f"replaying {len(files)} archive file(s) of {space}", meter)
 
 
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
@@ -433,7 +452,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
-    from service.state.replay import Checkpoint, Options, file_records
+    from service.state.replay import ByteMeter, Checkpoint, Options, file_records
 
     for path in args.files:
         if path != "-" and not Path(path).is_file():
@@ -447,8 +466,9 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
         state_client(settings)  # one clear line now rather than one per process
         return _import_sharded(settings, args, f"{name}-{args.workers}", label)
     options = Options(dry_run=args.dry_run, rate=args.rate or None)
-    return _run_replay(settings, args, lambda after: file_records(args.files, after), None, options, "import", name,
-                       label)
+    meter = ByteMeter.of(args.files)
+    return _run_replay(settings, args, lambda after: file_records(args.files, after, meter=meter), None, options,
+                       "import", name, label, meter)
 
 
 def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, label: str) -> int:
@@ -456,7 +476,7 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
     is order-independent), each with its own checkpoint. Ctrl-C asks them all to stop at their next chunk."""
     import multiprocessing
 
-    from service.state.replay import Checkpoint, Report
+    from service.state.replay import ByteMeter, Checkpoint, Report
 
     ctx = multiprocessing.get_context("fork")
     messages = ctx.Queue()
@@ -465,7 +485,10 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
              for k in range(args.workers)]
     for proc in procs:
         proc.start()
-    reporter = Reporter(f"{label} with {args.workers} processes", None)
+    files_total = ByteMeter.of(args.files).total
+    meter = ByteMeter(files_total * args.workers if files_total else None)  # each share reads to the end
+    shares_done = [0] * args.workers
+    reporter = Reporter(f"{label} with {args.workers} processes", None, meter)
     merged, finished, stopped, failed = Report(), 0, False, []
     try:
         while finished < len(procs):
@@ -482,7 +505,10 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
                     break
                 continue
             if kind == "progress":
-                reporter(payload)
+                k, n, read = payload
+                shares_done[k] = read
+                meter.done = sum(shares_done)
+                reporter(n)
             elif kind == "done":
                 report, was_stopped = payload
                 merged.counts.update(report.counts)
@@ -517,7 +543,7 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
     parent."""
     import signal
 
-    from service.state.replay import Checkpoint, Interrupted, Options, Report, file_records, run
+    from service.state.replay import ByteMeter, Checkpoint, Interrupted, Options, Report, file_records, run
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (``stop``)
     try:
@@ -530,10 +556,11 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
         if after == DONE:  # this share finished before the interruption: nothing to do again
             messages.put(("done", (Report(), False)))
             return
+        meter = ByteMeter()
         try:
-            report = run(client, settings, space, file_records(args.files, after, (k, args.workers)), options,
-                         "import", checkpoint,
-                         progress=lambda n: messages.put(("progress", n)), should_stop=stop.is_set)
+            report = run(client, settings, space, file_records(args.files, after, (k, args.workers), meter),
+                         options, "import", checkpoint,
+                         progress=lambda n: messages.put(("progress", (k, n, meter.done))), should_stop=stop.is_set)
         except Interrupted as exc:
             report = exc.report
         if not report.interrupted and not args.dry_run:

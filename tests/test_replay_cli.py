@@ -124,3 +124,23 @@ def test_a_resumed_shared_import_does_not_redo_a_finished_share(redis_url: str, 
     assert out.returncode == 0, out.stderr
     assert "1,000 events were: 1,000 applied" in out.stdout  # share 1's runs of 500 lines only
     assert Checkpoint(r, "default", f"{name}-0").load() is None  # all done: the next import starts afresh
+
+
+def test_progress_lines_give_count_rate_and_time_left_when_not_a_terminal(capsys, tmp_path: Path) -> None:
+    from service.cli import Reporter
+    from service.state.replay import ByteMeter, file_records
+
+    path = tmp_path / "h.gz"
+    with gzip.open(path, "wb") as f:
+        for e in archived(mixed_stream(3000, users=30, seed=18)):
+            f.write(orjson.dumps(e) + b"\n")
+    meter = ByteMeter.of([str(path)])
+    reporter = Reporter("importing", None, meter)
+    records = file_records([str(path)], meter=meter)
+    for _ in range(1500):
+        next(records)
+    reporter.last = reporter.started = time.monotonic() - 10  # as if 10 s had passed since the start
+    reporter(1500)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("importing: 1,500 events, ") and "% done, about" in line and "s left" in line
+    assert 0 < meter.done < meter.total

@@ -196,15 +196,29 @@ def split_body(doc: Any, raw: bytes, source: str, received_ms: int) -> list[Item
     return webhook_items(doc, raw, received_ms)
 
 
-def open_history(path: str) -> io.BufferedReader:
-    """A history file (``-`` is stdin), decompressed when it is gzip (by its first bytes, not its name)."""
+def open_history(path: str) -> tuple[io.BufferedReader, io.BufferedReader]:
+    """A history file (``-`` is stdin), decompressed when it is gzip (by its first bytes, not its name), and the
+    file itself (its position is how far the reading got, for progress)."""
     raw = cast(io.BufferedReader, sys.stdin.buffer) if path == "-" else open(path, "rb")  # noqa: SIM115
     if raw.peek(2)[:2] == b"\x1f\x8b":
-        return io.BufferedReader(cast(io.RawIOBase, gzip.GzipFile(fileobj=raw)), 1 << 16)
-    return raw
+        return io.BufferedReader(cast(io.RawIOBase, gzip.GzipFile(fileobj=raw)), 1 << 16), raw
+    return raw, raw
 
 
-def file_records(paths: list[str], after: str | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[Record]:
+@dataclass
+class ByteMeter:
+    """How far ``file_records`` got through its files, in bytes as stored (compressed), for an ETA."""
+
+    total: int | None = None
+    done: int = 0
+
+    @staticmethod
+    def of(paths: list[str]) -> ByteMeter:
+        return ByteMeter(None if "-" in paths else sum(Path(p).stat().st_size for p in paths))
+
+
+def file_records(paths: list[str], after: str | None = None, shard: tuple[int, int] = (0, 1),
+                 meter: ByteMeter | None = None) -> Iterator[Record]:
     """Events of history files, in order: one JSON event per line (Segment's S3 / GCS archives, gzip or not, and
     NDJSON), a JSON array of events, or a Tracking API batch body. A line that is not an event becomes a record
     that carries the reason (a dead letter, with file and line); nothing stops the import.
@@ -219,12 +233,15 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
         f, _, ln = after.partition(":")
         skip_file, skip_line = int(f), int(ln)
     by_file = shard[1] > 1 and len(paths) >= shard[1]
+    before = 0  # bytes of the files already read
     for index, path in enumerate(paths):
+        size = 0 if path == "-" else Path(path).stat().st_size
         if index < skip_file or (by_file and index % shard[1] != shard[0]):
+            before += size
             continue
         lines_of = (0, 1) if by_file else shard
         name = "stdin" if path == "-" else Path(path).name
-        stream = open_history(path)
+        stream, raw = open_history(path)
         try:
             first, blank = stream.readline(), 0
             while first and not first.strip():
@@ -234,11 +251,14 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
             else:
                 records = _line_records(itertools.chain([first], stream), name, index, 1 + blank, lines_of)
             for rec in records:
+                if meter is not None and path != "-":
+                    meter.done = before + raw.tell()
                 line = int(rec.position.partition(":")[2])
                 if index == skip_file and line <= skip_line:
                     continue
                 yield rec
         finally:
+            before += size
             if path != "-":
                 stream.close()
 
