@@ -48,8 +48,8 @@ def archive(path: Path, n: int, seed: int = 1) -> Path:
     return path
 
 
-def split_by_day(path: Path, into: Path) -> list[Path]:
-    """The archive as Segment's S3 destination lays it out: one gzip file per received day."""
+def split_by_day(path: Path, into: Path, compress: bool = True) -> list[Path]:
+    """The archive as Segment's S3 destination lays it out: one gzip file per received day (or plain NDJSON)."""
     into.mkdir()
     days: dict[str, list[bytes]] = {}
     with gzip.open(path) as f:
@@ -57,8 +57,8 @@ def split_by_day(path: Path, into: Path) -> list[Path]:
             days.setdefault(orjson.loads(line)["receivedAt"][:10], []).append(line)
     out = []
     for day, lines in sorted(days.items()):
-        out.append(into / f"{day}.gz")
-        with gzip.open(out[-1], "wb") as g:
+        out.append(into / (f"{day}.gz" if compress else f"{day}.ndjson"))
+        with (gzip.open(out[-1], "wb") if compress else open(out[-1], "wb")) as g:
             g.writelines(lines)
     return out
 
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sps-replay-") as d, Stack(web_workers=2) as stack:
         path = archive(Path(d) / "archive.gz", args.events)
         daily = split_by_day(path, Path(d) / "daily")
+        plain = split_by_day(path, Path(d) / "plain", compress=False)
         for workers in args.import_workers:  # the import alone, unthrottled
             speeds = []
-            for label, files in (("one file", [path]), ("daily files", daily)):
+            for label, files in (("one file", [path]), ("daily files", daily), ("daily NDJSON, not gzip", plain)):
                 speeds = []
                 for _ in range(args.runs):
                     stack.flush()
