@@ -180,13 +180,17 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
-
-    from service.state.ops import forget
+    from service.state.ops import NotFound, forget
 
     client = state_client(settings)
-    outcome = forget(client, settings, args.space or settings.space_id, args.user_id)
-    print(f"{outcome.status}: profile {outcome.profile_id or '(none found)'}; the userId's events up to now are "
-          "suppressed (later ones build a new profile, as with Segment's DELETE_ONLY)")
+    try:
+        outcome, user_id = forget(client, settings, args.space or settings.space_id, args.identifier)
+    except NotFound as exc:
+        raise CommandError(f"{exc}: nothing was erased") from None
+    erased = f"profile {outcome.profile_id} erased" if outcome.profile_id else "no profile held it"
+    suppressed = (f"userId {user_id}'s events up to now are suppressed (later ones build a new profile, as with "
+                  "Segment's DELETE_ONLY)" if user_id else "it had no userId to suppress")
+    print(f"{outcome.status}: {erased}; {suppressed}; its logged and archived events are purged")
     return 0
 
 
@@ -570,6 +574,28 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
         messages.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def cmd_suppressions(settings: Settings, args: argparse.Namespace) -> int:
+    from service.state.ops import lift_suppression, suppressions
+
+    client = state_client(settings)
+    space = args.space or settings.space_id
+    if args.action == "list":
+        rows = suppressions(client, space)
+        for row in rows:
+            until = row["until_ms"]
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(until / 1000)) + " UTC" if until else "for ever"
+            print(f"{row['user_id']}  events up to {when}")
+        print(f"{len(rows)} suppressed userId(s) in {space}")
+        return 0
+    if not args.user_ids:
+        raise CommandError("lift needs one or more userIds (see `persona-sync suppressions list`)")
+    for uid in args.user_ids:
+        if not lift_suppression(client, space, uid):
+            raise CommandError(f"{uid} is not suppressed in space {space}")
+        print(f"{uid}: lifted; its events are applied again from now on")
+    return 0
+
+
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     """Failed RQ jobs, newest first: id, function, space, age and the last line of the error (Mavera's answer)."""
     from datetime import UTC, datetime
@@ -804,10 +830,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="only this space")
     s.set_defaults(func=cmd_status)
     f = sub.add_parser("forget", help="GDPR: erase a user's profile and suppress its events up to now",
-                       description="Erase the profile of USER_ID (identifiers, traits, logged and archived "
-                                   "events) exactly as a Segment delete call does: that userId's events stamped up "
-                                   "to now are suppressed (late retries, replays); later ones build a new profile.")
-    f.add_argument("user_id")
+                       description="Erase the profile an identifier resolves to (identifiers, traits, merged "
+                                   "profiles, logged and archived events) exactly as a Segment delete call does: "
+                                   "its userId's events stamped up to now are suppressed (late retries, replays); "
+                                   "later ones build a new profile. An identifier of nobody is an error (exit 1).")
+    f.add_argument("identifier", metavar="TYPE:VALUE",
+                   help="any identifier of the profile: user_id:u-42, email:ada@example.com, anonymous_id:… "
+                        "(a bare value is a userId)")
     f.add_argument("--space", help="space (default SPACE_ID)")
     f.set_defaults(func=cmd_forget)
     d2 = sub.add_parser("replay-dead-letters", help="apply the dead letters again; what applies is removed",
@@ -858,6 +887,14 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--workers", type=int, default=1,
                     help="processes sharing the import (the rate is shared too); as many as cores for a quiet hour")
     im.set_defaults(func=cmd_import)
+    sp = sub.add_parser("suppressions", help="list deleted userIds, or lift a suppression",
+                        description="A deleted userId's events stamped at or before its deletion are suppressed. "
+                                    "List them, or lift one (after a deletion made by mistake): its events are "
+                                    "applied again from then on; what was erased stays erased.")
+    sp.add_argument("action", choices=["list", "lift"])
+    sp.add_argument("user_ids", nargs="*", metavar="USER_ID")
+    sp.add_argument("--space", help="space (default SPACE_ID)")
+    sp.set_defaults(func=cmd_suppressions)
     jb = sub.add_parser("jobs", help="list failed jobs (function, space, age, error)",
                         description="List the failed RQ jobs, newest first, with the last line of their error "
                                     "(for a sync, Mavera's answer).")

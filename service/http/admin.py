@@ -24,6 +24,7 @@ from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
 from service.spec.keys import REFUSALS_KEY, TOMBSTONE, Keys
+from service.state import ops
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key
 from service.state.status import queue_status, status_row
@@ -242,6 +243,43 @@ async def replay(request: Request, space: str) -> Response:
 REPLAY_TIMEOUT = 24 * 3600
 
 
+@admin_endpoint
+async def forget(request: Request, space: str) -> Response:
+    """GDPR by any identifier: ``{"id": "email:ada@example.com"}`` (a bare value is a userId), exactly as
+    ``persona-sync forget``; 404 when it resolves to nobody."""
+    try:
+        body = await read_body(request, 16 * 1024)
+        doc = orjson.loads(body) if body.strip() else {}
+    except BodyError as exc:
+        return error(exc.status, "validation_error", exc.message)
+    except orjson.JSONDecodeError as exc:
+        return error(400, "validation_error", f"malformed JSON: {exc}")
+    ident = doc.get("id") if isinstance(doc, dict) else None
+    if not isinstance(ident, str) or not ident.strip() or len(ident) > 1000:
+        return error(400, "validation_error", 'send {"id": "TYPE:VALUE"}, e.g. {"id": "email:ada@example.com"}')
+    state = request.app.state
+    try:
+        outcome, user_id = await asyncio.to_thread(ops.forget, state.sync_redis, state.settings, space, ident)
+    except ops.NotFound as exc:
+        return error(404, "not_found", f"{exc}: nothing was erased")
+    return JSON({"space": space, "id": ident, "erased_profile": outcome.profile_id or None,
+                 "suppressed_user_id": user_id, "purged": True})
+
+
+@admin_endpoint
+async def suppression_list(request: Request, space: str) -> Response:
+    rows = await asyncio.to_thread(ops.suppressions, request.app.state.sync_redis, space)
+    return JSON({"space": space, "total": len(rows), "data": rows})
+
+
+@admin_endpoint
+async def suppression_lift(request: Request, space: str) -> Response:
+    user_id = request.path_params["user_id"]
+    if not await asyncio.to_thread(ops.lift_suppression, request.app.state.sync_redis, space, user_id):
+        return error(404, "not_found", f"{user_id} is not suppressed in space {space}")
+    return JSON({"space": space, "lifted": user_id})
+
+
 def job_view(job: Job) -> dict[str, Any]:
     status = job.get_status(refresh=False)
     error_line = None
@@ -297,6 +335,9 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
 routes = [
+    Route("/admin/forget", forget, methods=["POST"]),
+    Route("/admin/suppressions", suppression_list, methods=["GET"]),
+    Route("/admin/suppressions/{user_id}", suppression_lift, methods=["DELETE"]),
     Route("/admin/replay", replay, methods=["POST"]),
     Route("/admin/jobs/{job_id}", job, methods=["GET", "DELETE"]),
     Route("/admin/dead-letters/{entry_id}", dead_letter, methods=["GET", "DELETE"]),

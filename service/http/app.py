@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import redis
 import redis.asyncio as aredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -61,6 +62,8 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
                                        health_check_interval=30)
         app.state.settings = settings
         app.state.redis = client
+        # blocking client for the operator actions shared with the CLI (run in a thread: forget, suppressions)
+        app.state.sync_redis = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=2)
         app.state.rules = IdentityRules.from_settings(settings)
         app.state.store = AsyncStore(client, settings)
         app.state.refresh = RefreshScheduler(client, queue_url if queue_url is not None else redis_url,
@@ -73,6 +76,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
             yield
         finally:
             await client.aclose()
+            app.state.sync_redis.close()
 
     routes = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),

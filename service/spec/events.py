@@ -72,6 +72,7 @@ class Event:
     alias_of: str | None = None  # previousId, for alias merging
     reversal: str | None = None  # order key of an Order Refunded / Order Cancelled
     received: int = 0  # when it was received, epoch ms: breaks ties between writes of the same ``ts``
+    erase: str | None = None  # a delete without userId: the profile id to erase (``persona-sync forget``)
 
     def script_payload(self) -> bytes:
         """The compact JSON the Lua script decodes (cjson) as ``ev``: everything it needs and nothing more.
@@ -81,7 +82,8 @@ class Event:
         ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order ([key, revenue as
         text, categories joined by U+001F] or null), ``a`` activity ([channel, day, slot] or null), ``g`` group
         ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null), ``rv`` reversal (the
-        order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts`` when unknown)."""
+        order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts`` when unknown), ``ep`` the
+        profile id a delete without userId erases (or null)."""
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -95,6 +97,7 @@ class Event:
             "al": self.alias_of,
             "rv": self.reversal,
             "rc": max(self.received, self.ts),
+            "ep": self.erase,
         })
 
 

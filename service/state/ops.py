@@ -7,9 +7,9 @@ import redis
 
 from service.config import Settings, state_url
 from service.spec.clock import now_ms
-from service.spec.events import normalise
+from service.spec.events import Event, normalise
 from service.spec.identity import IdentityRules
-from service.spec.keys import MAVERA_PAUSED_KEY, Keys
+from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
 from service.state.archive import purge_archive
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, run
 from service.state.status import queue_status, spaces, status_row
@@ -43,14 +43,74 @@ def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
     return rows
 
 
-def forget(client: redis.Redis, settings: Settings, space: str, user_id: str) -> Outcome:
-    """Apply a Segment ``delete`` for ``user_id`` and purge its logged events now."""
-    raw = {"type": "delete", "userId": user_id, "messageId": f"forget-{user_id}-{now_ms()}"}
-    event = normalise(raw, now_ms(), IdentityRules.from_settings(settings))
+class NotFound(LookupError):
+    """The identifier resolves to no profile."""
+
+
+def resolve(client: redis.Redis, settings: Settings, space: str, identifier: str) -> tuple[str, str, str | None]:
+    """``TYPE:VALUE`` (a bare value is a user_id), normalised as the receiver does → (type, value, profile id or
+    None), following merges."""
+    kind, sep, value = identifier.partition(":")
+    if not sep:
+        kind, value = "user_id", identifier
+    prepared = IdentityRules.from_settings(settings).prepare([(kind.strip().lower(), value)])
+    if not prepared:
+        return kind, value, None
+    kind, value = prepared[0]
+    keys = state_keys(client, space)
+    pid = client.get(keys.ident(kind, value))
+    for _ in range(100):
+        if not pid or pid == TOMBSTONE.encode():
+            return kind, value, None
+        if client.exists(keys.profile(pid.decode())):
+            return kind, value, pid.decode()
+        pid = client.get(keys.redirect(pid.decode()))
+    return kind, value, None
+
+
+def forget(client: redis.Redis, settings: Settings, space: str, identifier: str) -> tuple[Outcome, str | None]:
+    """GDPR: erase the profile ``identifier`` (``TYPE:VALUE``, or a bare userId) resolves to, exactly as a Segment
+    ``delete`` does, and purge its logged and archived events now. Returns the outcome and the userId whose
+    events up to now are suppressed (None for a profile without one). Raises ``NotFound``."""
+    kind, value, pid = resolve(client, settings, space, identifier)
+    user_id = value if kind == "user_id" else None
+    if pid is not None and user_id is None:  # erase by another identifier: suppress the profile's userId, if any
+        fields = client.hkeys(state_keys(client, space).profile(pid))
+        ids = [f.decode()[len("x:user_id:"):] for f in fields if f.startswith(b"x:user_id:")]
+        user_id = ids[0] if ids else None
+    if pid is None and user_id is None:
+        raise NotFound(f"no profile has {kind}:{value} in space {space}")
+    now = now_ms()
+    if user_id is not None:
+        raw = {"type": "delete", "userId": user_id, "messageId": f"forget-{user_id}-{now}"}
+        event = normalise(raw, now, IdentityRules.from_settings(settings))
+    else:
+        assert pid is not None
+        raw = {"type": "delete", "erase": pid, "messageId": f"forget-{pid}-{now}"}
+        event = Event("delete", raw["messageId"], now, None, (), erase=pid, received=now)
     outcome = SyncStore(client, settings).apply(space, [(event, encode_raw(raw))])[0]
     purge_forgotten(client, space)
     purge_archive(client, settings, space)
-    return outcome
+    return outcome, user_id
+
+
+def suppressions(client: redis.Redis, space: str) -> list[dict]:
+    """Suppressed userIds with the time up to which their events are dropped (0: for ever, an older version's)."""
+    k = Keys(space)
+    times = {uid.decode(): int(ms) for uid, ms in client.hgetall(k.deleted).items()}
+    legacy = {uid.decode() for uid in client.smembers(k.suppressed)} - set(times)
+    return [{"user_id": uid, "until_ms": times.get(uid, 0)} for uid in sorted(set(times) | legacy)]
+
+
+def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
+    """Stop suppressing ``user_id`` (its events apply again from now on). False if it was not suppressed."""
+    k = Keys(space)
+    found = bool(client.hdel(k.deleted, user_id)) | bool(client.srem(k.suppressed, user_id))
+    index = state_keys(client, space).ident("user_id", user_id)
+    if client.get(index) == TOMBSTONE.encode():
+        client.delete(index)
+        found = True
+    return found
 
 
 def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:

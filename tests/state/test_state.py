@@ -229,5 +229,5 @@ def test_gdpr_delete_erases_and_suppresses(r: redis.Redis) -> None:
 
 def test_forget_command_path(r: redis.Redis) -> None:
     apply(r, [{"type": "identify", "userId": "x", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
-    assert forget(r, Settings(), "default", "x").status == "deleted"
+    assert forget(r, Settings(), "default", "x")[0].status == "deleted"
     assert find(r, "user_id", "x") is None and r.xlen(Keys("default").log) == 0

@@ -20,7 +20,8 @@
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
 --   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null,
---   rv order key of a refund or cancellation or null, rc received ms (>= ts). ``ts`` is the effective time: the
+--   rv order key of a refund or cancellation or null, rc received ms (>= ts), ep a profile id to erase (a delete
+--   without userId, from ``persona-sync forget``) or null. ``ts`` is the effective time: the
 --   event's own, never later than its receipt (a client clock in 2099 cannot pin a trait).
 -- ARGV[5], decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
 --   merge and identifier caps, alias merging.
@@ -71,16 +72,23 @@ local TOMBSTONE = '!'
 local uid = ev.uid
 local ts, mid, rc = ev.ts, ev.mid, ev.rc or ev.ts
 if ev.t == 'delete' then
-  redis.call('SADD', P .. 'suppressed', uid)
-  redis.call('SADD', P .. 'forgotten:ids', uid)
-  local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
-  if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
-  local pid = redis.call('GET', ikey('user_id', uid))
-  remember()
-  if pid == TOMBSTONE then pid = false end
-  if not pid then
-    redis.call('SET', ikey('user_id', uid), TOMBSTONE)
-    return {'deleted', ''}
+  local pid
+  if uid ~= '' then
+    redis.call('SADD', P .. 'suppressed', uid)
+    redis.call('SADD', P .. 'forgotten:ids', uid)
+    local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
+    if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
+    pid = redis.call('GET', ikey('user_id', uid))
+    remember()
+    if pid == TOMBSTONE then pid = false end
+    if not pid then
+      redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+      return {'deleted', ''}
+    end
+  else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
+    pid = ev.ep
+    remember()
+    if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
   end
   local f = redis.call('HGETALL', pkey(pid))
   for i = 1, #f, 2 do
@@ -96,7 +104,7 @@ if ev.t == 'delete' then
     end
   end
   redis.call('DEL', pkey(pid))
-  redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+  if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
   redis.call('SADD', P .. 'forgotten', pid)
   redis.call('SADD', P .. 'dirty', pid)
   return {'deleted', pid}

@@ -1,0 +1,73 @@
+"""Privacy by any identifier: forget by email or anonymousId (CLI and POST /admin/forget), and suppressions
+(list, lift), against a real Redis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+from starlette.testclient import TestClient
+
+from service.spec.keys import Keys
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import apply, find
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+T = "2026-03-01T10:00:00Z"
+
+
+def ada(r: redis.Redis) -> None:
+    """Ada: a userId, an email, and an anonymous visit merged into her profile."""
+    apply(r, [{"type": "page", "anonymousId": "ada-anon", "messageId": "a1", "timestamp": T},
+              {"type": "identify", "userId": "x2", "anonymousId": "ada-anon", "messageId": "a2", "timestamp": T,
+               "traits": {"email": "Ada@Example.com", "plan": "pro"}},
+              {"type": "identify", "userId": "bob", "messageId": "b1", "timestamp": T}])
+
+
+def test_forget_by_email_erases_the_merged_profile_and_suppresses_its_user_id(redis_url: str,
+                                                                              r: redis.Redis) -> None:
+    ada(r)
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    out = subprocess.run([EXE, "forget", "email:ada@example.com "], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert "erased" in out.stdout and "userId x2's events up to now are suppressed" in out.stdout
+    for kind, value in (("user_id", "x2"), ("email", "ada@example.com"), ("anonymous_id", "ada-anon")):
+        assert find(r, kind, value) is None
+    assert [f[b"p"] for _, f in r.xrange(Keys("default").log)] == [find(r, "user_id", "bob").id.encode()]
+    late = apply(r, [{"type": "identify", "userId": "x2", "messageId": "a3", "timestamp": T}])
+    assert late[0].status == "suppressed"
+    again = subprocess.run([EXE, "forget", "email:ada@example.com"], capture_output=True, text=True, timeout=60,
+                           env=env)
+    assert again.returncode == 1 and "no profile has email:ada@example.com" in again.stderr
+
+
+def test_forget_a_profile_without_user_id_and_an_identifier_of_nobody(client: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "page", "anonymousId": "visitor", "messageId": "v1", "timestamp": T,
+               "context": {"traits": {"email": "v@example.com"}}}])
+    resp = client.post("/admin/forget", json={"id": "anonymous_id:visitor"}, headers=ADMIN)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["erased_profile"] and resp.json()["suppressed_user_id"] is None
+    assert find(r, "email", "v@example.com") is None and r.xlen(Keys("default").log) == 0
+    nobody = client.post("/admin/forget", json={"id": "email:nobody@example.com"}, headers=ADMIN)
+    assert nobody.status_code == 404 and "no profile has email:nobody@example.com" in nobody.json()["error"]["message"]
+    assert client.post("/admin/forget", json={"id": ""}, headers=ADMIN).status_code == 400
+    assert client.post("/admin/forget", json={"id": "x"}).status_code == 401
+
+
+def test_suppressions_are_listed_and_lifted(client: TestClient, redis_url: str, r: redis.Redis) -> None:
+    ada(r)
+    assert client.post("/admin/forget", json={"id": "x2"}, headers=ADMIN).json()["suppressed_user_id"] == "x2"
+    listed = client.get("/admin/suppressions", headers=ADMIN).json()
+    assert [row["user_id"] for row in listed["data"]] == ["x2"] and listed["data"][0]["until_ms"] > 0
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    out = subprocess.run([EXE, "suppressions", "list"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "x2  events up to" in out.stdout
+    lifted = subprocess.run([EXE, "suppressions", "lift", "x2"], capture_output=True, text=True, timeout=60, env=env)
+    assert lifted.returncode == 0 and "lifted" in lifted.stdout
+    assert client.get("/admin/suppressions", headers=ADMIN).json()["total"] == 0
+    assert apply(r, [{"type": "identify", "userId": "x2", "messageId": "a4", "timestamp": T}])[0].status == "ok"
+    assert client.delete("/admin/suppressions/x2", headers=ADMIN).status_code == 404
