@@ -178,3 +178,18 @@ def test_taking_the_dirty_marks_never_loses_one_added_meanwhile(redis_url: str, 
     writer.join()
     _take(r, "work", ["dirty"])
     assert len(added) > 100 and {m.decode() for m in r.smembers("work")} == set(added)
+
+
+def test_a_profile_forgotten_by_email_leaves_its_cluster_at_the_next_refresh(r: redis.Redis) -> None:
+    from service.state.ops import forget
+
+    s = Settings()
+    apply(r, [{"type": "identify", "userId": f"c{i}", "messageId": f"c{i}", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"email": f"c{i}@example.com"}} for i in range(3)])
+    refresh(r, s, "default", now_ms=NOW)
+    [cluster] = [orjson.loads(v) for v in r.hvals(K.clusters)]
+    assert cluster["n"] == 3
+    forget(r, s, "default", "email:c1@example.com")
+    refresh(r, s, "default", now_ms=NOW)
+    [cluster] = [orjson.loads(v) for v in r.hvals(K.clusters)]
+    assert cluster["n"] == 2 and r.hlen(K.contributions) == 2
