@@ -259,11 +259,16 @@ async def forget(request: Request, space: str) -> Response:
         return error(400, "validation_error", 'send {"id": "TYPE:VALUE"}, e.g. {"id": "email:ada@example.com"}')
     state = request.app.state
     try:
-        outcome, user_id = await asyncio.to_thread(ops.forget, state.sync_redis, state.settings, space, ident)
+        outcome, user_id = await asyncio.to_thread(ops.forget, state.sync_redis, state.settings, space, ident,
+                                                   not state.refresh.queue_url)
     except ops.NotFound as exc:
         return error(404, "not_found", f"{exc}: nothing was erased")
+    if state.refresh.queue_url:  # scanning the log and the archive is a job's work, not a request's
+        await state.refresh.purge(space)
+    await state.refresh.touch(space)  # the erased profile leaves its cluster at the next refresh
     return JSON({"space": space, "id": ident, "erased_profile": outcome.profile_id or None,
-                 "suppressed_user_id": user_id, "purged": True})
+                 "suppressed_user_id": user_id,
+                 "events_purge": "queued" if state.refresh.queue_url else "done"})
 
 
 @admin_endpoint

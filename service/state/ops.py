@@ -68,10 +68,12 @@ def resolve(client: redis.Redis, settings: Settings, space: str, identifier: str
     return kind, value, None
 
 
-def forget(client: redis.Redis, settings: Settings, space: str, identifier: str) -> tuple[Outcome, str | None]:
+def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
+           purge: bool = True) -> tuple[Outcome, str | None]:
     """GDPR: erase the profile ``identifier`` (``TYPE:VALUE``, or a bare userId) resolves to, exactly as a Segment
-    ``delete`` does, and purge its logged and archived events now. Returns the outcome and the userId whose
-    events up to now are suppressed (None for a profile without one). Raises ``NotFound``."""
+    ``delete`` does, and purge its logged and archived events now (``purge=False``: the caller queues the purge
+    job, as the receiver does). Returns the outcome and the userId whose events up to now are suppressed (None for
+    a profile without one). Raises ``NotFound``."""
     kind, value, pid = resolve(client, settings, space, identifier)
     user_id = value if kind == "user_id" else None
     if pid is not None and user_id is None:  # erase by another identifier: suppress the profile's userId, if any
@@ -89,8 +91,9 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str)
         raw = {"type": "delete", "erase": pid, "messageId": f"forget-{pid}-{now}"}
         event = Event("delete", raw["messageId"], now, None, (), erase=pid, received=now)
     outcome = SyncStore(client, settings).apply(space, [(event, encode_raw(raw))])[0]
-    purge_forgotten(client, space)
-    purge_archive(client, settings, space)
+    if purge:
+        purge_forgotten(client, space)
+        purge_archive(client, settings, space)
     return outcome, user_id
 
 

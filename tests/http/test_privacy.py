@@ -71,3 +71,17 @@ def test_suppressions_are_listed_and_lifted(client: TestClient, redis_url: str, 
     assert client.get("/admin/suppressions", headers=ADMIN).json()["total"] == 0
     assert apply(r, [{"type": "identify", "userId": "x2", "messageId": "a4", "timestamp": T}])[0].status == "ok"
     assert client.delete("/admin/suppressions/x2", headers=ADMIN).status_code == 404
+
+
+def test_with_a_queue_the_purge_is_a_job(settings, redis_url: str, r: redis.Redis) -> None:
+    from rq import Queue
+
+    from service.http.app import create_app
+
+    ada(r)
+    with TestClient(create_app(settings, redis_url, redis_url)) as c:
+        resp = c.post("/admin/forget", json={"id": "email:ada@example.com"}, headers=ADMIN)
+    assert resp.status_code == 200 and resp.json()["events_purge"] == "queued"
+    jobs = [j.func_name for j in Queue("persona-sync", connection=r).get_jobs()]
+    assert "service.state.ops.purge_job" in jobs and "workers.jobs.refresh" in jobs
+    assert find(r, "email", "ada@example.com") is None
