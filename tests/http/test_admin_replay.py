@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from starlette.testclient import TestClient
 
 from service.config import Settings
@@ -34,8 +34,12 @@ def admin(settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch) -
         yield c
 
 
-def work(r: redis.Redis) -> None:
-    SimpleWorker([Queue(QUEUE_NAME, connection=r)], connection=r).work(burst=True)
+def work(r: redis.Redis, **env: str) -> None:
+    """Run the queued jobs with a real worker process (an in-process rq worker would leave its signal handlers
+    installed in the test process, where forked pools inherit them)."""
+    url = f"unix://{r.connection_pool.connection_kwargs['path']}"
+    subprocess.run([EXE, "worker", "--burst"], env={"PATH": "/usr/bin:/bin", "REDIS_URL": url, **env}, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
 
 def test_a_log_replay_queued_over_http_repairs_profiles(admin: TestClient, r: redis.Redis) -> None:
@@ -173,7 +177,7 @@ def test_an_archive_replay_over_http(settings: Settings, redis_url: str, r: redi
         assert c.post("/admin/replay", json={"source": "archive", "profile": "user_id:x"},
                       headers=ADMIN).status_code == 400
         job_id = c.post("/admin/replay", json={"source": "archive", "rate": 0}, headers=ADMIN).json()["job"]
-        work(r)
+        work(r, EVENT_ARCHIVE_DIR=archive_dir)
         view = c.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()
     assert view["status"] == "finished" and view["result"]["outcomes"] == {"applied": 600}
     assert snapshot(r) == right
