@@ -20,6 +20,12 @@ from tests.state.test_replay import archived
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 
 
+def interruptible() -> None:
+    """In the child: SIGINT as at a terminal. A suite started in the background (``cmd &``) ignores SIGINT, and
+    children inherit that, so Ctrl-C could not be drilled."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def env(redis_url: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
 
@@ -67,7 +73,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: 
         for e in events:
             f.write(orjson.dumps(e) + b"\n")
     cmd = [EXE, "import", str(path), "--rate", "4000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 60
     while r.xlen(Keys("default").log) < 2000 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -96,7 +103,8 @@ def test_an_import_shared_by_processes_equals_one_and_resumes(redis_url: str, r:
         for e in events:
             f.write(orjson.dumps(e) + b"\n")
     cmd = [EXE, "import", str(path), "--workers", "3", "--rate", "3000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 60
     while r.xlen(Keys("default").log) < 3000 and time.monotonic() < deadline:
         time.sleep(0.05)
