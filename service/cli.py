@@ -363,7 +363,7 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from service.spec.clock import now_ms
     from service.spec.keys import Keys
-    from service.state.replay import Checkpoint, Options, dead_letter_records, log_records, profile_ids
+    from service.state.replay import Checkpoint, Options, dead_letter_records, log_records, profile_ids, resolve
 
     client = state_client(settings)
     space = args.space or settings.space_id
@@ -386,11 +386,10 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                                "email:ada@example.com")
         from service.spec.identity import IdentityRules
 
-        prepared = IdentityRules.from_settings(settings).prepare([(kind, value)])
-        kind, value = prepared[0] if prepared else (kind, value)
-        pids = profile_ids(client, space, kind, value)
-        if pids is None:
+        kind, value, pid = resolve(client, IdentityRules.from_settings(settings), space, args.profile)
+        if pid is None:
             raise CommandError(f"no profile has {kind}:{value} in space {space}")
+        pids = profile_ids(client, space, pid)
     # named by the arguments as typed (a relative --since resolves differently later), so --resume finds it
     name = Checkpoint.name_of("log", space, args.since, args.until, args.profile, sorted(types or []), args.event)
     total = client.xlen(Keys(space).log)

@@ -23,10 +23,10 @@ from service.http.intake import read_body
 from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
-from service.spec.keys import REFUSALS_KEY, TOMBSTONE, Keys
+from service.spec.keys import REFUSALS_KEY, Keys
 from service.state import ops
 from service.state.queue import REPLAY_JOB
-from service.state.replay import cancel_key
+from service.state.replay import cancel_key, resolve
 from service.state.status import queue_status, status_row
 from service.state.store import DLQ_DELETE, REDIS_DOWN, state_keys_async
 
@@ -224,11 +224,9 @@ async def replay(request: Request, space: str) -> Response:
     if spec["source"] == "archive" and not request.app.state.settings.event_archive_dir:
         return error(400, "validation_error", "EVENT_ARCHIVE_DIR is not set: there is no archive to replay")
     if "profile" in spec:  # resolved as the receiver normalised it; an identifier of nobody is a 404, not a no-op
-        kind, _, value = spec["profile"].partition(":")
-        prepared = request.app.state.rules.prepare([(kind, value)])
-        keys = await state_keys_async(request.app.state.redis, space)
-        pid = await request.app.state.redis.get(keys.ident(*prepared[0])) if prepared else None
-        if not pid or pid == TOMBSTONE.encode():
+        state = request.app.state
+        _, _, pid = await asyncio.to_thread(resolve, state.sync_redis, state.rules, space, spec["profile"])
+        if pid is None:
             return error(404, "not_found", f"no profile has {spec['profile']} in space {space}")
     if not request.app.state.refresh.queue_url:
         return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")

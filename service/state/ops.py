@@ -11,7 +11,7 @@ from service.spec.events import Event, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
 from service.state.archive import purge_archive
-from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, run
+from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
 from service.state.status import queue_status, spaces, status_row
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, state_keys
 
@@ -47,34 +47,13 @@ class NotFound(LookupError):
     """The identifier resolves to no profile."""
 
 
-def resolve(client: redis.Redis, settings: Settings, space: str, identifier: str) -> tuple[str, str, str | None]:
-    """``TYPE:VALUE`` (a bare value is a user_id), normalised as the receiver does → (type, value, profile id or
-    None), following merges."""
-    kind, sep, value = identifier.partition(":")
-    if not sep:
-        kind, value = "user_id", identifier
-    prepared = IdentityRules.from_settings(settings).prepare([(kind.strip().lower(), value)])
-    if not prepared:
-        return kind, value, None
-    kind, value = prepared[0]
-    keys = state_keys(client, space)
-    pid = client.get(keys.ident(kind, value))
-    for _ in range(100):
-        if not pid or pid == TOMBSTONE.encode():
-            return kind, value, None
-        if client.exists(keys.profile(pid.decode())):
-            return kind, value, pid.decode()
-        pid = client.get(keys.redirect(pid.decode()))
-    return kind, value, None
-
-
 def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
            purge: bool = True) -> tuple[Outcome, str | None]:
     """GDPR: erase the profile ``identifier`` (``TYPE:VALUE``, or a bare userId) resolves to, exactly as a Segment
     ``delete`` does, and purge its logged and archived events now (``purge=False``: the caller queues the purge
     job, as the receiver does). Returns the outcome and the userId whose events up to now are suppressed (None for
     a profile without one). Raises ``NotFound``."""
-    kind, value, pid = resolve(client, settings, space, identifier)
+    kind, value, pid = resolve(client, IdentityRules.from_settings(settings), space, identifier)
     user_id = value if kind == "user_id" else None
     if pid is not None and user_id is None:  # erase by another identifier: suppress the profile's userId, if any
         fields = client.hkeys(state_keys(client, space).profile(pid))

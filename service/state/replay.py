@@ -39,7 +39,7 @@ from service.spec.bodies import BodyError, Item, batch_events, item, parse_json,
 from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
 from service.spec.identity import IdentityRules
-from service.spec.keys import Keys
+from service.spec.keys import TOMBSTONE, Keys
 from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters, state_keys
 
 CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
@@ -144,20 +144,31 @@ def only(records: Iterable[Record], types: set[str] | None, event: str | None) -
         yield rec
 
 
-def profile_ids(client: redis.Redis, space: str, kind: str, value: str) -> set[bytes] | None:
-    """The profile that identifier resolves to and every profile merged into it (their log entries carry the id
-    they had then), or None when it resolves to nothing."""
-    k = state_keys(client, space)
-    pid = client.get(k.ident(kind, value))
-    if not pid or pid == b"!":
-        return None
-    for _ in range(100):  # a merged-away id points at the survivor (chains are short)
-        nxt = client.get(k.redirect(pid.decode()))
-        if not nxt:
-            break
-        pid = nxt
-    ancestors = [f[2:] for f in client.hkeys(k.profile(pid.decode())) if f.startswith(b"r:")]
-    return {pid, *ancestors}
+def resolve(client: redis.Redis, rules: IdentityRules, space: str, identifier: str) -> tuple[str, str, str | None]:
+    """``TYPE:VALUE`` (a bare value is a user_id), normalised as the receiver does → (type, value, the live
+    profile's id or None), following merges (a merged-away id points at the survivor; chains are short)."""
+    kind, sep, value = identifier.partition(":")
+    if not sep:
+        kind, value = "user_id", identifier
+    prepared = rules.prepare([(kind.strip().lower(), value)])
+    if not prepared:
+        return kind, value, None
+    kind, value = prepared[0]
+    keys = state_keys(client, space)
+    pid = client.get(keys.ident(kind, value))
+    for _ in range(100):
+        if not pid or pid == TOMBSTONE.encode():
+            return kind, value, None
+        if client.exists(keys.profile(pid.decode())):
+            return kind, value, pid.decode()
+        pid = client.get(keys.redirect(pid.decode()))
+    return kind, value, None
+
+
+def profile_ids(client: redis.Redis, space: str, pid: str) -> set[bytes]:
+    """A profile and every profile merged into it: their log entries carry the id they had then."""
+    ancestors = [f[2:] for f in client.hkeys(state_keys(client, space).profile(pid)) if f.startswith(b"r:")]
+    return {pid.encode(), *ancestors}
 
 
 def dead_letter_records(client: redis.Redis, space: str, reason: str | None = None,
@@ -576,10 +587,8 @@ def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[
         return only(file_records(files, after), set(spec["types"]) if spec.get("types") else None, spec.get("event"))
     pids = None
     if spec.get("profile"):
-        kind, _, value = str(spec["profile"]).partition(":")
-        prepared = IdentityRules.from_settings(settings).prepare([(kind, value)])
-        kind, value = prepared[0] if prepared else (kind, value)
-        pids = profile_ids(client, space, kind, value) or set()
+        pid = resolve(client, IdentityRules.from_settings(settings), space, str(spec["profile"]))[2]
+        pids = profile_ids(client, space, pid) if pid else set()
     types = set(spec["types"]) if spec.get("types") else None
     last = client.xrevrange(Keys(space).log, count=1)
     return log_records(client, space, spec.get("since_ms"), spec.get("until_ms"), pids, types, spec.get("event"),

@@ -13,6 +13,7 @@ import redis
 
 from service.config import Settings
 from service.spec.events import iso_ms, parse_timestamp
+from service.spec.identity import IdentityRules
 from service.spec.keys import Keys
 from service.state.replay import (
     Checkpoint,
@@ -22,6 +23,7 @@ from service.state.replay import (
     file_records,
     log_records,
     profile_ids,
+    resolve,
     run,
 )
 from service.state.store import SyncStore
@@ -139,8 +141,11 @@ def test_log_filters_profile_type_event_and_time(r: redis.Redis) -> None:
         {"type": "track", "userId": "ada", "event": "Clicked", "messageId": "4", "timestamp": t},
         {"type": "track", "userId": "bob", "event": "Clicked", "messageId": "5", "timestamp": t},
     ])
-    pids = profile_ids(r, SPACE, "email", "ada@x.io")
-    assert pids is not None and len(pids) == 2  # ada's profile and the anonymous one merged into it
+    rules = IdentityRules.from_settings(Settings())
+    pid = resolve(r, rules, SPACE, "email:Ada@X.io")[2]
+    assert pid is not None
+    pids = profile_ids(r, SPACE, pid)
+    assert len(pids) == 2  # ada's profile and the anonymous one merged into it
 
     def mids(**filters: object) -> list[str]:
         return [orjson.loads(rec.item.raw)["messageId"] for rec in log_records(r, SPACE, **filters)]  # type: ignore[arg-type]
@@ -150,7 +155,7 @@ def test_log_filters_profile_type_event_and_time(r: redis.Redis) -> None:
     assert mids(event="Clicked", pids=pids) == ["4"]
     first = int(r.xrange(Keys(SPACE).log)[0][0].decode().split("-")[0])
     assert len(mids(since_ms=first)) == 5 and mids(until_ms=first - 1) == []
-    assert profile_ids(r, SPACE, "email", "nobody@x.io") is None
+    assert resolve(r, rules, SPACE, "email:nobody@x.io")[2] is None
 
 
 def test_dead_letters_that_apply_are_removed_the_rest_stay(r: redis.Redis) -> None:
