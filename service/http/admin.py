@@ -164,6 +164,17 @@ async def dead_letter(request: Request, space: str) -> Response:
                  "at": _number(f, "at"), "raw": _text(f, "raw")})
 
 
+async def json_body(request: Request, limit: int) -> Any:
+    """An operator request's JSON body (an empty body is ``{}``), read within ``limit``, or the 4xx to send."""
+    try:
+        body = await read_body(request, limit)
+        return orjson.loads(body) if body.strip() else {}
+    except BodyError as exc:
+        return error(exc.status, "validation_error", exc.message)
+    except orjson.JSONDecodeError as exc:
+        return error(400, "validation_error", f"malformed JSON: {exc}")
+
+
 REPLAY_FIELDS = {"source", "since", "until", "profile", "types", "event", "reason", "dry_run", "rate", "resume"}
 
 
@@ -211,13 +222,9 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
 @admin_endpoint
 async def replay(request: Request, space: str) -> Response:
     """Queue a replay of the log or the dead letters as an RQ job; 202 with where to follow it."""
-    try:
-        body = await read_body(request, 64 * 1024)
-        doc = orjson.loads(body) if body.strip() else {}
-    except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
-    except orjson.JSONDecodeError as exc:
-        return error(400, "validation_error", f"malformed JSON: {exc}")
+    doc = await json_body(request, 64 * 1024)
+    if isinstance(doc, Response):
+        return doc
     spec = replay_spec(doc, now_ms())
     if isinstance(spec, str):
         return error(400, "validation_error", spec)
@@ -245,13 +252,9 @@ REPLAY_TIMEOUT = 24 * 3600
 async def forget(request: Request, space: str) -> Response:
     """GDPR by any identifier: ``{"id": "email:ada@example.com"}`` (a bare value is a userId), exactly as
     ``persona-sync forget``; 404 when it resolves to nobody."""
-    try:
-        body = await read_body(request, 16 * 1024)
-        doc = orjson.loads(body) if body.strip() else {}
-    except BodyError as exc:
-        return error(exc.status, "validation_error", exc.message)
-    except orjson.JSONDecodeError as exc:
-        return error(400, "validation_error", f"malformed JSON: {exc}")
+    doc = await json_body(request, 16 * 1024)
+    if isinstance(doc, Response):
+        return doc
     ident = doc.get("id") if isinstance(doc, dict) else None
     if not isinstance(ident, str) or not ident.strip() or len(ident) > 1000:
         return error(400, "validation_error", 'send {"id": "TYPE:VALUE"}, e.g. {"id": "email:ada@example.com"}')
