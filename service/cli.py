@@ -363,7 +363,15 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from service.spec.clock import now_ms
     from service.spec.keys import Keys
-    from service.state.replay import Checkpoint, Options, dead_letter_records, log_records, profile_ids, resolve
+    from service.state.replay import (
+        Checkpoint,
+        Options,
+        dead_letter_records,
+        log_records,
+        only,
+        profile_ids,
+        resolve,
+    )
 
     client = state_client(settings)
     space = args.space or settings.space_id
@@ -395,8 +403,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     total = client.xlen(Keys(space).log)
     last = client.xrevrange(Keys(space).log, count=1)
     end = last[0][0].decode() if last else None  # up to what is logged now, not the live tail for ever
-    return _run_replay(settings, args, lambda after: log_records(client, space, since, until, pids, types,
-                                                                 args.event, after, until_id=end),
+    return _run_replay(settings, args, lambda after: only(log_records(client, space, since, until, pids, after,
+                                                                      until_id=end), types, args.event),
                        total, options, "replay", name, f"replaying the event log of {space}")
 
 

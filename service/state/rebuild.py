@@ -169,7 +169,7 @@ def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = F
             break
         end_id = end[0][0].decode()
         say(f"applying the log {'from ' + last if last else 'from its start'} to {end_id}")
-        add(run(client, settings, space, log_records(client, space, after=last, until_ms=None, until_id=end_id),
+        add(run(client, settings, space, log_records(client, space, after=last, until_id=end_id),
                 options, "rebuild", progress=progress))
         last = end_id
     client.set(k.generation_key, new)  # the switch: every event from now on goes to the new generation

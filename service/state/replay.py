@@ -103,11 +103,11 @@ class Options:
 # --- sources --------------------------------------------------------------------------------------------------
 
 def log_records(client: redis.Redis, space: str, since_ms: int | None = None, until_ms: int | None = None,
-                pids: set[bytes] | None = None, types: set[str] | None = None, event: str | None = None,
-                after: str | None = None, until_id: str | None = None) -> Iterator[Record]:
-    """The space's event log in arrival order, filtered: receipt time (the entry id), profile ids (the profile
-    and those merged into it), call types, track event name. ``after``: resume past this entry id; ``until_id``:
-    stop at this one."""
+                pids: set[bytes] | None = None, after: str | None = None,
+                until_id: str | None = None) -> Iterator[Record]:
+    """The space's event log in arrival order, filtered by receipt time (the entry id) and profile ids (the
+    profile and those merged into it; ``only`` filters by call type and event name). ``after``: resume past this
+    entry id; ``until_id``: stop at this one."""
     key = Keys(space).log
     start = f"({after}" if after else (str(since_ms) if since_ms is not None else "-")
     end = until_id or (str(until_ms) if until_ms is not None else "+")
@@ -122,10 +122,6 @@ def log_records(client: redis.Redis, space: str, since_ms: int | None = None, un
                 obj = parse_json(raw)  # entries of older versions may be pretty-printed or hold lone surrogates
             except BodyError:
                 obj = None
-            if types and not (isinstance(obj, dict) and str(obj.get("type", "")).lower() in types):
-                continue
-            if event is not None and not (isinstance(obj, dict) and obj.get("event") == event):
-                continue
             yield Record(item(obj, raw) if obj is not None else Item(None, raw, "logged event is not JSON"),
                          f"log {eid}", eid, received_ms=int(eid.partition("-")[0]))  # its receipt, not now
         if len(rows) < CHUNK:
@@ -591,8 +587,8 @@ def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[
         pids = profile_ids(client, space, pid) if pid else set()
     types = set(spec["types"]) if spec.get("types") else None
     last = client.xrevrange(Keys(space).log, count=1)
-    return log_records(client, space, spec.get("since_ms"), spec.get("until_ms"), pids, types, spec.get("event"),
-                       after, until_id=last[0][0].decode() if last else None)
+    return only(log_records(client, space, spec.get("since_ms"), spec.get("until_ms"), pids, after,
+                            until_id=last[0][0].decode() if last else None), types, spec.get("event"))
 
 
 def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:

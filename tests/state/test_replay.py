@@ -22,6 +22,7 @@ from service.state.replay import (
     dead_letter_records,
     file_records,
     log_records,
+    only,
     profile_ids,
     resolve,
     run,
@@ -147,8 +148,9 @@ def test_log_filters_profile_type_event_and_time(r: redis.Redis) -> None:
     pids = profile_ids(r, SPACE, pid)
     assert len(pids) == 2  # ada's profile and the anonymous one merged into it
 
-    def mids(**filters: object) -> list[str]:
-        return [orjson.loads(rec.item.raw)["messageId"] for rec in log_records(r, SPACE, **filters)]  # type: ignore[arg-type]
+    def mids(types: set[str] | None = None, event: str | None = None, **filters: object) -> list[str]:
+        records = only(log_records(r, SPACE, **filters), types, event)  # type: ignore[arg-type]
+        return [orjson.loads(rec.item.raw)["messageId"] for rec in records]
 
     assert mids(pids=pids) == ["1", "2", "3", "4"]
     assert mids(types={"track"}) == ["4", "5"]
