@@ -223,19 +223,28 @@ class CommandError(Exception):
 def state_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily, as in every command
     """The STATE Redis as the stack finds it (REDIS_URL, else the embedded server of `persona-sync dev` under
     DATA_DIR), checked with a PING: an unreachable one is a one-line error with the fix."""
+    def unreachable(url: str, exc: Exception) -> str:
+        where = url if settings.redis_url else f"the embedded server under DATA_DIR={settings.data_dir}"
+        return (f"cannot reach Redis at {where} ({exc}): start the stack with `make run`, or point REDIS_URL at "
+                "your Redis")
+
+    return _checked_client(lambda: state_url(settings), unreachable, socket_timeout=60)
+
+
+def _checked_client(url_of: Callable[[], str], unreachable: Callable[[str, Exception], str], **options: Any):  # noqa: ANN202
+    """A client on the URL ``url_of`` gives, after a PING; a configuration error or an unreachable server is a
+    ``CommandError`` (the one line the operator reads)."""
     import redis
 
     try:
-        url = state_url(settings)
+        url = url_of()
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60)
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, **options)
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        where = url if settings.redis_url else f"the embedded server under DATA_DIR={settings.data_dir}"
-        raise CommandError(f"cannot reach Redis at {where} ({exc}): start the stack with `make run`, or point "
-                           "REDIS_URL at your Redis") from None
+        raise CommandError(unreachable(url, exc)) from None
     return client
 
 
@@ -667,19 +676,8 @@ def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
 
 def queue_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily
     """The QUEUE Redis, checked like ``state_client``."""
-    import redis
-
-    try:
-        url = queue_url(settings)
-    except ConfigError as exc:
-        raise CommandError(str(exc)) from None
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        raise CommandError(f"cannot reach the queue Redis ({exc}): start the stack with `make run`, or set "
-                           "QUEUE_REDIS_URL / REDIS_URL") from None
-    return client
+    return _checked_client(lambda: queue_url(settings), lambda url, exc: (
+        f"cannot reach the queue Redis ({exc}): start the stack with `make run`, or set QUEUE_REDIS_URL / REDIS_URL"))
 
 
 def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
