@@ -15,7 +15,7 @@ import redis
 
 from service.spec.keys import Keys
 from tests.helpers import apply, mixed_stream, snapshot
-from tests.state.test_replay import archived
+from tests.state.test_replay import archived, write_archive
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 
@@ -24,6 +24,18 @@ def interruptible() -> None:
     """In the child: SIGINT as at a terminal. A suite started in the background (``cmd &``) ignores SIGINT, and
     children inherit that, so Ctrl-C could not be drilled."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupt(cmd: list[str], redis_url: str, r: redis.Redis, once_logged: int) -> tuple[int, str]:
+    """Start ``cmd``, press Ctrl-C once the log holds ``once_logged`` events; its exit code and stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True,
+                            preexec_fn=interruptible)
+    deadline = time.monotonic() + 60
+    while r.xlen(Keys("default").log) < once_logged and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
 
 
 def env(redis_url: str) -> dict[str, str]:
@@ -68,19 +80,10 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: 
     apply(r, events)
     whole = snapshot(r)
     r.flushall()
-    path = tmp_path / "archive.gz"
-    with gzip.open(path, "wb") as f:
-        for e in events:
-            f.write(orjson.dumps(e) + b"\n")
+    path = write_archive(tmp_path / "archive.gz", events)
     cmd = [EXE, "import", str(path), "--rate", "4000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True,
-                            preexec_fn=interruptible)
-    deadline = time.monotonic() + 60
-    while r.xlen(Keys("default").log) < 2000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    returncode, stderr = interrupt(cmd, redis_url, r, once_logged=2000)
+    assert returncode == 130, stderr
     assert "continue with: persona-sync import" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr
     done = r.xlen(Keys("default").log)
@@ -98,19 +101,10 @@ def test_an_import_shared_by_processes_equals_one_and_resumes(redis_url: str, r:
     apply(r, events)
     whole = snapshot(r)
     r.flushall()
-    path = tmp_path / "archive.gz"
-    with gzip.open(path, "wb") as f:
-        for e in events:
-            f.write(orjson.dumps(e) + b"\n")
+    path = write_archive(tmp_path / "archive.gz", events)
     cmd = [EXE, "import", str(path), "--workers", "3", "--rate", "3000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True,
-                            preexec_fn=interruptible)
-    deadline = time.monotonic() + 60
-    while r.xlen(Keys("default").log) < 3000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "--resume" in stderr, stderr
+    returncode, stderr = interrupt(cmd, redis_url, r, once_logged=3000)
+    assert returncode == 130 and "--resume" in stderr, stderr
     assert 3000 <= r.xlen(Keys("default").log) < len(events)
     again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
                            env=env(redis_url))
