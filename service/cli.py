@@ -793,6 +793,15 @@ def cmd_worker_alive(settings: Settings, args: argparse.Namespace) -> int:
     return 1
 
 
+def _run_options(cmd: argparse.ArgumentParser, resumes: str) -> None:
+    """--dry-run, --rate and --resume, which every run of the replay engine takes."""
+    cmd.add_argument("--dry-run", action="store_true", help="count by type and expected outcome; change nothing")
+    cmd.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
+                     help=f"events per second (default {DEFAULT_REPLAY_RATE:g}, which keeps live intake's p95 within "
+                          "2x; 0: as fast as Redis takes them)")
+    cmd.add_argument("--resume", action="store_true", help=f"continue an interrupted {resumes}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona-sync", description="Segment events in, live profiles and Mavera "
                                 "personas out. Configuration comes from environment variables (`persona-sync config`).")
@@ -870,12 +879,7 @@ def parser() -> argparse.ArgumentParser:
                     help="log: every event of the profile that identifier resolves to, and of those merged into it")
     rp.add_argument("--type", action="append", help="log: only this call type (repeatable)")
     rp.add_argument("--event", metavar="NAME", help="log: only track events of this name")
-    for cmd in (rp,):
-        cmd.add_argument("--dry-run", action="store_true", help="count by type and expected outcome; change nothing")
-        cmd.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
-                         help=f"events per second (default {DEFAULT_REPLAY_RATE:g}, which keeps live intake's p95 "
-                              "within 2x; 0: as fast as Redis takes them)")
-        cmd.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    _run_options(rp, "run of the same command")
     rp.set_defaults(func=cmd_replay)
     im = sub.add_parser("import", help="backfill history from files: Segment S3/GCS archives, NDJSON, JSON arrays",
                         description="Load events from files into a space, through the receiver's path (deduplicated "
@@ -885,10 +889,7 @@ def parser() -> argparse.ArgumentParser:
                                     "with its file and line and never stops the import.")
     im.add_argument("files", nargs="+", metavar="FILE")
     im.add_argument("--space", help="space (default SPACE_ID)")
-    im.add_argument("--dry-run", action="store_true", help="count by type and expected outcome; change nothing")
-    im.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
-                    help=f"events per second (default {DEFAULT_REPLAY_RATE:g}; 0: as fast as Redis takes them)")
-    im.add_argument("--resume", action="store_true", help="continue an interrupted import of the same files")
+    _run_options(im, "import of the same files")
     im.add_argument("--workers", type=int, default=1,
                     help="processes sharing the import (the rate is shared too); as many as cores for a quiet hour")
     im.set_defaults(func=cmd_import)
