@@ -73,6 +73,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
      "browser; `*` is any origin. Empty: no cross-origin browser calls. Cookies and other credentials are never "
      "allowed."),
     ("PROFILE_API_TOKEN", "", "Token for the Profile API (HTTP Basic username). Empty: Profile API disabled (401)."),
+    ("PROFILE_API_RATE_LIMIT", "100", "Profile API requests per second per token, shared by every web process "
+     "(Segment's limit is 100/s); over it: 429 with Retry-After. 0: no limit."),
     ("ADMIN_TOKEN", "", "Bearer token for /admin and /api routes. Empty: those routes are disabled (401)."),
     ("KPI_API_ID", "", "With KPI_API_SECRET: callers of POST /api/v1/segment_cluster_profiles may authenticate with "
      "the headers X-Customer-Api-Id and X-Secret instead of the ADMIN_TOKEN bearer. Set both or neither."),
@@ -129,6 +131,7 @@ class Settings:
     write_keys: Mapping[str, str] = field(default_factory=dict)
     cors_allow_origins: tuple[str, ...] = ("*",)
     profile_api_token: str = ""
+    profile_api_rate_limit: int = 100
     admin_token: str = ""
     kpi_api_id: str = ""
     kpi_api_secret: str = ""
@@ -177,6 +180,7 @@ class Settings:
             write_keys=_write_keys(raw["SEGMENT_WRITE_KEYS"], raw["SPACE_ID"]),
             cors_allow_origins=_origins(raw["CORS_ALLOW_ORIGINS"]),
             profile_api_token=raw["PROFILE_API_TOKEN"],
+            profile_api_rate_limit=_int("PROFILE_API_RATE_LIMIT", raw["PROFILE_API_RATE_LIMIT"], 0),
             admin_token=raw["ADMIN_TOKEN"],
             kpi_api_id=raw["KPI_API_ID"].strip(),
             kpi_api_secret=_pair_secret(raw["KPI_API_ID"].strip(), raw["KPI_API_SECRET"].strip()),

@@ -1,16 +1,28 @@
-"""Segment Profile API, self-hosted: ``/v1/spaces/<space>/collections/users/profiles/<type>:<value>/...``.
+"""Segment Profile API, self-hosted: ``/v1/spaces/<space>/collections/users|accounts/profiles/<id>/<part>``.
 
 Same URLs, parameters, response shapes and error envelope as Segment's
 (https://segment.com/docs/unify/profile-api/), so a client written for Segment's Profile API reads our profiles by
-changing only the host. A merged profile answers to every one of
-its identifiers; audience membership shows as boolean traits.
+changing only the host. A merged profile answers to every one of its identifiers; audience membership shows as
+boolean traits. Users have ``traits``, ``external_ids``, ``metadata``, ``links`` (their accounts) and ``events``;
+accounts (``group_id:<id>``, from ``group`` calls) have ``traits`` and ``links`` (their users), as Segment's.
+
+Identifiers are read from the raw path, so a value holding ``/`` arrives as ``%2F`` and is decoded after the path
+is split; they are then normalised as the receiver normalised them when it indexed them (emails lower-case and
+trimmed). A bare profile id (``use_…``, the form of the cursor URLs) works too.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from urllib.parse import urlencode
+from typing import Any
+from urllib.parse import unquote, urlencode
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -18,12 +30,16 @@ from starlette.routing import Route
 from service.config import valid_space
 from service.http import auth
 from service.http.responses import JSON, error, unavailable
-from service.spec.keys import TOMBSTONE
+from service.spec.events import InvalidEvent, normalise
+from service.spec.keys import TOMBSTONE, Keys
 from service.spec.profile import Profile, decode_profile
 from service.state.store import REDIS_DOWN, state_keys_async
 
-BASE = "/v1/spaces/{space}/collections/users/profiles/{ident}"
+PREFIX = "/v1/spaces/{space}/collections/{collection}/profiles/"
 CLASSES = {"audience": "audience", "computed_trait": "computed_trait"}
+CALL_TYPES = ("track", "page", "screen", "identify", "group", "alias")
+EVENTS_WINDOW_MS = 14 * 86400 * 1000  # Segment's /events serves the last 14 days unless start says otherwise
+PROFILE_ID_PREFIX = "use_"
 
 
 def iso(ms: int | str | None) -> str | None:
@@ -38,84 +54,118 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _limit(request: Request, default: int) -> int:
+def _limit(request: Request, default: int, most: int = 100) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise ApiError(400, "validation_error", "limit must be a whole number from 1 to 100")
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise ApiError(400, "validation_error", f"limit must be a whole number from 1 to {most}")
     return int(raw)
 
 
-async def find_profile(request: Request) -> Profile:
-    """Resolve ``<type>:<value>`` (or ``segment_id:<id>``) to the live profile, following merges."""
-    state = request.app.state
-    space = request.path_params["space"]
-    kind, sep, value = request.path_params["ident"].partition(":")
-    if not sep or not kind or not value:
-        raise ApiError(400, "invalid_request_error", "profile id must look like user_id:abc or email:a@b.c")
-    client = state.redis
-    keys = await state_keys_async(client, space)
-    if kind == "segment_id":
-        pid = value
-    else:
-        prepared = state.rules.prepare([(kind, value)])
-        pid = await client.get(keys.ident(*prepared[0])) if prepared else None
-        pid = pid.decode() if pid else None
-    if pid == TOMBSTONE:
-        pid = None
-    for _ in range(16):  # follow merge redirects
-        if not pid:
-            break
+def _csv(request: Request, name: str) -> list[str]:
+    return [x.strip() for x in (request.query_params.get(name) or "").split(",") if x.strip()]
+
+
+def split_path(request: Request) -> tuple[str, str]:
+    """``(identifier, part)`` from the raw path: split first, then percent-decode, so ``%2F`` stays in the value."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    segments = raw.decode("latin-1").split("?", 1)[0].split("/")
+    try:
+        at = segments.index("profiles")
+    except ValueError:
+        raise ApiError(404, "not_found", "unknown Profile API path") from None
+    rest = segments[at + 1:]
+    if len(rest) != 2 or not rest[0] or not rest[1]:
+        raise ApiError(404, "not_found", "the path must end in /profiles/<type>:<value>/<part>")
+    return unquote(rest[0], encoding="utf-8", errors="replace"), rest[1]
+
+
+async def _live(client: Any, keys: Keys, pid: str | None) -> tuple[str, dict] | None:
+    """Follow merge redirects from ``pid`` to the live profile: (its id, its hash), or None."""
+    for _ in range(16):
+        if not pid or pid == TOMBSTONE:
+            return None
         raw = await client.hgetall(keys.profile(pid))
         if raw:
-            return decode_profile(pid, raw)
+            return pid, raw
         nxt = await client.get(keys.redirect(pid))
         pid = nxt.decode() if nxt else None
-    raise ApiError(404, "not_found", "Profile was not found.")
+    return None
 
 
-def _page(request: Request, names: list[str], limit: int) -> tuple[list[str], dict]:
+async def find_profile(request: Request, ident: str) -> Profile:
+    """Resolve ``<type>:<value>``, ``segment_id:<id>`` or a bare ``use_…`` id to the live profile."""
+    state = request.app.state
+    kind, sep, value = ident.partition(":")
+    if not sep and ident.startswith(PROFILE_ID_PREFIX):
+        kind, value = "segment_id", ident
+    elif not sep or not kind or not value:
+        raise ApiError(400, "invalid_request_error",
+                       "profile id must look like user_id:abc, email:a@b.c or a Segment id (use_…)")
+    client = state.redis
+    keys = await state_keys_async(client, request.path_params["space"])
+    if kind == "segment_id":
+        pid: str | None = value
+    else:
+        prepared = state.rules.prepare([(kind.strip().lower(), value)])
+        found = await client.get(keys.ident(*prepared[0])) if prepared else None
+        pid = found.decode() if found else None
+    live = await _live(client, keys, pid)
+    if live is None:
+        raise ApiError(404, "not_found", "Profile was not found.")
+    return decode_profile(*live)
+
+
+def _cursor(request: Request, subject: str, more: bool, nxt: str) -> dict:
+    """Segment's cursor: the URL names the profile by its id, as Segment's own cursor URLs do."""
+    params = {k: v for k, v in request.query_params.items() if k != "next"}
+    if more:
+        params["next"] = nxt
+    space, collection = request.path_params["space"], request.path_params["collection"]
+    path = f"/v1/spaces/{space}/collections/{collection}/profiles/{subject}/{split_path(request)[1]}"
+    return {"url": path + ("?" + urlencode(params) if params else ""), "has_more": more, "next": nxt if more else ""}
+
+
+def _page(request: Request, subject: str, names: list[str], limit: int) -> tuple[list[str], dict]:
     after = request.query_params.get("next") or ""
     names = [n for n in sorted(names) if n > after] if after else sorted(names)
     page, more = names[:limit], len(names) > limit
-    params = {k: v for k, v in request.query_params.items() if k != "next"}
-    if more:
-        params["next"] = page[-1]
-    cursor = {"url": request.url.path + ("?" + urlencode(params) if params else ""), "has_more": more,
-              "next": page[-1] if more else ""}
-    return page, cursor
+    return page, _cursor(request, subject, more, page[-1] if more else "")
 
 
-def traits_body(request: Request, profile: Profile) -> dict:
-    limit = _limit(request, 10)
-    include = {x for x in (request.query_params.get("include") or "").split(",") if x}
+def _traits(request: Request, subject: str, traits: dict) -> dict:
+    limit = _limit(request, 10, most=200)  # Segment: 10 by default, up to 200
+    include = set(_csv(request, "include"))
     klass = request.query_params.get("class")
     if klass is not None and klass not in CLASSES:
         raise ApiError(400, "validation_error", "class must be audience or computed_trait")
     verbose = (request.query_params.get("verbose") or "").lower() in ("1", "true", "yes")
-    names = [n for n, t in profile.traits.items()
-             if (not include or n in include) and (klass is None or t.kind == klass)]
-    page, cursor = _page(request, names, limit)
+    names = [n for n, t in traits.items() if (not include or n in include) and (klass is None or t.kind == klass)]
+    page, cursor = _page(request, subject, names, limit)
     out = {}
     for n in page:
-        t = profile.traits[n]
+        t = traits[n]
         out[n] = {"value": t.value, "source_id": None, "updated_at": iso(t.ts)} if verbose else t.value
     return {"traits": out, "cursor": cursor}
 
 
-def external_ids_body(request: Request, profile: Profile) -> dict:
+async def traits_body(request: Request, profile: Profile) -> dict:
+    return _traits(request, profile.id, profile.traits)
+
+
+async def external_ids_body(request: Request, profile: Profile) -> dict:
     limit = _limit(request, 25)
-    include = {x for x in (request.query_params.get("include") or "").split(",") if x}
+    include = set(_csv(request, "include"))
     by_name = {f"{i.type}:{i.value}": i for i in profile.identifiers if not include or i.type in include}
-    page, cursor = _page(request, list(by_name), limit)
+    page, cursor = _page(request, profile.id, list(by_name), limit)
     data = [{"id": by_name[n].value, "type": by_name[n].type, "source_id": None, "collection": "users",
              "created_at": iso(by_name[n].first_seen), "encoding": "none",
              "first_message_id": by_name[n].first_message_id} for n in page]
     return {"data": data, "cursor": cursor}
 
 
-def metadata_body(request: Request, profile: Profile) -> dict:
+async def metadata_body(request: Request, profile: Profile) -> dict:
     m = profile.meta
     return {"metadata": {
         "segment_id": profile.id,
@@ -130,31 +180,277 @@ def metadata_body(request: Request, profile: Profile) -> dict:
     }}
 
 
-def links_body(request: Request, profile: Profile) -> dict:
-    data = [{"to_collection": "accounts", "external_ids": [{"id": gid, "type": "group_id", "source_id": None,
-             "collection": "accounts", "created_at": iso(ts), "encoding": "none"}]}
-            for gid, ts in sorted(profile.groups.items())]
-    return {"data": data, "cursor": {"url": request.url.path, "has_more": False, "next": ""}}
+def _linked(names: list[str], collection: str, kind: str, created: dict[str, Any]) -> list[dict]:
+    return [{"to_collection": collection, "external_ids": [{
+        "id": n, "type": kind, "source_id": None, "collection": collection, "created_at": iso(created.get(n)),
+        "encoding": "none"}]} for n in names]
 
 
-BODIES = {"traits": traits_body, "external_ids": external_ids_body, "metadata": metadata_body, "links": links_body}
+async def links_body(request: Request, profile: Profile) -> dict:
+    """A user's accounts (from ``group`` calls), 20 a page as Segment's."""
+    page, cursor = _page(request, profile.id, list(profile.groups), _limit(request, 20))
+    return {"data": _linked(page, "accounts", "group_id", profile.groups), "cursor": cursor}
+
+
+# -- /events ---------------------------------------------------------------------------------------------------
+
+def _time(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, "validation_error", f"{name} must be an ISO 8601 date or time, e.g. 2026-01-02 "
+                                                f"or 2026-01-02T15:04:05Z") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _encode_next(score: int, member: str) -> str:
+    return base64.urlsafe_b64encode(f"{score}::{member}".encode()).decode()
+
+
+def _decode_next(token: str) -> tuple[int, str]:
+    try:
+        score, sep, member = base64.urlsafe_b64decode(token.encode()).decode().partition("::")
+        if not sep or not member:
+            raise ValueError
+        return int(score), member
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "validation_error", "next is not a cursor this API returned") from None
+
+
+class _Index:
+    """One profile's event index (``Keys.events_index``), read in order a batch at a time."""
+
+    BATCH = 200
+
+    def __init__(self, client: Any, key: str, lo: int, hi: int, desc: bool) -> None:
+        self.client, self.key, self.lo, self.hi, self.desc = client, key, lo, hi, desc
+        self.offset, self.done = 0, False
+        self.buf: list[tuple[int, str]] = []  # the batch read, last item first
+
+    async def head(self) -> tuple[int, str] | None:
+        if not self.buf and not self.done:
+            if self.desc:
+                rows = await self.client.zrevrangebyscore(self.key, self.hi, self.lo, start=self.offset,
+                                                          num=self.BATCH, withscores=True)
+            else:
+                rows = await self.client.zrangebyscore(self.key, self.lo, self.hi, start=self.offset,
+                                                       num=self.BATCH, withscores=True)
+            self.offset += len(rows)
+            self.done = len(rows) < self.BATCH
+            self.buf = [(int(score), member.decode()) for member, score in reversed(rows)]
+        return self.buf[-1] if self.buf else None
+
+    def pop(self) -> tuple[int, str]:
+        return self.buf.pop()
+
+
+async def _in_order(indexes: list[_Index], desc: bool, after: tuple[int, str] | None):  # noqa: ANN202
+    """The (score, member) of every index merged by time (then member), past the cursor ``after``."""
+    while True:
+        best, best_i = None, -1
+        for i, ix in enumerate(indexes):
+            h = await ix.head()
+            if h is not None and (best is None or (h > best if desc else h < best)):
+                best, best_i = h, i
+        if best is None:
+            return
+        indexes[best_i].pop()
+        if after is not None and (best >= after if desc else best <= after):
+            continue
+        yield best
+
+
+def event_view(obj: dict, pid: str, ids: list[tuple[str, str]]) -> dict:
+    """A logged Segment event in the shape of Segment's ``/events`` items."""
+    kind = str(obj.get("type", "")).lower()
+    out: dict[str, Any] = {
+        "external_ids": [{"collection": "users", "type": t, "id": v, "encoding": "none"} for t, v in ids],
+        "context": obj.get("context") or {},
+        "type": kind,
+        "message_id": obj.get("messageId"),
+        "source_id": None,
+        "timestamp": obj.get("timestamp") or obj.get("originalTimestamp"),
+    }
+    if kind == "track":
+        out["event"] = obj.get("event")
+    if kind in ("page", "screen"):
+        out["name"] = obj.get("name")
+    if kind in ("track", "page", "screen"):
+        out["properties"] = obj.get("properties") or {}
+    if kind in ("identify", "group"):
+        out["traits"] = obj.get("traits") or {}
+    if kind == "group":
+        out["group_id"] = obj.get("groupId")
+    if kind == "alias":
+        out["previous_id"] = obj.get("previousId")
+    out["related"] = {"users": pid}
+    return out
+
+
+async def events_body(request: Request, profile: Profile) -> dict:
+    """The profile's logged events (and those of the profiles merged into it), newest first unless ``sort=asc``.
+
+    ``include`` / ``exclude`` take event names (``Order Completed``) and call types (``page``, ``identify``…):
+    by default only track events are served, as Segment's; naming a call type in ``include`` adds that type."""
+    state = request.app.state
+    limit = _limit(request, 10)
+    sort = (request.query_params.get("sort") or "desc").lower()
+    if sort not in ("asc", "desc"):
+        raise ApiError(400, "validation_error", "sort must be asc or desc")
+    desc = sort == "desc"
+    now = int(time.time() * 1000)
+    end = _time(request, "end")
+    start = _time(request, "start")
+    hi = end if end is not None else now
+    lo = start if start is not None else hi - EVENTS_WINDOW_MS
+    include, exclude = _csv(request, "include"), set(_csv(request, "exclude"))
+    types = {x.lower() for x in include if x.lower() in CALL_TYPES}
+    names = {x for x in include if x.lower() not in CALL_TYPES}
+    if not types and not names:
+        types = {"track"}
+    letters = {t[0] for t in types} | ({"t"} if names else set())  # members start with the type's letter
+    excluded_types = {x.lower() for x in exclude if x.lower() in CALL_TYPES}
+    after = _decode_next(request.query_params["next"]) if request.query_params.get("next") else None
+    if after is not None:
+        hi, lo = (min(hi, after[0]), lo) if desc else (hi, max(lo, after[0]))
+
+    client = state.redis
+    keys = await state_keys_async(client, request.path_params["space"])
+    indexes = [_Index(client, keys.events_index(p), lo, hi, desc) for p in [profile.id, *profile.merged_from]]
+    kept: list[tuple[int, str, dict]] = []
+    batch: list[tuple[int, str]] = []
+
+    async def flush() -> None:
+        pipe = client.pipeline(transaction=False)
+        for _, member in batch:
+            pipe.xrange(keys.log, min=member[1:], max=member[1:])
+        for (score, member), rows in zip(batch, await pipe.execute(), strict=True):
+            if not rows or len(kept) > limit:
+                continue  # trimmed from the log (retention) or erased
+            try:
+                obj = orjson.loads(rows[0][1].get(b"e", b""))
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            kind = str(obj.get("type", "")).lower()
+            if kind in excluded_types or obj.get("event") in exclude:
+                continue
+            if kind == "track" and "track" not in types and obj.get("event") not in names:
+                continue
+            kept.append((score, member, obj))
+        batch.clear()
+
+    async for score, member in _in_order(indexes, desc, after):
+        if member[:1] not in letters:
+            continue
+        batch.append((score, member))
+        if len(batch) >= limit + 1 - len(kept):
+            await flush()
+            if len(kept) > limit:
+                break
+    if batch:
+        await flush()
+    page, more = kept[:limit], len(kept) > limit
+    data = []
+    for _, _, obj in page:
+        try:
+            ids = list(normalise(obj, now, state.rules).identifiers)
+        except InvalidEvent:
+            ids = []
+        data.append(event_view(obj, profile.id, ids))
+    nxt = _encode_next(page[-1][0], page[-1][1]) if more else ""
+    return {"data": data, "cursor": _cursor(request, profile.id, more, nxt)}
+
+
+# -- accounts ---------------------------------------------------------------------------------------------------
+
+async def account_traits(request: Request, group_id: str) -> dict:
+    keys = await state_keys_async(request.app.state.redis, request.path_params["space"])
+    raw = await request.app.state.redis.hgetall(keys.account(group_id))
+    if not raw:
+        raise ApiError(404, "not_found", "Profile was not found.")
+    return _traits(request, f"group_id:{group_id}", decode_profile(group_id, raw).traits)
+
+
+async def account_links(request: Request, group_id: str) -> dict:
+    """The account's users: every profile that joined it, as it is now (merged ones once, erased ones not)."""
+    client = request.app.state.redis
+    keys = await state_keys_async(client, request.path_params["space"])
+    members = await client.smembers(keys.account_users(group_id))
+    if not members and not await client.exists(keys.account(group_id)):
+        raise ApiError(404, "not_found", "Profile was not found.")
+    users: dict[str, Any] = {}
+    for member in members:
+        live = await _live(client, keys, member.decode())
+        if live is not None:
+            pid, raw = live
+            users[pid] = decode_profile(pid, raw).groups.get(group_id)
+    page, cursor = _page(request, f"group_id:{group_id}", list(users), _limit(request, 20))
+    return {"data": _linked(page, "users", "segment_id", users), "cursor": cursor}
+
+
+Body = Callable[[Request, Profile], Coroutine[Any, Any, dict]]
+USER_PARTS: dict[str, Body] = {"traits": traits_body, "external_ids": external_ids_body,
+                               "metadata": metadata_body, "links": links_body, "events": events_body}
+ACCOUNT_PARTS = {"traits": account_traits, "links": account_links}
+
+
+def token_key(token: str) -> str:
+    """The rate limiter's key for a token: a digest, so the token itself is never written to Redis."""
+    return "sps:ratelimit:profile-api:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+async def over_limit(request: Request, token: str) -> int:
+    """Seconds to wait when the token went over ``PROFILE_API_RATE_LIMIT`` requests in this second, else 0.
+
+    A counter per token and second in Redis, so every web process shares the one limit (a fixed window: at
+    most twice the rate across a second's boundary, which is what Segment's "100 requests/sec" promises)."""
+    limit = request.app.state.settings.profile_api_rate_limit
+    if limit <= 0:
+        return 0
+    second = int(time.time())
+    key = f"{token_key(token)}:{second}"
+    pipe = request.app.state.redis.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, 2)
+    count, _ = await pipe.execute()
+    return 1 if count > limit else 0
 
 
 async def profile_endpoint(request: Request) -> Response:
     state = request.app.state
-    if not auth.token_ok(auth.basic_username(request.headers.get("authorization")), state.settings.profile_api_token):
+    token = auth.basic_username(request.headers.get("authorization"))
+    if not auth.token_ok(token, state.settings.profile_api_token):
         return error(401, "authentication_error",
                      "send the PROFILE_API_TOKEN as the HTTP Basic username (empty password)")
-    part = request.path_params["part"]
-    if part not in BODIES or not valid_space(request.path_params["space"]):
-        return error(404, "not_found", f"unknown Profile API path; use one of {', '.join(sorted(BODIES))}")
+    collection = request.path_params["collection"]
     try:
-        profile = await find_profile(request)
-        return JSON(BODIES[part](request, profile))
+        ident, part = split_path(request)
+        parts: dict = USER_PARTS if collection == "users" else ACCOUNT_PARTS if collection == "accounts" else {}
+        if part not in parts or not valid_space(request.path_params["space"]):
+            return error(404, "not_found", f"unknown Profile API path; a {collection} profile has "
+                                           f"{', '.join(sorted(parts)) or 'no parts (use users or accounts)'}")
+        assert token is not None
+        if wait := await over_limit(request, token):
+            return error(429, "rate_limit_error", "Too many requests hit the API too quickly; retry after "
+                         f"{wait} s (PROFILE_API_RATE_LIMIT requests per second per token)",
+                         {"Retry-After": str(wait)})
+        if collection == "accounts":
+            kind, _, group_id = ident.partition(":")
+            if kind != "group_id" or not group_id:
+                raise ApiError(400, "invalid_request_error", "an account is named group_id:<groupId>")
+            return JSON(await parts[part](request, group_id))
+        return JSON(await parts[part](request, await find_profile(request, ident)))
     except ApiError as exc:
         return error(exc.status, exc.code, exc.message)
     except REDIS_DOWN as exc:
         return unavailable(exc)
 
 
-routes = [Route(BASE + "/{part:str}", profile_endpoint, methods=["GET"])]
+routes = [Route(PREFIX + "{rest:path}", profile_endpoint, methods=["GET"])]

@@ -64,6 +64,15 @@ class Keys:
     def account(self, group_id: str) -> str:
         return f"{self.prefix}{self.gen}acct:{group_id}"
 
+    def account_users(self, group_id: str) -> str:
+        """The profile ids that joined the account (as they were then: readers follow merges)."""
+        return f"{self.prefix}{self.gen}au:{group_id}"
+
+    def events_index(self, pid: str) -> str:
+        """The profile's logged events for the Profile API's ``/events``: a sorted set of log entry ids prefixed
+        with the call type's first letter, scored by event time (apply.lua)."""
+        return f"{self.prefix}{self.gen}ev:{pid}"
+
     @property
     def seq(self) -> str:
         return f"{self.prefix}{self.gen}seq"

@@ -35,7 +35,7 @@ from service.state.store import state_keys
 
 CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to apply
 CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
-GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:")  # key families of a generation, besides its counter ("seq")
+GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:", "au:", "ev:")  # key families of a generation, besides its counter ("seq")
 
 
 class RebuildRefused(Exception):

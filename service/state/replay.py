@@ -57,6 +57,7 @@ class Record:
     position: str  # resume token: a run started with this position skips everything up to and including it
     received_ms: int | None = None  # receipt of a dead letter's body; None: now
     dead_letter: bytes | None = None  # the dead letter this event came from (removed once all of it applies)
+    logged_as: str | None = None  # the log entry this event is (a replay of the log)
 
 
 @dataclass
@@ -123,7 +124,8 @@ def log_records(client: redis.Redis, space: str, since_ms: int | None = None, un
             except BodyError:
                 obj = None
             yield Record(item(obj, raw) if obj is not None else Item(None, raw, "logged event is not JSON"),
-                         f"log {eid}", eid, received_ms=int(eid.partition("-")[0]))  # its receipt, not now
+                         f"log {eid}", eid, received_ms=int(eid.partition("-")[0]),  # its receipt, not now
+                         logged_as=eid)
         if len(rows) < CHUNK:
             return
         start = "(" + rows[-1][0].decode()
@@ -516,7 +518,7 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
         return
     invalid = list(p.invalid)
     outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in p.good], now=p.now, reapply=options.reapply,
-                           generation=options.generation)
+                           generation=options.generation, logged_as=[rec.logged_as for rec, _ in p.good])
     for (rec, event), outcome in zip(p.good, outcomes, strict=True):
         status = {"ok": "applied", "deleted": "applied", "error": "invalid"}.get(outcome.status, outcome.status)
         report.counts[(event.type, status)] += 1

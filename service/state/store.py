@@ -116,9 +116,10 @@ class Applier:
         self.bucket_width = max(1, math.ceil(settings.dedupe_window / DEDUPE_BUCKETS))
 
     def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int, reapply: bool = False,
-                    generation: str | None = None) -> tuple[list[str], list]:
+                    generation: str | None = None, logged_as: str | None = None) -> tuple[list[str], list]:
         """``reapply``: a replay of the event log (no dedupe, not logged again); ``generation``: the one a rebuild
-        writes (None: the space's current one). See apply.lua's header."""
+        writes (None: the space's current one); ``logged_as``: in a replay, the log entry the event is (its
+        profile's event index points there). See apply.lua's header."""
         shard, field = dedupe_digest(event.message_id)
         bucket = now_ms // 1000 // self.bucket_width
         # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
@@ -126,7 +127,7 @@ class Applier:
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
         header = (f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t"
                   f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}\t{'reapply' if reapply else 'live'}\t"
-                  f"{generation if generation else '-'}")
+                  f"{generation if generation else '-'}\t{logged_as or '-'}\t{retention_ms}")
         return [keys.log], [header, field, event.script_payload(), raw, self.rules_json]
 
     def dead_letter_args(self, keys: Keys, entries: Sequence[tuple[str, bytes]], source: str,
@@ -262,12 +263,16 @@ class SyncStore:
         self.applier = Applier(settings)
 
     def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None,
-              reapply: bool = False, generation: str | None = None) -> list[Outcome]:
+              reapply: bool = False, generation: str | None = None,
+              logged_as: Sequence[str | None] | None = None) -> list[Outcome]:
+        """``logged_as``: for a replay of the log, each event's log entry id (see ``Applier.script_args``)."""
         if not items:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
-        calls = [self.applier.script_args(keys, event, raw, now, reapply, generation) for event, raw in items]
+        entries = logged_as if logged_as is not None else [None] * len(items)
+        calls = [self.applier.script_args(keys, event, raw, now, reapply, generation, entry)
+                 for (event, raw), entry in zip(items, entries, strict=True)]
         pipe = _queue(self.client.pipeline(transaction=False), calls)
         pipe.sadd(SPACES_KEY, space)
         replies = pipe.execute(raise_on_error=False)[: len(calls)]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import time
 
 import orjson
 import pytest
 import redis
 from starlette.testclient import TestClient
 
+from service.config import Settings
+from service.http.app import create_app
+from service.state.rebuild import rebuild
+from service.state.store import state_keys
 from tests.conftest import PROFILE_TOKEN, fixture_json
 from tests.helpers import apply
 
@@ -94,3 +100,139 @@ def test_deleted_profile_is_not_found(loaded: TestClient, r: redis.Redis) -> Non
     apply(r, [{"type": "delete", "userId": "usr_001", "timestamp": "2026-05-01T00:00:00Z"}])
     assert get(loaded, "/email:j.doe@example.com/traits").status_code == 404
     assert orjson.loads(get(loaded, "/user_id:usr_001/metadata").content)["error"]["code"] == "not_found"
+
+
+# -- /events, accounts, identifiers, rate limit --------------------------------------------------------------------
+
+DAY = 86400 * 1000
+
+
+def iso_ms(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def track(uid: str | None, n: int, at: int, event: str = "Product Viewed", anon: str | None = None) -> dict:
+    e = {"type": "track", "event": event, "messageId": f"m-{uid or anon}-{event}-{n}", "timestamp": iso_ms(at),
+         "properties": {"n": n}}
+    if uid:
+        e["userId"] = uid
+    if anon:
+        e["anonymousId"] = anon
+    return e
+
+
+def test_events_pages_through_250_events_newest_first(client: TestClient, r: redis.Redis) -> None:
+    now = int(time.time() * 1000)
+    apply(r, [track("u250", n, now - DAY + n * 1000) for n in range(250)])
+    seen: list[int] = []
+    url, params = BASE + "/user_id:u250/events", {"limit": "100"}
+    for size, more in ((100, True), (100, True), (50, False)):
+        body = client.get(url, params=params, headers=AUTH).json()
+        assert len(body["data"]) == size and body["cursor"]["has_more"] is more
+        seen += [e["properties"]["n"] for e in body["data"]]
+        params = {"limit": "100", "next": body["cursor"]["next"]}
+    assert seen == list(range(249, -1, -1))  # every event once, newest first
+    one = client.get(url, params={"limit": "1"}, headers=AUTH).json()["data"][0]
+    assert (one["type"], one["event"], one["message_id"]) == ("track", "Product Viewed", "m-u250-Product Viewed-249")
+    assert one["external_ids"] == [{"collection": "users", "type": "user_id", "id": "u250", "encoding": "none"}]
+    assert one["related"]["users"].startswith("use_") and one["timestamp"] == iso_ms(now - DAY + 249_000)
+    asc = client.get(url, params={"limit": "3", "sort": "asc"}, headers=AUTH).json()
+    assert [e["properties"]["n"] for e in asc["data"]] == [0, 1, 2]
+    # the cursor URL names the profile by its id and carries the parameters: following it gives the next page
+    nxt = client.get(asc["cursor"]["url"], headers=AUTH).json()
+    assert "/profiles/use_" in asc["cursor"]["url"] and [e["properties"]["n"] for e in nxt["data"]] == [3, 4, 5]
+
+
+def test_events_filters_by_time_name_and_type(client: TestClient, r: redis.Redis) -> None:
+    now = int(time.time() * 1000)
+    apply(r, [track("u1", 1, now - 20 * DAY), track("u1", 2, now - 2 * DAY),
+              track("u1", 3, now - DAY, "Order Completed"),
+              {"type": "page", "name": "Home", "userId": "u1", "messageId": "p1", "timestamp": iso_ms(now - DAY)},
+              {"type": "identify", "userId": "u1", "messageId": "i1", "traits": {"plan": "pro"},
+               "timestamp": iso_ms(now - 3 * DAY)}])
+
+    def names(**params: str) -> list:
+        body = client.get(BASE + "/user_id:u1/events", params=params, headers=AUTH).json()
+        return [e.get("event") or e["type"] for e in body["data"]]
+
+    assert names() == ["Order Completed", "Product Viewed"]  # track only, last 14 days by default
+    assert names(start=iso_ms(now - 30 * DAY)) == ["Order Completed", "Product Viewed", "Product Viewed"]
+    assert names(start=iso_ms(now - 30 * DAY)[:10], end=iso_ms(now - 10 * DAY)) == ["Product Viewed"]
+    assert names(include="Order Completed") == ["Order Completed"]
+    assert names(exclude="Order Completed") == ["Product Viewed"]
+    assert names(include="page,identify") == ["page", "identify"]
+    assert names(include="track,page", exclude="Product Viewed") == ["Order Completed", "page"]
+    page = client.get(BASE + "/user_id:u1/events", params={"include": "page"}, headers=AUTH).json()["data"][0]
+    assert page["name"] == "Home" and page["message_id"] == "p1"
+    for bad in ({"sort": "up"}, {"limit": "101"}, {"start": "yesterday"}, {"next": "not-a-cursor"}):
+        assert client.get(BASE + "/user_id:u1/events", params=bad, headers=AUTH).json()["error"]["code"] == \
+            "validation_error"
+
+
+def test_events_of_a_merged_profile_include_those_merged_into_it(client: TestClient, r: redis.Redis) -> None:
+    now = int(time.time() * 1000)
+    apply(r, [track(None, 1, now - 3 * DAY, "Signup Started", anon="anon-9"),
+              track("u9", 2, now - 2 * DAY, "Order Completed"),
+              {"type": "identify", "userId": "u9", "anonymousId": "anon-9", "messageId": "merge-9",
+               "timestamp": iso_ms(now - DAY)}])
+    for ident in ("user_id:u9", "anonymous_id:anon-9"):
+        body = client.get(BASE + f"/{ident}/events", headers=AUTH).json()
+        assert [e["event"] for e in body["data"]] == ["Order Completed", "Signup Started"]
+
+
+def test_events_survive_a_rebuild(client: TestClient, r: redis.Redis, settings: Settings) -> None:
+    now = int(time.time() * 1000)
+    apply(r, [track("u5", n, now - DAY + n) for n in range(3)])
+    rebuild(r, settings, "default")
+    assert state_keys(r, "default").gen  # a new generation answers
+    body = client.get(BASE + "/user_id:u5/events", headers=AUTH).json()
+    assert [e["properties"]["n"] for e in body["data"]] == [2, 1, 0]
+
+
+def test_accounts_traits_and_links(client: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "group", "userId": uid, "groupId": "acc/7", "messageId": f"g-{uid}",
+               "traits": {"name": "Initech", "plan": "enterprise", "employees": 40 + n},
+               "timestamp": f"2026-03-0{n + 1}T00:00:00Z"} for n, uid in enumerate(("ua", "ub"))])
+    accounts = "/v1/spaces/default/collections/accounts/profiles/group_id:acc%2F7"
+    traits = client.get(accounts + "/traits", headers=AUTH).json()
+    assert traits["traits"] == {"name": "Initech", "plan": "enterprise", "employees": 41}  # the later group call
+    links = client.get(accounts + "/links", headers=AUTH).json()["data"]
+    users = {ln["external_ids"][0]["id"] for ln in links}
+    assert len(users) == 2 and all(u.startswith("use_") for u in users)
+    assert {ln["to_collection"] for ln in links} == {"users"}
+    mine = client.get(BASE + "/user_id:ua/links", headers=AUTH).json()["data"]
+    assert mine[0]["external_ids"][0]["id"] == "acc/7" and mine[0]["to_collection"] == "accounts"
+    assert client.get(accounts.replace("acc%2F7", "nope") + "/traits", headers=AUTH).status_code == 404
+    assert client.get(accounts + "/events", headers=AUTH).status_code == 404  # accounts have traits and links
+    bad = client.get("/v1/spaces/default/collections/accounts/profiles/user_id:ua/traits", headers=AUTH)
+    assert bad.status_code == 400 and "group_id" in bad.json()["error"]["message"]
+
+
+def test_identifiers_are_url_decoded_normalised_and_bare_ids_work(client: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "team/42", "messageId": "id-42", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"email": "Ada@Example.com", **{f"t{n:03d}": n for n in range(205)}}}])
+    by_user = client.get(BASE + "/user_id:team%2F42/metadata", headers=AUTH)
+    assert by_user.status_code == 200
+    pid = by_user.json()["metadata"]["segment_id"]
+    assert client.get(BASE + "/email:%20ADA@example.COM%20/metadata", headers=AUTH).json() == by_user.json()
+    assert client.get(BASE + f"/{pid}/metadata", headers=AUTH).json() == by_user.json()
+    full = client.get(BASE + f"/{pid}/traits", params={"limit": "200"}, headers=AUTH).json()
+    assert len(full["traits"]) == 200 and full["cursor"]["has_more"] is True
+    assert f"/profiles/{pid}/traits?limit=200&next=" in full["cursor"]["url"]
+    rest = client.get(full["cursor"]["url"], headers=AUTH).json()
+    assert len(rest["traits"]) == 206 - 200 and rest["cursor"]["has_more"] is False
+    assert client.get(BASE + f"/{pid}/traits", params={"limit": "201"}, headers=AUTH).status_code == 400
+    assert client.get(BASE + "/use_999999/traits", headers=AUTH).status_code == 404
+
+
+def test_rate_limit_per_token_is_shared_by_web_processes(settings: Settings, redis_url: str) -> None:
+    limited = dataclasses.replace(settings, profile_api_rate_limit=5)
+    apply(redis.Redis.from_url(redis_url), [{"type": "identify", "userId": "rl", "messageId": "rl-1"}])
+    with TestClient(create_app(limited, redis_url, "")) as one, TestClient(create_app(limited, redis_url, "")) as two:
+        while time.time() % 1 > 0.5:  # start early in a second, so the requests below share one window
+            time.sleep(0.05)
+        codes = [c.get(BASE + "/user_id:rl/traits", headers=AUTH).status_code for c in (one, two, one, two, one)]
+        over = two.get(BASE + "/user_id:rl/traits", headers=AUTH)
+    assert codes == [200] * 5
+    assert over.status_code == 429 and over.headers["retry-after"] == "1"
+    assert over.json()["error"]["code"] == "rate_limit_error"

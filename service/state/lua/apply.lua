@@ -12,9 +12,11 @@
 -- Inputs, built by service/state/store.py (``Applier.script_args``) and service/spec/events.py:
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
 -- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID
---           \t mode \t generation": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the
---           event log: applied again whether or not it was seen, and not logged a second time); generation '-' for
---           the space's current one (P..'gen'), else the one a rebuild writes (service/state/rebuild.py)
+--           \t mode \t generation \t log entry id \t index retention ms": mode 'live' (the receiver, imports, dead
+--           letters) or 'reapply' (a replay of the event log: applied again whether or not it was seen, and not
+--           logged a second time); generation '-' for the space's current one (P..'gen'), else the one a rebuild
+--           writes (service/state/rebuild.py); log entry id: in 'reapply', the entry being applied again ('-': none),
+--           so that the profile's event index points at it; index retention: how long G..'ev:'pid keeps an event
 -- ARGV[2]  dedupe field (8 bytes)   ARGV[3] event JSON   ARGV[4] raw event   ARGV[5] rules JSON
 -- ARGV[3], decoded as ``ev`` (written only by ``Event.script_payload``):
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
@@ -31,6 +33,9 @@
 --   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
 --   G..'i:'type':'value     identifier index    G..'p:'pid       profile hash      G..'mrg:'pid    merged away
 --   G..'seq'                profile counter     G..'acct:'group  account traits    P..'dirty'      refresh set
+--   G..'au:'group           the account's users (profile ids as written; readers follow merges)
+--   G..'ev:'pid             the profile's events for the Profile API's /events: a sorted set of log entry ids
+--                           prefixed with the call type's letter, scored by event time, trimmed to the retention
 --   G is P followed by the generation ('' or 'g<n>:'): a rebuild writes a new one while events go on to the
 --   current one (P..'gen'), then switches by setting P..'gen'. Everything else (dedupe, deletion, log) is P's.
 --   KEYS[1]                 event log (XADD, trimmed by MINID)
@@ -41,6 +46,7 @@ for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
 local P, bucket, bw, nb, shard, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6], h[7]
 local reapply = h[8] == 'reapply'
 local G = h[9]
+local logged_as, keep_ms = h[10], tonumber(h[11])
 local rebuilding = not (G == nil or G == '-')   -- a rebuild's new generation: no dirty marks until it is current
 if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
 local dfield = ARGV[2]
@@ -91,6 +97,13 @@ if ev.t == 'delete' then
     if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
   end
   local f = redis.call('HGETALL', pkey(pid))
+  local erased, groups = {pid}, {}
+  for i = 1, #f, 2 do
+    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+    if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
+  end
+  for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
+  for _, g in ipairs(groups) do redis.call('SREM', G .. 'au:' .. g, unpack(erased)) end
   for i = 1, #f, 2 do
     local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
     if pre == 'x:' then
@@ -395,6 +408,7 @@ if afield then
 end
 if gfield then
   local g = tonumber(cur[gfield])
+  if not g then redis.call('SADD', G .. 'au:' .. ev.g[1], pid) end
   if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
   local acct = {}
   for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
@@ -408,7 +422,18 @@ meta_writes(cur, w, ts, mid, ts, mid)
 redis.call('HSET', S, unpack(w))
 
 -- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
-if not reapply then redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4]) end
+local entry = false
+if not reapply then
+  entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4])
+elseif logged_as and logged_as ~= '-' then
+  entry = logged_as
+end
+if entry and keep_ms then   -- the Profile API's /events reads this index, then the entries it names
+  local ek = G .. 'ev:' .. pid
+  redis.call('ZADD', ek, fmt(ts), string.sub(ev.t, 1, 1) .. entry)
+  redis.call('ZREMRANGEBYSCORE', ek, '-inf', '(' .. fmt(tonumber(now) - keep_ms))
+  redis.call('PEXPIREAT', ek, fmt(tonumber(now) + keep_ms))
+end
 if not rebuilding then redis.call('SADD', P .. 'dirty', pid) end
 remember()
 return {'ok', pid, created, merged}
