@@ -336,3 +336,23 @@ def test_narrative_asks_mave_once_per_material_change(mavera: MaveraServer, r: r
     assert narrate_space(r, settings_for(mavera), "default", client)["state"] == "synced"
     chats = mavera.calls("POST", "/mave/chat")
     assert len(chats) == 2 and chats[1]["json"]["thread_id"] == stored[b"thread_id"].decode()
+
+
+def test_a_forgotten_profile_leaves_its_persona_at_the_next_refresh(mavera: MaveraServer, r: redis.Redis) -> None:
+    """GDPR erasure reaches Mavera: the persona of a cluster that lost the person is PATCHed without them, and a
+    cluster that falls under MIN_CLUSTER_SIZE is no longer synced."""
+    from service.state.ops import forget
+
+    seed(r)
+    client = client_for(mavera, r)
+    assert sorted(sync_space(r, settings_for(mavera), "default", client)["created"]) == ["at_risk", "high_value"]
+    forget(r, Settings(), "default", "user_id:hv-0")
+    forget(r, Settings(), "default", "risk-1")
+    refresh(r, Settings(), "default", now_ms=NOW)
+    sizes = {k.decode(): orjson.loads(v)["n"] for k, v in r.hgetall(K.clusters).items()}
+    assert sizes["high_value"] == 3 and sizes["at_risk"] == 2
+    after = sync_space(r, settings_for(mavera), "default", client)
+    assert after["updated"] == ["high_value"] and "at_risk" in after["small"]
+    [patch] = mavera.calls("PATCH")
+    assert patch["path"] == f"/personas/{records(r)['high_value']['mavera_id']}"
+    assert "3 customers" in patch["json"]["description"]  # and the only PATCH: at_risk is left alone
