@@ -59,7 +59,8 @@ def need_wrk() -> str:
 class Stack:
     """Embedded Redis (AOF on, as in production) and the web app under uvicorn, as `make run` starts them."""
 
-    def __init__(self, web_workers: int) -> None:
+    def __init__(self, web_workers: int, env: dict[str, str] | None = None) -> None:
+        self.extra_env = env or {}
         self.tmp = tempfile.mkdtemp(prefix="sps-bench-")
         self.redis = EmbeddedRedis(self.tmp, persistent=True)
         self.port = free_port()
@@ -69,7 +70,7 @@ class Stack:
     def __enter__(self) -> Stack:
         self.redis.start()
         env = dict(os.environ, REDIS_URL=self.redis.url, PORT=str(self.port), LOG_LEVEL="WARNING",
-                   SEGMENT_SHARED_SECRETS="", SEGMENT_WRITE_KEYS="", REFRESH_DEBOUNCE="5s")
+                   SEGMENT_SHARED_SECRETS="", SEGMENT_WRITE_KEYS="", REFRESH_DEBOUNCE="5s", **self.extra_env)
         exe = str(Path(sys.executable).with_name("persona-sync"))
         self.web = subprocess.Popen([exe, "web", "--workers", str(self.web_workers), "--port", str(self.port)],
                                     env=env, stderr=subprocess.DEVNULL)

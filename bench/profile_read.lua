@@ -1,0 +1,23 @@
+-- wrk script: Profile API reads, GET .../profiles/user_id:u<n>/traits for the 20,000 users single.lua writes,
+-- authenticated with PROFILE_TOKEN as the HTTP Basic username. BENCH_DELAY_MS paces each connection.
+local counter, delay_ms = 0, tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local auth = "Basic " .. (os.getenv("BENCH_PROFILE_AUTH") or "")
+
+function delay()
+  return delay_ms
+end
+
+request = function()
+  counter = counter + 1
+  local path = string.format("/v1/spaces/default/collections/users/profiles/user_id:u%d/traits?limit=20",
+    (counter * 7919) % 20000)
+  return wrk.format("GET", path, {["Authorization"] = auth})
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
+    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d}\n', summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99), latency.max))
+end
