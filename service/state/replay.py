@@ -259,8 +259,8 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
                 records = _document_records(first + stream.read(), name, index, lines_of)  # array, or pretty
             else:
                 records = _line_records(itertools.chain([first], stream), name, index, 1 + blank, lines_of)
-            for rec in records:
-                if meter is not None and path != "-":
+            for n, rec in enumerate(records):
+                if meter is not None and path != "-" and n % 256 == 0:  # tell() costs a system call
                     meter.done = before + raw.tell()
                 line = int(rec.position.partition(":")[2])
                 if index == skip_file and line <= skip_line:
