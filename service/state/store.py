@@ -1,6 +1,6 @@
-"""Apply events to Redis: one EVALSHA of ``lua/apply.lua`` per event, pipelined across a batch.
+"""Apply events to Redis: one EVALSHA of ``lua/apply.lua`` per ``EVENTS_PER_CALL`` events, pipelined across a batch.
 
-The argument building is pure (``script_args``); ``AsyncStore`` serves the web receiver and ``SyncStore`` the
+The argument building is pure (``Applier.call_args``); ``AsyncStore`` serves the web receiver and ``SyncStore`` the
 workers and operator commands, so both paths apply an event through the very same script.
 """
 
@@ -115,20 +115,24 @@ class Applier:
         self.rules_json = self.rules.script_rules()
         self.bucket_width = max(1, math.ceil(settings.dedupe_window / DEDUPE_BUCKETS))
 
-    def script_args(self, keys: Keys, event: Event, raw: bytes, now_ms: int, reapply: bool = False,
-                    generation: str | None = None, logged_as: str | None = None) -> tuple[list[str], list]:
-        """``reapply``: a replay of the event log (no dedupe, not logged again); ``generation``: the one a rebuild
-        writes (None: the space's current one); ``logged_as``: in a replay, the log entry the event is (its
-        profile's event index points there). See apply.lua's header."""
-        shard, field = dedupe_digest(event.message_id)
+    def call_args(self, keys: Keys, events: Sequence[tuple[Event, bytes, str | None]], now_ms: int,
+                  reapply: bool = False, generation: str | None = None) -> Call:
+        """KEYS and ARGV of one call of the apply script for (event, raw, logged_as) in order. ``reapply``: a
+        replay of the event log (no dedupe, not logged again); ``generation``: the one a rebuild writes (None: the
+        space's current one); ``logged_as``: in a replay, the log entry the event is (its profile's event index
+        points there). See apply.lua's header."""
         bucket = now_ms // 1000 // self.bucket_width
         # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
         retention_ms = int(self.settings.event_log_retention * 1000)
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
-        header = (f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t"
-                  f"{shard % self.settings.dedupe_shards:x}\t{now_ms}\t{minid}\t{'reapply' if reapply else 'live'}\t"
-                  f"{generation if generation else '-'}\t{logged_as or '-'}\t{retention_ms}")
-        return [keys.log], [header, field, event.script_payload(), raw, self.rules_json]
+        args: list = [f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t{now_ms}\t{minid}\t"
+                      f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}",
+                      self.rules_json]
+        shards = self.settings.dedupe_shards
+        for event, raw, logged_as in events:
+            shard, field = dedupe_digest(event.message_id)
+            args += [f"{shard % shards:x}", field, event.script_payload(), raw, logged_as or "-"]
+        return [keys.log], args
 
     def dead_letter_args(self, keys: Keys, entries: Sequence[tuple[str, bytes]], source: str,
                          now_ms: int) -> tuple[list[str], list]:
@@ -144,25 +148,48 @@ def _outcome(reply: list) -> Outcome:
     status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
     pid = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
     created = bool(reply[2]) if len(reply) > 2 else False
-    merged = int(reply[3]) if len(reply) > 3 else 0
+    merged = int(reply[3]) if len(reply) > 3 and status != "error" else 0
+    if status == "error":
+        return Outcome("error", f"store error: {pid}"[:300])
     return Outcome(status, pid, created, merged)
 
 
-def _outcomes(replies: Sequence) -> list[Outcome]:
-    """One outcome per event. A script error is reported per event (status "error"), never half-applied:
-    the receiver keeps that event as a dead letter for replay once the cause is fixed."""
+def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
+    """One outcome per event, from one reply per call (of ``sizes[i]`` events). A script error is reported per
+    event (status "error"), and an error of a whole call for each of its events: the receiver keeps those events
+    as dead letters for replay once the cause is fixed (what did apply is then dropped as a duplicate)."""
     out = []
-    for r in replies:
-        if isinstance(r, REDIS_DOWN):
+    for r, n in zip(replies, sizes, strict=True):
+        if isinstance(r, REDIS_DOWN) or _out_of_memory(r):
             raise StoreUnavailable(str(r))
         if isinstance(r, Exception):
-            out.append(Outcome("error", f"store error: {r}"[:300]))
+            out += [Outcome("error", f"store error: {r}"[:300])] * n
         else:
-            out.append(_outcome(r))
+            out += [_outcome(one) for one in r]
     return out
 
 
+def _out_of_memory(reply: object) -> bool:
+    """maxmemory reached under noeviction: Redis refuses writes until memory is freed (answer 503, not 500)."""
+    return isinstance(reply, redis.exceptions.OutOfMemoryError) or (
+        isinstance(reply, redis.ResponseError) and "OOM command not allowed" in str(reply))  # raised in a script
+
+
 Call = tuple[list[str], list]  # (keys, args) of one EVALSHA of the apply script
+EVENTS_PER_CALL = 100  # events per script call: fewer calls to parse and run, while one call stays short (~3 ms)
+
+
+def _calls(applier: Applier, keys: Keys, items: Sequence[tuple[Event, bytes]], now: int, reapply: bool = False,
+           generation: str | None = None,
+           logged_as: Sequence[str | None] | None = None) -> tuple[list[Call], list[int]]:
+    """The script calls for ``items`` in order, ``EVENTS_PER_CALL`` events each, and how many events each holds."""
+    entries = [(e, raw, logged_as[i] if logged_as is not None else None) for i, (e, raw) in enumerate(items)]
+    calls, sizes = [], []
+    for i in range(0, len(entries), EVENTS_PER_CALL):
+        group = entries[i:i + EVENTS_PER_CALL]
+        calls.append(applier.call_args(keys, group, now, reapply, generation))
+        sizes.append(len(group))
+    return calls, sizes
 
 
 def _queue(pipe: Pipe, calls: Sequence[Call], which: Sequence[int] | None = None) -> Pipe:
@@ -195,20 +222,25 @@ class AsyncStore:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
-        calls = [self.applier.script_args(keys, event, raw, now) for event, raw in items]
+        calls, sizes = _calls(self.applier, keys, items, now)
         try:
             if space not in self._spaces:
-                await self.client.sadd(SPACES_KEY, space)
+                try:
+                    await self.client.sadd(SPACES_KEY, space)
+                except redis.ResponseError as exc:
+                    if _out_of_memory(exc):
+                        raise StoreUnavailable(str(exc)) from exc
+                    raise
                 self._spaces.add(space)
-            if len(calls) == 1:  # one event: a plain call is cheaper than a pipeline
-                return _outcomes([await self._evalsha(*calls[0])])
+            if len(calls) == 1:  # one call: cheaper without a pipeline
+                return _outcomes([await self._evalsha(*calls[0])], sizes)
             replies = await _queue(self.client.pipeline(transaction=False), calls).execute(raise_on_error=False)
             if missing := _noscript(replies):  # Redis restarted: load the script, re-run only what did not run
                 await self.client.script_load(SCRIPT)
                 rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
                 for i, reply in zip(missing, await rerun.execute(raise_on_error=False), strict=True):
                     replies[i] = reply
-            return _outcomes(replies)
+            return _outcomes(replies, sizes)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -250,7 +282,7 @@ class AsyncStore:
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         except redis.ResponseError as exc:
-            if "OOM command not allowed" in str(exc):  # maxmemory, noeviction: nothing kept, ask for a retry (503)
+            if _out_of_memory(exc):  # maxmemory, noeviction: nothing kept, ask for a retry (503)
                 raise StoreUnavailable(str(exc)) from exc
             raise
 
@@ -265,14 +297,12 @@ class SyncStore:
     def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None,
               reapply: bool = False, generation: str | None = None,
               logged_as: Sequence[str | None] | None = None) -> list[Outcome]:
-        """``logged_as``: for a replay of the log, each event's log entry id (see ``Applier.script_args``)."""
+        """``logged_as``: for a replay of the log, each event's log entry id (see ``Applier.call_args``)."""
         if not items:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
-        entries = logged_as if logged_as is not None else [None] * len(items)
-        calls = [self.applier.script_args(keys, event, raw, now, reapply, generation, entry)
-                 for (event, raw), entry in zip(items, entries, strict=True)]
+        calls, sizes = _calls(self.applier, keys, items, now, reapply, generation, logged_as)
         pipe = _queue(self.client.pipeline(transaction=False), calls)
         pipe.sadd(SPACES_KEY, space)
         replies = pipe.execute(raise_on_error=False)[: len(calls)]
@@ -281,7 +311,7 @@ class SyncStore:
             rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
             for i, reply in zip(missing, rerun.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
-        return _outcomes(replies)
+        return _outcomes(replies, sizes)
 
 
     def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:

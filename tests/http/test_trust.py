@@ -204,5 +204,8 @@ def test_a_full_redis_never_turns_a_refusal_into_a_500(client: TestClient, r: re
         assert client.post("/v1/track", content=b"{").status_code == 400
         resp = post(client, orjson.dumps([{"type": "track", "event": "x", "messageId": "no-ids"}]))
         assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
+        valid = [{"type": "track", "event": "x", "userId": f"full-{n}", "messageId": f"full-{n}"} for n in range(3)]
+        resp = post(client, orjson.dumps(valid))  # the apply script is refused as a whole: nothing half-applied
+        assert resp.status_code == 503 and r.dbsize() == 0
     finally:
         r.config_set("maxmemory", 0)

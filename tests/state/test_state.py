@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import redis
 
@@ -231,3 +232,28 @@ def test_forget_command_path(r: redis.Redis) -> None:
     apply(r, [{"type": "identify", "userId": "x", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
     assert forget(r, Settings(), "default", "x")[0].status == "deleted"
     assert find(r, "user_id", "x") is None and r.xlen(Keys("default").log) == 0
+
+
+def test_events_of_one_script_call_fail_alone_and_apply_in_order(r: redis.Redis) -> None:
+    """Several events go in one call of the apply script: an event the script cannot apply is reported as an error
+    for itself alone, and the events around it still apply, in their order."""
+    import orjson
+
+    from service.spec.events import normalise
+    from service.spec.identity import IdentityRules
+    from service.state.store import SCRIPT, Applier, _outcomes
+
+    settings = Settings()
+    rules = IdentityRules.from_settings(settings)
+    raws = [{"type": "identify", "userId": "o1", "messageId": f"call-{n}", "traits": {"step": n},
+             "timestamp": f"2026-03-01T00:00:0{n}Z"} for n in range(3)]
+    now = int(time.time() * 1000)
+    entries = [(normalise(e, now, rules), orjson.dumps(e), None) for e in raws]
+    keys, args = Applier(settings).call_args(Keys("default"), entries, now)
+    args[2 + 5 + 2] = b"{not json"  # the second event's JSON: the script cannot decode it
+    replies = r.eval(SCRIPT, len(keys), *keys, *args)
+    outcomes = _outcomes([replies], [3])
+    assert [o.status for o in outcomes] == ["ok", "error", "ok"] and "store error" in outcomes[1].profile_id
+    assert outcomes[0].created and outcomes[2].profile_id == outcomes[0].profile_id
+    assert find(r, "user_id", "o1").traits["step"].value == 2
+    assert [f[b"e"] for _, f in r.xrange(Keys("default").log)] == [orjson.dumps(raws[0]), orjson.dumps(raws[2])]

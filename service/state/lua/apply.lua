@@ -1,4 +1,4 @@
--- Apply one normalised Segment event to a space's profile state, atomically.
+-- Apply normalised Segment events to a space's profile state, each atomically, in order.
 --
 -- dedupe by messageId -> suppression -> identity resolution (match / create / merge under limits) ->
 -- effects (traits, audiences, orders, channel activity, groups, metadata) -> event log -> dirty mark.
@@ -9,23 +9,25 @@
 -- The common case (every identifier already known, on one profile) costs one HMGET and one HSET of the
 -- profile hash; limits are only consulted when an event brings a new identifier or spans several profiles.
 --
--- Inputs, built by service/state/store.py (``Applier.script_args``) and service/spec/events.py:
+-- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
+-- one or more events of a space, in order, each on its own (an error in one is reported for it alone):
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
--- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t shard \t received ms \t log MINID
---           \t mode \t generation \t log entry id \t index retention ms": mode 'live' (the receiver, imports, dead
---           letters) or 'reapply' (a replay of the event log: applied again whether or not it was seen, and not
---           logged a second time); generation '-' for the space's current one (P..'gen'), else the one a rebuild
---           writes (service/state/rebuild.py); log entry id: in 'reapply', the entry being applied again ('-': none),
---           so that the profile's event index points at it; index retention: how long G..'ev:'pid keeps an event
--- ARGV[2]  dedupe field (8 bytes)   ARGV[3] event JSON   ARGV[4] raw event   ARGV[5] rules JSON
--- ARGV[3], decoded as ``ev`` (written only by ``Event.script_payload``):
+-- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t received ms \t log MINID \t mode \t
+--           generation \t index retention ms": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a
+--           replay of the event log: applied again whether or not it was seen, and not logged a second time);
+--           generation '-' for the space's current one (P..'gen'), else the one a rebuild writes
+--           (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event
+-- ARGV[2]  rules JSON
+-- then five per event: dedupe shard (hex), dedupe field (8 bytes), event JSON, raw event, and in 'reapply' the
+--           log entry the event is ('-': none), so that the profile's event index points at it
+-- The event JSON, decoded as ``ev`` (written only by ``Event.script_payload``):
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
 --   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null,
 --   rv order key of a refund or cancellation or null, rc received ms (>= ts), ep a profile id to erase (a delete
 --   without userId, from ``persona-sync forget``) or null. ``ts`` is the effective time: the
 --   event's own, never later than its receipt (a client clock in 2099 cannot pin a trait).
--- ARGV[5], decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
+-- The rules JSON, decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
 --   merge and identifier caps, alias merging.
 -- Keys of the space (prefix P, the space's hash tag; names as in service/spec/keys.py):
 --   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
@@ -43,195 +45,23 @@
 
 local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
-local P, bucket, bw, nb, shard, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6], h[7]
-local reapply = h[8] == 'reapply'
-local G = h[9]
-local logged_as, keep_ms = h[10], tonumber(h[11])
+local P, bucket, bw, nb, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6]
+local reapply = h[7] == 'reapply'
+local G = h[8]
+local keep_ms = tonumber(h[9])
 local rebuilding = not (G == nil or G == '-')   -- a rebuild's new generation: no dirty marks until it is current
 if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
-local dfield = ARGV[2]
-local ev = cjson.decode(ARGV[3])
 local NULL = cjson.null
+local TOMBSTONE = '!'
+local rules_cache = nil
+local function the_rules()   -- decoded once per call, and only when an event needs them
+  if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
+  return rules_cache
+end
 
 local function pkey(pid) return G .. 'p:' .. pid end
 local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
 local function fmt(n) return string.format('%.0f', n) end
-
--- 1. dedupe ---------------------------------------------------------------------------------------
-if not reapply then
-  for b = bucket - nb, bucket do
-    if redis.call('HEXISTS', P .. 'dd:' .. b .. ':' .. shard, dfield) == 1 then return {'duplicate', ''} end
-  end
-end
-local function remember()
-  if reapply then return end
-  local k = P .. 'dd:' .. bucket .. ':' .. shard
-  redis.call('HSET', k, dfield, '1')
-  if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, (bucket + nb + 1) * bw) end
-end
-
--- 2. GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
--- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
--- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
--- without one suppresses every later event, as it did then).
-local TOMBSTONE = '!'
-local uid = ev.uid
-local ts, mid, rc = ev.ts, ev.mid, ev.rc or ev.ts
-if ev.t == 'delete' then
-  local pid
-  if uid ~= '' then
-    redis.call('SADD', P .. 'suppressed', uid)
-    redis.call('SADD', P .. 'forgotten:ids', uid)
-    local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
-    if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
-    pid = redis.call('GET', ikey('user_id', uid))
-    remember()
-    if pid == TOMBSTONE then pid = false end
-    if not pid then
-      redis.call('SET', ikey('user_id', uid), TOMBSTONE)
-      return {'deleted', ''}
-    end
-  else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
-    pid = ev.ep
-    remember()
-    if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
-  end
-  local f = redis.call('HGETALL', pkey(pid))
-  local erased, groups = {pid}, {}
-  for i = 1, #f, 2 do
-    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
-    if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
-  end
-  for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
-  for _, g in ipairs(groups) do redis.call('SREM', G .. 'au:' .. g, unpack(erased)) end
-  for i = 1, #f, 2 do
-    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
-    if pre == 'x:' then
-      redis.call('DEL', G .. 'i:' .. rest)
-      -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
-      local kind, value = string.match(rest, '^([^:]+):(.*)$')
-      if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
-    elseif pre == 'r:' then
-      redis.call('DEL', G .. 'mrg:' .. rest)
-      redis.call('SADD', P .. 'forgotten', rest)
-    end
-  end
-  redis.call('DEL', pkey(pid))
-  if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
-  redis.call('SADD', P .. 'forgotten', pid)
-  redis.call('SADD', P .. 'dirty', pid)
-  return {'deleted', pid}
-end
-
--- 3. identity resolution (and suppression of deleted userIds) -----------------------------------------------------------------------------
-local rules = nil
-local ids = ev.ids
-if ev.t == 'alias' and ev.al ~= NULL and ev.al then
-  rules = cjson.decode(ARGV[5])
-  if rules.alias then
-    local kind = 'anonymous_id'
-    if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
-    local present = false
-    for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
-    -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
-    if not present then table.insert(ids, {kind, ev.al}) end
-  end
-end
-
-local deleted_at = false
-if uid ~= '' then deleted_at = tonumber(redis.call('HGET', P .. 'deleted', uid)) end
-if deleted_at and ts <= deleted_at then
-  remember()
-  return {'suppressed', ''}
-end
-
-local owner, distinct, unmapped = {}, {}, 0
-for i, id in ipairs(ids) do
-  local o = redis.call('GET', ikey(id[1], id[2]))
-  if o == TOMBSTONE then
-    if id[1] == 'user_id' and id[2] == uid and not deleted_at then
-      remember()   -- deleted by an older version, which kept no time: suppressed for ever, as then
-      return {'suppressed', ''}
-    end
-    o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
-  end
-  owner[i] = o
-  if o then distinct[o] = true else unmapped = unmapped + 1 end
-end
-local ndistinct = 0
-for _ in pairs(distinct) do ndistinct = ndistinct + 1 end
-
-local active = {}
-for i = 1, #ids do active[i] = true end
-local counts_of, merges_of = {}, {}   -- pid -> {type -> n}, pid -> merges so far
-local function load(pid)
-  if counts_of[pid] then return end
-  local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
-  counts_of[pid] = m[1] and cjson.decode(m[1]) or {}
-  merges_of[pid] = tonumber(m[2]) or 0
-end
-
-local mlist
-if unmapped == 0 and ndistinct == 1 then
-  mlist = {owner[1]}                 -- fast path: a known person, nothing new to check
-elseif #ids == 1 then
-  mlist = owner[1] and {owner[1]} or {}
-else
-  rules = rules or cjson.decode(ARGV[5])
-  local function limit(t)
-    local l = rules.limits[t]
-    if l == nil then l = rules.default_limit end
-    return l
-  end
-  local nactive = #ids
-  while true do
-    mlist = {}
-    local seen, counts, total, merges = {}, {}, 0, 0
-    for i = 1, #ids do
-      if active[i] then
-        local o = owner[i]
-        if o then
-          if not seen[o] then
-            seen[o] = true
-            mlist[#mlist + 1] = o
-            load(o)
-            for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
-            merges = merges + merges_of[o]
-          end
-        else
-          local t = ids[i][1]
-          counts[t] = (counts[t] or 0) + 1
-          total = total + 1
-        end
-      end
-    end
-    local ok = nactive <= 1
-    if not ok then
-      ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
-      if ok then
-        for t, n in pairs(counts) do if n > limit(t) then ok = false; break end end
-      end
-    end
-    if ok then break end
-    for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
-      if active[i] then active[i] = false; nactive = nactive - 1; break end
-    end
-  end
-end
-
--- 4. create or merge ------------------------------------------------------------------------------------
-local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
-local created = 0
-local pid
-if #mlist == 0 then
-  pid = 'use_' .. redis.call('INCR', G .. 'seq')
-  counts_of[pid], merges_of[pid] = {}, 0
-  created = 1
-else
-  pid = mlist[1]
-  for _, o in ipairs(mlist) do if num(o) < num(pid) then pid = o end end
-end
-local S = pkey(pid)
 
 local function earlier(ts_a, mid_a, ts_b, mid_b)
   return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
@@ -306,134 +136,327 @@ local function meta_writes(cur, w, fs, fm, ls, lm)
   end
 end
 
-local function merge_into(L)
-  local f = redis.call('HGETALL', pkey(L))
-  local lo = {}
-  for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
-  local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
-  for k, v in pairs(lo) do
-    local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
-    if pre == 't:' then
-      local t, r = unstamp(lo['T:' .. rest])
-      traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
-    elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
-      fields[#fields + 1] = k
-    elseif pre == 'x:' then
-      redis.call('SET', G .. 'i:' .. rest, pid)
+-- One event: its dedupe shard and field, its JSON (``ev``), the raw event to log, and (in 'reapply') the log
+-- entry it is. Returns {status, profile id, created, merged}.
+local function apply_one(shard, dfield, evjson, raw, logged_as)
+  local ev = cjson.decode(evjson)
+  -- 1. dedupe ---------------------------------------------------------------------------------------
+  if not reapply then
+    for b = bucket - nb, bucket do
+      if redis.call('HEXISTS', P .. 'dd:' .. b .. ':' .. shard, dfield) == 1 then return {'duplicate', ''} end
     end
   end
-  trait_fields(traits, fields, true)
-  local cur = read(S, fields)
-  local w = {}
-  for k, v in pairs(lo) do
-    local pre = string.sub(k, 1, 2)
-    if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
-      w[#w + 1] = k; w[#w + 1] = v
-    elseif pre == 'a:' then
-      w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
-    elseif pre == 'g:' and (not cur[k] or tonumber(v) < tonumber(cur[k])) then
-      w[#w + 1] = k; w[#w + 1] = v
+  local function remember()
+    if reapply then return end
+    local k = P .. 'dd:' .. bucket .. ':' .. shard
+    redis.call('HSET', k, dfield, '1')
+    if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, (bucket + nb + 1) * bw) end
+  end
+
+  -- 2. GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
+  -- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
+  -- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
+  -- without one suppresses every later event, as it did then).
+  local uid = ev.uid
+  local ts, mid, rc = ev.ts, ev.mid, ev.rc or ev.ts
+  if ev.t == 'delete' then
+    local pid
+    if uid ~= '' then
+      redis.call('SADD', P .. 'suppressed', uid)
+      redis.call('SADD', P .. 'forgotten:ids', uid)
+      local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
+      if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
+      pid = redis.call('GET', ikey('user_id', uid))
+      remember()
+      if pid == TOMBSTONE then pid = false end
+      if not pid then
+        redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+        return {'deleted', ''}
+      end
+    else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
+      pid = ev.ep
+      remember()
+      if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
+    end
+    local f = redis.call('HGETALL', pkey(pid))
+    local erased, groups = {pid}, {}
+    for i = 1, #f, 2 do
+      local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+      if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
+    end
+    for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
+    for _, g in ipairs(groups) do redis.call('SREM', G .. 'au:' .. g, unpack(erased)) end
+    for i = 1, #f, 2 do
+      local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+      if pre == 'x:' then
+        redis.call('DEL', G .. 'i:' .. rest)
+        -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
+        local kind, value = string.match(rest, '^([^:]+):(.*)$')
+        if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
+      elseif pre == 'r:' then
+        redis.call('DEL', G .. 'mrg:' .. rest)
+        redis.call('SADD', P .. 'forgotten', rest)
+      end
+    end
+    redis.call('DEL', pkey(pid))
+    if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
+    redis.call('SADD', P .. 'forgotten', pid)
+    redis.call('SADD', P .. 'dirty', pid)
+    return {'deleted', pid}
+  end
+
+  -- 3. identity resolution (and suppression of deleted userIds) ----------------------------------------------
+  local rules = nil
+  local ids = ev.ids
+  if ev.t == 'alias' and ev.al ~= NULL and ev.al then
+    rules = the_rules()
+    if rules.alias then
+      local kind = 'anonymous_id'
+      if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
+      local present = false
+      for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
+      -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
+      if not present then table.insert(ids, {kind, ev.al}) end
     end
   end
-  lww(cur, traits, w, true, S)
-  meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fm'], tonumber(lo['m:ls']), lo['m:lm'])
-  if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
-    w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
+
+  local deleted_at = false
+  if uid ~= '' then deleted_at = tonumber(redis.call('HGET', P .. 'deleted', uid)) end
+  if deleted_at and ts <= deleted_at then
+    remember()
+    return {'suppressed', ''}
   end
-  w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
-  redis.call('HSET', S, unpack(w))
-  for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
-  merges_of[pid] = merges_of[pid] + merges_of[L] + 1
-  redis.call('DEL', pkey(L))
-  redis.call('SET', G .. 'mrg:' .. L, pid)
-  if not rebuilding then redis.call('SADD', P .. 'dirty', L) end
-end
 
-local merged = 0
-for _, o in ipairs(mlist) do
-  if o ~= pid then merge_into(o); merged = merged + 1 end
-end
+  local owner, distinct, unmapped = {}, {}, 0
+  for i, id in ipairs(ids) do
+    local o = redis.call('GET', ikey(id[1], id[2]))
+    if o == TOMBSTONE then
+      if id[1] == 'user_id' and id[2] == uid and not deleted_at then
+        remember()   -- deleted by an older version, which kept no time: suppressed for ever, as then
+        return {'suppressed', ''}
+      end
+      o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
+    end
+    owner[i] = o
+    if o then distinct[o] = true else unmapped = unmapped + 1 end
+  end
+  local ndistinct = 0
+  for _ in pairs(distinct) do ndistinct = ndistinct + 1 end
 
--- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
-local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm'}
-local items = {}
-for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
-trait_fields(items, fields, true)
-local afield, ofield, gfield, rfield
-if ev.a ~= NULL then afield = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; fields[#fields + 1] = afield end
-if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
-if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
-if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
-for i, id in ipairs(ids) do
-  if active[i] and owner[i] then fields[#fields + 1] = 'x:' .. id[1] .. ':' .. id[2] end
-end
-local cur = read(S, fields)
-local w = {'m:ua', now}
-if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
+  local active = {}
+  for i = 1, #ids do active[i] = true end
+  local counts_of, merges_of = {}, {}   -- pid -> {type -> n}, pid -> merges so far
+  local function load(pid)
+    if counts_of[pid] then return end
+    local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
+    counts_of[pid] = m[1] and cjson.decode(m[1]) or {}
+    merges_of[pid] = tonumber(m[2]) or 0
+  end
 
-local new_ids = false
-for i, id in ipairs(ids) do
-  if active[i] then
-    local field = 'x:' .. id[1] .. ':' .. id[2]
-    if not owner[i] then
-      redis.call('SET', ikey(id[1], id[2]), pid)
-      w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
-      if not counts_of[pid] then load(pid) end
-      counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
-      new_ids = true
-    elseif cur[field] then
-      local c = cur[field]
-      local bar = string.find(c, '|', 1, true)
-      if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
-        w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
+  local mlist
+  if unmapped == 0 and ndistinct == 1 then
+    mlist = {owner[1]}                 -- fast path: a known person, nothing new to check
+  elseif #ids == 1 then
+    mlist = owner[1] and {owner[1]} or {}
+  else
+    rules = the_rules()
+    local function limit(t)
+      local l = rules.limits[t]
+      if l == nil then l = rules.default_limit end
+      return l
+    end
+    local nactive = #ids
+    while true do
+      mlist = {}
+      local seen, counts, total, merges = {}, {}, 0, 0
+      for i = 1, #ids do
+        if active[i] then
+          local o = owner[i]
+          if o then
+            if not seen[o] then
+              seen[o] = true
+              mlist[#mlist + 1] = o
+              load(o)
+              for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
+              merges = merges + merges_of[o]
+            end
+          else
+            local t = ids[i][1]
+            counts[t] = (counts[t] or 0) + 1
+            total = total + 1
+          end
+        end
+      end
+      local ok = nactive <= 1
+      if not ok then
+        ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
+        if ok then
+          for t, n in pairs(counts) do if n > limit(t) then ok = false; break end end
+        end
+      end
+      if ok then break end
+      for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
+        if active[i] then active[i] = false; nactive = nactive - 1; break end
       end
     end
   end
-end
-if new_ids or merged > 0 or created == 1 then
-  local n_json = '{}'
-  if next(counts_of[pid]) ~= nil then n_json = cjson.encode(counts_of[pid]) end
-  w[#w + 1] = 'm:n'; w[#w + 1] = n_json
-  w[#w + 1] = 'm:merges'; w[#w + 1] = fmt(merges_of[pid])
+
+  -- 4. create or merge ------------------------------------------------------------------------------------
+  local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
+  local created = 0
+  local pid
+  if #mlist == 0 then
+    pid = 'use_' .. redis.call('INCR', G .. 'seq')
+    counts_of[pid], merges_of[pid] = {}, 0
+    created = 1
+  else
+    pid = mlist[1]
+    for _, o in ipairs(mlist) do if num(o) < num(pid) then pid = o end end
+  end
+  local S = pkey(pid)
+
+  local function merge_into(L)
+    local f = redis.call('HGETALL', pkey(L))
+    local lo = {}
+    for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
+    local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
+    for k, v in pairs(lo) do
+      local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
+      if pre == 't:' then
+        local t, r = unstamp(lo['T:' .. rest])
+        traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
+      elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
+        fields[#fields + 1] = k
+      elseif pre == 'x:' then
+        redis.call('SET', G .. 'i:' .. rest, pid)
+      end
+    end
+    trait_fields(traits, fields, true)
+    local cur = read(S, fields)
+    local w = {}
+    for k, v in pairs(lo) do
+      local pre = string.sub(k, 1, 2)
+      if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
+        w[#w + 1] = k; w[#w + 1] = v
+      elseif pre == 'a:' then
+        w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
+      elseif pre == 'g:' and (not cur[k] or tonumber(v) < tonumber(cur[k])) then
+        w[#w + 1] = k; w[#w + 1] = v
+      end
+    end
+    lww(cur, traits, w, true, S)
+    meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fm'], tonumber(lo['m:ls']), lo['m:lm'])
+    if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
+      w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
+    end
+    w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
+    redis.call('HSET', S, unpack(w))
+    for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
+    merges_of[pid] = merges_of[pid] + merges_of[L] + 1
+    redis.call('DEL', pkey(L))
+    redis.call('SET', G .. 'mrg:' .. L, pid)
+    if not rebuilding then redis.call('SADD', P .. 'dirty', L) end
+  end
+
+  local merged = 0
+  for _, o in ipairs(mlist) do
+    if o ~= pid then merge_into(o); merged = merged + 1 end
+  end
+
+  -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
+  local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm'}
+  local items = {}
+  for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
+  trait_fields(items, fields, true)
+  local afield, ofield, gfield, rfield
+  if ev.a ~= NULL then afield = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; fields[#fields + 1] = afield end
+  if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
+  if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
+  if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
+  for i, id in ipairs(ids) do
+    if active[i] and owner[i] then fields[#fields + 1] = 'x:' .. id[1] .. ':' .. id[2] end
+  end
+  local cur = read(S, fields)
+  local w = {'m:ua', now}
+  if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
+
+  local new_ids = false
+  for i, id in ipairs(ids) do
+    if active[i] then
+      local field = 'x:' .. id[1] .. ':' .. id[2]
+      if not owner[i] then
+        redis.call('SET', ikey(id[1], id[2]), pid)
+        w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
+        if not counts_of[pid] then load(pid) end
+        counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
+        new_ids = true
+      elseif cur[field] then
+        local c = cur[field]
+        local bar = string.find(c, '|', 1, true)
+        if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
+          w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
+        end
+      end
+    end
+  end
+  if new_ids or merged > 0 or created == 1 then
+    local n_json = '{}'
+    if next(counts_of[pid]) ~= nil then n_json = cjson.encode(counts_of[pid]) end
+    w[#w + 1] = 'm:n'; w[#w + 1] = n_json
+    w[#w + 1] = 'm:merges'; w[#w + 1] = fmt(merges_of[pid])
+  end
+
+  lww(cur, items, w, true, S)
+  if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = fmt(ts) .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
+  -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
+  if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = fmt(ts) end
+  if afield then
+    local bits = tonumber(cur[afield]) or 0
+    local p = 2 ^ ev.a[3]
+    if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
+  end
+  if gfield then
+    local g = tonumber(cur[gfield])
+    if not g then redis.call('SADD', G .. 'au:' .. ev.g[1], pid) end
+    if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
+    local acct = {}
+    for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
+    local akey = G .. 'acct:' .. ev.g[1]
+    local aw, af = {}, {}
+    trait_fields(acct, af, false)
+    lww(read(akey, af), acct, aw, false, akey)
+    if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
+  end
+  meta_writes(cur, w, ts, mid, ts, mid)
+  redis.call('HSET', S, unpack(w))
+
+  -- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
+  local entry = false
+  if not reapply then
+    entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', raw)
+  elseif logged_as and logged_as ~= '-' then
+    entry = logged_as
+  end
+  if entry and keep_ms then   -- the Profile API's /events reads this index, then the entries it names
+    local ek = G .. 'ev:' .. pid
+    redis.call('ZADD', ek, fmt(ts), string.sub(ev.t, 1, 1) .. entry)
+    redis.call('ZREMRANGEBYSCORE', ek, '-inf', '(' .. fmt(tonumber(now) - keep_ms))
+    redis.call('PEXPIREAT', ek, fmt(tonumber(now) + keep_ms))
+  end
+  if not rebuilding then redis.call('SADD', P .. 'dirty', pid) end
+  remember()
+  return {'ok', pid, created, merged}
 end
 
-lww(cur, items, w, true, S)
-if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = fmt(ts) .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
--- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
-if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = fmt(ts) end
-if afield then
-  local bits = tonumber(cur[afield]) or 0
-  local p = 2 ^ ev.a[3]
-  if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
+local out = {}
+for i = 3, #ARGV, 5 do
+  local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+  if not ok then
+    local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
+    -- out of memory refuses the whole call (the caller answers 503 and the sender retries)
+    if string.find(msg, 'OOM', 1, true) then error(res) end
+    res = {'error', msg}
+  end
+  out[#out + 1] = res
 end
-if gfield then
-  local g = tonumber(cur[gfield])
-  if not g then redis.call('SADD', G .. 'au:' .. ev.g[1], pid) end
-  if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
-  local acct = {}
-  for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
-  local akey = G .. 'acct:' .. ev.g[1]
-  local aw, af = {}, {}
-  trait_fields(acct, af, false)
-  lww(read(akey, af), acct, aw, false, akey)
-  if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
-end
-meta_writes(cur, w, ts, mid, ts, mid)
-redis.call('HSET', S, unpack(w))
-
--- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
-local entry = false
-if not reapply then
-  entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', ARGV[4])
-elseif logged_as and logged_as ~= '-' then
-  entry = logged_as
-end
-if entry and keep_ms then   -- the Profile API's /events reads this index, then the entries it names
-  local ek = G .. 'ev:' .. pid
-  redis.call('ZADD', ek, fmt(ts), string.sub(ev.t, 1, 1) .. entry)
-  redis.call('ZREMRANGEBYSCORE', ek, '-inf', '(' .. fmt(tonumber(now) - keep_ms))
-  redis.call('PEXPIREAT', ek, fmt(tonumber(now) + keep_ms))
-end
-if not rebuilding then redis.call('SADD', P .. 'dirty', pid) end
-remember()
-return {'ok', pid, created, merged}
+return out
