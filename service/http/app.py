@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from service.config import Settings
 from service.http import admin, insights_api, metrics, profiles_api, receiver, sdk
+from service.http.openapi import docs
 from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
 from service.spec.identity import IdentityRules
@@ -81,7 +82,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
     routes = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
         *receiver.routes, *sdk.routes(settings, receiver.tracking_routes), *profiles_api.routes, *admin.routes,
-        *insights_api.routes,
+        *insights_api.routes, *docs.routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: unexpected})
