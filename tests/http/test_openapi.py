@@ -3,8 +3,9 @@
 Completeness: every route and method of ``app.routes`` is documented, and every documented path and method reaches
 a route of the app. Which route a documented path reaches is asked of Starlette's own matching (``Route.matches``),
 with each path parameter filled in from the document (every value of an enum, else the example, else a sample), so
-a route with a path parameter such as the Profile API's ``{part}`` counts as documented through the paths that
-expand it, and a documented expansion must reach some route.
+a route with path parameters counts as documented through the paths that expand it, and a documented expansion
+must reach some route. The Profile API is one such route, whose collection and part are path parameters: which
+collections and parts it answers is read from its own tables and compared with the document's.
 
 Real responses are validated against the document in ``test_openapi_responses.py``.
 """
@@ -22,7 +23,9 @@ from starlette.routing import Match, Route
 from starlette.testclient import TestClient
 
 from service.config import Settings
+from service.http import profiles_api
 from service.http.app import create_app
+from service.http.openapi import profiles
 from service.http.openapi.document import document
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -117,3 +120,9 @@ def test_the_completeness_check_sees_a_missing_route_and_a_phantom_path(app: Sta
     undocumented, phantom = gaps(extra, ops)
     assert undocumented == {("/admin/new", "POST"), ("/healthz", "GET")}
     assert phantom == {("/admin/nothing-here", "GET")}
+
+
+def test_every_collection_and_part_the_profile_api_answers_is_documented() -> None:
+    served = {"users": set(profiles_api.USER_PARTS), "accounts": set(profiles_api.ACCOUNT_PARTS)}
+    assert {c: set(parts) for c, parts in profiles.COLLECTIONS.items()} == served, \
+        "document it in service/http/openapi/profiles.py (COLLECTIONS)"

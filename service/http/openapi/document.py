@@ -53,7 +53,7 @@ DOCUMENTATION = {
 PARAMETERS = {
     "spacePath": {"name": "space", "in": "path", "required": True, "schema": STR, "example": "default",
                   "description": "The space: 1-64 letters, digits, '_', '-' or '.'"},
-    **profiles.PARAMETERS, **operator.PARAMETERS,
+    **operator.PARAMETERS,
 }
 
 
