@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -19,6 +20,7 @@ from service.http.openapi import docs
 from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
 from service.spec.identity import IdentityRules
+from service.state.rates import RateCounter
 from service.state.refresh import RefreshScheduler
 from service.state.store import REDIS_DOWN, AsyncStore
 
@@ -69,6 +71,8 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
         app.state.store = AsyncStore(client, settings)
         app.state.refresh = RefreshScheduler(client, queue_url if queue_url is not None else redis_url,
                                              settings.refresh_debounce)
+        app.state.rates = RateCounter(client)  # per-minute outcome counts for the status, flushed every second
+        flusher = asyncio.create_task(app.state.rates.run())
         if not settings.shared_secrets:
             log_event(log, "SEGMENT_SHARED_SECRETS is empty: webhook signatures are not checked", logging.WARNING)
         if not settings.write_keys:
@@ -76,6 +80,11 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            with contextlib.suppress(redis.RedisError, OSError):  # the last second's counts, if Redis takes them
+                await app.state.rates.flush()
             await client.aclose()
             app.state.sync_redis.close()
 

@@ -58,6 +58,7 @@ async def _unauthenticated(request: Request, space: str, status: int, reason: st
     address is the peer as the ASGI server reports it (uvicorn applies X-Forwarded-For only from
     FORWARDED_ALLOW_IPS)."""
     metrics.REFUSED.labels(str(status)).inc()
+    request.app.state.rates.refused(status, now_ms())
     peer = request.client.host if request.client else ""
     try:
         await request.app.state.store.refusal(space, request.url.path, status, reason, size, peer)
@@ -74,6 +75,7 @@ async def _refuse_unread(request: Request, space: str, exc: BodyError) -> JSON:
 async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, source: str) -> JSON:
     """An authenticated (or open-mode) body refused as a whole: kept as a dead letter for the operator."""
     metrics.REFUSED.labels(str(exc.status)).inc()
+    request.app.state.rates.add(space, now_ms(), {"rejected": 1})  # a body refused whole counts as one
     try:
         await request.app.state.store.dead_letter(space, exc.message, body, source)
     except StoreUnavailable:
@@ -120,6 +122,7 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
         "suppressed": sum(n for (_, o), n in counts.items() if o == "suppressed"),
         "rejected": sum(n for (_, o), n in counts.items() if o == "rejected"),
     }
+    state.rates.add(space, received, summary)  # in process; flushed to Redis about once a second
     if rejected:
         summary["errors"] = [{"index": i, "message": reason} for i, reason, _ in rejected[:100]]
     if single and rejected:

@@ -218,6 +218,11 @@ class Keys:
     def recompute_lock(self) -> str:
         return f"{self.prefix}w:lock"
 
+    def rates(self, minute: int) -> str:
+        """hash outcome -> events counted in one minute (epoch ms // 60,000), by every web process and replay;
+        expires a little over an hour after its last write (``service/state/rates.py``)."""
+        return f"{self.prefix}rate:{minute}"
+
 
 SPACES_KEY = "sps:spaces"  # set of every space that has received data (not tagged: a global index)
 # Requests refused before they were authenticated: metadata only (time, space claimed, route, status, reason, size,
@@ -228,3 +233,10 @@ REFUSALS_KEY = "sps:refusals"
 MAVERA_RATE_KEY = "sps:mavera:rate"  # sorted set of request timestamps (sliding 60 s window)
 MAVERA_PAUSED_KEY = "sps:mavera:paused"  # JSON {"reason", "at_ms"} while syncing is paused (402)
 MAVE_CHAT_SLOTS_KEY = "sps:mavera:chat"  # sorted set of in-flight Mave chat calls (token -> expiry ms)
+# Requests refused before authentication, counted per minute (field: HTTP status) for the deployment, like the
+# refusal log and for the same reason: the space they claim is itself a claim.
+REFUSAL_RATES_PREFIX = "sps:refusals:rate:"
+
+
+def refusal_rates(minute: int) -> str:
+    return f"{REFUSAL_RATES_PREFIX}{minute}"

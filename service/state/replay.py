@@ -40,6 +40,8 @@ from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
+from service.spec.rates import OUTCOME_OF
+from service.state.rates import count_applied
 from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters, state_keys
 
 CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
@@ -524,6 +526,8 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
         report.counts[(event.type, status)] += 1
         if outcome.status == "error":
             invalid.append((rec, outcome.profile_id))
+    counted = Counter(OUTCOME_OF.get(o.status, o.status) for o in outcomes) + Counter(rejected=len(p.invalid))
+    count_applied(client, space, now_ms(), counted)  # the status's replay rates: one more round trip a chunk
     failed: set[bytes] = set()
     letters = []
     for rec, why in invalid:
