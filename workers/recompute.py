@@ -282,9 +282,11 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             return _full(client, settings, space, now_ms, started, lock, reason=str(e))
         changed = publish(client, settings, space, clusters, patterns, pipe, touched)
         pipe.delete(work)
+        report = {"space": space, "profiles": len(pids), "changed_clusters": changed,
+                  "seconds": round(time.perf_counter() - started, 3)}
+        _record(pipe, keys, "refresh", report)
         _publish_if_held(lock, pipe)
-    return {"space": space, "profiles": len(pids), "changed_clusters": changed,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return report
 
 
 def _entries(client: redis.Redis, settings: Settings, space: str, now_ms: int,
@@ -397,9 +399,19 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
         else:
             pipe.delete(keys.cluster_spend(name))
     pipe.delete(snapshot, keys.dirty_work)
+    report = {"space": space, "profiles": total, "changed_clusters": changed, "full": True, "reason": reason,
+              "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
+    _record(pipe, keys, "full", report)
     _publish_if_held(lock, pipe)
-    return {"space": space, "profiles": total, "changed_clusters": changed, "full": True, "reason": reason,
-            "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
+    return report
+
+
+def _record(pipe: redis.client.Pipeline, keys: Keys, kind: str, report: dict) -> None:
+    """Keep the run for `persona-sync status` (when, how long, how many), in the transaction that publishes its
+    result: the status never shows a run whose result was not written."""
+    pipe.hset(keys.recompute_runs, kind, orjson.dumps({
+        "at_ms": clock.now_ms(), "seconds": report["seconds"], "profiles": report["profiles"],
+        "changed_clusters": len(report["changed_clusters"]), "reason": report.get("reason")}))
 
 
 def _join(parts: Iterator[Part], clusters: dict[str, A.GroupAggregate],

@@ -218,6 +218,12 @@ class Keys:
     def recompute_lock(self) -> str:
         return f"{self.prefix}w:lock"
 
+    @property
+    def recompute_runs(self) -> str:
+        """hash "refresh" | "full" -> JSON {"at_ms", "seconds", "profiles", "changed_clusters", "reason"} of the
+        last one that published, written with its result (``workers/recompute.py``); read by the status."""
+        return f"{self.prefix}w:runs"
+
     def rates(self, minute: int) -> str:
         """hash outcome -> events counted in one minute (epoch ms // 60,000), by every web process and replay;
         expires a little over an hour after its last write (``service/state/rates.py``)."""

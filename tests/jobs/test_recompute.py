@@ -48,6 +48,20 @@ def test_incremental_equals_full(r: redis.Redis, monkeypatch: pytest.MonkeyPatch
                         "share_of_revenue_pct", "insight"}
 
 
+def test_each_kind_of_run_is_kept_for_the_status_with_its_result(r: redis.Redis) -> None:
+    s = Settings()
+    apply(r, [{"type": "identify", "userId": f"k{i}", "messageId": f"k{i}"} for i in range(4)])
+    refresh(r, s, "default")
+    runs = {k.decode(): orjson.loads(v) for k, v in r.hgetall(K.recompute_runs).items()}
+    assert set(runs) == {"refresh"} and runs["refresh"]["profiles"] == 4 and runs["refresh"]["changed_clusters"] == 1
+    assert runs["refresh"]["at_ms"] >= NOW and runs["refresh"]["seconds"] >= 0
+    refresh(r, s, "default")  # nothing dirty: nothing ran, nothing recorded
+    assert orjson.loads(r.hget(K.recompute_runs, "refresh")) == runs["refresh"]
+    full_recompute(r, s, "default")
+    full = orjson.loads(r.hget(K.recompute_runs, "full"))
+    assert full["profiles"] == 4 and full["reason"] == "scheduled" and full["at_ms"] >= runs["refresh"]["at_ms"]
+
+
 def test_refresh_reads_only_dirty_profiles_and_reports_moves(r: redis.Redis) -> None:
     s = Settings()
     apply(r, [{"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "timestamp": "2026-03-01T00:00:00Z",
