@@ -170,12 +170,22 @@ def cmd_cron(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """Rates, profiles, refreshes, personas, dead letters, the log, the queue, Mavera and Redis; then each problem
+    with the command to run next. ``--json``: what ``GET /admin/status`` answers."""
+    import orjson
+    import redis
 
-    from service.state.ops import space_status
+    from service.state.status import collect
 
     client = state_client(settings)
-    for row in space_status(client, args.space):
-        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    queue = redis.Redis.from_url(queue_url(settings), socket_timeout=5, socket_connect_timeout=2)
+    report = collect(client, queue, settings, args.space)
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        from service.status_text import render
+
+        render(report)
     return 0
 
 
@@ -839,9 +849,13 @@ def parser() -> argparse.ArgumentParser:
                                     "that died is cleared.")
     rc.add_argument("--space", help="only this space")
     rc.set_defaults(func=cmd_recompute)
-    s = sub.add_parser("status", help="profiles, dirty set, event log and dead letters per space",
-                       description="Print the state of every space (or one).")
+    s = sub.add_parser("status", help="intake rates, profiles, refreshes, personas, queue, Redis; what to run next",
+                       description="Per space: events/s over the last minute and hour by outcome, profiles, dirty "
+                                   "profiles, the last refresh and full recompute, each persona's sync state, dead "
+                                   "letters and the event log; then the queue, Mavera's pause and Redis memory; then "
+                                   "every problem with the command to run next.")
     s.add_argument("--space", help="only this space")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (as GET /admin/status)")
     s.set_defaults(func=cmd_status)
     f = sub.add_parser("forget", help="GDPR: erase a user's profile and suppress its events up to now",
                        description="Erase the profile an identifier resolves to (identifiers, traits, merged "

@@ -82,7 +82,7 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
     apply(r, [{"type": "identify", "userId": "op-1", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
     env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
     status = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60, env=env)
-    assert status.returncode == 0 and "space=default" in status.stdout and "profiles_created=1" in status.stdout
+    assert status.returncode == 0 and "space default" in status.stdout and "(1 created)" in status.stdout
     forget = subprocess.run([EXE, "forget", "op-1"], capture_output=True, text=True, timeout=60, env=env)
     assert forget.returncode == 0 and "deleted" in forget.stdout
     assert find(r, "user_id", "op-1") is None

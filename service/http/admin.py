@@ -27,8 +27,8 @@ from service.spec.keys import REFUSALS_KEY, Keys
 from service.state import ops
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key, resolve
-from service.state.status import queue_status, status_row
-from service.state.store import DLQ_DELETE, REDIS_DOWN, state_keys_async
+from service.state.status import collect_async
+from service.state.store import DLQ_DELETE, REDIS_DOWN
 
 
 def admin_denied(request: Request) -> Response | None:
@@ -135,11 +135,19 @@ async def refusals(request: Request) -> Response:
         "addr": _text(f, "addr")})
 
 
-@admin_endpoint
-async def status(request: Request, space: str) -> Response:
-    pipe = request.app.state.redis.pipeline(transaction=False)
-    queue_status(pipe, await state_keys_async(request.app.state.redis, space))
-    return JSON(status_row(space, await pipe.execute()))
+async def status(request: Request) -> Response:
+    """Every space (``?space=`` for one), the queue, Mavera and Redis, and the problems with what to run next."""
+    if denied := admin_denied(request):
+        return denied
+    only = space_param(request) if request.query_params.get("space") else None
+    if isinstance(only, Response):
+        return only
+    state = request.app.state
+    queue = state.refresh.queue().connection if state.refresh.queue_url else None
+    try:
+        return JSON(await collect_async(state.redis, queue, state.settings, only))
+    except REDIS_DOWN as exc:
+        return unavailable(exc)
 
 
 @admin_endpoint

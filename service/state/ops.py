@@ -1,4 +1,4 @@
-"""Operator actions on STATE that need no HTTP: status, GDPR forget and the purge of forgotten log entries."""
+"""Operator actions on STATE that need no HTTP: Mavera's pause, GDPR forget and the purge of forgotten log entries."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
 from service.state.archive import purge_archive
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
-from service.state.status import queue_status, spaces, status_row
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, state_keys
 
 
@@ -29,18 +28,6 @@ def pause(client: redis.Redis, reason: str) -> None:
 def resume(client: redis.Redis) -> bool:
     """``persona-sync resume``: clear the pause. True when there was one."""
     return bool(client.delete(MAVERA_PAUSED_KEY))
-
-
-def space_status(client: redis.Redis, only: str | None = None) -> list[dict]:
-    rows = []
-    for space in [only] if only else spaces(client):
-        pipe = client.pipeline(transaction=False)
-        queue_status(pipe, state_keys(client, space))
-        rows.append(status_row(space, pipe.execute()))
-    why = client.get(MAVERA_PAUSED_KEY)
-    if why:
-        rows.append({"mavera": "PAUSED", "detail": why.decode(), "fix": "top up credits, then persona-sync resume"})
-    return rows
 
 
 class NotFound(LookupError):

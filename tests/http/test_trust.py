@@ -12,7 +12,8 @@ from starlette.testclient import TestClient
 from service.config import Settings
 from service.http.app import create_app
 from service.spec.keys import REFUSAL_RATES_PREFIX, REFUSALS_KEY, Keys
-from service.state.ops import replay_dead_letters, space_status
+from service.state.ops import replay_dead_letters
+from service.state.status import collect
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import profiles
 from tests.http.test_receiver import post, sign
@@ -71,10 +72,12 @@ def test_refusals_are_counted_in_status_and_the_log_is_capped(settings: Settings
         for n in range(400):
             assert c.post(f"/segment/spa_{n % 7}", content=identify(n)).status_code == 401
         post(c, identify(1000))  # one signed event, so the space exists for `status`
-        row = c.get("/admin/status", headers=ADMIN).json()
-    assert 50 <= row["refusals_logged"] <= 150  # approximate trimming: whole stream nodes of 100 entries
-    assert space_status(r)[0]["refusals_logged"] == row["refusals_logged"]
-    assert not [k for k in r.scan_iter("sps:{spa_*")]  # claimed spaces created no keys
+        status = c.get("/admin/status", headers=ADMIN).json()
+    assert 50 <= status["refusals"]["logged"] <= 150  # approximate trimming: whole stream nodes of 100 entries
+    after = collect(r, None, settings)  # the app has stopped: its last counts are flushed
+    assert after["refusals"]["logged"] == status["refusals"]["logged"]
+    assert after["refusals"]["last_hour_by_status"] == {"401": 400}  # counted in full, unlike the capped log
+    assert not [k for k in r.scan_iter("sps:{spa_*")]  # claimed spaces created no keys, counters included
 
 
 def test_refusals_page_back_without_repeats(client: TestClient) -> None:
@@ -180,7 +183,7 @@ def test_dead_letters_are_capped_in_bytes_and_replay_frees_them(settings: Settin
             assert post(c, orjson.dumps([good, bad])).json()["rejected"] == 1
         status = c.get("/admin/status", headers=ADMIN).json()
     stored = sum(int(f[b"n"]) for _, f in r.xrange(k.dead_letters))
-    assert stored == int(r.get(k.dead_letter_bytes)) == status["dead_letter_bytes"]
+    assert stored == int(r.get(k.dead_letter_bytes)) == status["spaces"][0]["dead_letter_bytes"]
     assert cap - 11_000 < stored <= cap and 5 <= r.xlen(k.dead_letters) < 30
     assert b"bad-29" in r.xrevrange(k.dead_letters, count=1)[0][1][b"raw"]  # oldest trimmed first
     # an entry an older version wrote (no size recorded, no sum kept) is counted by what it holds at the next write
