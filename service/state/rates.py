@@ -1,8 +1,8 @@
 """Per-minute event counters in Redis, shared by every web process (the rates of the status and the console).
 
 Each minute of a space has one hash, ``Keys.rates(minute)``: outcome -> events (``service/spec/rates.py``). The
-receiver never writes it on the request path: it adds to a dict in its own process (``RateCounter.add``, well
-under a microsecond), and a task started with the app (``RateCounter.run``) flushes the sums about once a second
+receiver never writes it on the request path: it adds to a dict in its own process (``RateCounter.add``, about
+a microsecond), and a task started with the app (``RateCounter.run``) flushes the sums about once a second
 in one pipeline: an HINCRBY per field and an EXPIRE of ``RATE_TTL`` per hash. So the counts are shared by every
 web process at the cost of one round trip a second per process, whatever the request rate. The price: a web
 process that dies loses up to its last second of counts, and a flush that fails is dropped rather than retried
