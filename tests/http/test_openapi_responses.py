@@ -168,7 +168,8 @@ def profile_api(api: TestClient) -> None:
 
 
 def operator(api: TestClient, r: redis.Redis) -> None:
-    assert api.get("/admin/status", headers=ADMIN).json()["space"] == "default"
+    assert api.get("/admin/status", headers=ADMIN).json()["spaces"][0]["space"] == "default"
+    assert api.get("/admin/status", params={"space": "default"}, headers=ADMIN).json()["problems"]
     assert api.get("/admin/status").status_code == 401
     letter = api.get("/admin/dead-letters", params={"limit": "1"}, headers=ADMIN).json()["data"][0]
     assert api.get(f"/admin/dead-letters/{letter['id']}", headers=ADMIN).json()["raw"]

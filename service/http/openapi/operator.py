@@ -20,6 +20,7 @@ from service.http.openapi.components import (
     ok,
     ref,
 )
+from service.spec.rates import OUTCOMES
 
 ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
 SPACE = {"$ref": "#/components/parameters/spaceQuery"}
@@ -30,6 +31,12 @@ DEAD_LETTER = {**ENTRY, "reason": STR, "source": {**STR, "description": "webhook
                "raw": {**STR, "description": "The body or event as received"}}
 REFUSAL = {**ENTRY, "at": MS, "space": STR, "route": STR, "status": INT, "reason": STR, "bytes": INT,
            "addr": {**STR, "description": "Peer address"}}
+
+
+COUNTS = closed({o: INT for o in OUTCOMES})
+RATES = closed({o: {**NUM, "description": "Events per second"} for o in OUTCOMES})
+RUN = nullable(closed({"at_ms": MS, "seconds": NUM, "profiles": INT, "changed_clusters": INT, "reason": NULL_STR},
+                      description="The last run that published its result"))
 
 
 def _list(item: Schema, **extra: Schema) -> Schema:
@@ -72,11 +79,36 @@ SCHEMAS: dict[str, Schema] = {
     "Cluster": closed({"cluster": STR, "label": STR, "n": INT,
                        "summary": {**OBJECT, "nullable": True, "description": "Averages and top plans/industries"},
                        "kpi": ref("KpiCard")}),
-    "Status": {"type": "object", "required": ["space"], "additionalProperties": True, "properties": {
-        "space": STR, "profiles_created": INT, "dirty_profiles": INT, "event_log_entries": INT, "dead_letters": INT,
-        "dead_letter_bytes": INT, "suppressed_user_ids": INT, "clusters": INT,
-        "personas": {"type": "object", "additionalProperties": INT, "description": "Sync state -> count"},
-        "refusals_logged": INT}},
+    "SpaceStatus": closed({
+        "space": STR,
+        "events": closed({"last_minute": COUNTS, "last_minute_per_second": RATES, "last_hour": COUNTS,
+                          "last_hour_per_second": RATES}, description="Live intake by outcome (per-minute counters "
+                                                                       "shared by every web process)"),
+        "replayed_last_hour": {**COUNTS, "description": "What imports and replays applied, apart from live intake"},
+        "profiles": {**INT, "description": "Live profiles at the last refresh"}, "profiles_created": INT,
+        "dirty_profiles": INT, "dirty_being_refreshed": INT, "recompute_running": BOOL,
+        "last_refresh": RUN, "last_full_recompute": RUN, "refresh_failures_in_a_row": INT, "clusters": INT,
+        "personas": {"type": "object", "description": "Cluster -> its persona's sync", "additionalProperties": closed(
+            {"state": NULL_STR, "error": NULL_STR, "last_sync_ms": nullable(MS), "mavera_id": NULL_STR,
+             "note": NULL_STR})},
+        "narrative": nullable(closed({"state": STR, "error": NULL_STR})),
+        "dead_letters": INT, "dead_letter_bytes": INT, "suppressed_user_ids": INT,
+        "event_log": closed({"entries": INT, "oldest_ms": nullable(MS)})}),
+    "Status": closed({
+        "at_ms": MS, "spaces": {"type": "array", "items": ref("SpaceStatus")},
+        "queue": nullable(closed({
+            "queued": INT, "running": INT, "scheduled": INT, "deferred": INT, "failed": INT,
+            "workers": {**INT, "description": "Live RQ workers"},
+            "unreachable": {**STR, "description": "Instead of the counts: why the queue Redis could not be read"}},
+            required=[], description="The RQ queue; null when this process has no queue configured")),
+        "mavera": closed({"paused": BOOL, "reason": NULL_STR, "since_ms": nullable(MS)}),
+        "refusals": closed({"logged": INT, "last_hour": INT,
+                            "last_hour_by_status": {"type": "object", "additionalProperties": INT}},
+                           description="Requests refused before authentication (GET /admin/refusals)"),
+        "redis": closed({"used_bytes": INT, "max_bytes": nullable(INT), "policy": NULL_STR,
+                         "used_pct": nullable(NUM)}, description="STATE's memory (INFO memory)"),
+        "problems": {"type": "array", "items": closed({
+            "space": NULL_STR, "problem": STR, "next": {**STR, "description": "What to run next"}})}}),
 }
 
 
@@ -142,8 +174,11 @@ def paths() -> dict[str, Any]:
         "/admin/refusals": {"get": _op(
             "refusals", "Requests refused before authentication, every space, newest first: metadata only",
             {"200": ok("A page", _list(closed(REFUSAL)))}, 400, 503, parameters=PAGE)},
-        "/admin/status": {"get": _op("status", "The state of a space", {"200": ok("Status", ref("Status"))},
-                                     400, 503, parameters=[SPACE])},
+        "/admin/status": {"get": _op(
+            "status", "Every space's intake rates, profiles, refreshes, personas, dead letters and log; the queue, "
+            "Mavera, Redis; each problem with what to run next", {"200": ok("Status", ref("Status"))}, 400, 503,
+            parameters=[{"name": "space", "in": "query", "required": False, "schema": STR,
+                         "description": "Only this space (default: every space)"}])},
         "/api/clusters": {"get": _op(
             "clusters", "Cluster summaries and KPI cards, as the last refresh computed them",
             {"200": ok("Clusters", closed({"space": STR, "clusters": {"type": "array", "items": ref("Cluster")}}))},
