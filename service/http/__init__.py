@@ -1,2 +1,2 @@
-"""Starlette: the app, the receiver (intake, auth, limits), the Profile API, admin and read APIs, metrics and
-the bounded HTTP protocol the web runs."""
+"""Starlette: the app, the receiver (intake, auth, limits), the Profile API, admin and read APIs, metrics, the
+bounded HTTP protocol the web runs, and the OpenAPI document of it all (``openapi/``)."""
