@@ -857,7 +857,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", help="only this space")
     s.add_argument("--json", action="store_true", help="print the report as JSON (as GET /admin/status)")
     s.set_defaults(func=cmd_status)
-    f = sub.add_parser("forget", help="GDPR: erase a user's profile and suppress its events up to now",
+    f = sub.add_parser("forget", help="GDPR: erase the profile any identifier resolves to (email:…, user_id:…)",
                        description="Erase the profile an identifier resolves to (identifiers, traits, merged "
                                    "profiles, logged and archived events) exactly as a Segment delete call does: "
                                    "its userId's events stamped up to now are suppressed (late retries, replays); "
