@@ -21,6 +21,7 @@ from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
 from service.spec.identity import IdentityRules
 from service.state.rates import RateCounter
+from service.state.reads import ProfileReader
 from service.state.refresh import RefreshScheduler
 from service.state.store import REDIS_DOWN, AsyncStore
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
         app.state.sync_redis = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=2)
         app.state.rules = IdentityRules.from_settings(settings)
         app.state.store = AsyncStore(client, settings)
+        app.state.reader = ProfileReader(client)
         app.state.refresh = RefreshScheduler(client, queue_url if queue_url is not None else redis_url,
                                              settings.refresh_debounce)
         app.state.rates = RateCounter(client)  # per-minute outcome counts for the status, flushed every second

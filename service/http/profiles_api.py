@@ -103,15 +103,12 @@ async def find_profile(request: Request, ident: str) -> Profile:
     elif not sep or not kind or not value:
         raise ApiError(400, "invalid_request_error",
                        "profile id must look like user_id:abc, email:a@b.c or a Segment id (use_…)")
-    client = state.redis
-    keys = await state_keys_async(client, request.path_params["space"])
     if kind == "segment_id":
-        pid: str | None = value
+        found: tuple[str, str] | None = ("segment_id", value)
     else:
         prepared = state.rules.prepare([(kind.strip().lower(), value)])
-        found = await client.get(keys.ident(*prepared[0])) if prepared else None
-        pid = found.decode() if found else None
-    live = await _live(client, keys, pid)
+        found = prepared[0] if prepared else None
+    live = await state.reader.find(request.path_params["space"], *found) if found else None
     if live is None:
         raise ApiError(404, "not_found", "Profile was not found.")
     return decode_profile(*live)

@@ -40,7 +40,7 @@ def test_a_rebuild_applies_new_rules_while_ingest_and_reads_go_on(settings: Sett
                                                                    r: redis.Redis) -> None:
     apply(r, many_emails(60), now=now_ms())
     assert emails_per_profile(r) == Counter({3: 60})
-    strict = settings.replace(identity_limits={"user_id": 1, "email": 1, "*": 5})
+    strict = settings.replace(identity_limits={"user_id": 1, "email": 1, "*": 5}, profile_api_rate_limit=0)
     acked: list[str] = []
     statuses: Counter[int] = Counter()
     stop = threading.Event()
