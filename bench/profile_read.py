@@ -3,7 +3,9 @@
 20,000 profiles are written first (the ``single`` scenario's users). Reads come at 100 requests/s, Segment's
 Profile API limit per space (one wrk connection, 10 ms apart, PROFILE_API_RATE_LIMIT off so that no read is
 refused), each of a random user, while ingest runs beside them: none, paced as `make bench`'s ``paced`` scenario
-(~1,800 requests/s), and at full speed (the ``single`` scenario, which leaves no CPU idle on this machine).
+(~1,800 requests/s), and at full speed (the ``single`` scenario, which leaves no CPU idle on this machine); the
+reads go to the web that takes the ingest, then to a web process of their own (as a deployment that routes
+``/v1/spaces/`` to its own processes would).
 
     python -m bench.profile_read [--runs 3] [--seconds 10]
 """
@@ -12,20 +14,52 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-from bench.run import Stack, wrk
+import httpx
+
+from bench.run import Stack, free_port, wrk
 
 TOKEN = "bench-profile-token"
 READ_ENV = {"BENCH_DELAY_MS": "10", "BENCH_PROFILE_AUTH": base64.b64encode(f"{TOKEN}:".encode()).decode()}
 INGEST = {"none": None, "paced": {"BENCH_DELAY_MS": "10"}, "full speed": {}}
 
 
-def one(stack: Stack, seconds: int, ingest: dict[str, str] | None) -> dict:
-    """One read run of ``seconds``, with ingest (wrk, single.lua) running over the same seconds when asked."""
+class ReadWeb:
+    """A ``persona-sync web`` of its own for the reads (one worker, another port), beside the stack's two."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack, self.port = stack, free_port()
+
+    def __enter__(self) -> ReadWeb:
+        env = dict(os.environ, REDIS_URL=self.stack.redis.url, LOG_LEVEL="WARNING", PROFILE_API_TOKEN=TOKEN,
+                   PROFILE_API_RATE_LIMIT="0")
+        exe = str(Path(sys.executable).with_name("persona-sync"))
+        self.proc = subprocess.Popen([exe, "web", "--workers", "1", "--port", str(self.port)], env=env,
+                                     stderr=subprocess.DEVNULL)
+        for _ in range(150):
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise SystemExit("the read web did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def one(stack: Stack, seconds: int, ingest: dict[str, str] | None, read_port: int | None = None) -> dict:
+    """One read run of ``seconds``, with ingest (wrk, single.lua) running over the same seconds when asked;
+    ``read_port``: the reads go to that web instead of the stack's."""
     side: dict = {}
     if ingest is not None:
         conns = 24 if ingest else 32
@@ -33,7 +67,10 @@ def one(stack: Stack, seconds: int, ingest: dict[str, str] | None) -> dict:
                                                              f"pr{time.time_ns()}", env=ingest)))
         t.start()
         time.sleep(1)  # ingest is under way before the first read
-    reads = wrk(stack, "profile_read.lua", 1, 1, seconds, "read", env=READ_ENV)
+    target = copy.copy(stack)
+    if read_port is not None:
+        target.port = read_port
+    reads = wrk(target, "profile_read.lua", 1, 1, seconds, "read", env=READ_ENV)
     if ingest is not None:
         t.join()
     reads["ingest_rps"] = side.get("rps", 0.0)
@@ -47,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with Stack(2, env={"PROFILE_API_TOKEN": TOKEN, "PROFILE_API_RATE_LIMIT": "0"}) as stack:
         wrk(stack, "single.lua", 1, 32, 8, "seed")  # 20,000 users with traits, orders and activity
-        for name, ingest in INGEST.items():
-            runs = [one(stack, args.seconds, ingest) for _ in range(args.runs)]
-            med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_us", "p99_us", "ingest_rps")}
-            errors = sum(r["status_errors"] + r["socket_errors"] for r in runs)
-            print(f"ingest {name}: reads {med['rps']:.0f}/s, p50 {med['p50_us'] / 1000:.2f} ms, "
-                  f"p99 {med['p99_us'] / 1000:.2f} ms (runs {[round(r['p99_us'] / 1000, 2) for r in runs]}), "
-                  f"ingest {med['ingest_rps']:.0f} req/s, read errors {errors}", flush=True)
+        with ReadWeb(stack) as read_web:
+            for where, port in (("the same web", None), ("a web of their own", read_web.port)):
+                for name, ingest in INGEST.items():
+                    runs = [one(stack, args.seconds, ingest, port) for _ in range(args.runs)]
+                    med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50_us", "p99_us", "ingest_rps")}
+                    errors = sum(r["status_errors"] + r["socket_errors"] for r in runs)
+                    p99s = [round(r["p99_us"] / 1000, 2) for r in runs]
+                    print(f"reads on {where}, ingest {name}: reads {med['rps']:.0f}/s, p50 {med['p50_us'] / 1000:.2f} "
+                          f"ms, p99 {med['p99_us'] / 1000:.2f} ms (runs {p99s}), ingest {med['ingest_rps']:.0f} req/s, "
+                          f"read errors {errors}", flush=True)
     return 0
 
 
