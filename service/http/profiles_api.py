@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import orjson
 from starlette.requests import Request
@@ -31,7 +31,6 @@ from service.config import valid_space
 from service.http import auth
 from service.http.responses import JSON, error, unavailable
 from service.spec.events import InvalidEvent, normalise
-from service.spec.keys import TOMBSTONE, Keys
 from service.spec.profile import Profile, decode_profile
 from service.state.store import REDIS_DOWN, state_keys_async
 
@@ -40,6 +39,7 @@ CLASSES = {"audience": "audience", "computed_trait": "computed_trait"}
 CALL_TYPES = ("track", "page", "screen", "identify", "group", "alias")
 EVENTS_WINDOW_MS = 14 * 86400 * 1000  # Segment's /events serves the last 14 days unless start says otherwise
 PROFILE_ID_PREFIX = "use_"
+MAX_EXAMINED = 1000  # index entries one /events request examines at most (20 x limit when that is more)
 
 
 def iso(ms: int | str | None) -> str | None:
@@ -71,27 +71,10 @@ def split_path(request: Request) -> tuple[str, str]:
     """``(identifier, part)`` from the raw path: split first, then percent-decode, so ``%2F`` stays in the value."""
     raw = request.scope.get("raw_path") or request.url.path.encode()
     segments = raw.decode("latin-1").split("?", 1)[0].split("/")
-    try:
-        at = segments.index("profiles")
-    except ValueError:
-        raise ApiError(404, "not_found", "unknown Profile API path") from None
-    rest = segments[at + 1:]
-    if len(rest) != 2 or not rest[0] or not rest[1]:
+    # "", "v1", "spaces", space, "collections", collection, "profiles", identifier, part
+    if len(segments) != 9 or segments[6] != "profiles" or not segments[7] or not segments[8]:
         raise ApiError(404, "not_found", "the path must end in /profiles/<type>:<value>/<part>")
-    return unquote(rest[0], encoding="utf-8", errors="replace"), rest[1]
-
-
-async def _live(client: Any, keys: Keys, pid: str | None) -> tuple[str, dict] | None:
-    """Follow merge redirects from ``pid`` to the live profile: (its id, its hash), or None."""
-    for _ in range(16):
-        if not pid or pid == TOMBSTONE:
-            return None
-        raw = await client.hgetall(keys.profile(pid))
-        if raw:
-            return pid, raw
-        nxt = await client.get(keys.redirect(pid))
-        pid = nxt.decode() if nxt else None
-    return None
+    return unquote(segments[7], encoding="utf-8", errors="replace"), segments[8]
 
 
 async def find_profile(request: Request, ident: str) -> Profile:
@@ -120,7 +103,7 @@ def _cursor(request: Request, subject: str, more: bool, nxt: str) -> dict:
     if more:
         params["next"] = nxt
     space, collection = request.path_params["space"], request.path_params["collection"]
-    path = f"/v1/spaces/{space}/collections/{collection}/profiles/{subject}/{split_path(request)[1]}"
+    path = f"/v1/spaces/{space}/collections/{collection}/profiles/{quote(subject, safe=':@')}/{split_path(request)[1]}"
     return {"url": path + ("?" + urlencode(params) if params else ""), "has_more": more, "next": nxt if more else ""}
 
 
@@ -220,25 +203,35 @@ def _decode_next(token: str) -> tuple[int, str]:
 
 
 class _Index:
-    """One profile's event index (``Keys.events_index``), read in order a batch at a time."""
+    """One profile's event index (``Keys.events_index``), read in order a batch at a time. Each batch continues
+    from the last score read (skipping the members already read at that score), so a read costs what it returns,
+    however deep into the index it is."""
 
     BATCH = 200
 
     def __init__(self, client: Any, key: str, lo: int, hi: int, desc: bool) -> None:
         self.client, self.key, self.lo, self.hi, self.desc = client, key, lo, hi, desc
-        self.offset, self.done = 0, False
+        self.skip, self.done = 0, False  # members already read at the bound's score
         self.buf: list[tuple[int, str]] = []  # the batch read, last item first
 
     async def head(self) -> tuple[int, str] | None:
         if not self.buf and not self.done:
             if self.desc:
-                rows = await self.client.zrevrangebyscore(self.key, self.hi, self.lo, start=self.offset,
+                rows = await self.client.zrevrangebyscore(self.key, self.hi, self.lo, start=self.skip,
                                                           num=self.BATCH, withscores=True)
             else:
-                rows = await self.client.zrangebyscore(self.key, self.lo, self.hi, start=self.offset,
+                rows = await self.client.zrangebyscore(self.key, self.lo, self.hi, start=self.skip,
                                                        num=self.BATCH, withscores=True)
-            self.offset += len(rows)
             self.done = len(rows) < self.BATCH
+            if rows:
+                last = int(rows[-1][1])
+                same = sum(1 for _, score in rows if int(score) == last)
+                bound = self.hi if self.desc else self.lo
+                self.skip = self.skip + same if last == bound else same
+                if self.desc:
+                    self.hi = last
+                else:
+                    self.lo = last
             self.buf = [(int(score), member.decode()) for member, score in reversed(rows)]
         return self.buf[-1] if self.buf else None
 
@@ -247,7 +240,9 @@ class _Index:
 
 
 async def _in_order(indexes: list[_Index], desc: bool, after: tuple[int, str] | None):  # noqa: ANN202
-    """The (score, member) of every index merged by time (then member), past the cursor ``after``."""
+    """The (score, member) of every index merged by time (then member), past the cursor ``after``. An entry in
+    two indexes (a log replay after a merge indexes it again under the survivor) comes once."""
+    previous = None
     while True:
         best, best_i = None, -1
         for i, ix in enumerate(indexes):
@@ -257,8 +252,9 @@ async def _in_order(indexes: list[_Index], desc: bool, after: tuple[int, str] | 
         if best is None:
             return
         indexes[best_i].pop()
-        if after is not None and (best >= after if desc else best <= after):
+        if best == previous or (after is not None and (best >= after if desc else best <= after)):
             continue
+        previous = best
         yield best
 
 
@@ -310,8 +306,9 @@ async def events_body(request: Request, profile: Profile) -> dict:
     names = {x for x in include if x.lower() not in CALL_TYPES}
     if not types and not names:
         types = {"track"}
-    letters = {t[0] for t in types} | ({"t"} if names else set())  # members start with the type's letter
     excluded_types = {x.lower() for x in exclude if x.lower() in CALL_TYPES}
+    # members start with the call type's letter: what is not asked for is skipped before its event is read
+    letters = {t[0] for t in types - excluded_types} | ({"t"} if names and "track" not in excluded_types else set())
     after = _decode_next(request.query_params["next"]) if request.query_params.get("next") else None
     if after is not None:
         hi, lo = (min(hi, after[0]), lo) if desc else (hi, max(lo, after[0]))
@@ -343,10 +340,17 @@ async def events_body(request: Request, profile: Profile) -> dict:
             kept.append((score, member, obj))
         batch.clear()
 
-    async for score, member in _in_order(indexes, desc, after):
-        if member[:1] not in letters:
+    examined, last_seen, cut = 0, None, False
+    most = max(MAX_EXAMINED, 20 * limit)  # a page may come back short (has_more, a cursor) rather than scan on
+    async for item in _in_order(indexes, desc, after):
+        examined += 1
+        if examined > most:
+            cut = True
+            break
+        last_seen = item
+        if item[1][:1] not in letters:
             continue
-        batch.append((score, member))
+        batch.append(item)
         if len(batch) >= limit + 1 - len(kept):
             await flush()
             if len(kept) > limit:
@@ -354,15 +358,23 @@ async def events_body(request: Request, profile: Profile) -> dict:
     if batch:
         await flush()
     page, more = kept[:limit], len(kept) > limit
+    if cut and not more and last_seen is not None:
+        data = await _event_items(state, page, profile.id, now)
+        return {"data": data, "cursor": _cursor(request, profile.id, True, _encode_next(*last_seen))}
+    data = await _event_items(state, page, profile.id, now)
+    nxt = _encode_next(page[-1][0], page[-1][1]) if more else ""
+    return {"data": data, "cursor": _cursor(request, profile.id, more, nxt)}
+
+
+async def _event_items(state: Any, page: list[tuple[int, str, dict]], pid: str, now: int) -> list[dict]:
     data = []
     for _, _, obj in page:
         try:
             ids = list(normalise(obj, now, state.rules).identifiers)
         except InvalidEvent:
             ids = []
-        data.append(event_view(obj, profile.id, ids))
-    nxt = _encode_next(page[-1][0], page[-1][1]) if more else ""
-    return {"data": data, "cursor": _cursor(request, profile.id, more, nxt)}
+        data.append(event_view(obj, pid, ids))
+    return data
 
 
 # -- accounts ---------------------------------------------------------------------------------------------------
@@ -376,26 +388,34 @@ async def account_traits(request: Request, group_id: str) -> dict:
 
 
 async def account_links(request: Request, group_id: str) -> dict:
-    """The account's users: every profile that joined it, as it is now (merged ones once, erased ones not)."""
+    """The account's users, 20 a page: a sorted set of live profile ids kept by the apply script (a merge moves
+    the membership to the survivor, an erasure removes it), read a page at a time."""
     client = request.app.state.redis
     keys = await state_keys_async(client, request.path_params["space"])
-    members = await client.smembers(keys.account_users(group_id))
-    if not members and not await client.exists(keys.account(group_id)):
+    limit = _limit(request, 20)
+    after = request.query_params.get("next") or ""
+    members = await client.zrangebylex(keys.account_users(group_id), f"({after}" if after else "-", "+",
+                                       start=0, num=limit + 1)
+    if not members and not after and not await client.exists(keys.account(group_id)):
         raise ApiError(404, "not_found", "Profile was not found.")
-    users: dict[str, Any] = {}
-    for member in members:
-        live = await _live(client, keys, member.decode())
-        if live is not None:
-            pid, raw = live
-            users[pid] = decode_profile(pid, raw).groups.get(group_id)
-    page, cursor = _page(request, f"group_id:{group_id}", list(users), _limit(request, 20))
-    return {"data": _linked(page, "users", "segment_id", users), "cursor": cursor}
+    page = [m.decode() for m in members[:limit]]
+    pipe = client.pipeline(transaction=False)
+    for pid in page:
+        pipe.hget(keys.profile(pid), f"g:{group_id}")
+    joined = dict(zip(page, await pipe.execute(), strict=True))
+    more = len(members) > limit
+    cursor = _cursor(request, f"group_id:{group_id}", more, page[-1] if more else "")
+    return {"data": _linked(page, "users", "segment_id", joined), "cursor": cursor}
 
 
 Body = Callable[[Request, Profile], Coroutine[Any, Any, dict]]
 USER_PARTS: dict[str, Body] = {"traits": traits_body, "external_ids": external_ids_body,
                                "metadata": metadata_body, "links": links_body, "events": events_body}
 ACCOUNT_PARTS = {"traits": account_traits, "links": account_links}
+
+
+def _second() -> int:
+    return int(time.time())
 
 
 def token_key(token: str) -> str:
@@ -411,8 +431,7 @@ async def over_limit(request: Request, token: str) -> int:
     limit = request.app.state.settings.profile_api_rate_limit
     if limit <= 0:
         return 0
-    second = int(time.time())
-    key = f"{token_key(token)}:{second}"
+    key = f"{token_key(token)}:{_second()}"
     pipe = request.app.state.redis.pipeline(transaction=False)
     pipe.incr(key)
     pipe.expire(key, 2)

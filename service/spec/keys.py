@@ -65,7 +65,8 @@ class Keys:
         return f"{self.prefix}{self.gen}acct:{group_id}"
 
     def account_users(self, group_id: str) -> str:
-        """The profile ids that joined the account (as they were then: readers follow merges)."""
+        """The account's users: a sorted set of live profile ids (score 0, read in id order; apply.lua moves a
+        merged profile's membership to the survivor and removes an erased one's)."""
         return f"{self.prefix}{self.gen}au:{group_id}"
 
     def events_index(self, pid: str) -> str:

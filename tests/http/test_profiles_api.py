@@ -12,11 +12,12 @@ import redis
 from starlette.testclient import TestClient
 
 from service.config import Settings
+from service.http import profiles_api
 from service.http.app import create_app
 from service.state.rebuild import rebuild
 from service.state.store import state_keys
 from tests.conftest import PROFILE_TOKEN, fixture_json
-from tests.helpers import apply
+from tests.helpers import apply, find
 
 BASE = "/v1/spaces/default/collections/users/profiles"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{PROFILE_TOKEN}:".encode()).decode()}
@@ -225,14 +226,100 @@ def test_identifiers_are_url_decoded_normalised_and_bare_ids_work(client: TestCl
     assert client.get(BASE + "/use_999999/traits", headers=AUTH).status_code == 404
 
 
-def test_rate_limit_per_token_is_shared_by_web_processes(settings: Settings, redis_url: str) -> None:
+def test_rate_limit_per_token_is_shared_by_web_processes(settings: Settings, redis_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     limited = dataclasses.replace(settings, profile_api_rate_limit=5)
     apply(redis.Redis.from_url(redis_url), [{"type": "identify", "userId": "rl", "messageId": "rl-1"}])
+    second = int(time.time())
+    monkeypatch.setattr(profiles_api, "_second", lambda: second)  # every request below falls in one second
     with TestClient(create_app(limited, redis_url, "")) as one, TestClient(create_app(limited, redis_url, "")) as two:
-        while time.time() % 1 > 0.5:  # start early in a second, so the requests below share one window
-            time.sleep(0.05)
         codes = [c.get(BASE + "/user_id:rl/traits", headers=AUTH).status_code for c in (one, two, one, two, one)]
         over = two.get(BASE + "/user_id:rl/traits", headers=AUTH)
+        monkeypatch.setattr(profiles_api, "_second", lambda: second + 1)
+        after = one.get(BASE + "/user_id:rl/traits", headers=AUTH)
     assert codes == [200] * 5
     assert over.status_code == 429 and over.headers["retry-after"] == "1"
     assert over.json()["error"]["code"] == "rate_limit_error"
+    assert after.status_code == 200  # the next second has its own budget
+
+
+def test_events_at_the_same_millisecond_page_without_gaps_or_repeats(client: TestClient, r: redis.Redis) -> None:
+    at = int(time.time() * 1000) - DAY
+    apply(r, [track("same", n, at) for n in range(25)] + [track("same", 100 + n, at + 1) for n in range(5)])
+    for sort in ("desc", "asc"):
+        for limit in ("7", "10"):
+            got, params = [], {"limit": limit, "sort": sort}
+            while True:
+                body = client.get(BASE + "/user_id:same/events", params=params, headers=AUTH).json()
+                got += [e["properties"]["n"] for e in body["data"]]
+                if not body["cursor"]["has_more"]:
+                    break
+                params = {"limit": limit, "sort": sort, "next": body["cursor"]["next"]}
+            assert sorted(got) == sorted([*range(25), *range(100, 105)]) and len(got) == 30, (sort, limit)
+            assert set(got[:5] if sort == "desc" else got[-5:]) == set(range(100, 105))  # the later millisecond
+
+
+def test_a_log_replay_after_a_merge_lists_each_event_once(client: TestClient, r: redis.Redis,
+                                                          settings: Settings) -> None:
+    from service.state.replay import Options, log_records, run
+
+    now = int(time.time() * 1000)
+    apply(r, [track(None, 1, now - 3 * DAY, "Signup Started", anon="anon-r"),
+              track("ur", 2, now - 2 * DAY, "Order Completed"),
+              {"type": "identify", "userId": "ur", "anonymousId": "anon-r", "messageId": "merge-r",
+               "timestamp": iso_ms(now - DAY)}])
+    run(r, settings, "default", log_records(r, "default"), Options(reapply=True), "replay")
+    body = client.get(BASE + "/user_id:ur/events", headers=AUTH).json()
+    assert [e["event"] for e in body["data"]] == ["Order Completed", "Signup Started"]
+
+
+def test_a_page_stops_at_the_scan_limit_with_a_cursor(client: TestClient, r: redis.Redis,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filter that matches nothing does not read the whole index in one request: the page comes back short,
+    with has_more and a cursor that goes on from where the scan stopped."""
+    monkeypatch.setattr(profiles_api, "MAX_EXAMINED", 40)
+    now = int(time.time() * 1000)
+    apply(r, [track("scan", n, now - DAY + n * 1000) for n in range(90)] +
+          [track("scan", 999, now - 2 * DAY, "Rare Event")])
+    pages, params = 0, {"limit": "1", "include": "Rare Event"}
+    while True:
+        pages += 1
+        body = client.get(BASE + "/user_id:scan/events", params=params, headers=AUTH).json()
+        if body["data"]:
+            break
+        assert body["cursor"]["has_more"] is True and pages < 10
+        params = {**params, "next": body["cursor"]["next"]}
+    assert pages == 3 and body["data"][0]["event"] == "Rare Event"  # 40 + 40 + the rest, then the rare one
+
+
+def test_forget_erases_the_event_index_and_account_membership(client: TestClient, r: redis.Redis,
+                                                              settings: Settings) -> None:
+    from service.state.ops import forget
+
+    now = int(time.time() * 1000)
+    apply(r, [track(None, 1, now - 3 * DAY, anon="anon-f"), track("uf", 2, now - 2 * DAY),
+              {"type": "group", "userId": "uf", "groupId": "acc-f", "messageId": "g-f1", "traits": {}},
+              {"type": "identify", "userId": "uf", "anonymousId": "anon-f", "messageId": "merge-f",
+               "timestamp": iso_ms(now - DAY)},
+              {"type": "group", "userId": "other", "groupId": "acc-f", "messageId": "g-f2", "traits": {}}])
+    links = "/v1/spaces/default/collections/accounts/profiles/group_id:acc-f/links"
+    assert len(client.get(links, headers=AUTH).json()["data"]) == 2  # the merged visitor once, and the other user
+    erased = find(r, "user_id", "uf")
+    indexes = [state_keys(r, "default").events_index(p) for p in (erased.id, *erased.merged_from)]
+    assert len(erased.merged_from) == 1 and r.exists(*indexes) == 2
+    forget(r, settings, "default", "user_id:uf")
+    assert r.exists(*indexes) == 0
+    left = client.get(links, headers=AUTH).json()["data"]
+    assert [ln["external_ids"][0]["id"] for ln in left] == [find(r, "user_id", "other").id]
+
+
+def test_account_links_page_and_their_cursor_url_is_encoded(client: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "group", "userId": f"m{n:02d}", "groupId": "acc/7 x", "messageId": f"gm{n}", "traits": {}}
+              for n in range(25)])
+    url, seen = "/v1/spaces/default/collections/accounts/profiles/group_id:acc%2F7%20x/links", []
+    while url:
+        body = client.get(url, headers=AUTH).json()
+        seen += [ln["external_ids"][0]["id"] for ln in body["data"]]
+        url = body["cursor"]["url"] if body["cursor"]["has_more"] else ""
+        assert not url or "group_id:acc%2F7%20x/links?next=" in url
+    assert len(seen) == len(set(seen)) == 25

@@ -1,10 +1,12 @@
--- Apply normalised Segment events to a space's profile state, each atomically, in order.
+-- Apply normalised Segment events to a space's profile state, in order, each on its own.
 --
 -- dedupe by messageId -> suppression -> identity resolution (match / create / merge under limits) ->
 -- effects (traits, audiences, orders, channel activity, groups, metadata) -> event log -> dirty mark.
 -- Every effect is idempotent and order-independent on its own (last-write-wins by time, sets, min/max),
 -- so a replay older than the dedupe window converges to the same state. Nothing below may raise after the
--- first write: inputs are validated by service/spec/events.py, and this script only decodes them.
+-- first write: inputs are validated by service/spec/events.py, and this script only decodes them. (Redis does not
+-- roll a script back: should an event still fail half-way, the receiver keeps it as a dead letter, and its replay
+-- converges because every effect is idempotent.)
 --
 -- The common case (every identifier already known, on one profile) costs one HMGET and one HSET of the
 -- profile hash; limits are only consulted when an event brings a new identifier or spans several profiles.
@@ -35,7 +37,7 @@
 --   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
 --   G..'i:'type':'value     identifier index    G..'p:'pid       profile hash      G..'mrg:'pid    merged away
 --   G..'seq'                profile counter     G..'acct:'group  account traits    P..'dirty'      refresh set
---   G..'au:'group           the account's users (profile ids as written; readers follow merges)
+--   G..'au:'group           the account's users: live profile ids, a sorted set by id (score 0), paged by lex
 --   G..'ev:'pid             the profile's events for the Profile API's /events: a sorted set of log entry ids
 --                           prefixed with the call type's letter, scored by event time, trimmed to the retention
 --   G is P followed by the generation ('' or 'g<n>:'): a rebuild writes a new one while events go on to the
@@ -185,7 +187,7 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
       if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
     end
     for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
-    for _, g in ipairs(groups) do redis.call('SREM', G .. 'au:' .. g, unpack(erased)) end
+    for _, g in ipairs(groups) do redis.call('ZREM', G .. 'au:' .. g, unpack(erased)) end
     for i = 1, #f, 2 do
       local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
       if pre == 'x:' then
@@ -340,8 +342,11 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
         w[#w + 1] = k; w[#w + 1] = v
       elseif pre == 'a:' then
         w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
-      elseif pre == 'g:' and (not cur[k] or tonumber(v) < tonumber(cur[k])) then
-        w[#w + 1] = k; w[#w + 1] = v
+      elseif pre == 'g:' then
+        if not cur[k] or tonumber(v) < tonumber(cur[k]) then w[#w + 1] = k; w[#w + 1] = v end
+        local au = G .. 'au:' .. string.sub(k, 3)   -- the account's member is now the survivor
+        redis.call('ZREM', au, L)
+        redis.call('ZADD', au, 0, pid)
       end
     end
     lww(cur, traits, w, true, S)
@@ -417,7 +422,7 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
   end
   if gfield then
     local g = tonumber(cur[gfield])
-    if not g then redis.call('SADD', G .. 'au:' .. ev.g[1], pid) end
+    if not g then redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid) end
     if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
     local acct = {}
     for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
@@ -454,7 +459,7 @@ for i = 3, #ARGV, 5 do
   if not ok then
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
     -- out of memory refuses the whole call (the caller answers 503 and the sender retries)
-    if string.find(msg, 'OOM', 1, true) then error(res) end
+    if string.find(msg, 'OOM command not allowed', 1, true) then error(res) end
     res = {'error', msg}
   end
   out[#out + 1] = res
