@@ -171,7 +171,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
             _renew(client, space, token)
             kept, dropped = [], 0
             for line in archived_lines(path):
-                if _belongs(line, wanted):
+                if belongs(line, wanted):
                     dropped += 1
                 else:
                     kept.append(line)
@@ -200,8 +200,9 @@ def _renew(client: redis.Redis, space: str, token: str) -> None:
         raise RuntimeError(f"the archive lock of {space} lapsed during the purge; the job is retried")
 
 
-def _belongs(line: bytes, ids: set[str]) -> bool:
-    """Whether an archived event is one of an erased user's (by its userId or anonymousId)."""
+def belongs(line: bytes, ids: set[str]) -> bool:
+    """Whether a raw event (an archived line, a logged event) is one of an erased user's (by its userId or
+    anonymousId)."""
     try:
         event = parse_json(line)
     except BodyError:

@@ -10,7 +10,7 @@ from service.spec.clock import now_ms
 from service.spec.events import Event, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
-from service.state.archive import purge_archive
+from service.state.archive import belongs, purge_archive
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, state_keys
 
@@ -83,20 +83,25 @@ def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
 
 
 def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
-    """Delete the logged events of erased profiles (and of profiles merged into them). Returns entries removed.
+    """Delete the logged events of erased profiles (and of profiles merged into them), and those that name an erased
+    userId or anonymousId (``Keys.forgotten_ids``: entries logged before a rebuild carry the previous generation's
+    profile ids). Returns entries removed.
 
-    Runs as a job after a delete: scanning the log does not belong in the request path.
+    Runs as a job after a delete: scanning the log does not belong in the request path. The erased ids stay for
+    the archive's purge, which runs next (``purge_job``).
     """
     k = Keys(space)
     forgotten = {m for m in client.smembers(k.forgotten_profiles)}
-    if not forgotten:
+    ids = {i.decode() for i in client.smembers(k.forgotten_ids)}
+    if not forgotten and not ids:
         return 0
     removed, start = 0, "-"
     while True:
         rows = client.xrange(k.log, min=start, max="+", count=chunk)
         if not rows:
             break
-        doomed = [eid for eid, fields in rows if fields.get(b"p") in forgotten]
+        doomed = [eid for eid, fields in rows
+                  if fields.get(b"p") in forgotten or (ids and belongs(fields.get(b"e", b""), ids))]
         if doomed:
             removed += client.xdel(k.log, *doomed)
         last = rows[-1][0].decode()
@@ -104,7 +109,8 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
         start = f"{ms}-{int(seq) + 1}"
         if len(rows) < chunk:
             break
-    client.srem(k.forgotten_profiles, *forgotten)
+    if forgotten:
+        client.srem(k.forgotten_profiles, *forgotten)
     return removed
 
 

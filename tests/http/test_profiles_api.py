@@ -323,3 +323,21 @@ def test_account_links_page_and_their_cursor_url_is_encoded(client: TestClient, 
         url = body["cursor"]["url"] if body["cursor"]["has_more"] else ""
         assert not url or "group_id:acc%2F7%20x/links?next=" in url
     assert len(seen) == len(set(seen)) == 25
+
+
+def test_a_log_replay_fills_the_indexes_of_data_from_before_them(client: TestClient, r: redis.Redis,
+                                                                  settings: Settings) -> None:
+    """Events and account links logged by a version without the indexes: `persona-sync replay` fills them."""
+    from service.state.replay import Options, log_records, run
+
+    now = int(time.time() * 1000)
+    apply(r, [track("old", 1, now - DAY),
+              {"type": "group", "userId": "old", "groupId": "acc-old", "messageId": "g-old", "traits": {"a": 1}}])
+    for key in [*r.scan_iter(match="*ev:*"), *r.scan_iter(match="*au:*")]:
+        r.delete(key)  # as an older version left them
+    links = "/v1/spaces/default/collections/accounts/profiles/group_id:acc-old/links"
+    assert client.get(links, headers=AUTH).json()["data"] == []
+    run(r, settings, "default", log_records(r, "default"), Options(reapply=True), "replay")
+    assert [e["event"] for e in client.get(BASE + "/user_id:old/events", headers=AUTH).json()["data"]] == [
+        "Product Viewed"]
+    assert len(client.get(links, headers=AUTH).json()["data"]) == 1

@@ -120,3 +120,17 @@ def test_the_rebuild_command(redis_url: str, r: redis.Redis) -> None:
     dropped = subprocess.run([exe, "rebuild", "--drop-old"], capture_output=True, text=True, timeout=60, env=env)
     assert dropped.returncode == 0 and "generation (original):" in dropped.stdout
     assert generations(r, SPACE) == {"g1:"}
+
+
+def test_forget_after_a_rebuild_purges_the_events_logged_before_it(r: redis.Redis, settings: Settings) -> None:
+    """Entries logged before a rebuild carry the previous generation's profile ids: the purge finds them by the
+    erased user's ids too."""
+    from service.state.ops import forget
+
+    now = now_ms()
+    apply(r, [{"type": "track", "event": "Viewed", "userId": "gone", "messageId": f"gone-{n}",
+               "timestamp": "2026-03-01T00:00:00Z"} for n in range(3)] +
+          [{"type": "track", "event": "Viewed", "userId": "stays", "messageId": "stays-1"}], now=now)
+    rebuild(r, settings, SPACE)
+    forget(r, settings, SPACE, "user_id:gone")
+    assert [orjson.loads(f[b"e"])["userId"] for _, f in r.xrange(Keys(SPACE).log)] == ["stays"]

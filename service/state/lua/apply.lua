@@ -422,7 +422,7 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
   end
   if gfield then
     local g = tonumber(cur[gfield])
-    if not g then redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid) end
+    redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid)   -- every time: a log replay fills it for older data
     if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
     local acct = {}
     for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
