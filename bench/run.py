@@ -4,6 +4,7 @@ Scenarios (each run several times; medians reported):
   single  single-event webhook requests at full speed: requests/s, p50 / p95 / p99 latency
   paced   single events at a fixed ~2,000 requests/s (wrk's per-connection delay): p95 latency
   batch   Webhooks (Actions) batches of 1000 events: events/s
+          (single and batch also report Redis and web CPU µs per event: INFO cpu and /proc, over each run)
   memory     Redis bytes per remembered messageId and per profile (see bench/memory.py)
   recompute  full recompute of N synthetic profiles, refresh with 1 % and 10 % dirty (bench/recompute.py)
   profile_cost  CPU per profile of the recompute's pure stages, without Redis (bench/profile_cost.py)
@@ -86,12 +87,45 @@ class Stack:
     def flush(self) -> None:
         redis.Redis.from_url(self.redis.url).flushall()
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by Redis (``INFO cpu``) and by the web (its process and every descendant, from
+        /proc): their deltas over a run, per event, are what a capacity plan needs."""
+        info = redis.Redis.from_url(self.redis.url).info("cpu")
+        redis_s = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return redis_s, sum(_proc_cpu(pid) for pid in _family(self.web.pid)) if self.web else 0.0
+
     def __exit__(self, *exc: object) -> None:
         if self.web:
             self.web.terminate()
             self.web.wait(20)
         self.redis.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _family(root: int) -> list[int]:
+    """``root`` and every process descended from it (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    family, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        family += frontier
+    return family
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(stack: Stack, script: str, threads: int, conns: int, seconds: int, run_id: str,
@@ -113,9 +147,16 @@ def scenario(stack: Stack, name: str, runs: int, seconds: int, **kw) -> dict:
     results = []
     for i in range(runs):
         stack.flush()
-        results.append(wrk(stack, run_id=f"{name}{i}{time.time_ns()}", seconds=seconds, **kw))
+        before = stack.cpu()
+        res = wrk(stack, run_id=f"{name}{i}{time.time_ns()}", seconds=seconds, **kw)
+        after = stack.cpu()
+        events = res["requests"] * res.get("batch", 1)
+        res["redis_us_per_event"] = (after[0] - before[0]) * 1e6 / max(events, 1)
+        res["web_us_per_event"] = (after[1] - before[1]) * 1e6 / max(events, 1)
+        results.append(res)
         time.sleep(1)
-    summary = {k: median_of(results, k) for k in ("rps", "p50_us", "p95_us", "p99_us")}
+    summary = {k: median_of(results, k)
+               for k in ("rps", "p50_us", "p95_us", "p99_us", "redis_us_per_event", "web_us_per_event")}
     summary["errors"] = sum(r["status_errors"] + r["socket_errors"] for r in results)
     summary["runs"] = [round(r["rps"]) for r in results]
     if "batch" in results[0]:
