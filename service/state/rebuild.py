@@ -23,15 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
 
 from service.config import Settings
 from service.spec.clock import now_ms
+from service.spec.events import normalise
+from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
 from service.state.replay import Options, Report, file_records, log_records, run
-from service.state.store import state_keys
+from service.state.store import SyncStore, encode_raw, state_keys
 
 CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to apply
 CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
@@ -128,6 +131,25 @@ def drop_old(client: redis.Redis, space: str) -> dict[str, int]:
             for gen in sorted(generations(client, space) - {current})}
 
 
+def _deletions_since(client: redis.Redis, settings: Settings, space: str, since_ms: int) -> int:
+    """Delete again, in the generation now current, the userIds deleted since ``since_ms``: a deletion that came
+    while the rebuild was applying that user's events erased the old generation only. The deletion keeps its
+    time, so events after it still build a new profile, as Segment's DELETE_ONLY does. Returns users erased."""
+    deleted = {uid.decode(): int(float(t)) for uid, t in client.hgetall(Keys(space).deleted).items()}
+    recent = sorted((uid, t) for uid, t in deleted.items() if t >= since_ms)
+    if not recent:
+        return 0
+    rules = IdentityRules.from_settings(settings)
+    now = now_ms()
+    items = []
+    for uid, t in recent:
+        raw = {"type": "delete", "userId": uid, "messageId": f"rebuild-delete-{uid}-{t}-{now}",
+               "timestamp": datetime.fromtimestamp(t / 1000, UTC).isoformat().replace("+00:00", "Z")}
+        items.append((normalise(raw, t, rules), encode_raw(raw)))
+    SyncStore(client, settings).apply(space, items, now=now)
+    return len(recent)
+
+
 def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = False,
             progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _: None) -> dict:
     """Rebuild ``space`` into a new generation and switch to it (see the module's docstring)."""
@@ -138,6 +160,7 @@ def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = F
             f"history starts at {cover.starts_ms} ms but {cover.older} of {cover.profiles} profiles were created "
             "before it (the log's retention trimmed their first events and no archive holds them): a rebuild "
             "would lose that data. Set EVENT_ARCHIVE_DIR to keep history from now on, or rebuild with --force.")
+    started = now_ms()
     current = (client.get(k.generation_key) or b"").decode()
     new = next_generation(current)
     drop_generation(client, space, new)  # what an interrupted rebuild left
@@ -175,5 +198,8 @@ def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = F
     client.set(k.generation_key, new)  # the switch: every event from now on goes to the new generation
     say(f"switched {space} to generation {new}")
     add(run(client, settings, space, log_records(client, space, after=last), options, "rebuild", progress=progress))
+    erased = _deletions_since(client, settings, space, started)
+    if erased:
+        say(f"erased again in {new} the {erased} user(s) deleted while it was built")
     return {"space": space, "generation": new, "previous": current or "(original)", "events": total.total,
             "outcomes": total.outcome_totals(), "profiles_before": cover.profiles}

@@ -134,3 +134,26 @@ def test_forget_after_a_rebuild_purges_the_events_logged_before_it(r: redis.Redi
     rebuild(r, settings, SPACE)
     forget(r, settings, SPACE, "user_id:gone")
     assert [orjson.loads(f[b"e"])["userId"] for _, f in r.xrange(Keys(SPACE).log)] == ["stays"]
+
+
+def test_a_user_deleted_while_a_rebuild_runs_is_erased_in_the_new_generation(r: redis.Redis,
+                                                                              settings: Settings) -> None:
+    from service.state.ops import forget
+
+    apply(r, [{"type": "identify", "userId": uid, "messageId": f"{uid}-{n}", "traits": {"n": n},
+               "timestamp": "2026-03-01T00:00:00Z"} for uid in ("erase-me", "keep-me") for n in range(3)],
+          now=now_ms())
+    done: list[int] = []
+
+    def mid_rebuild(count: int) -> None:  # the new generation already holds both users when the forget comes
+        if not done:
+            done.append(count)
+            assert r.exists(Keys(SPACE, "g1:").ident("user_id", "erase-me"))
+            forget(r, settings, SPACE, "user_id:erase-me")
+
+    rebuild(r, settings, SPACE, progress=mid_rebuild)
+    assert done and r.get(Keys(SPACE).generation_key) == b"g1:"
+    assert find(r, "user_id", "erase-me") is None and find(r, "user_id", "keep-me") is not None
+    late = apply(r, [{"type": "identify", "userId": "erase-me", "messageId": "late",
+                      "timestamp": "2026-03-01T00:00:00Z"}], now=now_ms())
+    assert late[0].status == "suppressed"  # still suppressed up to the deletion
