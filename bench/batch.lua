@@ -1,4 +1,5 @@
 -- wrk script: Webhooks (Actions) batches of BENCH_BATCH events (default 1000), every messageId unique.
+dofile(os.getenv("BENCH_DIR") .. "/report.lua")
 local counter, prefix, size = 0, "run", tonumber(os.getenv("BENCH_BATCH") or "1000")
 local threads = {}
 
@@ -25,10 +26,4 @@ request = function()
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, "[" .. table.concat(parts, ",") .. "]")
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
-    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d,"batch":%d}\n', summary.requests, summary.duration,
-    e.status, e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), latency.max, size))
-end
+done = report(size)

@@ -1,5 +1,6 @@
 -- wrk script: Webhooks (Actions) batches read from BENCH_BODIES (one JSON array of events per line), in turn.
 -- replay_load writes the archive it imports there, so batch intake and import are measured on the same events.
+dofile(os.getenv("BENCH_DIR") .. "/report.lua")
 local bodies, n = {}, 0
 
 function init(args)
@@ -11,10 +12,4 @@ request = function()
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, bodies[n])
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
-    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d,"batch":%d}\n', summary.requests, summary.duration,
-    e.status, e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), latency.max, tonumber(os.getenv("BENCH_BATCH") or "1000")))
-end
+done = report(tonumber(os.getenv("BENCH_BATCH") or "1000"))

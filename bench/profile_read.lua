@@ -1,5 +1,6 @@
 -- wrk script: Profile API reads, GET .../profiles/user_id:u<n>/traits for 10,000 of the users single.lua writes,
 -- authenticated with PROFILE_TOKEN as the HTTP Basic username. BENCH_DELAY_MS paces each connection.
+dofile(os.getenv("BENCH_DIR") .. "/report.lua")
 local counter, delay_ms = 0, tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local auth = "Basic " .. (os.getenv("BENCH_PROFILE_AUTH") or "")
 
@@ -14,10 +15,4 @@ request = function()
   return wrk.format("GET", path, {["Authorization"] = auth})
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
-    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d}\n', summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), latency.max))
-end
+done = report()

@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-import httpx
-
-from bench.run import Stack, free_port, wrk
+from bench.run import Stack, free_port, start_web, wrk
 
 TOKEN = "bench-profile-token"
 READ_ENV = {"BENCH_DELAY_MS": "10", "BENCH_PROFILE_AUTH": base64.b64encode(f"{TOKEN}:".encode()).decode()}
@@ -39,18 +33,9 @@ class ReadWeb:
         self.stack, self.port = stack, free_port()
 
     def __enter__(self) -> ReadWeb:
-        env = dict(os.environ, REDIS_URL=self.stack.redis.url, LOG_LEVEL="WARNING", PROFILE_API_TOKEN=TOKEN,
-                   PROFILE_API_RATE_LIMIT="0")
-        exe = str(Path(sys.executable).with_name("persona-sync"))
-        self.proc = subprocess.Popen([exe, "web", "--workers", "1", "--port", str(self.port)], env=env,
-                                     stderr=subprocess.DEVNULL)
-        for _ in range(150):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise SystemExit("the read web did not become ready")
+        self.proc = start_web(self.port, 1, REDIS_URL=self.stack.redis.url, PROFILE_API_TOKEN=TOKEN,
+                              PROFILE_API_RATE_LIMIT="0")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -67,10 +52,7 @@ def one(stack: Stack, seconds: int, ingest: dict[str, str] | None, read_port: in
                                                              f"pr{time.time_ns()}", env=ingest)))
         t.start()
         time.sleep(1)  # ingest is under way before the first read
-    target = copy.copy(stack)
-    if read_port is not None:
-        target.port = read_port
-    reads = wrk(target, "profile_read.lua", 1, 1, seconds, "read", env=READ_ENV)
+    reads = wrk(stack, "profile_read.lua", 1, 1, seconds, "read", env=READ_ENV, port=read_port)
     if ingest is not None:
         t.join()
     reads["ingest_rps"] = side.get("rps", 0.0)

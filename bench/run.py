@@ -57,6 +57,22 @@ def need_wrk() -> str:
     return found
 
 
+def start_web(port: int, workers: int, **env: str) -> subprocess.Popen:
+    """`persona-sync web` on ``port`` with ``env`` on top of ours, once it answers /readyz."""
+    exe = str(Path(sys.executable).with_name("persona-sync"))
+    web = subprocess.Popen([exe, "web", "--workers", str(workers), "--port", str(port)],
+                           env=dict(os.environ, PORT=str(port), LOG_LEVEL="WARNING", **env), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return web
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    web.terminate()
+    raise SystemExit("the web app did not become ready")
+
+
 class Stack:
     """Embedded Redis (AOF on, as in production) and the web app under uvicorn, as `make run` starts them."""
 
@@ -70,19 +86,9 @@ class Stack:
 
     def __enter__(self) -> Stack:
         self.redis.start()
-        env = dict(os.environ, REDIS_URL=self.redis.url, PORT=str(self.port), LOG_LEVEL="WARNING",
-                   SEGMENT_SHARED_SECRETS="", SEGMENT_WRITE_KEYS="", REFRESH_DEBOUNCE="5s", **self.extra_env)
-        exe = str(Path(sys.executable).with_name("persona-sync"))
-        self.web = subprocess.Popen([exe, "web", "--workers", str(self.web_workers), "--port", str(self.port)],
-                                    env=env, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise SystemExit("the web app did not become ready")
+        self.web = start_web(self.port, self.web_workers, REDIS_URL=self.redis.url, SEGMENT_SHARED_SECRETS="",
+                             SEGMENT_WRITE_KEYS="", REFRESH_DEBOUNCE="5s", **self.extra_env)
+        return self
 
     def flush(self) -> None:
         redis.Redis.from_url(self.redis.url).flushall()
@@ -129,10 +135,12 @@ def _proc_cpu(pid: int) -> float:
 
 
 def wrk(stack: Stack, script: str, threads: int, conns: int, seconds: int, run_id: str,
-        env: dict[str, str] | None = None) -> dict:
+        env: dict[str, str] | None = None, port: int | None = None) -> dict:
+    """One wrk run of ``script`` against the stack's web (or the web on ``port``); its RESULT line, parsed."""
     cmd = [need_wrk(), "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s",
-           "-s", str(HERE / script), f"http://127.0.0.1:{stack.port}", "--", run_id]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), check=True)
+           "-s", str(HERE / script), f"http://127.0.0.1:{port or stack.port}", "--", run_id]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, BENCH_DIR=str(HERE), **(env or {})),
+                         check=True)
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     res = json.loads(line[len("RESULT "):])
     res["rps"] = res["requests"] / (res["duration_us"] / 1e6)

@@ -1,6 +1,7 @@
 -- wrk script: one Segment event per request, every messageId unique, 20,000 distinct users; each event carries
 -- receivedAt, as Segment's webhook deliveries do.
 -- Optional pacing: BENCH_DELAY_MS per connection turns wrk into a fixed-rate load (rate = connections * 1000 / delay).
+dofile(os.getenv("BENCH_DIR") .. "/report.lua")
 local counter, prefix, delay_ms = 0, "run", tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local threads = {}
 
@@ -36,10 +37,4 @@ request = function()
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, body)
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
-    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d}\n', summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), latency.max))
-end
+done = report()

@@ -1,0 +1,13 @@
+-- The RESULT line every wrk script of bench/ prints (bench/run.py reads it), shared by them:
+--   dofile(os.getenv("BENCH_DIR") .. "/report.lua"); done = report(batch)
+-- ``batch``: events per request, for batch scripts (nil: one event a request, no "batch" field).
+function report(batch)
+  return function(summary, latency, requests)
+    local e = summary.errors
+    local extra = batch and string.format(',"batch":%d', batch) or ""
+    io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"status_errors":%d,"socket_errors":%d,' ..
+      '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d%s}\n', summary.requests, summary.duration, e.status,
+      e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95),
+      latency:percentile(99), latency.max, extra))
+  end
+end
