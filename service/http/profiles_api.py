@@ -30,7 +30,7 @@ from starlette.routing import Route
 from service.config import valid_space
 from service.http import auth
 from service.http.responses import JSON, error, unavailable
-from service.spec.events import InvalidEvent, normalise
+from service.spec.events import InvalidEvent, iso_ms, normalise
 from service.spec.profile import Profile, decode_profile
 from service.state.store import REDIS_DOWN, state_keys_async
 
@@ -45,7 +45,7 @@ MAX_EXAMINED = 1000  # index entries one /events request examines at most (20 x 
 def iso(ms: int | str | None) -> str | None:
     if ms is None or ms == "":
         return None
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso_ms(int(ms))
 
 
 class ApiError(Exception):

@@ -7,7 +7,7 @@ import redis
 
 from service.config import Settings, state_url
 from service.spec.clock import now_ms
-from service.spec.events import Event, normalise
+from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
 from service.state.archive import belongs, purge_archive
@@ -34,6 +34,13 @@ class NotFound(LookupError):
     """The identifier resolves to no profile."""
 
 
+def user_deletion(user_id: str, at_ms: int, message_id: str, rules: IdentityRules) -> tuple[Event, bytes]:
+    """A Segment ``delete`` of ``user_id`` at ``at_ms``, ready for ``SyncStore.apply`` (``forget``, and a rebuild
+    erasing again the users deleted while it ran)."""
+    raw = {"type": "delete", "userId": user_id, "messageId": message_id, "timestamp": iso_ms(at_ms)}
+    return normalise(raw, at_ms, rules), encode_raw(raw)
+
+
 def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
            purge: bool = True) -> tuple[Outcome, str | None]:
     """GDPR: erase the profile ``identifier`` (``TYPE:VALUE``, or a bare userId) resolves to, exactly as a Segment
@@ -50,13 +57,12 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
         raise NotFound(f"no profile has {kind}:{value} in space {space}")
     now = now_ms()
     if user_id is not None:
-        raw = {"type": "delete", "userId": user_id, "messageId": f"forget-{user_id}-{now}"}
-        event = normalise(raw, now, IdentityRules.from_settings(settings))
+        item = user_deletion(user_id, now, f"forget-{user_id}-{now}", IdentityRules.from_settings(settings))
     else:
         assert pid is not None
         raw = {"type": "delete", "erase": pid, "messageId": f"forget-{pid}-{now}"}
-        event = Event("delete", raw["messageId"], now, None, (), erase=pid, received=now)
-    outcome = SyncStore(client, settings).apply(space, [(event, encode_raw(raw))])[0]
+        item = (Event("delete", raw["messageId"], now, None, (), erase=pid, received=now), encode_raw(raw))
+    outcome = SyncStore(client, settings).apply(space, [item])[0]
     if purge:
         purge_forgotten(client, space)
         purge_archive(client, settings, space)

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import redis
 
 from service.config import Settings
 from service.spec.clock import now_ms
-from service.spec.events import normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
+from service.state.ops import user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
-from service.state.store import SyncStore, encode_raw, state_keys
+from service.state.store import SyncStore, state_keys
 
 CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to apply
 CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
@@ -141,11 +140,7 @@ def _deletions_since(client: redis.Redis, settings: Settings, space: str, since_
         return 0
     rules = IdentityRules.from_settings(settings)
     now = now_ms()
-    items = []
-    for uid, t in recent:
-        raw = {"type": "delete", "userId": uid, "messageId": f"rebuild-delete-{uid}-{t}-{now}",
-               "timestamp": datetime.fromtimestamp(t / 1000, UTC).isoformat().replace("+00:00", "Z")}
-        items.append((normalise(raw, t, rules), encode_raw(raw)))
+    items = [user_deletion(uid, t, f"rebuild-delete-{uid}-{t}-{now}", rules) for uid, t in recent]
     SyncStore(client, settings).apply(space, items, now=now)
     return len(recent)
 
