@@ -358,23 +358,17 @@ async def events_body(request: Request, profile: Profile) -> dict:
     if batch:
         await flush()
     page, more = kept[:limit], len(kept) > limit
-    if cut and not more and last_seen is not None:
-        data = await _event_items(state, page, profile.id, now)
-        return {"data": data, "cursor": _cursor(request, profile.id, True, _encode_next(*last_seen))}
-    data = await _event_items(state, page, profile.id, now)
     nxt = _encode_next(page[-1][0], page[-1][1]) if more else ""
-    return {"data": data, "cursor": _cursor(request, profile.id, more, nxt)}
-
-
-async def _event_items(state: Any, page: list[tuple[int, str, dict]], pid: str, now: int) -> list[dict]:
+    if cut and not more and last_seen is not None:  # stopped at the scan limit: go on from the last entry examined
+        more, nxt = True, _encode_next(*last_seen)
     data = []
     for _, _, obj in page:
         try:
             ids = list(normalise(obj, now, state.rules).identifiers)
         except InvalidEvent:
             ids = []
-        data.append(event_view(obj, pid, ids))
-    return data
+        data.append(event_view(obj, profile.id, ids))
+    return {"data": data, "cursor": _cursor(request, profile.id, more, nxt)}
 
 
 # -- accounts ---------------------------------------------------------------------------------------------------

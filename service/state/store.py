@@ -147,10 +147,10 @@ class Applier:
 def _outcome(reply: list) -> Outcome:
     status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
     pid = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
-    created = bool(reply[2]) if len(reply) > 2 else False
-    merged = int(reply[3]) if len(reply) > 3 and status != "error" else 0
-    if status == "error":
+    if status == "error":  # the script's pcall caught it: the second field is the message
         return Outcome("error", f"store error: {pid}"[:300])
+    created = bool(reply[2]) if len(reply) > 2 else False
+    merged = int(reply[3]) if len(reply) > 3 else 0
     return Outcome(status, pid, created, merged)
 
 
