@@ -225,12 +225,7 @@ class AsyncStore:
         calls, sizes = _calls(self.applier, keys, items, now)
         try:
             if space not in self._spaces:
-                try:
-                    await self.client.sadd(SPACES_KEY, space)
-                except redis.ResponseError as exc:
-                    if _out_of_memory(exc):
-                        raise StoreUnavailable(str(exc)) from exc
-                    raise
+                await self.client.sadd(SPACES_KEY, space)
                 self._spaces.add(space)
             if len(calls) == 1:  # one call: cheaper without a pipeline
                 return _outcomes([await self._evalsha(*calls[0])], sizes)
@@ -241,7 +236,7 @@ class AsyncStore:
                 for i, reply in zip(missing, await rerun.execute(raise_on_error=False), strict=True):
                     replies[i] = reply
             return _outcomes(replies, sizes)
-        except REDIS_DOWN as exc:
+        except (*REDIS_DOWN, redis.exceptions.OutOfMemoryError) as exc:  # maxmemory under noeviction: 503 too
             raise StoreUnavailable(str(exc)) from exc
 
     async def _evalsha(self, keys: list[str], args: list) -> object:
