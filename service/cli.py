@@ -51,14 +51,21 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from rq import Queue, Worker
 
     from service.logs import setup
+    from service.state.connect import connect
+    from service.state.connect import state_client as connect_state
+    from service.state.upgrade import rename_legacy_keys
 
     setup(settings.log_level)
-    conn = redis.Redis.from_url(queue_url(settings))
+    try:
+        rename_legacy_keys(connect_state(settings))
+    except redis.RedisError:
+        pass  # not reachable yet: the web renames them, or the next start does
+    conn = connect(queue_url(settings))
     if settings.mavera_api_key:  # personas kept in the outbox (no key until now) or paused go out at once
         from service.state.refresh import enqueue_sync
 
         try:
-            enqueue_sync(redis.Redis.from_url(state_url(settings)), queue_url(settings), settings.mave_chat_timeout,
+            enqueue_sync(connect_state(settings), conn, settings.mave_chat_timeout,
                          only_waiting=True)
         except redis.RedisError as exc:  # the worker still starts; the next refresh or hourly run syncs
             print(f"persona-sync worker: could not queue the waiting syncs ({exc}); continuing", file=sys.stderr)
@@ -67,7 +74,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if not args.burst:  # refreshes that a crash or a Redis restart left behind are queued again within seconds
         from service.state.refresh import RefreshWatchdog
 
-        watchdog = RefreshWatchdog(redis.Redis.from_url(state_url(settings)), queue, settings.refresh_debounce)
+        watchdog = RefreshWatchdog(connect_state(settings), queue, settings.refresh_debounce)
         try:
             watchdog.check()
         except redis.RedisError as exc:
@@ -173,12 +180,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """Rates, profiles, refreshes, personas, dead letters, the log, the queue, Mavera and Redis; then each problem
     with the command to run next. ``--json``: what ``GET /admin/status`` answers."""
     import orjson
-    import redis
 
+    from service.state.connect import connect
     from service.state.status import collect
 
     client = state_client(settings)
-    queue = redis.Redis.from_url(queue_url(settings), socket_timeout=5, socket_connect_timeout=2)
+    queue = connect(queue_url(settings), socket_timeout=5, socket_connect_timeout=2)
     report = collect(client, queue, settings, args.space)
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -238,22 +245,25 @@ def state_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily
         return (f"cannot reach Redis at {where} ({exc}): start the stack with `make run`, or point REDIS_URL at "
                 "your Redis")
 
-    return _checked_client(lambda: state_url(settings), unreachable, socket_timeout=60)
+    return _checked_client(lambda: state_url(settings), unreachable, settings.redis_cluster, socket_timeout=60)
 
 
-def _checked_client(url_of: Callable[[], str], unreachable: Callable[[str, Exception], str], **options: Any):  # noqa: ANN202
+def _checked_client(url_of: Callable[[], str], unreachable: Callable[[str, Exception], str], cluster: bool = False,
+                    **options: Any):  # noqa: ANN202
     """A client on the URL ``url_of`` gives, after a PING; a configuration error or an unreachable server is a
     ``CommandError`` (the one line the operator reads)."""
     import redis
+    from redis.exceptions import RedisClusterException
+
+    from service.state.connect import connect
 
     try:
         url = url_of()
+        client = connect(url, cluster=cluster, socket_connect_timeout=5, **options)
+        client.ping()
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, **options)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
         raise CommandError(unreachable(url, exc)) from None
     return client
 
@@ -743,7 +753,7 @@ def cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
     why = paused(client)
     resume(client)
     print(f"Mavera sync resumed (was paused: {orjson.dumps(why).decode()})" if why else "Mavera sync was not paused")
-    chosen = enqueue_sync(client, queue_url(settings), settings.mave_chat_timeout)
+    chosen = enqueue_sync(client, queue_client(settings), settings.mave_chat_timeout)
     print(f"sync queued for {len(chosen)} space(s): {', '.join(chosen) or 'none yet'}")
     return 0
 
@@ -780,10 +790,12 @@ def cmd_worker_alive(settings: Settings, args: argparse.Namespace) -> int:
     from rq import Queue, Worker
     from rq.defaults import DEFAULT_WORKER_TTL
 
+    from service.state.connect import connect
+
     max_age = args.max_age if args.max_age is not None else DEFAULT_WORKER_TTL + 60
     host = socket.gethostname()
     try:
-        conn = redis.Redis.from_url(queue_url(settings), socket_timeout=5, socket_connect_timeout=5)
+        conn = connect(queue_url(settings), socket_timeout=5, socket_connect_timeout=5)
         workers = [w for w in Worker.all(queue=Queue(QUEUE_NAME, connection=conn)) if w.hostname == host]
     except redis.RedisError as exc:
         print(f"worker-alive: cannot read the RQ workers from the queue Redis: {exc}", file=sys.stderr)

@@ -55,10 +55,22 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}={raw!r}: expected true or false")
 
 
+def _queue_url(raw: str, cluster: str) -> str:
+    """RQ cannot run on a Redis Cluster (https://python-rq.org/docs/connections/): with one, the queue needs its own."""
+    if not raw and _bool("REDIS_CLUSTER", cluster):
+        raise ConfigError("REDIS_CLUSTER=true needs QUEUE_REDIS_URL: RQ cannot use a Redis Cluster, so set it to a "
+                          "standalone Redis (or a redis+sentinel:// URL) for the job queue")
+    return raw
+
+
 # (name, default, meaning) — the single source for docs and parsing.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("REDIS_URL", "", "Redis for profile state and the job queue. Empty: `dev` starts an embedded redis-server."),
-    ("QUEUE_REDIS_URL", "", "Separate Redis for RQ jobs (must not be a Cluster). Empty: same as REDIS_URL."),
+    ("REDIS_URL", "", "Redis for profile state and the job queue: `redis://`, `rediss://`, `unix://`, or "
+     "`redis+sentinel://host:26379,host:26379/<service>[/<db>]`. Empty: `dev` starts an embedded redis-server."),
+    ("REDIS_CLUSTER", "false", "`true`: REDIS_URL is a seed node of a Redis Cluster holding the profile state "
+     "(QUEUE_REDIS_URL is then required)."),
+    ("QUEUE_REDIS_URL", "", "Separate Redis for RQ jobs: standalone or `redis+sentinel://` (never a Cluster). "
+     "Empty: same as REDIS_URL."),
     ("DATA_DIR", "./var", "Where the embedded Redis keeps its data and AOF."),
     ("HOST", "127.0.0.1", "Address the web receiver binds to."),
     ("PORT", "8000", "Port of the web receiver."),
@@ -122,6 +134,7 @@ class Settings:
 
     redis_url: str = ""
     queue_redis_url: str = ""
+    redis_cluster: bool = False
     data_dir: str = "./var"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -170,7 +183,8 @@ class Settings:
         raw = {name: env.get(name, default) for name, default, _ in VARIABLES}
         return cls(
             redis_url=raw["REDIS_URL"].strip(),
-            queue_redis_url=raw["QUEUE_REDIS_URL"].strip(),
+            queue_redis_url=_queue_url(raw["QUEUE_REDIS_URL"].strip(), raw["REDIS_CLUSTER"]),
+            redis_cluster=_bool("REDIS_CLUSTER", raw["REDIS_CLUSTER"]),
             data_dir=raw["DATA_DIR"],
             host=raw["HOST"],
             port=_int("PORT", raw["PORT"], 0),

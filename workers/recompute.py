@@ -19,10 +19,11 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
@@ -31,6 +32,7 @@ from service.spec import clock
 from service.spec.keys import Keys
 from service.spec.kpis import InsightRule
 from service.spec.profile import Profile, decode_profile
+from service.state.connect import is_cluster, scan_space
 from service.state.store import state_keys
 from workers.compute import aggregates as A
 from workers.compute.channels import channel_pattern, pattern_summaries
@@ -65,7 +67,10 @@ def _take(client: redis.Redis, into: str, sources: list[str]) -> None:
     """Move the dirty marks of ``sources`` into ``into`` (adding to what it holds) in one transaction: the web's
     apply script adds marks at any moment, and one added between a union and a separate delete would be lost."""
     with client.pipeline(transaction=True) as pipe:
-        pipe.sunionstore(into, [into, *sources]).delete(*sources).execute()
+        # commands, not methods: redis-py's Cluster pipeline refuses multi-key methods, though these keys share a slot
+        pipe.execute_command("SUNIONSTORE", into, into, *sources)
+        pipe.execute_command("DEL", *sources)
+        pipe.execute()
 
 
 def _publish_if_held(lock: Lock, pipe: redis.client.Pipeline) -> None:
@@ -208,14 +213,14 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
     old = {k.decode(): v for k, v in client.hgetall(keys.clusters).items()}
     new = {k: orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for k, v in docs.items()}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    pipe.delete(keys.clusters, keys.patterns)
+    pipe.execute_command("DEL", keys.clusters, keys.patterns)  # a Cluster pipeline's delete() takes one key
     if new:
         pipe.hset(keys.clusters, mapping=new)
     summaries = pattern_summaries(patterns)
     if summaries:
         pipe.hset(keys.patterns, mapping={k: orjson.dumps(v) for k, v in summaries.items()})
     if touched is None:
-        pipe.delete(keys.cluster_aggregates, keys.pattern_aggregates)
+        pipe.execute_command("DEL", keys.cluster_aggregates, keys.pattern_aggregates)
         touched = (set(clusters), set(patterns))
     for key, groups, names in ((keys.cluster_aggregates, clusters, touched[0]),
                                (keys.pattern_aggregates, patterns, touched[1])):
@@ -311,14 +316,22 @@ def _chunk_map(fn: Callable[[list[str]], Any], chunks: Iterable[list[str]], job:
         try:
             yield map(fn, chunks)
         finally:
-            _child.pop("client").connection_pool.disconnect()
+            client = _child.pop("client")
+            client.close() if is_cluster(client) else client.connection_pool.disconnect()
     else:
         with multiprocessing.get_context("fork").Pool(procs, initializer=_start_child, initargs=job) as pool:
             yield pool.imap_unordered(fn, chunks)
 
 
 def _pool_args(client: redis.Redis) -> tuple:
-    """What a forked child needs to open its own connection (never share a socket across processes)."""
+    """What a forked child needs to open its own connection (never share a socket across processes); for a
+    Cluster, a node to read the topology from."""
+    if is_cluster(client):
+        cluster = cast(RedisCluster, client)
+        node = cluster.get_default_node()
+        kwargs = {k: v for k, v in cluster.nodes_manager.connection_kwargs.items()
+                  if k not in ("host", "port", "db") and (isinstance(v, str | int | float | bool) or v is None)}
+        return None, {**kwargs, "host": node.host, "port": node.port}
     kwargs = {k: v for k, v in client.connection_pool.connection_kwargs.items()
               if isinstance(v, str | int | float | bool) or v is None}
     return client.connection_pool.connection_class, kwargs
@@ -328,6 +341,8 @@ def _connect(pool_args: tuple) -> redis.Redis:
     """A connection of this process's own; replies come decoded (``decode_profile`` then skips that step)."""
     connection_class, kwargs = pool_args
     kwargs = {**kwargs, "decode_responses": True, "encoding_errors": "replace"}
+    if connection_class is None:
+        return cast(redis.Redis, RedisCluster(**kwargs))
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
 
 
@@ -350,7 +365,7 @@ def profile_ids(client: redis.Redis, keys: Keys) -> Iterator[list[str]]:
     prefix = keys.profile("")
     seen: set[str] = set()
     batch: list[str] = []
-    for key in client.scan_iter(match=prefix + "*", count=2000):
+    for key in scan_space(client, keys.log, prefix + "*"):
         pid = key.decode()[len(prefix):]
         if pid in seen:
             continue
@@ -390,15 +405,15 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     pipe = client.pipeline(transaction=True)
     changed = publish(client, settings, space, clusters, patterns, pipe)
     if total:
-        pipe.rename(staging, keys.contributions)
+        pipe.execute_command("RENAME", staging, keys.contributions)  # the method is blocked on a Cluster pipeline
     else:
         pipe.delete(keys.contributions)
     for name in sorted(indexed | set(clusters)):  # swap in the spend indexes built beside the contributions
         if name in clusters:
-            pipe.rename(_staging(keys.cluster_spend(name)), keys.cluster_spend(name))
+            pipe.execute_command("RENAME", _staging(keys.cluster_spend(name)), keys.cluster_spend(name))
         else:
             pipe.delete(keys.cluster_spend(name))
-    pipe.delete(snapshot, keys.dirty_work)
+    pipe.execute_command("DEL", snapshot, keys.dirty_work)
     report = {"space": space, "profiles": total, "changed_clusters": changed, "full": True, "reason": reason,
               "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
     _record(pipe, keys, "full", report)

@@ -240,7 +240,7 @@ async def replay(request: Request, space: str) -> Response:
         return error(400, "validation_error", "EVENT_ARCHIVE_DIR is not set: there is no archive to replay")
     if "profile" in spec:  # resolved as the receiver normalised it; an identifier of nobody is a 404, not a no-op
         state = request.app.state
-        _, _, pid = await asyncio.to_thread(resolve, state.sync_redis, state.rules, space, spec["profile"])
+        _, _, pid = await asyncio.to_thread(lambda: resolve(state.sync_redis(), state.rules, space, spec["profile"]))
         if pid is None:
             return error(404, "not_found", f"no profile has {spec['profile']} in space {space}")
     if not request.app.state.refresh.queue_url:
@@ -268,8 +268,8 @@ async def forget(request: Request, space: str) -> Response:
         return error(400, "validation_error", 'send {"id": "TYPE:VALUE"}, e.g. {"id": "email:ada@example.com"}')
     state = request.app.state
     try:
-        outcome, user_id = await asyncio.to_thread(ops.forget, state.sync_redis, state.settings, space, ident,
-                                                   not state.refresh.queue_url)
+        outcome, user_id = await asyncio.to_thread(lambda: ops.forget(state.sync_redis(), state.settings, space,
+                                                                      ident, not state.refresh.queue_url))
     except ops.NotFound as exc:
         return error(404, "not_found", f"{exc}: nothing was erased")
     if state.refresh.queue_url:  # scanning the log and the archive is a job's work, not a request's
@@ -282,14 +282,15 @@ async def forget(request: Request, space: str) -> Response:
 
 @admin_endpoint
 async def suppression_list(request: Request, space: str) -> Response:
-    rows = await asyncio.to_thread(ops.suppressions, request.app.state.sync_redis, space)
+    rows = await asyncio.to_thread(lambda: ops.suppressions(request.app.state.sync_redis(), space))
     return JSON({"space": space, "total": len(rows), "data": rows})
 
 
 @admin_endpoint
 async def suppression_lift(request: Request, space: str) -> Response:
     user_id = request.path_params["user_id"]
-    if not await asyncio.to_thread(ops.lift_suppression, request.app.state.sync_redis, space, user_id):
+    if not await asyncio.to_thread(
+            lambda: ops.lift_suppression(request.app.state.sync_redis(), space, user_id)):
         return error(404, "not_found", f"{user_id} is not suppressed in space {space}")
     return JSON({"space": space, "lifted": user_id})
 

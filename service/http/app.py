@@ -7,7 +7,6 @@ import contextlib
 import logging
 
 import redis
-import redis.asyncio as aredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -20,10 +19,12 @@ from service.http.openapi import docs
 from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
 from service.spec.identity import IdentityRules
+from service.state.connect import OnDemand, connect, connect_async
 from service.state.rates import RateCounter
 from service.state.reads import ProfileReader
 from service.state.refresh import RefreshScheduler
 from service.state.store import REDIS_DOWN, AsyncStore
+from service.state.upgrade import rename_legacy_keys
 
 log = logging.getLogger("app")
 
@@ -62,12 +63,15 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        client = aredis.Redis.from_url(redis_url, socket_timeout=4, socket_connect_timeout=2,
-                                       health_check_interval=30)
+        client = connect_async(redis_url, cluster=settings.redis_cluster, socket_timeout=4, socket_connect_timeout=2,
+                               health_check_interval=30)
         app.state.settings = settings
         app.state.redis = client
         # blocking client for the operator actions shared with the CLI (run in a thread: forget, suppressions)
-        app.state.sync_redis = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=2)
+        app.state.sync_redis = OnDemand(lambda: connect(redis_url, cluster=settings.redis_cluster, socket_timeout=30,
+                                                        socket_connect_timeout=2))
+        with contextlib.suppress(*REDIS_DOWN):  # down at start: the worker or the next start renames them
+            rename_legacy_keys(app.state.sync_redis())
         app.state.rules = IdentityRules.from_settings(settings)
         app.state.store = AsyncStore(client, settings)
         app.state.reader = ProfileReader(client)

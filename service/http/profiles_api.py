@@ -31,6 +31,7 @@ from service.config import valid_space
 from service.http import auth
 from service.http.responses import JSON, error, unavailable
 from service.spec.events import InvalidEvent, iso_ms, normalise
+from service.spec.keys import profile_api_rate
 from service.spec.profile import Profile, decode_profile
 from service.state.store import REDIS_DOWN, state_keys_async
 
@@ -412,9 +413,9 @@ def _second() -> int:
     return int(time.time())
 
 
-def token_key(token: str) -> str:
-    """The rate limiter's key for a token: a digest, so the token itself is never written to Redis."""
-    return "sps:ratelimit:profile-api:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+def token_key(token: str, second: int) -> str:
+    """The rate limiter's key for a token and second: a digest, so the token itself is never written to Redis."""
+    return profile_api_rate(hashlib.sha256(token.encode()).hexdigest()[:16], second)
 
 
 async def over_limit(request: Request, token: str) -> int:
@@ -425,7 +426,7 @@ async def over_limit(request: Request, token: str) -> int:
     limit = request.app.state.settings.profile_api_rate_limit
     if limit <= 0:
         return 0
-    key = f"{token_key(token)}:{_second()}"
+    key = token_key(token, _second())
     pipe = request.app.state.redis.pipeline(transaction=False)
     pipe.incr(key)
     pipe.expire(key, 2)

@@ -231,18 +231,37 @@ class Keys:
         return f"{self.prefix}rate:{minute}"
 
 
-SPACES_KEY = "sps:spaces"  # set of every space that has received data (not tagged: a global index)
+# Keys of the deployment rather than of one space share a hash tag of their own, ``{~}`` ("~" is never in a space
+# id), so that on a Redis Cluster they sit in one slot together: a script may touch several of them.
+GLOBAL_PREFIX = "sps:{~}:"
+SPACES_KEY = GLOBAL_PREFIX + "spaces"  # set of every space that has received data
 # Requests refused before they were authenticated: metadata only (time, space claimed, route, status, reason, size,
 # peer address), never any of the body. One capped stream for the deployment, not one per space: the space of an
 # unauthenticated request is itself a claim, and a key per claimed space would let anyone create keys.
-REFUSALS_KEY = "sps:refusals"
+REFUSALS_KEY = GLOBAL_PREFIX + "refusals"
 # Mavera is one account per deployment: its limiter and pause switch are global, not per space.
-MAVERA_RATE_KEY = "sps:mavera:rate"  # sorted set of request timestamps (sliding 60 s window)
-MAVERA_PAUSED_KEY = "sps:mavera:paused"  # JSON {"reason", "at_ms"} while syncing is paused (402)
-MAVE_CHAT_SLOTS_KEY = "sps:mavera:chat"  # sorted set of in-flight Mave chat calls (token -> expiry ms)
+MAVERA_RATE_KEY = GLOBAL_PREFIX + "mavera:rate"  # sorted set of request timestamps (sliding 60 s window)
+MAVERA_BLOCKED_KEY = GLOBAL_PREFIX + "mavera:blocked-until"  # epoch ms before which no worker calls Mavera
+MAVERA_PAUSED_KEY = GLOBAL_PREFIX + "mavera:paused"  # JSON {"reason", "at_ms"} while syncing is paused (402)
+MAVE_CHAT_SLOTS_KEY = GLOBAL_PREFIX + "mavera:chat"  # sorted set of in-flight Mave chat calls (token -> expiry ms)
 # Requests refused before authentication, counted per minute (field: HTTP status) for the deployment, like the
 # refusal log and for the same reason: the space they claim is itself a claim.
-REFUSAL_RATES_PREFIX = "sps:refusals:rate:"
+REFUSAL_RATES_PREFIX = GLOBAL_PREFIX + "refusals:rate:"
+# Names these keys had before they were tagged, renamed once by ``service.state.upgrade`` (a standalone Redis only:
+# a Cluster deployment never had them).
+LEGACY_GLOBAL_KEYS = {"sps:spaces": SPACES_KEY, "sps:refusals": REFUSALS_KEY, "sps:mavera:rate": MAVERA_RATE_KEY,
+                      "sps:mavera:blocked-until": MAVERA_BLOCKED_KEY, "sps:mavera:paused": MAVERA_PAUSED_KEY,
+                      "sps:mavera:chat": MAVE_CHAT_SLOTS_KEY}
+
+
+def profile_api_rate(token_digest: str, second: int) -> str:
+    """Profile API requests of one token (by digest) in one second, shared by every web process."""
+    return f"{GLOBAL_PREFIX}ratelimit:profile-api:{token_digest}:{second}"
+
+
+def replay_cancel(job_id: str) -> str:
+    """Set to ask a running replay job to stop."""
+    return f"{GLOBAL_PREFIX}replay-cancel:{job_id}"
 
 
 def refusal_rates(minute: int) -> str:

@@ -129,11 +129,11 @@ def _append(path: Path, lines: list[bytes]) -> None:
 
 def archive_job() -> dict[str, dict[str, int]]:
     """RQ entry point, every minute from ``persona-sync cron``: archive every space."""
-    from service.config import state_url
+    from service.state.connect import state_client
     from service.state.status import spaces
 
     settings = Settings.from_env()
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     return {space: archive_space(client, settings, space) for space in spaces(client)}
 
 

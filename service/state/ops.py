@@ -5,12 +5,13 @@ from __future__ import annotations
 import orjson
 import redis
 
-from service.config import Settings, state_url
+from service.config import Settings
 from service.spec.clock import now_ms
 from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
 from service.state.archive import belongs, purge_archive
+from service.state.connect import state_client
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, state_keys
 
@@ -144,5 +145,5 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
 def purge_job(space: str) -> int:
     """RQ entry point (enqueued by the receiver after a delete): the log, then the archive files."""
     settings = Settings.from_env()
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     return purge_forgotten(client, space) + purge_archive(client, settings, space)

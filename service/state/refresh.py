@@ -21,6 +21,7 @@ from rq.job import Job, JobStatus
 
 from service.logs import event as log_event
 from service.spec.keys import Keys
+from service.state.connect import connect
 from service.state.queue import PURGE_JOB, QUEUE_NAME, REFRESH_JOB, SYNC_JOB
 from service.state.status import spaces
 
@@ -134,7 +135,8 @@ class RefreshWatchdog:
         self._stop.set()
 
 
-def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, only_waiting: bool = False) -> list[str]:
+def enqueue_sync(state: redis.Redis, queue: redis.Redis, mave_chat_timeout: float, only_waiting: bool = False
+                 ) -> list[str]:
     """Queue a persona sync for every known space (``only_waiting``: those with personas in the outbox or paused),
     e.g. after ``persona-sync resume`` or when a worker starts with a key for the first time."""
     chosen = spaces(state)
@@ -142,9 +144,9 @@ def enqueue_sync(state: redis.Redis, queue_url: str, mave_chat_timeout: float, o
         waiting = (b"outbox", b"paused")
         chosen = [sp for sp in chosen if state.hget(Keys(sp).narrative, "state") in waiting
                   or any(b'"state":"%s"' % w in v for v in state.hvals(Keys(sp).personas) for w in waiting)]
-    queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
+    jobs = Queue(QUEUE_NAME, connection=queue)
     for space in chosen:
-        queue_sync(queue, space, mave_chat_timeout)
+        queue_sync(jobs, space, mave_chat_timeout)
     return chosen
 
 
@@ -158,7 +160,7 @@ class RefreshScheduler:
 
     def queue(self) -> Queue:
         if self._queue is None:
-            self._queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(self.queue_url))
+            self._queue = Queue(QUEUE_NAME, connection=connect(self.queue_url))
         return self._queue
 
     async def touch(self, space: str) -> None:

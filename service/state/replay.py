@@ -39,7 +39,7 @@ from service.spec.bodies import BodyError, Item, batch_events, item, parse_json,
 from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
 from service.spec.identity import IdentityRules
-from service.spec.keys import TOMBSTONE, Keys
+from service.spec.keys import TOMBSTONE, Keys, replay_cancel
 from service.spec.rates import OUTCOME_OF
 from service.state.rates import count_applied
 from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters, state_keys
@@ -573,7 +573,7 @@ def _already_seen(client: redis.Redis, store: SyncStore, space: str, events: lis
 
 def cancel_key(job_id: str) -> str:
     """Set by DELETE /admin/jobs/{id} while the job runs: it stops at its next chunk boundary."""
-    return f"sps:replay-cancel:{job_id}"
+    return replay_cancel(job_id)
 
 
 def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[str, Any],
@@ -602,10 +602,10 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     when cancelled. Resumable like the command: the checkpoint is named after the request."""
     from rq import get_current_job
 
-    from service.config import state_url
+    from service.state.connect import state_client
 
     settings = Settings.from_env()
-    client = redis.Redis.from_url(state_url(settings))
+    client = state_client(settings)
     job = get_current_job()
     source = spec.get("source", "log")
     key = Keys(space)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -22,6 +22,7 @@ from service.config import Settings
 from service.spec.clock import now_ms as now
 from service.spec.keys import MAVERA_PAUSED_KEY, REFUSALS_KEY, SPACES_KEY, Keys
 from service.spec.rates import HOUR_MINUTES, REPLAY, rates, window
+from service.state.connect import is_cluster
 from service.state.problems import problems
 from service.state.queue import QUEUE_NAME
 from service.state.rates import BUCKET_READS, buckets, queue_buckets
@@ -101,16 +102,37 @@ def space_row(space: str, replies: list, now_ms: int) -> dict[str, Any]:
 
 
 def queue_deployment(pipe: Any, now_ms: int) -> None:
-    """Queue the reads that are not a space's: Mavera's pause, the refusals, Redis memory."""
+    """Queue the reads that are not a space's: Mavera's pause, the refusals (Redis memory is read apart: on a
+    Cluster it is every primary's, which a pipeline cannot ask)."""
     pipe.get(MAVERA_PAUSED_KEY)
     pipe.xlen(REFUSALS_KEY)
-    pipe.info("memory")
     queue_buckets(pipe, None, now_ms)
 
 
-def deployment(replies: list, now_ms: int) -> dict[str, Any]:
-    paused, refusals, memory = replies[:3]
-    counts = buckets(replies[3:3 + BUCKET_READS], now_ms)
+def fullest(memory: dict[str, Any]) -> dict[str, Any]:
+    """INFO memory of one server; of a Cluster (one reply per primary), the primary nearest its limit."""
+    if "used_memory" in memory or not memory:
+        return memory
+    nodes = [m for m in memory.values() if isinstance(m, dict)]
+    return max(nodes, key=lambda m: (int(m.get("used_memory", 0)) / int(m.get("maxmemory", 0) or 1 << 62),
+                                     int(m.get("used_memory", 0))))
+
+
+def memory_info(client: redis.Redis) -> dict[str, Any]:
+    if is_cluster(client):
+        return fullest(cast(Any, client).info("memory", target_nodes="primaries"))
+    return client.info("memory")
+
+
+async def memory_info_async(client: aredis.Redis) -> dict[str, Any]:
+    if is_cluster(client):
+        return fullest(await cast(Any, client).info("memory", target_nodes="primaries"))
+    return await client.info("memory")
+
+
+def deployment(replies: list, memory: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    paused, refusals = replies[:2]
+    counts = buckets(replies[2:2 + BUCKET_READS], now_ms)
     by_status = sorted({f for c in counts.values() for f in c})
     refused = window(counts, now_ms, HOUR_MINUTES, tuple(by_status))
     used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
@@ -177,7 +199,8 @@ def collect(client: redis.Redis, queue_conn: redis.Redis | None, settings: Setti
     for keys in _keys(pipe.execute(), chosen):
         queue_space(pipe, keys, now_ms)
     queue_deployment(pipe, now_ms)
-    return _report(chosen, pipe.execute(), queue_report(queue_conn), settings, now_ms)
+    replies = pipe.execute()
+    return _report(chosen, replies, memory_info(client), queue_report(queue_conn), settings, now_ms)
 
 
 async def collect_async(client: aredis.Redis, queue_conn: redis.Redis | None, settings: Settings,
@@ -192,10 +215,12 @@ async def collect_async(client: aredis.Redis, queue_conn: redis.Redis | None, se
         queue_space(pipe, keys, now_ms)
     queue_deployment(pipe, now_ms)
     replies = await pipe.execute()
-    return _report(chosen, replies, await asyncio.to_thread(queue_report, queue_conn), settings, now_ms)
+    return _report(chosen, replies, await memory_info_async(client), await asyncio.to_thread(queue_report, queue_conn),
+                   settings, now_ms)
 
 
-def _report(chosen: list[str], replies: list, queue: dict | None, settings: Settings, now_ms: int) -> dict[str, Any]:
+def _report(chosen: list[str], replies: list, memory: dict[str, Any], queue: dict | None, settings: Settings,
+            now_ms: int) -> dict[str, Any]:
     per = SPACE_READS + BUCKET_READS
     rows = [space_row(space, replies[i * per:(i + 1) * per], now_ms) for i, space in enumerate(chosen)]
-    return report(rows, deployment(replies[len(chosen) * per:], now_ms), queue, settings, now_ms)
+    return report(rows, deployment(replies[len(chosen) * per:], memory, now_ms), queue, settings, now_ms)

@@ -16,6 +16,7 @@ from typing import TypeVar
 import orjson
 import redis
 import redis.asyncio as aredis
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 
 from service.config import Settings
 from service.spec.clock import now_ms
@@ -103,7 +104,10 @@ class StoreUnavailable(RuntimeError):
     """Redis could not be reached or refused the write: answer 503 so Segment retries."""
 
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError, OSError)
+# Redis unreachable or not serving (a Cluster without a primary for the slot, a resharding's TRYAGAIN, a Sentinel
+# with no primary to name): the request is refused with 503 and Segment retries it.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError, OSError,
+              ClusterError, RedisClusterException, TryAgainError)
 
 
 class Applier:
@@ -196,7 +200,9 @@ def _queue(pipe: Pipe, calls: Sequence[Call], which: Sequence[int] | None = None
     """Queue the apply script for ``calls`` (or only those at the indexes ``which``) on a sync or async pipeline."""
     for i in range(len(calls)) if which is None else which:
         keys, args = calls[i]
-        pipe.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        # the command rather than ``pipe.evalsha``: redis-py's Cluster pipeline blocks that method (it cannot know
+        # a script's keys in general), yet routes the command by its declared keys, which is what we need
+        pipe.execute_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
     return pipe
 
 

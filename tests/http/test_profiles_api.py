@@ -19,6 +19,8 @@ from service.state.store import state_keys
 from tests.conftest import PROFILE_TOKEN, fixture_json
 from tests.helpers import apply, find
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 BASE = "/v1/spaces/default/collections/users/profiles"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{PROFILE_TOKEN}:".encode()).decode()}
 
@@ -226,10 +228,10 @@ def test_identifiers_are_url_decoded_normalised_and_bare_ids_work(client: TestCl
     assert client.get(BASE + "/use_999999/traits", headers=AUTH).status_code == 404
 
 
-def test_rate_limit_per_token_is_shared_by_web_processes(settings: Settings, redis_url: str,
+def test_rate_limit_per_token_is_shared_by_web_processes(settings: Settings, redis_url: str, r: redis.Redis,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     limited = dataclasses.replace(settings, profile_api_rate_limit=5)
-    apply(redis.Redis.from_url(redis_url), [{"type": "identify", "userId": "rl", "messageId": "rl-1"}])
+    apply(r, [{"type": "identify", "userId": "rl", "messageId": "rl-1"}])
     second = int(time.time())
     monkeypatch.setattr(profiles_api, "_second", lambda: second)  # every request below falls in one second
     with TestClient(create_app(limited, redis_url, "")) as one, TestClient(create_app(limited, redis_url, "")) as two:

@@ -14,6 +14,8 @@ from service.http.app import create_app
 from service.spec.keys import Keys
 from tests.conftest import ADMIN_TOKEN, FIXTURES, SECRET, fixture_bytes, fixture_json
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 
 def sign(body: bytes, secret: str = SECRET) -> str:
     """As Segment signs a compact body: all of it, or for an Actions batch JSON.stringify(first element)."""

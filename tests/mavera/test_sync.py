@@ -22,6 +22,8 @@ from workers.mavera.client import MaveraClient
 from workers.mavera.sync import SyncFailed, narrate_space, persona_payload, sync_space
 from workers.recompute import refresh
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 K = Keys("default")
 
 
@@ -246,13 +248,14 @@ def test_a_refused_payload_is_sent_again_once_it_changed(mavera: MaveraServer, r
 
 
 def test_a_worker_killed_mid_create_never_leads_to_a_second_persona(mavera: MaveraServer, redis_url: str,
-                                                                     r: redis.Redis) -> None:
+                                                                     redis_backend: str, r: redis.Redis) -> None:
     """SIGKILL (OOM, RQ's hard timeout) while the POST is at Mavera: Mavera creates the persona, we never store
     its id. The next sync must wait for the create to settle, then adopt it by name."""
     seed(r)
     mavera.fault("POST", "/personas", sleep=1.0)
-    code = ("import redis; from tests.mavera.test_sync import settings_for_url, sync_space; "
-            f"from workers.mavera.client import MaveraClient; r = redis.Redis.from_url({redis_url!r}); "
+    code = ("from service.state.connect import connect; from workers.mavera.client import MaveraClient; "
+            "from tests.mavera.test_sync import settings_for_url, sync_space; "
+            f"r = connect({redis_url!r}, cluster={redis_backend == 'cluster'}); "
             f"s = settings_for_url({mavera.url!r}); "
             "sync_space(r, s, 'default', MaveraClient(s, r))")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
@@ -296,7 +299,7 @@ def test_a_persona_deleted_at_mavera_is_created_again_once(mavera: MaveraServer,
 def test_a_create_is_not_sent_once_its_lock_lapsed(mavera: MaveraServer, r: redis.Redis) -> None:
     seed(r)
     mavera.fault("GET", "/personas", sleep=0.6)  # while the worker lists, its lock lapses (Redis lost it)
-    lapse = threading.Timer(0.3, lambda: r.delete(*r.keys("sps:{default}:w:plock:*")))
+    lapse = threading.Timer(0.3, lambda: r.delete(*r.scan_iter(match="sps:{default}:w:plock:*")))
     lapse.start()
     with pytest.raises(SyncFailed, match="lost the create lock") as failed:
         sync_space(r, settings_for(mavera), "default", client_for(mavera, r))

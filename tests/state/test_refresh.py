@@ -4,6 +4,7 @@ a real RQ queue (refresh jobs are queued at once and wait out their debounce mar
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aredis
@@ -12,52 +13,57 @@ from rq import Queue
 from service.state.queue import QUEUE_NAME, REFRESH_JOB
 from service.state.refresh import RefreshScheduler
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 DEBOUNCE = 0.6
+Clients = Callable[[], aredis.Redis]
 
 
-def scheduled(r: redis.Redis) -> list[str]:
-    return [j.id for j in Queue(QUEUE_NAME, connection=r).get_jobs() if j.func_name == REFRESH_JOB]
+def scheduled(queue_url: str) -> list[str]:
+    return [j.id for j in Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url)).get_jobs()
+            if j.func_name == REFRESH_JOB]
 
 
-def run_refresh(r: redis.Redis) -> None:
+def run_refresh(queue_url: str) -> None:
     """What the worker does with a queued refresh: take the job off the queue."""
-    queue = Queue(QUEUE_NAME, connection=r)
-    for job_id in scheduled(r):
+    queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
+    for job_id in scheduled(queue_url):
         queue.remove(job_id)
 
 
-def test_one_refresh_per_interval_across_processes(redis_url: str, r: redis.Redis) -> None:
+def test_one_refresh_per_interval_across_processes(async_state_client: Clients, queue_url: str) -> None:
     async def go() -> list[int]:
-        a = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
-        b = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
+        a = RefreshScheduler(async_state_client(), queue_url, DEBOUNCE)
+        b = RefreshScheduler(async_state_client(), queue_url, DEBOUNCE)
         counts = []
         for _ in range(2):  # two intervals of steady traffic from both processes
             for _ in range(10):
                 await a.touch("default")
                 await b.touch("default")
                 await asyncio.sleep(DEBOUNCE / 20)
-            counts.append(len(scheduled(r)))
+            counts.append(len(scheduled(queue_url)))
             await asyncio.sleep(DEBOUNCE)
-            run_refresh(r)
+            run_refresh(queue_url)
         return counts
 
     assert asyncio.run(go()) == [1, 1]
 
 
-def test_a_process_that_lost_the_race_schedules_once_the_marker_expired(redis_url: str, r: redis.Redis) -> None:
+def test_a_process_that_lost_the_race_schedules_once_the_marker_expired(async_state_client: Clients,
+                                                                        queue_url: str) -> None:
     """B schedules; A sees B's marker. Once B's refresh has run, a profile A dirties must get a refresh of its own
     (A must not keep trusting a marker that has expired)."""
     async def go() -> tuple[int, int]:
-        a = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
-        b = RefreshScheduler(aredis.Redis.from_url(redis_url), redis_url, DEBOUNCE)
+        a = RefreshScheduler(async_state_client(), queue_url, DEBOUNCE)
+        b = RefreshScheduler(async_state_client(), queue_url, DEBOUNCE)
         await b.touch("default")
         await asyncio.sleep(DEBOUNCE / 2)
         await a.touch("default")  # covered by B's refresh
-        first = len(scheduled(r))
+        first = len(scheduled(queue_url))
         await asyncio.sleep(DEBOUNCE / 2 + 0.1)  # B's marker expired; its refresh ran
-        run_refresh(r)
+        run_refresh(queue_url)
         await a.touch("default")  # a profile dirtied after that refresh
-        return first, len(scheduled(r))
+        return first, len(scheduled(queue_url))
 
     assert asyncio.run(go()) == (1, 1)
 

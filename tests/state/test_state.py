@@ -12,6 +12,8 @@ from service.spec.keys import Keys
 from service.state.ops import forget, purge_forgotten
 from tests.helpers import apply, find, mixed_stream, profiles, snapshot
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 
 def test_20000_events_in_order_equal_twice_shuffled(r: redis.Redis) -> None:
     events = mixed_stream(20_000, users=400)

@@ -16,9 +16,7 @@ from contextlib import contextmanager
 import redis
 
 from service.spec.clock import now_ms
-from service.spec.keys import MAVE_CHAT_SLOTS_KEY, MAVERA_RATE_KEY
-
-BLOCKED_UNTIL_KEY = "sps:mavera:blocked-until"  # epoch ms before which no worker calls Mavera
+from service.spec.keys import MAVE_CHAT_SLOTS_KEY, MAVERA_BLOCKED_KEY, MAVERA_RATE_KEY
 
 _TAKE = """
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -58,7 +56,7 @@ class RateLimited(RuntimeError):
 
 class RateLimiter:
     def __init__(self, client: redis.Redis, per_minute: int, window_ms: int = 60_000, max_wait: float = 120.0,
-                 key: str = MAVERA_RATE_KEY, blocked_key: str = BLOCKED_UNTIL_KEY) -> None:
+                 key: str = MAVERA_RATE_KEY, blocked_key: str = MAVERA_BLOCKED_KEY) -> None:
         self.client = client
         self.limit = per_minute
         self.window_ms = window_ms
