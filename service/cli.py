@@ -459,6 +459,31 @@ def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, si
                        None, options, "replay", name, f"replaying {len(files)} archive file(s) of {space}", meter)
 
 
+def cmd_move_space(settings: Settings, args: argparse.Namespace) -> int:
+    """Move a space to another primary of the Redis Cluster, all its keys in one step, while intake goes on."""
+    from service.state.connect import is_cluster
+    from service.state.reshard import MoveError, move_space, owner
+
+    client = state_client(settings)
+    space = args.space or settings.space_id
+    if not is_cluster(client):
+        raise CommandError("REDIS_CLUSTER is not set: only a Redis Cluster has spaces to move")
+    if not args.to:
+        print(f"{space} is on {owner(client, space)}; primaries: "
+              + ", ".join(sorted(n.name for n in client.get_primaries())))
+        return 0
+    try:
+        moved = move_space(client, space, args.to)
+    except MoveError as exc:
+        raise CommandError(str(exc)) from None
+    if not moved.keys and moved.source == moved.target:
+        print(f"{space} is already on {moved.target}")
+    else:
+        print(f"{space}: slot {moved.slot} moved from {moved.source} to {moved.target}: {moved.keys:,} keys in "
+              f"{moved.seconds} s")
+    return 0
+
+
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     """Recompute a space's profiles from its history under the current rules, then switch (live ingest goes on)."""
     from rq import Queue
@@ -957,6 +982,14 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--force", action="store_true", help="rebuild even if some profiles would lose data")
     rb.add_argument("--drop-old", action="store_true", help="delete the generations a rebuild left behind")
     rb.set_defaults(func=cmd_rebuild)
+    mv = sub.add_parser("move-space", help="move a space to another primary of the Redis Cluster",
+                        description="With REDIS_CLUSTER=true: move every key of a space (they share one hash slot) "
+                                    "to another primary in one step, while intake goes on, so that no event is "
+                                    "applied against half-moved state. Use it instead of `redis-cli --cluster "
+                                    "reshard` for slots that hold a space. Without --to: where the space is.")
+    mv.add_argument("--space", help="space (default SPACE_ID)")
+    mv.add_argument("--to", metavar="HOST:PORT", help="the primary to move the space to")
+    mv.set_defaults(func=cmd_move_space)
     r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",
                        description="Clear the pause that a 402 from Mavera set; the next sync pushes what waited.")
     r.set_defaults(func=cmd_resume)

@@ -111,6 +111,14 @@ def queue_url(redis_url: str, redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
+def redis_env(redis_url: str, redis_backend: str, queue_url: str) -> dict[str, str]:
+    """The environment that points a subprocess (the CLI, a worker) at this backend."""
+    if redis_backend == "cluster":
+        return {"REDIS_URL": redis_url, "REDIS_CLUSTER": "true", "QUEUE_REDIS_URL": queue_url}
+    return {"REDIS_URL": redis_url}
+
+
+@pytest.fixture
 def r(state_client: Callable[..., redis.Redis]) -> Iterator[redis.Redis]:
     client = state_client()
     yield client

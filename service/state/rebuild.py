@@ -31,6 +31,7 @@ from service.spec.clock import now_ms
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
+from service.state.connect import scan_space
 from service.state.ops import user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
@@ -74,7 +75,7 @@ def coverage(client: redis.Redis, settings: Settings, space: str) -> Coverage:
         return sum(1 for created in pipe.execute()
                    if created is not None and (start is None or int(created) < start - CLOCK_MARGIN_MS))
 
-    for key in client.scan_iter(match=prefix + "*", count=2000):
+    for key in scan_space(client, k.log, prefix + "*"):
         profiles += 1
         batch.append(key)
         if len(batch) >= 1000:
@@ -97,7 +98,7 @@ def drop_generation(client: redis.Redis, space: str, gen: str) -> int:
     patterns = [k.prefix + gen + family + "*" for family in GEN_FAMILIES]
     for pattern in patterns:
         batch: list[bytes] = []
-        for key in client.scan_iter(match=pattern, count=2000):
+        for key in scan_space(client, k.log, pattern):
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += client.unlink(*batch)
@@ -112,7 +113,7 @@ def generations(client: redis.Redis, space: str) -> set[str]:
     """Every generation with keys in Redis (a scan of the space's keys)."""
     prefix = Keys(space).prefix
     found: set[str] = set()
-    for key in client.scan_iter(match=prefix + "*", count=5000):
+    for key in scan_space(client, Keys(space).log, prefix + "*", count=5000):
         rest = key.decode(errors="replace")[len(prefix):]
         if rest.startswith(GEN_FAMILIES) or rest == "seq":
             found.add("")

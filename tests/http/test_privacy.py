@@ -14,6 +14,8 @@ from service.spec.keys import Keys
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import apply, find
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 T = "2026-03-01T10:00:00Z"
@@ -27,10 +29,10 @@ def ada(r: redis.Redis) -> None:
               {"type": "identify", "userId": "bob", "messageId": "b1", "timestamp": T}])
 
 
-def test_forget_by_email_erases_the_merged_profile_and_suppresses_its_user_id(redis_url: str,
+def test_forget_by_email_erases_the_merged_profile_and_suppresses_its_user_id(redis_env: dict[str, str],
                                                                               r: redis.Redis) -> None:
     ada(r)
-    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    env = {"PATH": "/usr/bin:/bin", **redis_env}
     out = subprocess.run([EXE, "forget", "email:ada@example.com "], capture_output=True, text=True, timeout=60,
                          env=env)
     assert out.returncode == 0, out.stderr
@@ -58,12 +60,12 @@ def test_forget_a_profile_without_user_id_and_an_identifier_of_nobody(client: Te
     assert client.post("/admin/forget", json={"id": "x"}).status_code == 401
 
 
-def test_suppressions_are_listed_and_lifted(client: TestClient, redis_url: str, r: redis.Redis) -> None:
+def test_suppressions_are_listed_and_lifted(client: TestClient, redis_env: dict[str, str], r: redis.Redis) -> None:
     ada(r)
     assert client.post("/admin/forget", json={"id": "x2"}, headers=ADMIN).json()["suppressed_user_id"] == "x2"
     listed = client.get("/admin/suppressions", headers=ADMIN).json()
     assert [row["user_id"] for row in listed["data"]] == ["x2"] and listed["data"][0]["until_ms"] > 0
-    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    env = {"PATH": "/usr/bin:/bin", **redis_env}
     out = subprocess.run([EXE, "suppressions", "list"], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0 and "x2  events up to" in out.stdout
     lifted = subprocess.run([EXE, "suppressions", "lift", "x2"], capture_output=True, text=True, timeout=60, env=env)
@@ -73,15 +75,15 @@ def test_suppressions_are_listed_and_lifted(client: TestClient, redis_url: str, 
     assert client.delete("/admin/suppressions/x2", headers=ADMIN).status_code == 404
 
 
-def test_with_a_queue_the_purge_is_a_job(settings, redis_url: str, r: redis.Redis) -> None:
+def test_with_a_queue_the_purge_is_a_job(settings, redis_url: str, queue_url: str, r: redis.Redis) -> None:
     from rq import Queue
 
     from service.http.app import create_app
 
     ada(r)
-    with TestClient(create_app(settings, redis_url, redis_url)) as c:
+    with TestClient(create_app(settings, redis_url, queue_url)) as c:
         resp = c.post("/admin/forget", json={"id": "email:ada@example.com"}, headers=ADMIN)
     assert resp.status_code == 200 and resp.json()["events_purge"] == "queued"
-    jobs = [j.func_name for j in Queue("persona-sync", connection=r).get_jobs()]
+    jobs = [j.func_name for j in Queue("persona-sync", connection=redis.Redis.from_url(queue_url)).get_jobs()]
     assert "service.state.ops.purge_job" in jobs and "workers.jobs.refresh" in jobs
     assert find(r, "email", "ada@example.com") is None

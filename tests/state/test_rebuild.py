@@ -21,6 +21,8 @@ from tests.conftest import PROFILE_TOKEN, LiveServer
 from tests.helpers import apply, find, profiles
 from tests.http.test_receiver import sign
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 SPACE = "default"
 
 
@@ -101,7 +103,7 @@ def test_a_rebuild_refuses_when_history_no_longer_reaches_back(r: redis.Redis) -
     assert find(r, "user_id", "new") is not None and find(r, "anonymous_id", "anon-0") is None  # what was lost
 
 
-def test_the_rebuild_command(redis_url: str, r: redis.Redis) -> None:
+def test_the_rebuild_command(redis_env: dict[str, str], queue_url: str, r: redis.Redis) -> None:
     import subprocess
     import sys
     from pathlib import Path
@@ -110,12 +112,12 @@ def test_the_rebuild_command(redis_url: str, r: redis.Redis) -> None:
 
     exe = str(Path(sys.executable).with_name("persona-sync"))
     apply(r, many_emails(4), now=now_ms())
-    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "IDENTITY_LIMITS": "user_id:1,email:1,*:5"}
+    env = {"PATH": "/usr/bin:/bin", **redis_env, "IDENTITY_LIMITS": "user_id:1,email:1,*:5"}
     out = subprocess.run([exe, "rebuild"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "rebuilt into generation g1: from 12 events" in out.stdout and "--drop-old" in out.stdout
     assert emails_per_profile(r) == Counter({1: 12})
-    [job] = Queue("persona-sync", connection=r).get_jobs()
+    [job] = Queue("persona-sync", connection=redis.Redis.from_url(queue_url)).get_jobs()
     assert job.func_name == "workers.jobs.full_recompute" and job.args == ("default",)
     dropped = subprocess.run([exe, "rebuild", "--drop-old"], capture_output=True, text=True, timeout=60, env=env)
     assert dropped.returncode == 0 and "generation (original):" in dropped.stdout

@@ -30,6 +30,8 @@ from service.state.replay import (
 from service.state.store import SyncStore
 from tests.helpers import apply, find, mixed_stream, snapshot
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
+
 SPACE = "default"
 
 

@@ -1,0 +1,144 @@
+"""Profile state on a real Redis Cluster: spaces on different shards ingest side by side, and a space moves to
+another primary while its events flow (``persona-sync move-space``), losing and doubling nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import redis
+from redis.crc import key_slot
+
+from service.config import Settings
+from service.http.app import create_app
+from service.spec.keys import Keys
+from service.state.connect import connect
+from service.state.reshard import owner
+from tests.conftest import LiveServer
+from tests.helpers import profiles
+from tests.topology import LocalCluster
+
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+T = "2026-03-01T00:00:00.000Z"
+
+
+def events(space: str, start: int, n: int, users: int) -> list[dict]:
+    """For user ``i % users``: an identify tying an anonymousId and an email to the userId, then orders. A user's
+    events straddle any moment of the run, so state read half-moved would split or lose a profile."""
+    out = []
+    for i in range(start, start + n):
+        u = i % users
+        if i < users:
+            out.append({"type": "identify", "userId": f"{space}-u{u}", "anonymousId": f"{space}-a{u}",
+                        "messageId": f"{space}-m{i}", "timestamp": T, "traits": {"email": f"{u}@{space}.example"}})
+        else:
+            out.append({"type": "track", "event": "Order Completed", "anonymousId": f"{space}-a{u}",
+                        "messageId": f"{space}-m{i}", "timestamp": T,
+                        "properties": {"order_id": f"{space}-o{i}", "revenue": 10}})
+    return out
+
+
+class Sender(threading.Thread):
+    """Posts batches of 20 to one space like Segment does: a batch refused (503) is sent again until taken."""
+
+    def __init__(self, url: str, space: str, users: int = 40) -> None:
+        super().__init__(daemon=True)
+        self.url, self.space, self.users = url, space, users
+        self.sent = 0
+        self.refused = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            while not self.stop.is_set():
+                batch = events(self.space, self.sent, 20, self.users)
+                while http.post(f"/segment/{self.space}", json=batch).status_code != 200:
+                    self.refused += 1
+                    time.sleep(0.05)
+                self.sent += len(batch)
+
+
+def check(client: redis.Redis, space: str, sent: int, users: int) -> None:
+    """Every acknowledged event applied once: one profile per user, each holding its orders exactly."""
+    keys = Keys(space)
+    assert client.xlen(keys.log) == sent
+    found = profiles(client, space)
+    assert len(found) == users
+    orders = Counter({next(i.value for i in p.identifiers if i.type == "user_id"): len(p.orders) for p in found})
+    expected = Counter(f"{space}-u{i % users}" for i in range(users, sent))
+    assert orders == expected
+
+
+def spaces_on_each_node(cluster: LocalCluster, client: redis.Redis) -> list[str]:
+    """One space name per primary."""
+    wanted = {n.name for n in client.get_primaries()}  # type: ignore[attr-defined]
+    chosen: dict[str, str] = {}
+    for i in range(1000):
+        name = f"shop{i}"
+        node = client.get_node_from_key(Keys(name).log).name  # type: ignore[attr-defined]
+        chosen.setdefault(node, name)
+        if set(chosen) == wanted:
+            return list(chosen.values())
+    raise AssertionError("no space name found for every primary")
+
+
+def test_three_spaces_on_three_shards_ingest_concurrently(redis_cluster: LocalCluster) -> None:
+    redis_cluster.flush()
+    client = connect(redis_cluster.url, cluster=True)
+    spaces = spaces_on_each_node(redis_cluster, client)
+    settings = Settings(redis_cluster=True)
+    with LiveServer(create_app(settings, redis_cluster.url, "")) as server:
+        senders = [Sender(server.url, space) for space in spaces]
+        for s in senders:
+            s.start()
+        deadline = time.monotonic() + 30
+        while min(s.sent for s in senders) < 400 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for s in senders:
+            s.stop.set()
+            s.join(15)
+    for s in senders:
+        check(client, s.space, s.sent, s.users)
+    assert len({owner(client, space) for space in spaces}) == 3
+    for space in spaces:  # each space's keys on its own node only
+        slot = key_slot(Keys(space).log.encode())
+        counts = [redis_cluster.node(n).execute_command("CLUSTER COUNTKEYSINSLOT", slot)
+                  for n in range(len(redis_cluster.ports))]
+        assert sorted(counts)[:2] == [0, 0] and max(counts) > 0, (space, counts)
+
+
+def test_a_space_moves_to_another_primary_while_its_events_flow(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path).start()
+    try:
+        client = connect(cluster.url, cluster=True)
+        space = "default"
+        before = owner(client, space)
+        target = next(n.name for n in client.get_primaries() if n.name != before)  # type: ignore[attr-defined]
+        env = {"PATH": "/usr/bin:/bin", "REDIS_URL": cluster.url, "REDIS_CLUSTER": "true",
+               "QUEUE_REDIS_URL": "redis://127.0.0.1:1/0"}  # the move never touches the queue
+        with LiveServer(create_app(Settings(redis_cluster=True), cluster.url, "")) as server:
+            sender = Sender(server.url, space)
+            sender.start()
+            while sender.sent < 600:
+                time.sleep(0.02)
+            out = subprocess.run([EXE, "move-space", "--space", space, "--to", target], capture_output=True,
+                                 text=True, timeout=120, env=env)
+            at_move = sender.sent
+            while sender.sent < at_move + 600:  # events go on after the move, through ASK then MOVED
+                time.sleep(0.02)
+            sender.stop.set()
+            sender.join(15)
+        assert out.returncode == 0, out.stderr
+        assert f"moved from {before} to {target}" in out.stdout
+        assert owner(connect(cluster.url, cluster=True), space) == target  # a fresh client reads the new layout
+        check(client, space, sender.sent, sender.users)
+        where = subprocess.run([EXE, "move-space", "--space", space], capture_output=True, text=True, timeout=60,
+                               env=env)
+        assert f"{space} is on {target}" in where.stdout
+    finally:
+        cluster.stop()
