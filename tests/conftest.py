@@ -26,10 +26,10 @@ from hypothesis import settings as hypothesis_settings
 from starlette.testclient import TestClient
 
 from service.config import Settings
+from service.devstack.cluster import LocalCluster
 from service.devstack.redis_server import EmbeddedRedis
 from service.http.app import create_app
 from service.state.connect import connect, connect_async
-from tests.topology import LocalCluster
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment"
 if not FIXTURES.exists():  # a checkout whose shared/ sits elsewhere

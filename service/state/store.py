@@ -164,7 +164,7 @@ def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
     as dead letters for replay once the cause is fixed (what did apply is then dropped as a duplicate)."""
     out = []
     for r, n in zip(replies, sizes, strict=True):
-        if isinstance(r, REDIS_DOWN) or _out_of_memory(r):
+        if isinstance(r, REDIS_DOWN) or _refused_for_now(r):
             raise StoreUnavailable(str(r))
         if isinstance(r, Exception):
             out += [Outcome("error", f"store error: {r}"[:300])] * n
@@ -173,10 +173,13 @@ def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
     return out
 
 
-def _out_of_memory(reply: object) -> bool:
-    """maxmemory reached under noeviction: Redis refuses writes until memory is freed (answer 503, not 500)."""
+def _refused_for_now(reply: object) -> bool:
+    """Redis refuses the call for a while, not the events: maxmemory reached under noeviction (until memory is
+    freed), or BUSY, another script running past ``lua-time-limit`` (``persona-sync move-space`` of a large
+    space). Answer 503 so that Segment retries, rather than keeping good events as dead letters."""
     return isinstance(reply, redis.exceptions.OutOfMemoryError) or (
-        isinstance(reply, redis.ResponseError) and "OOM command not allowed" in str(reply))  # raised in a script
+        isinstance(reply, redis.ResponseError) and ("OOM command not allowed" in str(reply)  # raised in a script
+                                                    or str(reply).startswith("BUSY ")))
 
 
 Call = tuple[list[str], list]  # (keys, args) of one EVALSHA of the apply script
@@ -242,8 +245,12 @@ class AsyncStore:
                 for i, reply in zip(missing, await rerun.execute(raise_on_error=False), strict=True):
                     replies[i] = reply
             return _outcomes(replies, sizes)
-        except (*REDIS_DOWN, redis.exceptions.OutOfMemoryError) as exc:  # maxmemory under noeviction: 503 too
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
+        except redis.ResponseError as exc:  # OOM or BUSY from the spaces SADD or a single call: 503 too
+            if _refused_for_now(exc):
+                raise StoreUnavailable(str(exc)) from exc
+            raise
 
     async def _evalsha(self, keys: list[str], args: list) -> object:
         try:
@@ -283,7 +290,7 @@ class AsyncStore:
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         except redis.ResponseError as exc:
-            if _out_of_memory(exc):  # maxmemory, noeviction: nothing kept, ask for a retry (503)
+            if _refused_for_now(exc):  # maxmemory (noeviction), BUSY: nothing kept, ask for a retry (503)
                 raise StoreUnavailable(str(exc)) from exc
             raise
 

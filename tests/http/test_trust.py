@@ -214,3 +214,29 @@ def test_a_full_redis_never_turns_a_refusal_into_a_500(client: TestClient, r: re
         assert resp.status_code == 503 and r.dbsize() == 0
     finally:
         r.config_set("maxmemory", 0)
+
+
+def test_a_script_running_past_its_time_limit_is_503_not_a_dead_letter(client: TestClient, r: redis.Redis,
+                                                                       redis_url: str) -> None:
+    """While another script runs past ``lua-time-limit`` (a large ``persona-sync move-space``), Redis answers BUSY:
+    the events are fine and must come again (503), not be kept as dead letters or answered 500."""
+    import threading
+    import time
+
+    r.config_set("lua-time-limit", 50)
+    busy = threading.Thread(target=lambda: redis.Redis.from_url(redis_url).eval(
+        "local t = redis.call('TIME') while true do local n = redis.call('TIME') "
+        "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 1500000 then return 1 end end", 0))
+    try:
+        busy.start()
+        time.sleep(0.3)  # the script is past its 50 ms limit: every other client gets BUSY
+        single = post(client, identify(1))
+        valid = [{"type": "track", "event": "x", "userId": f"busy-{n}", "messageId": f"busy-{n}"} for n in range(3)]
+        batch = post(client, orjson.dumps(valid))
+        assert (single.status_code, batch.status_code) == (503, 503), (single.text, batch.text)
+        busy.join()
+        assert r.xlen(Keys("default").dead_letters) == 0
+        assert post(client, orjson.dumps(valid)).status_code == 200  # Segment's retry, once the script ended
+    finally:
+        busy.join()
+        r.config_set("lua-time-limit", 5000)

