@@ -67,13 +67,17 @@ def profile_bytes(client: redis.Redis, events: int = 40_000, users: int = 2_000)
     index, _ = _usage(client, k.prefix + "i:*")
     accounts, _ = _usage(client, k.prefix + "acct:*")
     log, _ = _usage(client, k.log)
+    events_index, _ = _usage(client, k.prefix + "ev:*")
+    account_users, _ = _usage(client, k.prefix + "au:*")
     refresh(client, Settings(), "default")
     contrib, _ = _usage(client, k.contributions)
     return {"profiles": n, "events": events, "profile_hash_bytes": round(profiles / n),
-            "identifier_index_bytes": round(index / n), "account_bytes": round(accounts / n),
+            "identifier_index_bytes": round(index / n), "account_bytes": round((accounts + account_users) / n),
             "contribution_bytes": round(contrib / n),
-            "total_bytes_per_profile": round((profiles + index + accounts + contrib) / n),
-            "log_bytes_per_event": round(log / events)}
+            "total_bytes_per_profile": round((profiles + index + accounts + account_users + contrib) / n),
+            "log_bytes_per_event": round(log / events),
+            # the Profile API's /events index: one sorted-set member per logged event, kept EVENT_LOG_RETENTION
+            "events_index_bytes_per_event": round(events_index / events)}
 
 
 def measure() -> dict:
