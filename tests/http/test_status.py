@@ -193,3 +193,20 @@ def test_an_evicting_redis_is_a_problem(r: redis.Redis, policy: str) -> None:
         r.config_set("maxmemory-policy", "noeviction")
     [problem] = report["problems"]
     assert policy in problem["problem"] and "noeviction" in problem["next"]
+
+
+def test_an_upgrade_keeps_the_known_spaces_and_mavera_pause_under_their_tagged_names(settings: Settings,
+                                                                                     redis_url: str,
+                                                                                     r: redis.Redis) -> None:
+    """Before the Cluster support the deployment's keys had untagged names (``sps:spaces``...): the web renames
+    them at start, so the status still lists every space and Mavera stays paused after the upgrade."""
+    r.sadd("sps:spaces", "default", "shop")
+    r.set("sps:mavera:paused", orjson.dumps({"reason": "402 Credits exhausted", "at_ms": 1}))
+    r.set(Keys("default").generation_key, "")  # a space must exist for its row; its keys never changed
+    with TestClient(create_app(settings, redis_url, "")) as c:
+        status = c.get("/admin/status", headers=ADMIN).json()
+    assert [s["space"] for s in status["spaces"]] == ["default", "shop"]
+    assert status["mavera"]["paused"] is True and status["mavera"]["reason"] == "402 Credits exhausted"
+    assert not r.exists("sps:spaces", "sps:mavera:paused")
+    with TestClient(create_app(settings, redis_url, "")) as c:  # a second start changes nothing
+        assert [s["space"] for s in c.get("/admin/status", headers=ADMIN).json()["spaces"]] == ["default", "shop"]
