@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.config import VARIABLES, ConfigError, Settings, queue_url, state_url
+from service.config import VARIABLES, ConfigError, Settings, queue_url, redact, state_url
 from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 
 # events/s of `replay` and `import` unless --rate says otherwise: measured to keep live single-event p95 within 2x
@@ -158,7 +158,7 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
             bar.update(task, completed=job.get_meta(refresh=True).get("profiles", 0))
             time.sleep(0.5)
     if status != JobStatus.FINISHED:
-        print(f"the recompute did not finish ({status}): see `rq info -u <queue url>` and the worker's log",
+        print(f"the recompute did not finish ({status}): see `persona-sync jobs` and the worker's log",
               file=sys.stderr)
         return 1
     for report in job.return_value() or []:
@@ -171,9 +171,33 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cron(settings: Settings, args: argparse.Namespace) -> int:
-    rq = Path(sys.executable).with_name("rq")
-    os.execv(str(rq), [str(rq), "cron", CRON_CONFIG, "--url", queue_url(settings)])
-    return 0  # not reached
+    """rq's cron scheduler with the schedule of ``CRON_CONFIG``, run in this process on the queue client that
+    ``connect`` builds (``rq cron --url`` takes no Sentinel URL). When Redis goes away (a restart, a failover) the
+    scheduler starts again once it is back, as the worker does; SIGTERM or Ctrl-C ends it."""
+    import redis
+    from rq.cron import CronScheduler
+    from rq.exceptions import StopRequested
+
+    from service.logs import setup
+    from service.state.connect import connect
+
+    setup(settings.log_level)
+    conn = connect(queue_url(settings), socket_timeout=30, socket_connect_timeout=5)
+    backoff = 0.5
+    try:
+        while True:
+            try:
+                cron = CronScheduler(connection=conn, logging_level=settings.log_level)
+                cron.load_config_from_file(CRON_CONFIG)
+                cron.start()  # returns once SIGTERM or Ctrl-C asked it to stop
+                return 0
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                print(f"persona-sync cron: Redis unreachable ({exc}); starting again in {backoff:.1f} s",
+                      file=sys.stderr, flush=True)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+    except (StopRequested, KeyboardInterrupt):  # a signal between two runs (rq's handlers stay installed)
+        return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -241,7 +265,7 @@ def state_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily
     """The STATE Redis as the stack finds it (REDIS_URL, else the embedded server of `persona-sync dev` under
     DATA_DIR), checked with a PING: an unreachable one is a one-line error with the fix."""
     def unreachable(url: str, exc: Exception) -> str:
-        where = url if settings.redis_url else f"the embedded server under DATA_DIR={settings.data_dir}"
+        where = redact(url) if settings.redis_url else f"the embedded server under DATA_DIR={settings.data_dir}"
         return (f"cannot reach Redis at {where} ({exc}): start the stack with `make run`, or point REDIS_URL at "
                 "your Redis")
 

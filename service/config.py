@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class ConfigError(ValueError):
@@ -60,7 +61,97 @@ def _queue_url(raw: str, cluster: str) -> str:
     if not raw and _bool("REDIS_CLUSTER", cluster):
         raise ConfigError("REDIS_CLUSTER=true needs QUEUE_REDIS_URL: RQ cannot use a Redis Cluster, so set it to a "
                           "standalone Redis (or a redis+sentinel:// URL) for the job queue")
+    return _redis_url("QUEUE_REDIS_URL", raw)
+
+
+def _state_url(raw: str, cluster: str) -> str:
+    if is_sentinel(raw) and _bool("REDIS_CLUSTER", cluster):
+        raise ConfigError("REDIS_CLUSTER=true with a redis+sentinel:// REDIS_URL: a Redis Cluster fails over by "
+                          "itself and has no Sentinel; give a seed node's redis:// URL, or set REDIS_CLUSTER=false")
+    return _redis_url("REDIS_URL", raw)
+
+
+def _redis_url(name: str, raw: str) -> str:
+    """A Sentinel URL is checked here, at start, rather than at the first connection."""
+    if is_sentinel(raw):
+        try:
+            parse_sentinel_url(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    elif raw.split("://", 1)[0].endswith("+sentinel"):
+        raise ConfigError(f"{name}: only redis+sentinel:// is supported for Sentinel (no TLS to the sentinels)")
     return raw
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+_SENTINEL_FORM = ("expected redis+sentinel://[[user]:password@]host:26379[,host:26379...]/<service name>[/<db>]"
+                  "[?sentinel_password=...], e.g. redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster/0")
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Where the sentinels are, the service name they know the primary by, and the credentials: ``username`` and
+    ``password`` are the data nodes', ``sentinel_password`` the sentinels' own (when they require one)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith(SENTINEL_SCHEME + "://")
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """A ``redis+sentinel://`` URL -> ``SentinelTarget``; ``ConfigError`` (never quoting a password) when malformed."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ConfigError(f"Sentinel URL: {_SENTINEL_FORM}")
+    auth, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = auth.partition(":")
+    sentinels = []
+    for host in (h.strip() for h in hosts.split(",")):
+        if not host:
+            continue
+        if host.startswith("["):  # [IPv6]:port
+            name, _, rest = host[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else str(SENTINEL_PORT) if not rest else "?"
+        else:
+            name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", str(SENTINEL_PORT))
+            port = port or str(SENTINEL_PORT)
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"sentinel {host!r}: expected host:port, e.g. sentinel-1:26379")
+        sentinels.append((name, int(port)))
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(f"Sentinel URL: {_SENTINEL_FORM}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if unknown := sorted(set(query) - {"sentinel_password"}):
+        raise ConfigError(f"Sentinel URL: unknown option {unknown[0]!r} (only sentinel_password is understood)")
+    return SentinelTarget(tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0,
+                          unquote(user) or None, unquote(password) or None,
+                          query.get("sentinel_password", [""])[-1] or None)
+
+
+def redact(url: str) -> str:
+    """``url`` fit for a log line or an error message: passwords (userinfo, ``sentinel_password``) become ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        auth, _, hosts = netloc.rpartition("@")
+        user, sep, _ = auth.partition(":")
+        netloc = f"{user}{':***' if sep else ''}@{hosts}"
+    query = re.sub(r"(^|&)(sentinel_password|password)=[^&]*", r"\1\2=***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 # (name, default, meaning) — the single source for docs and parsing.
@@ -71,6 +162,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
      "(QUEUE_REDIS_URL is then required)."),
     ("QUEUE_REDIS_URL", "", "Separate Redis for RQ jobs: standalone or `redis+sentinel://` (never a Cluster). "
      "Empty: same as REDIS_URL."),
+    ("STATE_WAIT_REPLICAS", "0", "Replicas that must have a request's events before the receiver answers 200 "
+     "(Redis `WAIT` after the apply script). 0: the primary's word is enough, and a failover loses what it had not "
+     "yet sent to the replica. Fewer within STATE_WAIT_TIMEOUT: 503 (the events are applied on the primary; "
+     "Segment's retry is then a duplicate). Run at least this many replicas plus one. Not with REDIS_CLUSTER."),
+    ("STATE_WAIT_TIMEOUT", "1s", "How long the receiver waits for STATE_WAIT_REPLICAS replicas before it answers "
+     "503 (10ms to 3s: the answer must beat Segment's 5 s deadline)."),
     ("DATA_DIR", "./var", "Where the embedded Redis keeps its data and AOF."),
     ("HOST", "127.0.0.1", "Address the web receiver binds to."),
     ("PORT", "8000", "Port of the web receiver."),
@@ -135,6 +232,8 @@ class Settings:
     redis_url: str = ""
     queue_redis_url: str = ""
     redis_cluster: bool = False
+    state_wait_replicas: int = 0
+    state_wait_timeout: float = 1.0
     data_dir: str = "./var"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -182,9 +281,11 @@ class Settings:
         env = os.environ if env is None else env
         raw = {name: env.get(name, default) for name, default, _ in VARIABLES}
         return cls(
-            redis_url=raw["REDIS_URL"].strip(),
+            redis_url=_state_url(raw["REDIS_URL"].strip(), raw["REDIS_CLUSTER"]),
             queue_redis_url=_queue_url(raw["QUEUE_REDIS_URL"].strip(), raw["REDIS_CLUSTER"]),
             redis_cluster=_bool("REDIS_CLUSTER", raw["REDIS_CLUSTER"]),
+            state_wait_replicas=_wait_replicas(raw["STATE_WAIT_REPLICAS"], raw["REDIS_CLUSTER"]),
+            state_wait_timeout=_bounded_duration("STATE_WAIT_TIMEOUT", raw["STATE_WAIT_TIMEOUT"], 0.01, 3.0),
             data_dir=raw["DATA_DIR"],
             host=raw["HOST"],
             port=_int("PORT", raw["PORT"], 0),
@@ -301,6 +402,21 @@ def _float(name: str, raw: str) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a number") from None
+
+
+def _wait_replicas(raw: str, cluster: str) -> int:
+    n = _int("STATE_WAIT_REPLICAS", raw, 0, 10)
+    if n and _bool("REDIS_CLUSTER", cluster):
+        raise ConfigError("STATE_WAIT_REPLICAS is not supported with REDIS_CLUSTER=true (each request's WAIT would "
+                          "have to go to every primary its events reached): set it to 0")
+    return n
+
+
+def _bounded_duration(name: str, raw: str, lo: float, hi: float) -> float:
+    v = parse_duration(name, raw)
+    if not lo <= v <= hi:
+        raise ConfigError(f"{name}={raw!r}: must be from {lo * 1000:.0f}ms to {hi:g}s")
+    return v
 
 
 def _min_duration(name: str, raw: str, lo: float) -> float:

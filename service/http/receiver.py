@@ -40,7 +40,7 @@ from service.spec.bodies import (
 )
 from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, normalise
-from service.state.store import StoreUnavailable
+from service.state.store import NotReplicated, Outcome, StoreUnavailable
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
@@ -83,6 +83,14 @@ async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, sou
     return refused(exc.status, exc.message)
 
 
+async def _schedule(request: Request, space: str, outcomes: list[Outcome]) -> None:
+    """What was applied is scheduled before anything else can fail: a retry would find these events duplicates."""
+    if any(o.status in ("ok", "deleted") for o in outcomes):
+        await request.app.state.refresh.touch(space)
+    if any(o.status == "deleted" for o in outcomes):
+        await request.app.state.refresh.purge(space)
+
+
 async def ingest(request: Request, space: str, items: list[Item], source: str, single: bool,
                  received: int) -> Response:
     """Normalise, apply and count a list of events; invalid ones become dead letters, the rest are applied."""
@@ -101,13 +109,12 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
             counts[(kind, "rejected")] += 1
     try:
         outcomes = await state.store.apply(space, good, received)
+    except NotReplicated as exc:  # applied on the primary, not yet on enough replicas: Segment retries
+        await _schedule(request, space, exc.outcomes)
+        return unavailable(exc, f"{exc}; Segment will retry (the events are not applied twice)")
     except StoreUnavailable as exc:
         return unavailable(exc)
-    # what was applied is scheduled before anything else can fail: a retry would find these events duplicates
-    if any(o.status in ("ok", "deleted") for o in outcomes):
-        await state.refresh.touch(space)
-    if any(o.status == "deleted" for o in outcomes):
-        await state.refresh.purge(space)
+    await _schedule(request, space, outcomes)
     try:
         failed = [(o.profile_id, raw) for o, (_, raw) in zip(outcomes, good, strict=True) if o.status == "error"]
         await state.store.dead_letters(space, [(r, raw) for _, r, raw in rejected] + failed, source)

@@ -30,8 +30,8 @@ def refused(status: int, message: str) -> JSON:
     return error(status, "payload_too_large" if status == 413 else "invalid_request_error", message)
 
 
-def unavailable(exc: Exception) -> JSON:
+def unavailable(exc: Exception, message: str = "profile store unavailable; Segment will retry") -> JSON:
     """Redis is down or refused the write: 503 with Retry-After, so Segment sends again."""
     metrics.REDIS_ERRORS.inc()
     log_event(log, "redis unavailable", logging.WARNING, error=type(exc).__name__)
-    return error(503, "unavailable", "profile store unavailable; Segment will retry", {"Retry-After": "5"})
+    return error(503, "unavailable", message, {"Retry-After": "5"})

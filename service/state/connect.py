@@ -20,56 +20,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.sentinel import Sentinel
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
-from service.config import ConfigError, Settings, queue_url, state_url
-
-SENTINEL_SCHEME = "redis+sentinel"
-
-
-@dataclass(frozen=True)
-class SentinelTarget:
-    sentinels: tuple[tuple[str, int], ...]
-    service: str
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None
-
-
-def parse_sentinel_url(url: str) -> SentinelTarget:
-    """A Sentinel URL -> where the sentinels are, which primary to ask them for, and the credentials."""
-    parts = urlsplit(url)
-    auth, _, hosts = parts.netloc.rpartition("@")
-    user, _, password = auth.partition(":")
-    sentinels = []
-    for host in filter(None, hosts.split(",")):
-        name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
-        try:
-            sentinels.append((name.strip("[]") or "localhost", int(port)))
-        except ValueError:
-            raise ConfigError(f"{host!r} in a Sentinel URL: expected host:port") from None
-    path = [p for p in parts.path.split("/") if p]
-    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ConfigError("Sentinel URL: expected redis+sentinel://[:password@]host:26379[,host:26379...]/"
-                          "<service name>[/<db>], e.g. redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster/0")
-    query = parse_qs(parts.query)
-    return SentinelTarget(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
-                          unquote(user) or None, unquote(password) or None,
-                          query.get("sentinel_password", [None])[0])
-
-
-def is_sentinel(url: str) -> bool:
-    return url.startswith(SENTINEL_SCHEME + "://")
+from service.config import SentinelTarget, Settings, is_sentinel, parse_sentinel_url, queue_url, state_url
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any) -> redis.Redis:
@@ -79,7 +43,8 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> redis.Redis:
     if is_sentinel(url):
         t = parse_sentinel_url(url)
         sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options), **options)
-        return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password)
+        return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password,
+                                   connection_class=SentinelConnection, sentinel_url=_without_userinfo(url))
     return redis.Redis.from_url(url, **options)
 
 
@@ -89,17 +54,58 @@ def connect_async(url: str, *, cluster: bool = False, **options: Any) -> aredis.
         return cast(aredis.Redis, AsyncRedisCluster.from_url(url, **options))
     if is_sentinel(url):
         t = parse_sentinel_url(url)
-        sentinel = AsyncSentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options), **options)
+        sentinel = AsyncSentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options, asyncio=True),
+                                 **options)
         return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password)
     return aredis.Redis.from_url(url, **options)
 
 
-def _sentinel_kwargs(t: SentinelTarget, options: dict[str, Any]) -> dict[str, Any]:
-    """The sentinels get the timeouts of the data connections, and their own password if one is given."""
-    kwargs = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
+def _sentinel_kwargs(t: SentinelTarget, options: dict[str, Any], asyncio: bool = False) -> dict[str, Any]:
+    """The sentinels get the timeouts of the data connections, their own password if one is given, and no retry:
+    a sentinel that does not answer is passed over for the next one at once (redis-py would otherwise retry the
+    same one with back-off before asking the next)."""
+    kwargs: dict[str, Any] = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
+    kwargs["retry"] = (AsyncRetry if asyncio else Retry)(backoff=NoBackoff(), retries=0)
     if t.sentinel_password:
         kwargs["password"] = t.sentinel_password
     return kwargs
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+class SentinelConnection(SentinelManagedConnection):
+    """A connection to the primary a Sentinel names that can also be rebuilt from its class and plain keyword
+    arguments — what a forked process does to open connections of its own (the recompute's process pool, RQ's
+    scheduler): ``sentinel_url`` (the URL without the data nodes' credentials, which are ``username`` and
+    ``password``) finds the sentinels again when the pool that built the original is not at hand."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        url = kwargs.pop("sentinel_url")
+        if "connection_pool" not in kwargs:
+            kwargs["connection_pool"] = _primary_pool(url, kwargs)
+        super().__init__(**kwargs)
+
+
+_pools: dict[tuple, SentinelConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _primary_pool(url: str, kwargs: dict[str, Any]) -> SentinelConnectionPool:
+    """The Sentinel pool of this process for ``url`` and these credentials (it asks the sentinels where the
+    primary is); one per process, kept for the process's life."""
+    options = {k: v for k, v in kwargs.items() if k in ("socket_timeout", "socket_connect_timeout")}
+    key = (url, kwargs.get("db", 0), kwargs.get("username"), kwargs.get("password"), tuple(sorted(options.items())))
+    with _pools_lock:
+        if key not in _pools:
+            t = parse_sentinel_url(url)
+            sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options), **options)
+            _pools[key] = SentinelConnectionPool(t.service, sentinel, db=kwargs.get("db", 0),
+                                                 username=kwargs.get("username"), password=kwargs.get("password"),
+                                                 **options)
+        return _pools[key]
 
 
 def state_client(settings: Settings, **options: Any) -> redis.Redis:

@@ -104,6 +104,17 @@ class StoreUnavailable(RuntimeError):
     """Redis could not be reached or refused the write: answer 503 so Segment retries."""
 
 
+class NotReplicated(StoreUnavailable):
+    """The events are applied on the primary, but fewer replicas than STATE_WAIT_REPLICAS acknowledged them within
+    STATE_WAIT_TIMEOUT: the receiver answers 503, and Segment's retry finds them duplicates (answered 200 once the
+    replicas have them, or applied afresh if a failover lost them). ``outcomes`` are what the primary did."""
+
+    def __init__(self, outcomes: list[Outcome], acknowledged: int, wanted: int) -> None:
+        super().__init__(f"applied on the primary; {acknowledged} of {wanted} replica(s) acknowledged in time")
+        self.outcomes = outcomes
+        self.acknowledged = acknowledged
+
+
 # Redis unreachable or not serving (a Cluster without a primary for the slot, a resharding's TRYAGAIN, a Sentinel
 # with no primary to name): the request is refused with 503 and Segment retries it.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError, OSError,
@@ -227,30 +238,59 @@ class AsyncStore:
         self._dlq_add = client.register_script(DLQ_ADD)
 
     async def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None) -> list[Outcome]:
+        """Apply ``items`` in order. With STATE_WAIT_REPLICAS, the pipeline ends with ``WAIT`` (on the same
+        connection, so it covers these writes) and ``NotReplicated`` is raised when fewer replicas acknowledged."""
         if not items:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
         calls, sizes = _calls(self.applier, keys, items, now)
+        wait = self.applier.settings.state_wait_replicas
+        new_space = space not in self._spaces
+        acks: list[int] = []  # replicas that acknowledged, per WAIT
         try:
-            if space not in self._spaces:
+            if new_space and not wait:
                 await self.client.sadd(SPACES_KEY, space)
+            if len(calls) == 1 and not wait:  # one call: cheaper without a pipeline
+                outcomes = _outcomes([await self._evalsha(*calls[0])], sizes)
                 self._spaces.add(space)
-            if len(calls) == 1:  # one call: cheaper without a pipeline
-                return _outcomes([await self._evalsha(*calls[0])], sizes)
-            replies = await _queue(self.client.pipeline(transaction=False), calls).execute(raise_on_error=False)
+                return outcomes
+            pipe = self.client.pipeline(transaction=False)
+            if new_space and wait:  # in the pipeline, so that its WAIT covers this write too
+                pipe.sadd(SPACES_KEY, space)
+            replies = await self._waited(_queue(pipe, calls), acks)
+            if new_space and wait:
+                replies.pop(0)
             if missing := _noscript(replies):  # Redis restarted: load the script, re-run only what did not run
                 await self.client.script_load(SCRIPT)
                 rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
-                for i, reply in zip(missing, await rerun.execute(raise_on_error=False), strict=True):
+                for i, reply in zip(missing, await self._waited(rerun, acks), strict=True):
                     replies[i] = reply
-            return _outcomes(replies, sizes)
+            outcomes = _outcomes(replies, sizes)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         except redis.ResponseError as exc:  # OOM or BUSY from the spaces SADD or a single call: 503 too
             if _refused_for_now(exc):
                 raise StoreUnavailable(str(exc)) from exc
             raise
+        self._spaces.add(space)
+        if acks and min(acks) < wait:
+            raise NotReplicated(outcomes, min(acks), wait)
+        return outcomes
+
+    async def _waited(self, pipe: aredis.client.Pipeline, acks: list[int]) -> list:
+        """Run ``pipe`` with a ``WAIT`` at its end when STATE_WAIT_REPLICAS asks for one; its count (0 when it
+        failed: a primary that cannot WAIT has no replica to count on) goes to ``acks``, the replies are returned."""
+        settings = self.applier.settings
+        if not settings.state_wait_replicas:
+            return await pipe.execute(raise_on_error=False)
+        pipe.execute_command("WAIT", settings.state_wait_replicas, max(1, int(settings.state_wait_timeout * 1000)))
+        replies = await pipe.execute(raise_on_error=False)
+        acked = replies.pop()
+        if isinstance(acked, REDIS_DOWN):
+            raise acked
+        acks.append(acked if isinstance(acked, int) else 0)
+        return replies
 
     async def _evalsha(self, keys: list[str], args: list) -> object:
         try:
