@@ -36,9 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, password: str | None) -> bool:
     try:
-        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1) as c:
+        with redis.Redis(port=port, password=password, socket_timeout=1, socket_connect_timeout=1) as c:
             return bool(c.ping())
     except redis.RedisError:
         return False
@@ -47,10 +47,11 @@ def _answers(port: int) -> bool:
 class Node:
     """One redis-server (data node or sentinel) on 127.0.0.1:``port``, its files in ``directory``."""
 
-    def __init__(self, directory: Path, name: str, port: int | None = None) -> None:
+    def __init__(self, directory: Path, name: str, password: str | None = None) -> None:
         self.directory = directory / name
         self.name = name
-        self.port = port or free_port()
+        self.password = password
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.args: list[str] = []
 
@@ -69,7 +70,7 @@ class Node:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
-                if _answers(self.port):
+                if _answers(self.port, self.password):
                     return self
                 time.sleep(0.02)
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None and \
@@ -90,7 +91,7 @@ class Node:
         self.proc = subprocess.Popen([redis_binary(), *self._fill(self.args)], cwd=self.directory,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0)
         deadline = time.monotonic() + timeout
-        while not _answers(self.port):
+        while not _answers(self.port, self.password):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"{self.name} did not restart on port {self.port}: {err.strip()[-500:]}")
@@ -113,6 +114,7 @@ class Node:
 
     def client(self, **options: object) -> redis.Redis:
         options.setdefault("socket_timeout", 10)
+        options.setdefault("password", self.password)
         return redis.Redis(port=self.port, **options)  # type: ignore[arg-type]
 
 
@@ -202,8 +204,9 @@ class SentinelGroup:
         self.sentinel_password = sentinel_password
         self.proxied = proxied
         self.failover_timeout_ms = failover_timeout_ms
-        self.data = [Node(self.directory, "primary")] + [Node(self.directory, f"replica{i}") for i in range(replicas)]
-        self.sentinels = [Node(self.directory, f"sentinel{i}") for i in range(3)]
+        self.data = [Node(self.directory, name, password)
+                     for name in ["primary", *(f"replica{i}" for i in range(replicas))]]
+        self.sentinels = [Node(self.directory, f"sentinel{i}", sentinel_password) for i in range(3)]
         self.links: list[LinkProxy] = []
 
     # --- addresses -----------------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ class SentinelGroup:
         return f"redis+sentinel://{auth}{hosts}/{self.service}{query}"
 
     def sentinel_client(self, i: int = 0) -> redis.Redis:
-        return self.sentinels[i].client(password=self.sentinel_password, socket_timeout=5)
+        return self.sentinels[i].client(socket_timeout=5)
 
     def primary_port(self) -> int | None:
         """The primary's port as the first sentinel that answers names it (None while none answers)."""
@@ -242,7 +245,7 @@ class SentinelGroup:
         return self.node_on(port)
 
     def data_client(self, node: Node) -> redis.Redis:
-        return node.client(password=self.password)
+        return node.client()
 
     # --- life ----------------------------------------------------------------------------------------------
 

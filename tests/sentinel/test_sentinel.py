@@ -1,0 +1,206 @@
+"""Both roles under a real Sentinel deployment (primary, replica, three sentinels on loopback): the clients every
+part builds through ``service/state/connect.py``, the receiver with ``STATE_WAIT_REPLICAS``, and the whole stack —
+web, ``persona-sync worker``, ``persona-sync cron`` and the operator commands — on ``redis+sentinel://`` URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from rq import Queue
+from starlette.testclient import TestClient
+
+from service.config import Settings
+from service.devstack.redis_server import EmbeddedRedis
+from service.http.app import create_app
+from service.spec.keys import SPACES_KEY, Keys
+from service.state.connect import connect, connect_async
+from service.state.queue import QUEUE_NAME
+from tests.conftest import SECRET
+from tests.mavera_server import API_KEY, MaveraServer
+from tests.sentinel.conftest import wait_for
+from tests.sentinels import SentinelGroup
+
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+
+
+def identify(i: int, prefix: str = "u") -> dict:
+    return {"type": "identify", "userId": f"{prefix}{i}", "messageId": f"{prefix}-msg-{i}",
+            "timestamp": "2026-03-01T00:00:00Z", "traits": {"email": f"{prefix}{i}@example.com", "ltv": 900,
+                                                           "churn_risk": 0.05}}
+
+
+def post(client: TestClient, events: list[dict] | dict):  # noqa: ANN201
+    body = orjson.dumps(events)
+    first = orjson.dumps(events[0]) if isinstance(events, list) else body
+    return client.post("/segment", content=body,
+                       headers={"X-Signature": hmac.new(SECRET.encode(), first, hashlib.sha1).hexdigest()})
+
+
+def env_for(url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR",
+                                                              "MAVERA_API_KEY", "EVENT_ARCHIVE_DIR")}
+    env.update(REDIS_URL=url, LOG_LEVEL="WARNING", **extra)
+    return env
+
+
+# --- the clients -------------------------------------------------------------------------------------------------
+
+
+def test_blocking_and_asyncio_clients_write_to_the_primary_the_sentinels_name(group: SentinelGroup) -> None:
+    client = connect(group.url, socket_timeout=5)
+    client.set("k", "sync")
+    assert client.get("k") == b"sync"
+
+    async def asynchronous() -> bytes | None:
+        c = connect_async(group.url, socket_timeout=5)
+        await c.set("a", "async")
+        value = await c.get("a")
+        await c.aclose()
+        return value
+
+    assert asyncio.run(asynchronous()) == b"async"
+    replica = group.data_client(group.data[1] if group.primary() is group.data[0] else group.data[0])
+    wait_for(lambda: replica.get("k") == b"sync" and replica.get("a") == b"async", 10, "the replica has both")
+    client.close()
+
+
+def _rebuilt_set(args: tuple) -> bytes | None:
+    """In a forked process: a client from the connection class and plain keyword arguments alone."""
+    connection_class, kwargs = args
+    client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
+    client.set("from-child", os.getpid())
+    return client.get("from-child")
+
+
+def test_a_client_rebuilt_from_plain_arguments_in_a_forked_process_finds_the_primary(group: SentinelGroup) -> None:
+    """What the recompute's process pool (and RQ's scheduler) do: a connection of their own, built from the
+    connection class and the pool's plain keyword arguments, the Sentinel pool object itself not being at hand."""
+    client = connect(group.url, socket_timeout=5)
+    kwargs = {k: v for k, v in client.connection_pool.connection_kwargs.items()
+              if isinstance(v, str | int | float | bool) or v is None}
+    assert "sentinel_url" in kwargs and "@" not in kwargs["sentinel_url"]
+    args = (client.connection_pool.connection_class, kwargs)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        value = pool.apply(_rebuilt_set, (args,))
+    assert value is not None and int(value) != os.getpid()
+    assert _rebuilt_set(args) == str(os.getpid()).encode()  # and in this process, from the same arguments
+    client.close()
+
+
+def test_passwords_of_the_data_nodes_and_of_the_sentinels() -> None:
+    with SentinelGroup(replicas=0, password="data-pw", sentinel_password="sentinel-pw") as g:
+        assert "data-pw" in g.url and "sentinel_password=sentinel-pw" in g.url
+        client = connect(g.url, socket_timeout=5)
+        client.set("k", 1)
+        assert client.get("k") == b"1"
+        wrong_data = g.url.replace(":data-pw@", ":nope@")
+        with pytest.raises(redis.AuthenticationError):
+            connect(wrong_data, socket_timeout=5).ping()
+        wrong_sentinel = g.url.replace("sentinel-pw", "nope")
+        with pytest.raises(redis.ConnectionError):  # no sentinel answers: no primary to name
+            connect(wrong_sentinel, socket_timeout=5).ping()
+        # the operator's one-line error names the URL without either password
+        out = subprocess.run([EXE, "status"], env=env_for(wrong_data), capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "cannot reach Redis at redis+sentinel://:***@" in out.stderr, out.stderr
+        assert "data-pw" not in out.stderr and "nope" not in out.stderr and "sentinel-pw" not in out.stderr
+        client.close()
+
+
+# --- STATE_WAIT_REPLICAS -------------------------------------------------------------------------------------------
+
+
+def receiver(url: str, **changes: object) -> TestClient:
+    settings = Settings(shared_secrets=(SECRET,), admin_token="admin").replace(**changes)
+    return TestClient(create_app(settings, url, settings.queue_redis_url or url), raise_server_exceptions=False)
+
+
+def test_wait_replicas_200_once_the_replica_has_the_events(group: SentinelGroup) -> None:
+    with receiver(group.url, state_wait_replicas=1) as client:
+        assert post(client, [identify(i) for i in range(3)]).json()["accepted"] == 3
+        assert post(client, identify(3)).json()["accepted"] == 1  # a single event goes through the pipeline too
+    replica = next(n for n in group.data if n is not group.primary())
+    # WAIT returned after the replica acknowledged: it has the events, and the space's registration, already
+    with group.data_client(replica) as c:
+        assert c.xlen(Keys("default").log) == 4 and c.sismember(SPACES_KEY, "default")
+
+
+def test_too_few_replicas_answer_503_and_the_retry_is_a_duplicate(group: SentinelGroup) -> None:
+    """Two replicas asked for, one exists: 503 within the timeout, the events are on the primary (and their
+    refresh is scheduled); Segment's retry, once enough replicas acknowledge, is a 200 that applies nothing twice."""
+    with receiver(group.url, state_wait_replicas=2, state_wait_timeout=0.2) as client:
+        resp = post(client, [identify(i) for i in range(3)])
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
+        assert "1 of 2 replica(s) acknowledged" in resp.json()["error"]["message"]
+    primary = connect(group.url)
+    assert primary.xlen(Keys("default").log) == 3
+    assert primary.exists(Keys("default").refresh_pending)  # applied, so their refresh is due regardless
+    with receiver(group.url, state_wait_replicas=1) as client:
+        again = post(client, [identify(i) for i in range(3)]).json()
+    assert (again["accepted"], again["duplicate"]) == (0, 3)
+    assert primary.xlen(Keys("default").log) == 3
+    primary.close()
+
+
+def test_wait_replicas_on_a_redis_without_replicas_is_503_never_200() -> None:
+    with tempfile.TemporaryDirectory(prefix="sps-") as d, EmbeddedRedis(d, persistent=False) as server:
+        with receiver(server.url, state_wait_replicas=1, state_wait_timeout=0.05) as client:
+            assert post(client, identify(1)).status_code == 503
+            assert post(client, identify(2)).status_code == 503
+        with receiver(server.url) as client:  # the default: the primary's word
+            assert post(client, identify(1)).json()["duplicate"] == 1
+
+
+# --- the stack on Sentinel URLs ------------------------------------------------------------------------------------
+
+
+def test_web_worker_cron_and_commands_on_sentinel_urls(group: SentinelGroup, tmp_path: Path) -> None:
+    """Events in through the web → ``persona-sync worker`` refreshes the profiles and creates the persona in
+    Mavera → ``persona-sync status`` and ``jobs`` read both roles → ``persona-sync cron`` schedules its jobs on the
+    Sentinel queue and ends on SIGTERM. STATE and QUEUE are two databases of the same Sentinel deployment."""
+    state_url, queue_url = group.url, group.url + "/1"
+    with receiver(state_url, queue_redis_url=queue_url) as client:
+        assert post(client, [identify(i) for i in range(5)]).json()["accepted"] == 5
+    queue = Queue(QUEUE_NAME, connection=connect(queue_url))
+    assert [j.func_name for j in queue.get_jobs()] == ["workers.jobs.refresh"]
+    assert connect(state_url).llen(f"rq:queue:{QUEUE_NAME}") == 0  # the job went to the queue's database
+
+    env = env_for(state_url, QUEUE_REDIS_URL=queue_url, REFRESH_DEBOUNCE="1s")
+    with MaveraServer() as mavera:
+        worker_env = {**env, "MAVERA_API_KEY": API_KEY, "MAVERA_BASE_URL": mavera.url}
+        for _ in range(2):  # the refresh, then the sync it queues
+            out = subprocess.run([EXE, "worker", "--burst"], env=worker_env, capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr[-2000:]
+        assert len(mavera.state.personas) == 1
+    state = connect(state_url)
+    assert state.hlen(Keys("default").contributions) == 5
+
+    status = subprocess.run([EXE, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert orjson.loads(status.stdout)["spaces"][0]["space"] == "default"
+    jobs = subprocess.run([EXE, "jobs"], env=env, capture_output=True, text=True, timeout=60)
+    assert jobs.returncode == 0, jobs.stderr[-2000:]
+
+    archive = tmp_path / "archive"
+    cron = subprocess.Popen([EXE, "cron"], env={**env, "EVENT_ARCHIVE_DIR": str(archive), "LOG_LEVEL": "INFO"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the archive job runs every minute, the first one at once
+        wait_for(lambda: "service.state.archive.archive_job" in [j.func_name for j in queue.get_jobs()], 30,
+                 "cron queued the archive job")
+    finally:
+        cron.send_signal(signal.SIGTERM)
+        output = cron.communicate(timeout=30)[0]
+    assert cron.returncode == 0, output[-2000:]
+    state.close()
