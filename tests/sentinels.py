@@ -325,25 +325,31 @@ class SentinelGroup:
                                    f"{seconds:.0f} s")
             time.sleep(0.1)
 
-    def wait_for_new_primary(self, old_port: int, seconds: float = 30.0) -> Node:
-        """Until every running sentinel names a primary other than ``old_port``; that node."""
+    def named_primaries(self) -> set[int]:
+        """The primary port each running sentinel names (the ones that do not answer are left out)."""
+        ports = set()
+        for i, s in enumerate(self.sentinels):
+            if not s.running:
+                continue
+            try:
+                with self.sentinel_client(i) as c:
+                    addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                ports.add(int(addr[1]))
+            except redis.RedisError:
+                continue
+        return ports
+
+    def wait_for_new_primary(self, old_port: int, seconds: float = 30.0, every: bool = True) -> Node:
+        """Until a sentinel (``every``: every running one) names a primary other than ``old_port``; that node."""
         deadline = time.monotonic() + seconds
         while True:
-            ports = set()
-            for i, s in enumerate(self.sentinels):
-                if not s.running:
-                    continue
-                try:
-                    with self.sentinel_client(i) as c:
-                        addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
-                    ports.add(int(addr[1]))
-                except redis.RedisError:
-                    ports.add(old_port)
-            if len(ports) == 1 and old_port not in ports:
-                return self.node_on(ports.pop())
+            ports = self.named_primaries()
+            new = ports - {old_port}
+            if new and (not every or len(ports) == 1):
+                return self.node_on(new.pop())
             if time.monotonic() > deadline:
                 raise AssertionError(f"no failover within {seconds:.0f} s (sentinels name {ports})")
-            time.sleep(0.02)
+            time.sleep(0.01)
 
     def stop(self) -> None:
         for link in self.links:

@@ -18,7 +18,10 @@ the current primary on every new connection, so after a failover the clients rec
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -28,10 +31,11 @@ import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from service.config import SentinelTarget, Settings, is_sentinel, parse_sentinel_url, queue_url, state_url
 
@@ -44,7 +48,8 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> redis.Redis:
         t = parse_sentinel_url(url)
         sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options), **options)
         return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password,
-                                   connection_class=SentinelConnection, sentinel_url=_without_userinfo(url))
+                                   connection_pool_class=CheckedSentinelPool, connection_class=SentinelConnection,
+                                   sentinel_url=_without_userinfo(url))
     return redis.Redis.from_url(url, **options)
 
 
@@ -56,7 +61,8 @@ def connect_async(url: str, *, cluster: bool = False, **options: Any) -> aredis.
         t = parse_sentinel_url(url)
         sentinel = AsyncSentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options, asyncio=True),
                                  **options)
-        return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password)
+        return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password,
+                                   connection_pool_class=AsyncCheckedSentinelPool)
     return aredis.Redis.from_url(url, **options)
 
 
@@ -74,6 +80,57 @@ def _sentinel_kwargs(t: SentinelTarget, options: dict[str, Any], asyncio: bool =
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+PRIMARY_CHECK_EVERY = 1.0  # seconds between two checks of which primary the sentinels name
+
+
+class CheckedSentinelPool(SentinelConnectionPool):
+    """A pool of connections to the primary that also asks the sentinels which primary that is, once a second,
+    rather than only when it opens a connection. redis-py's pool reuses an open connection for as long as it works,
+    and a connection to a primary that is still up after a failover (``SENTINEL FAILOVER``, a partition that left
+    it reachable from here) does work — until the sentinels demote it and it drops everything written to it in
+    between. Once the sentinels name another primary, idle connections are closed and busy ones on their return."""
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)
+        self._next_check = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + PRIMARY_CHECK_EVERY
+            with contextlib.suppress(MasterNotFoundError):  # no primary named: new connections fail, as they should
+                self.get_master_address()
+        return super().get_connection(*args, **kwargs)
+
+
+class AsyncCheckedSentinelPool(AsyncSentinelConnectionPool):
+    """The asyncio twin of ``CheckedSentinelPool``. The check runs beside the requests (a sentinel that does not
+    answer must not hold one up); a connection that still points at the previous primary is reopened — to the one
+    the sentinels name — before it is handed out."""
+
+    def __init__(self, service_name: str, sentinel_manager: AsyncSentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)
+        self._next_check = 0.0
+        self._check: asyncio.Task | None = None
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now >= self._next_check and (self._check is None or self._check.done()):
+            self._next_check = now + PRIMARY_CHECK_EVERY
+            self._check = asyncio.ensure_future(self._check_primary())
+        return await super().get_connection(*args, **kwargs)
+
+    async def _check_primary(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.get_master_address()
+
+    async def ensure_connection(self, connection: Any) -> None:
+        if self.master_address is not None and connection.is_connected \
+                and (connection.host, connection.port) != self.master_address:
+            await connection.disconnect()  # connecting again asks the sentinels
+        await super().ensure_connection(connection)
 
 
 class SentinelConnection(SentinelManagedConnection):
@@ -102,9 +159,9 @@ def _primary_pool(url: str, kwargs: dict[str, Any]) -> SentinelConnectionPool:
         if key not in _pools:
             t = parse_sentinel_url(url)
             sentinel = Sentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options), **options)
-            _pools[key] = SentinelConnectionPool(t.service, sentinel, db=kwargs.get("db", 0),
-                                                 username=kwargs.get("username"), password=kwargs.get("password"),
-                                                 **options)
+            _pools[key] = CheckedSentinelPool(t.service, sentinel, db=kwargs.get("db", 0),
+                                              username=kwargs.get("username"), password=kwargs.get("password"),
+                                              **options)
         return _pools[key]
 
 

@@ -186,11 +186,16 @@ def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
 
 def _refused_for_now(reply: object) -> bool:
     """Redis refuses the call for a while, not the events: maxmemory reached under noeviction (until memory is
-    freed), or BUSY, another script running past ``lua-time-limit`` (``persona-sync move-space`` of a large
-    space). Answer 503 so that Segment retries, rather than keeping good events as dead letters."""
+    freed); BUSY, another script running past ``lua-time-limit`` (``persona-sync move-space`` of a large space);
+    READONLY, a primary demoted to a replica under its clients by a failover; NOREPLICAS, min-replicas-to-write
+    not met. Answer 503 so that Segment retries, rather than keeping good events as dead letters. apply.lua
+    re-raises these when a script meets them, so that they refuse the whole call."""
+    text = str(reply)
     return isinstance(reply, redis.exceptions.OutOfMemoryError) or (
-        isinstance(reply, redis.ResponseError) and ("OOM command not allowed" in str(reply)  # raised in a script
-                                                    or str(reply).startswith("BUSY ")))
+        isinstance(reply, redis.ResponseError) and (text.startswith("BUSY ") or any(m in text for m in _REFUSALS)))
+
+
+_REFUSALS = ("OOM command not allowed", "READONLY You can't write", "NOREPLICAS Not enough good replicas")
 
 
 Call = tuple[list[str], list]  # (keys, args) of one EVALSHA of the apply script
@@ -330,7 +335,7 @@ class AsyncStore:
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         except redis.ResponseError as exc:
-            if _refused_for_now(exc):  # maxmemory (noeviction), BUSY: nothing kept, ask for a retry (503)
+            if _refused_for_now(exc):  # maxmemory, BUSY, a replica, NOREPLICAS: nothing kept, ask for a retry (503)
                 raise StoreUnavailable(str(exc)) from exc
             raise
 

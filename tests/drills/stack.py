@@ -272,6 +272,7 @@ class Sender:
     timeout: float = 15.0
     give_up_after: float = 120.0
     max_backoff: float = 0.5
+    pause: float = 0.0  # seconds each thread waits after an acknowledged delivery (paces the load)
     on_ack: Callable[[Delivery], None] | None = None
     acked: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -288,6 +289,8 @@ class Sender:
         with httpx.Client(timeout=self.timeout) as client:
             for d in deliveries:
                 self.deliver(client, d)
+                if self.pause:
+                    time.sleep(self.pause)
 
     def deliver(self, client: httpx.Client, d: Delivery) -> None:
         backoff = 0.02

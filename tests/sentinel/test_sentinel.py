@@ -27,7 +27,9 @@ from service.http.app import create_app
 from service.spec.keys import SPACES_KEY, Keys
 from service.state.connect import connect, connect_async
 from service.state.queue import QUEUE_NAME
+from service.state.store import StoreUnavailable
 from tests.conftest import SECRET
+from tests.helpers import apply
 from tests.mavera_server import API_KEY, MaveraServer
 from tests.sentinel.conftest import wait_for
 from tests.sentinels import SentinelGroup
@@ -204,3 +206,19 @@ def test_web_worker_cron_and_commands_on_sentinel_urls(group: SentinelGroup, tmp
         output = cron.communicate(timeout=30)[0]
     assert cron.returncode == 0, output[-2000:]
     state.close()
+
+
+def test_a_primary_demoted_under_the_web_is_503_never_a_dead_letter(group: SentinelGroup) -> None:
+    """After a failover the old primary is made a replica while clients may still hold connections to it; its
+    script writes then fail with READONLY inside the apply script. That is Redis refusing writes for now (503,
+    Segment retries), not events to keep as dead letters beside a 200."""
+    replica = next(n for n in group.data if n is not group.primary())
+    with receiver(f"redis://127.0.0.1:{replica.port}/0") as client:
+        single, batch = post(client, identify(1)), post(client, [identify(i) for i in range(2, 5)])
+    assert (single.status_code, batch.status_code) == (503, 503), (single.text, batch.text)
+    with group.data_client(replica) as c:
+        assert c.xlen(Keys("default").dead_letters) == 0
+        with pytest.raises(StoreUnavailable):  # the workers' and operators' path (replay, import) stops too
+            apply(c, [identify(5)])
+    with group.data_client(group.primary()) as c:
+        assert c.xlen(Keys("default").dead_letters) == 0 and c.xlen(Keys("default").log) == 0

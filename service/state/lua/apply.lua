@@ -458,8 +458,10 @@ for i = 3, #ARGV, 5 do
   local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
   if not ok then
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
-    -- out of memory refuses the whole call (the caller answers 503 and the sender retries)
-    if string.find(msg, 'OOM command not allowed', 1, true) then error(res) end
+    -- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of
+    -- memory, a primary demoted to a replica under its clients (a failover), min-replicas-to-write not met
+    if string.find(msg, 'OOM command not allowed', 1, true) or string.find(msg, "READONLY You can't write", 1, true)
+        or string.find(msg, 'NOREPLICAS Not enough good replicas', 1, true) then error(res) end
     res = {'error', msg}
   end
   out[#out + 1] = res
