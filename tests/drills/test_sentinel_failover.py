@@ -20,6 +20,8 @@ promoted replica has none left to wait for and every request is 503 until anothe
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -27,8 +29,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis
 
-from tests.drills.stack import Sender, Web, attempt_counts, logged_message_ids, signed_deliveries, wait_until
+from service.spec.keys import Keys
+from service.state.connect import connect
+from tests.drills.stack import (
+    EXE,
+    SPACE,
+    Sender,
+    Web,
+    attempt_counts,
+    logged_message_ids,
+    signed_deliveries,
+    wait_until,
+)
 from tests.sentinels import SentinelGroup
 
 EVENTS = 1500
@@ -211,3 +225,39 @@ def test_manual_failover_while_the_old_primary_stays_up(start_group, start_web, 
           f"{sum(d.acked for d in deliveries)} acknowledged events lost")
     if wait:
         assert missing == set(), f"{len(missing)} acknowledged events lost: {sorted(missing)[:10]}"
+
+
+def test_worker_and_cron_carry_on_after_a_failover(start_group, start_web) -> None:
+    """``persona-sync worker`` and ``persona-sync cron`` on the Sentinel URL live through the primary's SIGKILL:
+    the worker runs the refresh the web queues on the promoted replica, and cron still stops cleanly."""
+    group = start_group(replicas=1)
+    web = start_web(group.url, concurrency=1, env={"REFRESH_DEBOUNCE": "1s"})
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY",
+                                                              "PROMETHEUS_MULTIPROC_DIR", "EVENT_ARCHIVE_DIR")}
+    env.update(REDIS_URL=group.url, REFRESH_DEBOUNCE="1s", LOG_LEVEL="WARNING", SPACE_ID=SPACE)
+    worker, cron = (subprocess.Popen([EXE, cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     process_group=0) for cmd in ("worker", "cron"))
+    keys = Keys(SPACE)
+    try:
+        Sender(f"{web.url}/segment").run(signed_deliveries(events(5, "before")))
+        state = connect(group.url, socket_timeout=5)
+        wait_until(lambda: state.hlen(keys.contributions) == 5, 30, "refresh before the failover")
+        old = group.primary()
+        old.kill()
+        group.wait_for_new_primary(old.port, 60)
+        Sender(f"{web.url}/segment").run(signed_deliveries(events(5, "after")))
+
+        def refreshed() -> bool:
+            try:
+                return state.hlen(keys.contributions) == 10
+            except redis.RedisError:
+                return False
+
+        wait_until(refreshed, 30, "the worker refreshed on the promoted replica")
+        assert worker.poll() is None and cron.poll() is None, "a process died with the primary"
+        state.close()
+    finally:
+        for proc in (worker, cron):
+            proc.terminate()
+        outputs = [proc.communicate(timeout=30)[1].decode(errors="replace")[-2000:] for proc in (worker, cron)]
+    assert cron.returncode == 0, outputs[1]
