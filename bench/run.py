@@ -12,6 +12,7 @@ Scenarios (each run several times; medians reported):
   slow_clients  p50 / p99 of normal requests alone and beside idle, half-sent and trickling clients
                 (bench/drill_slow_clients.py)
   fsync      intake under appendfsync everysec vs always (bench/drill_fsync.py)
+  wait       intake with a replica under Sentinel, STATE_WAIT_REPLICAS 0 vs 1 (bench/drill_wait.py)
 Results go to bench/results/latest.json and are printed as a Markdown table for BENCHMARKS.md.
 """
 
@@ -34,7 +35,8 @@ import redis
 from service.devstack.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness", "slow_clients", "fsync"]
+SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness", "slow_clients", "fsync",
+             "wait"]
 
 
 def free_port() -> int:
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print("freshness", report["freshness"], flush=True)
         report["freshness_lost_creates"] = freshness_run(12, 8.0, lose_creates=True)
         print("freshness with every create answer lost", report["freshness_lost_creates"], flush=True)
-    for name in ("slow_clients", "fsync"):  # each prints its own table; kept verbatim in the report
+    for name in ("slow_clients", "fsync", "wait"):  # each prints its own table; kept verbatim in the report
         if name in only:
             out = subprocess.run([sys.executable, "-m", f"bench.drill_{name}", "--runs", str(args.runs)],
                                  capture_output=True, text=True, check=True).stdout

@@ -197,12 +197,13 @@ class SentinelGroup:
 
     def __init__(self, replicas: int = 1, service: str = SERVICE, proxied: bool = False,
                  failover_timeout_ms: int = 5000, password: str | None = None,
-                 sentinel_password: str | None = None) -> None:
+                 sentinel_password: str | None = None, persistent: bool = False) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="sps-sentinel-", dir="/tmp" if Path("/tmp").is_dir() else None))
         self.service = service
         self.password = password
         self.sentinel_password = sentinel_password
         self.proxied = proxied
+        self.persistent = persistent  # AOF everysec on the data nodes, as in production (else no persistence)
         self.failover_timeout_ms = failover_timeout_ms
         self.data = [Node(self.directory, name, password)
                      for name in ["primary", *(f"replica{i}" for i in range(replicas))]]
@@ -251,7 +252,8 @@ class SentinelGroup:
 
     def _data_args(self) -> list[str]:
         args = ["--port", "{port}", "--bind", "127.0.0.1", "--dir", ".", "--daemonize", "no", "--loglevel", "warning",
-                "--save", "", "--appendonly", "no", "--repl-diskless-sync", "no", *TUNING]
+                "--save", "", "--repl-diskless-sync", "no", *TUNING]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         return args

@@ -201,17 +201,19 @@ def test_failover_with_wait_replicas_loses_nothing_acknowledged(start_group, sta
     assert missing == set(), f"{len(missing)} acknowledged events lost: {sorted(missing)[:10]}"
 
 
-@pytest.mark.parametrize("wait", [0, 1])
-def test_manual_failover_while_the_old_primary_stays_up(start_group, start_web, wait: int) -> None:
-    """``SENTINEL FAILOVER`` (maintenance) promotes the replica while the old primary keeps running until the
+@pytest.mark.parametrize(("replicas", "wait"), [(1, 0), (1, 1), (2, 1)])
+def test_manual_failover_while_the_old_primary_stays_up(start_group, start_web, replicas: int, wait: int) -> None:
+    """``SENTINEL FAILOVER`` (maintenance) promotes a replica while the old primary keeps running until the
     sentinels turn it into a replica, which drops what it took meanwhile. The web asks the sentinels once a second
-    which primary to use; what it wrote to the old one in between is lost with asynchronous replication (printed),
-    and answered 503 — then applied on the new primary — with STATE_WAIT_REPLICAS=1, since the promoted replica no
-    longer acknowledges the old primary's writes."""
-    group = start_group(replicas=1)
+    which primary to use; what it wrote to the old one in between is lost with asynchronous replication (printed).
+    With STATE_WAIT_REPLICAS=1 and one replica nothing is: the promoted replica no longer acknowledges the old
+    primary's writes, so they are answered 503 and applied on the new primary when Segment retries. With two
+    replicas and STATE_WAIT_REPLICAS=1 the other replica still acknowledges them until the sentinels point it at
+    the new primary, which then replaces its data: printed, not asserted (DEPLOY.md says what to do instead)."""
+    group = start_group(replicas=replicas)
     env = {"STATE_WAIT_REPLICAS": str(wait), "STATE_WAIT_TIMEOUT": "500ms"} if wait else {}
     web = start_web(group.url, concurrency=1, env=env)
-    f, deliveries, missing = drill(group, web, f"manual{wait}", graceful=True)
+    f, deliveries, missing = drill(group, web, f"manual{replicas}{wait}", graceful=True)
     counts = attempt_counts(deliveries)
     assert set(counts) <= {"200", "503"}, f"{counts}: {web.output()}"
     attempts = [(sent, answered, o) for d in deliveries for sent, answered, o in d.timeline]
@@ -219,11 +221,12 @@ def test_manual_failover_while_the_old_primary_stays_up(start_group, start_web, 
     assert slowest < DEADLINE, f"an answer took {slowest:.2f} s"
     assert [d.key for d in deliveries if not d.acked] == []
     after = [o for sent, _, o in attempts if sent > f.killed]
-    label = f"manual failover, STATE_WAIT_REPLICAS={wait}"
+    last_503 = max((answered for sent, answered, o in attempts if o == "503"), default=f.killed)
+    label = f"manual failover, {replicas} replica(s), STATE_WAIT_REPLICAS={wait}"
     print(f"{label}: promoted {f.promoted - f.killed:.2f} s after SENTINEL FAILOVER; attempts after it "
-          f"{dict(Counter(after))}; slowest answer {slowest:.3f} s; {len(missing)} of "
-          f"{sum(d.acked for d in deliveries)} acknowledged events lost")
-    if wait:
+          f"{dict(Counter(after))}, the last 503 {last_503 - f.killed:.2f} s after it; slowest answer "
+          f"{slowest:.3f} s; {len(missing)} of {sum(d.acked for d in deliveries)} acknowledged events lost")
+    if (replicas, wait) == (1, 1):
         assert missing == set(), f"{len(missing)} acknowledged events lost: {sorted(missing)[:10]}"
 
 
