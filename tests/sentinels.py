@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 
 from service.devstack.redis_server import TUNING, redis_binary
+from service.devstack.supervisor import die_with_parent
 
 SERVICE = "persona"
 DOWN_AFTER_MS = 1000
@@ -53,19 +54,19 @@ class Node:
         self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
-        self.args: list[str] = []
 
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
     def start(self, args: list[str], timeout: float = 30.0) -> Node:
-        """Start with ``args`` (after the binary); a port taken meanwhile by someone else is replaced once."""
-        self.args = args
+        """Start with ``args`` (after the binary; ``{port}`` stands for the port); a port taken meanwhile by
+        someone else is replaced by another. The server gets SIGTERM when the thread that started it ends."""
         self.directory.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
             self.proc = subprocess.Popen([redis_binary(), *self._fill(args)], cwd=self.directory,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0)
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0,
+                                         preexec_fn=die_with_parent)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -84,19 +85,6 @@ class Node:
 
     def _fill(self, args: list[str]) -> list[str]:
         return [a.replace("{port}", str(self.port)) for a in args]
-
-    def restart(self, timeout: float = 30.0) -> Node:
-        """Start again on the same port with the same arguments (a sentinel rewrites its config file)."""
-        assert self.proc is None, f"{self.name} still runs"
-        self.proc = subprocess.Popen([redis_binary(), *self._fill(self.args)], cwd=self.directory,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0)
-        deadline = time.monotonic() + timeout
-        while not _answers(self.port, self.password):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"{self.name} did not restart on port {self.port}: {err.strip()[-500:]}")
-            time.sleep(0.02)
-        return self
 
     def kill(self) -> None:
         """SIGKILL (nothing is flushed or handed over)."""

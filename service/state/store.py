@@ -274,7 +274,7 @@ class AsyncStore:
             outcomes = _outcomes(replies, sizes)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
-        except redis.ResponseError as exc:  # OOM or BUSY from the spaces SADD or a single call: 503 too
+        except redis.ResponseError as exc:  # OOM, BUSY, NOREPLICAS from the spaces SADD or a single call: 503 too
             if _refused_for_now(exc):
                 raise StoreUnavailable(str(exc)) from exc
             raise

@@ -222,3 +222,18 @@ def test_a_primary_demoted_under_the_web_is_503_never_a_dead_letter(group: Senti
             apply(c, [identify(5)])
     with group.data_client(group.primary()) as c:
         assert c.xlen(Keys("default").dead_letters) == 0 and c.xlen(Keys("default").log) == 0
+
+
+def test_min_replicas_to_write_unmet_is_503_never_a_dead_letter() -> None:
+    """Redis's own guard (``min-replicas-to-write``) refuses the script's writes with NOREPLICAS: 503, kept nowhere."""
+    with tempfile.TemporaryDirectory(prefix="sps-") as d, EmbeddedRedis(d, persistent=False) as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set("min-replicas-to-write", 1)
+        with receiver(server.url) as client:
+            assert post(client, identify(1)).status_code == 503
+            assert post(client, [identify(i) for i in range(2, 5)]).status_code == 503
+        assert admin.xlen(Keys("default").dead_letters) == 0 and admin.xlen(Keys("default").log) == 0
+        admin.config_set("min-replicas-to-write", 0)
+        with receiver(server.url) as client:
+            assert post(client, identify(1)).json()["accepted"] == 1
+        admin.close()
