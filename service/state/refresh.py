@@ -160,7 +160,10 @@ class RefreshScheduler:
 
     def queue(self) -> Queue:
         if self._queue is None:
-            self._queue = Queue(QUEUE_NAME, connection=connect(self.queue_url))
+            # bounded: a request awaits its enqueue (a Redis or sentinel that hangs must not hold it past Segment's
+            # deadline; the scheduled full recompute catches up on a refresh that could not be queued)
+            self._queue = Queue(QUEUE_NAME, connection=connect(self.queue_url, socket_timeout=3,
+                                                               socket_connect_timeout=1))
         return self._queue
 
     async def touch(self, space: str) -> None:
