@@ -53,12 +53,14 @@ class LocalCluster:
         return redis.Redis(port=self.ports[i], socket_timeout=30)
 
     def start(self, timeout: float = 20.0) -> LocalCluster:
+        # a node timeout well above what a busy shared test machine can stall a node for: with no replicas there is
+        # no failover to speed up, and a node wrongly marked failed takes the whole cluster down (CLUSTERDOWN)
         for port in self.ports:
             d = self.data_dir / str(port)
             d.mkdir(parents=True, exist_ok=True)
             self.procs.append(subprocess.Popen(
                 [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--daemonize", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "15000",
                  "--appendonly", "no", "--save", "", "--loglevel", "warning", *TUNING],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0))
         deadline = time.monotonic() + timeout
