@@ -210,6 +210,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("ALIAS_MERGES", "true", "Whether alias calls merge previousId's profile into userId's (Unify ignores alias)."),
     ("REFRESH_DEBOUNCE", "5s", "At most one profile refresh job is enqueued per this interval."),
     ("FULL_RECOMPUTE_CRON", "0 * * * *", "Cron schedule of the full recompute (run by `persona-sync cron`)."),
+    ("RECOMPUTE_MODE", "local", "How a full recompute runs: `local` forks one process per core (up to 4) in the "
+     "worker that takes it; `jobs` shares it out as RQ jobs of profile-id chunks, so every worker on every machine "
+     "computes a part (for spaces one machine is too slow for)."),
     ("ANALYSIS_WINDOW_DAYS", "365", "Window for spend and order frequency in the features."),
     ("CLUSTER_RULES_FILE", "", "JSON rules that assign clusters. Empty: the packaged seed rules."),
     ("MIN_CLUSTER_SIZE", "3", "Smallest cluster that gets a Mavera persona."),
@@ -275,6 +278,7 @@ class Settings:
     mave_chat_timeout: float = 180.0
     mave_chat_concurrency: int = 10
     log_level: str = "INFO"
+    recompute_mode: str = "local"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -327,6 +331,7 @@ class Settings:
             mave_chat_timeout=_min_duration("MAVE_CHAT_TIMEOUT", raw["MAVE_CHAT_TIMEOUT"], 120),
             mave_chat_concurrency=_int("MAVE_CHAT_CONCURRENCY", raw["MAVE_CHAT_CONCURRENCY"], 1, 10),
             log_level=_level(raw["LOG_LEVEL"]),
+            recompute_mode=_recompute_mode(raw["RECOMPUTE_MODE"]),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -438,6 +443,13 @@ def _level(raw: str) -> str:
     v = raw.strip().upper()
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL={raw!r}: expected DEBUG, INFO, WARNING or ERROR")
+    return v
+
+
+def _recompute_mode(raw: str) -> str:
+    v = raw.strip().lower()
+    if v not in ("local", "jobs"):
+        raise ConfigError(f"RECOMPUTE_MODE={raw!r}: expected local or jobs")
     return v
 
 

@@ -6,17 +6,19 @@ import logging
 import time
 
 import redis
-from rq import Queue, get_current_job
+from rq import Queue, Retry, get_current_job
+from rq.exceptions import DuplicateJobError
+from rq.job import Job
 from rq.timeouts import BaseTimeoutException
 
 from service.config import Settings
 from service.logs import event as log_event
 from service.spec.keys import Keys
 from service.state.connect import queue_client, state_client
-from service.state.queue import QUEUE_NAME
-from service.state.refresh import queue_sync, schedule_refresh
+from service.state.queue import QUEUE_NAME, RECOMPUTE_CHUNK_JOB
+from service.state.refresh import REFRESH_TIMEOUT, queue_sync, schedule_refresh
 from service.state.status import spaces
-from workers import recompute
+from workers import mapreduce, recompute
 from workers.locks import held_lock
 
 log = logging.getLogger("jobs")
@@ -26,6 +28,7 @@ REFRESH_LOCK_WAIT = 1.0
 REFRESH_BACKOFF, REFRESH_BACKOFF_MAX = 5, 300  # seconds the watchdog waits after a failed refresh: doubling, capped
 RETRY_PENDING = 60  # seconds before another sync of clusters that only needed time
 SYNC_LOCK_TTL = 60.0  # renewed while the sync runs; a killed worker's lapses within this
+CHUNK_RESULT_TTL = 60  # seconds a chunk job's result is kept: a run has hundreds of them
 
 
 def _state() -> redis.Redis:
@@ -54,8 +57,9 @@ def refresh(space: str, marker: str | None = None) -> dict:
         if current is None or current.decode() != marker or ttl_ms <= 0:
             break
         time.sleep(ttl_ms / 1000 + 0.005)
-    try:
-        report = recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
+    try:  # a shared full recompute whose owner died is finished first (see workers/mapreduce.py)
+        resumed = mapreduce.resume(client, settings, space, _submit_chunks, lock_wait=REFRESH_LOCK_WAIT)
+        report = resumed or recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
     except recompute.Busy as exc:
         log_event(log, "refresh stepped aside", space=space, reason=str(exc))
         return {"space": space, "deferred": str(exc)}
@@ -64,6 +68,9 @@ def refresh(space: str, marker: str | None = None) -> dict:
         client.set(keys.refresh_backoff, failures, ex=min(REFRESH_BACKOFF_MAX, REFRESH_BACKOFF * 2 ** (failures - 1)))
         raise
     client.delete(keys.refresh_failures, keys.refresh_backoff)
+    if resumed:
+        _after_full(client, settings, resumed)
+        return resumed
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
               seconds=report["seconds"])
     if report["changed_clusters"] or report["profiles"]:
@@ -98,16 +105,70 @@ def full_recompute(only: str | None = None) -> list[dict]:
 
     for space in [only] if only else spaces(client):
         try:
-            report = recompute.full_recompute(client, settings, space, progress=progress)
+            if settings.recompute_mode == "jobs":
+                report = mapreduce.full_recompute(client, settings, space, _submit_chunks, progress=progress)
+            else:
+                report = recompute.full_recompute(client, settings, space, progress=progress)
         except recompute.Busy as exc:
             log_event(log, "full recompute skipped", logging.WARNING, space=space, reason=str(exc))
             reports.append({"space": space, "skipped": str(exc)})
             continue
-        log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"])
         reports.append(report)
-        queue_sync(_queue(), space, settings.mave_chat_timeout)
-        _refresh_if_dirty(client, settings, space)
+        _after_full(client, settings, report)
     return reports
+
+
+def _after_full(client: redis.Redis, settings: Settings, report: dict) -> None:
+    """A full recompute published: log it, sync its personas, refresh what changed meanwhile, and drop the chunk
+    jobs of a shared run that are still queued (they would only find the run over)."""
+    space = report["space"]
+    log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"],
+              mode=report.get("mode", "local"), processes=report.get("processes"))
+    if "run" in report:
+        _drop_chunk_jobs(report["run"], report["chunks"])
+    queue_sync(_queue(), space, settings.mave_chat_timeout)
+    _refresh_if_dirty(client, settings, space)
+
+
+def recompute_chunk(space: str, run: str, index: int) -> dict:
+    """One chunk of a shared full recompute (``workers.mapreduce.run_chunk``); queued by the run's owner. If the
+    owner died, this job takes the run over and finishes it."""
+    settings = Settings.from_env()
+    client = _state()
+    out = mapreduce.run_chunk(client, settings, space, run, index, _submit_chunks)
+    if "resumed" in out:
+        _after_full(client, settings, out["resumed"])
+    return out
+
+
+def _chunk_job_id(run: str, index: int) -> str:
+    return f"recompute-{run}-{index}"
+
+
+def _submit_chunks(space: str, run: str, chunks: list[int]) -> None:
+    """Queue one job per chunk. The id names the run and the chunk, so a chunk is queued once however often a
+    takeover asks (``unique``); RQ retries a job whose worker died, and the retry finds the chunk done."""
+    queue = _queue()
+    for index in chunks:
+        try:
+            queue.enqueue(RECOMPUTE_CHUNK_JOB, space, run, index, job_id=_chunk_job_id(run, index), unique=True,
+                          job_timeout=REFRESH_TIMEOUT, result_ttl=CHUNK_RESULT_TTL,
+                          retry=Retry(max=2, interval=[5, 30]), description=f"full recompute of {space}: chunk {index}")
+        except DuplicateJobError:
+            continue
+
+
+def _drop_chunk_jobs(run: str, chunks: int) -> None:
+    """Take the run's chunk jobs that no worker started off the queue (the owner did their chunks)."""
+    queue = _queue()
+    ids = [_chunk_job_id(run, i) for i in range(chunks)]
+    with queue.connection.pipeline() as pipe:
+        for job_id in ids:
+            pipe.lrem(queue.key, 0, job_id)
+        removed = pipe.execute()
+        gone = [Job.key_for(job_id) for job_id, n in zip(ids, removed, strict=True) if n]
+        if gone:
+            pipe.delete(*gone).execute()
 
 
 def sync(space: str) -> dict:

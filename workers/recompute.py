@@ -243,7 +243,9 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
     work = keys.dirty_work
     started = time.perf_counter()
     with space_lock(client, space, lock_wait) as lock:
-        # A crashed refresh left `work`, a crashed full recompute its snapshot: merge, never lose a dirty mark.
+        # A crashed refresh left `work`, a crashed full recompute its snapshot: merge, never lose a dirty mark. A
+        # shared run that lost its owner is given up first: its chunks were read before what this refresh applies.
+        discard_run(client, keys)
         _take(client, work, [keys.dirty, keys.dirty_full])
         pids = sorted(m.decode() for m in client.smembers(work))
         if not pids:
@@ -337,6 +339,20 @@ def _pool_args(client: redis.Redis) -> tuple:
     return client.connection_pool.connection_class, kwargs
 
 
+def connect_decoded(client: redis.Redis) -> redis.Redis:
+    """A client of ``client``'s server whose replies come decoded: what ``chunk_entries`` reads fastest with."""
+    return _connect(_pool_args(client))
+
+
+def chunk_entries(client: redis.Redis, keys: Keys, pids: list[str], rules: Rules, settings: Settings,
+                  now_ms: int) -> dict[str, Entry | None]:
+    """The entries of ``pids``, read in pipelines of ``CHUNK`` profiles (``client`` from ``connect_decoded``)."""
+    out: dict[str, Entry | None] = {}
+    for i in range(0, len(pids), CHUNK):
+        out.update(_contributions(client, keys, pids[i:i + CHUNK], rules, settings, now_ms))
+    return out
+
+
 def _connect(pool_args: tuple) -> redis.Redis:
     """A connection of this process's own; replies come decoded (``decode_profile`` then skips that step)."""
     connection_class, kwargs = pool_args
@@ -385,11 +401,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
           reason: str = "scheduled", processes: int | None = None,
           progress: Callable[[int], None] | None = None) -> dict:
     keys = state_keys(client, space)
-    snapshot = keys.dirty_full
-    _take(client, snapshot, [keys.dirty])  # changes from now on stay dirty for the next refresh
-    staging = _staging(keys.contributions)
-    indexed = {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
-    client.delete(staging, *(_staging(keys.cluster_spend(name)) for name in indexed))
+    begin_full(client, settings, keys)
     chunks = profile_ids(client, keys)
     head: list[list[str]] = []  # scan far enough to tell a small space (one process) from a large one
     scanned = 0
@@ -401,24 +413,58 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     patterns: dict[str, A.GroupAggregate] = {}
     with _chunk_map(_full_chunk, itertools.chain(head, chunks), (_pool_args(client), settings, space, now_ms),
                     procs) as parts:  # the scan goes on while the chunks already found are worked on
-        total = _join(parts, clusters, patterns, progress)
+        total = join_parts(parts, clusters, patterns, progress)
+    return finish_full(client, settings, keys, lock, clusters, patterns, {
+        "space": space, "profiles": total, "full": True, "reason": reason, "processes": procs}, started)
+
+
+def begin_full(client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Start a full recompute (the lock held): give up any shared run, take the dirty marks over as its snapshot
+    (changes from now on stay dirty for the next refresh) and empty the staging keys it fills."""
+    discard_run(client, keys)
+    _take(client, keys.dirty_full, [keys.dirty])
+    indexed = _indexed(client, settings, keys)
+    client.delete(_staging(keys.contributions), *(_staging(keys.cluster_spend(name)) for name in indexed))
+
+
+def _indexed(client: redis.Redis, settings: Settings, keys: Keys) -> set[str]:
+    """Every cluster that has (or may get) a spend index: stable while the recompute lock is held."""
+    return {k.decode() for k in client.hkeys(keys.cluster_aggregates)} | set(rules_for(settings).clusters)
+
+
+def finish_full(client: redis.Redis, settings: Settings, keys: Keys, lock: Lock, clusters: dict[str, A.GroupAggregate],
+                patterns: dict[str, A.GroupAggregate], report: dict, started: float,
+                drop: Iterable[str] = ()) -> dict:
+    """Publish a full recompute whose contributions and spend indexes are staged: summaries, aggregates, the staged
+    keys swapped in, the snapshot of dirty marks dropped (and ``drop``), all in one transaction, only while the lock
+    is still ours. ``report`` gets the changed clusters and the time."""
     pipe = client.pipeline(transaction=True)
-    changed = publish(client, settings, space, clusters, patterns, pipe)
-    if total:
-        pipe.execute_command("RENAME", staging, keys.contributions)  # the method is blocked on a Cluster pipeline
+    report["changed_clusters"] = publish(client, settings, keys.space, clusters, patterns, pipe)
+    if report["profiles"]:
+        pipe.execute_command("RENAME", _staging(keys.contributions), keys.contributions)  # blocked on a Cluster pipe
     else:
         pipe.delete(keys.contributions)
-    for name in sorted(indexed | set(clusters)):  # swap in the spend indexes built beside the contributions
+    for name in sorted(_indexed(client, settings, keys) | set(clusters)):  # swap in the spend indexes
         if name in clusters:
             pipe.execute_command("RENAME", _staging(keys.cluster_spend(name)), keys.cluster_spend(name))
         else:
             pipe.delete(keys.cluster_spend(name))
-    pipe.execute_command("DEL", snapshot, keys.dirty_work)
-    report = {"space": space, "profiles": total, "changed_clusters": changed, "full": True, "reason": reason,
-              "processes": procs, "seconds": round(time.perf_counter() - started, 3)}
+    pipe.execute_command("DEL", keys.dirty_full, keys.dirty_work, *drop)  # a Cluster pipeline's delete() takes one
+    report["seconds"] = round(time.perf_counter() - started, 3)
     _record(pipe, keys, "full", report)
     _publish_if_held(lock, pipe)
     return report
+
+
+def discard_run(client: redis.Redis, keys: Keys) -> None:
+    """Give up the shared full recompute (``workers/mapreduce.py``) that no one owns any more, with its plan and
+    partial results, before another recompute takes the space. Called by the lock holder only; chunk jobs still
+    running for it then find no run and write nothing (their writes are fenced on its id)."""
+    run = client.hmget(keys.recompute_run, "id", "chunks")
+    if run[0] is None:
+        return
+    rid, chunks = run[0].decode(), int(run[1] or 0)
+    client.delete(keys.recompute_run, keys.recompute_plan(rid), *(keys.recompute_part(rid, i) for i in range(chunks)))
 
 
 def _record(pipe: redis.client.Pipeline, keys: Keys, kind: str, report: dict) -> None:
@@ -429,7 +475,7 @@ def _record(pipe: redis.client.Pipeline, keys: Keys, kind: str, report: dict) ->
         "changed_clusters": len(report["changed_clusters"]), "reason": report.get("reason")}))
 
 
-def _join(parts: Iterator[Part], clusters: dict[str, A.GroupAggregate],
+def join_parts(parts: Iterable[Part], clusters: dict[str, A.GroupAggregate],
           patterns: dict[str, A.GroupAggregate], progress: Callable[[int], None] | None = None) -> int:
     """Merge the chunks' partial aggregates into ``clusters`` / ``patterns``; return the number of profiles."""
     total = 0
@@ -463,7 +509,16 @@ def _entries_chunk(pids: list[str]) -> dict[str, Entry | None]:
 def _full_chunk(pids: list[str]) -> Part:
     """One chunk of a full recompute: contributions and spend to the staging keys, partial aggregates back."""
     client, keys = _child["client"], _child["keys"]
-    news = _entries_chunk(pids)
+    part, mapping, spend = chunk_result(_entries_chunk(pids))
+    if mapping:
+        pipe = client.pipeline(transaction=False)
+        stage(pipe, keys, mapping, spend)
+        pipe.execute()
+    return part
+
+
+def chunk_result(news: dict[str, Entry | None]) -> tuple[Part, dict[str, bytes], dict[str, dict[str, int]]]:
+    """Pure: the entries of one chunk → its partial aggregates, its encoded contributions and its spend by cluster."""
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
     mapping: dict[str, bytes] = {}
@@ -471,13 +526,15 @@ def _full_chunk(pids: list[str]) -> Part:
         if new is not None:
             _move(clusters, patterns, None, new)
             mapping[pid] = _encode(new)
+    return (len(mapping), clusters, patterns), mapping, _spend_by_cluster(news)
+
+
+def stage(pipe: redis.client.Pipeline, keys: Keys, mapping: dict[str, bytes], spend: dict[str, dict[str, int]]) -> None:
+    """Queue a chunk's contributions and spend-index members on the staging keys (idempotent: same values)."""
     if mapping:
-        pipe = client.pipeline(transaction=False)
         pipe.hset(_staging(keys.contributions), mapping=mapping)
-        for name, members in _spend_by_cluster(news).items():
-            pipe.zadd(_staging(keys.cluster_spend(name)), members)
-        pipe.execute()
-    return len(mapping), clusters, patterns
+    for name, members in spend.items():
+        pipe.zadd(_staging(keys.cluster_spend(name)), members)
 
 
 def _staging(key: str) -> str:

@@ -220,6 +220,26 @@ class Keys:
         return f"{self.prefix}w:lock"
 
     @property
+    def recompute_run(self) -> str:
+        """hash of the full recompute run shared out as RQ jobs (``workers/mapreduce.py``): id, state, now_ms, gen,
+        chunks, sizes, resumes. Changed only by the holder of ``recompute_lock``; deleted when the run publishes
+        or is given up, so a chunk job that finds another id (or none) does nothing."""
+        return f"{self.prefix}w:run"
+
+    def recompute_plan(self, run: str) -> str:
+        """hash chunk index -> JSON list of the profile ids of that chunk, for the run ``run`` (expires)."""
+        return f"{self.prefix}w:run:{run}:plan"
+
+    def recompute_part(self, run: str, index: int) -> str:
+        """JSON partial aggregates of one chunk of the run ``run``, written with its staged contributions in one
+        transaction (expires)."""
+        return f"{self.prefix}w:run:{run}:part:{index}"
+
+    def recompute_claim(self, run: str, index: int) -> str:
+        """Lease on one chunk of the run ``run`` while a process computes it (renewed; lapses when it dies)."""
+        return f"{self.prefix}w:run:{run}:claim:{index}"
+
+    @property
     def recompute_runs(self) -> str:
         """hash "refresh" | "full" -> JSON {"at_ms", "seconds", "profiles", "changed_clusters", "reason"} of the
         last one that published, written with its result (``workers/recompute.py``); read by the status."""

@@ -11,10 +11,11 @@ QUEUE_NAME = "persona-sync"
 
 REFRESH_JOB = "workers.jobs.refresh"
 FULL_RECOMPUTE_JOB = "workers.jobs.full_recompute"
+RECOMPUTE_CHUNK_JOB = "workers.jobs.recompute_chunk"  # one chunk of a full recompute shared out as jobs
 SYNC_JOB = "workers.jobs.sync"
 PURGE_JOB = "service.state.ops.purge_job"
 REPLAY_JOB = "service.state.replay.replay_job"
 ARCHIVE_JOB = "service.state.archive.archive_job"
-JOBS = (REFRESH_JOB, FULL_RECOMPUTE_JOB, SYNC_JOB, PURGE_JOB, REPLAY_JOB, ARCHIVE_JOB)
+JOBS = (REFRESH_JOB, FULL_RECOMPUTE_JOB, RECOMPUTE_CHUNK_JOB, SYNC_JOB, PURGE_JOB, REPLAY_JOB, ARCHIVE_JOB)
 
 CRON_CONFIG = "workers.cron"  # the module that registers the scheduled jobs with rq's cron

@@ -89,12 +89,14 @@ def job_waiting(queue: Queue, job_id: bytes | str | None) -> bool:
 def refresh_due(state: redis.Redis, queue: Queue, space: str) -> bool:
     """Whether dirty profiles of ``space`` wait with nobody on them: no recompute holds the space, the last
     queued refresh is not waiting to run (it finished, failed or was lost), refreshes are not backing off after
-    failures, and either a crashed recompute left its taken marks behind or dirty marks wait with no refresh due."""
+    failures, and either a crashed recompute left its taken marks (or a shared run without owner, which the
+    refresh finishes) behind or dirty marks wait with no refresh due."""
     keys = Keys(space)
     with state.pipeline(transaction=False) as pipe:
         locked, leftovers, dirty, pending, queued, backoff = (
-            pipe.exists(keys.recompute_lock).exists(keys.dirty_work, keys.dirty_full).scard(keys.dirty)
-            .exists(keys.refresh_pending).get(keys.refresh_queued).exists(keys.refresh_backoff).execute())
+            pipe.exists(keys.recompute_lock).exists(keys.dirty_work, keys.dirty_full, keys.recompute_run)
+            .scard(keys.dirty).exists(keys.refresh_pending).get(keys.refresh_queued).exists(keys.refresh_backoff)
+            .execute())
     if locked or backoff or not (leftovers or (dirty and not pending)):
         return False
     return not job_waiting(queue, queued)

@@ -9,7 +9,7 @@ import redis
 from service.config import Settings
 from service.spec.keys import Keys
 from tests.helpers import NOW, apply, mixed_stream
-from workers import recompute
+from workers import mapreduce, recompute
 from workers.recompute import full_recompute, refresh
 
 K = Keys("default")
@@ -40,6 +40,10 @@ def test_incremental_equals_full(r: redis.Redis, monkeypatch: pytest.MonkeyPatch
     parallel = full_recompute(r, s, "default", now_ms=NOW, processes=3)
     assert parallel["processes"] == 3 and parallel["changed_clusters"] == []
     assert state(r) == incremental
+    queued: list[int] = []  # the chunk jobs it would queue; this process computes every chunk itself
+    shared = mapreduce.full_recompute(r, s, "default", lambda space, run, chunks: queued.extend(chunks), now_ms=NOW)
+    assert shared["chunks"] == shared["chunks_here"] == len(queued) == 2 and shared["changed_clusters"] == []
+    assert state(r) == incremental and not r.exists(K.recompute_run)
     clusters = incremental[K.clusters]
     assert sum(c["n"] for c in clusters.values()) == 150
     assert {b"high_value", b"growth", b"at_risk", b"new"} >= set(clusters)
