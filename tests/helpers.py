@@ -135,3 +135,17 @@ def _iso(ms: int) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def recomputed(client: redis.Redis, space: str = "default") -> dict:
+    """What a recompute leaves: clusters, KPI cards, patterns, aggregates, contributions and the spend indexes."""
+    from service.spec.keys import Keys
+    from workers.compute.clusters import load_rules
+
+    keys = Keys(space)
+    out: dict = {key: {k: orjson.loads(v) for k, v in client.hgetall(key).items()}
+                 for key in (keys.clusters, keys.patterns, keys.cluster_aggregates, keys.pattern_aggregates,
+                             keys.contributions)}
+    for name in load_rules().clusters:
+        out[name] = client.zrange(keys.cluster_spend(name), 0, -1, withscores=True)
+    return out

@@ -123,7 +123,7 @@ def _after_full(client: redis.Redis, settings: Settings, report: dict) -> None:
     jobs of a shared run that are still queued (they would only find the run over)."""
     space = report["space"]
     log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"],
-              mode=report.get("mode", "local"), processes=report.get("processes"))
+              mode=report.get("mode", "local"), processes=report.get("processes"), workers=report.get("workers"))
     if "run" in report:
         _drop_chunk_jobs(report["run"], report["chunks"])
     queue_sync(_queue(), space, settings.mave_chat_timeout)
@@ -147,13 +147,15 @@ def _chunk_job_id(run: str, index: int) -> str:
 
 def _submit_chunks(space: str, run: str, chunks: list[int]) -> None:
     """Queue one job per chunk. The id names the run and the chunk, so a chunk is queued once however often a
-    takeover asks (``unique``); RQ retries a job whose worker died, and the retry finds the chunk done."""
+    takeover asks (``unique``). RQ retries a failed job, and one whose worker died once it notices (the worker's
+    heartbeat lapsed): at once the first time (the chunk's lease lapsed long before), 30 s later the second; a
+    retry whose chunk was done meanwhile does nothing."""
     queue = _queue()
     for index in chunks:
         try:
             queue.enqueue(RECOMPUTE_CHUNK_JOB, space, run, index, job_id=_chunk_job_id(run, index), unique=True,
                           job_timeout=REFRESH_TIMEOUT, result_ttl=CHUNK_RESULT_TTL,
-                          retry=Retry(max=2, interval=[5, 30]), description=f"full recompute of {space}: chunk {index}")
+                          retry=Retry(max=2, interval=[0, 30]), description=f"full recompute of {space}: chunk {index}")
         except DuplicateJobError:
             continue
 

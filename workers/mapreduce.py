@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 import orjson
 import redis
 from redis.lock import Lock
+from rq import get_current_job
 
 from service.config import Settings
 from service.spec import clock
@@ -198,9 +199,15 @@ def store_chunk(client: redis.Redis, keys: Keys, run_id: str, index: int, part: 
                 continue
 
 
+def _computer() -> str:
+    """Who computes a chunk: the RQ worker (each job runs in a fresh process), else this process."""
+    job = get_current_job()
+    return job.worker_name if job and job.worker_name else f"{socket.gethostname()}:{os.getpid()}"
+
+
 def encode_part(part: R.Part) -> bytes:
     n, clusters, patterns = part
-    return orjson.dumps({"n": n, "by": f"{socket.gethostname()}:{os.getpid()}",
+    return orjson.dumps({"n": n, "by": _computer(),
                          "clusters": {k: v.to_dict() for k, v in clusters.items()},
                          "patterns": {k: v.to_dict() for k, v in patterns.items()}})
 
@@ -272,6 +279,6 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
     total = R.join_parts((part for part, _ in decoded), clusters, patterns)
     report = {"space": keys.space, "profiles": total, "full": True, "reason": run.reason, "mode": "jobs",
               "run": run.id, "now_ms": run.now_ms, "chunks": len(parts), "chunks_here": here,
-              "processes": len({by for _, by in decoded}), "resumes": run.resumes}
+              "workers": len({by for _, by in decoded}), "resumes": run.resumes}
     return R.finish_full(client, settings, keys, lock, clusters, patterns, report, started,
                          drop=[keys.recompute_run, keys.recompute_plan(run.id), *parts])

@@ -1,0 +1,165 @@
+"""The full recompute shared out as RQ jobs (workers/mapreduce.py), over real Redis and real ``persona-sync worker``
+processes: the same result as the local recompute, a chunk counted once however often it is done, and a run
+whose owner died finished by whoever takes it over."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+
+from bench.recompute import load
+from service.config import Settings
+from service.spec.keys import Keys
+from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME
+from service.state.refresh import RefreshWatchdog
+from tests.helpers import NOW, apply, mixed_stream, recomputed
+from workers import jobs, mapreduce, recompute
+
+EXE = str(Path(sys.executable).with_name("persona-sync"))
+K = Keys("default")
+
+
+def worker_env(redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY")}
+    env.update(REDIS_URL=redis_url, LOG_LEVEL="WARNING", RECOMPUTE_MODE="jobs")
+    return env
+
+
+def burst_worker(redis_url: str) -> subprocess.Popen:
+    return subprocess.Popen([EXE, "worker", "--burst"], env=worker_env(redis_url), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def until(check, seconds: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.01)
+    return value
+
+
+@pytest.fixture
+def env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("QUEUE_REDIS_URL", raising=False)
+
+
+def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redis_url: str) -> None:
+    """The scheduled job in a real worker owns the run; a second worker, started once the chunk jobs are queued,
+    computes chunks from the front while the owner works from the back."""
+    load(r, K, 30_000, NOW)
+    queue = Queue(QUEUE_NAME, connection=r)
+    job = queue.enqueue(FULL_RECOMPUTE_JOB, "default", job_timeout=600)
+    owner = burst_worker(redis_url)
+    until(lambda: r.hget(K.recompute_run, "state") == b"mapping", 60, "the run was planned")
+    helper = burst_worker(redis_url)
+    assert owner.wait(120) == 0 and helper.wait(120) == 0
+    [report] = job.return_value()
+    assert report["mode"] == "jobs" and report["profiles"] == 30_000 and report["chunks"] == 64
+    assert report["workers"] == 2 and 0 < report["chunks_here"] < report["chunks"]  # both computed chunks
+    shared = recomputed(r)
+    assert not r.exists(K.recompute_run, K.recompute_lock, K.dirty_full) and not r.keys("*:w:run:*")
+    assert not queue.get_job_ids() and not FailedJobRegistry(queue=queue).get_job_ids()
+    local = recompute.full_recompute(r, Settings(), "default", now_ms=report["now_ms"])
+    assert local["changed_clusters"] == [] and recomputed(r) == shared
+
+
+def test_a_chunk_done_twice_counts_once(r: redis.Redis) -> None:
+    """Two processes may both finish a chunk (a lease lapsed under a slow one) and RQ may run a chunk job again:
+    the first write wins, the others change nothing, and a process of another run writes nothing at all."""
+    s = Settings()
+    apply(r, mixed_stream(3000, users=150, seed=11))
+    expected = (recompute.full_recompute(r, s, "default", now_ms=NOW), recomputed(r))[1]
+    seen = {}
+
+    def meanwhile(space: str, run_id: str, chunks: list[int]) -> None:  # called once the chunk jobs would be queued
+        run = mapreduce.Run.load(r, K)
+        assert run is not None and run.id == run_id and chunks == [0, 1]
+        decoded = recompute.connect_decoded(r)
+        ids = r.hget(K.recompute_plan(run_id), "0")
+        part = recompute.chunk_result(recompute.chunk_entries(decoded, K, orjson.loads(ids), recompute.rules_for(s), s,
+                                                              run.now_ms))
+        seen["first"] = mapreduce.store_chunk(r, K, run_id, 0, *part)
+        seen["second"] = mapreduce.store_chunk(r, K, run_id, 0, *part)  # another process computed it too
+        seen["other run"] = mapreduce.store_chunk(r, K, "0" * 32, 1, *part)
+        seen["job again"] = mapreduce.run_chunk(r, s, space, run_id, 0, meanwhile)["computed"]
+        decoded.close()
+
+    report = mapreduce.full_recompute(r, s, "default", meanwhile, now_ms=NOW)
+    assert seen == {"first": True, "second": False, "other run": False, "job again": False}
+    assert report["chunks"] == 2 and report["chunks_here"] == 1 and report["changed_clusters"] == []
+    assert recomputed(r) == expected
+
+
+def _die_owning_a_run(redis_url: str, planned: multiprocessing.synchronize.Event) -> None:
+    """A run's owner that dies once its chunk jobs are queued (as a worker killed there would)."""
+    client = redis.Redis.from_url(redis_url)
+
+    def queued(space: str, run_id: str, chunks: list[int]) -> None:
+        planned.set()
+        time.sleep(60)
+
+    mapreduce.full_recompute(client, Settings(), "default", queued, now_ms=NOW)
+
+
+def test_a_run_whose_owner_died_is_finished_by_the_refresh_the_watchdog_queues(
+        env: None, r: redis.Redis, redis_url: str) -> None:
+    """No chunk job is left to take the run over (none was queued): once the dead owner's lock lapses the
+    watchdog queues a refresh, and the refresh finishes the run before it refreshes."""
+    apply(r, mixed_stream(3000, users=150, seed=11))
+    expected = (recompute.full_recompute(r, Settings(), "default", now_ms=NOW), recomputed(r))[1]
+    ctx = multiprocessing.get_context("fork")
+    planned = ctx.Event()
+    owner = ctx.Process(target=_die_owning_a_run, args=(redis_url, planned))
+    owner.start()
+    assert planned.wait(30)
+    owner.kill()
+    owner.join()
+    queue = Queue(QUEUE_NAME, connection=r)
+    watchdog = RefreshWatchdog(r, queue, debounce=0.05)
+    assert watchdog.check() == []  # the dead owner's lock has not lapsed yet
+    until(watchdog.check, recompute.LOCK_TTL + 5, "the watchdog queued a refresh")
+    [job] = queue.get_jobs()
+    report = jobs.refresh(*job.args)
+    assert report["mode"] == "jobs" and report["resumes"] == 1 and report["chunks_here"] == report["chunks"]
+    assert recomputed(r) == expected and not r.exists(K.recompute_run, K.dirty_full)
+
+
+def test_a_run_taken_over_too_often_is_given_up_and_its_marks_refreshed(env: None, r: redis.Redis) -> None:
+    s = Settings()
+    apply(r, mixed_stream(600, users=30, seed=3))
+    recompute.refresh(r, s, "default", now_ms=NOW)
+
+    def abandoned(space: str, run_id: str, chunks: list[int]) -> None:  # the owner "dies" here
+        r.hset(K.recompute_run, "resumes", mapreduce.MAX_RESUMES)
+        raise SystemExit
+
+    apply(r, [{"type": "identify", "userId": "user-1", "messageId": "late", "traits": {"ltv": 1}}])
+    with pytest.raises(SystemExit):
+        mapreduce.full_recompute(r, s, "default", abandoned, now_ms=NOW)
+    assert r.exists(K.recompute_run) and r.scard(K.dirty_full) == 1 and r.hlen(K.contributions) == 30
+    report = jobs.refresh("default")  # resumes nothing: gives the run up and refreshes the marks it had taken
+    assert "mode" not in report and report["profiles"] == 1
+    assert not r.exists(K.recompute_run, K.dirty_full) and not r.keys("*:w:run:*")
+
+
+def test_the_owner_drops_the_chunk_jobs_no_worker_started(r: redis.Redis, redis_url: str) -> None:
+    """One worker: it owns the run and computes every chunk; the chunk jobs it queued are taken off the queue."""
+    apply(r, mixed_stream(3000, users=150, seed=11))
+    queue = Queue(QUEUE_NAME, connection=r)
+    job = queue.enqueue(FULL_RECOMPUTE_JOB, "default", job_timeout=600)
+    assert burst_worker(redis_url).wait(120) == 0
+    [report] = job.return_value()
+    assert report["chunks"] == report["chunks_here"] == 2 and report["workers"] == 1
+    assert not Job.exists(f"recompute-{report['run']}-0", connection=r) and not queue.get_job_ids()
