@@ -5,16 +5,28 @@ own benchmark — so that a million of them load in seconds. Reports time, the w
 profile (profile hash + identifier index + contribution).
 
     python -m bench.recompute --profiles 100000 1000000
+
+``--workers 1 2 4`` compares instead the two ways a full recompute runs, side by side on the same loaded profiles:
+``local`` (this process forks a pool of N processes) and ``jobs`` (RECOMPUTE_MODE=jobs: N real ``persona-sync
+worker`` processes, one owning the run, all computing chunk jobs). ``--runs`` repetitions, alternating which mode
+goes first; one JSON line per measurement, then the medians.
+
+    python -m bench.recompute --profiles 1000000 --workers 1 2 4 --runs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import orjson
 import redis
@@ -22,6 +34,7 @@ import redis
 from service.config import Settings
 from service.devstack.redis_server import EmbeddedRedis
 from service.spec.keys import DAY_MS, Keys
+from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME
 from workers.recompute import full_recompute, refresh
 
 PLANS, INDUSTRIES, CATS = ["free", "pro", "enterprise"], ["SaaS", "Retail", "Media", "Health"], ["books", "toys",
@@ -100,12 +113,88 @@ def run(n: int, processes: int | None = None) -> dict:
         return out
 
 
+def start_workers(url: str, n: int) -> list[subprocess.Popen]:
+    """N real workers in jobs mode, registered with RQ before this returns (their start is not timed)."""
+    from rq import Queue, Worker
+
+    exe = str(Path(sys.executable).with_name("persona-sync"))
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY")}
+    env.update(REDIS_URL=url, RECOMPUTE_MODE="jobs", LOG_LEVEL="WARNING")
+    procs = [subprocess.Popen([exe, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(n)]
+    queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(url))
+    while Worker.count(queue=queue) < n:
+        time.sleep(0.1)
+    return procs
+
+
+def jobs_run(url: str, n: int) -> dict:
+    """One full recompute queued like the scheduled one, run by ``n`` workers; wall time from queueing to done."""
+    from rq import Queue
+    from rq.job import JobStatus
+
+    procs = start_workers(url, n)
+    try:
+        queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(url))
+        t = time.perf_counter()
+        job = queue.enqueue(FULL_RECOMPUTE_JOB, "bench", job_timeout=3600)
+        while (status := job.get_status(refresh=True)) not in (JobStatus.FINISHED, JobStatus.FAILED):
+            time.sleep(0.05)
+        wall = time.perf_counter() - t
+        assert status == JobStatus.FINISHED, job.latest_result()
+        [report] = job.return_value()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+    return {"mode": "jobs", "processes": n, "seconds": report["seconds"], "wall_s": round(wall, 2),
+            "profiles": report["profiles"], "chunks": report["chunks"], "chunks_by_owner": report["chunks_here"],
+            "workers_computing": report["workers"], "plan_s": report["plan_seconds"],
+            "reduce_s": report["reduce_seconds"]}
+
+
+def compare(n: int, workers: list[int], runs: int) -> list[dict]:
+    """``local`` with a pool of N processes against ``jobs`` with N workers, for each N, ``runs`` times."""
+    settings = Settings()
+    now_ms = int(time.time() * 1000)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="sps-rc-") as d, EmbeddedRedis(d, persistent=False) as server:
+        client = redis.Redis.from_url(server.url)
+        t = time.perf_counter()
+        load(client, Keys("bench"), n, now_ms)
+        print(orjson.dumps({"profiles": n, "load_s": round(time.perf_counter() - t, 1)}).decode(), flush=True)
+        for rep in range(runs):
+            for procs in workers:
+                for mode in (("local", "jobs") if rep % 2 == 0 else ("jobs", "local")):
+                    if mode == "local":
+                        report = full_recompute(client, settings, "bench", processes=procs)
+                        row = {"mode": "local", "processes": procs, "seconds": report["seconds"],
+                               "profiles": report["profiles"]}
+                    else:
+                        row = jobs_run(server.url, procs)
+                    out.append(row | {"run": rep + 1})
+                    print(orjson.dumps(out[-1]).decode(), flush=True)
+    for procs in workers:
+        for mode in ("local", "jobs"):
+            times = [row["seconds"] for row in out if row["mode"] == mode and row["processes"] == procs]
+            print(orjson.dumps({"median": mode, "processes": procs, "seconds": statistics.median(times),
+                                "runs": times}).decode(), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.recompute", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profiles", type=int, nargs="+", default=[100_000], help="profile counts to measure")
     p.add_argument("--processes", type=int, help="processes of the full recompute (default: one per core, up to 4)")
+    p.add_argument("--workers", type=int, nargs="+", help="compare local and jobs mode with these process counts")
+    p.add_argument("--runs", type=int, default=3, help="repetitions of the --workers comparison")
     args = p.parse_args(argv)
+    if args.workers:
+        for n in args.profiles:
+            compare(n, args.workers, args.runs)
+        return 0
     for n in args.profiles:
         print(orjson.dumps(run(n, args.processes)).decode(), flush=True)
     return 0

@@ -92,7 +92,9 @@ def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: 
                                                  "sizes": orjson.dumps(sizes), "reason": reason, "resumes": 0,
                                                  "chunks": len(sizes)})
         _submit(submit, space, run.id, list(range(len(sizes))))
-        return _drive(client, settings, Keys(space), run, lock, started, progress)
+        planned = time.perf_counter() - started  # the serial start: snapshot, scan, plan, queue the chunk jobs
+        report = _drive(client, settings, Keys(space), run, lock, started, progress)
+        return report | {"plan_seconds": round(planned, 3)}
 
 
 def _plan(client: redis.Redis, keys: Keys, run_id: str) -> tuple[int, ...]:
@@ -122,16 +124,22 @@ def _submit(submit: Submit, space: str, run_id: str, chunks: list[int]) -> None:
 
 
 def run_chunk(client: redis.Redis, settings: Settings, space: str, run_id: str, index: int, submit: Submit) -> dict:
-    """A chunk job: compute chunk ``index`` of run ``run_id`` unless it is done, held or the run is over; then, if
-    the run has lost its owner, take it over and finish it (the report of that is under "resumed")."""
+    """A chunk job: compute chunk ``index`` of run ``run_id``, and the chunks after it, skipping those done or held,
+    until none is left or the run is over (a job costs a process and its imports, ~0.1 s: one job takes on as many
+    chunks as it can, and the owner drops the jobs nobody started). Then, if the run has lost its owner, take it
+    over and finish it (the report of that is under "resumed")."""
     keys = Keys(space)
     run = Run.load(client, keys)
     if run is None or run.id != run_id:
         return {"space": space, "chunk": index, "skipped": "the run is over"}
+    out: dict = {"space": space, "chunk": index, "computed": []}
     decoded = R.connect_decoded(client)
     try:
-        out: dict = {"space": space, "chunk": index, "computed": compute_chunk(client, decoded, settings, keys, run,
-                                                                               index)}
+        for i in range(index, len(run.sizes)):
+            if compute_chunk(client, decoded, settings, keys, run, i):
+                out["computed"].append(i)
+            elif not client.exists(keys.recompute_plan(run.id)):  # the run published (or was given up)
+                break
     finally:
         decoded.close()
     if clear_if_gone(client, keys.recompute_lock) or not client.exists(keys.recompute_lock):
@@ -209,14 +217,15 @@ def encode_part(part: R.Part) -> bytes:
     n, clusters, patterns = part
     return orjson.dumps({"n": n, "by": _computer(),
                          "clusters": {k: v.to_dict() for k, v in clusters.items()},
-                         "patterns": {k: v.to_dict() for k, v in patterns.items()}})
+                         # patterns have no median: their spend histogram is never read
+                         "patterns": {k: v.to_dict(histogram=False) for k, v in patterns.items()}})
 
 
 def decode_part(raw: bytes) -> tuple[R.Part, str]:
     """A stored part and the process that computed it."""
     d = orjson.loads(raw)
     return (d["n"], {k: A.GroupAggregate.from_dict(v) for k, v in d["clusters"].items()},
-            {k: A.GroupAggregate.from_dict(v) for k, v in d["patterns"].items()}), d["by"]
+            {k: A.GroupAggregate.from_dict(v, histogram=False) for k, v in d["patterns"].items()}), d["by"]
 
 
 def _done(client: redis.Redis, keys: Keys, run: Run, chunks: Iterable[int]) -> set[int]:
@@ -267,6 +276,7 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
             here: int) -> dict:
     """Merge every chunk's partial aggregates and publish them with the staged contributions; the run is deleted in
     the same transaction."""
+    reducing = time.perf_counter()
     parts = [keys.recompute_part(run.id, i) for i in range(len(run.sizes))]
     raws: list[bytes | None] = []
     for i in range(0, len(parts), 50):
@@ -280,5 +290,6 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
     report = {"space": keys.space, "profiles": total, "full": True, "reason": run.reason, "mode": "jobs",
               "run": run.id, "now_ms": run.now_ms, "chunks": len(parts), "chunks_here": here,
               "workers": len({by for _, by in decoded}), "resumes": run.resumes}
-    return R.finish_full(client, settings, keys, lock, clusters, patterns, report, started,
-                         drop=[keys.recompute_run, keys.recompute_plan(run.id), *parts])
+    R.finish_full(client, settings, keys, lock, clusters, patterns, report, started,
+                  drop=[keys.recompute_run, keys.recompute_plan(run.id), *parts])
+    return report | {"reduce_seconds": round(time.perf_counter() - reducing, 3)}  # the serial end
