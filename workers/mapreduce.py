@@ -47,8 +47,7 @@ from workers.locks import held_lock
 
 CLAIM_TTL = 10.0  # seconds a dead process's lease on a chunk outlives it (renewed every third of that)
 RUN_TTL = 6 * 3600  # seconds a run's plan and parts are kept: more than a run and its takeovers take
-MIN_CHUNK, MAX_CHUNK = 100, 5000  # profiles per chunk job: enough work to amortise a job (~20 ms), few enough to share
-CHUNKS = 64  # chunks a run aims for between those bounds: many more than workers, so that none waits on another
+CHUNK_IDS = 5000  # profiles per chunk: ~0.5 s of work, far more than the few ms a chunk costs to hand out
 MAX_RESUMES = 3
 POLL = 0.05  # seconds between the owner's looks at chunks other processes hold
 
@@ -60,19 +59,21 @@ Submit = Callable[[str, str, list[int]], None]
 class Run:
     id: str
     now_ms: int
-    gen: str  # the profiles' generation the plan was scanned in: every chunk reads that one
-    sizes: tuple[int, ...]  # profile ids per chunk
+    gen: str  # the profiles' generation the plan is scanned in: every chunk reads that one
     reason: str
     resumes: int
+    chunks: int  # chunks planned so far
+    planned: bool  # the scan is over: ``chunks`` is final and ``sizes`` known
+    sizes: tuple[int, ...] = ()  # profile ids per chunk
 
     @classmethod
     def load(cls, client: redis.Redis, keys: Keys) -> Run | None:
-        """The space's run, if its plan is complete (a run still being planned cannot be resumed)."""
         raw = {k.decode(): v.decode() for k, v in client.hgetall(keys.recompute_run).items()}
-        if raw.get("state") != "mapping":
+        if "now_ms" not in raw:
             return None
-        return cls(raw["id"], int(raw["now_ms"]), raw["gen"], tuple(orjson.loads(raw["sizes"])), raw["reason"],
-                   int(raw["resumes"]))
+        return cls(raw["id"], int(raw["now_ms"]), raw["gen"], raw["reason"], int(raw["resumes"]),
+                   int(client.hlen(keys.recompute_plan(raw["id"]))), raw["state"] == "mapping",
+                   tuple(orjson.loads(raw.get("sizes", "[]"))))
 
 
 def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: Submit, now_ms: int | None = None,
@@ -84,33 +85,38 @@ def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: 
         keys = state_keys(client, space)
         R.begin_full(client, settings, keys)  # gives up any earlier run, takes the dirty marks, empties staging
         run_id = uuid.uuid4().hex
-        client.hset(keys.recompute_run, mapping={"id": run_id, "state": "planning"})
+        client.hset(keys.recompute_run, mapping={"id": run_id, "state": "planning", "now_ms": now_ms, "gen": keys.gen,
+                                                 "reason": reason, "resumes": 0})
         client.expire(keys.recompute_run, RUN_TTL)
-        sizes = _plan(client, keys, run_id)
-        run = Run(run_id, now_ms, keys.gen, sizes, reason, 0)
-        client.hset(keys.recompute_run, mapping={"state": "mapping", "now_ms": run.now_ms, "gen": run.gen,
-                                                 "sizes": orjson.dumps(sizes), "reason": reason, "resumes": 0,
-                                                 "chunks": len(sizes)})
-        _submit(submit, space, run.id, list(range(len(sizes))))
-        planned = time.perf_counter() - started  # the serial start: snapshot, scan, plan, queue the chunk jobs
+        sizes = _plan(client, keys, run_id, lambda index: _submit(submit, space, run_id, [index]))
+        client.hset(keys.recompute_run, mapping={"state": "mapping", "sizes": orjson.dumps(sizes)})
+        planned = time.perf_counter() - started  # the serial start: snapshot and scan (chunk jobs start meanwhile)
+        run = Run(run_id, now_ms, keys.gen, reason, 0, len(sizes), True, sizes)
         report = _drive(client, settings, Keys(space), run, lock, started, progress)
         return report | {"plan_seconds": round(planned, 3)}
 
 
-def _plan(client: redis.Redis, keys: Keys, run_id: str) -> tuple[int, ...]:
-    """Scan the profile ids and store them as the run's chunks; returns the chunks' sizes."""
-    ids = [pid for batch in R.profile_ids(client, keys) for pid in batch]
-    size = min(MAX_CHUNK, max(MIN_CHUNK, -(-len(ids) // CHUNKS)))
-    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
+def _plan(client: redis.Redis, keys: Keys, run_id: str, queue: Callable[[int], None]) -> tuple[int, ...]:
+    """Scan the profile ids into chunks of ``CHUNK_IDS``, each stored with the run and queued (``queue``) as soon as
+    it is complete, so that chunk jobs compute while the scan goes on; returns the chunks' sizes."""
     plan = keys.recompute_plan(run_id)
-    pipe = client.pipeline(transaction=False)
-    for i, chunk in enumerate(chunks):
-        pipe.hset(plan, str(i), orjson.dumps(chunk))
-        if i % 20 == 19:
-            pipe.execute()
-    pipe.expire(plan, RUN_TTL)
-    pipe.execute()
-    return tuple(map(len, chunks))
+    sizes: list[int] = []
+
+    def store(chunk: list[str]) -> None:
+        client.pipeline(transaction=False).hset(plan, str(len(sizes)), orjson.dumps(chunk)).expire(plan, RUN_TTL) \
+            .execute()
+        sizes.append(len(chunk))
+        queue(len(sizes) - 1)
+
+    pending: list[str] = []
+    for batch in R.profile_ids(client, keys):
+        pending += batch
+        while len(pending) >= CHUNK_IDS:
+            store(pending[:CHUNK_IDS])
+            pending = pending[CHUNK_IDS:]
+    if pending:
+        store(pending)
+    return tuple(sizes)
 
 
 def _submit(submit: Submit, space: str, run_id: str, chunks: list[int]) -> None:
@@ -135,11 +141,15 @@ def run_chunk(client: redis.Redis, settings: Settings, space: str, run_id: str, 
     out: dict = {"space": space, "chunk": index, "computed": []}
     decoded = R.connect_decoded(client)
     try:
-        for i in range(index, len(run.sizes)):
+        i = index
+        while run is not None and run.id == run_id and i < run.chunks:
             if compute_chunk(client, decoded, settings, keys, run, i):
                 out["computed"].append(i)
             elif not client.exists(keys.recompute_plan(run.id)):  # the run published (or was given up)
                 break
+            i += 1
+            if i == run.chunks and not run.planned:  # the owner may have planned more since
+                run = Run.load(client, keys)
     finally:
         decoded.close()
     if clear_if_gone(client, keys.recompute_lock) or not client.exists(keys.recompute_lock):
@@ -162,7 +172,7 @@ def resume(client: redis.Redis, settings: Settings, space: str, submit: Submit, 
     started = time.perf_counter()
     with R.space_lock(client, space, lock_wait) as lock:
         run = Run.load(client, keys)
-        if run is None or run.resumes >= MAX_RESUMES:
+        if run is None or not run.planned or run.resumes >= MAX_RESUMES:
             return None
         run = replace(run, resumes=int(client.hincrby(keys.recompute_run, "resumes", 1)))
         done = _done(client, keys, run, range(len(run.sizes)))
@@ -216,15 +226,15 @@ def _computer() -> str:
 def encode_part(part: R.Part) -> bytes:
     n, clusters, patterns = part
     return orjson.dumps({"n": n, "by": _computer(),
-                         "clusters": {k: v.to_dict() for k, v in clusters.items()},
-                         # patterns have no median: their spend histogram is never read
+                         # no spend histograms: the medians come from the spend indexes staged beside the parts
+                         "clusters": {k: v.to_dict(histogram=False) for k, v in clusters.items()},
                          "patterns": {k: v.to_dict(histogram=False) for k, v in patterns.items()}})
 
 
 def decode_part(raw: bytes) -> tuple[R.Part, str]:
     """A stored part and the process that computed it."""
     d = orjson.loads(raw)
-    return (d["n"], {k: A.GroupAggregate.from_dict(v) for k, v in d["clusters"].items()},
+    return (d["n"], {k: A.GroupAggregate.from_dict(v, histogram=False) for k, v in d["clusters"].items()},
             {k: A.GroupAggregate.from_dict(v, histogram=False) for k, v in d["patterns"].items()}), d["by"]
 
 
@@ -287,6 +297,7 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
     total = R.join_parts((part for part, _ in decoded), clusters, patterns)
+    R.set_staged_medians(client, keys, clusters)
     report = {"space": keys.space, "profiles": total, "full": True, "reason": run.reason, "mode": "jobs",
               "run": run.id, "now_ms": run.now_ms, "chunks": len(parts), "chunks_here": here,
               "workers": len({by for _, by in decoded}), "resumes": run.resumes}

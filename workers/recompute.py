@@ -182,16 +182,26 @@ def _index_spend(pipe: redis.client.Pipeline, keys: Keys, entries: dict[str, Ent
             pipe.zadd(keys.cluster_spend(name), mine)
 
 
-def _medians(client: redis.Redis, keys: Keys, names: list[str]) -> dict[str, tuple[int, int]]:
-    """cluster -> (members, twice the median spend in cents), by rank in the cluster's spend index."""
+def _medians(client: redis.Redis, keys: Keys, names: list[str], staged: bool = False) -> dict[str, tuple[int, int]]:
+    """cluster -> (members, twice the median spend in cents), by rank in the cluster's spend index (``staged``: the
+    one a full recompute is building)."""
+    index = [_staging(keys.cluster_spend(name)) if staged else keys.cluster_spend(name) for name in names]
     pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.zcard(keys.cluster_spend(name))
+    for key in index:
+        pipe.zcard(key)
     sizes = pipe.execute()
-    for name, size in zip(names, sizes, strict=True):
-        pipe.zrange(keys.cluster_spend(name), max(0, (size - 1) // 2), size // 2, withscores=True)
+    for key, size in zip(index, sizes, strict=True):
+        pipe.zrange(key, max(0, (size - 1) // 2), size // 2, withscores=True)
     return {name: (size, int(middle[0][1]) + int(middle[-1][1]) if size else 0)
             for name, size, middle in zip(names, sizes, pipe.execute(), strict=True)}
+
+
+def set_staged_medians(client: redis.Redis, keys: Keys, clusters: dict[str, A.GroupAggregate]) -> None:
+    """Give aggregates merged without their spend histograms the median of the spend indexes staged beside them."""
+    for name, (size, median_x2) in _medians(client, keys, sorted(clusters), staged=True).items():
+        if size != clusters[name].n:
+            raise A.AggregateError(f"staged spend index of {name!r} disagrees with its aggregate")
+        clusters[name].median_x2 = median_x2
 
 
 def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[str, A.GroupAggregate],
@@ -460,11 +470,12 @@ def discard_run(client: redis.Redis, keys: Keys) -> None:
     """Give up the shared full recompute (``workers/mapreduce.py``) that no one owns any more, with its plan and
     partial results, before another recompute takes the space. Called by the lock holder only; chunk jobs still
     running for it then find no run and write nothing (their writes are fenced on its id)."""
-    run = client.hmget(keys.recompute_run, "id", "chunks")
-    if run[0] is None:
+    run_id = client.hget(keys.recompute_run, "id")
+    if run_id is None:
         return
-    rid, chunks = run[0].decode(), int(run[1] or 0)
-    client.delete(keys.recompute_run, keys.recompute_plan(rid), *(keys.recompute_part(rid, i) for i in range(chunks)))
+    plan = keys.recompute_plan(run_id.decode())
+    parts = (keys.recompute_part(run_id.decode(), i) for i in range(client.hlen(plan)))
+    client.delete(keys.recompute_run, plan, *parts)
 
 
 def _record(pipe: redis.client.Pipeline, keys: Keys, kind: str, report: dict) -> None:

@@ -222,7 +222,7 @@ class Keys:
     @property
     def recompute_run(self) -> str:
         """hash of the full recompute run shared out as RQ jobs (``workers/mapreduce.py``): id, state, now_ms, gen,
-        chunks, sizes, resumes. Changed only by the holder of ``recompute_lock``; deleted when the run publishes
+        reason, sizes, resumes. Changed only by the holder of ``recompute_lock``; deleted when the run publishes
         or is given up, so a chunk job that finds another id (or none) does nothing."""
         return f"{self.prefix}w:run"
 

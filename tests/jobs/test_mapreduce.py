@@ -66,7 +66,7 @@ def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redi
     helper = burst_worker(redis_url)
     assert owner.wait(120) == 0 and helper.wait(120) == 0
     [report] = job.return_value()
-    assert report["mode"] == "jobs" and report["profiles"] == 30_000 and report["chunks"] == 64
+    assert report["mode"] == "jobs" and report["profiles"] == 30_000 and report["chunks"] == 6
     assert report["workers"] == 2 and 0 < report["chunks_here"] < report["chunks"]  # both computed chunks
     shared = recomputed(r)
     assert not r.exists(K.recompute_run, K.recompute_lock, K.dirty_full) and not r.keys("*:w:run:*")
@@ -77,8 +77,7 @@ def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redi
 
 def test_a_chunk_done_twice_counts_once(r: redis.Redis) -> None:
     """Two processes may both finish a chunk (a lease lapsed under a slow one) and RQ may run a chunk job again:
-    the first write wins, the others change nothing, and a process of another run writes nothing at all. A chunk
-    job run again skips its done chunk and goes on with the next."""
+    the first write wins, the others change nothing, and a process of another run writes nothing at all."""
     s = Settings()
     apply(r, mixed_stream(3000, users=150, seed=11))
     expected = (recompute.full_recompute(r, s, "default", now_ms=NOW), recomputed(r))[1]
@@ -86,7 +85,7 @@ def test_a_chunk_done_twice_counts_once(r: redis.Redis) -> None:
 
     def meanwhile(space: str, run_id: str, chunks: list[int]) -> None:  # called once the chunk jobs would be queued
         run = mapreduce.Run.load(r, K)
-        assert run is not None and run.id == run_id and chunks == [0, 1]
+        assert run is not None and run.id == run_id and chunks == [0]
         decoded = recompute.connect_decoded(r)
         ids = r.hget(K.recompute_plan(run_id), "0")
         part = recompute.chunk_result(recompute.chunk_entries(decoded, K, orjson.loads(ids), recompute.rules_for(s), s,
@@ -98,20 +97,20 @@ def test_a_chunk_done_twice_counts_once(r: redis.Redis) -> None:
         decoded.close()
 
     report = mapreduce.full_recompute(r, s, "default", meanwhile, now_ms=NOW)
-    assert seen == {"first": True, "second": False, "other run": False, "job again": [1]}  # it went on to chunk 1
-    assert report["chunks"] == 2 and report["chunks_here"] == 0 and report["changed_clusters"] == []
+    assert seen == {"first": True, "second": False, "other run": False, "job again": []}
+    assert report["chunks"] == 1 and report["chunks_here"] == 0 and report["changed_clusters"] == []
     assert recomputed(r) == expected
 
 
 def _die_owning_a_run(redis_url: str, planned: multiprocessing.synchronize.Event) -> None:
-    """A run's owner that dies once its chunk jobs are queued (as a worker killed there would)."""
-    client = redis.Redis.from_url(redis_url)
+    """A run's owner that dies once it planned the run and queued its chunk jobs (as a worker killed there would)."""
 
-    def queued(space: str, run_id: str, chunks: list[int]) -> None:
+    def die(*args: object) -> None:
         planned.set()
         time.sleep(60)
 
-    mapreduce.full_recompute(client, Settings(), "default", queued, now_ms=NOW)
+    mapreduce._drive = die  # type: ignore[assignment]  # in this forked process only
+    mapreduce.full_recompute(redis.Redis.from_url(redis_url), Settings(), "default", lambda *a: None, now_ms=NOW)
 
 
 def test_a_run_whose_owner_died_is_finished_by_the_refresh_the_watchdog_queues(
@@ -137,18 +136,27 @@ def test_a_run_whose_owner_died_is_finished_by_the_refresh_the_watchdog_queues(
     assert recomputed(r) == expected and not r.exists(K.recompute_run, K.dirty_full)
 
 
-def test_a_run_taken_over_too_often_is_given_up_and_its_marks_refreshed(env: None, r: redis.Redis) -> None:
-    s = Settings()
-    apply(r, mixed_stream(600, users=30, seed=3))
-    recompute.refresh(r, s, "default", now_ms=NOW)
+def _planning(r: redis.Redis) -> None:
+    raise SystemExit  # the owner dies before its plan is complete
 
-    def abandoned(space: str, run_id: str, chunks: list[int]) -> None:  # the owner "dies" here
+
+def _taken_over_too_often(r: redis.Redis) -> None:
+    if r.hget(K.recompute_run, "state") == b"mapping":
         r.hset(K.recompute_run, "resumes", mapreduce.MAX_RESUMES)
         raise SystemExit
 
+
+@pytest.mark.parametrize("death", [_planning, _taken_over_too_often])
+def test_a_run_that_cannot_be_resumed_is_given_up_and_its_marks_refreshed(env: None, r: redis.Redis,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          death) -> None:  # type: ignore[no-untyped-def]
+    s = Settings()
+    apply(r, mixed_stream(600, users=30, seed=3))
+    recompute.refresh(r, s, "default", now_ms=NOW)
     apply(r, [{"type": "identify", "userId": "user-1", "messageId": "late", "traits": {"ltv": 1}}])
+    monkeypatch.setattr(mapreduce, "_drive", lambda *args: death(r))
     with pytest.raises(SystemExit):
-        mapreduce.full_recompute(r, s, "default", abandoned, now_ms=NOW)
+        mapreduce.full_recompute(r, s, "default", lambda *args: death(r), now_ms=NOW)
     assert r.exists(K.recompute_run) and r.scard(K.dirty_full) == 1 and r.hlen(K.contributions) == 30
     report = jobs.refresh("default")  # resumes nothing: gives the run up and refreshes the marks it had taken
     assert "mode" not in report and report["profiles"] == 1
@@ -162,5 +170,5 @@ def test_the_owner_drops_the_chunk_jobs_no_worker_started(r: redis.Redis, redis_
     job = queue.enqueue(FULL_RECOMPUTE_JOB, "default", job_timeout=600)
     assert burst_worker(redis_url).wait(120) == 0
     [report] = job.return_value()
-    assert report["chunks"] == report["chunks_here"] == 2 and report["workers"] == 1
+    assert report["chunks"] == report["chunks_here"] == 1 and report["workers"] == 1
     assert not Job.exists(f"recompute-{report['run']}-0", connection=r) and not queue.get_job_ids()

@@ -42,7 +42,7 @@ def test_incremental_equals_full(r: redis.Redis, monkeypatch: pytest.MonkeyPatch
     assert state(r) == incremental
     queued: list[int] = []  # the chunk jobs it would queue; this process computes every chunk itself
     shared = mapreduce.full_recompute(r, s, "default", lambda space, run, chunks: queued.extend(chunks), now_ms=NOW)
-    assert shared["chunks"] == shared["chunks_here"] == len(queued) == 2 and shared["changed_clusters"] == []
+    assert shared["chunks"] == shared["chunks_here"] == len(queued) == 1 and shared["changed_clusters"] == []
     assert state(r) == incremental and not r.exists(K.recompute_run)
     clusters = incremental[K.clusters]
     assert sum(c["n"] for c in clusters.values()) == 150
