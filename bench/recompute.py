@@ -128,6 +128,12 @@ def start_workers(url: str, n: int) -> list[subprocess.Popen]:
     return procs
 
 
+def redis_cpu(client: redis.Redis) -> float:
+    """CPU seconds redis-server has used: one shard serves a whole space, whatever the number of workers."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def jobs_run(url: str, n: int) -> dict:
     """One full recompute queued like the scheduled one, run by ``n`` workers; wall time from queueing to done."""
     from rq import Queue
@@ -136,11 +142,11 @@ def jobs_run(url: str, n: int) -> dict:
     procs = start_workers(url, n)
     try:
         queue = Queue(QUEUE_NAME, connection=redis.Redis.from_url(url))
-        t = time.perf_counter()
+        cpu, t = redis_cpu(queue.connection), time.perf_counter()
         job = queue.enqueue(FULL_RECOMPUTE_JOB, "bench", job_timeout=3600)
         while (status := job.get_status(refresh=True)) not in (JobStatus.FINISHED, JobStatus.FAILED):
             time.sleep(0.05)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, redis_cpu(queue.connection) - cpu
         assert status == JobStatus.FINISHED, job.latest_result()
         [report] = job.return_value()
     finally:
@@ -149,6 +155,7 @@ def jobs_run(url: str, n: int) -> dict:
         for proc in procs:
             proc.wait(60)
     return {"mode": "jobs", "processes": n, "seconds": report["seconds"], "wall_s": round(wall, 2),
+            "redis_cpu_s": round(cpu, 1),
             "profiles": report["profiles"], "chunks": report["chunks"], "chunks_by_owner": report["chunks_here"],
             "workers_computing": report["workers"], "plan_s": report["plan_seconds"],
             "reduce_s": report["reduce_seconds"]}
@@ -168,9 +175,10 @@ def compare(n: int, workers: list[int], runs: int) -> list[dict]:
             for procs in workers:
                 for mode in (("local", "jobs") if rep % 2 == 0 else ("jobs", "local")):
                     if mode == "local":
+                        cpu = redis_cpu(client)
                         report = full_recompute(client, settings, "bench", processes=procs)
                         row = {"mode": "local", "processes": procs, "seconds": report["seconds"],
-                               "profiles": report["profiles"]}
+                               "redis_cpu_s": round(redis_cpu(client) - cpu, 1), "profiles": report["profiles"]}
                     else:
                         row = jobs_run(server.url, procs)
                     out.append(row | {"run": rep + 1})

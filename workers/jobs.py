@@ -58,7 +58,7 @@ def refresh(space: str, marker: str | None = None) -> dict:
             break
         time.sleep(ttl_ms / 1000 + 0.005)
     try:  # a shared full recompute whose owner died is finished first (see workers/mapreduce.py)
-        resumed = mapreduce.resume(client, settings, space, _submit_chunks, lock_wait=REFRESH_LOCK_WAIT)
+        resumed = mapreduce.resume(client, settings, space, _chunk_queuer(), lock_wait=REFRESH_LOCK_WAIT)
         report = resumed or recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
     except recompute.Busy as exc:
         log_event(log, "refresh stepped aside", space=space, reason=str(exc))
@@ -106,7 +106,7 @@ def full_recompute(only: str | None = None) -> list[dict]:
     for space in [only] if only else spaces(client):
         try:
             if settings.recompute_mode == "jobs":
-                report = mapreduce.full_recompute(client, settings, space, _submit_chunks, progress=progress)
+                report = mapreduce.full_recompute(client, settings, space, _chunk_queuer(), progress=progress)
             else:
                 report = recompute.full_recompute(client, settings, space, progress=progress)
         except recompute.Busy as exc:
@@ -135,7 +135,7 @@ def recompute_chunk(space: str, run: str, index: int) -> dict:
     owner died, this job takes the run over and finishes it."""
     settings = Settings.from_env()
     client = _state()
-    out = mapreduce.run_chunk(client, settings, space, run, index, _submit_chunks)
+    out = mapreduce.run_chunk(client, settings, space, run, index, _chunk_queuer())
     if "resumed" in out:
         _after_full(client, settings, out["resumed"])
     return out
@@ -145,19 +145,26 @@ def _chunk_job_id(run: str, index: int) -> str:
     return f"recompute-{run}-{index}"
 
 
-def _submit_chunks(space: str, run: str, chunks: list[int]) -> None:
-    """Queue one job per chunk. The id names the run and the chunk, so a chunk is queued once however often a
-    takeover asks (``unique``). RQ retries a failed job, and one whose worker died once it notices (the worker's
-    heartbeat lapsed): at once the first time (the chunk's lease lapsed long before), 30 s later the second; a
-    retry whose chunk was done meanwhile does nothing."""
+def _chunk_queuer() -> mapreduce.Submit:
+    """What a run's owner queues its chunk jobs with (one queue connection for the run's hundreds of jobs).
+
+    One job per chunk; the id names the run and the chunk, so a chunk is queued once however often a takeover
+    asks (``unique``). RQ retries a failed job, and one whose worker died once it notices (the worker's heartbeat
+    lapsed): at once the first time (the chunk's lease lapsed long before), 30 s later the second; a retry whose
+    chunk was done meanwhile does nothing."""
     queue = _queue()
-    for index in chunks:
-        try:
-            queue.enqueue(RECOMPUTE_CHUNK_JOB, space, run, index, job_id=_chunk_job_id(run, index), unique=True,
-                          job_timeout=REFRESH_TIMEOUT, result_ttl=CHUNK_RESULT_TTL,
-                          retry=Retry(max=2, interval=[0, 30]), description=f"full recompute of {space}: chunk {index}")
-        except DuplicateJobError:
-            continue
+
+    def submit(space: str, run: str, chunks: list[int]) -> None:
+        for index in chunks:
+            try:
+                queue.enqueue(RECOMPUTE_CHUNK_JOB, space, run, index, job_id=_chunk_job_id(run, index), unique=True,
+                              job_timeout=REFRESH_TIMEOUT, result_ttl=CHUNK_RESULT_TTL,
+                              retry=Retry(max=2, interval=[0, 30]),
+                              description=f"full recompute of {space}: chunk {index}")
+            except DuplicateJobError:
+                continue
+
+    return submit
 
 
 def _drop_chunk_jobs(run: str, chunks: int) -> None:

@@ -2,8 +2,11 @@
 
 ``refresh`` reads only the profiles marked dirty since the last run and moves each one's stored contribution from
 its old cluster / pattern aggregate to its new one, so its cost grows with the changes. ``full_recompute`` rebuilds
-everything from every profile (ages 30-day windows out, corrects drift). Both hold the space's recompute lock, so
-they never overlap, and both write through ``publish`` so they produce identical summaries from identical data.
+everything from every profile (ages 30-day windows out, corrects drift) in this worker, forking one process per
+core; ``workers/mapreduce.py`` does the same rebuild shared out as RQ jobs (``RECOMPUTE_MODE=jobs``), through the
+same pieces: ``begin_full``, ``chunk_result`` and ``stage`` per chunk, ``finish_full``. All hold the space's
+recompute lock, so they never overlap, and all write through ``publish`` so they produce identical summaries from
+identical data.
 
 Each cluster's exact median spend comes from its spend index (a sorted set of member -> spend, ``Keys.cluster_spend``)
 by rank, so neither path keeps a histogram that grows with the distinct spend values: a refresh's fixed cost stays
