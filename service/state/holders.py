@@ -49,7 +49,7 @@ def holder_is_gone(token: bytes | str | None) -> bool:
 def clear_if_gone(client: redis.Redis, key: str) -> bytes | None:
     """Delete the lock at ``key`` if its holder is gone, unless it changed meanwhile (a new holder took it the
     moment the old one lapsed). Returns the token cleared, or None."""
-    with client.pipeline() as pipe:
+    with client.pipeline(transaction=True) as pipe:  # said outright: a Cluster client's pipeline is not one else
         try:
             pipe.watch(key)
             token = pipe.get(key)

@@ -21,24 +21,21 @@ from rq.registry import FailedJobRegistry
 from bench.recompute import load
 from service.config import Settings
 from service.spec.keys import Keys
+from service.state.connect import state_client
 from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME
 from service.state.refresh import RefreshWatchdog
 from tests.helpers import NOW, apply, mixed_stream, recomputed
 from workers import jobs, mapreduce, recompute
 
+BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
 EXE = str(Path(sys.executable).with_name("persona-sync"))
 K = Keys("default")
 
 
-def worker_env(redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY")}
-    env.update(REDIS_URL=redis_url, LOG_LEVEL="WARNING", RECOMPUTE_MODE="jobs")
-    return env
-
-
-def burst_worker(redis_url: str) -> subprocess.Popen:
-    return subprocess.Popen([EXE, "worker", "--burst"], env=worker_env(redis_url), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def burst_worker(redis_env: dict[str, str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY", "REDIS_CLUSTER")}
+    env.update(redis_env, LOG_LEVEL="WARNING", RECOMPUTE_MODE="jobs")
+    return subprocess.Popen([EXE, "worker", "--burst"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def until(check, seconds: float, what: str):  # type: ignore[no-untyped-def]
@@ -50,20 +47,28 @@ def until(check, seconds: float, what: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.delenv("QUEUE_REDIS_URL", raising=False)
+def env(redis_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job functions, called here, read their Redis from the environment as a worker's do."""
+    for name in ("QUEUE_REDIS_URL", "REDIS_CLUSTER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in redis_env.items():
+        monkeypatch.setenv(name, value)
 
 
-def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redis_url: str) -> None:
+@pytest.fixture
+def queue(queue_url: str) -> Queue:
+    return Queue(QUEUE_NAME, connection=redis.Redis.from_url(queue_url))
+
+
+def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redis_env: dict[str, str],
+                                                           queue: Queue) -> None:
     """The scheduled job in a real worker owns the run; a second worker, started once the chunk jobs are queued,
     computes chunks from the front while the owner works from the back."""
     load(r, K, 30_000, NOW)
-    queue = Queue(QUEUE_NAME, connection=r)
     job = queue.enqueue(FULL_RECOMPUTE_JOB, "default", job_timeout=600)
-    owner = burst_worker(redis_url)
+    owner = burst_worker(redis_env)
     until(lambda: r.hget(K.recompute_run, "state") == b"mapping", 60, "the run was planned")
-    helper = burst_worker(redis_url)
+    helper = burst_worker(redis_env)
     assert owner.wait(120) == 0 and helper.wait(120) == 0
     [report] = job.return_value()
     assert report["mode"] == "jobs" and report["profiles"] == 30_000 and report["chunks"] == 6
@@ -75,7 +80,7 @@ def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redi
     assert local["changed_clusters"] == [] and recomputed(r) == shared
 
 
-def test_a_chunk_done_twice_counts_once(r: redis.Redis) -> None:
+def test_a_chunk_done_twice_counts_once(env: None, r: redis.Redis) -> None:
     """Two processes may both finish a chunk (a lease lapsed under a slow one) and RQ may run a chunk job again:
     the first write wins, the others change nothing, and a process of another run writes nothing at all."""
     s = Settings()
@@ -102,7 +107,7 @@ def test_a_chunk_done_twice_counts_once(r: redis.Redis) -> None:
     assert recomputed(r) == expected
 
 
-def _die_owning_a_run(redis_url: str, planned: multiprocessing.synchronize.Event) -> None:
+def _die_owning_a_run(planned: multiprocessing.synchronize.Event) -> None:
     """A run's owner that dies once it planned the run and queued its chunk jobs (as a worker killed there would)."""
 
     def die(*args: object) -> None:
@@ -110,23 +115,22 @@ def _die_owning_a_run(redis_url: str, planned: multiprocessing.synchronize.Event
         time.sleep(60)
 
     mapreduce._drive = die  # type: ignore[assignment]  # in this forked process only
-    mapreduce.full_recompute(redis.Redis.from_url(redis_url), Settings(), "default", lambda *a: None, now_ms=NOW)
+    mapreduce.full_recompute(state_client(Settings.from_env()), Settings(), "default", lambda *a: None, now_ms=NOW)
 
 
 def test_a_run_whose_owner_died_is_finished_by_the_refresh_the_watchdog_queues(
-        env: None, r: redis.Redis, redis_url: str) -> None:
+        env: None, r: redis.Redis, queue: Queue) -> None:
     """No chunk job is left to take the run over (none was queued): once the dead owner's lock lapses the
     watchdog queues a refresh, and the refresh finishes the run before it refreshes."""
     apply(r, mixed_stream(3000, users=150, seed=11))
     expected = (recompute.full_recompute(r, Settings(), "default", now_ms=NOW), recomputed(r))[1]
     ctx = multiprocessing.get_context("fork")
     planned = ctx.Event()
-    owner = ctx.Process(target=_die_owning_a_run, args=(redis_url, planned))
+    owner = ctx.Process(target=_die_owning_a_run, args=(planned,))
     owner.start()
     assert planned.wait(30)
     owner.kill()
     owner.join()
-    queue = Queue(QUEUE_NAME, connection=r)
     watchdog = RefreshWatchdog(r, queue, debounce=0.05)
     assert watchdog.check() == []  # the dead owner's lock has not lapsed yet
     until(watchdog.check, recompute.LOCK_TTL + 5, "the watchdog queued a refresh")
@@ -163,12 +167,12 @@ def test_a_run_that_cannot_be_resumed_is_given_up_and_its_marks_refreshed(env: N
     assert not r.exists(K.recompute_run, K.dirty_full) and not r.keys("*:w:run:*")
 
 
-def test_the_owner_drops_the_chunk_jobs_no_worker_started(r: redis.Redis, redis_url: str) -> None:
+def test_the_owner_drops_the_chunk_jobs_no_worker_started(r: redis.Redis, redis_env: dict[str, str],
+                                                          queue: Queue) -> None:
     """One worker: it owns the run and computes every chunk; the chunk jobs it queued are taken off the queue."""
     apply(r, mixed_stream(3000, users=150, seed=11))
-    queue = Queue(QUEUE_NAME, connection=r)
     job = queue.enqueue(FULL_RECOMPUTE_JOB, "default", job_timeout=600)
-    assert burst_worker(redis_url).wait(120) == 0
+    assert burst_worker(redis_env).wait(120) == 0
     [report] = job.return_value()
     assert report["chunks"] == report["chunks_here"] == 1 and report["workers"] == 1
-    assert not Job.exists(f"recompute-{report['run']}-0", connection=r) and not queue.get_job_ids()
+    assert not Job.exists(f"recompute-{report['run']}-0", connection=queue.connection) and not queue.get_job_ids()
