@@ -20,7 +20,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -211,8 +213,8 @@ class SentinelGroup:
     def sentinel_client(self, i: int = 0) -> redis.Redis:
         return self.sentinels[i].client(socket_timeout=5)
 
-    def primary_port(self) -> int | None:
-        """The primary's port as the first sentinel that answers names it (None while none answers)."""
+    def _answers(self) -> Iterator[Any]:
+        """What each running sentinel that answers says the primary's address is (None: it names none)."""
         for i, s in enumerate(self.sentinels):
             if not s.running:
                 continue
@@ -221,9 +223,11 @@ class SentinelGroup:
                     addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
             except redis.RedisError:
                 continue
-            if addr:
-                return int(addr[1])
-        return None
+            yield addr
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers names it (None while none answers)."""
+        return next((int(addr[1]) for addr in self._answers() if addr), None)
 
     def node_on(self, port: int) -> Node:
         return next(n for n in self.data if n.port == port)
@@ -317,17 +321,7 @@ class SentinelGroup:
 
     def named_primaries(self) -> set[int]:
         """The primary port each running sentinel names (the ones that do not answer are left out)."""
-        ports = set()
-        for i, s in enumerate(self.sentinels):
-            if not s.running:
-                continue
-            try:
-                with self.sentinel_client(i) as c:
-                    addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
-                ports.add(int(addr[1]))
-            except redis.RedisError:
-                continue
-        return ports
+        return {int(addr[1]) for addr in self._answers()}
 
     def wait_for_new_primary(self, old_port: int, seconds: float = 30.0, every: bool = True) -> Node:
         """Until a sentinel (``every``: every running one) names a primary other than ``old_port``; that node."""
