@@ -92,6 +92,18 @@ def fsync_latency(directory: Path, n: int = 300) -> tuple[float, float]:
     return statistics.median(lat), lat[int(0.99 * len(lat))]
 
 
+def prepare_loads(seconds: float) -> tuple[Path, Path, dict[str, tuple[int, int, int]]]:
+    """A fresh directory with the wrk script and the recorded requests of both loads (enough for ``seconds``);
+    the loads by name: (connections, requests recorded, events per request)."""
+    work = short_tmpdir("sps-bench-wrk-")
+    script = work / "replay.lua"
+    script.write_text(LUA)
+    loads = {"single": (32, int(9000 * seconds), 1), "batch": (4, int(400 * seconds), BATCH)}
+    for kind, (_, count, _) in loads.items():
+        write_requests(work / f"{kind}.txt", kind, count)
+    return work, script, loads
+
+
 def wrk(script: Path, data: Path, url: str, conns: int, seconds: float, available: int) -> dict[str, float]:
     cmd = [need_wrk(), "-t", "1", "-c", str(conns), "-d", f"{seconds:.0f}s", "--timeout", "10s", "-s", str(script),
            url, "--", str(data)]
@@ -113,12 +125,7 @@ def main() -> None:
     p.add_argument("--dir", help="parent directory of the Redis data dir (default: the temp dir); its disk matters")
     args = p.parse_args()
     d = short_tmpdir("sps-bench-fsync-") if not args.dir else Path(args.dir) / f"sps-fsync-{time.time_ns()}"
-    work = short_tmpdir("sps-bench-wrk-")
-    script = work / "replay.lua"
-    script.write_text(LUA)
-    loads = {"single": (32, int(9000 * args.seconds), 1), "batch": (4, int(400 * args.seconds), BATCH)}
-    for kind, (_, count, _) in loads.items():
-        write_requests(work / f"{kind}.txt", kind, count)
+    work, script, loads = prepare_loads(args.seconds)
     redis_server = Redis(d, persistent=True).start()
     web = Web(redis_server.url, concurrency=args.web_workers)
     admin = redis_server.client()

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from bench.drill_fsync import BATCH, LUA, write_requests, wrk
+from bench.drill_fsync import BATCH, prepare_loads, wrk
 from tests.drills.stack import Redis, Web, short_tmpdir
 from tests.sentinels import SentinelGroup
 
@@ -37,12 +37,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     p.add_argument("--web-workers", type=int, default=2, help="WEB_CONCURRENCY (default 2, the product default)")
     args = p.parse_args()
-    work = short_tmpdir("sps-bench-wrk-")
-    script = work / "replay.lua"
-    script.write_text(LUA)
-    loads = {"single": (32, int(9000 * args.seconds), 1), "batch": (4, int(400 * args.seconds), BATCH)}
-    for kind, (_, count, _) in loads.items():
-        write_requests(work / f"{kind}.txt", kind, count)
+    work, script, loads = prepare_loads(args.seconds)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     group = SentinelGroup(replicas=1, persistent=True).start()
     data = short_tmpdir("sps-bench-wait-")
