@@ -75,15 +75,24 @@ class Event:
     erase: str | None = None  # a delete without userId: the profile id to erase (``persona-sync forget``)
 
     def script_payload(self) -> bytes:
-        """The compact JSON the Lua script decodes (cjson) as ``ev``: everything it needs and nothing more.
+        """The event as the Lua script reads it: everything it needs and nothing more; this is the only place
+        either form is written (apply.lua's header documents both).
 
-        Short keys keep every event's payload small; this is the only place they are written:
-        ``t`` type, ``mid`` message_id, ``ts`` event time (ms), ``uid`` user_id or "", ``ids`` identifiers
-        ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order ([key, revenue as
-        text, categories joined by U+001F] or null), ``a`` activity ([channel, day, slot] or null), ``g`` group
-        ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null), ``rv`` reversal (the
-        order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts`` when unknown), ``ep`` the
-        profile id a delete without userId erases (or null)."""
+        Plain, for most calls (no traits, order, group, alias, reversal or erasure, and no tab in a value):
+        ``t \\t ts \\t mid \\t uid \\t channel \\t day \\t slot \\t type \\t value ...``, which the
+        script splits without decoding JSON (and without the receipt time, which only traits need): for Redis, the
+        cheapest form to read. Else compact JSON (cjson): ``t`` type, ``mid`` message_id, ``ts`` event time (ms),
+        ``uid`` user_id or "", ``ids`` identifiers ([type, value] by priority), ``tr`` traits ([name, JSON value,
+        class]), ``o`` order ([key, revenue as text, categories joined by U+001F] or null), ``a`` activity ([channel,
+        day, slot] or null), ``g`` group ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId
+        or null), ``rv`` reversal (the order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts``
+        when unknown), ``ep`` the profile id a delete without userId erases (or null)."""
+        if self._plain():
+            channel, day, slot = self.activity if self.activity else ("", "", "")
+            parts = [self.type, str(self.ts), self.message_id, self.user_id or "", channel, str(day), str(slot)]
+            for kind, value in self.identifiers:
+                parts += (kind, value)
+            return "\t".join(parts).encode()
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -99,6 +108,13 @@ class Event:
             "rc": max(self.received, self.ts),
             "ep": self.erase,
         })
+
+    def _plain(self) -> bool:
+        """Whether the plain form can carry this event: nothing but identifiers and activity, no tab in a value."""
+        if self.traits or self.order or self.group or self.alias_of or self.reversal or self.erase:
+            return False
+        texts = [self.message_id, self.user_id or "", *(t for pair in self.identifiers for t in pair)]
+        return not any("\t" in t for t in texts)
 
 
 def dedupe_digest(message_id: str) -> tuple[int, bytes]:

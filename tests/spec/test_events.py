@@ -113,3 +113,18 @@ def test_non_string_event_names_are_ignored_not_fatal() -> None:
     for name in ([], {"a": 1}, 3):
         e = normalise({"type": "track", "userId": "u", "event": name, "messageId": "m"}, NOW, RULES)
         assert e.order is None and e.activity is None
+
+
+def test_script_payload_is_plain_for_a_page_view_and_json_otherwise() -> None:
+    """The common call goes to the script as tab-separated text (no JSON for Redis to decode); traits, orders and
+    any value with a tab in it go as JSON, which the script reads whatever their characters."""
+    page = normalise({"type": "page", "userId": "u1", "anonymousId": "a1", "messageId": "m1",
+                      "timestamp": "2026-03-15T10:00:00Z", "context": {"library": {"name": "analytics.js"}}},
+                     NOW, RULES)
+    assert page.script_payload().split(b"\t") == [
+        b"page", str(page.ts).encode(), b"m1", b"u1", b"web", str(page.activity[1]).encode(),
+        str(page.activity[2]).encode(), b"user_id", b"u1", b"anonymous_id", b"a1"]
+    ident = normalise(fixture_json("identify.json"), NOW, RULES)
+    assert ident.script_payload().startswith(b"{")
+    tabbed = normalise({"type": "track", "event": "x", "userId": "u\t1", "messageId": "m2"}, NOW, RULES)
+    assert tabbed.script_payload().startswith(b"{")

@@ -259,3 +259,46 @@ def test_events_of_one_script_call_fail_alone_and_apply_in_order(r: redis.Redis)
     assert outcomes[0].created and outcomes[2].profile_id == outcomes[0].profile_id
     assert find(r, "user_id", "o1").traits["step"].value == 2
     assert [f[b"e"] for _, f in r.xrange(Keys("default").log)] == [orjson.dumps(raws[0]), orjson.dumps(raws[2])]
+
+
+def test_a_failed_event_is_not_remembered_so_its_replay_applies(r: redis.Redis) -> None:
+    """The script records an event's messageId before applying it; an event that then fails is not kept as seen,
+    so that applying it again (the replay of its dead letter) applies it rather than calling it a duplicate."""
+    import orjson
+
+    from service.spec.events import normalise
+    from service.spec.identity import IdentityRules
+    from service.state.store import SCRIPT, Applier, _outcomes
+
+    settings = Settings()
+    rules = IdentityRules.from_settings(settings)
+    raws = [{"type": "track", "event": "Page Viewed", "userId": "f1", "messageId": f"fail-{n}",
+             "timestamp": f"2026-03-01T00:00:0{n}Z"} for n in range(2)]
+    now = int(time.time() * 1000)
+    entries = [(normalise(e, now, rules), orjson.dumps(e), None) for e in raws]
+    keys, args = Applier(settings).call_args(Keys("default"), entries, now)
+    # the second event decodes, passes the dedupe check, then fails (its identifiers are not a list)
+    args[2 + 5 + 2] = orjson.dumps({"t": "track", "mid": "fail-1", "ts": 1, "uid": "f1", "ids": 5, "tr": [],
+                                    "o": None, "a": None, "g": None, "al": None, "rv": None, "rc": 1, "ep": None})
+    outcomes = _outcomes([r.eval(SCRIPT, len(keys), *keys, *args)], [2])
+    assert [o.status for o in outcomes] == ["ok", "error"]
+    again = apply(r, raws, settings, now=now)
+    assert [o.status for o in again] == ["duplicate", "ok"]
+    assert r.xlen(Keys("default").log) == 2
+
+
+def test_plain_and_json_event_forms_give_the_same_state(r: redis.Redis, monkeypatch) -> None:
+    """Most events reach the script in the plain form, the rest as JSON: the same events sent all as JSON build
+    the very same profiles, and a messageId or identifier with a tab in it (JSON's) is kept exactly."""
+    from service.spec.events import Event
+
+    events = mixed_stream(3_000, users=60)
+    events.append({"type": "track", "event": "Page Viewed", "userId": "tab\tuser", "messageId": "tab\tid",
+                   "context": {"library": {"name": "analytics.js"}}, "timestamp": "2026-03-01T00:00:00Z"})
+    apply(r, events)
+    mixed = snapshot(r)
+    assert find(r, "user_id", "tab\tuser") is not None
+    r.flushall()
+    monkeypatch.setattr(Event, "_plain", lambda self: False)
+    apply(r, events)
+    assert snapshot(r) == mixed

@@ -5,11 +5,14 @@
 -- Every effect is idempotent and order-independent on its own (last-write-wins by time, sets, min/max),
 -- so a replay older than the dedupe window converges to the same state. Nothing below may raise after the
 -- first write: inputs are validated by service/spec/events.py, and this script only decodes them. (Redis does not
--- roll a script back: should an event still fail half-way, the receiver keeps it as a dead letter, and its replay
--- converges because every effect is idempotent.)
+-- roll a script back: should an event still fail half-way, its dedupe record is taken back, the receiver keeps it
+-- as a dead letter, and its replay converges because every effect is idempotent.)
 --
--- The common case (every identifier already known, on one profile) costs one HMGET and one HSET of the
--- profile hash; limits are only consulted when an event brings a new identifier or spans several profiles.
+-- The common case (every identifier already known, on one profile) costs ~11 commands: the dedupe lookups in two
+-- older buckets and an HSETNX (and HLEN) in the current one, a GET per identifier, one HMGET and one HSET of the
+-- profile hash, the XADD, and the /events index's ZADD, trim and expiry; the dirty marks (one SADD) and the
+-- log's trim (one XTRIM) are once per call. Limits are only consulted when an event brings a new identifier or
+-- spans several profiles.
 --
 -- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
 -- one or more events of a space, in order, each on its own (an error in one is reported for it alone):
@@ -20,9 +23,14 @@
 --           generation '-' for the space's current one (P..'gen'), else the one a rebuild writes
 --           (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event
 -- ARGV[2]  rules JSON
--- then five per event: dedupe shard (hex), dedupe field (8 bytes), event JSON, raw event, and in 'reapply' the
+-- then five per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and in 'reapply' the
 --           log entry the event is ('-': none), so that the profile's event index points at it
--- The event JSON, decoded as ``ev`` (written only by ``Event.script_payload``):
+-- The event (written only by ``Event.script_payload``), in one of two forms:
+--   plain, for the common call that carries no traits, order, group, alias, reversal or erasure, and no tab in its
+--   values: 't \t ts \t mid \t uid \t channel \t day \t slot (the three empty without activity) \t
+--   type \t value ...' (its identifiers by priority), split with plain string.find: no JSON to decode, and no
+--   receipt time (only traits need one);
+--   else JSON, decoded as ``ev``:
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
 --   a {channel, day, slot} or null, g {groupId, {{name, JSON value}, ...}} or null, al previousId or null,
@@ -42,9 +50,12 @@
 --                           prefixed with the call type's letter, scored by event time, trimmed to the retention
 --   G is P followed by the generation ('' or 'g<n>:'): a rebuild writes a new one while events go on to the
 --   current one (P..'gen'), then switches by setting P..'gen'. Everything else (dedupe, deletion, log) is P's.
---   KEYS[1]                 event log (XADD, trimmed by MINID)
+--   KEYS[1]                 event log (XADD; trimmed by MINID, with one XTRIM per call)
 -- Layout of the profile hash: see service/spec/keys.py.
 
+-- Costs, per event of a known person: every redis.call, string.format, tonumber and table costs Redis CPU, so
+-- what does not depend on the event is computed once per call (key prefixes, times as text), times stay the text
+-- they arrived as, and the dirty marks and the log's trim are one command per call.
 local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
 local P, bucket, bw, nb, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6]
@@ -61,9 +72,27 @@ local function the_rules()   -- decoded once per call, and only when an event ne
   return rules_cache
 end
 
+local function fmt(n) return string.format('%.0f', n) end
+local NO_TRAITS = {}
 local function pkey(pid) return G .. 'p:' .. pid end
 local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
-local function fmt(n) return string.format('%.0f', n) end
+local PROFILE, IDENT = G .. 'p:', G .. 'i:'
+
+-- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
+-- the /events index's trim bound and expiry, whether the space has deleted userIds at all
+local older_dd = {}
+for b = bucket - nb, bucket - 1 do older_dd[#older_dd + 1] = P .. 'dd:' .. fmt(b) .. ':' end
+local current_dd = P .. 'dd:' .. fmt(bucket) .. ':'
+local dd_expiry = fmt((bucket + nb + 1) * bw)
+local index_from, index_expiry
+if keep_ms then
+  index_from = '(' .. fmt(tonumber(now) - keep_ms)
+  index_expiry = fmt(tonumber(now) + keep_ms)
+end
+local DELETED = P .. 'deleted'
+local any_deleted = redis.call('EXISTS', DELETED) == 1
+local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
+local logged = false
 
 local function earlier(ts_a, mid_a, ts_b, mid_b)
   return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
@@ -118,7 +147,7 @@ local function read(key, fields)
   local cur = {}
   if #fields == 0 then return cur end
   local vals = redis.call('HMGET', key, unpack(fields))
-  for i, f in ipairs(fields) do if vals[i] then cur[f] = vals[i] end end
+  for i = 1, #fields do if vals[i] then cur[fields[i]] = vals[i] end end
   return cur
 end
 
@@ -129,182 +158,264 @@ local function trait_fields(items, fields, with_class)
   end
 end
 
-local function meta_writes(cur, w, fs, fm, ls, lm)
+-- first and last seen: fs/fm and ls/lm are the time (text, as stored) and messageId of each
+local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm)
   if fs and earlier(fs, fm, tonumber(cur['m:fs']), cur['m:fm']) then
-    w[#w + 1] = 'm:fs'; w[#w + 1] = fmt(fs); w[#w + 1] = 'm:fm'; w[#w + 1] = fm
+    w[#w + 1] = 'm:fs'; w[#w + 1] = fs_text; w[#w + 1] = 'm:fm'; w[#w + 1] = fm
   end
   if ls and (not cur['m:ls'] or earlier(tonumber(cur['m:ls']), cur['m:lm'], ls, lm)) then
-    w[#w + 1] = 'm:ls'; w[#w + 1] = fmt(ls); w[#w + 1] = 'm:lm'; w[#w + 1] = lm
+    w[#w + 1] = 'm:ls'; w[#w + 1] = ls_text; w[#w + 1] = 'm:lm'; w[#w + 1] = lm
   end
 end
 
--- One event: its dedupe shard and field, its JSON (``ev``), the raw event to log, and (in 'reapply') the log
--- entry it is. Returns {status, profile id, created, merged}.
-local function apply_one(shard, dfield, evjson, raw, logged_as)
-  local ev = cjson.decode(evjson)
-  -- 1. dedupe ---------------------------------------------------------------------------------------
-  if not reapply then
-    for b = bucket - nb, bucket do
-      if redis.call('HEXISTS', P .. 'dd:' .. b .. ':' .. shard, dfield) == 1 then return {'duplicate', ''} end
+-- The event as ``ev`` fields, from either form (see the header); ``ts_text`` is ``ts`` as text.
+local function decode(s)
+  if string.byte(s, 1) == 123 then   -- '{': JSON
+    local ev = cjson.decode(s)
+    ev.ts_text = fmt(ev.ts)
+    return ev
+  end
+  local find, sub = string.find, string.sub
+  local e1 = find(s, '\t', 1, true)
+  local e2 = find(s, '\t', e1 + 1, true)
+  local e3 = find(s, '\t', e2 + 1, true)
+  local e4 = find(s, '\t', e3 + 1, true)
+  local e5 = find(s, '\t', e4 + 1, true)
+  local e6 = find(s, '\t', e5 + 1, true)
+  local e7 = find(s, '\t', e6 + 1, true)
+  local a = NULL
+  if e5 > e4 + 1 then a = {sub(s, e4 + 1, e5 - 1), sub(s, e5 + 1, e6 - 1), tonumber(sub(s, e6 + 1, (e7 or 0) - 1))} end
+  local ids, pos = {}, e7
+  while pos do   -- type \t value pairs to the end
+    local t_end = find(s, '\t', pos + 1, true)
+    local v_end = find(s, '\t', t_end + 1, true)
+    ids[#ids + 1] = {sub(s, pos + 1, t_end - 1), sub(s, t_end + 1, (v_end or 0) - 1)}
+    pos = v_end
+  end
+  local ts_text = sub(s, e1 + 1, e2 - 1)
+  -- no receipt time: only traits need it, and this form carries none
+  return {t = sub(s, 1, e1 - 1), ts = tonumber(ts_text), ts_text = ts_text, mid = sub(s, e2 + 1, e3 - 1),
+          uid = sub(s, e3 + 1, e4 - 1), ids = ids, tr = NO_TRAITS, o = NULL,
+          a = a, g = NULL, al = NULL, rv = NULL, ep = NULL}
+end
+
+local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
+
+-- pid -> {type -> n} and pid -> merges so far, of the profiles one event involves
+local function load(pid, counts_of, merges_of)
+  if counts_of[pid] then return end
+  local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
+  counts_of[pid] = m[1] and cjson.decode(m[1]) or {}
+  merges_of[pid] = tonumber(m[2]) or 0
+end
+
+-- Merge profile L into the survivor pid (hash S): identifiers, traits by last write, activity bits, orders, groups.
+local function merge_into(L, pid, S, counts_of, merges_of)
+  local f = redis.call('HGETALL', pkey(L))
+  local lo = {}
+  for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
+  local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
+  for k, v in pairs(lo) do
+    local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
+    if pre == 't:' then
+      local t, r = unstamp(lo['T:' .. rest])
+      traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
+    elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
+      fields[#fields + 1] = k
+    elseif pre == 'x:' then
+      redis.call('SET', G .. 'i:' .. rest, pid)
     end
   end
-  local function remember()
-    if reapply then return end
-    local k = P .. 'dd:' .. bucket .. ':' .. shard
-    redis.call('HSET', k, dfield, '1')
-    if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, (bucket + nb + 1) * bw) end
+  trait_fields(traits, fields, true)
+  local cur = read(S, fields)
+  local w = {}
+  for k, v in pairs(lo) do
+    local pre = string.sub(k, 1, 2)
+    if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
+      w[#w + 1] = k; w[#w + 1] = v
+    elseif pre == 'a:' then
+      w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
+    elseif pre == 'g:' then
+      if not cur[k] or tonumber(v) < tonumber(cur[k]) then w[#w + 1] = k; w[#w + 1] = v end
+      local au = G .. 'au:' .. string.sub(k, 3)   -- the account's member is now the survivor
+      redis.call('ZREM', au, L)
+      redis.call('ZADD', au, 0, pid)
+    end
+  end
+  lww(cur, traits, w, true, S)
+  meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fs'], lo['m:fm'], tonumber(lo['m:ls']), lo['m:ls'], lo['m:lm'])
+  if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
+    w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
+  end
+  w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
+  redis.call('HSET', S, unpack(w))
+  for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
+  merges_of[pid] = merges_of[pid] + merges_of[L] + 1
+  redis.call('DEL', pkey(L))
+  redis.call('SET', G .. 'mrg:' .. L, pid)
+  if not rebuilding then dirty[#dirty + 1] = L end
+end
+
+-- GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
+-- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
+-- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
+-- without one suppresses every later event, as it did then).
+local function delete(ev)
+  local uid, ts = ev.uid, ev.ts
+  local pid
+  if uid ~= '' then
+    redis.call('SADD', P .. 'suppressed', uid)
+    redis.call('SADD', P .. 'forgotten:ids', uid)
+    local before = tonumber(redis.call('HGET', DELETED, uid))
+    if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
+    any_deleted = true
+    pid = redis.call('GET', ikey('user_id', uid))
+    if pid == TOMBSTONE then pid = false end
+    if not pid then
+      redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+      return {'deleted', ''}
+    end
+  else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
+    pid = ev.ep
+    if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
+  end
+  local f = redis.call('HGETALL', pkey(pid))
+  local erased, groups = {pid}, {}
+  for i = 1, #f, 2 do
+    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+    if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
+  end
+  for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
+  for _, g in ipairs(groups) do redis.call('ZREM', G .. 'au:' .. g, unpack(erased)) end
+  for i = 1, #f, 2 do
+    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+    if pre == 'x:' then
+      redis.call('DEL', G .. 'i:' .. rest)
+      -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
+      local kind, value = string.match(rest, '^([^:]+):(.*)$')
+      if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
+    elseif pre == 'r:' then
+      redis.call('DEL', G .. 'mrg:' .. rest)
+      redis.call('SADD', P .. 'forgotten', rest)
+    end
+  end
+  redis.call('DEL', pkey(pid))
+  if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
+  redis.call('SADD', P .. 'forgotten', pid)
+  dirty[#dirty + 1] = pid
+  return {'deleted', pid}
+end
+
+-- Which profiles the event's identifiers match, once identifiers past the limits are dropped: returns the
+-- profiles to merge (lowest id survives) and which identifiers stay active.
+local function resolve(ids, owner, counts_of, merges_of)
+  local active = {}
+  for i = 1, #ids do active[i] = true end
+  local rules = the_rules()
+  local nactive = #ids
+  while true do
+    local mlist, seen, counts, total, merges = {}, {}, {}, 0, 0
+    for i = 1, #ids do
+      if active[i] then
+        local o = owner[i]
+        if o then
+          if not seen[o] then
+            seen[o] = true
+            mlist[#mlist + 1] = o
+            load(o, counts_of, merges_of)
+            for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
+            merges = merges + merges_of[o]
+          end
+        else
+          local t = ids[i][1]
+          counts[t] = (counts[t] or 0) + 1
+          total = total + 1
+        end
+      end
+    end
+    local ok = nactive <= 1
+    if not ok then
+      ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
+      if ok then
+        for t, n in pairs(counts) do
+          local l = rules.limits[t]
+          if l == nil then l = rules.default_limit end
+          if n > l then ok = false; break end
+        end
+      end
+    end
+    if ok then return mlist, active end
+    for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
+      if active[i] then active[i] = false; nactive = nactive - 1; break end
+    end
+  end
+end
+
+-- One event: its dedupe shard and field, the event (see the header), the raw event to log, and (in 'reapply')
+-- the log entry it is. Returns {status, profile id, created, merged}. It sets ``seen_key`` to the dedupe record it
+-- wrote, which the caller takes back should the event fail.
+local seen_key = false
+local function apply_one(shard, dfield, payload, raw, logged_as)
+  local ev = decode(payload)
+  -- 1. dedupe: the older buckets, then the current one, recorded at once (taken back if the event fails) ------
+  if not reapply then
+    for b = 1, #older_dd do
+      if redis.call('HEXISTS', older_dd[b] .. shard, dfield) == 1 then return {'duplicate', ''} end
+    end
+    local k = current_dd .. shard
+    if redis.call('HSETNX', k, dfield, '1') == 0 then return {'duplicate', ''} end
+    seen_key = k
+    if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
   end
 
-  -- 2. GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
-  -- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
-  -- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
-  -- without one suppresses every later event, as it did then).
-  local uid = ev.uid
-  local ts, mid, rc = ev.ts, ev.mid, ev.rc or ev.ts
-  if ev.t == 'delete' then
-    local pid
-    if uid ~= '' then
-      redis.call('SADD', P .. 'suppressed', uid)
-      redis.call('SADD', P .. 'forgotten:ids', uid)
-      local before = tonumber(redis.call('HGET', P .. 'deleted', uid))
-      if not before or ts > before then redis.call('HSET', P .. 'deleted', uid, fmt(ts)) end
-      pid = redis.call('GET', ikey('user_id', uid))
-      remember()
-      if pid == TOMBSTONE then pid = false end
-      if not pid then
-        redis.call('SET', ikey('user_id', uid), TOMBSTONE)
-        return {'deleted', ''}
-      end
-    else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
-      pid = ev.ep
-      remember()
-      if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
-    end
-    local f = redis.call('HGETALL', pkey(pid))
-    local erased, groups = {pid}, {}
-    for i = 1, #f, 2 do
-      local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
-      if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
-    end
-    for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
-    for _, g in ipairs(groups) do redis.call('ZREM', G .. 'au:' .. g, unpack(erased)) end
-    for i = 1, #f, 2 do
-      local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
-      if pre == 'x:' then
-        redis.call('DEL', G .. 'i:' .. rest)
-        -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
-        local kind, value = string.match(rest, '^([^:]+):(.*)$')
-        if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
-      elseif pre == 'r:' then
-        redis.call('DEL', G .. 'mrg:' .. rest)
-        redis.call('SADD', P .. 'forgotten', rest)
-      end
-    end
-    redis.call('DEL', pkey(pid))
-    if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
-    redis.call('SADD', P .. 'forgotten', pid)
-    redis.call('SADD', P .. 'dirty', pid)
-    return {'deleted', pid}
-  end
+  -- 2. GDPR deletion ----------------------------------------------------------------------------------------
+  if ev.t == 'delete' then return delete(ev) end
 
   -- 3. identity resolution (and suppression of deleted userIds) ----------------------------------------------
-  local rules = nil
+  local uid = ev.uid
+  local ts, ts_text, mid, rc = ev.ts, ev.ts_text, ev.mid, ev.rc or ev.ts
   local ids = ev.ids
-  if ev.t == 'alias' and ev.al ~= NULL and ev.al then
-    rules = the_rules()
-    if rules.alias then
-      local kind = 'anonymous_id'
-      if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
-      local present = false
-      for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
-      -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
-      if not present then table.insert(ids, {kind, ev.al}) end
-    end
+  if ev.t == 'alias' and ev.al ~= NULL and ev.al and the_rules().alias then
+    local kind = 'anonymous_id'
+    if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
+    local present = false
+    for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
+    -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
+    if not present then table.insert(ids, {kind, ev.al}) end
   end
 
   local deleted_at = false
-  if uid ~= '' then deleted_at = tonumber(redis.call('HGET', P .. 'deleted', uid)) end
-  if deleted_at and ts <= deleted_at then
-    remember()
-    return {'suppressed', ''}
-  end
+  if uid ~= '' and any_deleted then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
+  if deleted_at and ts <= deleted_at then return {'suppressed', ''} end
 
-  local owner, distinct, unmapped = {}, {}, 0
+  local owner, distinct, ndistinct, unmapped = {}, {}, 0, 0
   for i, id in ipairs(ids) do
-    local o = redis.call('GET', ikey(id[1], id[2]))
+    local o = redis.call('GET', IDENT .. id[1] .. ':' .. id[2])
     if o == TOMBSTONE then
       if id[1] == 'user_id' and id[2] == uid and not deleted_at then
-        remember()   -- deleted by an older version, which kept no time: suppressed for ever, as then
-        return {'suppressed', ''}
+        return {'suppressed', ''}   -- deleted by an older version, which kept no time: suppressed for ever, as then
       end
       o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
     end
     owner[i] = o
-    if o then distinct[o] = true else unmapped = unmapped + 1 end
-  end
-  local ndistinct = 0
-  for _ in pairs(distinct) do ndistinct = ndistinct + 1 end
-
-  local active = {}
-  for i = 1, #ids do active[i] = true end
-  local counts_of, merges_of = {}, {}   -- pid -> {type -> n}, pid -> merges so far
-  local function load(pid)
-    if counts_of[pid] then return end
-    local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
-    counts_of[pid] = m[1] and cjson.decode(m[1]) or {}
-    merges_of[pid] = tonumber(m[2]) or 0
+    if o then
+      if not distinct[o] then distinct[o] = true; ndistinct = ndistinct + 1 end
+    else
+      unmapped = unmapped + 1
+    end
   end
 
-  local mlist
+  local counts_of, merges_of = {}, {}
+  local mlist, active
   if unmapped == 0 and ndistinct == 1 then
     mlist = {owner[1]}                 -- fast path: a known person, nothing new to check
   elseif #ids == 1 then
     mlist = owner[1] and {owner[1]} or {}
   else
-    rules = the_rules()
-    local function limit(t)
-      local l = rules.limits[t]
-      if l == nil then l = rules.default_limit end
-      return l
-    end
-    local nactive = #ids
-    while true do
-      mlist = {}
-      local seen, counts, total, merges = {}, {}, 0, 0
-      for i = 1, #ids do
-        if active[i] then
-          local o = owner[i]
-          if o then
-            if not seen[o] then
-              seen[o] = true
-              mlist[#mlist + 1] = o
-              load(o)
-              for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
-              merges = merges + merges_of[o]
-            end
-          else
-            local t = ids[i][1]
-            counts[t] = (counts[t] or 0) + 1
-            total = total + 1
-          end
-        end
-      end
-      local ok = nactive <= 1
-      if not ok then
-        ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
-        if ok then
-          for t, n in pairs(counts) do if n > limit(t) then ok = false; break end end
-        end
-      end
-      if ok then break end
-      for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
-        if active[i] then active[i] = false; nactive = nactive - 1; break end
-      end
-    end
+    mlist, active = resolve(ids, owner, counts_of, merges_of)
   end
 
   -- 4. create or merge ------------------------------------------------------------------------------------
-  local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
   local created = 0
   local pid
   if #mlist == 0 then
@@ -313,59 +424,13 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
     created = 1
   else
     pid = mlist[1]
-    for _, o in ipairs(mlist) do if num(o) < num(pid) then pid = o end end
+    for i = 2, #mlist do if num(mlist[i]) < num(pid) then pid = mlist[i] end end
   end
-  local S = pkey(pid)
-
-  local function merge_into(L)
-    local f = redis.call('HGETALL', pkey(L))
-    local lo = {}
-    for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
-    local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
-    for k, v in pairs(lo) do
-      local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
-      if pre == 't:' then
-        local t, r = unstamp(lo['T:' .. rest])
-        traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
-      elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
-        fields[#fields + 1] = k
-      elseif pre == 'x:' then
-        redis.call('SET', G .. 'i:' .. rest, pid)
-      end
-    end
-    trait_fields(traits, fields, true)
-    local cur = read(S, fields)
-    local w = {}
-    for k, v in pairs(lo) do
-      local pre = string.sub(k, 1, 2)
-      if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
-        w[#w + 1] = k; w[#w + 1] = v
-      elseif pre == 'a:' then
-        w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
-      elseif pre == 'g:' then
-        if not cur[k] or tonumber(v) < tonumber(cur[k]) then w[#w + 1] = k; w[#w + 1] = v end
-        local au = G .. 'au:' .. string.sub(k, 3)   -- the account's member is now the survivor
-        redis.call('ZREM', au, L)
-        redis.call('ZADD', au, 0, pid)
-      end
-    end
-    lww(cur, traits, w, true, S)
-    meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fm'], tonumber(lo['m:ls']), lo['m:lm'])
-    if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
-      w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
-    end
-    w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
-    redis.call('HSET', S, unpack(w))
-    for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
-    merges_of[pid] = merges_of[pid] + merges_of[L] + 1
-    redis.call('DEL', pkey(L))
-    redis.call('SET', G .. 'mrg:' .. L, pid)
-    if not rebuilding then redis.call('SADD', P .. 'dirty', L) end
-  end
+  local S = PROFILE .. pid
 
   local merged = 0
   for _, o in ipairs(mlist) do
-    if o ~= pid then merge_into(o); merged = merged + 1 end
+    if o ~= pid then merge_into(o, pid, S, counts_of, merges_of); merged = merged + 1 end
   end
 
   -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
@@ -378,28 +443,31 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
   if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
   if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
   if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
+  local xfields = {}
   for i, id in ipairs(ids) do
-    if active[i] and owner[i] then fields[#fields + 1] = 'x:' .. id[1] .. ':' .. id[2] end
+    xfields[i] = 'x:' .. id[1] .. ':' .. id[2]
+    if (not active or active[i]) and owner[i] then fields[#fields + 1] = xfields[i] end
   end
   local cur = read(S, fields)
   local w = {'m:ua', now}
   if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
 
   local new_ids = false
+  local first = ts_text .. '|' .. mid
   for i, id in ipairs(ids) do
-    if active[i] then
-      local field = 'x:' .. id[1] .. ':' .. id[2]
+    if not active or active[i] then
+      local field = xfields[i]
       if not owner[i] then
-        redis.call('SET', ikey(id[1], id[2]), pid)
-        w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
-        if not counts_of[pid] then load(pid) end
+        redis.call('SET', IDENT .. id[1] .. ':' .. id[2], pid)
+        w[#w + 1] = field; w[#w + 1] = first
+        if not counts_of[pid] then load(pid, counts_of, merges_of) end
         counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
         new_ids = true
       elseif cur[field] then
         local c = cur[field]
         local bar = string.find(c, '|', 1, true)
         if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
-          w[#w + 1] = field; w[#w + 1] = fmt(ts) .. '|' .. mid
+          w[#w + 1] = field; w[#w + 1] = first
         end
       end
     end
@@ -412,9 +480,9 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
   end
 
   lww(cur, items, w, true, S)
-  if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = fmt(ts) .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
+  if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
   -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
-  if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = fmt(ts) end
+  if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = ts_text end
   if afield then
     local bits = tonumber(cur[afield]) or 0
     local p = 2 ^ ev.a[3]
@@ -423,7 +491,7 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
   if gfield then
     local g = tonumber(cur[gfield])
     redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid)   -- every time: a log replay fills it for older data
-    if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = fmt(ts) end
+    if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = ts_text end
     local acct = {}
     for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
     local akey = G .. 'acct:' .. ev.g[1]
@@ -432,38 +500,54 @@ local function apply_one(shard, dfield, evjson, raw, logged_as)
     lww(read(akey, af), acct, aw, false, akey)
     if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
   end
-  meta_writes(cur, w, ts, mid, ts, mid)
+  meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid)
   redis.call('HSET', S, unpack(w))
 
-  -- 6. log, dirty mark, dedupe record ---------------------------------------------------------------------
+  -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
   local entry = false
   if not reapply then
-    entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', raw)
+    entry = redis.call('XADD', KEYS[1], '*', 'p', pid, 'e', raw)
+    logged = true
   elseif logged_as and logged_as ~= '-' then
     entry = logged_as
   end
   if entry and keep_ms then   -- the Profile API's /events reads this index, then the entries it names
     local ek = G .. 'ev:' .. pid
-    redis.call('ZADD', ek, fmt(ts), string.sub(ev.t, 1, 1) .. entry)
-    redis.call('ZREMRANGEBYSCORE', ek, '-inf', '(' .. fmt(tonumber(now) - keep_ms))
-    redis.call('PEXPIREAT', ek, fmt(tonumber(now) + keep_ms))
+    redis.call('ZADD', ek, ts_text, string.sub(ev.t, 1, 1) .. entry)
+    redis.call('ZREMRANGEBYSCORE', ek, '-inf', index_from)
+    redis.call('PEXPIREAT', ek, index_expiry)
   end
-  if not rebuilding then redis.call('SADD', P .. 'dirty', pid) end
-  remember()
+  if not rebuilding then dirty[#dirty + 1] = pid end
   return {'ok', pid, created, merged}
+end
+
+-- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of memory, a
+-- primary demoted to a replica under its clients (a failover), min-replicas-to-write not met
+local function refused(msg)
+  return string.find(msg, 'OOM command not allowed', 1, true) or string.find(msg, "READONLY You can't write", 1, true)
+      or string.find(msg, 'NOREPLICAS Not enough good replicas', 1, true)
+end
+
+local function finish()   -- what is per call rather than per event: the dirty marks, the log's trim
+  if #dirty > 0 then redis.call('SADD', P .. 'dirty', unpack(dirty)) end
+  if logged and minid ~= '0' then redis.call('XTRIM', KEYS[1], 'MINID', '~', minid) end
 end
 
 local out = {}
 for i = 3, #ARGV, 5 do
+  seen_key = false
   local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
   if not ok then
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
-    -- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of
-    -- memory, a primary demoted to a replica under its clients (a failover), min-replicas-to-write not met
-    if string.find(msg, 'OOM command not allowed', 1, true) or string.find(msg, "READONLY You can't write", 1, true)
-        or string.find(msg, 'NOREPLICAS Not enough good replicas', 1, true) then error(res) end
+    if refused(msg) then
+      pcall(finish)
+      error(res)
+    end
+    -- not applied as a whole: forget it was seen, so that its replay (a dead letter) applies it
+    if seen_key then pcall(redis.call, 'HDEL', seen_key, ARGV[i + 1]) end
     res = {'error', msg}
   end
   out[#out + 1] = res
 end
+finish()
 return out
