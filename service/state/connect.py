@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import hiredis
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -61,9 +62,38 @@ def connect_async(url: str, *, cluster: bool = False, **options: Any) -> aredis.
         t = parse_sentinel_url(url)
         sentinel = AsyncSentinel(list(t.sentinels), sentinel_kwargs=_sentinel_kwargs(t, options, asyncio=True),
                                  **options)
-        return sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password,
-                                   connection_pool_class=AsyncCheckedSentinelPool)
-    return aredis.Redis.from_url(url, **options)
+        client = sentinel.master_for(t.service, db=t.db, username=t.username, password=t.password,
+                                     connection_pool_class=AsyncCheckedSentinelPool)
+    else:
+        client = aredis.Redis.from_url(url, **options)
+    pack_with_hiredis(client.connection_pool)
+    return client
+
+
+class HiredisPacking:
+    """Packs commands with hiredis' C packer, as redis-py's blocking connections already do; its asyncio ones
+    pack in Python, ~9 µs per event of an apply call of 100 events against ~1.4 µs (timeit, 2026-11-24). Mixed
+    into the pool's own connection class, so TCP, unix socket, TLS and Sentinel connections all keep their own
+    behaviour."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):  # a command name of several words ('CONFIG GET') goes as several arguments
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(cast(Any, tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a
+                                                         for a in args)))]
+        except TypeError as exc:  # what redis-py's own packer says of a value it cannot send
+            raise redis.DataError(str(exc)) from exc
+
+
+def pack_with_hiredis(pool: aredis.ConnectionPool) -> None:
+    """Let ``pool``'s connections pack with hiredis (a dependency: ``redis[hiredis]``)."""
+    if issubclass(pool.connection_class, HiredisPacking):
+        return
+    base = pool.connection_class
+    pool.connection_class = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
 
 
 def _sentinel_kwargs(t: SentinelTarget, options: dict[str, Any], asyncio: bool = False) -> dict[str, Any]:
