@@ -1,0 +1,105 @@
+"""Redis CPU per event of the apply script alone: no web, no wrk, so two script versions compare side by side.
+
+Events like the `batch` scenario's (track calls of 50,000 known users, with receivedAt and a web channel) are
+applied through ``SyncStore`` in bodies of 1,000, as the receiver does, to an embedded redis-server (AOF on or off).
+Redis CPU (``INFO cpu``, user + sys) over the measured events, divided by their number, is the figure; the wall
+time gives the events/s one client achieves. Run: ``python -m bench.apply_cost --runs 3 [--aof]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import tempfile
+import time
+
+import orjson
+import redis
+
+from service.config import Settings
+from service.devstack.redis_server import EmbeddedRedis
+from service.spec.events import normalise
+from service.spec.identity import IdentityRules
+from service.state import store
+from service.state.store import SyncStore
+
+USERS = 50_000
+BODY = 1_000
+
+
+def events(start: int, n: int, now: int, rules: IdentityRules) -> list:
+    """``n`` track calls as bench/batch.lua writes them, numbered from ``start``; (Event, raw) pairs."""
+    out = []
+    for c in range(start, start + n):
+        raw = {"type": "track", "event": "Page Viewed", "userId": f"u{c % USERS}", "messageId": f"m-{c}",
+               "timestamp": f"2026-03-01T00:{c % 60:02d}:00Z", "receivedAt": f"2026-03-01T00:{c % 60:02d}:01.250Z",
+               "properties": {"path": "/p"}, "context": {"library": {"name": "analytics.js"}}}
+        out.append((normalise(raw, now, rules), orjson.dumps(raw)))
+    return out
+
+
+def cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def use_script(path: str) -> None:
+    """Apply with another version of apply.lua (to compare two side by side)."""
+    text = open(path).read()
+    store.SCRIPT, store.SCRIPT_SHA = text, hashlib.sha1(text.encode()).hexdigest()
+
+
+def run(aof: bool, measured: int, url: str | None = None, pause: bool = False) -> dict[str, float]:
+    """Known users first (not measured), then ``measured`` events of the same users. ``url``: a running Redis to
+    use (flushed first; e.g. one under ``valgrind --tool=callgrind``, for instruction counts); ``pause``: wait for
+    Enter before and after the measured events (to zero and dump such counts)."""
+    if url:
+        return measure(redis.Redis.from_url(url), measured, pause)
+    with tempfile.TemporaryDirectory(prefix="sps-apply-") as tmp, EmbeddedRedis(tmp, persistent=aof) as server:
+        return measure(redis.Redis.from_url(server.url), measured, pause)
+
+
+def measure(client: redis.Redis, measured: int, pause: bool) -> dict[str, float]:
+    client.flushall()
+    settings = Settings()
+    rules = IdentityRules.from_settings(settings)
+    now = int(time.time() * 1000)
+    store = SyncStore(client, settings)
+    warm = events(0, USERS, now, rules)
+    for i in range(0, len(warm), BODY):
+        store.apply("default", warm[i:i + BODY], now=now)
+    todo = events(USERS, measured, now, rules)
+    if pause:
+        input("warmed up: press Enter to apply the measured events")
+    before, t0 = cpu(client), time.perf_counter()
+    for i in range(0, len(todo), BODY):
+        out = store.apply("default", todo[i:i + BODY], now=now)
+        assert all(o.status == "ok" for o in out), out[0]
+    wall, used = time.perf_counter() - t0, cpu(client) - before
+    if pause:
+        input("applied: press Enter to finish")
+    return {"redis_us_per_event": used / measured * 1e6, "events_per_s": measured / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--events", type=int, default=50_000, help="measured events per run")
+    p.add_argument("--aof", action="store_true", help="append-only file on (appendfsync everysec), as in production")
+    p.add_argument("--url", help="a running Redis to use instead of an embedded one (it is flushed)")
+    p.add_argument("--pause", action="store_true", help="wait for Enter around the measured events")
+    p.add_argument("--script", help="another apply.lua to measure instead of the package's")
+    args = p.parse_args(argv)
+    if args.script:
+        use_script(args.script)
+    runs = [run(args.aof, args.events, args.url, args.pause) for _ in range(args.runs)]
+    for r in runs:
+        print(f"  {r['redis_us_per_event']:.1f} µs/event Redis, {r['events_per_s']:,.0f} events/s (one client)")
+    print(f"median: {statistics.median(r['redis_us_per_event'] for r in runs):.1f} µs/event Redis CPU, "
+          f"{statistics.median(r['events_per_s'] for r in runs):,.0f} events/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
