@@ -50,17 +50,17 @@ def use_script(path: str) -> None:
     store.SCRIPT, store.SCRIPT_SHA = text, hashlib.sha1(text.encode()).hexdigest()
 
 
-def run(aof: bool, measured: int, url: str | None = None, pause: bool = False) -> dict[str, float]:
+def run(aof: bool, measured: int, url: str | None = None, pause: bool = False, body: int = BODY) -> dict[str, float]:
     """Known users first (not measured), then ``measured`` events of the same users. ``url``: a running Redis to
     use (flushed first; e.g. one under ``valgrind --tool=callgrind``, for instruction counts); ``pause``: wait for
     Enter before and after the measured events (to zero and dump such counts)."""
     if url:
-        return measure(redis.Redis.from_url(url), measured, pause)
+        return measure(redis.Redis.from_url(url), measured, pause, body)
     with tempfile.TemporaryDirectory(prefix="sps-apply-") as tmp, EmbeddedRedis(tmp, persistent=aof) as server:
-        return measure(redis.Redis.from_url(server.url), measured, pause)
+        return measure(redis.Redis.from_url(server.url), measured, pause, body)
 
 
-def measure(client: redis.Redis, measured: int, pause: bool) -> dict[str, float]:
+def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY) -> dict[str, float]:
     client.flushall()
     settings = Settings()
     rules = IdentityRules.from_settings(settings)
@@ -73,8 +73,8 @@ def measure(client: redis.Redis, measured: int, pause: bool) -> dict[str, float]
     if pause:
         input("warmed up: press Enter to apply the measured events")
     before, t0 = cpu(client), time.perf_counter()
-    for i in range(0, len(todo), BODY):
-        out = store.apply("default", todo[i:i + BODY], now=now)
+    for i in range(0, len(todo), body):
+        out = store.apply("default", todo[i:i + body], now=now)
         assert all(o.status == "ok" for o in out), out[0]
     wall, used = time.perf_counter() - t0, cpu(client) - before
     if pause:
@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--events", type=int, default=50_000, help="measured events per run")
     p.add_argument("--aof", action="store_true", help="append-only file on (appendfsync everysec), as in production")
+    p.add_argument("--body", type=int, default=BODY, help="events per apply (1: as single-event requests)")
     p.add_argument("--url", help="a running Redis to use instead of an embedded one (it is flushed)")
     p.add_argument("--pause", action="store_true", help="wait for Enter around the measured events")
     p.add_argument("--script", help="another apply.lua to measure instead of the package's")
     args = p.parse_args(argv)
     if args.script:
         use_script(args.script)
-    runs = [run(args.aof, args.events, args.url, args.pause) for _ in range(args.runs)]
+    runs = [run(args.aof, args.events, args.url, args.pause, args.body) for _ in range(args.runs)]
     for r in runs:
         print(f"  {r['redis_us_per_event']:.1f} µs/event Redis, {r['events_per_s']:,.0f} events/s (one client)")
     print(f"median: {statistics.median(r['redis_us_per_event'] for r in runs):.1f} µs/event Redis CPU, "

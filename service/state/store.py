@@ -140,8 +140,11 @@ class Applier:
         # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
         retention_ms = int(self.settings.event_log_retention * 1000)
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
+        older = ",".join(str(b) for b in range(bucket - DEDUPE_BUCKETS, bucket))
+        expiry = (bucket + DEDUPE_BUCKETS + 1) * self.bucket_width  # the current bucket's ids outlive the window
         args: list = [f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t{now_ms}\t{minid}\t"
-                      f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}",
+                      f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}\t"
+                      f"{older}\t{expiry}\t({now_ms - retention_ms}\t{now_ms + retention_ms}",
                       self.rules_json]
         shards = self.settings.dedupe_shards
         for event, raw, logged_as in events:

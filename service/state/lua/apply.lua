@@ -11,7 +11,7 @@
 -- The common case (every identifier already known, on one profile) costs ~11 commands: the dedupe lookups in two
 -- older buckets and an HSETNX (and HLEN) in the current one, a GET per identifier, one HMGET and one HSET of the
 -- profile hash, the XADD, and the /events index's ZADD, trim and expiry; the dirty marks (one SADD) and the
--- log's trim (one XTRIM) are once per call. Limits are only consulted when an event brings a new identifier or
+-- log's trim (by the first XADD) are once per call. Limits are only consulted when an event brings a new identifier or
 -- spans several profiles.
 --
 -- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
@@ -21,7 +21,10 @@
 --           generation \t index retention ms": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a
 --           replay of the event log: applied again whether or not it was seen, and not logged a second time);
 --           generation '-' for the space's current one (P..'gen'), else the one a rebuild writes
---           (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event
+--           (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event; then, so that the
+--           script formats no number, \t the older dedupe buckets to look in (oldest first, comma-separated) \t
+--           the current bucket's expiry (epoch s) \t the index's trim bound ('(' received - retention, ms) \t
+--           its expiry (received + retention, ms)
 -- ARGV[2]  rules JSON
 -- then five per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and in 'reapply' the
 --           log entry the event is ('-': none), so that the profile's event index points at it
@@ -50,15 +53,15 @@
 --                           prefixed with the call type's letter, scored by event time, trimmed to the retention
 --   G is P followed by the generation ('' or 'g<n>:'): a rebuild writes a new one while events go on to the
 --   current one (P..'gen'), then switches by setting P..'gen'. Everything else (dedupe, deletion, log) is P's.
---   KEYS[1]                 event log (XADD; trimmed by MINID, with one XTRIM per call)
+--   KEYS[1]                 event log (XADD; trimmed by MINID by the first XADD of each call)
 -- Layout of the profile hash: see service/spec/keys.py.
 
 -- Costs, per event of a known person: every redis.call, string.format, tonumber and table costs Redis CPU, so
--- what does not depend on the event is computed once per call (key prefixes, times as text), times stay the text
--- they arrived as, and the dirty marks and the log's trim are one command per call.
+-- what does not depend on the event is computed once per call (key prefixes; the times, as text, by the caller),
+-- times stay the text they arrived as, and the dirty marks and the log's trim are once per call.
 local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
-local P, bucket, bw, nb, now, minid = h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), h[5], h[6]
+local P, bucket, now, minid = h[1], h[2], h[5], h[6]
 local reapply = h[7] == 'reapply'
 local G = h[8]
 local keep_ms = tonumber(h[9])
@@ -81,14 +84,9 @@ local PROFILE, IDENT = G .. 'p:', G .. 'i:'
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
 local older_dd = {}
-for b = bucket - nb, bucket - 1 do older_dd[#older_dd + 1] = P .. 'dd:' .. fmt(b) .. ':' end
-local current_dd = P .. 'dd:' .. fmt(bucket) .. ':'
-local dd_expiry = fmt((bucket + nb + 1) * bw)
-local index_from, index_expiry
-if keep_ms then
-  index_from = '(' .. fmt(tonumber(now) - keep_ms)
-  index_expiry = fmt(tonumber(now) + keep_ms)
-end
+for b in string.gmatch(h[10], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' .. b .. ':' end
+local current_dd = P .. 'dd:' .. bucket .. ':'
+local dd_expiry, index_from, index_expiry = h[11], h[12], h[13]
 local DELETED = P .. 'deleted'
 local any_deleted = redis.call('EXISTS', DELETED) == 1
 local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
@@ -506,7 +504,11 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
   -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
   local entry = false
   if not reapply then
-    entry = redis.call('XADD', KEYS[1], '*', 'p', pid, 'e', raw)
+    if logged or minid == '0' then
+      entry = redis.call('XADD', KEYS[1], '*', 'p', pid, 'e', raw)
+    else   -- the first entry of the call trims the log
+      entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', raw)
+    end
     logged = true
   elseif logged_as and logged_as ~= '-' then
     entry = logged_as
@@ -528,9 +530,8 @@ local function refused(msg)
       or string.find(msg, 'NOREPLICAS Not enough good replicas', 1, true)
 end
 
-local function finish()   -- what is per call rather than per event: the dirty marks, the log's trim
+local function finish()   -- the dirty marks, once per call
   if #dirty > 0 then redis.call('SADD', P .. 'dirty', unpack(dirty)) end
-  if logged and minid ~= '0' then redis.call('XTRIM', KEYS[1], 'MINID', '~', minid) end
 end
 
 local out = {}
