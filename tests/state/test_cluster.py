@@ -44,7 +44,8 @@ def events(space: str, start: int, n: int, users: int) -> list[dict]:
 
 
 class Sender(threading.Thread):
-    """Posts batches of 20 to one space like Segment does: a batch refused (503) is sent again until taken."""
+    """Posts batches of 20 to one space like Segment does: a batch refused (503), or not answered in time (on a
+    busy machine), is sent again until taken; ``sent`` counts the events acknowledged."""
 
     def __init__(self, url: str, space: str, users: int = 40) -> None:
         super().__init__(daemon=True)
@@ -57,10 +58,24 @@ class Sender(threading.Thread):
         with httpx.Client(base_url=self.url, timeout=10) as http:
             while not self.stop.is_set():
                 batch = events(self.space, self.sent, 20, self.users)
-                while http.post(f"/segment/{self.space}", json=batch).status_code != 200:
+                while not self._taken(http, batch):
                     self.refused += 1
                     time.sleep(0.05)
                 self.sent += len(batch)
+
+    def _taken(self, http: httpx.Client, batch: list[dict]) -> bool:
+        try:
+            return http.post(f"/segment/{self.space}", json=batch).status_code == 200
+        except httpx.TimeoutException:  # applied or not: sent again, it is applied once (dedupe by messageId)
+            return False
+
+    def wait_for(self, n: int, seconds: float = 120) -> None:
+        """Until ``n`` events are acknowledged; fails, rather than hanging, if intake stops."""
+        deadline = time.monotonic() + seconds
+        while self.sent < n:
+            assert self.is_alive() and time.monotonic() < deadline, (
+                f"{self.sent} of {n} events acknowledged, {self.refused} refusals")
+            time.sleep(0.02)
 
 
 def check(client: redis.Redis, space: str, sent: int, users: int) -> None:
@@ -124,13 +139,11 @@ def test_a_space_moves_to_another_primary_while_its_events_flow(tmp_path: Path) 
         with LiveServer(create_app(Settings(redis_cluster=True), cluster.url, "")) as server:
             sender = Sender(server.url, space)
             sender.start()
-            while sender.sent < 600:
-                time.sleep(0.02)
+            sender.wait_for(600)
             out = subprocess.run([EXE, "move-space", "--space", space, "--to", target], capture_output=True,
                                  text=True, timeout=120, env=env)
             at_move = sender.sent
-            while sender.sent < at_move + 600:  # events go on after the move, through ASK then MOVED
-                time.sleep(0.02)
+            sender.wait_for(at_move + 600)  # events go on after the move, through ASK then MOVED
             sender.stop.set()
             sender.join(15)
         assert out.returncode == 0, out.stderr
