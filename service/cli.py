@@ -686,29 +686,20 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from rq import Queue
-    from rq.job import Job
 
-    queue = Queue(QUEUE_NAME, connection=queue_client(settings))
-    ids = queue.failed_job_registry.get_job_ids()
-    jobs = [j for j in Job.fetch_many(ids, connection=queue.connection) if j is not None]
-    if not jobs:
+    from service.state import jobs
+
+    found = jobs.failed(Queue(QUEUE_NAME, connection=queue_client(settings)), limit=1_000_000)
+    if not found:
         print("no failed jobs")
         return 0
     now = datetime.now(UTC)
-
-    def ended(j: Job) -> datetime:  # rq keeps naive UTC times
-        at = j.ended_at or now
-        return at if at.tzinfo else at.replace(tzinfo=UTC)
-
-    jobs.sort(key=ended, reverse=True)
-    for j in jobs:
-        age = now - ended(j)
-        result = j.latest_result()
-        text = (result.exc_string if result else None) or ""
-        last = text.strip().splitlines()[-1] if text.strip() else "(no error recorded)"
+    for j in found:
+        age = now - jobs.ended(j, now)
+        last = jobs.last_error(j) or "(no error recorded)"
         space = j.args[0] if j.args and isinstance(j.args[0], str) else "-"
         print(f"{j.id}  {j.func_name}  space={space}  {_age(age.total_seconds())} ago  {last[:300]}")
-    print(f"{len(jobs)} failed job(s): `persona-sync requeue --all`, `--function NAME` or `JOB_ID ...` runs them "
+    print(f"{len(found)} failed job(s): `persona-sync requeue --all`, `--function NAME` or `JOB_ID ...` runs them "
           "again once the cause is fixed")
     return 0
 
@@ -724,19 +715,19 @@ def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
     from rq import Queue
     from rq.job import Job
 
+    from service.state import jobs
+
     if not (args.all or args.function or args.job_ids):
         raise CommandError("say which: --all, --function NAME (e.g. workers.jobs.sync) or JOB_ID ...")
     queue = Queue(QUEUE_NAME, connection=queue_client(settings))
-    registry = queue.failed_job_registry
-    failed = registry.get_job_ids()
+    failed = queue.failed_job_registry.get_job_ids()
     chosen = set(failed) if args.all else set(args.job_ids) & set(failed)
     if args.function:
         chosen |= {j.id for j in Job.fetch_many(failed, connection=queue.connection)
                    if j is not None and j.func_name == args.function}
     missing = set(args.job_ids) - set(failed)
-    for job_id in sorted(chosen):
-        registry.requeue(job_id)
-    print(f"requeued {len(chosen)} job(s)")
+    requeued, _ = jobs.requeue(queue, chosen)
+    print(f"requeued {len(requeued)} job(s)")
     if missing:
         print(f"not failed (or unknown): {', '.join(sorted(missing))}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
 from service.spec.keys import REFUSALS_KEY, Keys
-from service.state import ops
+from service.state import jobs, ops
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key, resolve
 from service.state.status import collect_async
@@ -119,9 +119,7 @@ async def dead_letters(request: Request) -> Response:
     space = _space(request)
     if not valid_space(space):
         return error(400, "validation_error", "space must be a valid space id")
-    return await _stream_page(request, Keys(space).dead_letters, lambda entry_id, f: {
-        "id": entry_id, "reason": _text(f, "reason"), "source": _text(f, "source"), "at": _number(f, "at"),
-        "raw": _text(f, "raw")}, {"space": space})
+    return await _stream_page(request, Keys(space).dead_letters, dead_letter_view, {"space": space})
 
 
 async def refusals(request: Request) -> Response:
@@ -150,26 +148,50 @@ async def status(request: Request) -> Response:
         return unavailable(exc)
 
 
+def valid_entry_id(entry_id: str) -> bool:
+    """A stream entry id such as 1700000000000-0 (what a dead letter is named by)."""
+    return bool(_ENTRY_ID.match(entry_id)) and not entry_id.startswith("(")
+
+
+def dead_letter_view(entry_id: str, f: dict[str, bytes]) -> dict[str, Any]:
+    """A dead letter as the operator routes and the console show it."""
+    return {"id": entry_id, "reason": _text(f, "reason"), "source": _text(f, "source"), "at": _number(f, "at"),
+            "raw": _text(f, "raw")}
+
+
+async def read_dead_letter(client: Any, space: str, entry_id: str) -> dict[str, Any] | None:
+    """One dead letter (``entry_id`` already valid), or None."""
+    rows = await client.xrange(Keys(space).dead_letters, min=entry_id, max=entry_id)
+    if not rows:
+        return None
+    return dead_letter_view(entry_id, {k.decode(): v for k, v in rows[0][1].items()})
+
+
+async def drop_dead_letter(client: Any, space: str, entry_id: str) -> int | None:
+    """Delete one dead letter, keeping the byte count right: the bytes freed, or None if there was none."""
+    keys = Keys(space)
+    if not await client.xrange(keys.dead_letters, min=entry_id, max=entry_id):
+        return None
+    return int(await client.register_script(DLQ_DELETE)(keys=[keys.dead_letters, keys.dead_letter_bytes],
+                                                         args=[entry_id]))
+
+
 @admin_endpoint
 async def dead_letter(request: Request, space: str) -> Response:
     """``GET``: one dead letter, its body whole; ``DELETE``: drop it (it is never applied)."""
     entry_id = request.path_params["entry_id"]
-    if not _ENTRY_ID.match(entry_id) or entry_id.startswith("("):
+    if not valid_entry_id(entry_id):
         return error(400, "validation_error", "the id is an entry id such as 1700000000000-0")
     client = request.app.state.redis
     if request.method == "DELETE":
-        if not await client.xrange(Keys(space).dead_letters, min=entry_id, max=entry_id):
+        freed = await drop_dead_letter(client, space, entry_id)
+        if freed is None:
             return error(404, "not_found", f"no dead letter {entry_id} in space {space}")
-        keys = Keys(space)
-        freed = await client.register_script(DLQ_DELETE)(keys=[keys.dead_letters, keys.dead_letter_bytes],
-                                                           args=[entry_id])
-        return JSON({"deleted": entry_id, "bytes_freed": int(freed)})
-    rows = await client.xrange(Keys(space).dead_letters, min=entry_id, max=entry_id)
-    if not rows:
+        return JSON({"deleted": entry_id, "bytes_freed": freed})
+    letter = await read_dead_letter(client, space, entry_id)
+    if letter is None:
         return error(404, "not_found", f"no dead letter {entry_id} in space {space}")
-    f = {k.decode(): v for k, v in rows[0][1].items()}
-    return JSON({"id": entry_id, "space": space, "reason": _text(f, "reason"), "source": _text(f, "source"),
-                 "at": _number(f, "at"), "raw": _text(f, "raw")})
+    return JSON({"id": entry_id, "space": space, **letter})
 
 
 async def json_body(request: Request, limit: int) -> Any:
@@ -183,7 +205,8 @@ async def json_body(request: Request, limit: int) -> Any:
         return error(400, "validation_error", f"malformed JSON: {exc}")
 
 
-REPLAY_FIELDS = {"source", "since", "until", "profile", "types", "event", "reason", "dry_run", "rate", "resume"}
+REPLAY_FIELDS = {"source", "since", "until", "profile", "types", "event", "reason", "id", "dry_run", "rate",
+                 "resume"}
 
 
 def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
@@ -207,6 +230,10 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
             if not isinstance(doc[name], str) or not doc[name] or len(doc[name]) > 500:
                 return f"{name}: a non-empty string"
             spec[name] = doc[name]
+    if doc.get("id") is not None:
+        if spec["source"] != "dead-letters" or not isinstance(doc["id"], str) or not valid_entry_id(doc["id"]):
+            return "id: one dead letter's id such as 1700000000000-0, with source 'dead-letters'"
+        spec["id"] = doc["id"]
     if "profile" in spec and ":" not in spec["profile"]:
         return "profile: TYPE:VALUE, e.g. email:ada@example.com"
     if "profile" in spec and spec["source"] == "archive":
@@ -238,22 +265,40 @@ async def replay(request: Request, space: str) -> Response:
         return error(400, "validation_error", spec)
     if spec["source"] == "archive" and not request.app.state.settings.event_archive_dir:
         return error(400, "validation_error", "EVENT_ARCHIVE_DIR is not set: there is no archive to replay")
-    if "profile" in spec:  # resolved as the receiver normalised it; an identifier of nobody is a 404, not a no-op
-        state = request.app.state
-        _, _, pid = await asyncio.to_thread(lambda: resolve(state.sync_redis(), state.rules, space, spec["profile"]))
-        if pid is None:
-            return error(404, "not_found", f"no profile has {spec['profile']} in space {space}")
-    if not request.app.state.refresh.queue_url:
-        return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
-    queue = request.app.state.refresh.queue()
-    job = await asyncio.to_thread(queue.enqueue, REPLAY_JOB, space, spec, job_timeout=REPLAY_TIMEOUT,
-                                  result_ttl=7 * 86400, failure_ttl=7 * 86400,
-                                  description=f"replay {spec['source']} of {space}")
-    return JSON({"job": job.id, "status": "queued", "space": space, "request": spec,
-                 "follow": f"/admin/jobs/{job.id}"}, 202)
+    try:
+        job_id = await queue_replay(request.app.state, space, spec)
+    except Refused as exc:
+        return error(exc.status, exc.code, exc.message)
+    return JSON({"job": job_id, "status": "queued", "space": space, "request": spec,
+                 "follow": f"/admin/jobs/{job_id}"}, 202)
 
 
 REPLAY_TIMEOUT = 24 * 3600
+
+
+class Refused(Exception):
+    """An operator action that cannot go ahead: the status and message to answer with."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+async def queue_replay(state: Any, space: str, spec: dict[str, Any]) -> str:
+    """Queue a validated replay request as a job (the admin route and the console); its id. Raises ``Refused``."""
+    if "profile" in spec:  # resolved as the receiver normalised it; an identifier of nobody is a 404, not a no-op
+        _, _, pid = await asyncio.to_thread(lambda: resolve(state.sync_redis(), state.rules, space, spec["profile"]))
+        if pid is None:
+            raise Refused(404, "not_found", f"no profile has {spec['profile']} in space {space}")
+    if "id" in spec and await read_dead_letter(state.redis, space, spec["id"]) is None:
+        raise Refused(404, "not_found", f"no dead letter {spec['id']} in space {space}")
+    if not state.refresh.queue_url:
+        raise Refused(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
+    queue = state.refresh.queue()
+    job = await asyncio.to_thread(queue.enqueue, REPLAY_JOB, space, spec, job_timeout=REPLAY_TIMEOUT,
+                                  result_ttl=7 * 86400, failure_ttl=7 * 86400,
+                                  description=f"replay {spec['source']} of {space}")
+    return str(job.id)
 
 
 @admin_endpoint
@@ -297,18 +342,14 @@ async def suppression_lift(request: Request, space: str) -> Response:
 
 def job_view(job: Job) -> dict[str, Any]:
     status = job.get_status(refresh=False)
-    error_line = None
-    if status == JobStatus.FAILED:
-        result = job.latest_result()
-        text = (result.exc_string if result else None) or ""
-        error_line = text.strip().splitlines()[-1] if text.strip() else None
+
     def iso(dt: Any) -> str | None:
         return dt.isoformat() if dt else None
-    return {"id": job.id, "function": job.func_name, "args": list(job.args), "status": str(status.value if
-            status else "unknown"), "enqueued_at": iso(job.enqueued_at), "started_at": iso(job.started_at),
-            "ended_at": iso(job.ended_at), "progress": {k: job.meta[k] for k in ("done", "total", "stopped")
-                                                        if k in job.meta},
-            "result": job.return_value(refresh=False) if status == JobStatus.FINISHED else None, "error": error_line}
+    return {"id": job.id, "function": job.func_name, "args": list(job.args), "status": jobs.status_of(job),
+            "enqueued_at": iso(job.enqueued_at), "started_at": iso(job.started_at), "ended_at": iso(job.ended_at),
+            "progress": {k: v for k, v in jobs.progress(job).items() if k != "profiles"},
+            "result": job.return_value(refresh=False) if status == JobStatus.FINISHED else None,
+            "error": jobs.last_error(job) if status == JobStatus.FAILED else None}
 
 
 async def job(request: Request) -> Response:

@@ -80,7 +80,11 @@ def split_path(request: Request) -> tuple[str, str]:
 
 async def find_profile(request: Request, ident: str) -> Profile:
     """Resolve ``<type>:<value>``, ``segment_id:<id>`` or a bare ``use_…`` id to the live profile."""
-    state = request.app.state
+    return await lookup(request.app.state, request.path_params["space"], ident)
+
+
+async def lookup(state: Any, space: str, ident: str) -> Profile:
+    """``find_profile`` for a space named by the caller (the console looks profiles up the same way)."""
     kind, sep, value = ident.partition(":")
     if not sep and ident.startswith(PROFILE_ID_PREFIX):
         kind, value = "segment_id", ident
@@ -92,7 +96,7 @@ async def find_profile(request: Request, ident: str) -> Profile:
     else:
         prepared = state.rules.prepare([(kind.strip().lower(), value)])
         found = prepared[0] if prepared else None
-    live = await state.reader.find(request.path_params["space"], *found) if found else None
+    live = await state.reader.find(space, *found) if found else None
     if live is None:
         raise ApiError(404, "not_found", "Profile was not found.")
     return decode_profile(*live)
@@ -307,15 +311,28 @@ async def events_body(request: Request, profile: Profile) -> dict:
     names = {x for x in include if x.lower() not in CALL_TYPES}
     if not types and not names:
         types = {"track"}
+    after = _decode_next(request.query_params["next"]) if request.query_params.get("next") else None
+    page, more, nxt = await logged_events(state, request.path_params["space"], profile, limit=limit, lo=lo, hi=hi,
+                                          desc=desc, types=types, names=names, exclude=exclude, after=after)
+    return {"data": event_views(state, profile, [obj for _, _, obj in page], now),
+            "cursor": _cursor(request, profile.id, more, nxt)}
+
+
+async def logged_events(state: Any, space: str, profile: Profile, *, limit: int, lo: int, hi: int, desc: bool,
+                        types: set[str], names: set[str], exclude: set[str],
+                        after: tuple[int, str] | None = None) -> tuple[list[tuple[int, str, dict]], bool, str]:
+    """One page of a profile's logged events between ``lo`` and ``hi`` (ms): ``(page, has_more, next cursor)``.
+
+    ``types`` are the call types served, ``names`` track event names served besides, ``exclude`` names and types
+    left out. Shared by ``/events`` and the console's profile page."""
     excluded_types = {x.lower() for x in exclude if x.lower() in CALL_TYPES}
     # members start with the call type's letter: what is not asked for is skipped before its event is read
     letters = {t[0] for t in types - excluded_types} | ({"t"} if names and "track" not in excluded_types else set())
-    after = _decode_next(request.query_params["next"]) if request.query_params.get("next") else None
     if after is not None:
         hi, lo = (min(hi, after[0]), lo) if desc else (hi, max(lo, after[0]))
 
     client = state.redis
-    keys = await state_keys_async(client, request.path_params["space"])
+    keys = await state_keys_async(client, space)
     indexes = [_Index(client, keys.events_index(p), lo, hi, desc) for p in [profile.id, *profile.merged_from]]
     kept: list[tuple[int, str, dict]] = []
     batch: list[tuple[int, str]] = []
@@ -362,14 +379,19 @@ async def events_body(request: Request, profile: Profile) -> dict:
     nxt = _encode_next(page[-1][0], page[-1][1]) if more else ""
     if cut and not more and last_seen is not None:  # stopped at the scan limit: go on from the last entry examined
         more, nxt = True, _encode_next(*last_seen)
+    return page, more, nxt
+
+
+def event_views(state: Any, profile: Profile, objs: list[dict], now: int) -> list[dict]:
+    """Logged events in the shape of Segment's ``/events`` items, with the identifiers each one carried."""
     data = []
-    for _, _, obj in page:
+    for obj in objs:
         try:
             ids = list(normalise(obj, now, state.rules).identifiers)
         except InvalidEvent:
             ids = []
         data.append(event_view(obj, profile.id, ids))
-    return {"data": data, "cursor": _cursor(request, profile.id, more, nxt)}
+    return data
 
 
 # -- accounts ---------------------------------------------------------------------------------------------------

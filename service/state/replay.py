@@ -172,14 +172,15 @@ def profile_ids(client: redis.Redis, space: str, pid: str) -> set[bytes]:
 
 
 def dead_letter_records(client: redis.Redis, space: str, reason: str | None = None,
-                        after: str | None = None) -> Iterator[Record]:
-    """The dead letters that passed authentication, oldest first (``reason``: a case-insensitive substring). A
-    dead letter holds one event or a whole refused body; each of its events becomes a record."""
+                        after: str | None = None, entry: str | None = None) -> Iterator[Record]:
+    """The dead letters that passed authentication, oldest first (``reason``: a case-insensitive substring;
+    ``entry``: that one only). A dead letter holds one event or a whole refused body; each of its events becomes a
+    record."""
     key = Keys(space).dead_letters
-    start = f"({after}" if after else "-"
+    start = f"({after}" if after else entry or "-"
     needle = reason.lower() if reason else None
     while True:
-        rows = client.xrange(key, min=start, max="+", count=200)
+        rows = client.xrange(key, min=start, max=entry or "+", count=200)
         for entry_id, fields in rows:
             eid = entry_id.decode()
             source = fields.get(b"source", b"").decode(errors="replace")
@@ -580,7 +581,7 @@ def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[
                 after: str | None) -> Iterator[Record]:
     """The records a replay request names (``spec`` as validated by the admin route)."""
     if spec.get("source") == "dead-letters":
-        return dead_letter_records(client, space, spec.get("reason"), after)
+        return dead_letter_records(client, space, spec.get("reason"), after, spec.get("id"))
     if spec.get("source") == "archive":
         from service.state.archive import archive_files
 
@@ -610,6 +611,8 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     source = spec.get("source", "log")
     key = Keys(space)
     total = client.xlen(key.dead_letters if source == "dead-letters" else key.log) if source != "archive" else 0
+    if spec.get("id"):
+        total = 1
     named = {k: v for k, v in spec.items() if k not in ("resume", "dry_run", "rate", "since_ms", "until_ms")}
     checkpoint = Checkpoint(client, space, Checkpoint.name_of("http", space, sorted(named.items())))
     after = checkpoint.load() if spec.get("resume") else None

@@ -62,6 +62,7 @@ SCHEMAS: dict[str, Schema] = {
         "types": {"type": "array", "items": STR, "description": "Call types, e.g. [\"identify\", \"track\"]"},
         "event": {**STR, "description": "Only track calls of this name"},
         "reason": {**STR, "description": "Dead letters whose reason contains this"},
+        "id": {**STR, "description": "Only this dead letter (source dead-letters), e.g. 1700000000000-0"},
         "dry_run": BOOL, "rate": {**NUM, "minimum": 0, "maximum": 1e6, "description": "Events/s; 0: no limit"},
         "resume": {**BOOL, "description": "Go on from where an interrupted replay of the same request stopped"},
     }, required=[]),
