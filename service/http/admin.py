@@ -358,7 +358,7 @@ async def job(request: Request) -> Response:
     if denied := admin_denied(request):
         return denied
     job_id = request.path_params["job_id"]
-    if not _JOB_ID.match(job_id):
+    if not valid_job_id(job_id):
         return error(400, "validation_error", "a job id is letters, digits and '-'")
     if not request.app.state.refresh.queue_url:
         return error(503, "unavailable", "no job queue is configured for this web process (QUEUE_REDIS_URL)")
@@ -388,6 +388,10 @@ async def job(request: Request) -> Response:
 
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+def valid_job_id(job_id: str) -> bool:
+    return bool(_JOB_ID.match(job_id))
 
 
 routes = [

@@ -1,4 +1,4 @@
-"""The Starlette application: intake, Profile API, operator routes, health and metrics."""
+"""The Starlette application: intake, Profile API, operator routes, the console, health and metrics."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.config import Settings
-from service.http import admin, insights_api, metrics, profiles_api, receiver, sdk
+from service.http import admin, console, insights_api, metrics, profiles_api, receiver, sdk
 from service.http.openapi import docs
 from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
@@ -97,7 +97,7 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
     routes = [
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_endpoint),
         *receiver.routes, *sdk.routes(settings, receiver.tracking_routes), *profiles_api.routes, *admin.routes,
-        *insights_api.routes, *docs.routes,
+        *insights_api.routes, *docs.routes, *console.routes,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: unexpected})

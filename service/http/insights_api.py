@@ -8,6 +8,8 @@ body is read: Bearer ``ADMIN_TOKEN``, or (when KPI_API_ID / KPI_API_SECRET are s
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,31 +30,46 @@ def _json_hash(raw: dict) -> dict:
     return {k.decode(): orjson.loads(v) for k, v in sorted(raw.items())}
 
 
-@admin_endpoint
-async def clusters(request: Request, space: str) -> Response:
-    data = _json_hash(await request.app.state.redis.hgetall(Keys(space).clusters))
-    return JSON({"space": space, "clusters": list(data.values())})
+async def read_clusters(client: Any, space: str) -> list[dict[str, Any]]:
+    """The cluster documents the last refresh wrote, by cluster id (``/api/clusters`` and the console)."""
+    return list(_json_hash(await client.hgetall(Keys(space).clusters)).values())
 
 
-@admin_endpoint
-async def personas(request: Request, space: str) -> Response:
-    client = request.app.state.redis
+async def read_personas(client: Any, space: str) -> tuple[Any, list[dict[str, Any]]]:
+    """Why Mavera sync is paused (or None), and each cluster's persona with its sync state."""
     data = _json_hash(await client.hgetall(Keys(space).personas))
     paused = await client.get(MAVERA_PAUSED_KEY)
     rows = [{"cluster": cluster, "mavera_id": p.get("mavera_id"), "name": p.get("name"),
              "last_sync_ms": p.get("last_sync_ms"), "state": p.get("state"), "error": p.get("error")}
             for cluster, p in data.items()]
-    return JSON({"space": space, "paused": orjson.loads(paused) if paused else None, "personas": rows})
+    return (orjson.loads(paused) if paused else None), rows
+
+
+async def read_patterns(client: Any, space: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The channel patterns' summaries, and the Mave narrative about them (None before the first)."""
+    data = _json_hash(await client.hgetall(Keys(space).patterns))
+    raw = await client.hgetall(Keys(space).narrative)
+    narrative: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    if "patterns" in narrative:
+        narrative["patterns"] = orjson.loads(narrative["patterns"])
+    return data, narrative or None
+
+
+@admin_endpoint
+async def clusters(request: Request, space: str) -> Response:
+    return JSON({"space": space, "clusters": await read_clusters(request.app.state.redis, space)})
+
+
+@admin_endpoint
+async def personas(request: Request, space: str) -> Response:
+    paused, rows = await read_personas(request.app.state.redis, space)
+    return JSON({"space": space, "paused": paused, "personas": rows})
 
 
 @admin_endpoint
 async def patterns(request: Request, space: str) -> Response:
-    client = request.app.state.redis
-    data = _json_hash(await client.hgetall(Keys(space).patterns))
-    narrative = {k.decode(): v.decode() for k, v in (await client.hgetall(Keys(space).narrative)).items()}
-    if "patterns" in narrative:
-        narrative["patterns"] = orjson.loads(narrative["patterns"])
-    return JSON({"space": space, "patterns": data, "narrative": narrative or None})
+    data, narrative = await read_patterns(request.app.state.redis, space)
+    return JSON({"space": space, "patterns": data, "narrative": narrative})
 
 
 def kpi_denied(request: Request) -> Response | None:

@@ -28,6 +28,7 @@ from service.http.auth import signed_part
 from service.http.openapi import profiles
 from service.http.openapi.document import document
 from service.http.receiver import SHORT_NAMES, TRACKING_TYPES
+from service.state.store import SyncStore
 from tests.conftest import ADMIN_TOKEN, PROFILE_TOKEN, SECRET, WRITE_KEY
 from tests.helpers import NOW
 from tests.http.test_admin_replay import work
@@ -65,8 +66,9 @@ class Checked:
         req.read()  # a redirect's follow-up request is still a stream
         template = template_of(req.url.path)
         assert template is not None, f"{req.method} {req.url.path} is not documented"
+        cookies = dict(c.strip().split("=", 1) for c in req.headers.get("cookie", "").split(";") if "=" in c)
         request = MockRequest("http://testserver", req.method, req.url.path, args=dict(req.url.params),
-                              headers=dict(req.headers), data=req.content,
+                              headers=dict(req.headers), cookies=cookies, data=req.content,
                               content_type=req.headers.get("content-type", ""))
         response = MockResponse(resp.content, resp.status_code, dict(resp.headers),
                                 resp.headers.get("content-type", ""))
@@ -217,6 +219,41 @@ def operations(api: TestClient) -> None:
     assert api.get("/docs/index.html").status_code == 404
 
 
+def console(api: TestClient, r: redis.Redis) -> None:
+    """The console's pages and actions: HTML, redirects and form posts, as a browser sends them."""
+    from rq import Queue
+
+    from service.state.queue import QUEUE_NAME
+
+    assert api.get("/console", follow_redirects=False).status_code == 303
+    assert api.get("/console/login").status_code == 200
+    assert api.post("/console/login", data={"token": "wrong"}).status_code == 401
+    assert api.get("/console/static/console.css").status_code == 200
+    assert api.post("/console/login", data={"token": ADMIN_TOKEN}).status_code == 200  # 303, then the overview
+    assert api.get("/console/").status_code == 200
+    csrf = re.search(r'name="csrf" value="([^"]+)"', api.get("/console/clusters").text)
+    assert csrf is not None
+    form = {"csrf": csrf.group(1)}
+    assert api.get("/console/profiles", params={"id": "user_id:ada"}).status_code == 200
+    assert api.get("/console/profiles", params={"id": "user_id:nobody"}).status_code == 404
+    assert api.get("/console/operations", params={"since": "yesterday-ish"}).status_code == 400
+    SyncStore(r, Settings()).dead_letters("default", [("broken", b'{"type":"x"}')], "webhook")
+    letter = r.xrange("sps:{default}:dlq")[-1][0].decode()
+    assert api.get(f"/console/operations/dead-letters/{letter}").status_code == 200
+    assert api.post(f"/console/operations/dead-letters/{letter}/replay", data=form).status_code == 200
+    assert api.post(f"/console/operations/dead-letters/{letter}/delete", data=form).status_code == 200
+    assert api.post(f"/console/operations/dead-letters/{letter}/delete", data=form).status_code == 404
+    Queue(QUEUE_NAME, connection=r).enqueue("no.such.function")
+    work(r, PATH="/usr/bin:/bin")  # the job fails: something to requeue
+    [failed] = Queue(QUEUE_NAME, connection=r).failed_job_registry.get_job_ids()
+    assert api.post(f"/console/operations/jobs/{failed}/requeue", data=form).status_code == 200
+    work(r)
+    assert api.post("/console/operations/jobs/requeue", data=form).status_code == 200
+    assert api.get("/console/operations").status_code == 200
+    assert api.post("/console/operations/jobs/requeue", data={"csrf": "forged"}).status_code == 403
+    assert api.post("/console/logout", data=form).status_code == 200  # 303, then the login page
+
+
 def test_every_documented_operation_answers_as_documented(api: TestClient, r: redis.Redis,
                                                           checked: Checked) -> None:
     intake(api)
@@ -225,6 +262,7 @@ def test_every_documented_operation_answers_as_documented(api: TestClient, r: re
     operator(api, r)
     read_apis(api, r)
     operations(api)
+    console(api, r)
     assert set(documented()) - set(checked.seen) == set(), "add a request for these operations here"
 
 

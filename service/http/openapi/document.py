@@ -6,7 +6,7 @@ import functools
 from importlib import metadata
 from typing import Any
 
-from service.http.openapi import components, intake, operator, profiles
+from service.http.openapi import components, console, intake, operator, profiles
 from service.http.openapi.components import OBJECT, STR, ok
 
 DESCRIPTION = """\
@@ -29,6 +29,7 @@ TAGS = [
     {"name": "Read API", "description": "What the workers computed: clusters, personas, channel patterns, KPI cards"},
     {"name": "Operations", "description": "Health and metrics"},
     {"name": "Documentation", "description": "This document and the page that renders it"},
+    {"name": "Console", "description": "The web console's HTML pages (a session cookie from /console/login)"},
 ]
 
 
@@ -71,9 +72,9 @@ def document() -> dict[str, Any]:
         "openapi": "3.0.3",
         "info": {"title": "segment-persona-sync", "version": _version(), "description": DESCRIPTION},
         "tags": TAGS,
-        "paths": {**intake.paths(), **profiles.paths(), **operator.paths(), **DOCUMENTATION},
+        "paths": {**intake.paths(), **profiles.paths(), **operator.paths(), **DOCUMENTATION, **console.paths()},
         "components": {
-            "securitySchemes": components.SECURITY_SCHEMES,
+            "securitySchemes": {**components.SECURITY_SCHEMES, "consoleSession": console.SECURITY_SCHEME},
             "parameters": PARAMETERS,
             "responses": components.RESPONSES,
             "schemas": {**components.SCHEMAS, **intake.SCHEMAS, **profiles.SCHEMAS, **operator.SCHEMAS},
