@@ -158,7 +158,7 @@ async def profiles(ctx: Ctx) -> Response:
     ident = (ctx.request.query_params.get("id") or "").strip()
     spaces = await known_spaces(ctx)
     if not ident:
-        return ctx.render("profiles.html", ident="", profile=None, spaces=spaces, page="profiles")
+        return ctx.render("profiles.html", ident="", profile=None, problem=None, spaces=spaces, page="profiles")
     if len(ident) > 1000:
         raise PageError(400, "Identifier too long", "An identifier is at most 1,000 characters.")
     try:
