@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -13,6 +14,7 @@ from starlette.testclient import TestClient
 
 from service.config import Settings
 from service.http.app import create_app
+from tests.browser import chromium
 from tests.conftest import ADMIN_TOKEN, SECRET
 
 
@@ -48,3 +50,9 @@ def app_client(settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("REDIS_URL", redis_url)  # what a worker's jobs read
     with TestClient(create_app(settings, redis_url, redis_url), raise_server_exceptions=False) as c:
         yield c
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    with chromium() as driver:
+        yield driver
