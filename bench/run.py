@@ -13,6 +13,7 @@ Scenarios (each run several times; medians reported):
                 (bench/drill_slow_clients.py)
   fsync      intake under appendfsync everysec vs always (bench/drill_fsync.py)
   wait       intake with a replica under Sentinel, STATE_WAIT_REPLICAS 0 vs 1 (bench/drill_wait.py)
+  console    the console's overview page with a million profiles: median and p95 (bench/console.py)
 Results go to bench/results/latest.json and are printed as a Markdown table for BENCHMARKS.md.
 """
 
@@ -36,7 +37,7 @@ from service.devstack.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ["single", "paced", "batch", "memory", "recompute", "profile_cost", "freshness", "slow_clients", "fsync",
-             "wait"]
+             "wait", "console"]
 
 
 def free_port() -> int:
@@ -230,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                                  capture_output=True, text=True, check=True).stdout
             print(out, flush=True)
             report[name] = out
+    if "console" in only:
+        from bench.console import run as console_run
+
+        report["console"] = console_run(1_000_000, 200)
+        print("console", report["console"], flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(report, indent=2))

@@ -106,6 +106,14 @@ class Child:
         return delay
 
 
+def console_line(settings: Settings) -> str:
+    """Where the web console is (never the token itself: only whether one is set)."""
+    url = f"http://{settings.host}:{settings.port}/console"
+    if settings.admin_token:
+        return f"console: {url} (log in with ADMIN_TOKEN)"
+    return f"console: {url} is off; start with ADMIN_TOKEN=<a long random secret> to turn it on"
+
+
 def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True) -> int:
     env = dict(os.environ)
     if not env.get("EVENT_ARCHIVE_DIR"):  # one box: the archive lives beside the data, and the log keeps 14 days
@@ -155,6 +163,7 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
     try:
         say(f"listening on http://{settings.host}:{settings.port} "
             f"({', '.join(c.name for c in children)} running; Ctrl-C stops all)")
+        say(console_line(settings))
         while not stopping:
             time.sleep(0.2)
             for child in children:

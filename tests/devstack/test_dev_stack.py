@@ -74,6 +74,8 @@ def test_dev_stack_end_to_end_and_restart(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+    said = proc.stdout.read().decode() if proc.stdout else ""
+    assert f"console: {base}/console (log in with ADMIN_TOKEN)" in said and ADMIN_TOKEN not in said, said
     for pid in kids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     proc = start(tmp_path / "var", port)
@@ -84,3 +86,13 @@ def test_dev_stack_end_to_end_and_restart(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_console_line_says_how_to_turn_it_on_and_never_shows_the_token() -> None:
+    from service.config import Settings
+    from service.devstack.supervisor import console_line
+
+    assert console_line(Settings(port=8001)) == ("console: http://127.0.0.1:8001/console is off; start with "
+                                                 "ADMIN_TOKEN=<a long random secret> to turn it on")
+    assert console_line(Settings(admin_token="s3cret")) == \
+        "console: http://127.0.0.1:8000/console (log in with ADMIN_TOKEN)"
