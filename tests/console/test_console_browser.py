@@ -100,6 +100,19 @@ def arrive(driver: Any, url: str, seconds: float = 10) -> None:
         time.sleep(0.05)
 
 
+def navigate(driver: Any, act: Any, seconds: float = 15) -> None:
+    """Do ``act`` (a click, Enter in a form) and wait until the next page has replaced this one and loaded: a
+    click can return before the browser has even left the page, on a busy machine."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    act()
+    WebDriverWait(driver, seconds).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, seconds).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def every_control_is_labelled(driver: Any) -> None:
     from selenium.webdriver.common.by import By
 
@@ -132,7 +145,7 @@ def test_the_console_in_chromium(browser: Any, stack: LiveServer, r: redis.Redis
     screenshot(browser, shots, "login")
     field = browser.find_element(By.ID, "token")
     assert browser.switch_to.active_element == field  # focused on arrival
-    field.send_keys(ADMIN_TOKEN, Key.ENTER)
+    navigate(browser, lambda: field.send_keys(ADMIN_TOKEN, Key.ENTER))
     arrive(browser, f"{stack.url}/console/clusters")
     assert ADMIN_TOKEN not in browser.page_source
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script reads the session
@@ -158,16 +171,16 @@ def test_the_console_in_chromium(browser: Any, stack: LiveServer, r: redis.Redis
     screenshot(browser, shots, "clusters")
 
     # overview: one click away, answers with the counters
-    browser.find_element(By.LINK_TEXT, "Overview").click()
+    navigate(browser, lambda: browser.find_element(By.LINK_TEXT, "Overview").click())
     assert browser.find_element(By.ID, "profiles").text == f"{len(find_all_profiles(r)):,}"
     assert browser.find_element(By.ID, "dead-letters").text == "1"
     every_control_is_labelled(browser)
     screenshot(browser, shots, "overview")
 
     # a merged profile, found by its email (typed as a person would: mixed case)
-    browser.find_element(By.LINK_TEXT, "Profiles").click()
+    navigate(browser, lambda: browser.find_element(By.LINK_TEXT, "Profiles").click())
     box = browser.find_element(By.ID, "lookup-id")
-    box.send_keys("email:Merged.Person@Example.com", Key.ENTER)
+    navigate(browser, lambda: box.send_keys("email:Merged.Person@Example.com", Key.ENTER))
     merged = find(r, "email", "merged.person@example.com")
     assert merged is not None and merged.merged_from
     assert browser.find_element(By.ID, "profile-id").text == merged.id
@@ -180,7 +193,7 @@ def test_the_console_in_chromium(browser: Any, stack: LiveServer, r: redis.Redis
     # a script-injection attempt, rendered as text and never run
     box = browser.find_element(By.ID, "lookup-id")
     box.clear()
-    box.send_keys("email:mallory@example.com", Key.ENTER)
+    navigate(browser, lambda: box.send_keys("email:mallory@example.com", Key.ENTER))
     cell = browser.find_element(By.CSS_SELECTOR, "tr[data-trait='nickname'] td.value")
     assert cell.text == HOSTILE
     assert browser.find_element(By.CSS_SELECTOR, "tr[data-trait='homepage'] td.value").text == "javascript:alert(2)"
@@ -192,30 +205,31 @@ def test_the_console_in_chromium(browser: Any, stack: LiveServer, r: redis.Redis
     screenshot(browser, shots, "profile-hostile")
 
     # replay a dead letter with one click; a worker applies it; it is gone and on the profile
-    browser.find_element(By.LINK_TEXT, "Operations").click()
+    navigate(browser, lambda: browser.find_element(By.LINK_TEXT, "Operations").click())
     [entry] = [e.decode() for e, _ in r.xrange(Keys("default").dead_letters)]
     every_control_is_labelled(browser)
     screenshot(browser, shots, "operations")
-    browser.find_element(By.CSS_SELECTOR, f"tr[data-entry='{entry}'] button[aria-label='Replay dead letter {entry}']"
-                         ).click()
+    replay = browser.find_element(By.CSS_SELECTOR, f"tr[data-entry='{entry}'] button[aria-label='Replay dead "
+                                                   f"letter {entry}']")
+    navigate(browser, replay.click)
     assert f"Replay of dead letter {entry} queued" in browser.find_element(By.ID, "message").text
     work(r, REFRESH_DEBOUNCE=DEBOUNCE)
-    browser.refresh()
+    navigate(browser, browser.refresh)
     assert "No dead letters" in browser.find_element(By.ID, "dead-letters").text
     assert "applied 1" in browser.find_element(By.ID, "jobs").text
     screenshot(browser, shots, "operations-after-replay")
-    browser.find_element(By.LINK_TEXT, "Profiles").click()
-    browser.find_element(By.ID, "lookup-id").send_keys("email:late@example.com", Key.ENTER)
+    navigate(browser, lambda: browser.find_element(By.LINK_TEXT, "Profiles").click())
+    late_box = browser.find_element(By.ID, "lookup-id")
+    navigate(browser, lambda: late_box.send_keys("email:late@example.com", Key.ENTER))
     assert browser.find_element(By.CSS_SELECTOR, "tr[data-trait='plan'] td.value").text == "enterprise"
 
     # the first Tab reaches the skip link; logging out ends the session
     browser.find_element(By.TAG_NAME, "body").send_keys(Key.TAB)
     assert browser.switch_to.active_element.text == "Skip to content"
-    browser.find_element(By.XPATH, "//button[text()='Log out']").click()
+    navigate(browser, browser.find_element(By.XPATH, "//button[text()='Log out']").click)
     assert browser.current_url.startswith(f"{stack.url}/console/login")
     browser.get(f"{stack.url}/console")
     assert browser.current_url.startswith(f"{stack.url}/console/login")
-    time.sleep(0)
 
 
 def find_all_profiles(r: redis.Redis) -> list[str]:

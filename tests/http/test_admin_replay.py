@@ -183,3 +183,21 @@ def test_an_archive_replay_over_http(settings: Settings, redis_url: str, r: redi
     assert snapshot(r) == right
     with TestClient(create_app(settings, redis_url, redis_url)) as c:  # no archive configured
         assert c.post("/admin/replay", json={"source": "archive"}, headers=ADMIN).status_code == 400
+
+
+def test_one_dead_letter_is_replayed_by_its_id(admin: TestClient, r: redis.Redis) -> None:
+    """``{"source": "dead-letters", "id": …}``: that one only (what the console's Replay button queues)."""
+    good = {"type": "identify", "userId": "one", "messageId": "one-1", "traits": {"plan": "pro"}}
+    other = {"type": "identify", "userId": "two", "messageId": "two-1", "traits": {"plan": "pro"}}
+    SyncStore(r, Settings()).dead_letters("default", [("fixed since", orjson.dumps(good)),
+                                                      ("fixed since", orjson.dumps(other))], "webhook")
+    first, second = (e.decode() for e, _ in r.xrange(Keys("default").dead_letters))
+    for body, status in (({"source": "log", "id": first}, 400), ({"source": "dead-letters", "id": "x"}, 400),
+                         ({"source": "dead-letters", "id": "1-1"}, 404)):
+        assert admin.post("/admin/replay", json=body, headers=ADMIN).status_code == status, body
+    queued = admin.post("/admin/replay", json={"source": "dead-letters", "id": first}, headers=ADMIN)
+    assert queued.status_code == 202, queued.text
+    work(r)
+    view = admin.get(queued.json()["follow"], headers=ADMIN).json()
+    assert view["status"] == "finished" and view["progress"] == {"done": 1, "total": 1, "stopped": False}
+    assert [e.decode() for e, _ in r.xrange(Keys("default").dead_letters)] == [second]
