@@ -114,6 +114,9 @@ def _message(ctx: Ctx) -> str | None:
     return template.format(entry=entry, job=job, count=count)
 
 
+STALLED_AFTER_MS = 60_000  # a running rebuild whose record has not moved for this long was stopped
+
+
 @console
 async def operations(ctx: Ctx) -> Response:
     f = _filters(ctx)
@@ -127,7 +130,9 @@ async def operations(ctx: Ctx) -> Response:
         failed, watched = await asyncio.to_thread(
             lambda: ([job_row(j) for j in jobs.failed(queue)], [job_row(j) for j in jobs.watched(queue)]))
     query = {k: f[k] for k in ("reason", "source", "since", "until")}
-    return ctx.render("operations.html", page="operations", filters=f, letters=letters, total=total,
+    rebuild = {k.decode(): v.decode() for k, v in (await client.hgetall(Keys(ctx.space).rebuild_status)).items()}
+    return ctx.render("operations.html", page="operations", filters=f, letters=letters, total=total, rebuild=rebuild,
+                      stalled_after_ms=STALLED_AFTER_MS,
                       next_href=href(OPS, space=ctx.space, before=next_before, **query) if next_before else None,
                       failed=failed, watched=watched, message=_message(ctx), sources=sorted(AUTHENTICATED_SOURCES),
                       spaces=await known_spaces(ctx))

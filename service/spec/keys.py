@@ -49,6 +49,12 @@ class Keys:
         """The space's current generation ("" when the key is absent)."""
         return f"{self.prefix}gen"
 
+    @property
+    def rebuild_status(self) -> str:
+        """The space's last rebuild as it goes: a hash (state, phase, events, started_ms, updated_ms, ...) that
+        ``service/state/rebuild.py`` writes and the console shows; it expires an hour after its last write."""
+        return f"{self.prefix}rebuild"
+
     def of(self, gen: str) -> Keys:
         return Keys(self.space, gen)
 

@@ -21,6 +21,7 @@ the old one's); aggregates are recomputed by a full recompute queued after the s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,42 @@ from service.state.store import SyncStore, state_keys
 CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to apply
 CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
 GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:", "au:", "ev:")  # key families of a generation, besides its counter ("seq")
+
+
+STATUS_TTL = 3600  # seconds the rebuild's status outlives its last write (a killed rebuild's record goes away)
+STATUS_EVERY_MS = 1000  # at most one write of the status a second while events are applied
+
+
+class Recorder:
+    """The rebuild's progress in Redis (``Keys.rebuild_status``), where every web process's console reads it.
+
+    ``updated_ms`` moves at least once a second while events are applied: a running record that stops moving is a
+    rebuild that was stopped (its command killed), which the console says."""
+
+    def __init__(self, client: redis.Redis, space: str, generation: str, previous: str) -> None:
+        self.client, self.key = client, Keys(space).rebuild_status
+        self.events, self.last = 0, 0
+        self.client.delete(self.key)
+        self.write(state="running", phase="starting", generation=generation, previous=previous or "(original)",
+                   started_ms=now_ms(), events=0)
+
+    def write(self, **fields: object) -> None:
+        self.last = now_ms()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.key, mapping={**{k: str(v) for k, v in fields.items()}, "updated_ms": str(self.last)})
+        pipe.expire(self.key, STATUS_TTL)
+        pipe.execute()
+
+    def applied(self, n: int) -> None:
+        self.events += n
+        if now_ms() - self.last >= STATUS_EVERY_MS:
+            self.write(events=self.events)
+
+    def phase(self, text: str) -> None:
+        self.write(phase=text, events=self.events)
+
+    def end(self, state: str, **fields: object) -> None:
+        self.write(state=state, events=self.events, ended_ms=now_ms(), **fields)
 
 
 class RebuildRefused(Exception):
@@ -167,6 +204,31 @@ def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = F
         client.set(target.ident("user_id", uid.decode()), TOMBSTONE)
     options = Options(reapply=True, generation=new)
     total = Report()
+    recorder = Recorder(client, space, new, current)
+
+    def applied(n: int) -> None:  # the caller's progress bar, and the record
+        recorder.applied(n)
+        if progress:
+            progress(n)
+
+    def phase(text: str) -> None:
+        recorder.phase(text)
+        say(text)
+
+    try:
+        result = _rebuild(client, settings, space, k, cover, started, current, new, options, total, applied, phase)
+    except BaseException as exc:
+        with contextlib.suppress(redis.RedisError, OSError):  # Redis gone: the record goes stale, then away
+            recorder.end("failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    recorder.end("done", phase=f"switched to generation {new}")
+    return result
+
+
+def _rebuild(client: redis.Redis, settings: Settings, space: str, k: Keys, cover: Coverage, started: int,
+             current: str, new: str, options: Options, total: Report, progress: Callable[[int], None],
+             say: Callable[[str], None]) -> dict:
+    """The rebuild once its generation is prepared: the archive, the log, the catch-up, the switch."""
 
     def add(report: Report) -> None:
         total.counts.update(report.counts)

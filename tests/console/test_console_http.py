@@ -252,3 +252,23 @@ def test_pages_render_at_both_widths_without_a_browser(width: int) -> None:
     css = stylesheet().decode()
     assert "@media (max-width: 760px)" in css and "overflow-x: auto" in css
     assert ":focus-visible" in css  # keyboard focus is visible
+
+
+def test_operations_show_a_rebuild_as_it_goes_and_a_stopped_one(app_client: TestClient, r: redis.Redis) -> None:
+    """A rebuild run by the command shows on the Operations page with its events; one whose record stopped moving
+    is said to have been stopped, with what to run."""
+    from service.state.rebuild import rebuild
+
+    send(app_client, *({"type": "identify", "userId": f"rb{i}", "messageId": f"rb-{i}", "timestamp": RECENT}
+                       for i in range(12)))
+    result = rebuild(r, Settings(), "default")
+    csrf = login(app_client)
+    assert csrf
+    page = app_client.get("/console/operations").text
+    assert 'data-rebuild="state" class="">done' in page
+    assert f'data-rebuild="events">{result["events"]:,}<' in page and "switched to generation g1:" in page
+    key = Keys("default").rebuild_status
+    r.hset(key, mapping={"state": "running", "updated_ms": str(int(time.time() * 1000) - 300_000)})
+    stalled = app_client.get("/console/operations").text
+    assert "running, but its record last moved 5 min ago: its command was stopped" in stalled
+    assert "persona-sync rebuild --space default" in stalled

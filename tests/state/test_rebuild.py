@@ -103,6 +103,30 @@ def test_a_rebuild_refuses_when_history_no_longer_reaches_back(r: redis.Redis) -
     assert find(r, "user_id", "new") is not None and find(r, "anonymous_id", "anon-0") is None  # what was lost
 
 
+def test_a_rebuild_records_its_progress_and_its_end(r: redis.Redis) -> None:
+    """What the console shows of a rebuild: running with its events applied as it goes, then done (or failed
+    with its error), kept an hour after the last write."""
+    apply(r, many_emails(30), now=now_ms())
+    key = Keys(SPACE).rebuild_status
+    seen: list[dict] = []
+    result = rebuild(r, Settings(), SPACE, progress=lambda n: seen.append({k.decode(): v.decode()
+                                                                           for k, v in r.hgetall(key).items()}))
+    assert seen and all(s["state"] == "running" and s["generation"] == "g1:" for s in seen)
+    done = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+    assert done["state"] == "done" and done["previous"] == "(original)"
+    assert int(done["events"]) == result["events"] >= r.xlen(Keys(SPACE).log) > 0
+    assert int(done["ended_ms"]) >= int(done["started_ms"]) and 0 < r.ttl(key) <= 3600
+
+    def interrupted(text: str) -> None:
+        raise RuntimeError("the command was interrupted")
+
+    with pytest.raises(RuntimeError):
+        rebuild(r, Settings(), SPACE, say=interrupted)
+    failed = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+    assert failed["state"] == "failed" and failed["generation"] == "g2:"
+    assert failed["error"] == "RuntimeError: the command was interrupted"
+
+
 def test_the_rebuild_command(redis_env: dict[str, str], queue_url: str, r: redis.Redis) -> None:
     import subprocess
     import sys
