@@ -76,10 +76,12 @@ class Node:
                 if _answers(self.port, self.password):
                     return self
                 time.sleep(0.02)
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None and \
-                self.proc.stderr else ""
+            exited = self.proc.poll() is not None
+            err = self.proc.stderr.read().decode(errors="replace") if exited and self.proc.stderr else ""
             self.kill()
-            if "Address already in use" in err and attempt < 4:
+            # a server that exited at start most likely lost its port to another process (a sentinel logs why to
+            # its stdout, which is not kept): another port
+            if ("Address already in use" in err or exited) and attempt < 4:
                 self.port = free_port()
                 continue
             raise RuntimeError(f"{self.name} did not start on port {self.port}: {err.strip()[-500:]}")
