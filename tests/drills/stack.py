@@ -56,7 +56,8 @@ def signed_headers(body: bytes, signed_part: bytes | None = None) -> dict[str, s
     return {"content-type": "application/json", "x-signature": sign(body if signed_part is None else signed_part)}
 
 
-def wait_until(check: Callable[[], object], seconds: float, what: str) -> object:
+def wait_until(check: Callable[[], object], seconds: float, what: str, every: float = 0.05) -> object:
+    """``check()``'s first true value, asked every ``every`` s; fails saying ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
         value = check()
@@ -64,7 +65,7 @@ def wait_until(check: Callable[[], object], seconds: float, what: str) -> object
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {seconds:.0f} s")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 class Redis:

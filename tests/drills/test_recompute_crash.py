@@ -27,6 +27,7 @@ from bench.recompute import load
 from service.config import Settings
 from service.spec.keys import Keys
 from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME
+from tests.drills.stack import wait_until
 from tests.helpers import NOW, recomputed
 from workers import recompute
 
@@ -58,11 +59,8 @@ def pid_of(token: bytes | None) -> int | None:
 
 
 def until(check: Callable[[], object], seconds: float, what: str) -> object:
-    deadline = time.monotonic() + seconds
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
-        time.sleep(0.002)
-    return value
+    """Asked every 2 ms: the drill kills a process at a moment that may last only a little longer."""
+    return wait_until(check, seconds, what, every=0.002)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from service.spec.keys import Keys
 from service.state.connect import state_client
 from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME
 from service.state.refresh import RefreshWatchdog
+from tests.drills.stack import wait_until
 from tests.helpers import NOW, apply, mixed_stream, recomputed
 from workers import jobs, mapreduce, recompute
 
@@ -36,14 +37,6 @@ def burst_worker(redis_env: dict[str, str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("QUEUE_REDIS_URL", "MAVERA_API_KEY", "REDIS_CLUSTER")}
     env.update(redis_env, LOG_LEVEL="WARNING", RECOMPUTE_MODE="jobs")
     return subprocess.Popen([EXE, "worker", "--burst"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def until(check, seconds: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
-        time.sleep(0.01)
-    return value
 
 
 @pytest.fixture
@@ -67,7 +60,7 @@ def test_chunk_jobs_on_another_worker_give_the_local_result(r: redis.Redis, redi
     load(r, K, 30_000, NOW)
     job = queue.enqueue(FULL_RECOMPUTE_JOB, "default", job_timeout=600)
     owner = burst_worker(redis_env)
-    until(lambda: r.hget(K.recompute_run, "state") == b"mapping", 60, "the run was planned")
+    wait_until(lambda: r.hget(K.recompute_run, "state") == b"mapping", 60, "the run was planned")
     helper = burst_worker(redis_env)
     assert owner.wait(120) == 0 and helper.wait(120) == 0
     [report] = job.return_value()
@@ -133,7 +126,7 @@ def test_a_run_whose_owner_died_is_finished_by_the_refresh_the_watchdog_queues(
     owner.join()
     watchdog = RefreshWatchdog(r, queue, debounce=0.05)
     assert watchdog.check() == []  # the dead owner's lock has not lapsed yet
-    until(watchdog.check, recompute.LOCK_TTL + 5, "the watchdog queued a refresh")
+    wait_until(watchdog.check, recompute.LOCK_TTL + 5, "the watchdog queued a refresh")
     [job] = queue.get_jobs()
     report = jobs.refresh(*job.args)
     assert report["mode"] == "jobs" and report["resumes"] == 1 and report["chunks_here"] == report["chunks"]
