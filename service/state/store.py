@@ -143,7 +143,7 @@ class Applier:
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
         older = ",".join(str(b) for b in range(bucket - DEDUPE_BUCKETS, bucket))
         expiry = (bucket + DEDUPE_BUCKETS + 1) * self.bucket_width  # the current bucket's ids outlive the window
-        args: list = [f"{keys.prefix}\t{bucket}\t{self.bucket_width}\t{DEDUPE_BUCKETS}\t{now_ms}\t{minid}\t"
+        args: list = [f"{keys.prefix}\t{bucket}\t{now_ms}\t{minid}\t"
                       f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}\t"
                       f"{older}\t{expiry}\t({now_ms - retention_ms}\t{now_ms + retention_ms}",
                       self.rules_json]

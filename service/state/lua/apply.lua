@@ -17,14 +17,14 @@
 -- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
 -- one or more events of a space, in order, each on its own (an error in one is reported for it alone):
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
--- ARGV[1]  "prefix \t dedupe bucket \t bucket width s \t lookback buckets \t received ms \t log MINID \t mode \t
---           generation \t index retention ms": mode 'live' (the receiver, imports, dead letters) or 'reapply' (a
---           replay of the event log: applied again whether or not it was seen, and not logged a second time);
---           generation '-' for the space's current one (P..'gen'), else the one a rebuild writes
---           (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event; then, so that the
---           script formats no number, \t the older dedupe buckets to look in (oldest first, comma-separated) \t
---           the current bucket's expiry (epoch s) \t the index's trim bound ('(' received - retention, ms) \t
---           its expiry (received + retention, ms)
+-- ARGV[1]  "prefix \t dedupe bucket \t received ms \t log MINID \t mode \t generation \t index retention ms \t
+--           older dedupe buckets \t dedupe expiry \t index trim bound \t index expiry": mode 'live' (the receiver,
+--           imports, dead letters) or 'reapply' (a replay of the event log: applied again whether or not it was
+--           seen, and not logged a second time); generation '-' for the space's current one (P..'gen'), else the
+--           one a rebuild writes (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event;
+--           then, so that the script formats no number: the older dedupe buckets to look in (oldest first,
+--           comma-separated), the current bucket's expiry (epoch s), the index's trim bound ('(' received -
+--           retention, ms) and its expiry (received + retention, ms)
 -- ARGV[2]  rules JSON
 -- then five per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and in 'reapply' the
 --           log entry the event is ('-': none), so that the profile's event index points at it
@@ -61,10 +61,10 @@
 -- times stay the text they arrived as, and the dirty marks and the log's trim are once per call.
 local h = {}
 for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
-local P, bucket, now, minid = h[1], h[2], h[5], h[6]
-local reapply = h[7] == 'reapply'
-local G = h[8]
-local keep_ms = tonumber(h[9])
+local P, bucket, now, minid = h[1], h[2], h[3], h[4]
+local reapply = h[5] == 'reapply'
+local G = h[6]
+local keep_ms = tonumber(h[7])
 local rebuilding = not (G == nil or G == '-')   -- a rebuild's new generation: no dirty marks until it is current
 if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
 local NULL = cjson.null
@@ -84,9 +84,9 @@ local PROFILE, IDENT = G .. 'p:', G .. 'i:'
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
 local older_dd = {}
-for b in string.gmatch(h[10], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' .. b .. ':' end
+for b in string.gmatch(h[8], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' .. b .. ':' end
 local current_dd = P .. 'dd:' .. bucket .. ':'
-local dd_expiry, index_from, index_expiry = h[11], h[12], h[13]
+local dd_expiry, index_from, index_expiry = h[9], h[10], h[11]
 local DELETED = P .. 'deleted'
 local any_deleted = redis.call('EXISTS', DELETED) == 1
 local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
