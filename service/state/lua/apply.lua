@@ -79,7 +79,6 @@ local function fmt(n) return string.format('%.0f', n) end
 local NO_TRAITS = {}
 local function pkey(pid) return G .. 'p:' .. pid end
 local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
-local PROFILE, IDENT = G .. 'p:', G .. 'i:'
 
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
@@ -388,7 +387,7 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
 
   local owner, distinct, ndistinct, unmapped = {}, {}, 0, 0
   for i, id in ipairs(ids) do
-    local o = redis.call('GET', IDENT .. id[1] .. ':' .. id[2])
+    local o = redis.call('GET', ikey(id[1], id[2]))
     if o == TOMBSTONE then
       if id[1] == 'user_id' and id[2] == uid and not deleted_at then
         return {'suppressed', ''}   -- deleted by an older version, which kept no time: suppressed for ever, as then
@@ -424,7 +423,7 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     pid = mlist[1]
     for i = 2, #mlist do if num(mlist[i]) < num(pid) then pid = mlist[i] end end
   end
-  local S = PROFILE .. pid
+  local S = pkey(pid)
 
   local merged = 0
   for _, o in ipairs(mlist) do
@@ -456,7 +455,7 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     if not active or active[i] then
       local field = xfields[i]
       if not owner[i] then
-        redis.call('SET', IDENT .. id[1] .. ':' .. id[2], pid)
+        redis.call('SET', ikey(id[1], id[2]), pid)
         w[#w + 1] = field; w[#w + 1] = first
         if not counts_of[pid] then load(pid, counts_of, merges_of) end
         counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
