@@ -4,10 +4,12 @@ Every key of a space shares one hash slot, so a space moves as one slot. Redis's
 (``redis-cli --cluster reshard``) migrates a slot's keys a few at a time, and the apply script reads keys it
 cannot declare in advance (the profile an identifier points to): between two batches it would run on the node
 that holds its declared keys and find the others gone, and build a second profile or miss a merge. So the keys
-move in one script on the source primary (``CLUSTER GETKEYSINSLOT`` then ``MIGRATE ... KEYS``, in batches inside
-that one call): scripts run wholly before it or wholly after it. After it the source answers ASK for the slot,
-the clients retry on the target (redis-py follows ASK, then MOVED once the slot is assigned), and nothing is lost
-or applied twice. https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#live-resharding
+move in one script on the source primary (``CLUSTER SETSLOT ... MIGRATING``, then ``CLUSTER GETKEYSINSLOT`` and
+``MIGRATE ... KEYS`` in batches, inside that one call): scripts run wholly before it, on a slot not yet migrating,
+or wholly after it. (On a migrating slot that still holds its keys, a script is refused every key it has not
+created yet, as "non local"; the receiver answers that 503, for Segment to retry.) After it the source answers
+ASK for the slot, the clients retry on the target (redis-py follows ASK, then MOVED once the slot is assigned),
+and nothing is lost or applied twice. https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#live-resharding
 
 The source serves nothing else while the keys move: a space's move stalls every space on that primary for its
 duration (measured: BENCHMARKS.md, "Moving a space"). Past ``lua-time-limit`` (5 s by default) the node answers
@@ -25,9 +27,11 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from service.spec.keys import Keys
 
-# Moves every key of the slot (ARGV[1]) to host ARGV[2]:ARGV[3], ARGV[4] keys per MIGRATE, each with an I/O
-# timeout of ARGV[5] ms; returns how many moved. Run on the source primary, with no keys (it routes nothing).
+# Marks the slot (ARGV[1]) migrating to the node ARGV[6] and moves every key of it to host ARGV[2]:ARGV[3], ARGV[4]
+# keys per MIGRATE, each with an I/O timeout of ARGV[5] ms; returns how many moved. Run on the source primary, with
+# no keys (it routes nothing).
 MOVE_SLOT = """
+redis.call('CLUSTER', 'SETSLOT', ARGV[1], 'MIGRATING', ARGV[6])
 local moved = 0
 while true do
   local keys = redis.call('CLUSTER', 'GETKEYSINSLOT', ARGV[1], ARGV[4])
@@ -75,10 +79,10 @@ def move_space(client: redis.Redis, space: str, target: str, io_timeout_ms: int 
         return Moved(space, slot, source.name, dest.name, 0, 0.0)
     src, dst = _node_client(source), _node_client(dest)
     source_id, dest_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
-    # the order Redis documents: importing on the target first, so that no ASK lands on a node not expecting it
+    # the order Redis documents: importing on the target first, so that no ASK lands on a node not expecting it;
+    # then migrating and the keys' move in one script
     dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
-    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dest_id)
-    moved = int(src.eval(MOVE_SLOT, 0, slot, dest.host, dest.port, BATCH, io_timeout_ms))
+    moved = int(src.eval(MOVE_SLOT, 0, slot, dest.host, dest.port, BATCH, io_timeout_ms, dest_id))
     for node in [dest, source, *(n for n in primaries if n.name not in (dest.name, source.name))]:
         _node_client(node).execute_command("CLUSTER SETSLOT", slot, "NODE", dest_id)
     cluster.nodes_manager.initialize()  # this client's own routing; the others follow the MOVED replies

@@ -192,14 +192,17 @@ def _refused_for_now(reply: object) -> bool:
     """Redis refuses the call for a while, not the events: maxmemory reached under noeviction (until memory is
     freed); BUSY, another script running past ``lua-time-limit`` (``persona-sync move-space`` of a large space);
     READONLY, a primary demoted to a replica under its clients by a failover; NOREPLICAS, min-replicas-to-write
-    not met. Answer 503 so that Segment retries, rather than keeping good events as dead letters. apply.lua
-    re-raises these when a script meets them, so that they refuse the whole call."""
+    not met; "non local key", a Cluster slot being migrated (``persona-sync move-space``, ``redis-cli --cluster
+    reshard``) holding only some of the keys a script needs. Answer 503 so that Segment retries, rather than keeping
+    good events as dead letters. apply.lua re-raises these when a script meets them, so that they refuse the whole
+    call."""
     text = str(reply)
     return isinstance(reply, redis.exceptions.OutOfMemoryError) or (
         isinstance(reply, redis.ResponseError) and (text.startswith("BUSY ") or any(m in text for m in _REFUSALS)))
 
 
-_REFUSALS = ("OOM command not allowed", "READONLY You can't write", "NOREPLICAS Not enough good replicas")
+_REFUSALS = ("OOM command not allowed", "READONLY You can't write", "NOREPLICAS Not enough good replicas",
+             "non local key in a cluster node")
 
 
 Call = tuple[list[str], list]  # (keys, args) of one EVALSHA of the apply script

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 from redis.crc import key_slot
 
@@ -20,6 +21,7 @@ from service.http.app import create_app
 from service.spec.keys import Keys
 from service.state.connect import connect
 from service.state.reshard import owner
+from service.state.store import Applier
 from tests.conftest import LiveServer
 from tests.helpers import profiles
 
@@ -125,6 +127,58 @@ def test_three_spaces_on_three_shards_ingest_concurrently(redis_cluster: LocalCl
         counts = [redis_cluster.node(n).execute_command("CLUSTER COUNTKEYSINSLOT", slot)
                   for n in range(len(redis_cluster.ports))]
         assert sorted(counts)[:2] == [0, 0] and max(counts) > 0, (space, counts)
+
+
+def _half_migrated(client: redis.Redis, space: str) -> tuple[redis.Redis, redis.Redis, int]:
+    """Mark ``space``'s slot migrating from its primary to another, moving no key: the state a slot is in while
+    ``redis-cli --cluster reshard`` moves its keys a few at a time. Returns (source, target, slot)."""
+    anchor = Keys(space).log
+    slot = key_slot(anchor.encode())
+    source = client.get_node_from_key(anchor)  # type: ignore[attr-defined]
+    target = next(n for n in client.get_primaries() if n.name != source.name)  # type: ignore[attr-defined]
+    src, dst = source.redis_connection, target.redis_connection
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER MYID"))
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst.execute_command("CLUSTER MYID"))
+    return src, dst, slot
+
+
+@pytest.mark.parametrize("known_space", [False, True], ids=["call-refused", "event-refused-after-its-dedupe-record"])
+def test_events_meeting_a_half_migrated_slot_are_refused_for_a_retry_not_kept_as_dead_letters(
+        redis_cluster: LocalCluster, known_space: bool) -> None:
+    """Keys an event needs but the source no longer (or not yet) holds are refused by Redis as "non local": the
+    request is answered 503, no event goes to the dead letters, and once the slot is stable the retry applies every
+    event (none is taken for a duplicate of itself)."""
+    redis_cluster.flush()
+    client = connect(redis_cluster.url, cluster=True)
+    space = "halfway"
+    keys = Keys(space)
+    settings = Settings(redis_cluster=True, dedupe_shards=1)
+    with LiveServer(create_app(settings, redis_cluster.url, "")) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as http:
+        # one invalid event: the space has a dead letter already, so that keeping more would succeed
+        first = http.post(f"/segment/{space}", json=[*events(space, 0, 20, 20), {"type": "identify"}])
+        assert first.status_code == 200 and first.json()["rejected"] == 1, first.text
+        if known_space:  # the keys read once per call exist, so the script gets to the events themselves
+            client.set(keys.generation_key, "")
+            client.hset(f"{keys.prefix}deleted", "someone-else", "1")
+            bucket = int(time.time()) // Applier(settings).bucket_width
+            for b in range(bucket - 3, bucket + 3):  # every dedupe bucket the call may read: the record is written
+                client.hset(f"{keys.prefix}dd:{b}:0", "other", "1")
+        src, dst, slot = _half_migrated(client, space)
+        try:
+            later = events(space, 20, 20, 40)  # 20 new users: their identifier keys do not exist yet
+            refused = http.post(f"/segment/{space}", json=later)
+            assert refused.status_code == 503, refused.text
+            assert client.xlen(keys.log) == 20
+            assert client.xlen(keys.dead_letters) == 1
+        finally:
+            for node in (src, dst):
+                node.execute_command("CLUSTER SETSLOT", slot, "STABLE")
+        retried = http.post(f"/segment/{space}", json=later)
+        assert retried.status_code == 200 and retried.json()["accepted"] == 20, retried.text
+    assert client.xlen(keys.log) == 40
+    assert client.xlen(keys.dead_letters) == 1
+    assert len(profiles(client, space)) == 40
 
 
 def test_a_space_moves_to_another_primary_while_its_events_flow(tmp_path: Path) -> None:

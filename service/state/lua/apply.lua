@@ -523,10 +523,13 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
 end
 
 -- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of memory, a
--- primary demoted to a replica under its clients (a failover), min-replicas-to-write not met
+-- primary demoted to a replica under its clients (a failover), min-replicas-to-write not met, and a Cluster slot
+-- being migrated (a key the event needs is missing here while the slot is MIGRATING or IMPORTING: Redis refuses
+-- it as "non local", and the event applies once the move is over)
 local function refused(msg)
   return string.find(msg, 'OOM command not allowed', 1, true) or string.find(msg, "READONLY You can't write", 1, true)
       or string.find(msg, 'NOREPLICAS Not enough good replicas', 1, true)
+      or string.find(msg, 'non local key in a cluster node', 1, true)
 end
 
 local function finish()   -- the dirty marks, once per call
@@ -539,12 +542,12 @@ for i = 3, #ARGV, 5 do
   local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
   if not ok then
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
+    -- not applied as a whole: forget it was seen, so that its retry or replay (a dead letter) applies it
+    if seen_key then pcall(redis.call, 'HDEL', seen_key, ARGV[i + 1]) end
     if refused(msg) then
       pcall(finish)
       error(res)
     end
-    -- not applied as a whole: forget it was seen, so that its replay (a dead letter) applies it
-    if seen_key then pcall(redis.call, 'HDEL', seen_key, ARGV[i + 1]) end
     res = {'error', msg}
   end
   out[#out + 1] = res
