@@ -58,8 +58,12 @@ class InvalidEvent(ValueError):
     """The event can never be applied; the message is the dead-letter reason."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
+    """One event as the store applies it. Not frozen, though nothing changes one after ``normalise``: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``, 2 µs more per event on the intake path
+    (3.8 against 1.5 µs on the benchmark machine)."""
+
     type: str
     message_id: str
     ts: int  # when the event takes effect, epoch ms: its time, never later than its receipt (``effective_time``)

@@ -58,6 +58,8 @@ class IdentityRules:
             if kind == "email":
                 v = v.lower()
             seen.add((kind, v))
+        if len(seen) < 2:  # most events carry one identifier: nothing to order
+            return tuple(seen)
         return tuple(sorted(seen, key=self.sort_key))
 
     def script_rules(self) -> bytes:

@@ -10,6 +10,7 @@ import redis
 from service.config import Settings
 from service.spec.keys import Keys
 from service.state.ops import forget, purge_forgotten
+from service.state.store import state_keys
 from tests.helpers import apply, find, mixed_stream, profiles, snapshot
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
@@ -302,3 +303,32 @@ def test_plain_and_json_event_forms_give_the_same_state(r: redis.Redis, monkeypa
     monkeypatch.setattr(Event, "_plain", lambda self: False)
     apply(r, events)
     assert snapshot(r) == mixed
+
+
+def test_the_events_index_keeps_each_entry_its_retention_and_is_trimmed_once_per_slack(r: redis.Redis) -> None:
+    """A profile's /events index is trimmed, and its expiry moved, when an event finds the profile's last trim
+    older than an eighth of the retention; events in between only add to it (two commands fewer each), and the
+    expiry set at the last trim still covers the retention of every entry added since."""
+    from service.spec.events import iso_ms
+
+    hour = 3_600_000
+    settings = Settings(event_log_retention=8 * 3600)  # a slack of one hour
+    t0 = int(time.time() * 1000)
+
+    def at(n: int, received: int, happened: int) -> None:
+        event = {"type": "track", "event": "Page Viewed", "userId": "ix", "messageId": f"ix-{n}",
+                 "timestamp": iso_ms(happened)}
+        assert apply(r, [event], settings, now=received)[0].status == "ok"
+
+    def expiry(index: str) -> int:  # PEXPIRETIME needs Redis 7
+        return int(time.time() * 1000) + int(r.pttl(index))
+
+    at(0, t0, t0)
+    index = state_keys(r, "default").events_index(find(r, "user_id", "ix").id)
+    assert r.zcard(index) == 1 and abs(expiry(index) - (t0 + 9 * hour)) < 2_000
+    at(1, t0 + hour // 2, t0 - 9 * hour)  # within the slack: added, but no trim (this entry is already stale)
+    at(2, t0 + hour // 2, t0 + hour // 2)
+    assert r.zcard(index) == 3 and abs(expiry(index) - (t0 + 9 * hour)) < 2_000  # nor was the expiry moved
+    assert expiry(index) >= t0 + hour // 2 + 8 * hour  # and yet the newest entry is kept its retention
+    at(3, t0 + hour + 1, t0 + hour + 1)  # past the slack: trimmed (the stale entry goes) and the expiry moved
+    assert r.zcard(index) == 3 and abs(expiry(index) - (t0 + hour + 1 + 9 * hour)) < 2_000
