@@ -19,7 +19,7 @@ import redis
 
 from service.config import Settings
 from service.devstack.redis_server import EmbeddedRedis
-from service.spec.events import normalise
+from service.spec.events import iso_ms, normalise
 from service.spec.identity import IdentityRules
 from service.state import store
 from service.state.store import SyncStore
@@ -32,8 +32,9 @@ def events(start: int, n: int, now: int, rules: IdentityRules) -> list:
     """``n`` track calls as bench/batch.lua writes them, numbered from ``start``; (Event, raw) pairs."""
     out = []
     for c in range(start, start + n):
+        at = now - 2_000 - (c % 60) * 1_000  # live data: a few seconds old (see bench/report.lua's event_times)
         raw = {"type": "track", "event": "Page Viewed", "userId": f"u{c % USERS}", "messageId": f"m-{c}",
-               "timestamp": f"2026-03-01T00:{c % 60:02d}:00Z", "receivedAt": f"2026-03-01T00:{c % 60:02d}:01.250Z",
+               "timestamp": iso_ms(at), "receivedAt": iso_ms(at + 1_250),
                "properties": {"path": "/p"}, "context": {"library": {"name": "analytics.js"}}}
         out.append((normalise(raw, now, rules), orjson.dumps(raw)))
     return out

@@ -14,14 +14,16 @@ end
 
 request = function()
   local parts = {}
+  local times = {}
+  for s = 0, 59 do times[s] = {event_times(s)} end
   for i = 1, size do
     counter = counter + 1
     local user = counter % 50000
     -- with receivedAt, as Segment's deliveries carry it (without one, the receiver writes its own into the log)
     parts[i] = string.format('{"type":"track","event":"Page Viewed","userId":"u%d","messageId":"%s-%d",' ..
-      '"timestamp":"2026-03-01T00:%02d:00Z","receivedAt":"2026-03-01T00:%02d:01.250Z","properties":{"path":"/p"},' ..
+      '"timestamp":"%s","receivedAt":"%s","properties":{"path":"/p"},' ..
       '"context":{"library":{"name":"analytics.js"}}}',
-      user, prefix, counter, counter % 60, counter % 60)
+      user, prefix, counter, times[counter % 60][1], times[counter % 60][2])
   end
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, "[" .. table.concat(parts, ",") .. "]")
 end

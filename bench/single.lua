@@ -22,17 +22,19 @@ request = function()
   counter = counter + 1
   local user = counter % 20000
   local body
+  local at, received = event_times()
   if counter % 5 == 0 then
     body = string.format('{"type":"identify","userId":"u%d","anonymousId":"a%d","messageId":"%s-%d",' ..
-      '"timestamp":"2026-03-01T00:00:00Z","receivedAt":"2026-03-01T00:00:01.250Z",' ..
+      '"timestamp":"%s","receivedAt":"%s",' ..
       '"traits":{"plan":"pro","ltv":%d,"email":"u%d@example.com"},' ..
-      '"context":{"library":{"name":"analytics.js"}}}', user, user, prefix, counter, counter % 900, user)
+      '"context":{"library":{"name":"analytics.js"}}}', user, user, prefix, counter, at, received, counter % 900,
+      user)
   else
     body = string.format('{"type":"track","event":"Order Completed","userId":"u%d","messageId":"%s-%d",' ..
-      '"timestamp":"2026-03-01T00:%02d:00Z","receivedAt":"2026-03-01T00:%02d:01.250Z",' ..
+      '"timestamp":"%s","receivedAt":"%s",' ..
       '"properties":{"order_id":"%s-%d","revenue":%d,' ..
       '"products":[{"category":"books"}]},"context":{"library":{"name":"analytics.js"}}}',
-      user, prefix, counter, counter % 60, counter % 60, prefix, counter, counter % 200)
+      user, prefix, counter, at, received, prefix, counter, counter % 200)
   end
   return wrk.format("POST", "/segment", {["Content-Type"] = "application/json"}, body)
 end

@@ -28,10 +28,6 @@ from service.spec.keys import REFUSALS_KEY, SPACES_KEY, Keys
 SCRIPT = resources.files("service.state").joinpath("lua/apply.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 Pipe = TypeVar("Pipe", redis.client.Pipeline, aredis.client.Pipeline)
-# A profile's /events index is trimmed, and its expiry moved, when an event finds its last trim older than
-# 1/INDEX_SLACK of the retention: two commands of the ~11 an event costs, saved for every event of a profile active
-# within that time, for entries kept up to that much longer than the retention (see apply.lua's header)
-INDEX_SLACK = 8
 DEDUPE_BUCKETS = 2  # the window is split in 2 buckets: memory at most 1.5 x the window's ids, 3 lookups an event
 DLQ_RAW_LIMIT = 1024 * 1024
 
@@ -144,14 +140,12 @@ class Applier:
         bucket = now_ms // 1000 // self.bucket_width
         # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
         retention_ms = int(self.settings.event_log_retention * 1000)
-        slack_ms = retention_ms // INDEX_SLACK
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
         older = ",".join(str(b) for b in range(bucket - DEDUPE_BUCKETS, bucket))
         expiry = (bucket + DEDUPE_BUCKETS + 1) * self.bucket_width  # the current bucket's ids outlive the window
         args: list = [f"{keys.prefix}\t{bucket}\t{now_ms}\t{minid}\t"
                       f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}\t"
-                      f"{older}\t{expiry}\t({now_ms - retention_ms}\t{now_ms + retention_ms + slack_ms}\t"
-                      f"{now_ms - slack_ms}",
+                      f"{older}\t{expiry}\t({now_ms - retention_ms}\t{now_ms + retention_ms}",
                       self.rules_json]
         shards = self.settings.dedupe_shards
         for event, raw, logged_as in events:

@@ -6,6 +6,7 @@ import random
 import time
 
 import redis
+from redis.cluster import RedisCluster
 
 from service.config import Settings
 from service.spec.keys import Keys
@@ -305,14 +306,13 @@ def test_plain_and_json_event_forms_give_the_same_state(r: redis.Redis, monkeypa
     assert snapshot(r) == mixed
 
 
-def test_the_events_index_keeps_each_entry_its_retention_and_is_trimmed_once_per_slack(r: redis.Redis) -> None:
-    """A profile's /events index is trimmed, and its expiry moved, when an event finds the profile's last trim
-    older than an eighth of the retention; events in between only add to it (two commands fewer each), and the
-    expiry set at the last trim still covers the retention of every entry added since."""
+def test_the_events_index_holds_the_events_of_its_retention_and_no_backfill_older_than_that(r: redis.Redis) -> None:
+    """A profile's /events index keeps the events of the log's retention, trimmed and its expiry moved with each
+    event; an event already older than the retention when it arrives (a backfill) is not indexed at all."""
     from service.spec.events import iso_ms
 
     hour = 3_600_000
-    settings = Settings(event_log_retention=8 * 3600)  # a slack of one hour
+    settings = Settings(event_log_retention=8 * 3600)
     t0 = int(time.time() * 1000)
 
     def at(n: int, received: int, happened: int) -> None:
@@ -323,12 +323,15 @@ def test_the_events_index_keeps_each_entry_its_retention_and_is_trimmed_once_per
     def expiry(index: str) -> int:  # PEXPIRETIME needs Redis 7
         return int(time.time() * 1000) + int(r.pttl(index))
 
-    at(0, t0, t0)
+    def zadds(index: str) -> int:  # on a Cluster, of the node holding the space
+        node = {"target_nodes": r.get_node_from_key(index)} if isinstance(r, RedisCluster) else {}
+        return int(r.info("commandstats", **node).get("cmdstat_zadd", {}).get("calls", 0))
+
+    at(0, t0, t0 - 7 * hour - 45 * 60_000)  # within the retention: indexed
     index = state_keys(r, "default").events_index(find(r, "user_id", "ix").id)
-    assert r.zcard(index) == 1 and abs(expiry(index) - (t0 + 9 * hour)) < 2_000
-    at(1, t0 + hour // 2, t0 - 9 * hour)  # within the slack: added, but no trim (this entry is already stale)
-    at(2, t0 + hour // 2, t0 + hour // 2)
-    assert r.zcard(index) == 3 and abs(expiry(index) - (t0 + 9 * hour)) < 2_000  # nor was the expiry moved
-    assert expiry(index) >= t0 + hour // 2 + 8 * hour  # and yet the newest entry is kept its retention
-    at(3, t0 + hour + 1, t0 + hour + 1)  # past the slack: trimmed (the stale entry goes) and the expiry moved
-    assert r.zcard(index) == 3 and abs(expiry(index) - (t0 + hour + 1 + 9 * hour)) < 2_000
+    assert r.zcard(index) == 1 and abs(expiry(index) - (t0 + 8 * hour)) < 2_000
+    before = zadds(index)
+    at(1, t0, t0 - 9 * hour)  # older than the retention: not indexed (not even added, then trimmed)
+    assert r.zcard(index) == 1 and zadds(index) == before
+    at(2, t0 + hour // 2, t0 + hour // 2)  # the first entry is past its retention now: trimmed; the expiry moves
+    assert r.zcard(index) == 1 and abs(expiry(index) - (t0 + hour // 2 + 8 * hour)) < 2_000

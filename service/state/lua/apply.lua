@@ -8,11 +8,11 @@
 -- roll a script back: should an event still fail half-way, its dedupe record is taken back, the receiver keeps it
 -- as a dead letter, and its replay converges because every effect is idempotent.)
 --
--- The common case (every identifier already known, on one profile) costs ~9 commands: the dedupe lookups in two
+-- The common case (every identifier already known, on one profile) costs ~11 commands: the dedupe lookups in two
 -- older buckets and an HSETNX (and HLEN) in the current one, a GET per identifier, one HMGET and one HSET of the
--- profile hash, the XADD, and the /events index's ZADD (its trim and expiry only when the profile's last ones are
--- older than the index slack); the dirty marks (one SADD) and the log's trim (by the first XADD) are once per call. Limits are only consulted when an event brings a new identifier or
--- spans several profiles.
+-- profile hash, the XADD, and the /events index's ZADD, trim and expiry (none for an event older than the index
+-- keeps); the dirty marks (one SADD) and the log's trim (by the first XADD) are once per call. Limits are only
+-- consulted when an event brings a new identifier or spans several profiles.
 --
 -- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
 -- one or more events of a space, in order, each on its own (an error in one is reported for it alone):
@@ -24,10 +24,8 @@
 --           one a rebuild writes (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event;
 --           then, so that the script formats no number: the older dedupe buckets to look in (oldest first,
 --           comma-separated), the current bucket's expiry (epoch s), the index's trim bound ('(' received -
---           retention, ms), its expiry (received + retention + slack, ms) and the time before which the profile's
---           last trim is stale (received - slack, ms): an index is trimmed and its expiry moved when an event finds
---           its last trim (the profile's 'm:it') stale, so that an entry outlives its retention by at most the slack
---           and every entry is kept for its retention (the expiry set at the last trim covers the slack after it)
+--           retention, ms) and its expiry (received + retention, ms); an event older than the trim bound (a
+--           backfill) is not indexed at all
 -- ARGV[2]  rules JSON
 -- then five per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and in 'reapply' the
 --           log entry the event is ('-': none), so that the profile's event index points at it
@@ -88,7 +86,8 @@ local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
 local older_dd = {}
 for b in string.gmatch(h[8], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' .. b .. ':' end
 local current_dd = P .. 'dd:' .. bucket .. ':'
-local dd_expiry, index_from, index_expiry, index_stale = h[9], h[10], h[11], tonumber(h[12])
+local dd_expiry, index_from, index_expiry = h[9], h[10], h[11]
+local index_oldest = tonumber(string.sub(index_from, 2))   -- an event older than this is never indexed
 local DELETED = P .. 'deleted'
 local any_deleted = redis.call('EXISTS', DELETED) == 1
 local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
@@ -448,8 +447,6 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     xfields[i] = 'x:' .. id[1] .. ':' .. id[2]
     if (not active or active[i]) and owner[i] then fields[#fields + 1] = xfields[i] end
   end
-  local indexed = keep_ms and (not reapply or (logged_as and logged_as ~= '-'))   -- see 6.
-  if indexed then fields[#fields + 1] = 'm:it' end
   local cur = read(S, fields)
   local w = {'m:ua', now}
   if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
@@ -503,8 +500,6 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
   end
   meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid)
-  local index_due = indexed and (not cur['m:it'] or tonumber(cur['m:it']) < index_stale)
-  if index_due then w[#w + 1] = 'm:it'; w[#w + 1] = now end
   redis.call('HSET', S, unpack(w))
 
   -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
@@ -519,13 +514,13 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
   elseif logged_as and logged_as ~= '-' then
     entry = logged_as
   end
-  if entry and indexed then   -- the Profile API's /events reads this index, then the entries it names
+  -- the Profile API's /events reads this index, then the entries it names; an event the trim would drop at once
+  -- (older than the retention: a backfill) is not indexed
+  if entry and keep_ms and ts >= index_oldest then
     local ek = G .. 'ev:' .. pid
     redis.call('ZADD', ek, ts_text, string.sub(ev.t, 1, 1) .. entry)
-    if index_due then   -- trimmed and its expiry moved at most once per slack (see the header)
-      redis.call('ZREMRANGEBYSCORE', ek, '-inf', index_from)
-      redis.call('PEXPIREAT', ek, index_expiry)
-    end
+    redis.call('ZREMRANGEBYSCORE', ek, '-inf', index_from)
+    redis.call('PEXPIREAT', ek, index_expiry)
   end
   if not rebuilding then dirty[#dirty + 1] = pid end
   return {'ok', pid, created, merged}
