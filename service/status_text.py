@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from service.spec.rates import OUTCOMES
-from service.state.problems import ago, size, when
+from service.state.problems import ago, replicas, size, when
 
 
 def _run(run: dict | None, now_ms: int) -> str:
@@ -100,6 +100,7 @@ def _deployment(report: dict) -> Table:
         ("queue", queue),
         ("Mavera", pause),
         ("Redis", f"{size(memory['used_bytes'])} used{limit}, maxmemory-policy {memory['policy']}"),
+        ("replicas", replicas(memory.get("replication"))),
         ("refusals", f"{refusals['logged']:,} logged; {refusals['last_hour']:,} in the last hour"),
     ])
 

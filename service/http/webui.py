@@ -26,6 +26,7 @@ from service.http.intake import read_body
 from service.http.session import COOKIE, Session, csrf_ok, csrf_token, session_key, verify
 from service.spec.bodies import BodyError
 from service.spec.keys import SPACES_KEY
+from service.state.problems import replicas
 from service.state.store import REDIS_DOWN
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates" / "co
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 ENV.filters.update(when=when, ago=ago, size=size, as_text=as_text, thousands=lambda n: f"{int(n or 0):,}",
                    money=lambda v: f"{float(v or 0):,.2f}", pct=lambda v: f"{float(v or 0):.1f}")
-ENV.globals.update(href=href, prefix=PREFIX)
+ENV.globals.update(href=href, prefix=PREFIX, replicas=replicas)
 
 
 class PageError(Exception):

@@ -14,6 +14,7 @@ from croniter import croniter
 from service.config import Settings
 
 MEMORY_WARN_PCT = 80.0  # of maxmemory: at 100 % (noeviction) every write fails and intake answers 503
+REPLICA_LAG_WARN_S = 10  # a replica silent this long: a failover now loses what it has not acknowledged
 STALE_MS = 10 * 60_000  # dirty profiles waiting this long with no refresh: nobody is refreshing them
 ERROR_CHARS = 200
 
@@ -40,13 +41,27 @@ def size(n: int) -> str:
     return f"{n} B"
 
 
+def replicas(repl: dict | None) -> str:
+    """STATE's replication in a line: replicas online and how far behind the furthest is."""
+    if not repl:
+        return "unknown"
+    if repl["role"] == "replica":
+        return "REDIS_URL names a replica (read-only)"
+    if not repl["replicas"]:
+        return "none"
+    line = f"{repl['online']} of {repl['replicas']} online"
+    if repl["lag_s"] is not None:
+        line += f", last acknowledged {repl['lag_s']} s ago, {size(repl['behind_bytes'] or 0)} behind"
+    return line
+
+
 def _line(space: str | None, problem: str, next_step: str) -> Problem:
     return {"space": space, "problem": problem, "next": next_step}
 
 
 def problems(rows: list[dict], deploy: dict, queue: dict | None, settings: Settings, now_ms: int) -> list[Problem]:
     """Every problem of the deployment first, then each space's."""
-    out = _deployment(deploy, queue)
+    out = _deployment(deploy, queue) + _replication(deploy["redis"].get("replication"), settings)
     for row in rows:
         out += _space(row, settings, now_ms)
     return out
@@ -86,6 +101,31 @@ def _deployment(deploy: dict, queue: dict | None) -> list[Problem]:
         out.append(_line(None, f"{refused} request(s) refused before authentication in the last hour ({codes})",
                          "see `GET /admin/refusals`; if they are Segment's, add its secret to SEGMENT_SHARED_SECRETS "
                          "or its write key to SEGMENT_WRITE_KEYS"))
+    return out
+
+
+def _replication(repl: dict | None, settings: Settings) -> list[Problem]:
+    """STATE's copies: fewer online than STATE_WAIT_REPLICAS asks for (every request is then answered 503), a
+    replica that stopped acknowledging, or a REDIS_URL that names a replica (every write is refused)."""
+    if not repl:
+        return []
+    out: list[Problem] = []
+    if repl["role"] == "replica":
+        out.append(_line(None, "REDIS_URL names a replica: every write is refused (READONLY) and intake answers 503",
+                         "point REDIS_URL at the primary, or at the sentinels (redis+sentinel://...) to follow "
+                         "failovers"))
+        return out
+    wanted = settings.state_wait_replicas
+    if wanted and repl["online"] < wanted:
+        out.append(_line(None, f"STATE_WAIT_REPLICAS is {wanted} but the STATE primary has {repl['online']} replica(s) "
+                               "online: every request is answered 503 (its events are applied, not acknowledged)",
+                         "start or repair the replica (`INFO replication` on the primary lists them), or lower "
+                         "STATE_WAIT_REPLICAS"))
+    if repl["lag_s"] is not None and repl["lag_s"] >= REPLICA_LAG_WARN_S:
+        behind = f", {size(repl['behind_bytes'])} behind" if repl["behind_bytes"] else ""
+        out.append(_line(None, f"a STATE replica last acknowledged {repl['lag_s']} s ago{behind}: a failover now "
+                               "would lose what it has not received",
+                         "check the replica's host and its link to the primary (`INFO replication` on both)"))
     return out
 
 

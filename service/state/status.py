@@ -118,23 +118,52 @@ def fullest(memory: dict[str, Any]) -> dict[str, Any]:
                                      int(m.get("used_memory", 0))))
 
 
-def memory_info(client: redis.Redis) -> dict[str, Any]:
+def replication(info: dict[str, Any]) -> dict[str, Any]:
+    """What ``INFO replication`` of a STATE server says about its copies: its role, replicas connected and
+    online, and how far the furthest behind one is (seconds since its last acknowledgement, and bytes). On a
+    Cluster (one reply per primary), the primary with the fewest replicas online, then the furthest behind."""
+    if info and "role" not in info:
+        nodes = [replication(m) for m in info.values() if isinstance(m, dict)]
+        return min(nodes, key=lambda r: (r["online"], -(r["behind_bytes"] or 0))) if nodes else replication({})
+    offset = int(info.get("master_repl_offset", 0))
+    copies = [v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit() and isinstance(v, dict)]
+    online = [c for c in copies if c.get("state") == "online"]
+    return {
+        "role": "primary" if info.get("role", "master") == "master" else "replica",
+        "replicas": len(copies),
+        "online": len(online),
+        "lag_s": max((int(c.get("lag", 0)) for c in online), default=None),
+        "behind_bytes": max((max(0, offset - int(c.get("offset", 0))) for c in online), default=None),
+    }
+
+
+def server_info(client: redis.Redis) -> dict[str, Any]:
+    """INFO memory and replication of STATE: one round trip (of each primary, on a Cluster)."""
     if is_cluster(client):
-        return fullest(cast(Any, client).info("memory", target_nodes="primaries"))
-    return client.info("memory")
+        cluster = cast(Any, client)
+        return {"memory": fullest(cluster.info("memory", target_nodes="primaries")),
+                "replication": replication(cluster.info("replication", target_nodes="primaries"))}
+    with client.pipeline(transaction=False) as pipe:
+        memory, repl = pipe.info("memory").info("replication").execute()
+    return {"memory": memory, "replication": replication(repl)}
 
 
-async def memory_info_async(client: aredis.Redis) -> dict[str, Any]:
+async def server_info_async(client: aredis.Redis) -> dict[str, Any]:
     if is_cluster(client):
-        return fullest(await cast(Any, client).info("memory", target_nodes="primaries"))
-    return await client.info("memory")
+        cluster = cast(Any, client)
+        return {"memory": fullest(await cluster.info("memory", target_nodes="primaries")),
+                "replication": replication(await cluster.info("replication", target_nodes="primaries"))}
+    async with client.pipeline(transaction=False) as pipe:
+        memory, repl = await pipe.info("memory").info("replication").execute()
+    return {"memory": memory, "replication": replication(repl)}
 
 
-def deployment(replies: list, memory: dict[str, Any], now_ms: int) -> dict[str, Any]:
+def deployment(replies: list, server: dict[str, Any], now_ms: int) -> dict[str, Any]:
     paused, refusals = replies[:2]
     counts = buckets(replies[2:2 + BUCKET_READS], now_ms)
     by_status = sorted({f for c in counts.values() for f in c})
     refused = window(counts, now_ms, HOUR_MINUTES, tuple(by_status))
+    memory = server["memory"]
     used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
     why = _json(paused) or {}  # {"reason", "at_ms"}, set by a sync that met a 402 (``ops.pause``)
     return {
@@ -143,7 +172,8 @@ def deployment(replies: list, memory: dict[str, Any], now_ms: int) -> dict[str, 
                      "last_hour": round(sum(refused.values())),
                      "last_hour_by_status": {k: round(v) for k, v in refused.items()}},
         "redis": {"used_bytes": used, "max_bytes": limit or None, "policy": memory.get("maxmemory_policy"),
-                  "used_pct": round(100 * used / limit, 1) if limit else None},
+                  "used_pct": round(100 * used / limit, 1) if limit else None,
+                  "replication": server["replication"]},
     }
 
 
@@ -200,7 +230,7 @@ def collect(client: redis.Redis, queue_conn: redis.Redis | None, settings: Setti
         queue_space(pipe, keys, now_ms)
     queue_deployment(pipe, now_ms)
     replies = pipe.execute()
-    return _report(chosen, replies, memory_info(client), queue_report(queue_conn), settings, now_ms)
+    return _report(chosen, replies, server_info(client), queue_report(queue_conn), settings, now_ms)
 
 
 async def collect_async(client: aredis.Redis, queue_conn: redis.Redis | None, settings: Settings,
@@ -215,12 +245,12 @@ async def collect_async(client: aredis.Redis, queue_conn: redis.Redis | None, se
         queue_space(pipe, keys, now_ms)
     queue_deployment(pipe, now_ms)
     replies = await pipe.execute()
-    return _report(chosen, replies, await memory_info_async(client), await asyncio.to_thread(queue_report, queue_conn),
-                   settings, now_ms)
+    return _report(chosen, replies, await server_info_async(client),
+                   await asyncio.to_thread(queue_report, queue_conn), settings, now_ms)
 
 
-def _report(chosen: list[str], replies: list, memory: dict[str, Any], queue: dict | None, settings: Settings,
+def _report(chosen: list[str], replies: list, server: dict[str, Any], queue: dict | None, settings: Settings,
             now_ms: int) -> dict[str, Any]:
     per = SPACE_READS + BUCKET_READS
     rows = [space_row(space, replies[i * per:(i + 1) * per], now_ms) for i, space in enumerate(chosen)]
-    return report(rows, deployment(replies[len(chosen) * per:], memory, now_ms), queue, settings, now_ms)
+    return report(rows, deployment(replies[len(chosen) * per:], server, now_ms), queue, settings, now_ms)

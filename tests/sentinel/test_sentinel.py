@@ -155,6 +155,25 @@ def test_too_few_replicas_answer_503_and_the_retry_is_a_duplicate(group: Sentine
     primary.close()
 
 
+def test_status_shows_the_replica_and_says_when_fewer_are_online_than_wait_replicas(group: SentinelGroup) -> None:
+    """``GET /admin/status`` and ``persona-sync status`` read the primary's replicas: the one replica online and in
+    step, and, with STATE_WAIT_REPLICAS above that, the problem that every request is answered 503."""
+    admin = {"Authorization": "Bearer admin"}
+    with receiver(group.url) as client:
+        assert post(client, identify(1)).status_code == 200
+        repl = client.get("/admin/status", headers=admin).json()["redis"]["replication"]
+    assert (repl["role"], repl["replicas"], repl["online"]) == ("primary", 1, 1)
+    assert repl["lag_s"] is not None and repl["lag_s"] < 5
+    with receiver(group.url, state_wait_replicas=2) as client:
+        status = client.get("/admin/status", headers=admin).json()
+    assert any(p["problem"].startswith("STATE_WAIT_REPLICAS is 2 but the STATE primary has 1 replica(s) online")
+               for p in status["problems"])
+    out = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60,
+                         env=env_for(group.url, STATE_WAIT_REPLICAS="2", COLUMNS="200"))
+    assert out.returncode == 0, out.stderr
+    assert "1 of 1 online" in out.stdout and "STATE_WAIT_REPLICAS is 2" in out.stdout, out.stdout
+
+
 def test_wait_replicas_on_a_redis_without_replicas_is_503_never_200() -> None:
     with tempfile.TemporaryDirectory(prefix="sps-") as d, EmbeddedRedis(d, persistent=False) as server:
         with receiver(server.url, state_wait_replicas=1, state_wait_timeout=0.05) as client:

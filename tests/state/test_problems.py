@@ -6,7 +6,8 @@ from typing import Any
 
 from service.config import Settings
 from service.spec.rates import OUTCOMES
-from service.state.problems import problems
+from service.state.problems import problems, replicas
+from service.state.status import replication
 
 NOW = 1_800_000_000_000  # 2027-01-15 08:00:00 UTC, on the hour
 HOUR = 3_600_000
@@ -70,3 +71,37 @@ def test_the_queue() -> None:
         "3 failed job(s): run `persona-sync jobs` to see why, then `persona-sync requeue --all` once fixed",
         "2 job(s) wait and no worker is running: start one: `persona-sync worker` (`make run` starts one; "
         "`persona-sync worker-alive` checks a host's)"]
+
+
+def test_replication_read_from_info_replication() -> None:
+    """``INFO replication`` as redis-py parses it: replicas connected and online, the furthest one behind; of a
+    Cluster (one reply per primary), the primary with the fewest online."""
+    info = {"role": "master", "connected_slaves": 2, "master_repl_offset": 5000,
+            "slave0": {"ip": "10.0.0.2", "port": 6379, "state": "online", "offset": 4000, "lag": 1},
+            "slave1": {"ip": "10.0.0.3", "port": 6379, "state": "wait_bgsave", "offset": 0, "lag": 0}}
+    assert replication(info) == {"role": "primary", "replicas": 2, "online": 1, "lag_s": 1, "behind_bytes": 1000}
+    assert replication({"role": "master", "connected_slaves": 0, "master_repl_offset": 0}) == {
+        "role": "primary", "replicas": 0, "online": 0, "lag_s": None, "behind_bytes": None}
+    assert replication({"role": "slave", "master_host": "10.0.0.1"})["role"] == "replica"
+    cluster = {"10.0.0.1:7000": info, "10.0.0.4:7000": {"role": "master", "master_repl_offset": 9,
+                                                        "slave0": {"state": "online", "offset": 9, "lag": 0}}}
+    assert replication(cluster)["online"] == 1 and replication(cluster)["behind_bytes"] == 1000
+
+
+def test_replicas_fewer_than_state_wait_replicas_a_silent_one_or_a_url_naming_a_replica() -> None:
+    def found(repl: dict[str, Any], wait: int = 0) -> list[str]:
+        deploy = QUIET | {"redis": QUIET["redis"] | {"replication": repl}}
+        return [f"{p['problem']}: {p['next']}" for p in
+                problems([], deploy, None, Settings(state_wait_replicas=wait), NOW)]
+
+    one = {"role": "primary", "replicas": 1, "online": 1, "lag_s": 0, "behind_bytes": 0}
+    assert found(one) == [] and found(one, wait=1) == []
+    [short] = found(one, wait=2)
+    assert short.startswith("STATE_WAIT_REPLICAS is 2 but the STATE primary has 1 replica(s) online: every "
+                            "request is answered 503") and "lower STATE_WAIT_REPLICAS" in short
+    [silent] = found(one | {"lag_s": 12, "behind_bytes": 3 << 20})
+    assert silent.startswith("a STATE replica last acknowledged 12 s ago, 3.0 MB behind")
+    [readonly] = found({"role": "replica", "replicas": 0, "online": 0, "lag_s": None, "behind_bytes": None})
+    assert readonly.startswith("REDIS_URL names a replica") and "redis+sentinel://" in readonly
+    assert found({"role": "primary", "replicas": 0, "online": 0, "lag_s": None, "behind_bytes": None}) == []
+    assert replicas(one) == "1 of 1 online, last acknowledged 0 s ago, 0 B behind"

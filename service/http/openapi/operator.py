@@ -107,7 +107,18 @@ SCHEMAS: dict[str, Schema] = {
                             "last_hour_by_status": {"type": "object", "additionalProperties": INT}},
                            description="Requests refused before authentication (GET /admin/refusals)"),
         "redis": closed({"used_bytes": INT, "max_bytes": nullable(INT), "policy": NULL_STR,
-                         "used_pct": nullable(NUM)}, description="STATE's memory (INFO memory)"),
+                         "used_pct": nullable(NUM),
+                         "replication": closed({
+                             "role": {**STR, "enum": ["primary", "replica"],
+                                      "description": "What REDIS_URL reaches: a replica refuses every write"},
+                             "replicas": {**INT, "description": "Replicas connected to the STATE primary"},
+                             "online": {**INT, "description": "Of those, in sync (state online)"},
+                             "lag_s": {**nullable(INT), "description": "Seconds since the furthest behind online "
+                                                                       "replica last acknowledged"},
+                             "behind_bytes": {**nullable(INT), "description": "Bytes of replication stream the "
+                                                                              "furthest behind one lacks"}},
+                             description="INFO replication; on a Cluster, the primary with the fewest online")},
+                        description="STATE's memory (INFO memory) and replication"),
         "problems": {"type": "array", "items": closed({
             "space": NULL_STR, "problem": STR, "next": {**STR, "description": "What to run next"}})}}),
 }
