@@ -3,7 +3,9 @@ and nothing else changes — large bodies and keep-alive connections are served 
 
 from __future__ import annotations
 
+import re
 import socket
+import sys
 
 import orjson
 
@@ -99,3 +101,38 @@ def test_a_connection_without_a_complete_head_is_closed_with_408(monkeypatch) ->
         slow = b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
         reply = exchange(server.port, slow + b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         assert reply.count(b"HTTP/1.1 200") == 2 and reply.count(b"done") == 2, reply[:300]
+
+
+def _data_segments_received(s: socket.socket) -> int:
+    """Linux's ``tcpi_data_segs_in`` (TCP_INFO): segments with data this socket has received."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int.from_bytes(info[152:156], sys.byteorder)
+
+
+def _response(s: socket.socket) -> bytes:
+    out = b""
+    while b"\r\n\r\n" not in out:
+        out += s.recv(65536)
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += s.recv(65536)
+    return head
+
+
+def test_each_response_leaves_in_one_tcp_segment_and_pipelined_answers_keep_their_order(redis_url: str) -> None:
+    """uvicorn writes a response's head and its body apart; the protocol joins them into one send (a system call
+    and a segment fewer per request). Answers still leave whole and in order, and a closing one is sent before
+    the connection closes."""
+    with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            before = _data_segments_received(s)
+            for _ in range(20):
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert _response(s).startswith(b"HTTP/1.1 200")
+            assert _data_segments_received(s) - before == 20
+        # two requests in one packet (pipelined), then one that closes: three whole answers, in order
+        reply = exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+                                      b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
+                                      b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"200", b"404", b"200"]
