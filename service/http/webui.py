@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -26,7 +25,7 @@ from service.http.intake import read_body
 from service.http.session import COOKIE, Session, csrf_ok, csrf_token, session_key, verify
 from service.spec.bodies import BodyError
 from service.spec.keys import SPACES_KEY
-from service.state.problems import replicas
+from service.state import problems
 from service.state.store import REDIS_DOWN
 
 HERE = Path(__file__).resolve().parent
@@ -38,31 +37,25 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "X-Content
 MAX_FORM = 16 * 1024
 
 
+def _ms(value: Any) -> int | None:
+    """A stored epoch-ms value, or None for none ('', 0, missing, not a number)."""
+    return int(value) if value not in (None, "", 0) and str(value).lstrip("-").isdigit() else None
+
+
 def when(ms: Any) -> str:
-    """Epoch ms → ``2026-03-15 10:00:00 UTC`` ('—' for none)."""
-    if ms in (None, "", 0) or not str(ms).lstrip("-").isdigit():
-        return "—"
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    """Epoch ms as the status prints it, ``2026-03-15 10:00:00 UTC`` ('—' for none)."""
+    at = _ms(ms)
+    return "—" if at is None else problems.when(at)
 
 
 def ago(ms: Any, now_ms: int | None = None) -> str:
-    """How long ago epoch ms was: ``42 s``, ``5 min``, ``3 h``, ``2 d`` ('never' for none)."""
-    if ms in (None, "", 0) or not str(ms).lstrip("-").isdigit():
-        return "never"
-    seconds = max(0, ((now_ms if now_ms is not None else int(time.time() * 1000)) - int(ms)) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
+    """How long ago, as the status says it: ``42 s ago``, ``5 min ago`` ('never' for none)."""
+    at = _ms(ms)
+    return "never" if at is None else problems.ago(at, now_ms if now_ms is not None else int(time.time() * 1000))
 
 
 def size(n: Any) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)  # not reached
+    return problems.size(int(n or 0))
 
 
 def as_text(value: Any) -> str:
@@ -82,7 +75,7 @@ ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates" / "co
                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 ENV.filters.update(when=when, ago=ago, size=size, as_text=as_text, thousands=lambda n: f"{int(n or 0):,}",
                    money=lambda v: f"{float(v or 0):,.2f}", pct=lambda v: f"{float(v or 0):.1f}")
-ENV.globals.update(href=href, prefix=PREFIX, replicas=replicas)
+ENV.globals.update(href=href, prefix=PREFIX, replicas=problems.replicas)
 
 
 class PageError(Exception):
