@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TypeVar
@@ -302,10 +302,7 @@ class AsyncStore:
         try:
             outcomes = await self._apply_now(space, items, max(w.now for w in batch))
         except NotReplicated as exc:  # each request learns its own outcomes, all of them not yet replicated
-            start = 0
-            for w in batch:
-                part = exc.outcomes[start:start + len(w.items)]
-                start += len(w.items)
+            for w, part in _shares(batch, exc.outcomes):
                 _settle(w.done, error=NotReplicated(part, exc.acknowledged, self.applier.settings.state_wait_replicas))
             return
         except BaseException as exc:  # Redis down, refused, or unexpected: every request of the round trip fails
@@ -314,10 +311,8 @@ class AsyncStore:
             if not isinstance(exc, Exception):
                 raise
             return
-        start = 0
-        for w in batch:
-            _settle(w.done, outcomes[start:start + len(w.items)])
-            start += len(w.items)
+        for w, part in _shares(batch, outcomes):
+            _settle(w.done, part)
 
     async def _apply_now(self, space: str, items: Sequence[tuple[Event, bytes]], now: int) -> list[Outcome]:
         """One round trip: the script calls for ``items`` in one pipeline (or one call)."""
@@ -446,6 +441,14 @@ class SyncStore:
             return
         keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
         self.client.register_script(DLQ_ADD)(keys=keys, args=args)
+
+
+def _shares(batch: list[_Waiting], outcomes: list[Outcome]) -> Iterator[tuple[_Waiting, list[Outcome]]]:
+    """Each request of a shared round trip with its own outcomes: its events' share, in order."""
+    start = 0
+    for w in batch:
+        yield w, outcomes[start:start + len(w.items)]
+        start += len(w.items)
 
 
 def _settle(done: asyncio.Future[list[Outcome]], outcomes: list[Outcome] | None = None,
