@@ -82,21 +82,22 @@ class Event:
         """The event as the Lua script reads it: everything it needs and nothing more; this is the only place
         either form is written (apply.lua's header documents both).
 
-        Plain, for most calls (no traits, order, group, alias, reversal or erasure, and no tab in a value):
-        ``t \\t ts \\t mid \\t uid \\t channel \\t day \\t slot \\t type \\t value ...``, which the
-        script splits without decoding JSON (and without the receipt time, which only traits need): for Redis, the
-        cheapest form to read. Else compact JSON (cjson): ``t`` type, ``mid`` message_id, ``ts`` event time (ms),
-        ``uid`` user_id or "", ``ids`` identifiers ([type, value] by priority), ``tr`` traits ([name, JSON value,
-        class]), ``o`` order ([key, revenue as text, categories joined by U+001F] or null), ``a`` activity ([channel,
-        day, slot] or null), ``g`` group ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId
-        or null), ``rv`` reversal (the order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts``
-        when unknown), ``ep`` the profile id a delete without userId erases (or null)."""
+        Plain, for most calls (no traits, order, group, alias, reversal or erasure, no tab in a value and no colon
+        in an identifier's type): ``t \\t ts \\t mid \\t uid \\t activity field \\t slot \\t type:value
+        \\t ...``, the activity field being the profile's ``a:channel:day`` (empty, with the slot, without
+        activity), which the script splits with one pattern match (no JSON, and no receipt time, which only traits
+        need): for Redis, the cheapest form to read. Else compact JSON (cjson): ``t`` type, ``mid`` message_id,
+        ``ts`` event time (ms), ``uid`` user_id or "", ``ids`` identifiers ([type, value] by priority), ``tr``
+        traits ([name, JSON value, class]), ``o`` order ([key, revenue as text, categories joined by U+001F] or
+        null), ``a`` activity ([channel, day, slot] or null), ``g`` group ([groupId, [[name, JSON value], ...]] or
+        null), ``al`` alias_of (previousId or null), ``rv`` reversal (the order key of a refund or cancellation, or
+        null), ``rc`` received (ms; ``ts`` when unknown), ``ep`` the profile id a delete without userId erases
+        (or null)."""
         if self._plain():
-            channel, day, slot = self.activity if self.activity else ("", "", "")
-            parts = [self.type, str(self.ts), self.message_id, self.user_id or "", channel, str(day), str(slot)]
-            for kind, value in self.identifiers:
-                parts += (kind, value)
-            return "\t".join(parts).encode()
+            field, slot = (f"a:{self.activity[0]}:{self.activity[1]}", str(self.activity[2])) if self.activity \
+                else ("", "")
+            ids = "\t".join(f"{kind}:{value}" for kind, value in self.identifiers)
+            return f"{self.type}\t{self.ts}\t{self.message_id}\t{self.user_id or ''}\t{field}\t{slot}\t{ids}".encode()
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -118,7 +119,7 @@ class Event:
         if self.traits or self.order or self.group or self.alias_of or self.reversal or self.erase:
             return False
         texts = [self.message_id, self.user_id or "", *(t for pair in self.identifiers for t in pair)]
-        return not any("\t" in t for t in texts)
+        return not any("\t" in t for t in texts) and not any(":" in kind for kind, _ in self.identifiers)
 
 
 def dedupe_digest(message_id: str) -> tuple[int, bytes]:

@@ -20,7 +20,8 @@ REVERSED = "q:"  # q:<order key> -> "<ms>": the order was refunded or cancelled 
 ACTIVITY = "a:"  # a:<channel>:<day> -> 48-bit integer, one bit per 30-minute slot of that UTC day
 GROUP = "g:"  # g:<groupId>  -> first-seen ms
 ANCESTOR = "r:"  # r:<merged profile id> -> "1": profiles merged into this one
-META = "m:"  # m:fs m:ls (first/last event ms), m:fm m:lm (their messageIds), m:ca m:ua (received ms), m:merges
+META = "m:"  # m:fs m:ls (first/last event ms), m:fm m:lm (their messageIds), m:ca m:ua (received ms), m:merges,
+# m:ix (the period its /events index was last trimmed in: see lua/apply.lua)
 
 TOMBSTONE = "!"  # index value of a deleted userId until a later event builds a new profile (see lua/apply.lua)
 

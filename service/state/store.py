@@ -30,6 +30,7 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 Pipe = TypeVar("Pipe", redis.client.Pipeline, aredis.client.Pipeline)
 DEDUPE_BUCKETS = 2  # the window is split in 2 buckets: memory at most 1.5 x the window's ids, 3 lookups an event
 DLQ_RAW_LIMIT = 1024 * 1024
+INDEX_PERIOD_MS = 3_600_000  # the longest period between two trims of a profile's /events index
 
 # Dead letters are capped per space in entries (DEAD_LETTER_MAX) and in bytes (DEAD_LETTER_MAX_BYTES), oldest
 # trimmed first. Each entry records its size in 'n'; KEYS[2] holds the sum. Sizes of entries written before 'n'
@@ -143,14 +144,21 @@ class Applier:
         minid = 0 if self.settings.event_archive_dir else max(0, now_ms - retention_ms)
         older = ",".join(str(b) for b in range(bucket - DEDUPE_BUCKETS, bucket))
         expiry = (bucket + DEDUPE_BUCKETS + 1) * self.bucket_width  # the current bucket's ids outlive the window
+        # a profile's /events index is trimmed and its expiry moved once per period (a sixteenth of the retention,
+        # at most an hour): it keeps the events since the period's start less the retention, until its end plus
+        # the retention, so that every event of one period would set the same bounds
+        period = max(1000, min(INDEX_PERIOD_MS, retention_ms // 16))
+        start = now_ms // period * period
         args: list = [f"{keys.prefix}\t{bucket}\t{now_ms}\t{minid}\t"
                       f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}\t"
-                      f"{older}\t{expiry}\t({now_ms - retention_ms}\t{now_ms + retention_ms}",
+                      f"{older}\t{expiry}\t({start - retention_ms}\t{start + period + retention_ms}\t{start}",
                       self.rules_json]
         shards = self.settings.dedupe_shards
         for event, raw, logged_as in events:
             shard, field = dedupe_digest(event.message_id)
-            args += [f"{shard % shards:x}", field, event.script_payload(), raw, logged_as or "-"]
+            args += [f"{shard % shards:x}", field, event.script_payload(), raw]
+            if reapply:
+                args.append(logged_as or "-")
         return [keys.log], args
 
     def dead_letter_args(self, keys: Keys, entries: Sequence[tuple[str, bytes]], source: str,
@@ -163,14 +171,14 @@ class Applier:
         return [keys.dead_letters, keys.dead_letter_bytes], args
 
 
-def _outcome(reply: list) -> Outcome:
-    status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-    pid = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
-    if status == "error":  # the script's pcall caught it: the second field is the message
-        return Outcome("error", f"store error: {pid}"[:300])
-    created = bool(reply[2]) if len(reply) > 2 else False
-    merged = int(reply[3]) if len(reply) > 3 else 0
-    return Outcome(status, pid, created, merged)
+def _outcome(line: str) -> Outcome:
+    """An event's outcome line: 'status \t profile id \t created \t merged', or 'error \t message'."""
+    status, _, rest = line.partition("\t")
+    if status == "error":  # the script's pcall caught it
+        return Outcome("error", f"store error: {rest}"[:300])
+    pid, _, rest = rest.partition("\t")
+    created, _, merged = rest.partition("\t")
+    return Outcome(status, pid, created == "1", int(merged) if merged else 0)
 
 
 def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
@@ -184,7 +192,8 @@ def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
         if isinstance(r, Exception):
             out += [Outcome("error", f"store error: {r}"[:300])] * n
         else:
-            out += [_outcome(one) for one in r]
+            text = r.decode() if isinstance(r, bytes) else str(r)  # one line per event
+            out += [_outcome(line) for line in text.split("\n")]
     return out
 
 

@@ -122,8 +122,8 @@ def test_script_payload_is_plain_for_a_page_view_and_json_otherwise() -> None:
                       "timestamp": "2026-03-15T10:00:00Z", "context": {"library": {"name": "analytics.js"}}},
                      NOW, RULES)
     assert page.script_payload().split(b"\t") == [
-        b"page", str(page.ts).encode(), b"m1", b"u1", b"web", str(page.activity[1]).encode(),
-        str(page.activity[2]).encode(), b"user_id", b"u1", b"anonymous_id", b"a1"]
+        b"page", str(page.ts).encode(), b"m1", b"u1", f"a:web:{page.activity[1]}".encode(),
+        str(page.activity[2]).encode(), b"user_id:u1", b"anonymous_id:a1"]
     ident = normalise(fixture_json("identify.json"), NOW, RULES)
     assert ident.script_payload().startswith(b"{")
     tabbed = normalise({"type": "track", "event": "x", "userId": "u\t1", "messageId": "m2"}, NOW, RULES)

@@ -254,7 +254,7 @@ def test_events_of_one_script_call_fail_alone_and_apply_in_order(r: redis.Redis)
     now = int(time.time() * 1000)
     entries = [(normalise(e, now, rules), orjson.dumps(e), None) for e in raws]
     keys, args = Applier(settings).call_args(Keys("default"), entries, now)
-    args[2 + 5 + 2] = b"{not json"  # the second event's JSON: the script cannot decode it
+    args[2 + 4 + 2] = b"{not json"  # the second event's JSON: the script cannot decode it
     replies = r.eval(SCRIPT, len(keys), *keys, *args)
     outcomes = _outcomes([replies], [3])
     assert [o.status for o in outcomes] == ["ok", "error", "ok"] and "store error" in outcomes[1].profile_id
@@ -280,7 +280,7 @@ def test_a_failed_event_is_not_remembered_so_its_replay_applies(r: redis.Redis) 
     entries = [(normalise(e, now, rules), orjson.dumps(e), None) for e in raws]
     keys, args = Applier(settings).call_args(Keys("default"), entries, now)
     # the second event decodes, passes the dedupe check, then fails (its identifiers are not a list)
-    args[2 + 5 + 2] = orjson.dumps({"t": "track", "mid": "fail-1", "ts": 1, "uid": "f1", "ids": 5, "tr": [],
+    args[2 + 4 + 2] = orjson.dumps({"t": "track", "mid": "fail-1", "ts": 1, "uid": "f1", "ids": 5, "tr": [],
                                     "o": None, "a": None, "g": None, "al": None, "rv": None, "rc": 1, "ep": None})
     outcomes = _outcomes([r.eval(SCRIPT, len(keys), *keys, *args)], [2])
     assert [o.status for o in outcomes] == ["ok", "error"]
@@ -307,13 +307,16 @@ def test_plain_and_json_event_forms_give_the_same_state(r: redis.Redis, monkeypa
 
 
 def test_the_events_index_holds_the_events_of_its_retention_and_no_backfill_older_than_that(r: redis.Redis) -> None:
-    """A profile's /events index keeps the events of the log's retention, trimmed and its expiry moved with each
-    event; an event already older than the retention when it arrives (a backfill) is not indexed at all."""
+    """A profile's /events index keeps the events of the log's retention; it is trimmed and its expiry moved once
+    per period (a sixteenth of the retention, at most an hour), to the period's bounds, not at every event; an event
+    already older than the retention when it arrives (a backfill) is not indexed at all."""
     from service.spec.events import iso_ms
 
-    hour = 3_600_000
+    hour, minute = 3_600_000, 60_000
     settings = Settings(event_log_retention=8 * 3600)
-    t0 = int(time.time() * 1000)
+    period = 30 * minute  # 8 h / 16
+    start = int(time.time() * 1000) // period * period
+    t0 = start + 5 * minute
 
     def at(n: int, received: int, happened: int) -> None:
         event = {"type": "track", "event": "Page Viewed", "userId": "ix", "messageId": f"ix-{n}",
@@ -323,15 +326,19 @@ def test_the_events_index_holds_the_events_of_its_retention_and_no_backfill_olde
     def expiry(index: str) -> int:  # PEXPIRETIME needs Redis 7
         return int(time.time() * 1000) + int(r.pttl(index))
 
-    def zadds(index: str) -> int:  # on a Cluster, of the node holding the space
+    def calls(index: str, command: str) -> int:  # on a Cluster, of the node holding the space
         node = {"target_nodes": r.get_node_from_key(index)} if isinstance(r, RedisCluster) else {}
-        return int(r.info("commandstats", **node).get("cmdstat_zadd", {}).get("calls", 0))
+        return int(r.info("commandstats", **node).get(f"cmdstat_{command}", {}).get("calls", 0))
 
-    at(0, t0, t0 - 7 * hour - 45 * 60_000)  # within the retention: indexed
+    at(0, t0, t0 - 7 * hour - 45 * minute)  # within the retention: indexed
     index = state_keys(r, "default").events_index(find(r, "user_id", "ix").id)
-    assert r.zcard(index) == 1 and abs(expiry(index) - (t0 + 8 * hour)) < 2_000
-    before = zadds(index)
+    assert r.zcard(index) == 1 and abs(expiry(index) - (start + period + 8 * hour)) < 2_000
+    zadds, trims = calls(index, "zadd"), calls(index, "zremrangebyscore")
     at(1, t0, t0 - 9 * hour)  # older than the retention: not indexed (not even added, then trimmed)
-    assert r.zcard(index) == 1 and zadds(index) == before
-    at(2, t0 + hour // 2, t0 + hour // 2)  # the first entry is past its retention now: trimmed; the expiry moves
-    assert r.zcard(index) == 1 and abs(expiry(index) - (t0 + hour // 2 + 8 * hour)) < 2_000
+    assert r.zcard(index) == 1 and calls(index, "zadd") == zadds
+    at(2, t0 + 10 * minute, t0 + 10 * minute)  # the same period: added, neither trimmed nor its expiry moved
+    assert r.zcard(index) == 2 and calls(index, "zadd") == zadds + 1 and calls(index, "zremrangebyscore") == trims
+    assert abs(expiry(index) - (start + period + 8 * hour)) < 2_000
+    at(3, start + period, start + period)  # the next period: the first entry is past the retention, trimmed
+    assert r.zcard(index) == 2 and calls(index, "zremrangebyscore") == trims + 1
+    assert abs(expiry(index) - (start + 2 * period + 8 * hour)) < 2_000

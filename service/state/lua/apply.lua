@@ -8,32 +8,37 @@
 -- roll a script back: should an event still fail half-way, its dedupe record is taken back, the receiver keeps it
 -- as a dead letter, and its replay converges because every effect is idempotent.)
 --
--- The common case (every identifier already known, on one profile) costs ~11 commands: the dedupe lookups in two
--- older buckets and an HSETNX (and HLEN) in the current one, a GET per identifier, one HMGET and one HSET of the
--- profile hash, the XADD, and the /events index's ZADD, trim and expiry (none for an event older than the index
--- keeps); the dirty marks (one SADD) and the log's trim (by the first XADD) are once per call. Limits are only
--- consulted when an event brings a new identifier or spans several profiles.
+-- The common case (a plain event whose identifiers are all known, on one profile) takes a fast path of ~10
+-- commands: the dedupe lookups in two older buckets and an HSETNX (and HLEN) in the current one, a GET per
+-- identifier, one HMGET and one HSET of the profile hash, the XADD, and the /events index's ZADD (none for an
+-- event older than the index keeps); the index's trim and expiry are once per period and profile, the dirty marks
+-- (one SADD) and the log's trim (by the first XADD) once per call. Limits are only consulted when an event brings
+-- a new identifier or spans several profiles.
 --
 -- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
 -- one or more events of a space, in order, each on its own (an error in one is reported for it alone):
 -- KEYS[1]  the space's event log (declared so that Redis Cluster routes the call to the space's shard)
 -- ARGV[1]  "prefix \t dedupe bucket \t received ms \t log MINID \t mode \t generation \t index retention ms \t
---           older dedupe buckets \t dedupe expiry \t index trim bound \t index expiry": mode 'live' (the receiver,
---           imports, dead letters) or 'reapply' (a replay of the event log: applied again whether or not it was
---           seen, and not logged a second time); generation '-' for the space's current one (P..'gen'), else the
+--           older dedupe buckets \t dedupe expiry \t index trim bound \t index expiry \t index period": mode
+--           'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the event log: applied again
+--           whether or not it was seen, and not logged a second time); generation '-' for the space's current one (P..'gen'), else the
 --           one a rebuild writes (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event;
 --           then, so that the script formats no number: the older dedupe buckets to look in (oldest first,
---           comma-separated), the current bucket's expiry (epoch s), the index's trim bound ('(' received -
---           retention, ms) and its expiry (received + retention, ms); an event older than the trim bound (a
---           backfill) is not indexed at all
+--           comma-separated), the current bucket's expiry (epoch s), the index's trim bound ('(' period start -
+--           retention, ms), its expiry (period end + retention, ms) and the period (its start, ms): a profile's
+--           index is trimmed and its expiry moved by its first event of a period (a sixteenth of the retention, at
+--           most an hour; the profile's 'm:ix' holds the last one), as every event of the period would set the
+--           same bounds; an event older than the trim bound (a backfill) is not indexed at all
 -- ARGV[2]  rules JSON
--- then five per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and in 'reapply' the
+-- then per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and only in 'reapply' the
 --           log entry the event is ('-': none), so that the profile's event index points at it
+-- Returns one line per event, joined by newlines into one string (cheaper for Redis to reply than a table per
+-- event): 'status \t profile id \t created (0/1) \t merged', or 'error \t message' (``store._outcome``).
 -- The event (written only by ``Event.script_payload``), in one of two forms:
---   plain, for the common call that carries no traits, order, group, alias, reversal or erasure, and no tab in its
---   values: 't \t ts \t mid \t uid \t channel \t day \t slot (the three empty without activity) \t
---   type \t value ...' (its identifiers by priority), split with plain string.find: no JSON to decode, and no
---   receipt time (only traits need one);
+--   plain, for the common call that carries no traits, order, group, alias, reversal or erasure, no tab in its
+--   values and no ':' in an identifier's type: 't \t ts \t mid \t uid \t activity field \t slot \t
+--   type:value \t ...' (the activity field 'a:'channel':'day and the slot empty without activity; the identifiers
+--   by priority), split with one string.match: no JSON to decode, and no receipt time (only traits need one);
 --   else JSON, decoded as ``ev``:
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
@@ -70,6 +75,7 @@ local rebuilding = not (G == nil or G == '-')   -- a rebuild's new generation: n
 if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
 local NULL = cjson.null
 local TOMBSTONE = '!'
+local DUPLICATE, SUPPRESSED = 'duplicate\t', 'suppressed\t'
 local rules_cache = nil
 local function the_rules()   -- decoded once per call, and only when an event needs them
   if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
@@ -86,8 +92,8 @@ local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
 local older_dd = {}
 for b in string.gmatch(h[8], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' .. b .. ':' end
 local current_dd = P .. 'dd:' .. bucket .. ':'
-local dd_expiry, index_from, index_expiry = h[9], h[10], h[11]
-local index_oldest = tonumber(string.sub(index_from, 2))   -- an event older than this is never indexed
+local dd_expiry, index_from, index_expiry, period = h[9], h[10], h[11], h[12]
+local index_oldest = string.sub(index_from, 2)   -- an event older than this (text, ms) is never indexed
 local DELETED = P .. 'deleted'
 local any_deleted = redis.call('EXISTS', DELETED) == 1
 local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
@@ -95,6 +101,18 @@ local logged = false
 
 local function earlier(ts_a, mid_a, ts_b, mid_b)
   return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
+end
+
+-- Times are compared as the text they are stored as (ms since the epoch, written by this script or the caller):
+-- two of the same length and sign compare as their digits, which spares the two strtod a tonumber costs.
+local function before(a, b)   -- a < b, both integer texts
+  if #a == #b and string.byte(a, 1) ~= 45 and string.byte(b, 1) ~= 45 then return a < b end
+  return tonumber(a) < tonumber(b)
+end
+local function earlier_text(ts_a, mid_a, ts_b, mid_b)   -- earlier() on texts; ts_b nil: nothing stored yet
+  if not ts_b then return true end
+  if ts_a == ts_b then return mid_a < (mid_b or '') end
+  return before(ts_a, ts_b)
 end
 
 local function bits_or(a, b)
@@ -167,35 +185,28 @@ local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm)
   end
 end
 
--- The event as ``ev`` fields, from either form (see the header); ``ts_text`` is ``ts`` as text.
-local function decode(s)
-  if string.byte(s, 1) == 123 then   -- '{': JSON
-    local ev = cjson.decode(s)
-    ev.ts_text = fmt(ev.ts)
-    return ev
+-- The JSON form as ``ev`` (see the header); ``ts_text`` is ``ts`` as text, ``af`` the activity's profile field.
+local function decode_json(s)
+  local ev = cjson.decode(s)
+  ev.ts_text = fmt(ev.ts)
+  if ev.a ~= NULL then ev.af = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; ev.slot = ev.a[3] end
+  return ev
+end
+
+-- The plain form's parts as ``ev``, for the events the fast path hands on (new identifiers, several profiles, a
+-- deletion). ``idtexts``: 'type:value' each (a type with ':' in it goes as JSON).
+local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts)
+  local ids = {}
+  for i = 1, #idtexts do
+    local tv = idtexts[i]
+    local c = string.find(tv, ':', 1, true)
+    ids[i] = {string.sub(tv, 1, c - 1), string.sub(tv, c + 1)}
   end
-  local find, sub = string.find, string.sub
-  local e1 = find(s, '\t', 1, true)
-  local e2 = find(s, '\t', e1 + 1, true)
-  local e3 = find(s, '\t', e2 + 1, true)
-  local e4 = find(s, '\t', e3 + 1, true)
-  local e5 = find(s, '\t', e4 + 1, true)
-  local e6 = find(s, '\t', e5 + 1, true)
-  local e7 = find(s, '\t', e6 + 1, true)
-  local a = NULL
-  if e5 > e4 + 1 then a = {sub(s, e4 + 1, e5 - 1), sub(s, e5 + 1, e6 - 1), tonumber(sub(s, e6 + 1, (e7 or 0) - 1))} end
-  local ids, pos = {}, e7
-  while pos do   -- type \t value pairs to the end
-    local t_end = find(s, '\t', pos + 1, true)
-    local v_end = find(s, '\t', t_end + 1, true)
-    ids[#ids + 1] = {sub(s, pos + 1, t_end - 1), sub(s, t_end + 1, (v_end or 0) - 1)}
-    pos = v_end
-  end
-  local ts_text = sub(s, e1 + 1, e2 - 1)
   -- no receipt time: only traits need it, and this form carries none
-  return {t = sub(s, 1, e1 - 1), ts = tonumber(ts_text), ts_text = ts_text, mid = sub(s, e2 + 1, e3 - 1),
-          uid = sub(s, e3 + 1, e4 - 1), ids = ids, tr = NO_TRAITS, o = NULL,
-          a = a, g = NULL, al = NULL, rv = NULL, ep = NULL}
+  local ev = {t = t, ts = tonumber(ts_text), ts_text = ts_text, mid = mid, uid = uid, ids = ids, tr = NO_TRAITS,
+              o = NULL, a = NULL, g = NULL, al = NULL, rv = NULL, ep = NULL}
+  if afield ~= '' then ev.af = afield; ev.slot = tonumber(slot) end
+  return ev
 end
 
 local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
@@ -272,11 +283,11 @@ local function delete(ev)
     if pid == TOMBSTONE then pid = false end
     if not pid then
       redis.call('SET', ikey('user_id', uid), TOMBSTONE)
-      return {'deleted', ''}
+      return 'deleted\t'
     end
   else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
     pid = ev.ep
-    if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return {'deleted', ''} end
+    if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
   end
   local f = redis.call('HGETALL', pkey(pid))
   local erased, groups = {pid}, {}
@@ -302,7 +313,7 @@ local function delete(ev)
   if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
   redis.call('SADD', P .. 'forgotten', pid)
   dirty[#dirty + 1] = pid
-  return {'deleted', pid}
+  return 'deleted\t' .. pid
 end
 
 -- Which profiles the event's identifiers match, once identifiers past the limits are dropped: returns the
@@ -350,23 +361,45 @@ local function resolve(ids, owner, counts_of, merges_of)
   end
 end
 
--- One event: its dedupe shard and field, the event (see the header), the raw event to log, and (in 'reapply')
--- the log entry it is. Returns {status, profile id, created, merged}. It sets ``seen_key`` to the dedupe record it
--- wrote, which the caller takes back should the event fail.
-local seen_key = false
-local function apply_one(shard, dfield, payload, raw, logged_as)
-  local ev = decode(payload)
-  -- 1. dedupe: the older buckets, then the current one, recorded at once (taken back if the event fails) ------
+-- Log the event (the first entry of a call trims the log), add it to its profile's /events index, and mark the
+-- profile dirty. ``index``: whether the event is indexed at all (``indexed``); ``retrim``: whether the index is also
+-- trimmed and its expiry moved, which is once per period and profile (P..'m:ix' holds the period it last was).
+-- Returns the log entry, or false (a replay of an event that was not logged).
+local function log_event(pid, raw, logged_as, letter, ts_text, index, retrim)
+  local entry = false
   if not reapply then
-    for b = 1, #older_dd do
-      if redis.call('HEXISTS', older_dd[b] .. shard, dfield) == 1 then return {'duplicate', ''} end
+    if logged or minid == '0' then
+      entry = redis.call('XADD', KEYS[1], '*', 'p', pid, 'e', raw)
+    else   -- the first entry of the call trims the log
+      entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', raw)
     end
-    local k = current_dd .. shard
-    if redis.call('HSETNX', k, dfield, '1') == 0 then return {'duplicate', ''} end
-    seen_key = k
-    if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
+    logged = true
+  elseif logged_as and logged_as ~= '-' then
+    entry = logged_as
   end
+  -- the Profile API's /events reads this index, then the entries it names
+  if entry and index then
+    local ek = G .. 'ev:' .. pid
+    redis.call('ZADD', ek, ts_text, letter .. entry)
+    if retrim then
+      redis.call('ZREMRANGEBYSCORE', ek, '-inf', index_from)
+      redis.call('PEXPIREAT', ek, index_expiry)
+    end
+  end
+  if not rebuilding then dirty[#dirty + 1] = pid end
+  return entry
+end
 
+-- Whether an event is added to its profile's /events index: it is logged (live, or a replay of a logged event),
+-- and not older than the index keeps (a backfill would only be trimmed again at once).
+local function indexed(ts_text, logged_as)
+  return keep_ms ~= nil and (not reapply or (logged_as ~= nil and logged_as ~= '-'))
+      and not before(ts_text, index_oldest)
+end
+
+-- Steps 2 to 6 of one event, decoded as ``ev`` (either form), once its dedupe record is written: the general
+-- path, for every event the fast path (``apply_plain``) does not take. Returns its outcome line.
+local function apply_ev(ev, raw, logged_as)
   -- 2. GDPR deletion ----------------------------------------------------------------------------------------
   if ev.t == 'delete' then return delete(ev) end
 
@@ -385,14 +418,14 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
 
   local deleted_at = false
   if uid ~= '' and any_deleted then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
-  if deleted_at and ts <= deleted_at then return {'suppressed', ''} end
+  if deleted_at and ts <= deleted_at then return SUPPRESSED end
 
   local owner, distinct, ndistinct, unmapped = {}, {}, 0, 0
   for i, id in ipairs(ids) do
     local o = redis.call('GET', ikey(id[1], id[2]))
     if o == TOMBSTONE then
       if id[1] == 'user_id' and id[2] == uid and not deleted_at then
-        return {'suppressed', ''}   -- deleted by an older version, which kept no time: suppressed for ever, as then
+        return SUPPRESSED   -- deleted by an older version, which kept no time: suppressed for ever, as then
       end
       o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
     end
@@ -433,12 +466,12 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
   end
 
   -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
-  local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm'}
+  local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ix'}
   local items = {}
   for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
   trait_fields(items, fields, true)
   local afield, ofield, gfield, rfield
-  if ev.a ~= NULL then afield = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; fields[#fields + 1] = afield end
+  if ev.af then afield = ev.af; fields[#fields + 1] = afield end
   if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
   if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
   if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
@@ -484,7 +517,7 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
   if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = ts_text end
   if afield then
     local bits = tonumber(cur[afield]) or 0
-    local p = 2 ^ ev.a[3]
+    local p = 2 ^ ev.slot
     if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
   end
   if gfield then
@@ -500,30 +533,101 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
   end
   meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid)
+  local index = indexed(ts_text, logged_as)
+  local retrim = index and cur['m:ix'] ~= period
+  if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
   redis.call('HSET', S, unpack(w))
 
   -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
-  local entry = false
-  if not reapply then
-    if logged or minid == '0' then
-      entry = redis.call('XADD', KEYS[1], '*', 'p', pid, 'e', raw)
-    else   -- the first entry of the call trims the log
-      entry = redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'p', pid, 'e', raw)
+  log_event(pid, raw, logged_as, string.sub(ev.t, 1, 1), ts_text, index, retrim)
+  return 'ok\t' .. pid .. '\t' .. created .. '\t' .. merged
+end
+
+-- The fast path: a plain event (see the header) of a known person, every identifier already on one profile: one
+-- HMGET and one HSET of the profile, read by position, times compared as text, nothing decoded into tables. Any
+-- other plain event (a new identifier, several profiles, a tombstone, a deletion) goes on as ``ev`` through the
+-- general path, which runs from the start: the fast path has only read until then.
+local PLAIN = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
+local function apply_plain(s, raw, logged_as)
+  local t, ts_text, mid, uid, afield, slot, rest = string.match(s, PLAIN)
+  local idtexts
+  if rest == '' then
+    idtexts = {}
+  elseif not string.find(rest, '\t', 1, true) then
+    idtexts = {rest}
+  else
+    idtexts = {}
+    for tv in string.gmatch(rest, '[^\t]+') do idtexts[#idtexts + 1] = tv end
+  end
+  local pid = false
+  if t ~= 'delete' then
+    for i = 1, #idtexts do
+      local o = redis.call('GET', G .. 'i:' .. idtexts[i])
+      if not o or o == TOMBSTONE or (pid and o ~= pid) then pid = false; break end
+      pid = o
     end
-    logged = true
-  elseif logged_as and logged_as ~= '-' then
-    entry = logged_as
   end
-  -- the Profile API's /events reads this index, then the entries it names; an event the trim would drop at once
-  -- (older than the retention: a backfill) is not indexed
-  if entry and keep_ms and ts >= index_oldest then
-    local ek = G .. 'ev:' .. pid
-    redis.call('ZADD', ek, ts_text, string.sub(ev.t, 1, 1) .. entry)
-    redis.call('ZREMRANGEBYSCORE', ek, '-inf', index_from)
-    redis.call('PEXPIREAT', ek, index_expiry)
+  if pid and uid ~= '' and any_deleted then
+    local deleted_at = tonumber(redis.call('HGET', DELETED, uid))
+    if deleted_at and tonumber(ts_text) <= deleted_at then return SUPPRESSED end
   end
-  if not rebuilding then dirty[#dirty + 1] = pid end
-  return {'ok', pid, created, merged}
+  if not pid then return apply_ev(plain_ev(t, ts_text, mid, uid, afield, slot, idtexts), raw, logged_as) end
+
+  local S = G .. 'p:' .. pid
+  local n = #idtexts
+  local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ix'}
+  for i = 1, n do fields[5 + i] = 'x:' .. idtexts[i] end
+  if afield ~= '' then fields[6 + n] = afield end
+  local cur = redis.call('HMGET', S, unpack(fields))
+  local w = {'m:ua', now}
+  local first = false
+  for i = 1, n do   -- an identifier's first sighting (time|messageId)
+    local c = cur[5 + i]
+    if c then
+      local bar = string.find(c, '|', 1, true)
+      local cts = string.sub(c, 1, bar - 1)
+      if (cts == ts_text and mid < string.sub(c, bar + 1)) or (cts ~= ts_text and before(ts_text, cts)) then
+        first = first or (ts_text .. '|' .. mid)
+        w[#w + 1] = fields[5 + i]; w[#w + 1] = first
+      end
+    end
+  end
+  if afield ~= '' then   -- the channel's activity bit for the slot
+    local bits = tonumber(cur[6 + n]) or 0
+    local p = 2 ^ tonumber(slot)
+    if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
+  end
+  if earlier_text(ts_text, mid, cur[1], cur[2]) then
+    w[#w + 1] = 'm:fs'; w[#w + 1] = ts_text; w[#w + 1] = 'm:fm'; w[#w + 1] = mid
+  end
+  if not cur[3] or earlier_text(cur[3], cur[4], ts_text, mid) then
+    w[#w + 1] = 'm:ls'; w[#w + 1] = ts_text; w[#w + 1] = 'm:lm'; w[#w + 1] = mid
+  end
+  local index = indexed(ts_text, logged_as)
+  local retrim = index and cur[5] ~= period
+  if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
+  redis.call('HSET', S, unpack(w))
+  log_event(pid, raw, logged_as, string.sub(t, 1, 1), ts_text, index, retrim)
+  return 'ok\t' .. pid .. '\t0\t0'
+end
+
+-- One event: its dedupe shard and field, the event (see the header), the raw event to log, and (in 'reapply')
+-- the log entry it is. Returns its outcome line: 'status \t profile id \t created \t merged'. It sets
+-- ``seen_key`` to the dedupe record it wrote, which the caller takes back should the event fail.
+local seen_key = false
+local function apply_one(shard, dfield, payload, raw, logged_as)
+  -- 1. dedupe: the older buckets, then the current one, recorded at once (taken back if the event fails) ------
+  if not reapply then
+    for b = 1, #older_dd do
+      if redis.call('HEXISTS', older_dd[b] .. shard, dfield) == 1 then return DUPLICATE end
+    end
+    local k = current_dd .. shard
+    if redis.call('HSETNX', k, dfield, '1') == 0 then return DUPLICATE end
+    seen_key = k
+    if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
+  end
+  if string.byte(payload, 1) == 123 then return apply_ev(decode_json(payload), raw, logged_as) end   -- '{'
+  return apply_plain(payload, raw, logged_as)
 end
 
 -- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of memory, a
@@ -540,10 +644,15 @@ local function finish()   -- the dirty marks, once per call
   if #dirty > 0 then redis.call('SADD', P .. 'dirty', unpack(dirty)) end
 end
 
+-- The outcomes, one line per event, as one string: a reply Redis converts at once (a table per event cost it more
+-- than applying a page view's profile write).
 local out = {}
-for i = 3, #ARGV, 5 do
+local stride = reapply and 5 or 4   -- live calls carry no log entry
+for i = 3, #ARGV, stride do
   seen_key = false
-  local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+  local logged_as = nil
+  if reapply then logged_as = ARGV[i + 4] end
+  local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], logged_as)
   if not ok then
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
     -- not applied as a whole: forget it was seen, so that its retry or replay (a dead letter) applies it
@@ -552,9 +661,9 @@ for i = 3, #ARGV, 5 do
       pcall(finish)
       error(res)
     end
-    res = {'error', msg}
+    res = 'error\t' .. string.gsub(msg, '\n', ' ')
   end
   out[#out + 1] = res
 end
 finish()
-return out
+return table.concat(out, '\n')
