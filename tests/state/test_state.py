@@ -342,3 +342,25 @@ def test_the_events_index_holds_the_events_of_its_retention_and_no_backfill_olde
     at(3, start + period, start + period)  # the next period: the first entry is past the retention, trimmed
     assert r.zcard(index) == 2 and calls(index, "zremrangebyscore") == trims + 1
     assert abs(expiry(index) - (start + 2 * period + 8 * hour)) < 2_000
+
+
+def test_ties_at_the_same_millisecond_are_broken_by_messageid_in_any_order(r: redis.Redis) -> None:
+    """Events of one millisecond, in every order: first seen (the profile's and the identifier's) is the smallest
+    messageId, last seen the greatest. The fast path of a known person reads the messageIds only for such a tie."""
+    from itertools import permutations
+
+    from service.spec.events import parse_timestamp
+
+    known = {"type": "identify", "userId": "tie", "messageId": "m-id", "timestamp": "2026-03-01T11:00:00Z"}
+    early = [{"type": "page", "userId": "tie", "messageId": m, "timestamp": "2026-03-01T10:00:00.000Z"}
+             for m in ("mb", "ma", "mc")]
+    late = [{"type": "page", "userId": "tie", "messageId": m, "timestamp": "2026-03-01T12:00:00.000Z"}
+            for m in ("nb", "na", "nc")]
+    for a, b in zip(permutations(early), permutations(late), strict=True):
+        r.flushall()
+        apply(r, [known])
+        assert [o.status for o in apply(r, [*a, *b])] == ["ok"] * 6
+        p = find(r, "user_id", "tie")
+        assert (p.meta["fs"], p.meta["fm"]) == (str(parse_timestamp("2026-03-01T10:00:00Z")), "ma")
+        assert (p.meta["ls"], p.meta["lm"]) == (str(parse_timestamp("2026-03-01T12:00:00Z")), "nc")
+        assert [i.first_message_id for i in p.identifiers if i.type == "user_id"] == ["ma"]

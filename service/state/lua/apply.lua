@@ -21,8 +21,9 @@
 -- ARGV[1]  "prefix \t dedupe bucket \t received ms \t log MINID \t mode \t generation \t index retention ms \t
 --           older dedupe buckets \t dedupe expiry \t index trim bound \t index expiry \t index period": mode
 --           'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the event log: applied again
---           whether or not it was seen, and not logged a second time); generation '-' for the space's current one (P..'gen'), else the
---           one a rebuild writes (service/state/rebuild.py); index retention: how long G..'ev:'pid keeps an event;
+--           whether or not it was seen, and not logged a second time); generation '-' for the space's current one
+--           (P..'gen'), else the one a rebuild writes (service/state/rebuild.py); index retention: how long
+--           G..'ev:'pid keeps an event;
 --           then, so that the script formats no number: the older dedupe buckets to look in (oldest first,
 --           comma-separated), the current bucket's expiry (epoch s), the index's trim bound ('(' period start -
 --           retention, ms), its expiry (period end + retention, ms) and the period (its start, ms): a profile's
@@ -108,11 +109,6 @@ end
 local function before(a, b)   -- a < b, both integer texts
   if #a == #b and string.byte(a, 1) ~= 45 and string.byte(b, 1) ~= 45 then return a < b end
   return tonumber(a) < tonumber(b)
-end
-local function earlier_text(ts_a, mid_a, ts_b, mid_b)   -- earlier() on texts; ts_b nil: nothing stored yet
-  if not ts_b then return true end
-  if ts_a == ts_b then return mid_a < (mid_b or '') end
-  return before(ts_a, ts_b)
 end
 
 local function bits_or(a, b)
@@ -575,36 +571,40 @@ local function apply_plain(s, raw, logged_as)
 
   local S = G .. 'p:' .. pid
   local n = #idtexts
-  local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ix'}
-  for i = 1, n do fields[5 + i] = 'x:' .. idtexts[i] end
-  if afield ~= '' then fields[6 + n] = afield end
+  -- first and last seen are read without their messageIds, which only a tie at the same millisecond needs
+  local fields = {'m:fs', 'm:ls', 'm:ix'}
+  for i = 1, n do fields[3 + i] = 'x:' .. idtexts[i] end
+  if afield ~= '' then fields[4 + n] = afield end
   local cur = redis.call('HMGET', S, unpack(fields))
   local w = {'m:ua', now}
   local first = false
   for i = 1, n do   -- an identifier's first sighting (time|messageId)
-    local c = cur[5 + i]
+    local c = cur[3 + i]
     if c then
       local bar = string.find(c, '|', 1, true)
       local cts = string.sub(c, 1, bar - 1)
       if (cts == ts_text and mid < string.sub(c, bar + 1)) or (cts ~= ts_text and before(ts_text, cts)) then
         first = first or (ts_text .. '|' .. mid)
-        w[#w + 1] = fields[5 + i]; w[#w + 1] = first
+        w[#w + 1] = fields[3 + i]; w[#w + 1] = first
       end
     end
   end
   if afield ~= '' then   -- the channel's activity bit for the slot
-    local bits = tonumber(cur[6 + n]) or 0
+    local bits = tonumber(cur[4 + n]) or 0
     local p = 2 ^ tonumber(slot)
     if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
   end
-  if earlier_text(ts_text, mid, cur[1], cur[2]) then
+  local fs, ls = cur[1], cur[2]
+  if not fs or (fs ~= ts_text and before(ts_text, fs))
+      or (fs == ts_text and mid < (redis.call('HGET', S, 'm:fm') or '')) then
     w[#w + 1] = 'm:fs'; w[#w + 1] = ts_text; w[#w + 1] = 'm:fm'; w[#w + 1] = mid
   end
-  if not cur[3] or earlier_text(cur[3], cur[4], ts_text, mid) then
+  if not ls or (ls ~= ts_text and before(ls, ts_text))
+      or (ls == ts_text and (redis.call('HGET', S, 'm:lm') or '') < mid) then
     w[#w + 1] = 'm:ls'; w[#w + 1] = ts_text; w[#w + 1] = 'm:lm'; w[#w + 1] = mid
   end
   local index = indexed(ts_text, logged_as)
-  local retrim = index and cur[5] ~= period
+  local retrim = index and cur[3] ~= period
   if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
   redis.call('HSET', S, unpack(w))
   log_event(pid, raw, logged_as, string.sub(t, 1, 1), ts_text, index, retrim)
