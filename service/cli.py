@@ -404,9 +404,11 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
         resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
         if "--resume" not in resume:
             resume += " --resume"
+        if exc.reason:
+            print(f"persona-sync {args.command}: {exc.reason}", file=sys.stderr)
         print(f"stopped{' at ' + exc.report.stopped if exc.report.stopped else ''}; continue with: "
               f"persona-sync {resume}", file=sys.stderr)
-        return 130
+        return 1 if exc.reason else 130
     finally:
         reporter.close()
     _print_report(report, options.dry_run)
@@ -613,7 +615,9 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
             proc.join(30)
     _print_report(merged, args.dry_run)
     if failed:
-        print(f"persona-sync import: {failed[0]}", file=sys.stderr)
+        resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
+        print(f"persona-sync import: {failed[0]}\nstopped; continue with: "
+              f"persona-sync {resume}{'' if '--resume' in resume else ' --resume'}", file=sys.stderr)
         return 1
     if not stopped:  # every share is done: the next import of these files starts afresh
         client = state_client(settings)
@@ -651,6 +655,8 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
                          options, "import", checkpoint,
                          progress=lambda n: messages.put(("progress", (k, n, meter.done))), should_stop=stop.is_set)
         except Interrupted as exc:
+            if exc.reason:  # Redis refused a chunk: the parent reports it, and how to resume
+                raise
             report = exc.report
         if not report.interrupted and not args.dry_run:
             checkpoint.save(DONE)  # until every share is done, a --resume must not redo this one

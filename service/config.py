@@ -165,7 +165,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("STATE_WAIT_REPLICAS", "0", "Replicas that must have a request's events before the receiver answers 200 "
      "(Redis `WAIT` after the apply script). 0: the primary's word is enough, and a failover loses what it had not "
      "yet sent to the replica. Fewer within STATE_WAIT_TIMEOUT: 503 (the events are applied on the primary; "
-     "Segment's retry is then a duplicate). Run at least this many replicas plus one. Not with REDIS_CLUSTER."),
+     "Segment's retry is then a duplicate). Imports and replays wait for them too (ten times as long per chunk) and "
+     "stop, resumable, when they do not come. Run at least this many replicas plus one. Not with REDIS_CLUSTER."),
     ("STATE_WAIT_TIMEOUT", "1s", "How long the receiver waits for STATE_WAIT_REPLICAS replicas before it answers "
      "503 (10ms to 3s: the answer must beat Segment's 5 s deadline)."),
     ("DATA_DIR", "./var", "Where the embedded Redis keeps its data and AOF."),

@@ -42,7 +42,7 @@ from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys, replay_cancel
 from service.spec.rates import OUTCOME_OF
 from service.state.rates import count_applied
-from service.state.store import DEDUPE_BUCKETS, SyncStore, delete_dead_letters, state_keys
+from service.state.store import DEDUPE_BUCKETS, REDIS_DOWN, StoreUnavailable, SyncStore, delete_dead_letters, state_keys
 
 CHUNK = 1000  # events per pipelined apply, as a Webhooks (Actions) batch
 SHARD_LINES = 500  # lines (or array elements) per share of a file split between processes (``file_records``)
@@ -467,6 +467,14 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
         report.stopped = checkpoint.load() if checkpoint else None
         report.seconds = time.monotonic() - start
         raise Interrupted(report) from None
+    except (StoreUnavailable, *REDIS_DOWN) as exc:
+        # Redis refused a chunk (down, read-only after a failover, out of memory, or STATE_WAIT_REPLICAS replicas
+        # that did not acknowledge it): the checkpoint holds what was applied before it, and a resume starts there
+        # (what the refused chunk did apply is then skipped as duplicates, or applied again if a failover lost it)
+        report.interrupted = True
+        report.stopped = checkpoint.load() if checkpoint else None
+        report.seconds = time.monotonic() - start
+        raise Interrupted(report, f"Redis refused a chunk: {exc}") from exc
     finally:
         pool.shutdown(wait=True)
     report.seconds = time.monotonic() - start
@@ -474,11 +482,13 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; ``report`` says what was done and where to resume."""
+    """Ctrl-C during a run, or Redis refusing a chunk (``reason``); ``report`` says what was done and where to
+    resume."""
 
-    def __init__(self, report: Report) -> None:
-        super().__init__("interrupted")
+    def __init__(self, report: Report, reason: str | None = None) -> None:
+        super().__init__(reason or "interrupted")
         self.report = report
+        self.reason = reason
 
 
 def _kind(obj: Any) -> str:

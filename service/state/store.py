@@ -30,6 +30,7 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 Pipe = TypeVar("Pipe", redis.client.Pipeline, aredis.client.Pipeline)
 DEDUPE_BUCKETS = 2  # the window is split in 2 buckets: memory at most 1.5 x the window's ids, 3 lookups an event
 DLQ_RAW_LIMIT = 1024 * 1024
+BATCH_WAIT_FACTOR = 10  # a replay or import chunk waits this many STATE_WAIT_TIMEOUTs for its replicas
 INDEX_PERIOD_MS = 3_600_000  # the longest period between two trims of a profile's /events index
 
 # Dead letters are capped per space in entries (DEAD_LETTER_MAX) and in bytes (DEAD_LETTER_MAX_BYTES), oldest
@@ -427,21 +428,46 @@ class SyncStore:
     def apply(self, space: str, items: Sequence[tuple[Event, bytes]], now: int | None = None,
               reapply: bool = False, generation: str | None = None,
               logged_as: Sequence[str | None] | None = None) -> list[Outcome]:
-        """``logged_as``: for a replay of the log, each event's log entry id (see ``Applier.call_args``)."""
+        """``logged_as``: for a replay of the log, each event's log entry id (see ``Applier.call_args``).
+
+        With STATE_WAIT_REPLICAS, as the receiver does, each pipeline ends with ``WAIT``; a batch job waits ten
+        times STATE_WAIT_TIMEOUT (``BATCH_WAIT_FACTOR``: it floods the replicas, and nobody waits on its answer)
+        and raises ``NotReplicated`` when fewer replicas have the events: a replay or import then stops there,
+        resumable, rather than report as done what a failover could lose."""
         if not items:
             return []
         now = now_ms() if now is None else now
         keys = Keys(space)
         calls, sizes = _calls(self.applier, keys, items, now, reapply, generation, logged_as)
+        acks: list[int] = []
         pipe = _queue(self.client.pipeline(transaction=False), calls)
         pipe.sadd(SPACES_KEY, space)
-        replies = pipe.execute(raise_on_error=False)[: len(calls)]
+        replies = self._waited(pipe, acks)[: len(calls)]
         if missing := _noscript(replies):  # as in ``AsyncStore.apply``: re-run only what did not run
             self.client.script_load(SCRIPT)
             rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
-            for i, reply in zip(missing, rerun.execute(raise_on_error=False), strict=True):
+            for i, reply in zip(missing, self._waited(rerun, acks), strict=True):
                 replies[i] = reply
-        return _outcomes(replies, sizes)
+        outcomes = _outcomes(replies, sizes)
+        wanted = self.applier.settings.state_wait_replicas
+        if acks and min(acks) < wanted:
+            raise NotReplicated(outcomes, min(acks), wanted)
+        return outcomes
+
+    def _waited(self, pipe: redis.client.Pipeline, acks: list[int]) -> list:
+        """``AsyncStore._waited`` for a batch job: ``WAIT`` (on the pipeline's connection, so that it covers its
+        writes) up to ``BATCH_WAIT_FACTOR`` times STATE_WAIT_TIMEOUT; the count goes to ``acks``."""
+        settings = self.applier.settings
+        if not settings.state_wait_replicas:
+            return pipe.execute(raise_on_error=False)
+        timeout = settings.state_wait_timeout * BATCH_WAIT_FACTOR
+        pipe.execute_command("WAIT", settings.state_wait_replicas, max(1, int(timeout * 1000)))
+        replies = pipe.execute(raise_on_error=False)
+        acked = replies.pop()
+        if isinstance(acked, REDIS_DOWN):
+            raise acked
+        acks.append(acked if isinstance(acked, int) else 0)
+        return replies
 
 
     def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:
