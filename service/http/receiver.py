@@ -39,7 +39,7 @@ from service.spec.bodies import (
     webhook_items,
 )
 from service.spec.clock import now_ms
-from service.spec.events import Event, InvalidEvent, normalise
+from service.spec.events import TYPES, Event, InvalidEvent, normalise
 from service.state.store import NotReplicated, Outcome, StoreUnavailable
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -99,7 +99,8 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
     rejected: list[tuple[int, str, bytes]] = []
     counts: Counter[tuple[str, str]] = Counter()
     for i, item in enumerate(items):
-        kind = str(item.obj.get("type", "?"))[:20] if isinstance(item.obj, dict) else "?"
+        kind = item.obj.get("type") if isinstance(item.obj, dict) else None
+        kind = kind.lower() if isinstance(kind, str) and kind.lower() in TYPES else "unknown"  # bounded: a label
         try:
             if item.error:
                 raise InvalidEvent(item.error)
@@ -208,7 +209,7 @@ def timed(endpoint: Endpoint, route: str) -> Endpoint:
     async def wrapper(request: Request) -> Response:
         start = time.perf_counter()
         response = await endpoint(request)
-        metrics.REQUESTS.labels(route, str(response.status_code)).observe(time.perf_counter() - start)
+        metrics.observe_request(route, response.status_code, time.perf_counter() - start)
         return response
 
     return wrapper

@@ -167,6 +167,23 @@ def test_metrics_count_events_by_type_and_outcome(client: TestClient) -> None:
     assert "http_request_duration_seconds_bucket" in text
 
 
+def test_metrics_labels_stay_bounded_whatever_type_a_sender_writes(client: TestClient) -> None:
+    """A rejected event's type is a label: a type that is not Segment's counts as "unknown", so a sender cannot
+    make a new series (and a cached child) per string it invents."""
+    def unknown() -> float:  # the registry is the process's: count what this test adds
+        line = 'segment_events_total{outcome="rejected",type="unknown"} '
+        text = client.get("/metrics").text
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    before = unknown()
+    body = orjson.dumps([{"type": f"made-up-{n}", "userId": "u", "messageId": f"mu-{n}"} for n in range(5)]
+                        + [{"type": "TRACK", "userId": "u", "messageId": "mu-t", "event": "x"}])
+    assert post(client, body).json()["rejected"] == 5
+    assert unknown() == before + 5
+    text = client.get("/metrics").text
+    assert "made-up" not in text and 'segment_events_total{outcome="ok",type="track"}' in text
+
+
 def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     assert client.get("/nope").json()["error"]["code"] == "not_found"
     assert client.get("/segment").status_code == 405

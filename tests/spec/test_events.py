@@ -128,3 +128,22 @@ def test_script_payload_is_plain_for_a_page_view_and_json_otherwise() -> None:
     assert ident.script_payload().startswith(b"{")
     tabbed = normalise({"type": "track", "event": "x", "userId": "u\t1", "messageId": "m2"}, NOW, RULES)
     assert tabbed.script_payload().startswith(b"{")
+
+
+def test_iso_ms_is_exact_for_any_millisecond_and_any_order_of_calls() -> None:
+    """Receipt stamps and Profile API times: the second's text is reused between calls, so a run of calls that go
+    back and forth across seconds (and before 1970) must each still give their own exact time."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from service.spec.events import iso_ms
+
+    def exact(ms: int) -> str:
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+
+    rng = random.Random(5)
+    values = [0, 999, 1000, -1, -1000, -1001, 1_795_509_628_412, 1_795_509_628_999, 1_795_509_629_000]
+    values += [rng.randint(-10**12, 10**13) for _ in range(2000)]
+    assert [iso_ms(ms) for ms in values + values[::-1]] == [exact(ms) for ms in values + values[::-1]]
+    assert iso_ms(1_795_509_628_412) == "2026-11-24T08:40:28.412Z"
