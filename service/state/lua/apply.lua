@@ -66,8 +66,7 @@
 -- Costs, per event of a known person: every redis.call, string.format, tonumber and table costs Redis CPU, so
 -- what does not depend on the event is computed once per call (key prefixes; the times, as text, by the caller),
 -- times stay the text they arrived as, and the dirty marks and the log's trim are once per call.
-local h = {}
-for part in string.gmatch(ARGV[1], '[^\t]+') do h[#h + 1] = part end
+local h = {string.match(ARGV[1], '^' .. string.rep('([^\t]*)\t', 11) .. '([^\t]*)$')}   -- one call, 12 parts
 local P, bucket, now, minid = h[1], h[2], h[3], h[4]
 local reapply = h[5] == 'reapply'
 local G = h[6]
@@ -100,261 +99,11 @@ local any_deleted = redis.call('EXISTS', DELETED) == 1
 local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
 local logged = false
 
-local function earlier(ts_a, mid_a, ts_b, mid_b)
-  return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
-end
-
 -- Times are compared as the text they are stored as (ms since the epoch, written by this script or the caller):
 -- two of the same length and sign compare as their digits, which spares the two strtod a tonumber costs.
 local function before(a, b)   -- a < b, both integer texts
   if #a == #b and string.byte(a, 1) ~= 45 and string.byte(b, 1) ~= 45 then return a < b end
   return tonumber(a) < tonumber(b)
-end
-
-local function bits_or(a, b)
-  local r = 0
-  for s = 0, 47 do
-    local p = 2 ^ s
-    if math.floor(a / p) % 2 == 1 or math.floor(b / p) % 2 == 1 then r = r + p end
-  end
-  return r
-end
-
--- A write's stamp: its effective time, and how much later it was received ('<ts>' or '<ts>+<received - ts>').
-local function stamp(t, r)
-  if r > t then return fmt(t) .. '+' .. fmt(r - t) end
-  return fmt(t)
-end
-local function unstamp(s)
-  if not s then return 0, 0 end
-  local plus = string.find(s, '+', 1, true)
-  if not plus then local t = tonumber(s) or 0; return t, t end
-  local t = tonumber(string.sub(s, 1, plus - 1)) or 0
-  return t, t + (tonumber(string.sub(s, plus + 1)) or 0)
-end
-
--- Last write wins by effective time; at the same millisecond the later receipt wins, then the greater value.
--- The receipt time travels with the event (Segment's receivedAt, or ours written into the logged event), so
--- every delivery and replay order gives the same result.
--- cur: field -> current value; items: {name, json, ts, class, received}; appends winning writes to w.
-local function lww(cur, items, w, with_class, key)
-  for _, it in ipairs(items) do
-    local cv = cur['t:' .. it[1]]
-    local ts, r = it[3], it[5]
-    local cts, cr = unstamp(cur['T:' .. it[1]])
-    if not cv or ts > cts or (ts == cts and (r > cr or (r == cr and it[2] > cv))) then
-      w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
-      w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = stamp(ts, r)
-      if with_class then
-        if it[4] ~= '' then
-          w[#w + 1] = 'c:' .. it[1]; w[#w + 1] = it[4]
-        elseif cur['c:' .. it[1]] then
-          redis.call('HDEL', key, 'c:' .. it[1])
-        end
-      end
-    end
-  end
-end
-
-local function read(key, fields)
-  local cur = {}
-  if #fields == 0 then return cur end
-  local vals = redis.call('HMGET', key, unpack(fields))
-  for i = 1, #fields do if vals[i] then cur[fields[i]] = vals[i] end end
-  return cur
-end
-
-local function trait_fields(items, fields, with_class)
-  for _, it in ipairs(items) do
-    fields[#fields + 1] = 't:' .. it[1]; fields[#fields + 1] = 'T:' .. it[1]
-    if with_class then fields[#fields + 1] = 'c:' .. it[1] end
-  end
-end
-
--- first and last seen: fs/fm and ls/lm are the time (text, as stored) and messageId of each
-local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm)
-  if fs and earlier(fs, fm, tonumber(cur['m:fs']), cur['m:fm']) then
-    w[#w + 1] = 'm:fs'; w[#w + 1] = fs_text; w[#w + 1] = 'm:fm'; w[#w + 1] = fm
-  end
-  if ls and (not cur['m:ls'] or earlier(tonumber(cur['m:ls']), cur['m:lm'], ls, lm)) then
-    w[#w + 1] = 'm:ls'; w[#w + 1] = ls_text; w[#w + 1] = 'm:lm'; w[#w + 1] = lm
-  end
-end
-
--- The JSON form as ``ev`` (see the header); ``ts_text`` is ``ts`` as text, ``af`` the activity's profile field.
-local function decode_json(s)
-  local ev = cjson.decode(s)
-  ev.ts_text = fmt(ev.ts)
-  if ev.a ~= NULL then ev.af = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; ev.slot = ev.a[3] end
-  return ev
-end
-
--- The plain form's parts as ``ev``, for the events the fast path hands on (new identifiers, several profiles, a
--- deletion). ``idtexts``: 'type:value' each (a type with ':' in it goes as JSON).
-local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts)
-  local ids = {}
-  for i = 1, #idtexts do
-    local tv = idtexts[i]
-    local c = string.find(tv, ':', 1, true)
-    ids[i] = {string.sub(tv, 1, c - 1), string.sub(tv, c + 1)}
-  end
-  -- no receipt time: only traits need it, and this form carries none
-  local ev = {t = t, ts = tonumber(ts_text), ts_text = ts_text, mid = mid, uid = uid, ids = ids, tr = NO_TRAITS,
-              o = NULL, a = NULL, g = NULL, al = NULL, rv = NULL, ep = NULL}
-  if afield ~= '' then ev.af = afield; ev.slot = tonumber(slot) end
-  return ev
-end
-
-local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
-
--- pid -> {type -> n} and pid -> merges so far, of the profiles one event involves
-local function load(pid, counts_of, merges_of)
-  if counts_of[pid] then return end
-  local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
-  counts_of[pid] = m[1] and cjson.decode(m[1]) or {}
-  merges_of[pid] = tonumber(m[2]) or 0
-end
-
--- Merge profile L into the survivor pid (hash S): identifiers, traits by last write, activity bits, orders, groups.
-local function merge_into(L, pid, S, counts_of, merges_of)
-  local f = redis.call('HGETALL', pkey(L))
-  local lo = {}
-  for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
-  local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
-  for k, v in pairs(lo) do
-    local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
-    if pre == 't:' then
-      local t, r = unstamp(lo['T:' .. rest])
-      traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
-    elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
-      fields[#fields + 1] = k
-    elseif pre == 'x:' then
-      redis.call('SET', G .. 'i:' .. rest, pid)
-    end
-  end
-  trait_fields(traits, fields, true)
-  local cur = read(S, fields)
-  local w = {}
-  for k, v in pairs(lo) do
-    local pre = string.sub(k, 1, 2)
-    if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
-      w[#w + 1] = k; w[#w + 1] = v
-    elseif pre == 'a:' then
-      w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
-    elseif pre == 'g:' then
-      if not cur[k] or tonumber(v) < tonumber(cur[k]) then w[#w + 1] = k; w[#w + 1] = v end
-      local au = G .. 'au:' .. string.sub(k, 3)   -- the account's member is now the survivor
-      redis.call('ZREM', au, L)
-      redis.call('ZADD', au, 0, pid)
-    end
-  end
-  lww(cur, traits, w, true, S)
-  meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fs'], lo['m:fm'], tonumber(lo['m:ls']), lo['m:ls'], lo['m:lm'])
-  if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
-    w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
-  end
-  w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
-  redis.call('HSET', S, unpack(w))
-  for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
-  merges_of[pid] = merges_of[pid] + merges_of[L] + 1
-  redis.call('DEL', pkey(L))
-  redis.call('SET', G .. 'mrg:' .. L, pid)
-  if not rebuilding then dirty[#dirty + 1] = L end
-end
-
--- GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
--- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
--- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
--- without one suppresses every later event, as it did then).
-local function delete(ev)
-  local uid, ts = ev.uid, ev.ts
-  local pid
-  if uid ~= '' then
-    redis.call('SADD', P .. 'suppressed', uid)
-    redis.call('SADD', P .. 'forgotten:ids', uid)
-    local before = tonumber(redis.call('HGET', DELETED, uid))
-    if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
-    any_deleted = true
-    pid = redis.call('GET', ikey('user_id', uid))
-    if pid == TOMBSTONE then pid = false end
-    if not pid then
-      redis.call('SET', ikey('user_id', uid), TOMBSTONE)
-      return 'deleted\t'
-    end
-  else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
-    pid = ev.ep
-    if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
-  end
-  local f = redis.call('HGETALL', pkey(pid))
-  local erased, groups = {pid}, {}
-  for i = 1, #f, 2 do
-    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
-    if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
-  end
-  for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
-  for _, g in ipairs(groups) do redis.call('ZREM', G .. 'au:' .. g, unpack(erased)) end
-  for i = 1, #f, 2 do
-    local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
-    if pre == 'x:' then
-      redis.call('DEL', G .. 'i:' .. rest)
-      -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
-      local kind, value = string.match(rest, '^([^:]+):(.*)$')
-      if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
-    elseif pre == 'r:' then
-      redis.call('DEL', G .. 'mrg:' .. rest)
-      redis.call('SADD', P .. 'forgotten', rest)
-    end
-  end
-  redis.call('DEL', pkey(pid))
-  if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
-  redis.call('SADD', P .. 'forgotten', pid)
-  dirty[#dirty + 1] = pid
-  return 'deleted\t' .. pid
-end
-
--- Which profiles the event's identifiers match, once identifiers past the limits are dropped: returns the
--- profiles to merge (lowest id survives) and which identifiers stay active.
-local function resolve(ids, owner, counts_of, merges_of)
-  local active = {}
-  for i = 1, #ids do active[i] = true end
-  local rules = the_rules()
-  local nactive = #ids
-  while true do
-    local mlist, seen, counts, total, merges = {}, {}, {}, 0, 0
-    for i = 1, #ids do
-      if active[i] then
-        local o = owner[i]
-        if o then
-          if not seen[o] then
-            seen[o] = true
-            mlist[#mlist + 1] = o
-            load(o, counts_of, merges_of)
-            for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
-            merges = merges + merges_of[o]
-          end
-        else
-          local t = ids[i][1]
-          counts[t] = (counts[t] or 0) + 1
-          total = total + 1
-        end
-      end
-    end
-    local ok = nactive <= 1
-    if not ok then
-      ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
-      if ok then
-        for t, n in pairs(counts) do
-          local l = rules.limits[t]
-          if l == nil then l = rules.default_limit end
-          if n > l then ok = false; break end
-        end
-      end
-    end
-    if ok then return mlist, active end
-    for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
-      if active[i] then active[i] = false; nactive = nactive - 1; break end
-    end
-  end
 end
 
 -- Log the event (the first entry of a call trims the log), add it to its profile's /events index, and mark the
@@ -393,150 +142,410 @@ local function indexed(ts_text, logged_as)
       and not before(ts_text, index_oldest)
 end
 
--- Steps 2 to 6 of one event, decoded as ``ev`` (either form), once its dedupe record is written: the general
--- path, for every event the fast path (``apply_plain``) does not take. Returns its outcome line.
-local function apply_ev(ev, raw, logged_as)
-  -- 2. GDPR deletion ----------------------------------------------------------------------------------------
-  if ev.t == 'delete' then return delete(ev) end
-
-  -- 3. identity resolution (and suppression of deleted userIds) ----------------------------------------------
-  local uid = ev.uid
-  local ts, ts_text, mid, rc = ev.ts, ev.ts_text, ev.mid, ev.rc or ev.ts
-  local ids = ev.ids
-  if ev.t == 'alias' and ev.al ~= NULL and ev.al and the_rules().alias then
-    local kind = 'anonymous_id'
-    if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
-    local present = false
-    for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
-    -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
-    if not present then table.insert(ids, {kind, ev.al}) end
+-- The general path (identity resolution, merges, traits, orders, groups, deletion): its functions are made on
+-- the first event that needs them. Each closure costs Redis CPU at every call of the script, and most calls
+-- are plain events of known people, which the fast path (``apply_plain``) serves alone.
+local general = nil
+local function general_path()
+  if general then return general end
+  local function earlier(ts_a, mid_a, ts_b, mid_b)
+    return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
   end
 
-  local deleted_at = false
-  if uid ~= '' and any_deleted then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
-  if deleted_at and ts <= deleted_at then return SUPPRESSED end
-
-  local owner, distinct, ndistinct, unmapped = {}, {}, 0, 0
-  for i, id in ipairs(ids) do
-    local o = redis.call('GET', ikey(id[1], id[2]))
-    if o == TOMBSTONE then
-      if id[1] == 'user_id' and id[2] == uid and not deleted_at then
-        return SUPPRESSED   -- deleted by an older version, which kept no time: suppressed for ever, as then
-      end
-      o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
+  local function bits_or(a, b)
+    local r = 0
+    for s = 0, 47 do
+      local p = 2 ^ s
+      if math.floor(a / p) % 2 == 1 or math.floor(b / p) % 2 == 1 then r = r + p end
     end
-    owner[i] = o
-    if o then
-      if not distinct[o] then distinct[o] = true; ndistinct = ndistinct + 1 end
-    else
-      unmapped = unmapped + 1
-    end
+    return r
   end
 
-  local counts_of, merges_of = {}, {}
-  local mlist, active
-  if unmapped == 0 and ndistinct == 1 then
-    mlist = {owner[1]}                 -- fast path: a known person, nothing new to check
-  elseif #ids == 1 then
-    mlist = owner[1] and {owner[1]} or {}
-  else
-    mlist, active = resolve(ids, owner, counts_of, merges_of)
+  -- A write's stamp: its effective time, and how much later it was received ('<ts>' or '<ts>+<received - ts>').
+  local function stamp(t, r)
+    if r > t then return fmt(t) .. '+' .. fmt(r - t) end
+    return fmt(t)
+  end
+  local function unstamp(s)
+    if not s then return 0, 0 end
+    local plus = string.find(s, '+', 1, true)
+    if not plus then local t = tonumber(s) or 0; return t, t end
+    local t = tonumber(string.sub(s, 1, plus - 1)) or 0
+    return t, t + (tonumber(string.sub(s, plus + 1)) or 0)
   end
 
-  -- 4. create or merge ------------------------------------------------------------------------------------
-  local created = 0
-  local pid
-  if #mlist == 0 then
-    pid = 'use_' .. redis.call('INCR', G .. 'seq')
-    counts_of[pid], merges_of[pid] = {}, 0
-    created = 1
-  else
-    pid = mlist[1]
-    for i = 2, #mlist do if num(mlist[i]) < num(pid) then pid = mlist[i] end end
-  end
-  local S = pkey(pid)
-
-  local merged = 0
-  for _, o in ipairs(mlist) do
-    if o ~= pid then merge_into(o, pid, S, counts_of, merges_of); merged = merged + 1 end
-  end
-
-  -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
-  local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ix'}
-  local items = {}
-  for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
-  trait_fields(items, fields, true)
-  local afield, ofield, gfield, rfield
-  if ev.af then afield = ev.af; fields[#fields + 1] = afield end
-  if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
-  if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
-  if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
-  local xfields = {}
-  for i, id in ipairs(ids) do
-    xfields[i] = 'x:' .. id[1] .. ':' .. id[2]
-    if (not active or active[i]) and owner[i] then fields[#fields + 1] = xfields[i] end
-  end
-  local cur = read(S, fields)
-  local w = {'m:ua', now}
-  if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
-
-  local new_ids = false
-  local first = ts_text .. '|' .. mid
-  for i, id in ipairs(ids) do
-    if not active or active[i] then
-      local field = xfields[i]
-      if not owner[i] then
-        redis.call('SET', ikey(id[1], id[2]), pid)
-        w[#w + 1] = field; w[#w + 1] = first
-        if not counts_of[pid] then load(pid, counts_of, merges_of) end
-        counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
-        new_ids = true
-      elseif cur[field] then
-        local c = cur[field]
-        local bar = string.find(c, '|', 1, true)
-        if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
-          w[#w + 1] = field; w[#w + 1] = first
+  -- Last write wins by effective time; at the same millisecond the later receipt wins, then the greater value.
+  -- The receipt time travels with the event (Segment's receivedAt, or ours written into the logged event), so
+  -- every delivery and replay order gives the same result.
+  -- cur: field -> current value; items: {name, json, ts, class, received}; appends winning writes to w.
+  local function lww(cur, items, w, with_class, key)
+    for _, it in ipairs(items) do
+      local cv = cur['t:' .. it[1]]
+      local ts, r = it[3], it[5]
+      local cts, cr = unstamp(cur['T:' .. it[1]])
+      if not cv or ts > cts or (ts == cts and (r > cr or (r == cr and it[2] > cv))) then
+        w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
+        w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = stamp(ts, r)
+        if with_class then
+          if it[4] ~= '' then
+            w[#w + 1] = 'c:' .. it[1]; w[#w + 1] = it[4]
+          elseif cur['c:' .. it[1]] then
+            redis.call('HDEL', key, 'c:' .. it[1])
+          end
         end
       end
     end
   end
-  if new_ids or merged > 0 or created == 1 then
-    local n_json = '{}'
-    if next(counts_of[pid]) ~= nil then n_json = cjson.encode(counts_of[pid]) end
-    w[#w + 1] = 'm:n'; w[#w + 1] = n_json
-    w[#w + 1] = 'm:merges'; w[#w + 1] = fmt(merges_of[pid])
+
+  local function read(key, fields)
+    local cur = {}
+    if #fields == 0 then return cur end
+    local vals = redis.call('HMGET', key, unpack(fields))
+    for i = 1, #fields do if vals[i] then cur[fields[i]] = vals[i] end end
+    return cur
   end
 
-  lww(cur, items, w, true, S)
-  if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
-  -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
-  if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = ts_text end
-  if afield then
-    local bits = tonumber(cur[afield]) or 0
-    local p = 2 ^ ev.slot
-    if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
+  local function trait_fields(items, fields, with_class)
+    for _, it in ipairs(items) do
+      fields[#fields + 1] = 't:' .. it[1]; fields[#fields + 1] = 'T:' .. it[1]
+      if with_class then fields[#fields + 1] = 'c:' .. it[1] end
+    end
   end
-  if gfield then
-    local g = tonumber(cur[gfield])
-    redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid)   -- every time: a log replay fills it for older data
-    if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = ts_text end
-    local acct = {}
-    for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
-    local akey = G .. 'acct:' .. ev.g[1]
-    local aw, af = {}, {}
-    trait_fields(acct, af, false)
-    lww(read(akey, af), acct, aw, false, akey)
-    if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
-  end
-  meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid)
-  local index = indexed(ts_text, logged_as)
-  local retrim = index and cur['m:ix'] ~= period
-  if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
-  redis.call('HSET', S, unpack(w))
 
-  -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
-  log_event(pid, raw, logged_as, string.sub(ev.t, 1, 1), ts_text, index, retrim)
-  return 'ok\t' .. pid .. '\t' .. created .. '\t' .. merged
+  -- first and last seen: fs/fm and ls/lm are the time (text, as stored) and messageId of each
+  local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm)
+    if fs and earlier(fs, fm, tonumber(cur['m:fs']), cur['m:fm']) then
+      w[#w + 1] = 'm:fs'; w[#w + 1] = fs_text; w[#w + 1] = 'm:fm'; w[#w + 1] = fm
+    end
+    if ls and (not cur['m:ls'] or earlier(tonumber(cur['m:ls']), cur['m:lm'], ls, lm)) then
+      w[#w + 1] = 'm:ls'; w[#w + 1] = ls_text; w[#w + 1] = 'm:lm'; w[#w + 1] = lm
+    end
+  end
+
+  -- The JSON form as ``ev`` (see the header); ``ts_text`` is ``ts`` as text, ``af`` the activity's profile field.
+  local function decode_json(s)
+    local ev = cjson.decode(s)
+    ev.ts_text = fmt(ev.ts)
+    if ev.a ~= NULL then ev.af = 'a:' .. ev.a[1] .. ':' .. ev.a[2]; ev.slot = ev.a[3] end
+    return ev
+  end
+
+  -- The plain form's parts as ``ev``, for the events the fast path hands on (new identifiers, several profiles, a
+  -- deletion). ``idtexts``: 'type:value' each (a type with ':' in it goes as JSON).
+  local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts)
+    local ids = {}
+    for i = 1, #idtexts do
+      local tv = idtexts[i]
+      local c = string.find(tv, ':', 1, true)
+      ids[i] = {string.sub(tv, 1, c - 1), string.sub(tv, c + 1)}
+    end
+    -- no receipt time: only traits need it, and this form carries none
+    local ev = {t = t, ts = tonumber(ts_text), ts_text = ts_text, mid = mid, uid = uid, ids = ids, tr = NO_TRAITS,
+                o = NULL, a = NULL, g = NULL, al = NULL, rv = NULL, ep = NULL}
+    if afield ~= '' then ev.af = afield; ev.slot = tonumber(slot) end
+    return ev
+  end
+
+  local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
+
+  -- pid -> {type -> n} and pid -> merges so far, of the profiles one event involves
+  local function load(pid, counts_of, merges_of)
+    if counts_of[pid] then return end
+    local m = redis.call('HMGET', pkey(pid), 'm:n', 'm:merges')
+    counts_of[pid] = m[1] and cjson.decode(m[1]) or {}
+    merges_of[pid] = tonumber(m[2]) or 0
+  end
+
+  -- Merge profile L into the survivor pid (hash S): identifiers, traits by last write, activity bits, orders, groups.
+  local function merge_into(L, pid, S, counts_of, merges_of)
+    local f = redis.call('HGETALL', pkey(L))
+    local lo = {}
+    for i = 1, #f, 2 do lo[f[i]] = f[i + 1] end
+    local traits, fields = {}, {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ca'}
+    for k, v in pairs(lo) do
+      local pre, rest = string.sub(k, 1, 2), string.sub(k, 3)
+      if pre == 't:' then
+        local t, r = unstamp(lo['T:' .. rest])
+        traits[#traits + 1] = {rest, v, t, lo['c:' .. rest] or '', r}
+      elseif pre == 'a:' or pre == 'g:' or pre == 'o:' or pre == 'q:' then
+        fields[#fields + 1] = k
+      elseif pre == 'x:' then
+        redis.call('SET', G .. 'i:' .. rest, pid)
+      end
+    end
+    trait_fields(traits, fields, true)
+    local cur = read(S, fields)
+    local w = {}
+    for k, v in pairs(lo) do
+      local pre = string.sub(k, 1, 2)
+      if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
+        w[#w + 1] = k; w[#w + 1] = v
+      elseif pre == 'a:' then
+        w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
+      elseif pre == 'g:' then
+        if not cur[k] or tonumber(v) < tonumber(cur[k]) then w[#w + 1] = k; w[#w + 1] = v end
+        local au = G .. 'au:' .. string.sub(k, 3)   -- the account's member is now the survivor
+        redis.call('ZREM', au, L)
+        redis.call('ZADD', au, 0, pid)
+      end
+    end
+    lww(cur, traits, w, true, S)
+    meta_writes(cur, w, tonumber(lo['m:fs']), lo['m:fs'], lo['m:fm'], tonumber(lo['m:ls']), lo['m:ls'], lo['m:lm'])
+    if lo['m:ca'] and (not cur['m:ca'] or tonumber(lo['m:ca']) < tonumber(cur['m:ca'])) then
+      w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
+    end
+    w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
+    redis.call('HSET', S, unpack(w))
+    for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
+    merges_of[pid] = merges_of[pid] + merges_of[L] + 1
+    redis.call('DEL', pkey(L))
+    redis.call('SET', G .. 'mrg:' .. L, pid)
+    if not rebuilding then dirty[#dirty + 1] = L end
+  end
+
+  -- GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
+  -- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
+  -- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
+  -- without one suppresses every later event, as it did then).
+  local function delete(ev)
+    local uid, ts = ev.uid, ev.ts
+    local pid
+    if uid ~= '' then
+      redis.call('SADD', P .. 'suppressed', uid)
+      redis.call('SADD', P .. 'forgotten:ids', uid)
+      local before = tonumber(redis.call('HGET', DELETED, uid))
+      if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
+      any_deleted = true
+      pid = redis.call('GET', ikey('user_id', uid))
+      if pid == TOMBSTONE then pid = false end
+      if not pid then
+        redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+        return 'deleted\t'
+      end
+    else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
+      pid = ev.ep
+      if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
+    end
+    local f = redis.call('HGETALL', pkey(pid))
+    local erased, groups = {pid}, {}
+    for i = 1, #f, 2 do
+      local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+      if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
+    end
+    for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
+    for _, g in ipairs(groups) do redis.call('ZREM', G .. 'au:' .. g, unpack(erased)) end
+    for i = 1, #f, 2 do
+      local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+      if pre == 'x:' then
+        redis.call('DEL', G .. 'i:' .. rest)
+        -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
+        local kind, value = string.match(rest, '^([^:]+):(.*)$')
+        if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
+      elseif pre == 'r:' then
+        redis.call('DEL', G .. 'mrg:' .. rest)
+        redis.call('SADD', P .. 'forgotten', rest)
+      end
+    end
+    redis.call('DEL', pkey(pid))
+    if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
+    redis.call('SADD', P .. 'forgotten', pid)
+    dirty[#dirty + 1] = pid
+    return 'deleted\t' .. pid
+  end
+
+  -- Which profiles the event's identifiers match, once identifiers past the limits are dropped: returns the
+  -- profiles to merge (lowest id survives) and which identifiers stay active.
+  local function resolve(ids, owner, counts_of, merges_of)
+    local active = {}
+    for i = 1, #ids do active[i] = true end
+    local rules = the_rules()
+    local nactive = #ids
+    while true do
+      local mlist, seen, counts, total, merges = {}, {}, {}, 0, 0
+      for i = 1, #ids do
+        if active[i] then
+          local o = owner[i]
+          if o then
+            if not seen[o] then
+              seen[o] = true
+              mlist[#mlist + 1] = o
+              load(o, counts_of, merges_of)
+              for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
+              merges = merges + merges_of[o]
+            end
+          else
+            local t = ids[i][1]
+            counts[t] = (counts[t] or 0) + 1
+            total = total + 1
+          end
+        end
+      end
+      local ok = nactive <= 1
+      if not ok then
+        ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
+        if ok then
+          for t, n in pairs(counts) do
+            local l = rules.limits[t]
+            if l == nil then l = rules.default_limit end
+            if n > l then ok = false; break end
+          end
+        end
+      end
+      if ok then return mlist, active end
+      for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
+        if active[i] then active[i] = false; nactive = nactive - 1; break end
+      end
+    end
+  end
+
+  -- Steps 2 to 6 of one event, decoded as ``ev`` (either form), once its dedupe record is written: the general
+  -- path, for every event the fast path (``apply_plain``) does not take. Returns its outcome line.
+  local function apply_ev(ev, raw, logged_as)
+    -- 2. GDPR deletion ----------------------------------------------------------------------------------------
+    if ev.t == 'delete' then return delete(ev) end
+
+    -- 3. identity resolution (and suppression of deleted userIds) ----------------------------------------------
+    local uid = ev.uid
+    local ts, ts_text, mid, rc = ev.ts, ev.ts_text, ev.mid, ev.rc or ev.ts
+    local ids = ev.ids
+    if ev.t == 'alias' and ev.al ~= NULL and ev.al and the_rules().alias then
+      local kind = 'anonymous_id'
+      if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
+      local present = false
+      for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
+      -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
+      if not present then table.insert(ids, {kind, ev.al}) end
+    end
+
+    local deleted_at = false
+    if uid ~= '' and any_deleted then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
+    if deleted_at and ts <= deleted_at then return SUPPRESSED end
+
+    local owner, distinct, ndistinct, unmapped = {}, {}, 0, 0
+    for i, id in ipairs(ids) do
+      local o = redis.call('GET', ikey(id[1], id[2]))
+      if o == TOMBSTONE then
+        if id[1] == 'user_id' and id[2] == uid and not deleted_at then
+          return SUPPRESSED   -- deleted by an older version, which kept no time: suppressed for ever, as then
+        end
+        o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
+      end
+      owner[i] = o
+      if o then
+        if not distinct[o] then distinct[o] = true; ndistinct = ndistinct + 1 end
+      else
+        unmapped = unmapped + 1
+      end
+    end
+
+    local counts_of, merges_of = {}, {}
+    local mlist, active
+    if unmapped == 0 and ndistinct == 1 then
+      mlist = {owner[1]}                 -- fast path: a known person, nothing new to check
+    elseif #ids == 1 then
+      mlist = owner[1] and {owner[1]} or {}
+    else
+      mlist, active = resolve(ids, owner, counts_of, merges_of)
+    end
+
+    -- 4. create or merge ------------------------------------------------------------------------------------
+    local created = 0
+    local pid
+    if #mlist == 0 then
+      pid = 'use_' .. redis.call('INCR', G .. 'seq')
+      counts_of[pid], merges_of[pid] = {}, 0
+      created = 1
+    else
+      pid = mlist[1]
+      for i = 2, #mlist do if num(mlist[i]) < num(pid) then pid = mlist[i] end end
+    end
+    local S = pkey(pid)
+
+    local merged = 0
+    for _, o in ipairs(mlist) do
+      if o ~= pid then merge_into(o, pid, S, counts_of, merges_of); merged = merged + 1 end
+    end
+
+    -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
+    local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ix'}
+    local items = {}
+    for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
+    trait_fields(items, fields, true)
+    local afield, ofield, gfield, rfield
+    if ev.af then afield = ev.af; fields[#fields + 1] = afield end
+    if ev.o ~= NULL then ofield = 'o:' .. ev.o[1]; fields[#fields + 1] = ofield end
+    if ev.g ~= NULL then gfield = 'g:' .. ev.g[1]; fields[#fields + 1] = gfield end
+    if ev.rv ~= NULL and ev.rv then rfield = 'q:' .. ev.rv; fields[#fields + 1] = rfield end
+    local xfields = {}
+    for i, id in ipairs(ids) do
+      xfields[i] = 'x:' .. id[1] .. ':' .. id[2]
+      if (not active or active[i]) and owner[i] then fields[#fields + 1] = xfields[i] end
+    end
+    local cur = read(S, fields)
+    local w = {'m:ua', now}
+    if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
+
+    local new_ids = false
+    local first = ts_text .. '|' .. mid
+    for i, id in ipairs(ids) do
+      if not active or active[i] then
+        local field = xfields[i]
+        if not owner[i] then
+          redis.call('SET', ikey(id[1], id[2]), pid)
+          w[#w + 1] = field; w[#w + 1] = first
+          if not counts_of[pid] then load(pid, counts_of, merges_of) end
+          counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
+          new_ids = true
+        elseif cur[field] then
+          local c = cur[field]
+          local bar = string.find(c, '|', 1, true)
+          if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
+            w[#w + 1] = field; w[#w + 1] = first
+          end
+        end
+      end
+    end
+    if new_ids or merged > 0 or created == 1 then
+      local n_json = '{}'
+      if next(counts_of[pid]) ~= nil then n_json = cjson.encode(counts_of[pid]) end
+      w[#w + 1] = 'm:n'; w[#w + 1] = n_json
+      w[#w + 1] = 'm:merges'; w[#w + 1] = fmt(merges_of[pid])
+    end
+
+    lww(cur, items, w, true, S)
+    if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
+    -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
+    if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = ts_text end
+    if afield then
+      local bits = tonumber(cur[afield]) or 0
+      local p = 2 ^ ev.slot
+      if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
+    end
+    if gfield then
+      local g = tonumber(cur[gfield])
+      redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid)   -- every time: a log replay fills it for older data
+      if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = ts_text end
+      local acct = {}
+      for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
+      local akey = G .. 'acct:' .. ev.g[1]
+      local aw, af = {}, {}
+      trait_fields(acct, af, false)
+      lww(read(akey, af), acct, aw, false, akey)
+      if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
+    end
+    meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid)
+    local index = indexed(ts_text, logged_as)
+    local retrim = index and cur['m:ix'] ~= period
+    if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
+    redis.call('HSET', S, unpack(w))
+
+    -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
+    log_event(pid, raw, logged_as, string.sub(ev.t, 1, 1), ts_text, index, retrim)
+    return 'ok\t' .. pid .. '\t' .. created .. '\t' .. merged
+  end
+
+  general = {apply_ev = apply_ev, decode_json = decode_json, plain_ev = plain_ev}
+  return general
 end
 
 -- The fast path: a plain event (see the header) of a known person, every identifier already on one profile: one
@@ -567,7 +576,10 @@ local function apply_plain(s, raw, logged_as)
     local deleted_at = tonumber(redis.call('HGET', DELETED, uid))
     if deleted_at and tonumber(ts_text) <= deleted_at then return SUPPRESSED end
   end
-  if not pid then return apply_ev(plain_ev(t, ts_text, mid, uid, afield, slot, idtexts), raw, logged_as) end
+  if not pid then
+    local g = general_path()
+    return g.apply_ev(g.plain_ev(t, ts_text, mid, uid, afield, slot, idtexts), raw, logged_as)
+  end
 
   local S = G .. 'p:' .. pid
   local n = #idtexts
@@ -626,7 +638,10 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     seen_key = k
     if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
   end
-  if string.byte(payload, 1) == 123 then return apply_ev(decode_json(payload), raw, logged_as) end   -- '{'
+  if string.byte(payload, 1) == 123 then   -- '{'
+    local g = general_path()
+    return g.apply_ev(g.decode_json(payload), raw, logged_as)
+  end
   return apply_plain(payload, raw, logged_as)
 end
 
