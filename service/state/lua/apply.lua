@@ -63,9 +63,11 @@
 --   KEYS[1]                 event log (XADD; trimmed by MINID by the first XADD of each call)
 -- Layout of the profile hash: see service/spec/keys.py.
 
--- Costs, per event of a known person: every redis.call, string.format, tonumber and table costs Redis CPU, so
--- what does not depend on the event is computed once per call (key prefixes; the times, as text, by the caller),
--- times stay the text they arrived as, and the dirty marks and the log's trim are once per call.
+-- Costs, per event of a known person: every redis.call, string.format, tonumber, table and string costs Redis CPU,
+-- so what does not depend on the event is computed once per call (key prefixes; the times, as text, by the
+-- caller), times stay the text they arrived as and are compared as text, the dirty marks and the log's trim are
+-- once per call, and the functions of the general path are made only when an event needs them (every closure
+-- is made again at each call of the script).
 local h = {string.match(ARGV[1], '^' .. string.rep('([^\t]*)\t', 11) .. '([^\t]*)$')}   -- one call, 12 parts
 local P, bucket, now, minid = h[1], h[2], h[3], h[4]
 local reapply = h[5] == 'reapply'
