@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 import redis
 from redis.cluster import RedisCluster
 
@@ -344,18 +345,24 @@ def test_the_events_index_holds_the_events_of_its_retention_and_no_backfill_olde
     assert abs(expiry(index) - (start + 2 * period + 8 * hour)) < 2_000
 
 
-def test_ties_at_the_same_millisecond_are_broken_by_messageid_in_any_order(r: redis.Redis) -> None:
+@pytest.mark.parametrize("general", ["early", "late"])
+def test_ties_at_the_same_millisecond_are_broken_by_messageid_in_any_order(r: redis.Redis, general: str) -> None:
     """Events of one millisecond, in every order: first seen (the profile's and the identifier's) is the smallest
-    messageId, last seen the greatest. The fast path of a known person reads the messageIds only for such a tie."""
+    messageId, last seen the greatest. Both paths of the script read the messageIds only for such a tie: page
+    views of a known person take the fast path, identify calls with traits the general one."""
     from itertools import permutations
 
     from service.spec.events import parse_timestamp
 
+    def at(stamp: str, mids: tuple[str, ...], identify: bool) -> list[dict]:
+        if identify:
+            return [{"type": "identify", "userId": "tie", "messageId": m, "timestamp": stamp, "traits": {"m": m}}
+                    for m in mids]
+        return [{"type": "page", "userId": "tie", "messageId": m, "timestamp": stamp} for m in mids]
+
     known = {"type": "identify", "userId": "tie", "messageId": "m-id", "timestamp": "2026-03-01T11:00:00Z"}
-    early = [{"type": "page", "userId": "tie", "messageId": m, "timestamp": "2026-03-01T10:00:00.000Z"}
-             for m in ("mb", "ma", "mc")]
-    late = [{"type": "page", "userId": "tie", "messageId": m, "timestamp": "2026-03-01T12:00:00.000Z"}
-            for m in ("nb", "na", "nc")]
+    early = at("2026-03-01T10:00:00.000Z", ("mb", "ma", "mc"), general == "early")
+    late = at("2026-03-01T12:00:00.000Z", ("nb", "na", "nc"), general == "late")
     for a, b in zip(permutations(early), permutations(late), strict=True):
         r.flushall()
         apply(r, [known])

@@ -179,7 +179,8 @@ local function general_path()
   -- Last write wins by effective time; at the same millisecond the later receipt wins, then the greater value.
   -- The receipt time travels with the event (Segment's receivedAt, or ours written into the logged event), so
   -- every delivery and replay order gives the same result.
-  -- cur: field -> current value; items: {name, json, ts, class, received}; appends winning writes to w.
+  -- cur: field -> current value; items: {name, json, ts, class, received[, stamp(ts, received) as text]};
+  -- appends winning writes to w.
   local function lww(cur, items, w, with_class, key)
     for _, it in ipairs(items) do
       local cv = cur['t:' .. it[1]]
@@ -187,7 +188,7 @@ local function general_path()
       local cts, cr = unstamp(cur['T:' .. it[1]])
       if not cv or ts > cts or (ts == cts and (r > cr or (r == cr and it[2] > cv))) then
         w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
-        w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = stamp(ts, r)
+        w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = it[6] or stamp(ts, r)
         if with_class then
           if it[4] ~= '' then
             w[#w + 1] = 'c:' .. it[1]; w[#w + 1] = it[4]
@@ -215,11 +216,18 @@ local function general_path()
   end
 
   -- first and last seen: fs/fm and ls/lm are the time (text, as stored) and messageId of each
-  local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm)
-    if fs and earlier(fs, fm, tonumber(cur['m:fs']), cur['m:fm']) then
+  -- ``key``: the profile hash, when ``cur`` was read without the messageIds (only a tie at the same millisecond
+  -- needs one: it is read then)
+  local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm, key)
+    local cfs, cls = tonumber(cur['m:fs']), tonumber(cur['m:ls'])
+    if key then
+      if fs and cfs == fs then cur['m:fm'] = redis.call('HGET', key, 'm:fm') or nil end
+      if ls and cls == ls then cur['m:lm'] = redis.call('HGET', key, 'm:lm') or nil end
+    end
+    if fs and earlier(fs, fm, cfs, cur['m:fm']) then
       w[#w + 1] = 'm:fs'; w[#w + 1] = fs_text; w[#w + 1] = 'm:fm'; w[#w + 1] = fm
     end
-    if ls and (not cur['m:ls'] or earlier(tonumber(cur['m:ls']), cur['m:lm'], ls, lm)) then
+    if ls and (not cur['m:ls'] or earlier(cls, cur['m:lm'], ls, lm)) then
       w[#w + 1] = 'm:ls'; w[#w + 1] = ls_text; w[#w + 1] = 'm:lm'; w[#w + 1] = lm
     end
   end
@@ -469,9 +477,11 @@ local function general_path()
     end
 
     -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
-    local fields = {'m:fs', 'm:fm', 'm:ls', 'm:lm', 'm:ix'}
+    local fields = {'m:fs', 'm:ls', 'm:ix'}   -- first and last seen without their messageIds (meta_writes)
     local items = {}
-    for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc} end
+    local st = ts_text   -- the event's stamp, formatted once for all its traits
+    if rc > ts then st = ts_text .. '+' .. fmt(rc - ts) end
+    for _, tr in ipairs(ev.tr) do items[#items + 1] = {tr[1], tr[2], ts, tr[3], rc, st} end
     trait_fields(items, fields, true)
     local afield, ofield, gfield, rfield
     if ev.af then afield = ev.af; fields[#fields + 1] = afield end
@@ -528,14 +538,14 @@ local function general_path()
       redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid)   -- every time: a log replay fills it for older data
       if not g or ts < g then w[#w + 1] = gfield; w[#w + 1] = ts_text end
       local acct = {}
-      for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc} end
+      for _, tr in ipairs(ev.g[2]) do acct[#acct + 1] = {tr[1], tr[2], ts, '', rc, st} end
       local akey = G .. 'acct:' .. ev.g[1]
       local aw, af = {}, {}
       trait_fields(acct, af, false)
       lww(read(akey, af), acct, aw, false, akey)
       if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
     end
-    meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid)
+    meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid, S)
     local index = indexed(ts_text, logged_as)
     local retrim = index and cur['m:ix'] ~= period
     if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
