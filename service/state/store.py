@@ -193,8 +193,8 @@ def _outcomes(replies: Sequence, sizes: Sequence[int]) -> list[Outcome]:
         if isinstance(r, Exception):
             out += [Outcome("error", f"store error: {r}"[:300])] * n
         else:
-            text = r.decode() if isinstance(r, bytes) else str(r)  # one line per event
-            out += [_outcome(line) for line in text.split("\n")]
+            text = r.decode(errors="replace") if isinstance(r, bytes) else str(r)  # one line per event
+            out += [_outcome(line) for line in text.split("\n")] if n else []
     return out
 
 
@@ -364,16 +364,9 @@ class AsyncStore:
     async def _waited(self, pipe: aredis.client.Pipeline, acks: list[int]) -> list:
         """Run ``pipe`` with a ``WAIT`` at its end when STATE_WAIT_REPLICAS asks for one; its count (0 when it
         failed: a primary that cannot WAIT has no replica to count on) goes to ``acks``, the replies are returned."""
-        settings = self.applier.settings
-        if not settings.state_wait_replicas:
+        if not _add_wait(pipe, self.applier.settings, 1):
             return await pipe.execute(raise_on_error=False)
-        pipe.execute_command("WAIT", settings.state_wait_replicas, max(1, int(settings.state_wait_timeout * 1000)))
-        replies = await pipe.execute(raise_on_error=False)
-        acked = replies.pop()
-        if isinstance(acked, REDIS_DOWN):
-            raise acked
-        acks.append(acked if isinstance(acked, int) else 0)
-        return replies
+        return _take_ack(await pipe.execute(raise_on_error=False), acks)
 
     async def _evalsha(self, keys: list[str], args: list) -> object:
         try:
@@ -457,17 +450,9 @@ class SyncStore:
     def _waited(self, pipe: redis.client.Pipeline, acks: list[int]) -> list:
         """``AsyncStore._waited`` for a batch job: ``WAIT`` (on the pipeline's connection, so that it covers its
         writes) up to ``BATCH_WAIT_FACTOR`` times STATE_WAIT_TIMEOUT; the count goes to ``acks``."""
-        settings = self.applier.settings
-        if not settings.state_wait_replicas:
+        if not _add_wait(pipe, self.applier.settings, BATCH_WAIT_FACTOR):
             return pipe.execute(raise_on_error=False)
-        timeout = settings.state_wait_timeout * BATCH_WAIT_FACTOR
-        pipe.execute_command("WAIT", settings.state_wait_replicas, max(1, int(timeout * 1000)))
-        replies = pipe.execute(raise_on_error=False)
-        acked = replies.pop()
-        if isinstance(acked, REDIS_DOWN):
-            raise acked
-        acks.append(acked if isinstance(acked, int) else 0)
-        return replies
+        return _take_ack(pipe.execute(raise_on_error=False), acks)
 
 
     def dead_letters(self, space: str, items: Sequence[tuple[str, bytes]], source: str) -> None:
@@ -476,6 +461,26 @@ class SyncStore:
             return
         keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
         self.client.register_script(DLQ_ADD)(keys=keys, args=args)
+
+
+def _add_wait(pipe: Pipe, settings: Settings, factor: int) -> bool:
+    """End ``pipe`` with ``WAIT`` for STATE_WAIT_REPLICAS replicas, up to ``factor`` times STATE_WAIT_TIMEOUT (on the
+    pipeline's connection, so that it covers the pipeline's writes); False when no replica is asked for."""
+    if not settings.state_wait_replicas:
+        return False
+    timeout_ms = max(1, int(settings.state_wait_timeout * factor * 1000))
+    pipe.execute_command("WAIT", settings.state_wait_replicas, timeout_ms)
+    return True
+
+
+def _take_ack(replies: list, acks: list[int]) -> list:
+    """The replies of a pipeline ended by ``_add_wait``, its WAIT's count (0 when it failed: a primary that cannot
+    WAIT has no replica to count on) moved to ``acks``."""
+    acked = replies.pop()
+    if isinstance(acked, REDIS_DOWN):
+        raise acked
+    acks.append(acked if isinstance(acked, int) else 0)
+    return replies
 
 
 def _shares(batch: list[_Waiting], outcomes: list[Outcome]) -> Iterator[tuple[_Waiting, list[Outcome]]]:
