@@ -110,7 +110,8 @@ end
 
 -- Log the event (the first entry of a call trims the log), add it to its profile's /events index, and mark the
 -- profile dirty. ``index``: whether the event is indexed at all (``indexed``); ``retrim``: whether the index is also
--- trimmed and its expiry moved, which is once per period and profile (P..'m:ix' holds the period it last was).
+-- trimmed and its expiry moved, which is once per period and profile (the profile's field 'm:ix' holds the period
+-- it last was).
 -- Returns the log entry, or false (a replay of an event that was not logged).
 local function log_event(pid, raw, logged_as, letter, ts_text, index, retrim)
   local entry = false
