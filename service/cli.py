@@ -655,8 +655,9 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
                          options, "import", checkpoint,
                          progress=lambda n: messages.put(("progress", (k, n, meter.done))), should_stop=stop.is_set)
         except Interrupted as exc:
-            if exc.reason:  # Redis refused a chunk: the parent reports it, and how to resume
-                raise
+            if exc.reason:  # Redis refused a chunk: the parent reports why, and how to resume
+                messages.put(("error", exc.reason))
+                return
             report = exc.report
         if not report.interrupted and not args.dry_run:
             checkpoint.save(DONE)  # until every share is done, a --resume must not redo this one

@@ -261,8 +261,8 @@ def test_min_replicas_to_write_unmet_is_503_never_a_dead_letter() -> None:
 def test_an_import_waits_for_the_replicas_and_stops_resumable_when_too_few_acknowledge(group: SentinelGroup,
                                                                                       tmp_path: Path) -> None:
     """With STATE_WAIT_REPLICAS an import is done only once the replicas have its events: the replica holds every
-    one when the command returns. Asked for more replicas than exist, it stops at the first chunk, says why and how
-    to resume (exit 1, no traceback), and the resume applies nothing twice."""
+    one when the command returns. Asked for more replicas than exist, it stops at the first chunk, in one process
+    or several, says why and how to resume (exit 1, no traceback), and the resume applies nothing twice."""
     from tests.state.test_replay import archived, write_archive
 
     path = write_archive(tmp_path / "archive.gz", archived([identify(i, "imp") for i in range(300)]))
@@ -272,8 +272,14 @@ def test_an_import_waits_for_the_replicas_and_stops_resumable_when_too_few_ackno
     assert short.returncode == 1, short.stderr
     assert "1 of 2 replica(s) acknowledged" in short.stderr and "Traceback" not in short.stderr
     assert f"continue with: persona-sync import {path} --rate 0 --resume" in short.stderr
-    done = subprocess.run([EXE, "import", str(path), "--rate", "0", "--resume"], capture_output=True, text=True,
-                          timeout=120, env=env_for(group.url, STATE_WAIT_REPLICAS="1"))
+    shared = subprocess.run([EXE, "import", str(path), "--rate", "0", "--workers", "2"], capture_output=True,
+                            text=True, timeout=120,
+                            env=env_for(group.url, STATE_WAIT_REPLICAS="2", STATE_WAIT_TIMEOUT="0.1"))
+    assert shared.returncode == 1, shared.stderr
+    assert "persona-sync import: Redis refused a chunk" in shared.stderr and "Traceback" not in shared.stderr
+    assert f"continue with: persona-sync import {path} --rate 0 --workers 2 --resume" in shared.stderr
+    done = subprocess.run([EXE, "import", str(path), "--rate", "0", "--workers", "2", "--resume"],
+                          capture_output=True, text=True, timeout=120, env=env_for(group.url, STATE_WAIT_REPLICAS="1"))
     assert done.returncode == 0, done.stderr
     with group.data_client(replica) as c:  # WAIT returned after the replica acknowledged: it has them all already
         assert c.xlen(Keys("default").log) == 300
