@@ -68,7 +68,9 @@
 -- caller), times stay the text they arrived as and are compared as text, the dirty marks and the log's trim are
 -- once per call, and the functions of the general path are made only when an event needs them (every closure
 -- is made again at each call of the script).
-local h = {string.match(ARGV[1], '^' .. string.rep('([^\t]*)\t', 11) .. '([^\t]*)$')}   -- one call, 12 parts
+local HEADER = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t'
+  .. '([^\t]*)\t([^\t]*)\t([^\t]*)$'   -- the header's 12 parts
+local h = {string.match(ARGV[1], HEADER)}
 local P, bucket, now, minid = h[1], h[2], h[3], h[4]
 local reapply = h[5] == 'reapply'
 local G = h[6]
@@ -78,16 +80,7 @@ if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or ''
 local NULL = cjson.null
 local TOMBSTONE = '!'
 local DUPLICATE, SUPPRESSED = 'duplicate\t', 'suppressed\t'
-local rules_cache = nil
-local function the_rules()   -- decoded once per call, and only when an event needs them
-  if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
-  return rules_cache
-end
-
 local function fmt(n) return string.format('%.0f', n) end
-local NO_TRAITS = {}
-local function pkey(pid) return G .. 'p:' .. pid end
-local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
 
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
@@ -151,6 +144,15 @@ end
 local general = nil
 local function general_path()
   if general then return general end
+  local rules_cache = nil
+  local function the_rules()   -- decoded once per call, and only when an event needs them
+    if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
+    return rules_cache
+  end
+  local NO_TRAITS = {}
+  local function pkey(pid) return G .. 'p:' .. pid end
+  local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
+
   local function earlier(ts_a, mid_a, ts_b, mid_b)
     return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
   end
