@@ -81,7 +81,10 @@ def slow_app() -> object:
         await asyncio.sleep(1.0)
         return PlainTextResponse("done")
 
-    return Starlette(routes=[Route("/slow", slow)])
+    async def fast(request: object) -> PlainTextResponse:
+        return PlainTextResponse("done")
+
+    return Starlette(routes=[Route("/slow", slow), Route("/fast", fast)])
 
 
 def test_a_connection_without_a_complete_head_is_closed_with_408(monkeypatch) -> None:
@@ -136,3 +139,26 @@ def test_each_response_leaves_in_one_tcp_segment_and_pipelined_answers_keep_thei
                                       b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
                                       b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"200", b"404", b"200"]
+
+
+def test_a_keep_alive_connection_gets_a_fresh_head_timeout_after_each_response(monkeypatch) -> None:
+    """The head timeout counts from the connection, then from each response: requests sent every 0.2 s on one
+    connection are all served well past the first 0.3 s, and the same connection left idle after its last response
+    gets its 408."""
+    import time
+
+    from service.http import protocol
+
+    monkeypatch.setattr(protocol, "HEAD_TIMEOUT", 0.3)
+    with LiveServer(slow_app(), http=BoundedHttpToolsProtocol) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for _ in range(6):  # 1.2 s in all, four head timeouts' worth
+            s.sendall(b"GET /fast HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert _response(s).startswith(b"HTTP/1.1 200")
+            time.sleep(0.2)
+        started = time.monotonic()
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        assert out.startswith(b"HTTP/1.1 408"), out[:100]
+        assert time.monotonic() - started < 2
