@@ -132,10 +132,45 @@ local function log_event(pid, raw, logged_as, letter, ts_text, index, retrim)
 end
 
 -- Whether an event is added to its profile's /events index: it is logged (live, or a replay of a logged event),
--- and not older than the index keeps (a backfill would only be trimmed again at once).
-local function indexed(ts_text, logged_as)
-  return keep_ms ~= nil and (not reapply or (logged_as ~= nil and logged_as ~= '-'))
+-- and not older than the index keeps (a backfill would only be trimmed again at once); and whether the index is
+-- also trimmed and its expiry moved: the profile's first indexed event of the period (``last``: its 'm:ix', the
+-- period of the last trim), which then records this period in ``w``.
+local function index_plan(w, ts_text, logged_as, last)
+  local index = keep_ms ~= nil and (not reapply or (logged_as ~= nil and logged_as ~= '-'))
       and not before(ts_text, index_oldest)
+  local retrim = index and last ~= period
+  if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
+  return index, retrim
+end
+
+-- The effects both paths write for the event itself, into the profile write ``w``. An identifier's first
+-- sighting ``c`` ('time|messageId', as stored) moves to the event if the event came before it:
+local function sighting_writes(w, field, c, ts_text, mid)
+  local bar = string.find(c, '|', 1, true)
+  local cts = string.sub(c, 1, bar - 1)
+  if (cts == ts_text and mid < string.sub(c, bar + 1)) or (cts ~= ts_text and before(ts_text, cts)) then
+    w[#w + 1] = field; w[#w + 1] = ts_text .. '|' .. mid
+  end
+end
+
+-- the channel's activity bit for the slot, in the day's field (``stored``: its value as read)
+local function activity_writes(w, afield, stored, slot)
+  local bits = tonumber(stored) or 0
+  local p = 2 ^ slot
+  if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
+end
+
+-- first and last seen, against the stored times ``fs`` and ``ls`` (text; nil: none yet) of the profile hash
+-- ``S``: their messageIds are read only for a tie at the same millisecond
+local function seen_writes(w, S, fs, ls, ts_text, mid)
+  if not fs or (fs ~= ts_text and before(ts_text, fs))
+      or (fs == ts_text and mid < (redis.call('HGET', S, 'm:fm') or '')) then
+    w[#w + 1] = 'm:fs'; w[#w + 1] = ts_text; w[#w + 1] = 'm:fm'; w[#w + 1] = mid
+  end
+  if not ls or (ls ~= ts_text and before(ls, ts_text))
+      or (ls == ts_text and (redis.call('HGET', S, 'm:lm') or '') < mid) then
+    w[#w + 1] = 'm:ls'; w[#w + 1] = ts_text; w[#w + 1] = 'm:lm'; w[#w + 1] = mid
+  end
 end
 
 -- The general path (identity resolution, merges, traits, orders, groups, deletion): its functions are made on
@@ -218,19 +253,12 @@ local function general_path()
     end
   end
 
-  -- first and last seen: fs/fm and ls/lm are the time (text, as stored) and messageId of each
-  -- ``key``: the profile hash, when ``cur`` was read without the messageIds (only a tie at the same millisecond
-  -- needs one: it is read then)
-  local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm, key)
-    local cfs, cls = tonumber(cur['m:fs']), tonumber(cur['m:ls'])
-    if key then
-      if fs and cfs == fs then cur['m:fm'] = redis.call('HGET', key, 'm:fm') or nil end
-      if ls and cls == ls then cur['m:lm'] = redis.call('HGET', key, 'm:lm') or nil end
-    end
-    if fs and earlier(fs, fm, cfs, cur['m:fm']) then
+  -- first and last seen of a merged profile: fs/fm and ls/lm are the time (text, as stored) and messageId of each
+  local function meta_writes(cur, w, fs, fs_text, fm, ls, ls_text, lm)
+    if fs and earlier(fs, fm, tonumber(cur['m:fs']), cur['m:fm']) then
       w[#w + 1] = 'm:fs'; w[#w + 1] = fs_text; w[#w + 1] = 'm:fm'; w[#w + 1] = fm
     end
-    if ls and (not cur['m:ls'] or earlier(cls, cur['m:lm'], ls, lm)) then
+    if ls and (not cur['m:ls'] or earlier(tonumber(cur['m:ls']), cur['m:lm'], ls, lm)) then
       w[#w + 1] = 'm:ls'; w[#w + 1] = ls_text; w[#w + 1] = 'm:lm'; w[#w + 1] = lm
     end
   end
@@ -480,7 +508,7 @@ local function general_path()
     end
 
     -- 5. the event's identifiers and effects: one read, one write ----------------------------------------------
-    local fields = {'m:fs', 'm:ls', 'm:ix'}   -- first and last seen without their messageIds (meta_writes)
+    local fields = {'m:fs', 'm:ls', 'm:ix'}   -- first and last seen without their messageIds (seen_writes)
     local items = {}
     local st = ts_text   -- the event's stamp, formatted once for all its traits
     if rc > ts then st = ts_text .. '+' .. fmt(rc - ts) end
@@ -501,22 +529,17 @@ local function general_path()
     if created == 1 then w[#w + 1] = 'm:ca'; w[#w + 1] = now end
 
     local new_ids = false
-    local first = ts_text .. '|' .. mid
     for i, id in ipairs(ids) do
       if not active or active[i] then
         local field = xfields[i]
         if not owner[i] then
           redis.call('SET', ikey(id[1], id[2]), pid)
-          w[#w + 1] = field; w[#w + 1] = first
+          w[#w + 1] = field; w[#w + 1] = ts_text .. '|' .. mid
           if not counts_of[pid] then load(pid, counts_of, merges_of) end
           counts_of[pid][id[1]] = (counts_of[pid][id[1]] or 0) + 1
           new_ids = true
         elseif cur[field] then
-          local c = cur[field]
-          local bar = string.find(c, '|', 1, true)
-          if earlier(ts, mid, tonumber(string.sub(c, 1, bar - 1)), string.sub(c, bar + 1)) then
-            w[#w + 1] = field; w[#w + 1] = first
-          end
+          sighting_writes(w, field, cur[field], ts_text, mid)
         end
       end
     end
@@ -531,11 +554,7 @@ local function general_path()
     if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
     -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
     if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = ts_text end
-    if afield then
-      local bits = tonumber(cur[afield]) or 0
-      local p = 2 ^ ev.slot
-      if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
-    end
+    if afield then activity_writes(w, afield, cur[afield], ev.slot) end
     if gfield then
       local g = tonumber(cur[gfield])
       redis.call('ZADD', G .. 'au:' .. ev.g[1], 0, pid)   -- every time: a log replay fills it for older data
@@ -548,10 +567,8 @@ local function general_path()
       lww(read(akey, af), acct, aw, false, akey)
       if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
     end
-    meta_writes(cur, w, ts, ts_text, mid, ts, ts_text, mid, S)
-    local index = indexed(ts_text, logged_as)
-    local retrim = index and cur['m:ix'] ~= period
-    if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
+    seen_writes(w, S, cur['m:fs'], cur['m:ls'], ts_text, mid)
+    local index, retrim = index_plan(w, ts_text, logged_as, cur['m:ix'])
     redis.call('HSET', S, unpack(w))
 
     -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
@@ -604,35 +621,12 @@ local function apply_plain(s, raw, logged_as)
   if afield ~= '' then fields[4 + n] = afield end
   local cur = redis.call('HMGET', S, unpack(fields))
   local w = {'m:ua', now}
-  local first = false
-  for i = 1, n do   -- an identifier's first sighting (time|messageId)
-    local c = cur[3 + i]
-    if c then
-      local bar = string.find(c, '|', 1, true)
-      local cts = string.sub(c, 1, bar - 1)
-      if (cts == ts_text and mid < string.sub(c, bar + 1)) or (cts ~= ts_text and before(ts_text, cts)) then
-        first = first or (ts_text .. '|' .. mid)
-        w[#w + 1] = fields[3 + i]; w[#w + 1] = first
-      end
-    end
+  for i = 1, n do
+    if cur[3 + i] then sighting_writes(w, fields[3 + i], cur[3 + i], ts_text, mid) end
   end
-  if afield ~= '' then   -- the channel's activity bit for the slot
-    local bits = tonumber(cur[4 + n]) or 0
-    local p = 2 ^ tonumber(slot)
-    if math.floor(bits / p) % 2 == 0 then w[#w + 1] = afield; w[#w + 1] = fmt(bits + p) end
-  end
-  local fs, ls = cur[1], cur[2]
-  if not fs or (fs ~= ts_text and before(ts_text, fs))
-      or (fs == ts_text and mid < (redis.call('HGET', S, 'm:fm') or '')) then
-    w[#w + 1] = 'm:fs'; w[#w + 1] = ts_text; w[#w + 1] = 'm:fm'; w[#w + 1] = mid
-  end
-  if not ls or (ls ~= ts_text and before(ls, ts_text))
-      or (ls == ts_text and (redis.call('HGET', S, 'm:lm') or '') < mid) then
-    w[#w + 1] = 'm:ls'; w[#w + 1] = ts_text; w[#w + 1] = 'm:lm'; w[#w + 1] = mid
-  end
-  local index = indexed(ts_text, logged_as)
-  local retrim = index and cur[3] ~= period
-  if retrim then w[#w + 1] = 'm:ix'; w[#w + 1] = period end
+  if afield ~= '' then activity_writes(w, afield, cur[4 + n], tonumber(slot)) end
+  seen_writes(w, S, cur[1], cur[2], ts_text, mid)
+  local index, retrim = index_plan(w, ts_text, logged_as, cur[3])
   redis.call('HSET', S, unpack(w))
   log_event(pid, raw, logged_as, string.sub(t, 1, 1), ts_text, index, retrim)
   return 'ok\t' .. pid .. '\t0\t0'
