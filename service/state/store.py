@@ -357,9 +357,7 @@ class AsyncStore:
                 raise StoreUnavailable(str(exc)) from exc
             raise
         self._spaces.add(space)
-        if acks and min(acks) < wait:
-            raise NotReplicated(outcomes, min(acks), wait)
-        return outcomes
+        return _replicated(outcomes, acks, wait)
 
     async def _waited(self, pipe: aredis.client.Pipeline, acks: list[int]) -> list:
         """Run ``pipe`` with a ``WAIT`` at its end when STATE_WAIT_REPLICAS asks for one; its count (0 when it
@@ -441,11 +439,7 @@ class SyncStore:
             rerun = _queue(self.client.pipeline(transaction=False), calls, missing)
             for i, reply in zip(missing, self._waited(rerun, acks), strict=True):
                 replies[i] = reply
-        outcomes = _outcomes(replies, sizes)
-        wanted = self.applier.settings.state_wait_replicas
-        if acks and min(acks) < wanted:
-            raise NotReplicated(outcomes, min(acks), wanted)
-        return outcomes
+        return _replicated(_outcomes(replies, sizes), acks, self.applier.settings.state_wait_replicas)
 
     def _waited(self, pipe: redis.client.Pipeline, acks: list[int]) -> list:
         """``AsyncStore._waited`` for a batch job: ``WAIT`` (on the pipeline's connection, so that it covers its
@@ -481,6 +475,13 @@ def _take_ack(replies: list, acks: list[int]) -> list:
         raise acked
     acks.append(acked if isinstance(acked, int) else 0)
     return replies
+
+
+def _replicated(outcomes: list[Outcome], acks: list[int], wanted: int) -> list[Outcome]:
+    """``outcomes``, once every ``WAIT`` of their round trip counted ``wanted`` replicas; else ``NotReplicated``."""
+    if acks and min(acks) < wanted:
+        raise NotReplicated(outcomes, min(acks), wanted)
+    return outcomes
 
 
 def _shares(batch: list[_Waiting], outcomes: list[Outcome]) -> Iterator[tuple[_Waiting, list[Outcome]]]:
