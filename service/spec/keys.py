@@ -127,6 +127,12 @@ class Keys:
         return f"{self.prefix}forgotten:ids"
 
     @property
+    def rebuild_erased(self) -> str:
+        """The identifiers ('type:value') of profiles erased by profile id while a rebuild of the space runs: the
+        rebuild erases them again in its new generation once it has switched (``service/state/rebuild.py``)."""
+        return f"{self.prefix}rebuild:erased"
+
+    @property
     def archive_cursor(self) -> str:
         """The last log entry id written to the archive files (``service/state/archive.py``)."""
         return f"{self.prefix}archive:cursor"

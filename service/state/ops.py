@@ -42,6 +42,13 @@ def user_deletion(user_id: str, at_ms: int, message_id: str, rules: IdentityRule
     return normalise(raw, at_ms, rules), encode_raw(raw)
 
 
+def profile_erasure(pid: str, at_ms: int, message_id: str) -> tuple[Event, bytes]:
+    """The erasure of profile ``pid`` (a profile without a userId: nothing to suppress), ready for
+    ``SyncStore.apply``: ``forget``, and a rebuild erasing again the profiles erased while it ran."""
+    raw = {"type": "delete", "erase": pid, "messageId": message_id}
+    return Event("delete", message_id, at_ms, None, (), erase=pid, received=at_ms), encode_raw(raw)
+
+
 def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
            purge: bool = True) -> tuple[Outcome, str | None]:
     """GDPR: erase the profile ``identifier`` (``TYPE:VALUE``, or a bare userId) resolves to, exactly as a Segment
@@ -61,12 +68,10 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
         item = user_deletion(user_id, now, f"forget-{user_id}-{now}", IdentityRules.from_settings(settings))
     else:
         assert pid is not None
-        raw = {"type": "delete", "erase": pid, "messageId": f"forget-{pid}-{now}"}
-        item = (Event("delete", raw["messageId"], now, None, (), erase=pid, received=now), encode_raw(raw))
+        item = profile_erasure(pid, now, f"forget-{pid}-{now}")
     outcome = SyncStore(client, settings).apply(space, [item])[0]
     if purge:
-        purge_forgotten(client, space)
-        purge_archive(client, settings, space)
+        purge_erased(client, settings, space)
     return outcome, user_id
 
 
@@ -121,6 +126,12 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
     return removed
 
 
+def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
+    """The events of erased profiles out of the log, then out of the archive files; returns entries and lines
+    removed."""
+    return purge_forgotten(client, space) + purge_archive(client, settings, space)
+
+
 def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,
                         drop_unauthenticated: bool = False) -> dict:
     """Apply the dead letters again (after a fix) with the replay engine; what applies is removed, the rest stays.
@@ -145,5 +156,4 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
 def purge_job(space: str) -> int:
     """RQ entry point (enqueued by the receiver after a delete): the log, then the archive files."""
     settings = Settings.from_env()
-    client = state_client(settings)
-    return purge_forgotten(client, space) + purge_archive(client, settings, space)
+    return purge_erased(state_client(settings), settings, space)

@@ -15,7 +15,10 @@ A space's profile state (profiles, identifier index, merges, counter, accounts) 
 4. leaves the old generation in place until ``drop_generations`` (``persona-sync rebuild --drop-old``).
 
 Deletions are not logged events: the space's deletion times (``Keys.deleted``) are shared by the generations and
-keep suppressing what came before a delete. Profile ids are new in the new generation (numbering continues after
+keep suppressing what came before a delete. GDPR erasures must not come back with the new generation: those whose
+purge job has not run are purged before any history is read, and those made while the rebuild runs are done again
+in the new generation after the switch (a userId's by its deletion time, a profile without one by the identifiers
+its erasure recorded, ``Keys.rebuild_erased``). Profile ids are new in the new generation (numbering continues after
 the old one's); aggregates are recomputed by a full recompute queued after the switch.
 """
 
@@ -33,7 +36,7 @@ from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
 from service.state.connect import scan_space
-from service.state.ops import user_deletion
+from service.state.ops import profile_erasure, purge_erased, user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
 
@@ -42,7 +45,7 @@ CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entrie
 GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:", "au:", "ev:")  # key families of a generation, besides its counter ("seq")
 
 
-STATUS_TTL = 3600  # seconds the rebuild's status outlives its last write (a killed rebuild's record goes away)
+STATUS_TTL = 3600  # seconds the rebuild's status (and record of erasures) outlives its last write (apply.lua too)
 STATUS_EVERY_MS = 1000  # at most one write of the status a second while events are applied
 
 
@@ -53,9 +56,9 @@ class Recorder:
     rebuild that was stopped (its command killed), which the console says."""
 
     def __init__(self, client: redis.Redis, space: str, generation: str, previous: str) -> None:
-        self.client, self.key = client, Keys(space).rebuild_status
+        self.client, self.key, self.erased = client, Keys(space).rebuild_status, Keys(space).rebuild_erased
         self.events, self.last = 0, 0
-        self.client.delete(self.key)
+        self.client.delete(self.key, self.erased)  # the erasures a killed rebuild recorded are not this one's
         self.write(state="running", phase="starting", generation=generation, previous=previous or "(original)",
                    started_ms=now_ms(), events=0)
 
@@ -64,6 +67,7 @@ class Recorder:
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.key, mapping={**{k: str(v) for k, v in fields.items()}, "updated_ms": str(self.last)})
         pipe.expire(self.key, STATUS_TTL)
+        pipe.expire(self.erased, STATUS_TTL)  # the erasures recorded meanwhile (apply.lua) last as long
         pipe.execute()
 
     def applied(self, n: int) -> None:
@@ -183,6 +187,31 @@ def _deletions_since(client: redis.Redis, settings: Settings, space: str, since_
     return len(recent)
 
 
+def _erasures_meanwhile(client: redis.Redis, settings: Settings, space: str) -> int:
+    """Erase again, in the generation now current, the profiles that ``forget`` erased by profile id (a profile
+    without a userId) while the rebuild ran: the old generation's erasure left the new one holding whatever of
+    their events it had applied, or applied before the purge job removed them from the log. Their identifiers
+    were recorded by the erasure (``Keys.rebuild_erased``); the record is deleted once used. Nothing suppresses
+    later events of such a profile, so those that came after the erasure are erased with it (as a userId's are
+    in ``_deletions_since``). Returns profiles erased."""
+    k = Keys(space)
+    recorded = sorted(m.decode() for m in client.smembers(k.rebuild_erased))
+    current = state_keys(client, space)
+    pids: list[str] = []
+    for ident in recorded:
+        kind, _, value = ident.partition(":")
+        pid = (client.get(current.ident(kind, value)) or b"").decode()
+        if pid and pid != TOMBSTONE and pid not in pids:
+            pids.append(pid)
+    if pids:
+        now = now_ms()
+        SyncStore(client, settings).apply(space, [profile_erasure(pid, now, f"rebuild-erase-{pid}-{now}")
+                                                  for pid in pids], now=now)
+        purge_erased(client, settings, space)  # their entries logged under the new generation's ids
+    client.delete(k.rebuild_erased)
+    return len(pids)
+
+
 def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = False,
             progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _: None) -> dict:
     """Rebuild ``space`` into a new generation and switch to it (see the module's docstring)."""
@@ -233,6 +262,8 @@ def _rebuild(client: redis.Redis, settings: Settings, space: str, k: Keys, cover
     def add(report: Report) -> None:
         total.counts.update(report.counts)
 
+    # erasures whose purge job has not run yet: their events are not to be applied to the new generation
+    purge_erased(client, settings, space)
     first = client.xrange(k.log, count=1)
     log_start = int(first[0][0].split(b"-")[0]) if first else now_ms()
     if settings.event_archive_dir:
@@ -259,5 +290,8 @@ def _rebuild(client: redis.Redis, settings: Settings, space: str, k: Keys, cover
     erased = _deletions_since(client, settings, space, started)
     if erased:
         say(f"erased again in {new} the {erased} user(s) deleted while it was built")
+    erased = _erasures_meanwhile(client, settings, space)
+    if erased:
+        say(f"erased again in {new} the {erased} profile(s) erased by profile id while it was built")
     return {"space": space, "generation": new, "previous": current or "(original)", "events": total.total,
             "outcomes": total.outcome_totals(), "profiles_before": cover.profiles}

@@ -183,3 +183,54 @@ def test_a_user_deleted_while_a_rebuild_runs_is_erased_in_the_new_generation(r: 
     late = apply(r, [{"type": "identify", "userId": "erase-me", "messageId": "late",
                       "timestamp": "2026-03-01T00:00:00Z"}], now=now_ms())
     assert late[0].status == "suppressed"  # still suppressed up to the deletion
+
+
+def visitor_events(r: redis.Redis) -> None:
+    """Two visitors without a userId, each known by an anonymousId and an email."""
+    apply(r, [{"type": "identify", "anonymousId": f"anon-{who}", "messageId": f"{who}-{n}",
+               "traits": {"email": f"{who}@example.com", "n": n}, "timestamp": "2026-03-01T00:00:00Z"}
+              for who in ("erase-me", "keep-me") for n in range(3)], now=now_ms())
+
+
+def test_a_profile_erased_by_profile_id_while_a_rebuild_runs_is_erased_in_the_new_generation(
+        r: redis.Redis, settings: Settings) -> None:
+    """``forget`` of a profile without a userId erases it by profile id, in the generation current at the time:
+    the rebuild erases it again in its own once it has switched, found by the identifiers the erasure recorded."""
+    from service.state.ops import forget
+
+    visitor_events(r)
+    done: list[int] = []
+
+    def mid_rebuild(count: int) -> None:  # the new generation already holds both visitors when the forget comes
+        if not done:
+            done.append(count)
+            assert r.exists(Keys(SPACE, "g1:").ident("anonymous_id", "anon-erase-me"))
+            outcome, user_id = forget(r, settings, SPACE, "anonymous_id:anon-erase-me")
+            assert outcome.status == "deleted" and user_id is None
+
+    rebuild(r, settings, SPACE, progress=mid_rebuild)
+    assert done and r.get(Keys(SPACE).generation_key) == b"g1:"
+    assert find(r, "anonymous_id", "anon-erase-me") is None
+    assert find(r, "email", "erase-me@example.com") is None
+    assert find(r, "anonymous_id", "anon-keep-me") is not None
+    assert [p.identifiers for p in profiles(r, SPACE) if any("erase-me" in i.value for i in p.identifiers)] == []
+    assert not r.exists(Keys(SPACE).rebuild_erased)  # the record of erased identifiers is gone with its use
+    later = apply(r, [{"type": "identify", "anonymousId": "anon-erase-me", "messageId": "after",
+                       "timestamp": "2026-03-02T00:00:00Z"}], now=now_ms())
+    assert later[0].status == "ok" and later[0].created  # nothing suppresses a profile without a userId
+
+
+def test_a_rebuild_does_not_bring_back_a_profile_whose_purge_job_has_not_run(r: redis.Redis,
+                                                                             settings: Settings) -> None:
+    """The receiver's ``forget`` queues the purge of the erased profile's events as a job: a rebuild that starts
+    before the job runs purges first, rather than apply those events to its new generation."""
+    from service.state.ops import forget
+
+    visitor_events(r)
+    forget(r, settings, SPACE, "email:erase-me@example.com", purge=False)
+    assert find(r, "anonymous_id", "anon-erase-me") is None
+    rebuild(r, settings, SPACE)
+    assert find(r, "anonymous_id", "anon-erase-me") is None
+    assert find(r, "email", "erase-me@example.com") is None
+    assert find(r, "anonymous_id", "anon-keep-me") is not None
+    assert [orjson.loads(f[b"e"])["anonymousId"] for _, f in r.xrange(Keys(SPACE).log)] == ["anon-keep-me"] * 3

@@ -367,6 +367,11 @@ local function general_path()
       pid = ev.ep
       if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
     end
+    -- an erasure by profile id while a rebuild runs: the rebuild may have applied this profile's events to its
+    -- new generation already, or may yet (the purge of the log is a job), so it erases them there too once it
+    -- has switched, by the identifiers recorded here (P..'rebuild:erased', kept an hour past the rebuild's last
+    -- sign of life). A userId's deletion needs no record: its time in P..'deleted' does that.
+    local record = uid == '' and not rebuilding and redis.call('HGET', P .. 'rebuild', 'state') == 'running'
     local f = redis.call('HGETALL', pkey(pid))
     local erased, groups = {pid}, {}
     for i = 1, #f, 2 do
@@ -382,6 +387,7 @@ local function general_path()
         -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
         local kind, value = string.match(rest, '^([^:]+):(.*)$')
         if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
+        if record then redis.call('SADD', P .. 'rebuild:erased', rest) end
       elseif pre == 'r:' then
         redis.call('DEL', G .. 'mrg:' .. rest)
         redis.call('SADD', P .. 'forgotten', rest)
@@ -390,6 +396,7 @@ local function general_path()
     redis.call('DEL', pkey(pid))
     if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
     redis.call('SADD', P .. 'forgotten', pid)
+    if record then redis.call('EXPIRE', P .. 'rebuild:erased', 3600) end
     dirty[#dirty + 1] = pid
     return 'deleted\t' .. pid
   end
