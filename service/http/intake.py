@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import zlib
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.spec.bodies import BodyError
 
@@ -22,11 +22,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):  # refused before a byte is read
         raise BodyError(400, "this Content-Encoding is not supported; send gzip, deflate or plain JSON", declared)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyError(413, f"body exceeds {limit} bytes", size)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyError(413, f"body exceeds {limit} bytes", size)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left, or its body ran out of time (BODY_TIMEOUT): nothing to apply
+        raise BodyError(408, "the connection closed before the request body was complete", size) from None
     body = b"".join(chunks)
     if encoding in ("gzip", "x-gzip", "deflate"):
         body = inflate(body, limit, encoding)

@@ -5,7 +5,11 @@ of a never-ending header in memory; and uvicorn times out only idle keep-alive c
 and send nothing, or half a request line, stay open for ever — enough of them use up the process's file
 descriptors and lock every other client out. Segment's requests carry a few hundred bytes of headers, sent at once:
 a head past ``MAX_HEAD_BYTES`` is answered 431, one not complete within ``HEAD_TIMEOUT`` seconds of the connection
-(or of the previous response) 408, both with a JSON error, and the connection is closed.
+(or of the previous response) 408, both with a JSON error, and the connection is closed. A body that trickles in
+(a few bytes at a time, each in time for any per-read timeout) would hold its connection and its buffered bytes
+for as long as the client likes: a body not complete within ``BODY_TIMEOUT`` seconds of its head is answered 408
+and its connection closed too. Segment itself gives up on a request after 5 s; the bound leaves SDKs on slow
+mobile links a minute for their largest batch (500 KB).
 
 It also writes each response in one send rather than two (uvicorn writes the status line and headers, then the
 body, each straight to the socket): a system call and a TCP segment fewer per request.
@@ -22,6 +26,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT = 15.0
+BODY_TIMEOUT = 60.0
 
 
 class CorkedTransport:
@@ -78,6 +83,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._boundaries = 0  # heads and messages completed so far on this connection
         self._too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None  # armed only for a body still incomplete after a read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -88,6 +94,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -110,6 +117,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and not answering and not self.transport.is_closing():
             self._refuse(408, "request_timeout", f"no complete request head within {HEAD_TIMEOUT:.0f} s")
 
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        """Refuse a body still incomplete: 408 when no response has started (else just close), and the app's
+        ``receive`` then sees the disconnect."""
+        self._body_timer = None
+        if self._in_head or self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+        else:
+            self._refuse(408, "request_timeout", f"request body not complete within {BODY_TIMEOUT:.0f} s of its head")
+
     def _grow(self, n: int) -> None:
         self._head_size += n
         if self._head_size > MAX_HEAD_BYTES:
@@ -125,6 +148,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_chunks += len(data)
             if self._head_chunks > MAX_HEAD_BYTES:
                 self._refuse_head()
+        # a body still coming after this read: its deadline counts from here (a whole request in one read, the
+        # common case, never arms a timer)
+        if not self._in_head and self._body_timer is None and not self.transport.is_closing():
+            self._body_timer = self.loop.call_later(BODY_TIMEOUT, self._body_timed_out)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -146,6 +173,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._boundaries = True, self._boundaries + 1
+        self._cancel_body_timer()
 
     def send_400_response(self, msg: str) -> None:
         if self._too_large:

@@ -162,3 +162,61 @@ def test_a_keep_alive_connection_gets_a_fresh_head_timeout_after_each_response(m
             out += chunk
         assert out.startswith(b"HTTP/1.1 408"), out[:100]
         assert time.monotonic() - started < 2
+
+
+def test_a_body_that_trickles_past_its_deadline_is_refused_with_408_and_its_connection_closed(
+        monkeypatch, redis_url: str, caplog) -> None:
+    """A body that keeps coming a byte at a time would hold its connection for as long as its client likes: past
+    BODY_TIMEOUT it is answered 408 (JSON) and the connection closed; nothing of it is applied or kept for replay,
+    and nothing is logged as a server error. A body sent in pieces within the bound is served as ever."""
+    import logging
+    import time
+
+    import redis
+
+    from service.http import protocol
+    from service.spec.keys import Keys
+
+    monkeypatch.setattr(protocol, "BODY_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO)
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    body = orjson.dumps([{"type": "track", "event": "Slow", "userId": "u1", "messageId": "slow-1"}])
+    head = (b"POST /segment HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n")
+    with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            started = time.monotonic()
+            s.sendall(head + body[:5])
+            s.settimeout(0.1)
+            reply = b""
+            for byte in body[5:-1]:  # never the last byte
+                try:
+                    s.sendall(bytes([byte]))
+                    reply += s.recv(65536)
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                if reply:
+                    break
+            s.settimeout(5)
+            try:
+                while chunk := s.recv(65536):
+                    reply += chunk
+            except ConnectionResetError:
+                pass
+            elapsed = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+        assert 0.4 < elapsed < 3
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # in pieces, in time
+            s.sendall(head + body[:5])
+            time.sleep(0.15)
+            s.sendall(body[5:20])
+            time.sleep(0.15)
+            s.sendall(body[20:])
+            assert _response(s).startswith(b"HTTP/1.1 200")
+    assert client.xlen(Keys("default").log) == 1  # only the body that arrived whole
+    assert client.xlen(Keys("default").dead_letters) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
