@@ -30,7 +30,7 @@ BODY = 1_000
 
 def events(start: int, n: int, now: int, rules: IdentityRules, traits: bool = False) -> list:
     """``n`` track calls as bench/batch.lua writes them, numbered from ``start``; (Event, raw) pairs. ``traits``:
-    identify calls with two traits instead (the apply script's general path, not the fast path of plain events)."""
+    identify calls with two traits instead (last-write-wins per trait, on top of what a page view does)."""
     out = []
     for c in range(start, start + n):
         at = now - 2_000 - (c % 60) * 1_000  # live data: a few seconds old (see bench/report.lua's event_times)

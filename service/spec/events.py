@@ -82,22 +82,31 @@ class Event:
         """The event as the Lua script reads it: everything it needs and nothing more; this is the only place
         either form is written (apply.lua's header documents both).
 
-        Plain, for most calls (no traits, order, group, alias, reversal or erasure, no tab in a value and no colon
-        in an identifier's type): ``t \\t ts \\t mid \\t uid \\t activity field \\t slot \\t type:value
-        \\t ...``, the activity field being the profile's ``a:channel:day`` (empty, with the slot, without
-        activity), which the script splits with one pattern match (no JSON, and no receipt time, which only traits
-        need): for Redis, the cheapest form to read. Else compact JSON (cjson): ``t`` type, ``mid`` message_id,
-        ``ts`` event time (ms), ``uid`` user_id or "", ``ids`` identifiers ([type, value] by priority), ``tr``
-        traits ([name, JSON value, class]), ``o`` order ([key, revenue as text, categories joined by U+001F] or
-        null), ``a`` activity ([channel, day, slot] or null), ``g`` group ([groupId, [[name, JSON value], ...]] or
-        null), ``al`` alias_of (previousId or null), ``rv`` reversal (the order key of a refund or cancellation, or
-        null), ``rc`` received (ms; ``ts`` when unknown), ``ep`` the profile id a delete without userId erases
-        (or null)."""
+        Plain, for most calls (no order, group, alias, reversal or erasure, no tab or U+001E in a value and no
+        colon in an identifier's type): ``t \\t ts \\t mid \\t uid \\t activity field \\t slot \\t
+        type:value \\t ...``, the activity field being the profile's ``a:channel:day`` (empty, with the slot,
+        without activity), which the script splits with one pattern match (no JSON): for Redis, the cheapest form
+        to read. Traits (without U+001F in them) come first: ``\\x1e received \\x1f stamp``, ``\\x1f name
+        \\x1f JSON value \\x1f class`` each, then ``\\x1e`` (the stamp being what the profile records of their
+        time: ``ts``, or ``ts+delay`` when received later); without traits, no receipt time (only they need it).
+
+        Else compact JSON (cjson): ``t`` type, ``mid`` message_id, ``ts`` event time (ms), ``uid`` user_id or "",
+        ``ids`` identifiers ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order
+        ([key, revenue as text, categories joined by U+001F] or null), ``a`` activity ([channel, day, slot] or
+        null), ``g`` group ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null),
+        ``rv`` reversal (the order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts`` when
+        unknown), ``ep`` the profile id a delete without userId erases (or null)."""
         if self._plain():
             field, slot = (f"a:{self.activity[0]}:{self.activity[1]}", str(self.activity[2])) if self.activity \
                 else ("", "")
             ids = "\t".join(f"{kind}:{value}" for kind, value in self.identifiers)
-            return f"{self.type}\t{self.ts}\t{self.message_id}\t{self.user_id or ''}\t{field}\t{slot}\t{ids}".encode()
+            plain = f"{self.type}\t{self.ts}\t{self.message_id}\t{self.user_id or ''}\t{field}\t{slot}\t{ids}"
+            if not self.traits:
+                return plain.encode()
+            received = max(self.received, self.ts)
+            stamp = f"{self.ts}+{received - self.ts}" if received > self.ts else str(self.ts)
+            traits = "".join(f"\x1f{n}\x1f{v}\x1f{c}" for n, v, c in self.traits)
+            return f"\x1e{received}\x1f{stamp}{traits}\x1e{plain}".encode()
         return orjson.dumps({
             "t": self.type,
             "mid": self.message_id,
@@ -115,11 +124,14 @@ class Event:
         })
 
     def _plain(self) -> bool:
-        """Whether the plain form can carry this event: nothing but identifiers and activity, no tab in a value."""
-        if self.traits or self.order or self.group or self.alias_of or self.reversal or self.erase:
+        """Whether the plain form can carry this event: identifiers, activity and traits only, and none of its
+        separators in a value."""
+        if self.order or self.group or self.alias_of or self.reversal or self.erase:
             return False
         texts = [self.message_id, self.user_id or "", *(t for pair in self.identifiers for t in pair)]
-        return not any("\t" in t for t in texts) and not any(":" in kind for kind, _ in self.identifiers)
+        if any("\t" in t or "\x1e" in t for t in texts) or any(":" in kind for kind, _ in self.identifiers):
+            return False
+        return not any("\t" in t or "\x1e" in t or "\x1f" in t for trait in self.traits for t in trait)
 
 
 def dedupe_digest(message_id: str) -> tuple[int, bytes]:

@@ -115,17 +115,27 @@ def test_non_string_event_names_are_ignored_not_fatal() -> None:
         assert e.order is None and e.activity is None
 
 
-def test_script_payload_is_plain_for_a_page_view_and_json_otherwise() -> None:
-    """The common call goes to the script as tab-separated text (no JSON for Redis to decode); traits, orders and
-    any value with a tab in it go as JSON, which the script reads whatever their characters."""
+def test_script_payload_is_plain_for_page_views_and_traits_and_json_otherwise() -> None:
+    """The common call goes to the script as tab-separated text (no JSON for Redis to decode), traits included;
+    orders and any value with one of the plain form's separators in it go as JSON, which the script reads whatever
+    their characters."""
     page = normalise({"type": "page", "userId": "u1", "anonymousId": "a1", "messageId": "m1",
                       "timestamp": "2026-03-15T10:00:00Z", "context": {"library": {"name": "analytics.js"}}},
                      NOW, RULES)
     assert page.script_payload().split(b"\t") == [
         b"page", str(page.ts).encode(), b"m1", b"u1", f"a:web:{page.activity[1]}".encode(),
         str(page.activity[2]).encode(), b"user_id:u1", b"anonymous_id:a1"]
-    ident = normalise(fixture_json("identify.json"), NOW, RULES)
-    assert ident.script_payload().startswith(b"{")
+    ident = normalise({"type": "identify", "userId": "u1", "messageId": "m3", "timestamp": "2026-03-15T10:00:00Z",
+                       "traits": {"plan": "pro", "ltv": 1200}}, NOW, RULES)
+    _, traits, head = ident.script_payload().split(b"\x1e")
+    assert head.split(b"\t") == [b"identify", str(ident.ts).encode(), b"m3", b"u1", b"", b"", b"user_id:u1"]
+    late = NOW - ident.ts  # received that much later: the traits' stamp says so
+    assert traits.split(b"\x1f") == [str(NOW).encode(), f"{ident.ts}+{late}".encode(),
+                                      b"ltv", b"1200", b"", b"plan", b'"pro"', b""]
+    order = normalise(fixture_json("track_order_completed.json"), NOW, RULES)
+    assert order.order and order.script_payload().startswith(b"{")
+    odd = normalise({"type": "identify", "userId": "u1", "messageId": "m4", "traits": {"a\x1fb": 1}}, NOW, RULES)
+    assert odd.script_payload().startswith(b"{")
     tabbed = normalise({"type": "track", "event": "x", "userId": "u\t1", "messageId": "m2"}, NOW, RULES)
     assert tabbed.script_payload().startswith(b"{")
 

@@ -36,10 +36,12 @@
 -- Returns one line per event, joined by newlines into one string (cheaper for Redis to reply than a table per
 -- event): 'status \t profile id \t created (0/1) \t merged', or 'error \t message' (``store._outcome``).
 -- The event (written only by ``Event.script_payload``), in one of two forms:
---   plain, for the common call that carries no traits, order, group, alias, reversal or erasure, no tab in its
+--   plain, for the common call that carries no order, group, alias, reversal or erasure, no tab or \30 in its
 --   values and no ':' in an identifier's type: 't \t ts \t mid \t uid \t activity field \t slot \t
 --   type:value \t ...' (the activity field 'a:'channel':'day and the slot empty without activity; the identifiers
---   by priority), split with one string.match: no JSON to decode, and no receipt time (only traits need one);
+--   by priority), split with one string.match: no JSON to decode; with traits (and no \31 in them), preceded by
+--   '\30 received \31 stamp', '\31 name \31 JSON value \31 class' per trait and '\30', the stamp being the
+--   traits' (ts, or ts '+' received - ts when received later); without, no receipt time (only traits need one);
 --   else JSON, decoded as ``ev``:
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
@@ -173,34 +175,12 @@ local function seen_writes(w, S, fs, ls, ts_text, mid)
   end
 end
 
--- The general path (identity resolution, merges, traits, orders, groups, deletion): its functions are made on
--- the first event that needs them. Each closure costs Redis CPU at every call of the script, and most calls
--- are plain events of known people, which the fast path (``apply_plain``) serves alone.
-local general = nil
-local function general_path()
-  if general then return general end
-  local rules_cache = nil
-  local function the_rules()   -- decoded once per call, and only when an event needs them
-    if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
-    return rules_cache
-  end
-  local NO_TRAITS = {}
-  local function pkey(pid) return G .. 'p:' .. pid end
-  local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
-
-  local function earlier(ts_a, mid_a, ts_b, mid_b)
-    return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
-  end
-
-  local function bits_or(a, b)
-    local r = 0
-    for s = 0, 47 do
-      local p = 2 ^ s
-      if math.floor(a / p) % 2 == 1 or math.floor(b / p) % 2 == 1 then r = r + p end
-    end
-    return r
-  end
-
+-- Traits' last write wins (identify, Engage's audiences and computed traits), for both paths: made on the first
+-- event with traits, apart from the general path, so that a known person's identify takes the fast path without
+-- the cost of making the general path's functions.
+local traits_fns = nil
+local function traits_path()
+  if traits_fns then return traits_fns end
   -- A write's stamp: its effective time, and how much later it was received ('<ts>' or '<ts>+<received - ts>').
   local function stamp(t, r)
     if r > t then return fmt(t) .. '+' .. fmt(r - t) end
@@ -238,19 +218,66 @@ local function general_path()
     end
   end
 
+  local function trait_fields(items, fields, with_class)
+    for _, it in ipairs(items) do
+      fields[#fields + 1] = 't:' .. it[1]; fields[#fields + 1] = 'T:' .. it[1]
+      if with_class then fields[#fields + 1] = 'c:' .. it[1] end
+    end
+  end
+
+  -- The plain form's traits section (see the header: receipt \31 stamp, then \31 name \31 JSON value \31 class
+  -- per trait) as ``lww``'s items for an event at ``ts``; and the receipt time.
+  local TRAITS = '^([^\31]*)\31([^\31]*)(.*)$'
+  local function plain_traits(tsec, ts)
+    local rc_text, st, body = string.match(tsec, TRAITS)
+    local rc = tonumber(rc_text)
+    local items = {}
+    for name, json, class in string.gmatch(body, '\31([^\31]*)\31([^\31]*)\31([^\31]*)') do
+      items[#items + 1] = {name, json, ts, class, rc, st}
+    end
+    return items, rc
+  end
+
+  traits_fns = {unstamp = unstamp, lww = lww, trait_fields = trait_fields, plain_traits = plain_traits}
+  return traits_fns
+end
+
+-- The general path (identity resolution, merges, traits, orders, groups, deletion): its functions are made on
+-- the first event that needs them. Each closure costs Redis CPU at every call of the script, and most calls
+-- are plain events of known people, which the fast path (``apply_plain``) serves alone.
+local general = nil
+local function general_path()
+  if general then return general end
+  local tp = traits_path()
+  local unstamp, lww, trait_fields, plain_traits = tp.unstamp, tp.lww, tp.trait_fields, tp.plain_traits
+  local rules_cache = nil
+  local function the_rules()   -- decoded once per call, and only when an event needs them
+    if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
+    return rules_cache
+  end
+  local NO_TRAITS = {}
+  local function pkey(pid) return G .. 'p:' .. pid end
+  local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
+
+  local function earlier(ts_a, mid_a, ts_b, mid_b)
+    return ts_b == nil or ts_a < ts_b or (ts_a == ts_b and mid_a < mid_b)
+  end
+
+  local function bits_or(a, b)
+    local r = 0
+    for s = 0, 47 do
+      local p = 2 ^ s
+      if math.floor(a / p) % 2 == 1 or math.floor(b / p) % 2 == 1 then r = r + p end
+    end
+    return r
+  end
+
   local function read(key, fields)
     local cur = {}
     if #fields == 0 then return cur end
     local vals = redis.call('HMGET', key, unpack(fields))
     for i = 1, #fields do if vals[i] then cur[fields[i]] = vals[i] end end
     return cur
-  end
-
-  local function trait_fields(items, fields, with_class)
-    for _, it in ipairs(items) do
-      fields[#fields + 1] = 't:' .. it[1]; fields[#fields + 1] = 'T:' .. it[1]
-      if with_class then fields[#fields + 1] = 'c:' .. it[1] end
-    end
   end
 
   -- first and last seen of a merged profile: fs/fm and ls/lm are the time (text, as stored) and messageId of each
@@ -272,17 +299,24 @@ local function general_path()
   end
 
   -- The plain form's parts as ``ev``, for the events the fast path hands on (new identifiers, several profiles, a
-  -- deletion). ``idtexts``: 'type:value' each (a type with ':' in it goes as JSON).
-  local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts)
+  -- deletion). ``idtexts``: 'type:value' each (a type with ':' in it goes as JSON); ``tsec``: the traits section,
+  -- or false.
+  local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts, tsec)
     local ids = {}
     for i = 1, #idtexts do
       local tv = idtexts[i]
       local c = string.find(tv, ':', 1, true)
       ids[i] = {string.sub(tv, 1, c - 1), string.sub(tv, c + 1)}
     end
-    -- no receipt time: only traits need it, and this form carries none
+    -- no receipt time without traits: only they need it
     local ev = {t = t, ts = tonumber(ts_text), ts_text = ts_text, mid = mid, uid = uid, ids = ids, tr = NO_TRAITS,
                 o = NULL, a = NULL, g = NULL, al = NULL, rv = NULL, ep = NULL}
+    if tsec then
+      local items, rc = plain_traits(tsec, ev.ts)
+      local tr = {}
+      for i, it in ipairs(items) do tr[i] = {it[1], it[2], it[4]} end
+      ev.tr, ev.rc = tr, rc
+    end
     if afield ~= '' then ev.af = afield; ev.slot = tonumber(slot) end
     return ev
   end
@@ -588,11 +622,13 @@ local function general_path()
 end
 
 -- The fast path: a plain event (see the header) of a known person, every identifier already on one profile: one
--- HMGET and one HSET of the profile, read by position, times compared as text, nothing decoded into tables. Any
+-- HMGET and one HSET of the profile, read by position, times compared as text, nothing decoded into tables (its
+-- traits, if any, go through the general path's last-write-wins, on that same read and write). Any
 -- other plain event (a new identifier, several profiles, a tombstone, a deletion) goes on as ``ev`` through the
 -- general path, which runs from the start: the fast path has only read until then.
 local PLAIN = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
-local function apply_plain(s, raw, logged_as)
+local TRAITED = '^\30([^\30]*)\30(.*)$'   -- the plain form with traits: its traits section, then the plain form
+local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits section, or false
   local t, ts_text, mid, uid, afield, slot, rest = string.match(s, PLAIN)
   local idtexts
   if rest == '' then
@@ -617,7 +653,7 @@ local function apply_plain(s, raw, logged_as)
   end
   if not pid then
     local g = general_path()
-    return g.apply_ev(g.plain_ev(t, ts_text, mid, uid, afield, slot, idtexts), raw, logged_as)
+    return g.apply_ev(g.plain_ev(t, ts_text, mid, uid, afield, slot, idtexts, tsec), raw, logged_as)
   end
 
   local S = G .. 'p:' .. pid
@@ -626,12 +662,24 @@ local function apply_plain(s, raw, logged_as)
   local fields = {'m:fs', 'm:ls', 'm:ix'}
   for i = 1, n do fields[3 + i] = 'x:' .. idtexts[i] end
   if afield ~= '' then fields[4 + n] = afield end
+  -- traits (identify, Engage's audiences and computed traits): the general path's last-write-wins, on the same read
+  local tp, items, base = nil, nil, #fields
+  if tsec then
+    tp = traits_path()
+    items = tp.plain_traits(tsec, tonumber(ts_text))
+    tp.trait_fields(items, fields, true)
+  end
   local cur = redis.call('HMGET', S, unpack(fields))
   local w = {'m:ua', now}
   for i = 1, n do
     if cur[3 + i] then sighting_writes(w, fields[3 + i], cur[3 + i], ts_text, mid) end
   end
   if afield ~= '' then activity_writes(w, afield, cur[4 + n], tonumber(slot)) end
+  if items then
+    local tcur = {}
+    for k = base + 1, #fields do if cur[k] then tcur[fields[k]] = cur[k] end end
+    tp.lww(tcur, items, w, true, S)
+  end
   seen_writes(w, S, cur[1], cur[2], ts_text, mid)
   local index, retrim = index_plan(w, ts_text, logged_as, cur[3])
   redis.call('HSET', S, unpack(w))
@@ -654,11 +702,15 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
     seen_key = k
     if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
   end
-  if string.byte(payload, 1) == 123 then   -- '{'
+  local first = string.byte(payload, 1)
+  if first == 123 then   -- '{'
     local g = general_path()
     return g.apply_ev(g.decode_json(payload), raw, logged_as)
+  elseif first == 30 then   -- the plain form with traits
+    local tsec, plain = string.match(payload, TRAITED)
+    return apply_plain(plain, raw, logged_as, tsec)
   end
-  return apply_plain(payload, raw, logged_as)
+  return apply_plain(payload, raw, logged_as, false)
 end
 
 -- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of memory, a
