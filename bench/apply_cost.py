@@ -28,9 +28,10 @@ USERS = 50_000
 BODY = 1_000
 
 
-def events(start: int, n: int, now: int, rules: IdentityRules, traits: bool = False) -> list:
+def events(start: int, n: int, now: int, rules: IdentityRules, traits: bool = False, new: bool = False) -> list:
     """``n`` track calls as bench/batch.lua writes them, numbered from ``start``; (Event, raw) pairs. ``traits``:
-    identify calls with two traits instead (last-write-wins per trait, on top of what a page view does)."""
+    identify calls with two traits instead (last-write-wins per trait, on top of what a page view does); ``new``:
+    each the first event of a new anonymous visitor (a new profile: the script's general path)."""
     out = []
     for c in range(start, start + n):
         at = now - 2_000 - (c % 60) * 1_000  # live data: a few seconds old (see bench/report.lua's event_times)
@@ -40,6 +41,9 @@ def events(start: int, n: int, now: int, rules: IdentityRules, traits: bool = Fa
         if traits:
             raw.update(type="identify", traits={"plan": f"plan-{c % 3}", "visits": c})
             del raw["event"], raw["properties"]
+        if new:
+            del raw["userId"]
+            raw["anonymousId"] = f"visitor-{c}"
         out.append((normalise(raw, now, rules), orjson.dumps(raw)))
     return out
 
@@ -56,18 +60,18 @@ def use_script(path: str) -> None:
 
 
 def run(aof: bool, measured: int, url: str | None = None, pause: bool = False, body: int = BODY,
-        traits: bool = False) -> dict[str, float]:
+        traits: bool = False, new: bool = False) -> dict[str, float]:
     """Known users first (not measured), then ``measured`` events of the same users. ``url``: a running Redis to
     use (flushed first; e.g. one under ``valgrind --tool=callgrind``, for instruction counts); ``pause``: wait for
     Enter before and after the measured events (to zero and dump such counts)."""
     if url:
-        return measure(redis.Redis.from_url(url), measured, pause, body, traits)
+        return measure(redis.Redis.from_url(url), measured, pause, body, traits, new)
     with tempfile.TemporaryDirectory(prefix="sps-apply-") as tmp, EmbeddedRedis(tmp, persistent=aof) as server:
-        return measure(redis.Redis.from_url(server.url), measured, pause, body, traits)
+        return measure(redis.Redis.from_url(server.url), measured, pause, body, traits, new)
 
 
 def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY,
-            traits: bool = False) -> dict[str, float]:
+            traits: bool = False, new: bool = False) -> dict[str, float]:
     client.flushall()
     settings = Settings()
     rules = IdentityRules.from_settings(settings)
@@ -76,7 +80,7 @@ def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY,
     warm = events(0, USERS, now, rules)
     for i in range(0, len(warm), BODY):
         store.apply("default", warm[i:i + BODY], now=now)
-    todo = events(USERS, measured, now, rules, traits)
+    todo = events(USERS, measured, now, rules, traits, new)
     if pause:
         input("warmed up: press Enter to apply the measured events")
     before, t0 = cpu(client), time.perf_counter()
@@ -98,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="a running Redis to use instead of an embedded one (it is flushed)")
     p.add_argument("--pause", action="store_true", help="wait for Enter around the measured events")
     p.add_argument("--script", help="another apply.lua to measure instead of the package's")
-    p.add_argument("--traits", action="store_true", help="identify calls with traits (the script's general path)")
+    p.add_argument("--traits", action="store_true", help="identify calls with two traits")
+    p.add_argument("--new", action="store_true", help="first events of new visitors (the script's general path)")
     args = p.parse_args(argv)
     if args.script:
         use_script(args.script)
-    runs = [run(args.aof, args.events, args.url, args.pause, args.body, args.traits) for _ in range(args.runs)]
+    runs = [run(args.aof, args.events, args.url, args.pause, args.body, args.traits, args.new)
+            for _ in range(args.runs)]
     for r in runs:
         print(f"  {r['redis_us_per_event']:.1f} µs/event Redis, {r['events_per_s']:,.0f} events/s (one client)")
     print(f"median: {statistics.median(r['redis_us_per_event'] for r in runs):.1f} µs/event Redis CPU, "

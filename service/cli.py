@@ -231,7 +231,7 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     erased = f"profile {outcome.profile_id} erased" if outcome.profile_id else "no profile held it"
     suppressed = (f"userId {user_id}'s events up to now are suppressed (later ones build a new profile, as with "
                   "Segment's DELETE_ONLY)" if user_id else "it had no userId to suppress")
-    print(f"{outcome.status}: {erased}; {suppressed}; its logged and archived events are purged")
+    print(f"{outcome.status}: {erased}; {suppressed}; its logged, dead-lettered and archived events are purged")
     return 0
 
 
@@ -918,8 +918,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
     f = sub.add_parser("forget", help="GDPR: erase the profile any identifier resolves to (email:…, user_id:…)",
                        description="Erase the profile an identifier resolves to (identifiers, traits, merged "
-                                   "profiles, logged and archived events) exactly as a Segment delete call does: "
-                                   "its userId's events stamped up to now are suppressed (late retries, replays); "
+                                   "profiles, logged, dead-lettered and archived events) exactly as a Segment delete "
+                                   "call does: its userId's events stamped up to now are suppressed (late retries, "
+                                   "replays); "
                                    "later ones build a new profile. An identifier of nobody is an error (exit 1).")
     f.add_argument("identifier", metavar="TYPE:VALUE",
                    help="any identifier of the profile: user_id:u-42, email:ada@example.com, anonymous_id:… "

@@ -207,6 +207,11 @@ def belongs(line: bytes, ids: set[str]) -> bool:
         event = parse_json(line)
     except BodyError:
         return any(b'"%s"' % i.encode() in line for i in ids)  # unreadable: dropped if it names an erased id
+    return event_belongs(event, ids)
+
+
+def event_belongs(event: object, ids: set[str]) -> bool:
+    """Whether a decoded event names an erased user (its userId, anonymousId or previousId)."""
     if not isinstance(event, dict):
         return False
     return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids

@@ -6,14 +6,15 @@ import orjson
 import redis
 
 from service.config import Settings
+from service.spec.bodies import BodyError, parse_json
 from service.spec.clock import now_ms
 from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
-from service.state.archive import belongs, purge_archive
+from service.state.archive import belongs, event_belongs, purge_archive
 from service.state.connect import state_client
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
-from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, state_keys
+from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, rewrite_dead_letters, state_keys
 
 
 def paused(client: redis.Redis) -> dict | None:
@@ -127,9 +128,62 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
 
 
 def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
-    """The events of erased profiles out of the log, then out of the archive files; returns entries and lines
-    removed."""
-    return purge_forgotten(client, space) + purge_archive(client, settings, space)
+    """The events of erased profiles out of the log, the dead letters, then the archive files (whose purge forgets
+    the erased ids); returns entries and lines removed or rewritten."""
+    ids = {i.decode() for i in client.smembers(Keys(space).forgotten_ids)}
+    return (purge_forgotten(client, space) + purge_dead_letters(client, settings, space, ids)
+            + purge_archive(client, settings, space))
+
+
+def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids: set[str], chunk: int = 500) -> int:
+    """GDPR: the dead letters lose the events of the erased users ``ids`` (by userId, anonymousId or previousId).
+    An entry that is one such event, or a body that cannot be read and names one of them, is deleted; a body of
+    several events keeps the others, rewritten as a new entry (same reason, source and receipt time) at the end of
+    the stream. Returns entries deleted or rewritten."""
+    if not ids:
+        return 0
+    key = Keys(space).dead_letters
+    changed: list[bytes] = []
+    bodies: list[tuple[str, str, str, bytes]] = []
+    start = "-"
+    while True:
+        rows = client.xrange(key, min=start, max="+", count=chunk)
+        for entry_id, fields in rows:
+            kept = _without_erased(fields.get(b"raw", b""), ids)
+            if kept is None:
+                continue
+            changed.append(entry_id)
+            if kept:
+                bodies.append((fields.get(b"reason", b"").decode(errors="replace"),
+                               fields.get(b"source", b"").decode(errors="replace"),
+                               fields.get(b"at", b"0").decode(errors="replace"), kept))
+        if len(rows) < chunk:
+            break
+        start = "(" + rows[-1][0].decode()
+    if changed:
+        rewrite_dead_letters(client, settings, space, changed, bodies)
+    return len(changed)
+
+
+def _without_erased(raw: bytes, ids: set[str]) -> bytes | None:
+    """A dead letter's body without the erased users' events: None when it holds none of them, b"" when nothing
+    is left of it (or it cannot be read and names one of them)."""
+    try:
+        doc = parse_json(raw)
+    except BodyError:
+        return b"" if belongs(raw, ids) else None
+    if isinstance(doc, dict) and isinstance(doc.get("batch"), list):  # a Tracking API batch
+        events: list = doc["batch"]
+    elif isinstance(doc, list):  # a Webhooks (Actions) batch
+        events = doc
+    else:
+        return b"" if event_belongs(doc, ids) else None
+    rest = [e for e in events if not event_belongs(e, ids)]
+    if len(rest) == len(events):
+        return None
+    if not rest:
+        return b""
+    return orjson.dumps({**doc, "batch": rest} if isinstance(doc, dict) else rest)
 
 
 def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,

@@ -513,6 +513,19 @@ async def state_keys_async(client: aredis.Redis, space: str) -> Keys:
     return Keys(space, gen.decode() if gen else "")
 
 
+def rewrite_dead_letters(client: redis.Redis, settings: Settings, space: str, entry_ids: Sequence[bytes | str],
+                         bodies: Sequence[tuple[str, str, str, bytes]]) -> None:
+    """Replace dead letters by new ones (reason, source, received ms, raw): the old are deleted, the new added at
+    the end of the stream, the byte sum kept right (the GDPR purge of an erased user's events)."""
+    delete_dead_letters(client, space, entry_ids)
+    if bodies:
+        keys = Keys(space)
+        args: list = [settings.dead_letter_max, settings.dead_letter_max_bytes]
+        for reason, source, at, raw in bodies:
+            args += [reason, source, at, raw]
+        client.register_script(DLQ_ADD)(keys=[keys.dead_letters, keys.dead_letter_bytes], args=args)
+
+
 def delete_dead_letters(client: redis.Redis, space: str, entry_ids: Sequence[bytes | str]) -> int:
     """Delete dead letters (replayed, or dropped by the operator) and their bytes from the sum; returns bytes freed."""
     if not entry_ids:

@@ -87,3 +87,41 @@ def test_with_a_queue_the_purge_is_a_job(settings, redis_url: str, queue_url: st
     jobs = [j.func_name for j in Queue("persona-sync", connection=redis.Redis.from_url(queue_url)).get_jobs()]
     assert "service.state.ops.purge_job" in jobs and "workers.jobs.refresh" in jobs
     assert find(r, "email", "ada@example.com") is None
+
+
+def test_forget_purges_the_dead_letters_of_the_erased_user_and_keeps_everyone_elses(r: redis.Redis) -> None:
+    """Dead letters hold authenticated events that could not be applied, with their personal data: a GDPR erasure
+    removes the erased user's from them (by userId or anonymousId) and keeps everyone else's, a body of several
+    events rewritten without the erased user's."""
+    import orjson
+
+    from service.config import Settings
+    from service.state.ops import forget
+    from service.state.store import SyncStore
+
+    ada(r)
+    k = Keys("default")
+    store = SyncStore(r, Settings())
+    bad = "not a time"
+    batch = [{"type": "track", "event": "Viewed", "anonymousId": "ada-anon", "messageId": f"ab{i}"} for i in range(3)]
+    batch += [{"type": "track", "event": "Viewed", "userId": "bob", "messageId": f"bb{i}"} for i in range(2)]
+    store.dead_letters("default", [
+        ("invalid timestamp", orjson.dumps({"type": "identify", "userId": "x2", "timestamp": bad, "messageId": "d1"})),
+        ("invalid timestamp", orjson.dumps({"type": "identify", "userId": "bob", "timestamp": bad, "messageId": "d2"})),
+        ("batch of 4001 events", orjson.dumps(batch)),
+        ("tracking batch", orjson.dumps({"batch": batch[:1], "writeKey": "w"})),
+        ("malformed JSON", b'{"userId": "x2", "traits": {"email": "Ada@Example.com"'),
+    ], "webhook")
+    before = r.xrange(k.dead_letters)
+
+    forget(r, Settings(), "default", "email:ada@example.com")
+
+    left = r.xrange(k.dead_letters)
+    raws = [orjson.loads(f[b"raw"]) for _, f in left]
+    assert raws == [{"type": "identify", "userId": "bob", "timestamp": bad, "messageId": "d2"}, batch[3:]]
+    assert left[0][0] == before[1][0]  # untouched where it was
+    rewritten = left[1][1]
+    assert rewritten[b"reason"] == b"batch of 4001 events" and rewritten[b"source"] == b"webhook"
+    assert rewritten[b"at"] == before[2][1][b"at"]
+    assert int(r.get(k.dead_letter_bytes)) == sum(int(f[b"n"]) for _, f in left)
+    assert b"ada" not in b"".join(f[b"raw"] for _, f in left).lower()
