@@ -36,13 +36,13 @@ from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
 from service.state.connect import scan_space
+from service.state.generations import drop_generation, generations, next_generation
 from service.state.ops import profile_erasure, purge_erased, user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
 
 CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to apply
 CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
-GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:", "au:", "ev:")  # key families of a generation, besides its counter ("seq")
 
 
 STATUS_TTL = 3600  # seconds the rebuild's status (and record of erasures) outlives its last write (apply.lua too)
@@ -125,44 +125,6 @@ def coverage(client: redis.Redis, settings: Settings, space: str) -> Coverage:
     if batch:
         older += count(batch)
     return Coverage(start, profiles, older)
-
-
-def next_generation(current: str) -> str:
-    n = int(current[1:-1]) if current.startswith("g") and current[1:-1].isdigit() else 0
-    return f"g{n + 1}:"
-
-
-def drop_generation(client: redis.Redis, space: str, gen: str) -> int:
-    """Delete one generation's keys (never the current one's: the caller checks). Returns keys deleted."""
-    k = Keys(space, gen)
-    deleted = 0
-    patterns = [k.prefix + gen + family + "*" for family in GEN_FAMILIES]
-    for pattern in patterns:
-        batch: list[bytes] = []
-        for key in scan_space(client, k.log, pattern):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += client.unlink(*batch)
-                batch = []
-        if batch:
-            deleted += client.unlink(*batch)
-    deleted += client.unlink(k.seq)
-    return deleted
-
-
-def generations(client: redis.Redis, space: str) -> set[str]:
-    """Every generation with keys in Redis (a scan of the space's keys)."""
-    prefix = Keys(space).prefix
-    found: set[str] = set()
-    for key in scan_space(client, Keys(space).log, prefix + "*", count=5000):
-        rest = key.decode(errors="replace")[len(prefix):]
-        if rest.startswith(GEN_FAMILIES) or rest == "seq":
-            found.add("")
-        elif rest.startswith("g") and ":" in rest:
-            gen, _, tail = rest.partition(":")
-            if gen[1:].isdigit() and (tail.startswith(GEN_FAMILIES) or tail == "seq"):
-                found.add(gen + ":")
-    return found
 
 
 def drop_old(client: redis.Redis, space: str) -> dict[str, int]:

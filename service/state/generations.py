@@ -1,0 +1,50 @@
+"""A space's generations of profile state (``Keys.gen``: ``""``, ``"g1:"``, ...): which exist, the next one, and
+dropping one. A rebuild writes a new generation, then switches to it (``service/state/rebuild.py``); the previous
+ones stay until ``rebuild --drop-old``, and a GDPR erasure reaches them too (``service/state/ops.py``)."""
+
+from __future__ import annotations
+
+import redis
+
+from service.spec.keys import Keys
+from service.state.connect import scan_space
+
+GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:", "au:", "ev:")  # key families of a generation, besides its counter ("seq")
+
+
+def next_generation(current: str) -> str:
+    n = int(current[1:-1]) if current.startswith("g") and current[1:-1].isdigit() else 0
+    return f"g{n + 1}:"
+
+
+def drop_generation(client: redis.Redis, space: str, gen: str) -> int:
+    """Delete one generation's keys (never the current one's: the caller checks). Returns keys deleted."""
+    k = Keys(space, gen)
+    deleted = 0
+    patterns = [k.prefix + gen + family + "*" for family in GEN_FAMILIES]
+    for pattern in patterns:
+        batch: list[bytes] = []
+        for key in scan_space(client, k.log, pattern):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+    deleted += client.unlink(k.seq)
+    return deleted
+
+
+def generations(client: redis.Redis, space: str) -> set[str]:
+    """Every generation with keys in Redis (a scan of the space's keys)."""
+    prefix = Keys(space).prefix
+    found: set[str] = set()
+    for key in scan_space(client, Keys(space).log, prefix + "*", count=5000):
+        rest = key.decode(errors="replace")[len(prefix):]
+        if rest.startswith(GEN_FAMILIES) or rest == "seq":
+            found.add("")
+        elif rest.startswith("g") and ":" in rest:
+            gen, _, tail = rest.partition(":")
+            if gen[1:].isdigit() and (tail.startswith(GEN_FAMILIES) or tail == "seq"):
+                found.add(gen + ":")
+    return found
