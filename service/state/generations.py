@@ -48,3 +48,13 @@ def generations(client: redis.Redis, space: str) -> set[str]:
             if gen[1:].isdigit() and (tail.startswith(GEN_FAMILIES) or tail == "seq"):
                 found.add(gen + ":")
     return found
+
+
+def other_generations(client: redis.Redis, space: str) -> list[str]:
+    """The generations besides the current one that hold profiles: those a rebuild left until ``--drop-old``, and
+    one being built. Each has its profile counter, and names run g1:, g2:, ... up to one past the current: a few
+    EXISTS, no scan."""
+    current = (client.get(Keys(space).generation_key) or b"").decode()
+    n = int(current[1:-1]) if current.startswith("g") and current[1:-1].isdigit() else 0
+    names = ["", *(f"g{i}:" for i in range(1, n + 2))]
+    return [gen for gen in names if gen != current and client.exists(Keys(space, gen).seq)]

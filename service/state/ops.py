@@ -13,6 +13,7 @@ from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
 from service.state.archive import belongs, event_belongs, purge_archive
 from service.state.connect import state_client
+from service.state.generations import other_generations
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
 from service.state.store import Outcome, SyncStore, delete_dead_letters, encode_raw, rewrite_dead_letters, state_keys
 
@@ -131,8 +132,26 @@ def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
     """The events of erased profiles out of the log, the dead letters, then the archive files (whose purge forgets
     the erased ids); returns entries and lines removed or rewritten."""
     ids = {i.decode() for i in client.smembers(Keys(space).forgotten_ids)}
-    return (purge_forgotten(client, space) + purge_dead_letters(client, settings, space, ids)
-            + purge_archive(client, settings, space))
+    return (erase_in_other_generations(client, settings, space, ids) + purge_forgotten(client, space)
+            + purge_dead_letters(client, settings, space, ids) + purge_archive(client, settings, space))
+
+
+def erase_in_other_generations(client: redis.Redis, settings: Settings, space: str, ids: set[str]) -> int:
+    """GDPR: an erasure applies to the space's current generation, but a rebuild leaves the previous ones in place
+    until ``rebuild --drop-old``, holding the same people (and one being built may hold them already): their
+    profiles there are erased too, found by the erased users' ``ids`` (userIds and anonymousIds). Returns
+    profiles erased."""
+    gens = other_generations(client, space) if ids else []
+    erased, now = 0, now_ms()
+    for gen in gens:
+        k = Keys(space, gen)
+        found = {client.get(k.ident(kind, value)) for value in sorted(ids) for kind in ("user_id", "anonymous_id")}
+        pids = sorted(p.decode() for p in found if p and p.decode() != TOMBSTONE)
+        if pids:
+            SyncStore(client, settings).apply(space, [profile_erasure(pid, now, f"erase-{gen}{pid}-{now}")
+                                                      for pid in pids], now=now, generation=gen)
+            erased += len(pids)
+    return erased
 
 
 def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids: set[str], chunk: int = 500) -> int:

@@ -12,7 +12,8 @@ A space's profile state (profiles, identifier index, merges, counter, accounts) 
    ``SET`` (the apply script resolves it per event, atomically), and applies the last entries again into the new
    one: an event applied live in the old generation just before the switch is in the log, and applying an event
    twice changes nothing, so nothing that arrived during the rebuild is lost or counted twice;
-4. leaves the old generation in place until ``drop_generations`` (``persona-sync rebuild --drop-old``).
+4. leaves the old generation in place until ``drop_old`` (``persona-sync rebuild --drop-old``); a GDPR erasure
+   reaches it too (``ops.erase_in_other_generations``).
 
 Deletions are not logged events: the space's deletion times (``Keys.deleted``) are shared by the generations and
 keep suppressing what came before a delete. GDPR erasures must not come back with the new generation: those whose

@@ -136,9 +136,9 @@ class Applier:
     def call_args(self, keys: Keys, events: Sequence[tuple[Event, bytes, str | None]], now_ms: int,
                   reapply: bool = False, generation: str | None = None) -> Call:
         """KEYS and ARGV of one call of the apply script for (event, raw, logged_as) in order. ``reapply``: a
-        replay of the event log (no dedupe, not logged again); ``generation``: the one a rebuild writes (None: the
-        space's current one); ``logged_as``: in a replay, the log entry the event is (its profile's event index
-        points there). See apply.lua's header."""
+        replay of the event log (no dedupe, not logged again); ``generation``: another than the space's current
+        one (None), which a rebuild writes or an erasure reaches ("" is the original one); ``logged_as``: in a
+        replay, the log entry the event is (its profile's event index points there). See apply.lua's header."""
         bucket = now_ms // 1000 // self.bucket_width
         # with an archive, the archiver trims the log once events are in its files (service/state/archive.py)
         retention_ms = int(self.settings.event_log_retention * 1000)
@@ -150,8 +150,9 @@ class Applier:
         # the retention, so that every event of one period would set the same bounds
         period = max(1000, min(INDEX_PERIOD_MS, retention_ms // 16))
         start = now_ms // period * period
+        gen = "-" if generation is None else generation
         args: list = [f"{keys.prefix}\t{bucket}\t{now_ms}\t{minid}\t"
-                      f"{'reapply' if reapply else 'live'}\t{generation if generation else '-'}\t{retention_ms}\t"
+                      f"{'reapply' if reapply else 'live'}\t{gen}\t{retention_ms}\t"
                       f"{older}\t{expiry}\t({start - retention_ms}\t{start + period + retention_ms}\t{start}",
                       self.rules_json]
         shards = self.settings.dedupe_shards

@@ -234,3 +234,30 @@ def test_a_rebuild_does_not_bring_back_a_profile_whose_purge_job_has_not_run(r: 
     assert find(r, "email", "erase-me@example.com") is None
     assert find(r, "anonymous_id", "anon-keep-me") is not None
     assert [orjson.loads(f[b"e"])["anonymousId"] for _, f in r.xrange(Keys(SPACE).log)] == ["anon-keep-me"] * 3
+
+
+def test_an_erasure_reaches_the_generation_a_rebuild_left_behind(r: redis.Redis, settings: Settings) -> None:
+    """A rebuild keeps the previous generation until ``--drop-old``, holding the same people: a GDPR erasure after
+    it erases them there too, a user by userId and a profile without one alike, and nobody else."""
+    from service.state.ops import forget
+
+    apply(r, [{"type": "identify", "userId": "gone", "messageId": "g1", "traits": {"email": "gone@example.com"},
+               "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "identify", "userId": "kept", "messageId": "k1", "traits": {"email": "kept@example.com"},
+               "timestamp": "2026-03-01T00:00:00Z"}], now=now_ms())
+    visitor_events(r)
+    rebuild(r, settings, SPACE)
+    old = Keys(SPACE, "")
+    before = {value: r.get(old.ident(kind, value)).decode()
+              for kind, value in (("user_id", "gone"), ("user_id", "kept"), ("anonymous_id", "anon-erase-me"),
+                                  ("anonymous_id", "anon-keep-me"))}
+    r.delete(Keys(SPACE).dirty)  # what the events marked, which no refresh took here
+    forget(r, settings, SPACE, "user_id:gone")
+    forget(r, settings, SPACE, "email:erase-me@example.com")
+    assert not r.exists(old.profile(before["gone"])) and not r.exists(old.profile(before["anon-erase-me"]))
+    assert r.get(old.ident("email", "gone@example.com")) is None
+    assert r.get(old.ident("email", "erase-me@example.com")) is None
+    assert r.exists(old.profile(before["kept"])) and r.exists(old.profile(before["anon-keep-me"]))
+    assert find(r, "user_id", "kept") is not None and find(r, "user_id", "gone") is None
+    marked = {m.decode() for m in r.smembers(Keys(SPACE).dirty)}  # the current generation's erased profiles only
+    assert before["gone"] not in marked and before["anon-erase-me"] not in marked and len(marked) == 2

@@ -22,7 +22,8 @@
 --           older dedupe buckets \t dedupe expiry \t index trim bound \t index expiry \t index period": mode
 --           'live' (the receiver, imports, dead letters) or 'reapply' (a replay of the event log: applied again
 --           whether or not it was seen, and not logged a second time); generation '-' for the space's current one
---           (P..'gen'), else the one a rebuild writes (service/state/rebuild.py); index retention: how long
+--           (P..'gen'), else another ('' the original one): the one a rebuild writes (service/state/rebuild.py),
+--           or one a GDPR erasure reaches (service/state/ops.py); index retention: how long
 --           G..'ev:'pid keeps an event;
 --           then, so that the script formats no number: the older dedupe buckets to look in (oldest first,
 --           comma-separated), the current bucket's expiry (epoch s), the index's trim bound ('(' period start -
@@ -77,7 +78,7 @@ local P, bucket, now, minid = h[1], h[2], h[3], h[4]
 local reapply = h[5] == 'reapply'
 local G = h[6]
 local keep_ms = tonumber(h[7])
-local rebuilding = not (G == nil or G == '-')   -- a rebuild's new generation: no dirty marks until it is current
+local rebuilding = not (G == nil or G == '-')   -- not the current generation: no dirty marks
 if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
 local NULL = cjson.null
 local TOMBSTONE = '!'
@@ -431,7 +432,7 @@ local function general_path()
     if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
     redis.call('SADD', P .. 'forgotten', pid)
     if record then redis.call('EXPIRE', P .. 'rebuild:erased', 3600) end
-    dirty[#dirty + 1] = pid
+    if not rebuilding then dirty[#dirty + 1] = pid end
     return 'deleted\t' .. pid
   end
 
