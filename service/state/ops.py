@@ -129,8 +129,9 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
 
 
 def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
-    """The events of erased profiles out of the log, the dead letters, then the archive files (whose purge forgets
-    the erased ids); returns entries and lines removed or rewritten."""
+    """After an erasure: the erased users' profiles in the generations a rebuild left (or is building), then their
+    events out of the log, the dead letters and the archive files (whose purge forgets the erased ids); returns
+    profiles, entries and lines erased, removed or rewritten."""
     ids = {i.decode() for i in client.smembers(Keys(space).forgotten_ids)}
     return (erase_in_other_generations(client, settings, space, ids) + purge_forgotten(client, space)
             + purge_dead_letters(client, settings, space, ids) + purge_archive(client, settings, space))
@@ -227,6 +228,6 @@ def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, pro
 
 
 def purge_job(space: str) -> int:
-    """RQ entry point (enqueued by the receiver after a delete): the log, then the archive files."""
+    """RQ entry point (enqueued by the receiver after a delete): ``purge_erased``."""
     settings = Settings.from_env()
     return purge_erased(state_client(settings), settings, space)

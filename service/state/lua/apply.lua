@@ -624,7 +624,7 @@ end
 
 -- The fast path: a plain event (see the header) of a known person, every identifier already on one profile: one
 -- HMGET and one HSET of the profile, read by position, times compared as text, nothing decoded into tables (its
--- traits, if any, go through the general path's last-write-wins, on that same read and write). Any
+-- traits, if any, go through the traits' last-write-wins, ``traits_path``, on that same read and write). Any
 -- other plain event (a new identifier, several profiles, a tombstone, a deletion) goes on as ``ev`` through the
 -- general path, which runs from the start: the fast path has only read until then.
 local PLAIN = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
@@ -663,7 +663,7 @@ local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits sectio
   local fields = {'m:fs', 'm:ls', 'm:ix'}
   for i = 1, n do fields[3 + i] = 'x:' .. idtexts[i] end
   if afield ~= '' then fields[4 + n] = afield end
-  -- traits (identify, Engage's audiences and computed traits): the general path's last-write-wins, on the same read
+  -- traits (identify, Engage's audiences and computed traits): last write wins, on the same read and write
   local tp, items, base = nil, nil, #fields
   if tsec then
     tp = traits_path()
