@@ -31,7 +31,7 @@ from service.config import valid_space
 from service.http import auth
 from service.http.responses import JSON, error, unavailable
 from service.spec.events import InvalidEvent, iso_ms, normalise
-from service.spec.keys import profile_api_rate
+from service.spec.keys import Keys, profile_api_rate
 from service.spec.profile import Profile, decode_profile
 from service.state.store import REDIS_DOWN, state_keys_async
 
@@ -99,7 +99,10 @@ async def lookup(state: Any, space: str, ident: str) -> Profile:
     live = await state.reader.find(space, *found) if found else None
     if live is None:
         raise ApiError(404, "not_found", "Profile was not found.")
-    return decode_profile(*live)
+    pid, fields, generation = live
+    profile = decode_profile(pid, fields)
+    profile.generation = generation
+    return profile
 
 
 def _cursor(request: Request, subject: str, more: bool, nxt: str) -> dict:
@@ -332,7 +335,8 @@ async def logged_events(state: Any, space: str, profile: Profile, *, limit: int,
         hi, lo = (min(hi, after[0]), lo) if desc else (hi, max(lo, after[0]))
 
     client = state.redis
-    keys = await state_keys_async(client, space)
+    # the generation the profile was read from: a rebuild's switch since then must not send its ids to the new one's
+    keys = Keys(space, profile.generation) if profile.generation is not None else await state_keys_async(client, space)
     indexes = [_Index(client, keys.events_index(p), lo, hi, desc) for p in [profile.id, *profile.merged_from]]
     kept: list[tuple[int, str, dict]] = []
     batch: list[tuple[int, str]] = []

@@ -46,6 +46,7 @@ class Profile:
     merged_from: list[str] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
     identifier_total: int | None = None  # set when decoded without its identifiers (``detail=False``)
+    generation: str | None = None  # the generation of state it was read from, when known (reads that follow use it)
 
     @property
     def identifier_count(self) -> int:

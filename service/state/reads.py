@@ -14,10 +14,13 @@ from service.spec.keys import TOMBSTONE, Keys
 
 # KEYS: the space's generation key (declared so that Redis Cluster routes the call to the space's shard).
 # ARGV: prefix, identifier type ('segment_id': the value is a profile id), value, tombstone.
-# Returns {profile id, field, value, field, value, ...}, or {} when nothing live answers to the identifier.
+# Returns {generation, profile id, field, value, field, value, ...}, or {} when nothing live answers to the
+# identifier: the generation it was read from, so that the reads that follow (its /events index) use the same one
+# even if a rebuild switches meanwhile.
 FIND = """
 local P, kind, value = ARGV[1], ARGV[2], ARGV[3]
-local G = P .. (redis.call('GET', KEYS[1]) or '')
+local gen = redis.call('GET', KEYS[1]) or ''
+local G = P .. gen
 local pid = value
 if kind ~= 'segment_id' then pid = redis.call('GET', G .. 'i:' .. kind .. ':' .. value) end
 for _ = 1, 16 do
@@ -25,6 +28,7 @@ for _ = 1, 16 do
   local fields = redis.call('HGETALL', G .. 'p:' .. pid)
   if #fields > 0 then
     table.insert(fields, 1, pid)
+    table.insert(fields, 1, gen)
     return fields
   end
   pid = redis.call('GET', G .. 'mrg:' .. pid)
@@ -39,11 +43,12 @@ class ProfileReader:
     def __init__(self, client: aredis.Redis) -> None:
         self._find: AsyncScript = client.register_script(FIND)
 
-    async def find(self, space: str, kind: str, value: str) -> tuple[str, dict[bytes, Any]] | None:
-        """The live profile (id, hash) that ``kind:value`` (already normalised) resolves to, following merges."""
+    async def find(self, space: str, kind: str, value: str) -> tuple[str, dict[bytes, Any], str] | None:
+        """The live profile (id, hash, and the generation it is in) that ``kind:value`` (already normalised)
+        resolves to, following merges."""
         keys = Keys(space)
         reply = await self._find(keys=[keys.generation_key], args=[keys.prefix, kind, value, TOMBSTONE])
         if not reply:
             return None
-        pid = reply[0].decode()
-        return pid, dict(zip(reply[1::2], reply[2::2], strict=True))
+        gen, pid = reply[0].decode(), reply[1].decode()
+        return pid, dict(zip(reply[2::2], reply[3::2], strict=True)), gen

@@ -194,6 +194,29 @@ def test_events_survive_a_rebuild(client: TestClient, r: redis.Redis, settings: 
     assert [e["properties"]["n"] for e in body["data"]] == [2, 1, 0]
 
 
+def test_events_read_across_a_rebuilds_switch_come_from_the_generation_the_profile_was_found_in(
+        client: TestClient, r: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild's switch can land between a request's profile read and its events' read: the events are read
+    from the generation the profile was found in (the other one numbers its profiles differently), not an empty
+    page."""
+    from service.spec.keys import Keys
+    from service.state.reads import ProfileReader
+
+    now = int(time.time() * 1000)
+    apply(r, [track("u6", n, now - DAY + n) for n in range(3)], now=now)
+    rebuild(r, settings, "default")  # g1: is current, the original generation stays
+    found = ProfileReader.find
+
+    async def find_then_switch(self: ProfileReader, space: str, kind: str, value: str) -> object:
+        live = await found(self, space, kind, value)
+        r.set(Keys("default").generation_key, "")  # a switch, right after the profile was read
+        return live
+
+    monkeypatch.setattr(ProfileReader, "find", find_then_switch)
+    body = client.get(BASE + "/user_id:u6/events", headers=AUTH).json()
+    assert [e["properties"]["n"] for e in body["data"]] == [2, 1, 0]
+
+
 def test_accounts_traits_and_links(client: TestClient, r: redis.Redis) -> None:
     apply(r, [{"type": "group", "userId": uid, "groupId": "acc/7", "messageId": f"g-{uid}",
                "traits": {"name": "Initech", "plan": "enterprise", "employees": 40 + n},
