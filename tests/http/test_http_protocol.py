@@ -24,6 +24,17 @@ def exchange(port: int, request: bytes) -> bytes:
     return out
 
 
+def _until_closed(s: socket.socket, reply: bytes = b"", timeout: float = 10) -> bytes:
+    """``reply`` and what the server sends after it until it closes the connection (a reset counts as closed)."""
+    s.settimeout(timeout)
+    try:
+        while chunk := s.recv(65536):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    return reply
+
+
 def test_an_oversized_head_is_refused_with_431_and_json(redis_url: str) -> None:
     with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
         big = b"x" * (MAX_HEAD_BYTES + 1)
@@ -60,12 +71,7 @@ def test_a_header_that_never_ends_is_refused_before_it_ends(redis_url: str) -> N
                 except (BrokenPipeError, ConnectionResetError):
                     break
                 time.sleep(0.01)
-            s.settimeout(10)
-            try:
-                while chunk := s.recv(65536):
-                    reply += chunk
-            except ConnectionResetError:
-                pass
+            reply = _until_closed(s, reply)
     assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
 
 
@@ -200,12 +206,7 @@ def test_a_body_that_trickles_past_its_deadline_is_refused_with_408_and_its_conn
                     break
                 if reply:
                     break
-            s.settimeout(5)
-            try:
-                while chunk := s.recv(65536):
-                    reply += chunk
-            except ConnectionResetError:
-                pass
+            reply = _until_closed(s, reply, 5)
             elapsed = time.monotonic() - started
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
