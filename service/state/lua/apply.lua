@@ -40,7 +40,7 @@
 --   plain, for the common call that carries no order, group, alias, reversal or erasure, no tab or \30 in its
 --   values and no ':' in an identifier's type: 't \t ts \t mid \t uid \t activity field \t slot \t
 --   type:value \t ...' (the activity field 'a:'channel':'day and the slot empty without activity; the identifiers
---   by priority), split with one string.match: no JSON to decode; with traits (and no \31 in them), preceded by
+--   by priority), split with one string.match: no JSON to decode; with traits (no \30 or \31 in them), preceded by
 --   '\30 received \31 stamp', '\31 name \31 JSON value \31 class' per trait and '\30', the stamp being the
 --   traits' (ts, or ts '+' received - ts when received later); without, no receipt time (only traits need one);
 --   else JSON, decoded as ``ev``:
