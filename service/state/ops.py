@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import orjson
 import redis
 
@@ -142,17 +144,27 @@ def erase_in_other_generations(client: redis.Redis, settings: Settings, space: s
     until ``rebuild --drop-old``, holding the same people (and one being built may hold them already): their
     profiles there are erased too, found by the erased users' ``ids`` (userIds and anonymousIds). Returns
     profiles erased."""
-    gens = other_generations(client, space) if ids else []
-    erased, now = 0, now_ms()
-    for gen in gens:
-        k = Keys(space, gen)
-        found = {client.get(k.ident(kind, value)) for value in sorted(ids) for kind in ("user_id", "anonymous_id")}
-        pids = sorted(p.decode() for p in found if p and p.decode() != TOMBSTONE)
-        if pids:
-            SyncStore(client, settings).apply(space, [profile_erasure(pid, now, f"erase-{gen}{pid}-{now}")
-                                                      for pid in pids], now=now, generation=gen)
-            erased += len(pids)
-    return erased
+    if not ids:
+        return 0
+    identifiers = [(kind, value) for value in sorted(ids) for kind in ("user_id", "anonymous_id")]
+    return sum(erase_identified(client, settings, space, identifiers, gen) for gen in other_generations(client, space))
+
+
+def erase_identified(client: redis.Redis, settings: Settings, space: str, identifiers: Iterable[tuple[str, str]],
+                     generation: str | None = None) -> int:
+    """Erase, in ``generation`` (None: the current one), every profile one of ``identifiers`` (type, value) points
+    to, by profile id; returns profiles erased (a rebuild's and an erasure's follow-ups in other generations)."""
+    k = state_keys(client, space) if generation is None else Keys(space, generation)
+    pids: list[str] = []
+    for kind, value in identifiers:
+        pid = (client.get(k.ident(kind, value)) or b"").decode()
+        if pid and pid != TOMBSTONE and pid not in pids:
+            pids.append(pid)
+    if pids:
+        now = now_ms()
+        SyncStore(client, settings).apply(space, [profile_erasure(pid, now, f"erase-{k.gen}{pid}-{now}")
+                                                  for pid in pids], now=now, generation=generation)
+    return len(pids)
 
 
 def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids: set[str], chunk: int = 500) -> int:

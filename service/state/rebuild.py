@@ -38,7 +38,7 @@ from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
 from service.state.connect import scan_space
 from service.state.generations import drop_generation, generations, next_generation
-from service.state.ops import profile_erasure, purge_erased, user_deletion
+from service.state.ops import erase_identified, purge_erased, user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
 
@@ -159,20 +159,12 @@ def _erasures_meanwhile(client: redis.Redis, settings: Settings, space: str) -> 
     in ``_deletions_since``). Returns profiles erased."""
     k = Keys(space)
     recorded = sorted(m.decode() for m in client.smembers(k.rebuild_erased))
-    current = state_keys(client, space)
-    pids: list[str] = []
-    for ident in recorded:
-        kind, _, value = ident.partition(":")
-        pid = (client.get(current.ident(kind, value)) or b"").decode()
-        if pid and pid != TOMBSTONE and pid not in pids:
-            pids.append(pid)
-    if pids:
-        now = now_ms()
-        SyncStore(client, settings).apply(space, [profile_erasure(pid, now, f"rebuild-erase-{pid}-{now}")
-                                                  for pid in pids], now=now)
+    identifiers = [(kind, value) for kind, _, value in (ident.partition(":") for ident in recorded)]
+    erased = erase_identified(client, settings, space, identifiers)
+    if erased:
         purge_erased(client, settings, space)  # their entries logged under the new generation's ids
     client.delete(k.rebuild_erased)
-    return len(pids)
+    return erased
 
 
 def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = False,
