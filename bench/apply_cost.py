@@ -60,18 +60,18 @@ def use_script(path: str) -> None:
 
 
 def run(aof: bool, measured: int, url: str | None = None, pause: bool = False, body: int = BODY,
-        traits: bool = False, new: bool = False) -> dict[str, float]:
+        traits: bool = False, new: bool = False, deletions: int = 0) -> dict[str, float]:
     """Known users first (not measured), then ``measured`` events of the same users. ``url``: a running Redis to
     use (flushed first; e.g. one under ``valgrind --tool=callgrind``, for instruction counts); ``pause``: wait for
     Enter before and after the measured events (to zero and dump such counts)."""
     if url:
-        return measure(redis.Redis.from_url(url), measured, pause, body, traits, new)
+        return measure(redis.Redis.from_url(url), measured, pause, body, traits, new, deletions)
     with tempfile.TemporaryDirectory(prefix="sps-apply-") as tmp, EmbeddedRedis(tmp, persistent=aof) as server:
-        return measure(redis.Redis.from_url(server.url), measured, pause, body, traits, new)
+        return measure(redis.Redis.from_url(server.url), measured, pause, body, traits, new, deletions)
 
 
 def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY,
-            traits: bool = False, new: bool = False) -> dict[str, float]:
+            traits: bool = False, new: bool = False, deletions: int = 0) -> dict[str, float]:
     client.flushall()
     settings = Settings()
     rules = IdentityRules.from_settings(settings)
@@ -80,6 +80,10 @@ def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY,
     warm = events(0, USERS, now, rules)
     for i in range(0, len(warm), BODY):
         store.apply("default", warm[i:i + BODY], now=now)
+    gone = [{"type": "delete", "userId": f"gone-{n}", "messageId": f"gone-{n}", "timestamp": iso_ms(now - 86_400_000)}
+            for n in range(deletions)]  # GDPR deletions of other people, a day earlier
+    if gone:
+        store.apply("default", [(normalise(raw, now, rules), orjson.dumps(raw)) for raw in gone], now=now)
     todo = events(USERS, measured, now, rules, traits, new)
     if pause:
         input("warmed up: press Enter to apply the measured events")
@@ -104,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--script", help="another apply.lua to measure instead of the package's")
     p.add_argument("--traits", action="store_true", help="identify calls with two traits")
     p.add_argument("--new", action="store_true", help="first events of new visitors (the script's general path)")
+    p.add_argument("--deletions", type=int, default=0,
+                   help="GDPR deletions of other users a day earlier (as a space in production has)")
     args = p.parse_args(argv)
     if args.script:
         use_script(args.script)
-    runs = [run(args.aof, args.events, args.url, args.pause, args.body, args.traits, args.new)
+    runs = [run(args.aof, args.events, args.url, args.pause, args.body, args.traits, args.new, args.deletions)
             for _ in range(args.runs)]
     for r in runs:
         print(f"  {r['redis_us_per_event']:.1f} µs/event Redis, {r['events_per_s']:,.0f} events/s (one client)")

@@ -676,8 +676,11 @@ def cmd_suppressions(settings: Settings, args: argparse.Namespace) -> int:
         for row in rows:
             until = row["until_ms"]
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(until / 1000)) + " UTC" if until else "for ever"
-            print(f"{row['user_id']}  events up to {when}")
-        print(f"{len(rows)} suppressed userId(s) in {space}")
+            who = row["user_id"] if row["user_id"] is not None else "(a profile without a userId)"
+            also = f"; also {', '.join(row['identifiers'])}" if row["identifiers"] else ""
+            print(f"{who}  events up to {when}{also}")
+        users = sum(row["user_id"] is not None for row in rows)
+        print(f"{users} suppressed userId(s) and {len(rows) - users} erased profile(s) without one in {space}")
         return 0
     if not args.user_ids:
         raise CommandError("lift needs one or more userIds (see `persona-sync suppressions list`)")

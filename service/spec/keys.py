@@ -122,6 +122,19 @@ class Keys:
         return f"{self.prefix}deleted"
 
     @property
+    def erased(self) -> str:
+        """'type:value' -> 'time|userId': the other identifiers of erased profiles, the effective time (ms) of their
+        latest erasure and the userId whose deletion erased them ('' for an erasure by profile id). Events at or
+        before it lose that identifier, and are suppressed when nothing else identifies them."""
+        return f"{self.prefix}erased"
+
+    @property
+    def deletions_latest(self) -> str:
+        """The effective time (ms) of the space's latest deletion or erasure: events after it are not looked up in
+        ``deleted`` and ``erased``. Worked out again by the apply script from those two when it is missing."""
+        return f"{self.prefix}deletions:latest"
+
+    @property
     def forgotten_ids(self) -> str:
         """userIds and anonymousIds of erased profiles whose events the archive files may still hold."""
         return f"{self.prefix}forgotten:ids"

@@ -79,18 +79,43 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
     return outcome, user_id
 
 
+def _erased_identifiers(client: redis.Redis, space: str) -> dict[tuple[str, int], list[str]]:
+    """The identifiers erased with a profile (``Keys.erased``), by (deleted userId or '', erasure time)."""
+    out: dict[tuple[str, int], list[str]] = {}
+    for ident, record in client.hscan_iter(Keys(space).erased, count=1000):
+        at, _, uid = record.decode().partition("|")
+        out.setdefault((uid, int(at)), []).append(ident.decode())
+    return out
+
+
 def suppressions(client: redis.Redis, space: str) -> list[dict]:
-    """Suppressed userIds with the time up to which their events are dropped (0: for ever, an older version's)."""
+    """Suppressed userIds with the time up to which their events are dropped (0: for ever, an older version's),
+    and the other identifiers erased with each profile, whose events up to then are dropped too (``user_id``
+    None: a profile without a userId, erased by ``forget``)."""
     k = Keys(space)
     times = {uid.decode(): int(ms) for uid, ms in client.hgetall(k.deleted).items()}
     legacy = {uid.decode() for uid in client.smembers(k.suppressed)} - set(times)
-    return [{"user_id": uid, "until_ms": times.get(uid, 0)} for uid in sorted(set(times) | legacy)]
+    erased = _erased_identifiers(client, space)
+    by_user: dict[str, list[str]] = {}
+    for (uid, _), idents in erased.items():
+        if uid:
+            by_user.setdefault(uid, []).extend(idents)
+    rows: list[dict] = [{"user_id": uid, "until_ms": times.get(uid, 0), "identifiers": sorted(by_user.get(uid, []))}
+                        for uid in sorted(set(times) | legacy)]
+    rows += [{"user_id": None, "until_ms": at, "identifiers": sorted(idents)}
+             for (uid, at), idents in sorted(erased.items(), key=lambda item: item[0][1]) if not uid]
+    return rows
 
 
 def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
-    """Stop suppressing ``user_id`` (its events apply again from now on). False if it was not suppressed."""
+    """Stop suppressing ``user_id`` and the identifiers erased with it (their events apply again from now on).
+    False if it was not suppressed."""
     k = Keys(space)
     found = bool(client.hdel(k.deleted, user_id)) | bool(client.srem(k.suppressed, user_id))
+    mine = [ident for ident, record in client.hscan_iter(k.erased, count=1000)
+            if record.decode().partition("|")[2] == user_id]
+    if mine:
+        found = bool(client.hdel(k.erased, *mine)) or found
     index = state_keys(client, space).ident("user_id", user_id)
     if client.get(index) == TOMBSTONE.encode():
         client.delete(index)
@@ -151,9 +176,11 @@ def erase_in_other_generations(client: redis.Redis, settings: Settings, space: s
 
 
 def erase_identified(client: redis.Redis, settings: Settings, space: str, identifiers: Iterable[tuple[str, str]],
-                     generation: str | None = None) -> int:
+                     generation: str | None = None, at_ms: int | None = None) -> int:
     """Erase, in ``generation`` (None: the current one), every profile one of ``identifiers`` (type, value) points
-    to, by profile id; returns profiles erased (a rebuild's and an erasure's follow-ups in other generations)."""
+    to, by profile id, as of ``at_ms`` (None: now; a follow-up passes the erasure's own time, which the erased
+    identifiers keep in ``Keys.erased``); returns profiles erased (a rebuild's and an erasure's follow-ups in other
+    generations)."""
     k = state_keys(client, space) if generation is None else Keys(space, generation)
     pids: list[str] = []
     for kind, value in identifiers:
@@ -162,7 +189,8 @@ def erase_identified(client: redis.Redis, settings: Settings, space: str, identi
             pids.append(pid)
     if pids:
         now = now_ms()
-        SyncStore(client, settings).apply(space, [profile_erasure(pid, now, f"erase-{k.gen}{pid}-{now}")
+        at = now if at_ms is None else min(at_ms, now)
+        SyncStore(client, settings).apply(space, [profile_erasure(pid, at, f"erase-{k.gen}{pid}-{now}")
                                                   for pid in pids], now=now, generation=generation)
     return len(pids)
 

@@ -154,13 +154,19 @@ def _erasures_meanwhile(client: redis.Redis, settings: Settings, space: str) -> 
     """Erase again, in the generation now current, the profiles that ``forget`` erased by profile id (a profile
     without a userId) while the rebuild ran: the old generation's erasure left the new one holding whatever of
     their events it had applied, or applied before the purge job removed them from the log. Their identifiers
-    were recorded by the erasure (``Keys.rebuild_erased``); the record is deleted once used. Nothing suppresses
-    later events of such a profile, so those that came after the erasure are erased with it (as a userId's are
-    in ``_deletions_since``). Returns profiles erased."""
+    were recorded by the erasure (``Keys.rebuild_erased``); the record is deleted once used. The erasure is done
+    as of its own time, so that events up to then stay suppressed (``Keys.erased``) and later ones build a new
+    profile; those the new generation has already put on the erased profile are erased with it. Returns profiles
+    erased."""
     k = Keys(space)
     recorded = sorted(m.decode() for m in client.smembers(k.rebuild_erased))
-    identifiers = [(kind, value) for kind, _, value in (ident.partition(":") for ident in recorded)]
-    erased = erase_identified(client, settings, space, identifiers)
+    by_time: dict[int | None, list[tuple[str, str]]] = {}  # as of each erasure's own time (``Keys.erased``)
+    for ident, record in zip(recorded, client.hmget(k.erased, recorded) if recorded else [], strict=True):
+        at = int(record.decode().partition("|")[0]) if record else None
+        kind, _, value = ident.partition(":")
+        by_time.setdefault(at, []).append((kind, value))
+    erased = sum(erase_identified(client, settings, space, identifiers, at_ms=at)
+                 for at, identifiers in by_time.items())
     if erased:
         purge_erased(client, settings, space)  # their entries logged under the new generation's ids
     client.delete(k.rebuild_erased)

@@ -63,15 +63,26 @@ def test_forget_a_profile_without_user_id_and_an_identifier_of_nobody(client: Te
 def test_suppressions_are_listed_and_lifted(client: TestClient, redis_env: dict[str, str], r: redis.Redis) -> None:
     ada(r)
     assert client.post("/admin/forget", json={"id": "x2"}, headers=ADMIN).json()["suppressed_user_id"] == "x2"
+    # a profile without a userId, erased by its anonymousId: listed with the identifiers it had
+    apply(r, [{"type": "page", "anonymousId": "cat-anon", "messageId": "c1", "timestamp": T}])
+    assert client.post("/admin/forget", json={"id": "anonymous_id:cat-anon"}, headers=ADMIN).status_code == 200
     listed = client.get("/admin/suppressions", headers=ADMIN).json()
-    assert [row["user_id"] for row in listed["data"]] == ["x2"] and listed["data"][0]["until_ms"] > 0
+    assert [(row["user_id"], row["identifiers"]) for row in listed["data"]] == [
+        ("x2", ["anonymous_id:ada-anon", "email:ada@example.com"]), (None, ["anonymous_id:cat-anon"])]
+    assert all(row["until_ms"] > 0 for row in listed["data"])
     env = {"PATH": "/usr/bin:/bin", **redis_env}
     out = subprocess.run([EXE, "suppressions", "list"], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0 and "x2  events up to" in out.stdout
+    assert "also anonymous_id:ada-anon, email:ada@example.com" in out.stdout
+    assert "1 suppressed userId(s) and 1 erased profile(s) without one" in out.stdout
+    # Ada's visit before she logged in stays out while she is suppressed, and applies again once lifted
+    visit = {"type": "page", "anonymousId": "ada-anon", "messageId": "a5", "timestamp": T}
+    assert apply(r, [visit])[0].status == "suppressed"
     lifted = subprocess.run([EXE, "suppressions", "lift", "x2"], capture_output=True, text=True, timeout=60, env=env)
     assert lifted.returncode == 0 and "lifted" in lifted.stdout
-    assert client.get("/admin/suppressions", headers=ADMIN).json()["total"] == 0
+    assert [row["user_id"] for row in client.get("/admin/suppressions", headers=ADMIN).json()["data"]] == [None]
     assert apply(r, [{"type": "identify", "userId": "x2", "messageId": "a4", "timestamp": T}])[0].status == "ok"
+    assert apply(r, [dict(visit, messageId="a6")])[0].status == "ok"
     assert client.delete("/admin/suppressions/x2", headers=ADMIN).status_code == 404
 
 

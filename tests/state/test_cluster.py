@@ -197,10 +197,10 @@ def test_a_space_moves_to_another_primary_while_its_events_flow(tmp_path: Path) 
             out = subprocess.run([EXE, "move-space", "--space", space, "--to", target], capture_output=True,
                                  text=True, timeout=120, env=env)
             at_move = sender.sent
+            assert out.returncode == 0, out.stdout + out.stderr
             sender.wait_for(at_move + 600)  # events go on after the move, through ASK then MOVED
             sender.stop.set()
             sender.join(15)
-        assert out.returncode == 0, out.stderr
         assert f"moved from {before} to {target}" in out.stdout
         assert owner(connect(cluster.url, cluster=True), space) == target  # a fresh client reads the new layout
         check(client, space, sender.sent, sender.users)

@@ -18,7 +18,7 @@ from service.spec.clock import now_ms
 from service.spec.keys import Keys
 from service.state.rebuild import RebuildRefused, drop_old, generations, rebuild
 from tests.conftest import PROFILE_TOKEN, LiveServer
-from tests.helpers import apply, find, profiles
+from tests.helpers import _iso, apply, find, profiles
 from tests.http.test_receiver import sign
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
@@ -196,16 +196,17 @@ def test_a_profile_erased_by_profile_id_while_a_rebuild_runs_is_erased_in_the_ne
         r: redis.Redis, settings: Settings) -> None:
     """``forget`` of a profile without a userId erases it by profile id, in the generation current at the time:
     the rebuild erases it again in its own once it has switched, found by the identifiers the erasure recorded."""
-    from service.state.ops import forget
+    from service.state.ops import forget, suppressions
 
     visitor_events(r)
     done: list[int] = []
 
     def mid_rebuild(count: int) -> None:  # the new generation already holds both visitors when the forget comes
         if not done:
-            done.append(count)
             assert r.exists(Keys(SPACE, "g1:").ident("anonymous_id", "anon-erase-me"))
-            outcome, user_id = forget(r, settings, SPACE, "anonymous_id:anon-erase-me")
+            # as the receiver does: the purge (which reaches other generations) is a job, not yet run
+            outcome, user_id = forget(r, settings, SPACE, "anonymous_id:anon-erase-me", purge=False)
+            done.append(now_ms())
             assert outcome.status == "deleted" and user_id is None
 
     rebuild(r, settings, SPACE, progress=mid_rebuild)
@@ -215,9 +216,18 @@ def test_a_profile_erased_by_profile_id_while_a_rebuild_runs_is_erased_in_the_ne
     assert find(r, "anonymous_id", "anon-keep-me") is not None
     assert [p.identifiers for p in profiles(r, SPACE) if any("erase-me" in i.value for i in p.identifiers)] == []
     assert not r.exists(Keys(SPACE).rebuild_erased)  # the record of erased identifiers is gone with its use
+    # the erasure keeps its own time (the rebuild's erasing it again does not move it): events up to then stay out,
+    # later ones build a new profile
+    [row] = suppressions(r, SPACE)
+    assert row["user_id"] is None and row["until_ms"] <= done[0]
+    assert row["identifiers"] == ["anonymous_id:anon-erase-me", "email:erase-me@example.com"]
+    late = apply(r, [{"type": "identify", "anonymousId": "anon-erase-me", "messageId": "late",
+                      "timestamp": "2026-03-02T00:00:00Z"}], now=now_ms())
+    assert late[0].status == "suppressed"
+    after = now_ms() + 1_000
     later = apply(r, [{"type": "identify", "anonymousId": "anon-erase-me", "messageId": "after",
-                       "timestamp": "2026-03-02T00:00:00Z"}], now=now_ms())
-    assert later[0].status == "ok" and later[0].created  # nothing suppresses a profile without a userId
+                       "timestamp": _iso(after)}], now=after)
+    assert later[0].status == "ok" and later[0].created
 
 
 def test_a_rebuild_does_not_bring_back_a_profile_whose_purge_job_has_not_run(r: redis.Redis,

@@ -13,7 +13,7 @@ from service.config import Settings
 from service.spec.keys import Keys
 from service.state.ops import forget, purge_forgotten
 from service.state.store import state_keys
-from tests.helpers import apply, find, mixed_stream, profiles, snapshot
+from tests.helpers import NOW, _iso, apply, find, mixed_stream, profiles, snapshot
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
 
@@ -231,6 +231,66 @@ def test_gdpr_delete_erases_and_suppresses(r: redis.Redis) -> None:
     assert [(i.type, i.value) for i in again.identifiers] == [("user_id", "gone")]
     assert apply(r, [{"type": "track", "userId": "gone", "event": "late", "messageId": "7",
                       "timestamp": "2026-04-01T00:00:00Z"}])[0].status == "suppressed"  # still, after the rebirth
+
+
+def test_an_erased_persons_anonymous_events_stay_out(r: redis.Redis) -> None:
+    """A deletion erases every identifier of the profile, not only its userId: a late retry, a replay read before
+    the purge or an import of the person's page views from before they logged in (anonymousId alone) stays out,
+    and so do the events of a profile without a userId that ``forget`` erased. Events after the erasure build a
+    new profile, and older ones stay out of it too (the fast path of a known identifier)."""
+    apply(r, [{"type": "page", "anonymousId": "pre", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "identify", "userId": "leaver", "anonymousId": "pre", "messageId": "2",
+               "timestamp": "2026-03-01T00:05:00Z"},
+              {"type": "page", "anonymousId": "lone", "messageId": "3", "timestamp": "2026-03-01T00:00:00Z"}])
+    assert apply(r, [{"type": "delete", "userId": "leaver", "timestamp": "2026-05-01T00:00:00Z"}])[0].status \
+        == "deleted"
+    late_page = {"type": "page", "anonymousId": "pre", "messageId": "1b", "timestamp": "2026-03-01T00:01:00Z"}
+    assert apply(r, [late_page])[0].status == "suppressed"
+    assert find(r, "anonymous_id", "pre") is None
+    # the profile without a userId, erased by forget (now): its older events stay out as well
+    assert forget(r, Settings(), "default", "anonymous_id:lone")[0].status == "deleted"
+    assert apply(r, [{"type": "page", "anonymousId": "lone", "messageId": "3b",
+                      "timestamp": "2026-03-01T00:02:00Z"}])[0].status == "suppressed"
+    assert find(r, "anonymous_id", "lone") is None
+    # after the erasure, the same browser builds a new profile; what came before still stays out of it
+    later = NOW + 3_600_000
+    fresh = apply(r, [{"type": "page", "anonymousId": "pre", "messageId": "5", "timestamp": "2026-06-01T00:00:00Z"},
+                      {"type": "page", "anonymousId": "lone", "messageId": "6", "timestamp": _iso(later)}],
+                  now=later)
+    assert [(o.status, o.created) for o in fresh] == [("ok", True), ("ok", True)]
+    for anon, mid in (("pre", "1c"), ("lone", "3c")):
+        assert apply(r, [{"type": "page", "anonymousId": anon, "messageId": mid,
+                          "timestamp": "2026-03-01T00:03:00Z"}], now=later)[0].status == "suppressed"
+    assert find(r, "anonymous_id", "pre").first_seen == 1780272000000  # 2026-06-01: nothing older came back
+    assert find(r, "anonymous_id", "lone").first_seen == later
+    # an older event that also names someone else applies to them, without the erased identifier
+    both = apply(r, [{"type": "identify", "userId": "someone", "anonymousId": "pre", "messageId": "7",
+                      "timestamp": "2026-03-01T00:04:00Z"}], now=later)[0]
+    assert both.status == "ok" and both.created
+    assert [(i.type, i.value) for i in find(r, "user_id", "someone").identifiers] == [("user_id", "someone")]
+    assert find(r, "anonymous_id", "pre").first_seen == 1780272000000
+
+
+def test_deletions_of_an_older_version_still_suppress(r: redis.Redis) -> None:
+    """Live events look up nothing in a space's deletions when they are later than its latest one, whose time
+    the apply script keeps; data of a version that kept no such time still suppresses (the time is worked out
+    again from the deletions), and so does a deletion stamped earlier than the latest."""
+    k = Keys("default")
+    apply(r, [{"type": "identify", "userId": u, "anonymousId": f"{u}-anon", "messageId": f"{u}-1",
+               "timestamp": "2026-03-01T00:00:00Z"} for u in ("early", "late")])
+    apply(r, [{"type": "delete", "userId": "late", "timestamp": "2026-05-01T00:00:00Z"},
+              {"type": "delete", "userId": "early", "timestamp": "2026-04-01T00:00:00Z"}])
+    assert r.get(k.deletions_latest) == b"1777593600000"  # 2026-05-01, the greater of the two
+    r.delete(k.deletions_latest)  # as an older version left it
+    for uid, ts in (("late", "2026-04-30T00:00:00Z"), ("early", "2026-03-31T00:00:00Z")):
+        assert apply(r, [{"type": "track", "userId": uid, "event": "x", "messageId": f"{uid}-2",
+                          "timestamp": ts}])[0].status == "suppressed"
+        assert apply(r, [{"type": "page", "anonymousId": f"{uid}-anon", "messageId": f"{uid}-3",
+                          "timestamp": ts}])[0].status == "suppressed"
+    assert r.get(k.deletions_latest) == b"1777593600000"
+    after = apply(r, [{"type": "track", "userId": "early", "event": "x", "messageId": "early-4",
+                       "timestamp": "2026-04-15T00:00:00Z"}])[0]
+    assert after.status == "ok" and after.created  # after its own deletion, before the space's latest
 
 
 def test_forget_command_path(r: redis.Redis) -> None:

@@ -158,11 +158,16 @@ def paths() -> dict[str, Any]:
             body=closed({"id": {**STR, "description": "TYPE:VALUE (e.g. email:ada@example.com); a bare value is a "
                                                       "userId"}}))},
         "/admin/suppressions": {"get": _op(
-            "suppressions", "UserIds whose events are dropped, and until when (0: for ever)",
+            "suppressions", "UserIds whose events are dropped, and until when (0: for ever), with the other "
+            "identifiers erased with each profile (user_id null: a profile without one)",
             {"200": ok("Suppressed userIds", closed({"space": STR, "total": INT, "data": {"type": "array", "items":
-                closed({"user_id": STR, "until_ms": MS})}}))}, 400, 503, parameters=[SPACE])},
+                closed({"user_id": nullable(STR), "until_ms": MS, "identifiers": {
+                    "type": "array", "items": {**STR, "description": "TYPE:VALUE"},
+                    "description": "Dropped from the events at or before until_ms"}})}}))}, 400, 503,
+            parameters=[SPACE])},
         "/admin/suppressions/{user_id}": {"delete": _op(
-            "liftSuppression", "Apply a userId's events again from now on", {"200": ok("Lifted", closed(
+            "liftSuppression", "Apply a userId's events again from now on (and those of the identifiers erased with "
+            "it)", {"200": ok("Lifted", closed(
                 {"space": STR, "lifted": STR}))}, 400, 404, 503,
             parameters=[_path_param("user_id", "The suppressed userId"), SPACE])},
         "/admin/replay": {"post": _op(

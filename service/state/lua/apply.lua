@@ -13,7 +13,7 @@
 -- identifier, one HMGET and one HSET of the profile hash, the XADD, and the /events index's ZADD (none for an
 -- event older than the index keeps); the index's trim and expiry are once per period and profile, the dirty marks
 -- (one SADD) and the log's trim (by the first XADD) once per call. Limits are only consulted when an event brings
--- a new identifier or spans several profiles.
+-- a new identifier or spans several profiles, and deletions only for an event at or before the space's latest.
 --
 -- Inputs, built by service/state/store.py (``Applier.call_args``) and service/spec/events.py. One call applies
 -- one or more events of a space, in order, each on its own (an error in one is reported for it alone):
@@ -56,6 +56,9 @@
 --   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
 --   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
+--   P..'erased'             'type:value' -> 'time|userId': every other identifier of an erased profile, the time of
+--                           its latest erasure, and the deleted userId ('' for an erasure by profile id); events at
+--                           or before it lose that identifier (and are suppressed when nothing else is left)
 --   G..'i:'type':'value     identifier index    G..'p:'pid       profile hash      G..'mrg:'pid    merged away
 --   G..'seq'                profile counter     G..'acct:'group  account traits    P..'dirty'      refresh set
 --   G..'au:'group           the account's users: live profile ids, a sorted set by id (score 0), paged by lex
@@ -92,8 +95,7 @@ for b in string.gmatch(h[8], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' ..
 local current_dd = P .. 'dd:' .. bucket .. ':'
 local dd_expiry, index_from, index_expiry, period = h[9], h[10], h[11], h[12]
 local index_oldest = string.sub(index_from, 2)   -- an event older than this (text, ms) is never indexed
-local DELETED = P .. 'deleted'
-local any_deleted = redis.call('EXISTS', DELETED) == 1
+local DELETED, ERASED, LATEST = P .. 'deleted', P .. 'erased', P .. 'deletions:latest'
 local dirty = {}   -- profile ids to mark for the refresh: one SADD at the end of the call
 local logged = false
 
@@ -102,6 +104,38 @@ local logged = false
 local function before(a, b)   -- a < b, both integer texts
   if #a == #b and string.byte(a, 1) ~= 45 and string.byte(b, 1) ~= 45 then return a < b end
   return tonumber(a) < tonumber(b)
+end
+
+-- The latest deletion or erasure of the space (its effective time, text), or false for none: only an event at or
+-- before it can be suppressed, so that live events (later than any deletion) look nothing up. Kept in
+-- P..'deletions:latest' by ``delete``; worked out once from the records where it is missing (data of an older
+-- version), as the greatest of their times.
+local deletions_upto = false
+if redis.call('EXISTS', DELETED, ERASED) > 0 then
+  deletions_upto = redis.call('GET', LATEST)
+  if not deletions_upto then
+    local m = 0
+    for _, v in ipairs(redis.call('HVALS', DELETED)) do m = math.max(m, tonumber(v) or 0) end
+    for _, v in ipairs(redis.call('HVALS', ERASED)) do m = math.max(m, tonumber(string.match(v, '^[^|]*')) or 0) end
+    deletions_upto = fmt(m)
+    redis.call('SET', LATEST, deletions_upto)
+  end
+end
+local function maybe_deleted(ts_text)   -- whether an event at ts_text is at or before a deletion of the space
+  return deletions_upto and not before(deletions_upto, ts_text)
+end
+local function deleted_until(ts_text)   -- a deletion or erasure at ts_text: the space's latest moves
+  if not deletions_upto or before(deletions_upto, ts_text) then
+    deletions_upto = ts_text
+    redis.call('SET', LATEST, ts_text)
+  end
+end
+
+-- Whether an erasure's record ``v`` in P..'erased' ('time|userId', as written by ``delete``) covers an event at
+-- ``ts_text``: the event is at or before the erasure.
+local function erased_by(v, ts_text)
+  local bar = string.find(v, '|', 1, true)
+  return not before(bar and string.sub(v, 1, bar - 1) or v, ts_text)
 end
 
 -- Log the event (the first entry of a call trims the log), add it to its profile's /events index, and mark the
@@ -391,7 +425,7 @@ local function general_path()
       redis.call('SADD', P .. 'forgotten:ids', uid)
       local before = tonumber(redis.call('HGET', DELETED, uid))
       if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
-      any_deleted = true
+      deleted_until(ev.ts_text)
       pid = redis.call('GET', ikey('user_id', uid))
       if pid == TOMBSTONE then pid = false end
       if not pid then
@@ -408,7 +442,7 @@ local function general_path()
     -- sign of life). A userId's deletion needs no record: its time in P..'deleted' does that.
     local record = uid == '' and not rebuilding and redis.call('HGET', P .. 'rebuild', 'state') == 'running'
     local f = redis.call('HGETALL', pkey(pid))
-    local erased, groups = {pid}, {}
+    local erased, groups, idents = {pid}, {}, {}
     for i = 1, #f, 2 do
       local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
       if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
@@ -423,10 +457,23 @@ local function general_path()
         local kind, value = string.match(rest, '^([^:]+):(.*)$')
         if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
         if record then redis.call('SADD', P .. 'rebuild:erased', rest) end
+        if not (kind == 'user_id' and value == uid) then idents[#idents + 1] = rest end
       elseif pre == 'r:' then
         redis.call('DEL', G .. 'mrg:' .. rest)
         redis.call('SADD', P .. 'forgotten', rest)
       end
+    end
+    -- every other identifier of the profile: its events at or before the erasure (a late retry, a replay read
+    -- before the purge, an import) lose it, and stay out when nothing else identifies them; the record names the
+    -- deleted userId ('' for none), so that lifting its suppression lifts these too (service/state/ops.py). An
+    -- erasure in another generation follows one of the current generation's, which recorded it.
+    if not rebuilding then
+      local mark = ev.ts_text .. '|' .. uid
+      for _, x in ipairs(idents) do
+        local prev = redis.call('HGET', ERASED, x)
+        if not prev or not erased_by(prev, ev.ts_text) then redis.call('HSET', ERASED, x, mark) end
+      end
+      if #idents > 0 then deleted_until(ev.ts_text) end
     end
     redis.call('DEL', pkey(pid))
     if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
@@ -501,15 +548,30 @@ local function general_path()
     end
 
     local deleted_at = false
-    if uid ~= '' and any_deleted then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
+    local checked = maybe_deleted(ts_text)
+    if uid ~= '' and checked then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
     if deleted_at and ts <= deleted_at then return SUPPRESSED end
+    if checked and #ids > 0 then   -- identifiers of erased profiles, at or before their erasure: dropped
+      local texts = {}
+      for i, id in ipairs(ids) do texts[i] = id[1] .. ':' .. id[2] end
+      local e = redis.call('HMGET', ERASED, unpack(texts))
+      local kept = {}
+      for i, id in ipairs(ids) do
+        if not (e[i] and erased_by(e[i], ts_text)) then kept[#kept + 1] = id end
+      end
+      if #kept == 0 then return SUPPRESSED end
+      ids = kept
+    end
 
     local owner, distinct, ndistinct, unmapped = {}, {}, 0, 0
     for i, id in ipairs(ids) do
       local o = redis.call('GET', ikey(id[1], id[2]))
       if o == TOMBSTONE then
-        if id[1] == 'user_id' and id[2] == uid and not deleted_at then
-          return SUPPRESSED   -- deleted by an older version, which kept no time: suppressed for ever, as then
+        if id[1] == 'user_id' and id[2] == uid then
+          if not checked then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
+          if not deleted_at then
+            return SUPPRESSED   -- deleted by an older version, which kept no time: suppressed for ever, as then
+          end
         end
         o = false   -- deleted before this event (a new profile), or an alias previousId that was erased
       end
@@ -648,9 +710,16 @@ local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits sectio
       pid = o
     end
   end
-  if pid and uid ~= '' and any_deleted then
-    local deleted_at = tonumber(redis.call('HGET', DELETED, uid))
-    if deleted_at and tonumber(ts_text) <= deleted_at then return SUPPRESSED end
+  if pid and maybe_deleted(ts_text) then
+    if uid ~= '' then
+      local deleted_at = tonumber(redis.call('HGET', DELETED, uid))
+      if deleted_at and tonumber(ts_text) <= deleted_at then return SUPPRESSED end
+    end
+    -- an identifier of an erased profile, the event at or before the erasure: the general path drops it
+    local e = redis.call('HMGET', ERASED, unpack(idtexts))
+    for i = 1, #idtexts do
+      if e[i] and erased_by(e[i], ts_text) then pid = false; break end
+    end
   end
   if not pid then
     local g = general_path()
