@@ -32,6 +32,7 @@ from service.http.responses import JSON, error, refused, unavailable
 from service.spec.bodies import (
     MAX_BATCH_BYTES,
     MAX_EVENT_BYTES,
+    TRACKING_TYPES,
     BodyError,
     Item,
     parse_json,
@@ -43,7 +44,6 @@ from service.spec.events import TYPES, Event, InvalidEvent, normalise
 from service.state.store import NotReplicated, Outcome, StoreUnavailable
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 # analytics.js (@segment/analytics-next) posts each call to ``{apiHost}/`` + the first letter of its type
 # (src/plugins/segmentio/index.ts, with apiHost "api.segment.io/v1") and its batching plugin to ``{apiHost}/b``
 # (batched-dispatcher.ts); analytics-swift and analytics-kotlin upload batches to ``https://{apiHost}/b`` too.

@@ -84,6 +84,34 @@ class Item:
 # the script payload, generated messageIds): an event nested deeper is refused on its own, never with a 500.
 MAX_DEPTH = 254
 TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
+TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+# A delete is a GDPR erasure, which also suppresses the user's earlier events: it is taken only from a body signed
+# whole (a classic webhook). A browser's write key is public, and in an Actions batch only the first event is signed
+# (and Actions never sends deletes).
+DELETES_COME_FROM = "deletions come only from Segment's classic Webhooks (signed whole) or `persona-sync forget`"
+
+
+def _tracking_only(it: Item) -> Item:
+    """A Tracking API event whose type is not a tracking call (a ``delete``, Segment's internal types) is invalid."""
+    kind = it.obj.get("type") if isinstance(it.obj, dict) else None
+    if it.error or not isinstance(kind, str) or kind.lower() in TRACKING_TYPES:
+        return it
+    return Item(it.obj, it.raw, f"type {kind[:40]!r} is not a Tracking API call ({', '.join(TRACKING_TYPES)}); "
+                                + DELETES_COME_FROM)
+
+
+def _no_delete(it: Item, where: str = "a Webhooks (Actions) batch, where only the first event is signed") -> Item:
+    """A delete in a Webhooks (Actions) batch is invalid: only the batch's first event is signed."""
+    kind = it.obj.get("type") if isinstance(it.obj, dict) else None
+    if it.error or not isinstance(kind, str) or kind.lower() != "delete":
+        return it
+    return Item(it.obj, it.raw, f"a delete in {where}; {DELETES_COME_FROM}")
+
+
+def not_replayed_delete(it: Item) -> Item:
+    """A dead letter's delete is not applied by a replay: an Actions batch's events were kept one by one, as
+    webhooks, so a dead letter cannot tell a signed delete from one that came unsigned in a batch."""
+    return _no_delete(it, "a dead letter (it cannot show it was signed)")
 
 
 def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> Item:
@@ -115,7 +143,7 @@ def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:
     if isinstance(doc, list):
         if len(doc) > MAX_ACTIONS_BATCH:
             raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
-        return [item(e, None, received_at) for e in doc]
+        return [_no_delete(item(e, None, received_at)) for e in doc]
     raise BodyError(400, "body must be a JSON object (one event) or an array of events")
 
 
@@ -132,7 +160,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         event = tracking_times(doc, None, received_ms)
         event.pop("writeKey", None)
         event.setdefault("type", kind)
-        return [item(event)]
+        return [_tracking_only(item(event))]
     items: list[Item] = []
     events = batch_events(doc)  # validates the batch first
     for sent, e in zip(doc["batch"], events, strict=True):
@@ -146,7 +174,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
             continue
         if isinstance(e, dict):
             e = tracking_times(e, doc.get("sentAt"), received_ms)
-        items.append(item(e))
+        items.append(_tracking_only(item(e)))
     return items
 
 

@@ -35,7 +35,16 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.spec.bodies import BodyError, Item, batch_events, item, parse_json, tracking_items, webhook_items
+from service.spec.bodies import (
+    BodyError,
+    Item,
+    batch_events,
+    item,
+    not_replayed_delete,
+    parse_json,
+    tracking_items,
+    webhook_items,
+)
 from service.spec.clock import now_ms
 from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
 from service.spec.identity import IdentityRules
@@ -190,7 +199,7 @@ def dead_letter_records(client: redis.Redis, space: str, reason: str | None = No
             at = int(fields.get(b"at", b"0") or 0) or None
             raw = fields.get(b"raw", b"")
             try:
-                items = split_body(parse_json(raw), raw, source, at or now_ms())
+                items = [not_replayed_delete(it) for it in split_body(parse_json(raw), raw, source, at or now_ms())]
             except BodyError as exc:
                 items = [Item(None, raw, exc.message)]
             for n, it in enumerate(items):

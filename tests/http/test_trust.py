@@ -14,7 +14,7 @@ from service.http.app import create_app
 from service.spec.keys import REFUSAL_RATES_PREFIX, REFUSALS_KEY, Keys
 from service.state.ops import replay_dead_letters
 from service.state.status import collect
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, SECRET
 from tests.helpers import profiles
 from tests.http.test_receiver import post, sign
 
@@ -240,3 +240,33 @@ def test_a_script_running_past_its_time_limit_is_503_not_a_dead_letter(client: T
     finally:
         busy.join()
         r.config_set("lua-time-limit", 5000)
+
+
+def test_a_write_key_or_an_unsigned_batch_element_cannot_erase_anyone(client: TestClient, r: redis.Redis) -> None:
+    """Browser write keys are public, and in a Webhooks (Actions) batch only the first event is signed: a
+    ``delete`` (a GDPR erasure, which also suppresses the user's earlier events) is taken only from a classic
+    webhook, signed whole. Anywhere else it is refused as an invalid event, and stays refused when dead letters
+    are replayed."""
+    from tests.conftest import WRITE_KEY
+
+    victim = orjson.dumps({"type": "identify", "userId": "victim", "messageId": "v1", "traits": {"plan": "pro"},
+                           "timestamp": "2026-03-01T00:00:00Z"})
+    assert post(client, victim).status_code == 200
+    delete = {"type": "delete", "userId": "victim"}
+    one = client.post("/v1/t", json={"writeKey": WRITE_KEY, **delete, "messageId": "d1"})
+    assert one.status_code == 400 and "delete" in one.json()["error"]["message"], one.text
+    batch = client.post("/v1/batch", json={"writeKey": WRITE_KEY, "batch": [
+        {**delete, "messageId": "d2"}, {"type": "track", "userId": "other", "event": "Seen", "messageId": "t1"}]})
+    assert batch.status_code == 200 and (batch.json()["accepted"], batch.json()["rejected"]) == (1, 1), batch.text
+    actions = orjson.dumps([orjson.loads(victim) | {"messageId": "v2"}, {**delete, "messageId": "d3"}])
+    resp = post(client, actions)
+    assert resp.status_code == 200 and (resp.json()["accepted"], resp.json()["rejected"]) == (1, 1), resp.text
+    assert "delete" in resp.json()["errors"][0]["message"]
+    replay_dead_letters(r, Settings(shared_secrets=(SECRET,)), "default")
+    assert {p.trait_values()["plan"] for p in profiles(r) if p.trait_values()} == {"pro"}
+    assert any(i.value == "victim" for p in profiles(r) for i in p.identifiers)
+    assert r.xlen(Keys("default").dead_letters) == 3  # still there, still refused
+    # a classic webhook, signed whole, still deletes
+    signed = orjson.dumps({**delete, "messageId": "d4", "timestamp": "2026-03-02T00:00:00Z"})
+    assert post(client, signed).json()["accepted"] == 1
+    assert not any(i.value == "victim" for p in profiles(r) for i in p.identifiers)
