@@ -44,9 +44,14 @@ MAX_EXAMINED = 1000  # index entries one /events request examines at most (20 x 
 
 
 def iso(ms: int | str | None) -> str | None:
+    """A stored time as ISO-8601; None for none, or for one no date can show (an older version accepted times
+    before year 1 in UTC)."""
     if ms is None or ms == "":
         return None
-    return iso_ms(int(ms))
+    try:
+        return iso_ms(int(ms))
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 class ApiError(Exception):

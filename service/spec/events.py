@@ -166,7 +166,10 @@ def _parse_iso(value: str) -> int:
         raise InvalidEvent(f"timestamp {value[:40]!r} is not ISO-8601") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+    ms = int(dt.timestamp() * 1000)
+    if ms < 0:  # no clock means a time before the epoch; and one before year 1 in UTC could not even be written out
+        raise InvalidEvent(f"timestamp {value[:40]!r} is before 1970: the sender's clock is wrong")
+    return ms
 
 
 def _id(value: Any) -> str | None:

@@ -86,6 +86,23 @@ def test_metadata_and_links(loaded: TestClient) -> None:
     assert links["data"][0]["external_ids"][0]["id"] == "acc_0042"
 
 
+def test_a_bad_client_clock_cannot_break_a_profiles_reads(client: TestClient, r: redis.Redis) -> None:
+    """A time before year 1 in UTC was once accepted, then made every read of the profile answer 500: it is
+    refused now, and a profile that holds one from then is still read (the time shown as unknown)."""
+    from tests.conftest import WRITE_KEY
+
+    apply(r, [{"type": "identify", "userId": "clock", "messageId": "c1", "timestamp": "2026-03-01T00:00:00Z"}])
+    bad = client.post("/v1/t", json={"writeKey": WRITE_KEY, "userId": "clock", "event": "x", "messageId": "c2",
+                                     "timestamp": "0001-01-01T00:00:00+14:00"})
+    assert bad.status_code == 400 and "before 1970" in bad.json()["error"]["message"], bad.text
+    assert get(client, "/user_id:clock/metadata").json()["metadata"]["first_message_at"] == "2026-03-01T00:00:00.000Z"
+    pid = find(r, "user_id", "clock").id
+    r.hset(state_keys(r, "default").profile(pid), "m:fs", "-62135640000000")  # what an older version stored
+    meta = get(client, "/user_id:clock/metadata")
+    assert meta.status_code == 200 and meta.json()["metadata"]["first_message_at"] is None, meta.text
+    assert get(client, "/user_id:clock/traits", verbose="true").status_code == 200
+
+
 def test_errors_use_segment_envelope(loaded: TestClient) -> None:
     missing = get(loaded, "/user_id:nobody/traits")
     assert missing.status_code == 404

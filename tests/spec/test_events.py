@@ -69,6 +69,10 @@ def test_external_ids_lowercase_types() -> None:
     ({"type": "track", "userId": "u", "messageId": "x" * 101}, "at most 100"),
     ({"type": "boom", "userId": "u"}, "unknown type"),
     ({"type": "track", "userId": "u", "timestamp": "31/12/2025"}, "ISO-8601"),
+    # before year 1 in UTC, which no reader could format; and before the epoch, which no clock means
+    ({"type": "track", "userId": "u", "timestamp": "0001-01-01T00:00:00+14:00"}, "before 1970"),
+    ({"type": "track", "userId": "u", "timestamp": "1969-12-31T23:59:59.999Z"}, "before 1970"),
+    ({"type": "track", "userId": "u", "receivedAt": "0001-01-01T00:00:00Z"}, "before 1970"),
     ({"type": "delete"}, "delete needs a userId"),
     ({"type": "identify", "userId": "anonymous"}, "no usable identifier"),
     ({"type": "identify", "userId": "u", "traits": {str(i): i for i in range(300)}}, "300"),
