@@ -73,13 +73,15 @@ async def _refuse_unread(request: Request, space: str, exc: BodyError) -> JSON:
 
 
 async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, source: str) -> JSON:
-    """An authenticated (or open-mode) body refused as a whole: kept as a dead letter for the operator."""
-    metrics.REFUSED.labels(str(exc.status)).inc()
-    request.app.state.rates.add(space, now_ms(), {"rejected": 1})  # a body refused whole counts as one
+    """An authenticated (or open-mode) body refused as a whole: kept as a dead letter for the operator. With
+    nowhere to keep it, 503: Segment sends it again, where a 4xx would be final and the body lost."""
     try:
         await request.app.state.store.dead_letter(space, exc.message, body, source)
-    except StoreUnavailable:
-        pass  # the refusal stands either way; nothing was accepted
+    except StoreUnavailable as unkept:
+        return unavailable(unkept, f"{exc.message}; the body could not be kept as a dead letter (the profile store "
+                                   "is unavailable): Segment will retry")
+    metrics.REFUSED.labels(str(exc.status)).inc()
+    request.app.state.rates.add(space, now_ms(), {"rejected": 1})  # a body refused whole counts as one
     return refused(exc.status, exc.message)
 
 

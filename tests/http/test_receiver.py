@@ -10,6 +10,7 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from service.config import Settings
 from service.http.app import create_app
 from service.spec.keys import Keys
 from tests.conftest import ADMIN_TOKEN, FIXTURES, SECRET, fixture_bytes, fixture_json
@@ -155,6 +156,14 @@ def test_redis_down_is_503_and_nothing_applied(settings, redis_url: str, r: redi
         assert resp.headers["retry-after"] == "5"
         assert c.get("/readyz").status_code == 503
         assert c.get("/healthz").status_code == 200
+        # a signed body that cannot be applied is kept as a dead letter: with nowhere to keep it, Segment must retry
+        # (a 400 would be final, and the body lost)
+        for bad in (b"nojson", b'{"type": "identify"}'):
+            refused = post(c, bad)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+        open_mode = create_app(Settings(), "redis://127.0.0.1:1/0", "")
+        with TestClient(open_mode, raise_server_exceptions=False) as t:
+            assert t.post("/v1/batch", content=b"{not json").status_code == 503
     assert r.dbsize() == 0
 
 
