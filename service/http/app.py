@@ -51,10 +51,20 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, code, str(exc.detail))
 
 
+def route_of(request: Request) -> str:
+    """The route a request matched, as its template (``.../profiles/{id}/metadata``), for logs: a Profile API path
+    holds an identifier (an email), which the logs must not. The prefix of a mounted app is the matched one."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return "(no route)"
+    return str(request.scope.get("root_path", "")) + template
+
+
 async def unexpected(request: Request, exc: Exception) -> Response:
     if isinstance(exc, REDIS_DOWN):
         return unavailable(exc)
-    log_event(log, "unhandled error", logging.ERROR, path=request.url.path, error=type(exc).__name__)
+    log_event(log, "unhandled error", logging.ERROR, route=route_of(request), error=type(exc).__name__)
     return error(500, "internal_error", "internal error; the request was not applied, retry later")
 
 

@@ -217,3 +217,27 @@ def test_dead_letters_can_be_replayed_after_the_cause_is_fixed(client: TestClien
     assert counts == {"entries": 3, "replayed": 1, "kept": 1, "events_applied": 1, "unauthenticated": 1}
     assert find(r, "user_id", "usr_001") is not None
     assert r.xlen(Keys("default").dead_letters) == 2
+
+
+def test_an_unhandled_error_is_logged_with_its_route_not_the_identifier_in_its_path(caplog) -> None:
+    """A Profile API path holds an identifier (an email): a 500's log line names the route's template instead."""
+    import logging
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from service.http.app import unexpected
+
+    async def broken(request):
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/v1/spaces/{space}/collections/users/profiles/{id}/metadata", broken)],
+                    exception_handlers={Exception: unexpected})
+    caplog.set_level(logging.ERROR)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        resp = c.get("/v1/spaces/default/collections/users/profiles/email:ada@example.com/metadata")
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+    [line] = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    assert line.fields == {"route": "/v1/spaces/{space}/collections/users/profiles/{id}/metadata",
+                           "error": "RuntimeError"}
+    assert not any("ada@example.com" in r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
