@@ -38,6 +38,7 @@ from service.spec.bodies import (
     parse_json,
     tracking_items,
     webhook_items,
+    without_write_key,
 )
 from service.spec.clock import now_ms
 from service.spec.events import TYPES, Event, InvalidEvent, normalise
@@ -76,7 +77,8 @@ async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, sou
     """An authenticated (or open-mode) body refused as a whole: kept as a dead letter for the operator. With
     nowhere to keep it, 503: Segment sends it again, where a 4xx would be final and the body lost."""
     try:
-        await request.app.state.store.dead_letter(space, exc.message, body, source)
+        kept = without_write_key(body) if source == "tracking" else body
+        await request.app.state.store.dead_letter(space, exc.message, kept, source)
     except StoreUnavailable as unkept:
         return unavailable(unkept, f"{exc.message}; the body could not be kept as a dead letter (the profile store "
                                    "is unavailable): Segment will retry")

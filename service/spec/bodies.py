@@ -85,6 +85,13 @@ class Item:
 MAX_DEPTH = 254
 TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+_WRITE_KEY = re.compile(rb'("writeKey"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def without_write_key(raw: bytes) -> bytes:
+    """A Tracking API body or event as sent, its ``writeKey`` values blanked: a dead letter keeps the body for
+    the operator, and a credential is not part of it (analytics.js repeats the key in every batched event)."""
+    return _WRITE_KEY.sub(rb'\1""', raw) if b'"writeKey"' in raw else raw
 # A delete is a GDPR erasure, which also suppresses the user's earlier events: it is taken only from a body signed
 # whole (a classic webhook). A browser's write key is public, and in an Actions batch only the first event is signed
 # (and Actions never sends deletes).
@@ -169,7 +176,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         except orjson.JSONEncodeError:
             size = 0  # too deep: item() refuses it
         if size > MAX_EVENT_BYTES:
-            items.append(Item(sent, orjson.dumps(sent),
+            items.append(Item(sent, without_write_key(orjson.dumps(sent)),
                               f"event is {size} bytes; the Tracking API allows {MAX_EVENT_BYTES}"))
             continue
         if isinstance(e, dict):

@@ -160,6 +160,27 @@ def test_a_body_with_a_valid_write_key_header_is_kept_even_when_malformed(client
     assert r.xlen(REFUSALS_KEY) == 1
 
 
+def test_dead_letters_never_keep_a_write_key(client: TestClient, r: redis.Redis) -> None:
+    """A credential is not part of an event: whatever the Tracking API keeps as a dead letter (a body refused
+    whole, parsed or not, or an event too large, which analytics.js sends with the write key in it) has its
+    writeKey blanked, and the rest as sent."""
+    from tests.conftest import WRITE_KEY
+
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
+    malformed = b'{"writeKey": "' + WRITE_KEY.encode() + b'", "batch": ['
+    assert client.post("/v1/batch", content=malformed, headers=basic).status_code == 400
+    no_batch = {"writeKey": WRITE_KEY, "batch": {"not": "a list"}}
+    assert client.post("/v1/batch", json=no_batch).status_code == 400
+    big = {"type": "track", "userId": "u", "event": "x", "writeKey": WRITE_KEY, "properties": {"pad": "p" * 40_000}}
+    resp = client.post("/v1/batch", json={"writeKey": WRITE_KEY, "batch": [big]})
+    assert resp.status_code == 200 and resp.json()["rejected"] == 1
+    raws = [f[b"raw"] for _, f in r.xrange(Keys("default").dead_letters)]
+    assert len(raws) == 3 and not any(WRITE_KEY.encode() in raw for raw in raws), raws
+    assert raws[0] == b'{"writeKey": "", "batch": ['
+    assert orjson.loads(raws[1]) == {"writeKey": "", "batch": {"not": "a list"}}
+    assert orjson.loads(raws[2]) == {**big, "writeKey": ""}
+
+
 def test_open_mode_keeps_invalid_bodies_it_could_read_and_never_what_it_could_not(settings: Settings,
                                                                                   redis_url: str,
                                                                                   r: redis.Redis) -> None:
