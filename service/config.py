@@ -21,14 +21,18 @@ class ConfigError(ValueError):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+MAX_DURATION = 100 * 365 * 86400.0  # no window, retention or look-back is longer than a century
 
 
 def parse_duration(name: str, raw: str) -> float:
-    """Seconds from '24h', '30d', '5s', '500ms' or a bare number of seconds."""
+    """Seconds from '24h', '30d', '5s', '500ms' or a bare number of seconds (at most ``MAX_DURATION``)."""
     m = _DURATION.match(raw)
     if not m:
         raise ConfigError(f"{name}={raw!r}: expected a duration such as 30s, 5m, 24h or 30d")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"{name}={raw[:40]!r}: at most 100 years (36500d)")
+    return seconds
 
 
 def _int(name: str, raw: str, lo: int = 0, hi: int | None = None) -> int:

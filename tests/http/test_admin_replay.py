@@ -63,6 +63,7 @@ def test_a_log_replay_queued_over_http_repairs_profiles(admin: TestClient, r: re
 def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> None:
     assert admin.post("/admin/replay", json={}).status_code == 401
     for body, word in (({"source": "files"}, "source"), ({"since": "last tuesday"}, "since"),
+                       ({"since": "9" * 400 + "d"}, "since"), ({"until": "1e999"}, "until"),
                        ({"rate": -1}, "rate"), ({"types": "track"}, "types"), ({"bogus": 1}, "unknown"),
                        ({"profile": "ada"}, "TYPE:VALUE")):
         resp = admin.post("/admin/replay", json=body, headers=ADMIN)
