@@ -150,7 +150,12 @@ def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:
     if isinstance(doc, list):
         if len(doc) > MAX_ACTIONS_BATCH:
             raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
-        return [_no_delete(item(e, None, received_at)) for e in doc]
+        items = [item(e, None, received_at) for e in doc]
+        for n, e in enumerate(doc):  # a delete is rare: its first letter spares the others a lower()
+            kind = e.get("type") if type(e) is dict else None
+            if isinstance(kind, str) and kind[:1] in "dD":
+                items[n] = _no_delete(items[n])
+        return items
     raise BodyError(400, "body must be a JSON object (one event) or an array of events")
 
 
