@@ -334,7 +334,7 @@ def _chunk_map(fn: Callable[[list[str]], Any], chunks: Iterable[list[str]], job:
             client = _child.pop("client")
             client.close() if is_cluster(client) else client.connection_pool.disconnect()
     else:
-        with multiprocessing.get_context("fork").Pool(procs, initializer=_start_child, initargs=job) as pool:
+        with multiprocessing.get_context("fork").Pool(procs, initializer=_start_forked, initargs=job) as pool:
             yield pool.imap_unordered(fn, chunks)
 
 
@@ -515,13 +515,31 @@ def _start_child(pool_args: tuple, settings: Settings, space: str, now_ms: int) 
                   rules=rules_for(settings))
 
 
+def _start_forked(*job: Any) -> None:
+    """A forked worker's set-up. A Pool whose initializer raises starts another process in its place for ever, and
+    the recompute waits for ever: the failure (Redis gone, say) is kept for the worker's first chunk to raise, which
+    ends the recompute with it."""
+    try:
+        _start_child(*job)
+    except Exception as exc:  # noqa: BLE001 - raised again by the first chunk, in the parent
+        _child["failed"] = exc
+
+
+def _ready() -> None:
+    """Raise the failure of this worker's set-up (``_start_forked``), if any."""
+    if "failed" in _child:
+        raise _child["failed"]
+
+
 def _entries_chunk(pids: list[str]) -> dict[str, Entry | None]:
+    _ready()
     return _contributions(_child["client"], _child["keys"], pids, _child["rules"], _child["settings"],
                           _child["now_ms"])
 
 
 def _full_chunk(pids: list[str]) -> Part:
     """One chunk of a full recompute: contributions and spend to the staging keys, partial aggregates back."""
+    _ready()
     client, keys = _child["client"], _child["keys"]
     part, mapping, spend = chunk_result(_entries_chunk(pids))
     if mapping:

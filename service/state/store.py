@@ -504,9 +504,10 @@ def _settle(done: asyncio.Future[list[Outcome]], outcomes: list[Outcome] | None 
 
 
 def state_keys(client: redis.Redis, space: str) -> Keys:
-    """The space's keys in its current generation (profiles, identifiers, merges, accounts)."""
+    """The space's keys in its current generation (profiles, identifiers, merges, accounts). ``client`` may
+    decode replies to text (the recompute's forked workers do)."""
     gen = client.get(Keys(space).generation_key)
-    return Keys(space, gen.decode() if gen else "")
+    return Keys(space, (gen if isinstance(gen, str) else gen.decode()) if gen else "")
 
 
 async def state_keys_async(client: aredis.Redis, space: str) -> Keys:

@@ -211,3 +211,48 @@ def test_a_profile_forgotten_by_email_leaves_its_cluster_at_the_next_refresh(r: 
     refresh(r, s, "default", now_ms=NOW)
     [cluster] = [orjson.loads(v) for v in r.hvals(K.clusters)]
     assert cluster["n"] == 2 and r.hlen(K.contributions) == 2
+
+
+@pytest.mark.parametrize("parallel_from", [10**9, 1], ids=["one-process", "forked"])
+def test_recompute_after_a_rebuild(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, parallel_from: int) -> None:
+    """A rebuild switches the space to a new generation: refresh and full recompute read it (their forked
+    workers' connections decode replies to text, which the generation's lookup must take too)."""
+    from service.state.rebuild import rebuild
+
+    monkeypatch.setattr(recompute, "PARALLEL_REFRESH_FROM", parallel_from)
+    s = Settings()
+    apply(r, mixed_stream(600, users=40, seed=5))
+    rebuild(r, s, "default")
+    assert r.get(K.generation_key) == b"g1:"
+    assert full_recompute(r, s, "default", now_ms=NOW, processes=2)["profiles"] == 40  # the job a rebuild queues
+    apply(r, [{"type": "identify", "userId": "after-rebuild", "messageId": "ar", "traits": {"plan": "pro"}}])
+    assert refresh(r, s, "default", now_ms=NOW)["profiles"] == 1
+    incremental = state(r)
+    assert full_recompute(r, s, "default", now_ms=NOW, processes=2)["profiles"] == 41 and state(r) == incremental
+
+
+def test_a_forked_worker_that_cannot_start_fails_the_recompute_rather_than_hang() -> None:
+    """multiprocessing's Pool replaces a process whose initializer raised, for ever: a worker that cannot reach
+    Redis must end the recompute with its error."""
+    import socket
+    import threading
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gone = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    job = (recompute._pool_args(gone), Settings(), "default", NOW)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with recompute._chunk_map(recompute._full_chunk, [["use_1"], ["use_2"]], job, 2) as parts:
+                list(parts)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the recompute would raise
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert outcome and isinstance(outcome[0], redis.ConnectionError), outcome
