@@ -42,6 +42,32 @@ def test_retry_takes_effect_once(r: redis.Redis) -> None:
     assert r.xlen(Keys("default").log) == 2
 
 
+def test_an_order_sent_twice_keeps_its_latest_version_in_any_order(r: redis.Redis) -> None:
+    """Two Order Completed for one order (a correction, or a second source): the later event's amount counts,
+    whichever arrives first, and when the two profiles holding them merge."""
+    def order(mid: str, ts: str, revenue: int, who: dict) -> dict:
+        return {"type": "track", "event": "Order Completed", **who, "messageId": mid, "timestamp": ts,
+                "properties": {"order_id": "o1", "revenue": revenue}}
+
+    first, fix = order("m1", "2026-03-01T00:00:00Z", 100, {"userId": "u1"}), \
+        order("m2", "2026-03-01T00:01:00Z", 80, {"userId": "u1"})
+    states = []
+    for events in ([first, fix], [fix, first]):
+        r.flushall()
+        apply(r, events)
+        [o] = find(r, "user_id", "u1").orders
+        states.append((o.revenue, o.ts))
+    assert states == [(80.0, 1772323260000)] * 2
+    # the same order on two profiles of one person, which then merge: the later version survives either way
+    anon = order("m3", "2026-03-01T00:02:00Z", 60, {"anonymousId": "a1"})
+    merge = {"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m4",
+             "timestamp": "2026-03-01T00:03:00Z"}
+    for events in ([first, anon, merge], [anon, first, merge], [merge, first, anon]):
+        r.flushall()
+        apply(r, events)
+        assert [(o.revenue, o.ts) for o in find(r, "user_id", "u1").orders] == [(60.0, 1772323320000)], events
+
+
 def test_anonymous_then_identified(r: redis.Redis) -> None:
     apply(r, [
         {"type": "page", "anonymousId": "a1", "messageId": "1", "timestamp": "2026-03-01T10:00:00Z",

@@ -190,6 +190,16 @@ local function sighting_writes(w, field, c, ts_text, mid)
   end
 end
 
+-- An order's version ('time|revenue|categories', as stored) ``v`` replaces the stored ``c``: the later event wins, at
+-- the same millisecond the greater text (an order sent twice, or corrected, keeps the same version in any order).
+-- A refund's mark ('time') keeps the earliest.
+local function order_wins(c, v)
+  if not c then return true end
+  local cts, vts = string.match(c, '^[^|]*'), string.match(v, '^[^|]*')
+  if cts == vts then return v > c end
+  return before(cts, vts)
+end
+
 -- the channel's activity bit for the slot, in the day's field (``stored``: its value as read)
 local function activity_writes(w, afield, stored, slot)
   local bits = tonumber(stored) or 0
@@ -388,7 +398,8 @@ local function general_path()
     local w = {}
     for k, v in pairs(lo) do
       local pre = string.sub(k, 1, 2)
-      if pre == 'x:' or pre == 'r:' or ((pre == 'o:' or pre == 'q:') and not cur[k]) then
+      if pre == 'x:' or pre == 'r:' or (pre == 'o:' and order_wins(cur[k], v))
+          or (pre == 'q:' and (not cur[k] or before(v, cur[k]))) then
         w[#w + 1] = k; w[#w + 1] = v
       elseif pre == 'a:' then
         w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
@@ -655,9 +666,12 @@ local function general_path()
     end
 
     lww(cur, items, w, true, S)
-    if ofield and not cur[ofield] then w[#w + 1] = ofield; w[#w + 1] = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3] end
+    if ofield then
+      local v = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3]
+      if order_wins(cur[ofield], v) then w[#w + 1] = ofield; w[#w + 1] = v end
+    end
     -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
-    if rfield and not cur[rfield] then w[#w + 1] = rfield; w[#w + 1] = ts_text end
+    if rfield and (not cur[rfield] or before(ts_text, cur[rfield])) then w[#w + 1] = rfield; w[#w + 1] = ts_text end
     if afield then activity_writes(w, afield, cur[afield], ev.slot) end
     if gfield then
       local g = tonumber(cur[gfield])
