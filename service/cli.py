@@ -221,13 +221,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
-    from service.state.ops import NotFound, forget
+    from service.state.ops import NotAnIdentifier, NotFound, forget
 
     client = state_client(settings)
     try:
         outcome, user_id = forget(client, settings, args.space or settings.space_id, args.identifier)
     except NotFound as exc:
         raise CommandError(f"{exc}: nothing was erased") from None
+    except NotAnIdentifier as exc:
+        raise CommandError(str(exc)) from None
     erased = f"profile {outcome.profile_id} erased" if outcome.profile_id else "no profile held it"
     suppressed = (f"userId {user_id}'s events up to now are suppressed (later ones build a new profile, as with "
                   "Segment's DELETE_ONLY)" if user_id else "it had no userId to suppress")

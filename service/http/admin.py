@@ -317,6 +317,8 @@ async def forget(request: Request, space: str) -> Response:
                                                                       ident, not state.refresh.queue_url))
     except ops.NotFound as exc:
         return error(404, "not_found", f"{exc}: nothing was erased")
+    except ops.NotAnIdentifier as exc:
+        return error(400, "validation_error", str(exc))
     if state.refresh.queue_url:  # scanning the log and the archive is a job's work, not a request's
         await state.refresh.purge(space)
     await state.refresh.touch(space)  # the erased profile leaves its cluster at the next refresh

@@ -439,6 +439,8 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     if kind == "delete":
         if not user_id:
             raise InvalidEvent("delete needs a userId")
+        if not rules.usable(user_id):  # deleting it would suppress every sender of the placeholder
+            raise InvalidEvent(f"delete of userId {user_id[:40]!r}: a blocked placeholder identifies nobody")
         return Event("delete", _message_id(raw), ts, user_id, (("user_id", user_id),), received=received)
     if not user_id and not _id(raw.get("anonymousId")):
         raise InvalidEvent("neither userId nor anonymousId is set")

@@ -39,6 +39,10 @@ class NotFound(LookupError):
     """The identifier resolves to no profile."""
 
 
+class NotAnIdentifier(ValueError):
+    """The identifier is empty, or a blocked placeholder ('null', 'anonymous', '0'): no profile can have it."""
+
+
 def user_deletion(user_id: str, at_ms: int, message_id: str, rules: IdentityRules) -> tuple[Event, bytes]:
     """A Segment ``delete`` of ``user_id`` at ``at_ms``, ready for ``SyncStore.apply`` (``forget``, and a rebuild
     erasing again the users deleted while it ran)."""
@@ -58,8 +62,12 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
     """GDPR: erase the profile ``identifier`` (``TYPE:VALUE``, or a bare userId) resolves to, exactly as a Segment
     ``delete`` does, and purge its logged and archived events now (``purge=False``: the caller queues the purge
     job, as the receiver does). Returns the outcome and the userId whose events up to now are suppressed (None for
-    a profile without one). Raises ``NotFound``."""
-    kind, value, pid = resolve(client, IdentityRules.from_settings(settings), space, identifier)
+    a profile without one). Raises ``NotFound``, or ``NotAnIdentifier`` for an empty value or a placeholder."""
+    rules = IdentityRules.from_settings(settings)
+    kind, value, pid = resolve(client, rules, space, identifier)
+    if not rules.prepare([(kind.strip().lower(), value)]):  # erasing it would suppress every sender of it
+        raise NotAnIdentifier(f"{identifier[:100]!r} identifies nobody: it is empty, or a blocked placeholder "
+                              "(IDENTITY_BLOCKED); nothing was erased")
     user_id = value if kind == "user_id" else None
     if pid is not None and user_id is None:  # erase by another identifier: suppress the profile's userId, if any
         fields = client.hkeys(state_keys(client, space).profile(pid))
@@ -69,7 +77,7 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
         raise NotFound(f"no profile has {kind}:{value} in space {space}")
     now = now_ms()
     if user_id is not None:
-        item = user_deletion(user_id, now, f"forget-{user_id}-{now}", IdentityRules.from_settings(settings))
+        item = user_deletion(user_id, now, f"forget-{user_id}-{now}", rules)
     else:
         assert pid is not None
         item = profile_erasure(pid, now, f"forget-{pid}-{now}")

@@ -60,6 +60,21 @@ def test_forget_a_profile_without_user_id_and_an_identifier_of_nobody(client: Te
     assert client.post("/admin/forget", json={"id": "x"}).status_code == 401
 
 
+def test_forget_refuses_what_no_profile_can_be_identified_by(client: TestClient, r: redis.Redis) -> None:
+    """An empty userId or a blocked placeholder ('null', 'anonymous', '0') identifies nobody: erasing it is a 400,
+    not a 500, and never a deletion that would suppress every sender of that placeholder (a Segment delete of one
+    is an invalid event: tests/spec/test_events.py)."""
+    ada(r)
+    for ident in ("user_id:", "user_id: ", "null", "user_id:anonymous", "email:undefined"):
+        resp = client.post("/admin/forget", json={"id": ident}, headers=ADMIN)
+        assert resp.status_code == 400 and "identifies nobody" in resp.json()["error"]["message"], (ident, resp.text)
+    assert client.get("/admin/suppressions", headers=ADMIN).json()["total"] == 0
+    assert not r.exists(Keys("default").deleted)
+    assert apply(r, [{"type": "page", "userId": "null", "anonymousId": "a7", "messageId": "p7",
+                      "timestamp": T}])[0].status == "ok"
+    assert find(r, "anonymous_id", "a7") is not None
+
+
 def test_suppressions_are_listed_and_lifted(client: TestClient, redis_env: dict[str, str], r: redis.Redis) -> None:
     ada(r)
     assert client.post("/admin/forget", json={"id": "x2"}, headers=ADMIN).json()["suppressed_user_id"] == "x2"

@@ -74,6 +74,8 @@ def test_external_ids_lowercase_types() -> None:
     ({"type": "track", "userId": "u", "timestamp": "1969-12-31T23:59:59.999Z"}, "before 1970"),
     ({"type": "track", "userId": "u", "receivedAt": "0001-01-01T00:00:00Z"}, "before 1970"),
     ({"type": "delete"}, "delete needs a userId"),
+    ({"type": "delete", "userId": "null"}, "identifies nobody"),
+    ({"type": "delete", "userId": "  "}, "delete needs a userId"),
     ({"type": "identify", "userId": "anonymous"}, "no usable identifier"),
     ({"type": "identify", "userId": "u", "traits": {str(i): i for i in range(300)}}, "300"),
     ([], "not a JSON object"),
