@@ -75,12 +75,19 @@ def _page(request: Request) -> tuple[int, str] | Response:
     before = request.query_params.get("before") or "+"
     if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4) or not 1 <= int(raw_limit) <= 1000:
         return error(400, "validation_error", "limit must be a number from 1 to 1000")
-    if before != "+" and not _ENTRY_ID.match(before):
+    if before != "+" and not _entry_id(before):
         return error(400, "validation_error", "before must be an entry id such as 1700000000000-0")
     return int(raw_limit), before
 
 
-_ENTRY_ID = re.compile(r"^\(?[0-9]{1,20}(-[0-9]{1,20})?$")
+_ENTRY_ID = re.compile(r"^\(?([0-9]{1,20})(?:-([0-9]{1,20}))?$")
+_MAX_ID_PART = 2**64 - 1  # a stream id's parts are 64-bit: Redis refuses a greater one as an error
+
+
+def _entry_id(text: str) -> bool:
+    """A stream entry id ('ms-seq', or 'ms'; '(' before it for an exclusive bound) that Redis takes."""
+    m = _ENTRY_ID.match(text)
+    return bool(m) and all(int(part) <= _MAX_ID_PART for part in m.groups() if part is not None)
 
 
 async def _stream_page(request: Request, key: str, item: Callable[[str, dict[str, bytes]], dict],
@@ -150,7 +157,7 @@ async def status(request: Request) -> Response:
 
 def valid_entry_id(entry_id: str) -> bool:
     """A stream entry id such as 1700000000000-0 (what a dead letter is named by)."""
-    return bool(_ENTRY_ID.match(entry_id)) and not entry_id.startswith("(")
+    return _entry_id(entry_id) and not entry_id.startswith("(")
 
 
 def dead_letter_view(entry_id: str, f: dict[str, bytes]) -> dict[str, Any]:

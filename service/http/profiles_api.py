@@ -64,7 +64,7 @@ def _limit(request: Request, default: int, most: int = 100) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= most:
         raise ApiError(400, "validation_error", f"limit must be a whole number from 1 to {most}")
     return int(raw)
 

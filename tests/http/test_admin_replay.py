@@ -58,6 +58,12 @@ def test_a_log_replay_queued_over_http_repairs_profiles(admin: TestClient, r: re
     assert view["status"] == "finished" and view["result"]["outcomes"] == {"applied": 1500}
     assert view["progress"]["done"] == 1500 and view["result"]["stopped_at"] is None
     assert snapshot(r) == right
+    # a look-back to before the epoch (the longest a duration may be) means from the start, not a failed job
+    queued = admin.post("/admin/replay", json={"source": "log", "since": "36500d", "rate": 0}, headers=ADMIN)
+    assert queued.status_code == 202, queued.text
+    work(r)
+    view = admin.get(f"/admin/jobs/{queued.json()['job']}", headers=ADMIN).json()
+    assert view["status"] == "finished" and view["result"]["outcomes"] == {"applied": 1500}, view
 
 
 def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> None:
@@ -126,6 +132,10 @@ def test_dead_letters_one_by_one(admin: TestClient, r: redis.Redis) -> None:
     assert one["reason"] == "unknown type 'x'" and one["raw"] == '{"type":"x"}' and one["source"] == "webhook"
     assert admin.get("/admin/dead-letters/1-1", headers=ADMIN).status_code == 404
     assert admin.get("/admin/dead-letters/x", headers=ADMIN).status_code == 400
+    too_big = "99999999999999999999-0"  # the pattern of an id, past what a stream id holds (64 bits)
+    for path in (f"/admin/dead-letters/{too_big}", f"/admin/dead-letters?before={too_big}",
+                 f"/admin/refusals?before=({too_big}", "/admin/dead-letters?before=1-99999999999999999999"):
+        assert admin.get(path, headers=ADMIN).status_code == 400, path
     gone = admin.delete(f"/admin/dead-letters/{entry_id.decode()}", headers=ADMIN).json()
     assert gone["deleted"] == entry_id.decode() and gone["bytes_freed"] > 0
     assert r.xlen(Keys("default").dead_letters) == 0 and int(r.get(Keys("default").dead_letter_bytes)) == 0

@@ -112,6 +112,10 @@ def test_errors_use_segment_envelope(loaded: TestClient) -> None:
     assert loaded.get(BASE + "/user_id:usr_001/traits", headers=wrong).json()["error"]["code"] == \
         "authentication_error"
     assert get(loaded, "/user_id:usr_001/traits", limit="500").json()["error"]["code"] == "validation_error"
+    for odd in ("²", "٣", "1e2", " 5"):  # digits to str.isdigit, not to int()
+        for part in ("traits", "events"):
+            resp = get(loaded, f"/user_id:usr_001/{part}", limit=odd)
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "validation_error", (odd, resp.text)
     assert get(loaded, "/usr_001/traits").json()["error"]["code"] == "invalid_request_error"
     assert get(loaded, "/user_id:usr_001/nothing").status_code == 404
 
