@@ -87,7 +87,7 @@ _MAX_ID_PART = 2**64 - 1  # a stream id's parts are 64-bit: Redis refuses a grea
 def _entry_id(text: str) -> bool:
     """A stream entry id ('ms-seq', or 'ms'; '(' before it for an exclusive bound) that Redis takes."""
     m = _ENTRY_ID.match(text)
-    return bool(m) and all(int(part) <= _MAX_ID_PART for part in m.groups() if part is not None)
+    return m is not None and all(int(part) <= _MAX_ID_PART for part in m.groups() if part is not None)
 
 
 async def _stream_page(request: Request, key: str, item: Callable[[str, dict[str, bytes]], dict],
