@@ -354,12 +354,18 @@ def _batch_items(doc: dict[str, Any], raw: bytes, name: str, line: int) -> list[
 
 
 def _history_item(obj: Any, raw: bytes | None, name: str, line: int) -> Item:
-    """An event from a file. Without a messageId it gets one from the file's name and line (re-importing the
-    file adds nothing); without receivedAt, its own time (ties resolve the same on every import)."""
+    """An event from a file. Without a messageId it gets one from the file's name, line and content (re-importing
+    the file adds nothing, wherever it lies now; two files of one name in two folders, such as daily exports, are
+    two histories); without receivedAt, its own time (ties resolve the same on every import)."""
     if isinstance(obj, dict):
         extra: dict[str, Any] = {}
         if obj.get("messageId") in (None, ""):
-            extra["messageId"] = "import-" + hashlib.sha1(f"{name}:{line}".encode()).hexdigest()[:24]
+            digest = hashlib.sha1(f"{name}:{line}:".encode())
+            try:
+                digest.update(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS))
+            except orjson.JSONEncodeError:  # too deep: refused as such by item() below, whatever its id
+                pass
+            extra["messageId"] = "import-" + digest.hexdigest()[:24]
         if obj.get("receivedAt") is None:
             for key in ("timestamp", "originalTimestamp", "sentAt"):
                 if isinstance(obj.get(key), str):

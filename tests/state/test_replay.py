@@ -108,6 +108,24 @@ def test_events_without_message_id_or_receipt_import_the_same_every_time(r: redi
     assert {e["receivedAt"] for e in logged} == {"2026-03-01T10:00:00.000Z"}
 
 
+def test_files_of_the_same_name_in_two_folders_are_two_histories(r: redis.Redis, tmp_path: Path) -> None:
+    """Daily exports are often each a folder with a file of the same name: events without a messageId get one
+    from the file's name, line and content, so two such files both apply, and each imported again adds nothing
+    (also from another folder)."""
+    paths = []
+    for day, who in (("2026-03-01", "alice"), ("2026-03-02", "bob")):
+        (tmp_path / day).mkdir()
+        path = tmp_path / day / "events.ndjson"
+        path.write_bytes(orjson.dumps({"type": "identify", "userId": who, "timestamp": f"{day}T10:00:00Z"}) + b"\n")
+        paths.append(path)
+    assert import_files(r, paths).outcome_totals() == {"applied": 2}
+    assert find(r, "user_id", "alice") is not None and find(r, "user_id", "bob") is not None
+    moved = tmp_path / "moved.d"
+    moved.mkdir()
+    (moved / "events.ndjson").write_bytes(paths[1].read_bytes())
+    assert import_files(r, [paths[0], moved / "events.ndjson"]).outcome_totals() == {"duplicate": 2}
+
+
 def test_dry_run_counts_and_changes_nothing(r: redis.Redis, tmp_path: Path) -> None:
     events = archived(mixed_stream(800, users=30, seed=2))
     apply(r, events[:300])
