@@ -76,6 +76,16 @@ def _take(client: redis.Redis, into: str, sources: list[str]) -> None:
         pipe.execute()
 
 
+def _members_of_changed_accounts(client: redis.Redis, keys: Keys, work: str) -> None:
+    """Add to ``work`` the members of the accounts whose traits changed (``Keys.dirty_accounts``, taken as the
+    dirty marks are): their contributions carry the account's traits."""
+    _take(client, keys.dirty_accounts_work, [keys.dirty_accounts])
+    for group in client.smembers(keys.dirty_accounts_work):
+        members = client.zrange(keys.account_users(group.decode()), 0, -1)
+        for i in range(0, len(members), 10_000):
+            client.sadd(work, *members[i:i + 10_000])
+
+
 def _publish_if_held(lock: Lock, pipe: redis.client.Pipeline) -> None:
     """Write the recompute's result (queued on ``pipe``) only while its lock is still ours, renewed for another
     ``LOCK_TTL`` first: a holder cut off from Redis for longer than that may have been replaced, and its result
@@ -260,8 +270,10 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         # shared run that lost its owner is given up first: its chunks were read before what this refresh applies.
         discard_run(client, keys)
         _take(client, work, [keys.dirty, keys.dirty_full])
+        _members_of_changed_accounts(client, keys, work)
         pids = sorted(m.decode() for m in client.smembers(work))
         if not pids:
+            client.delete(keys.dirty_accounts_work)  # accounts without a member left
             return {"space": space, "profiles": 0, "changed_clusters": [], "seconds": 0.0}
         rules = rules_for(settings)
         news = _entries(client, settings, space, now_ms, pids)
@@ -301,7 +313,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
             _take(client, keys.dirty, [work])
             return _full(client, settings, space, now_ms, started, lock, reason=str(e))
         changed = publish(client, settings, space, clusters, patterns, pipe, touched)
-        pipe.delete(work)
+        pipe.execute_command("DEL", work, keys.dirty_accounts_work)  # a Cluster pipeline's delete() takes one
         report = {"space": space, "profiles": len(pids), "changed_clusters": changed,
                   "seconds": round(time.perf_counter() - started, 3)}
         _record(pipe, keys, "refresh", report)
@@ -436,6 +448,7 @@ def begin_full(client: redis.Redis, settings: Settings, keys: Keys) -> None:
     (changes from now on stay dirty for the next refresh) and empty the staging keys it fills."""
     discard_run(client, keys)
     _take(client, keys.dirty_full, [keys.dirty])
+    _take(client, keys.dirty_accounts_work, [keys.dirty_accounts])  # the full run reads every member anyway
     indexed = _indexed(client, settings, keys)
     client.delete(_staging(keys.contributions), *(_staging(keys.cluster_spend(name)) for name in indexed))
 
@@ -462,7 +475,8 @@ def finish_full(client: redis.Redis, settings: Settings, keys: Keys, lock: Lock,
             pipe.execute_command("RENAME", _staging(keys.cluster_spend(name)), keys.cluster_spend(name))
         else:
             pipe.delete(keys.cluster_spend(name))
-    pipe.execute_command("DEL", keys.dirty_full, keys.dirty_work, *drop)  # a Cluster pipeline's delete() takes one
+    # a command, not delete(): a Cluster pipeline's delete() takes one key
+    pipe.execute_command("DEL", keys.dirty_full, keys.dirty_work, keys.dirty_accounts_work, *drop)
     report["seconds"] = round(time.perf_counter() - started, 3)
     _record(pipe, keys, "full", report)
     _publish_if_held(lock, pipe)

@@ -95,6 +95,17 @@ class Keys:
         return f"{self.prefix}dirty:work"
 
     @property
+    def dirty_accounts(self) -> str:
+        """Accounts whose traits changed since the last refresh: it recomputes every member (their contributions
+        carry the account's traits)."""
+        return f"{self.prefix}dirty:accounts"
+
+    @property
+    def dirty_accounts_work(self) -> str:
+        """The changed accounts a refresh took (left behind if it crashed; the next refresh merges them back)."""
+        return f"{self.prefix}dirty:accounts:work"
+
+    @property
     def dirty_full(self) -> str:
         """The dirty marks a running full recompute took over (likewise merged back after a crash)."""
         return f"{self.prefix}dirty:full"

@@ -217,11 +217,12 @@ def test_a_profile_forgotten_by_email_leaves_its_cluster_at_the_next_refresh(r: 
 def test_recompute_after_a_rebuild(r: redis.Redis, monkeypatch: pytest.MonkeyPatch, parallel_from: int) -> None:
     """A rebuild switches the space to a new generation: refresh and full recompute read it (their forked
     workers' connections decode replies to text, which the generation's lookup must take too)."""
+    from service.spec.clock import now_ms
     from service.state.rebuild import rebuild
 
     monkeypatch.setattr(recompute, "PARALLEL_REFRESH_FROM", parallel_from)
     s = Settings()
-    apply(r, mixed_stream(600, users=40, seed=5))
+    apply(r, mixed_stream(600, users=40, seed=5), now=now_ms())  # created as logged: the rebuild's history covers them
     rebuild(r, s, "default")
     assert r.get(K.generation_key) == b"g1:"
     assert full_recompute(r, s, "default", now_ms=NOW, processes=2)["profiles"] == 40  # the job a rebuild queues
@@ -256,3 +257,24 @@ def test_a_forked_worker_that_cannot_start_fails_the_recompute_rather_than_hang(
     worker.start()
     worker.join(60)
     assert outcome and isinstance(outcome[0], redis.ConnectionError), outcome
+
+
+def test_an_accounts_new_traits_reach_every_member_at_the_next_refresh(r: redis.Redis) -> None:
+    """Each member's contribution carries its account's traits (industry, plan): when a group call changes them,
+    the refresh recomputes every member, not only the one that sent it, and agrees with a full recompute."""
+    s = Settings()
+
+    def group(user: str, mid: str, ts: str, traits: dict | None = None) -> dict:
+        return {"type": "group", "userId": user, "groupId": "g1", "messageId": mid, "timestamp": ts,
+                "traits": traits or {}}
+
+    apply(r, [group("A", "g-a", "2026-03-01T00:00:00Z", {"industry": "SaaS"}),
+              group("B", "g-b", "2026-03-01T00:00:00Z"), group("C", "g-c", "2026-03-01T00:00:00Z")])
+    assert refresh(r, s, "default", now_ms=NOW)["profiles"] == 3
+    apply(r, [group("A", "g-a2", "2026-03-02T00:00:00Z", {"industry": "Retail"})])
+    assert refresh(r, s, "default", now_ms=NOW)["profiles"] == 3  # A, and the account's other members
+    incremental = state(r)
+    assert full_recompute(r, s, "default", now_ms=NOW)["profiles"] == 3 and state(r) == incremental
+    # the same traits again (analytics.js sends them with every group call): only the sender is recomputed
+    apply(r, [group("B", "g-b2", "2026-03-03T00:00:00Z", {"industry": "Retail"})])
+    assert refresh(r, s, "default", now_ms=NOW)["profiles"] == 1

@@ -61,6 +61,7 @@
 --                           or before it lose that identifier (and are suppressed when nothing else is left)
 --   G..'i:'type':'value     identifier index    G..'p:'pid       profile hash      G..'mrg:'pid    merged away
 --   G..'seq'                profile counter     G..'acct:'group  account traits    P..'dirty'      refresh set
+--   P..'dirty:accounts'     accounts whose traits changed: the refresh recomputes every member
 --   G..'au:'group           the account's users: live profile ids, a sorted set by id (score 0), paged by lex
 --   G..'ev:'pid             the profile's events for the Profile API's /events: a sorted set of log entry ids
 --                           prefixed with the call type's letter, scored by event time, trimmed to the retention
@@ -682,8 +683,19 @@ local function general_path()
       local akey = G .. 'acct:' .. ev.g[1]
       local aw, af = {}, {}
       trait_fields(acct, af, false)
-      lww(read(akey, af), acct, aw, false, akey)
-      if #aw > 0 then redis.call('HSET', akey, unpack(aw)) end
+      local acur = read(akey, af)
+      lww(acur, acct, aw, false, akey)
+      if #aw > 0 then
+        redis.call('HSET', akey, unpack(aw))
+        -- a trait's value changed: every member's contribution carries the account's traits, so the refresh
+        -- recomputes them all (it reads the members; P..'dirty:accounts' keeps the account until then)
+        for i = 1, #aw, 2 do
+          if not rebuilding and string.sub(aw[i], 1, 2) == 't:' and acur[aw[i]] ~= aw[i + 1] then
+            redis.call('SADD', P .. 'dirty:accounts', ev.g[1])
+            break
+          end
+        end
+      end
     end
     seen_writes(w, S, cur['m:fs'], cur['m:ls'], ts_text, mid)
     local index, retrim = index_plan(w, ts_text, logged_as, cur['m:ix'])
