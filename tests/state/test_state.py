@@ -68,6 +68,24 @@ def test_an_order_sent_twice_keeps_its_latest_version_in_any_order(r: redis.Redi
         assert [(o.revenue, o.ts) for o in find(r, "user_id", "u1").orders] == [(60.0, 1772323320000)], events
 
 
+def test_a_full_tie_between_two_writes_of_a_trait_keeps_the_same_class_in_any_order(r: redis.Redis) -> None:
+    """An identify and Engage's Audience Entered set the same trait to the same value at the same time and receipt:
+    the trait's class (audience, or none) is the same whichever arrives first (the greater one)."""
+    at, rc = "2026-03-01T00:00:00Z", "2026-03-01T00:00:05Z"
+    identify = {"type": "identify", "userId": "u1", "messageId": "m1", "timestamp": at, "receivedAt": rc,
+                "traits": {"vip": True}}
+    entered = {"type": "track", "userId": "u1", "event": "Audience Entered", "messageId": "m2", "timestamp": at,
+               "receivedAt": rc, "properties": {"audience_key": "vip", "vip": True},
+               "context": {"personas": {"computation_class": "audience", "computation_key": "vip"}}}
+    seen = []
+    for events in ([identify, entered], [entered, identify]):
+        r.flushall()
+        apply(r, events)
+        vip = find(r, "user_id", "u1").traits["vip"]
+        seen.append((vip.value, vip.kind))
+    assert seen == [(True, "audience")] * 2
+
+
 def test_anonymous_then_identified(r: redis.Redis) -> None:
     apply(r, [
         {"type": "page", "anonymousId": "a1", "messageId": "1", "timestamp": "2026-03-01T10:00:00Z",

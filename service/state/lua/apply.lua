@@ -240,7 +240,8 @@ local function traits_path()
     return t, t + (tonumber(string.sub(s, plus + 1)) or 0)
   end
 
-  -- Last write wins by effective time; at the same millisecond the later receipt wins, then the greater value.
+  -- Last write wins by effective time; at the same millisecond the later receipt wins, then the greater value,
+  -- then (the same value: an identify and Engage's audience event) the greater class, so that any order agrees.
   -- The receipt time travels with the event (Segment's receivedAt, or ours written into the logged event), so
   -- every delivery and replay order gives the same result.
   -- cur: field -> current value; items: {name, json, ts, class, received[, stamp(ts, received) as text]};
@@ -250,7 +251,8 @@ local function traits_path()
       local cv = cur['t:' .. it[1]]
       local ts, r = it[3], it[5]
       local cts, cr = unstamp(cur['T:' .. it[1]])
-      if not cv or ts > cts or (ts == cts and (r > cr or (r == cr and it[2] > cv))) then
+      if not cv or ts > cts or (ts == cts and (r > cr or (r == cr and (it[2] > cv
+          or (with_class and it[2] == cv and it[4] > (cur['c:' .. it[1]] or '')))))) then
         w[#w + 1] = 't:' .. it[1]; w[#w + 1] = it[2]
         w[#w + 1] = 'T:' .. it[1]; w[#w + 1] = it[6] or stamp(ts, r)
         if with_class then
