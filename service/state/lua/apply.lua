@@ -125,19 +125,6 @@ end
 local function maybe_deleted(ts_text)   -- whether an event at ts_text is at or before a deletion of the space
   return deletions_upto and not before(deletions_upto, ts_text)
 end
-local function deleted_until(ts_text)   -- a deletion or erasure at ts_text: the space's latest moves
-  if not deletions_upto or before(deletions_upto, ts_text) then
-    deletions_upto = ts_text
-    redis.call('SET', LATEST, ts_text)
-  end
-end
-
--- Whether an erasure's record ``v`` in P..'erased' ('time|userId', as written by ``delete``) covers an event at
--- ``ts_text``: the event is at or before the erasure.
-local function erased_by(v, ts_text)
-  local bar = string.find(v, '|', 1, true)
-  return not before(bar and string.sub(v, 1, bar - 1) or v, ts_text)
-end
 
 -- Log the event (the first entry of a call trims the log), add it to its profile's /events index, and mark the
 -- profile dirty. ``index``: whether the event is indexed at all (``indexed``); ``retrim``: whether the index is also
@@ -189,16 +176,6 @@ local function sighting_writes(w, field, c, ts_text, mid)
   if (cts == ts_text and mid < string.sub(c, bar + 1)) or (cts ~= ts_text and before(ts_text, cts)) then
     w[#w + 1] = field; w[#w + 1] = ts_text .. '|' .. mid
   end
-end
-
--- An order's version ('time|revenue|categories', as stored) ``v`` replaces the stored ``c``: the later event wins, at
--- the same millisecond the greater text (an order sent twice, or corrected, keeps the same version in any order).
--- A refund's mark ('time') keeps the earliest.
-local function order_wins(c, v)
-  if not c then return true end
-  local cts, vts = string.match(c, '^[^|]*'), string.match(v, '^[^|]*')
-  if cts == vts then return v > c end
-  return before(cts, vts)
 end
 
 -- the channel's activity bit for the slot, in the day's field (``stored``: its value as read)
@@ -370,6 +347,31 @@ local function general_path()
   end
 
   local function num(pid) return tonumber(string.sub(pid, 5)) or 0 end
+
+  -- A deletion or erasure at ts_text: the space's latest moves (``deletions_upto``).
+  local function deleted_until(ts_text)
+    if not deletions_upto or before(deletions_upto, ts_text) then
+      deletions_upto = ts_text
+      redis.call('SET', LATEST, ts_text)
+    end
+  end
+
+  -- Whether an erasure's record ``v`` in P..'erased' ('time|userId', as written by ``delete``) covers an event at
+  -- ``ts_text``: the event is at or before the erasure.
+  local function erased_by(v, ts_text)
+    local bar = string.find(v, '|', 1, true)
+    return not before(bar and string.sub(v, 1, bar - 1) or v, ts_text)
+  end
+
+  -- An order's version ('time|revenue|categories', as stored) ``v`` replaces the stored ``c``: the later event
+  -- wins, at the same millisecond the greater text (an order sent twice, or corrected, keeps the same version in
+  -- any order). A refund's mark ('time') keeps the earliest.
+  local function order_wins(c, v)
+    if not c then return true end
+    local cts, vts = string.match(c, '^[^|]*'), string.match(v, '^[^|]*')
+    if cts == vts then return v > c end
+    return before(cts, vts)
+  end
 
   -- pid -> {type -> n} and pid -> merges so far, of the profiles one event involves
   local function load(pid, counts_of, merges_of)
@@ -743,10 +745,10 @@ local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits sectio
       local deleted_at = tonumber(redis.call('HGET', DELETED, uid))
       if deleted_at and tonumber(ts_text) <= deleted_at then return SUPPRESSED end
     end
-    -- an identifier of an erased profile, the event at or before the erasure: the general path drops it
+    -- an identifier of an erased profile: the general path drops it if the event is at or before the erasure
     local e = redis.call('HMGET', ERASED, unpack(idtexts))
     for i = 1, #idtexts do
-      if e[i] and erased_by(e[i], ts_text) then pid = false; break end
+      if e[i] then pid = false; break end
     end
   end
   if not pid then
