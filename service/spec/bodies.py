@@ -98,10 +98,16 @@ def without_write_key(raw: bytes) -> bytes:
 DELETES_COME_FROM = "deletions come only from Segment's classic Webhooks (signed whole) or `persona-sync forget`"
 
 
+def _call_type(obj: Any) -> str | None:
+    """An event's ``type`` as sent, when it is a string."""
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def _tracking_only(it: Item) -> Item:
     """A Tracking API event whose type is not a tracking call (a ``delete``, Segment's internal types) is invalid."""
-    kind = it.obj.get("type") if isinstance(it.obj, dict) else None
-    if it.error or not isinstance(kind, str) or kind.lower() in TRACKING_TYPES:
+    kind = _call_type(it.obj)
+    if it.error or kind is None or kind.lower() in TRACKING_TYPES:
         return it
     return Item(it.obj, it.raw, f"type {kind[:40]!r} is not a Tracking API call ({', '.join(TRACKING_TYPES)}); "
                                 + DELETES_COME_FROM)
@@ -109,8 +115,8 @@ def _tracking_only(it: Item) -> Item:
 
 def _no_delete(it: Item, where: str = "a Webhooks (Actions) batch, where only the first event is signed") -> Item:
     """A delete in a Webhooks (Actions) batch is invalid: only the batch's first event is signed."""
-    kind = it.obj.get("type") if isinstance(it.obj, dict) else None
-    if it.error or not isinstance(kind, str) or kind.lower() != "delete":
+    kind = _call_type(it.obj)
+    if it.error or kind is None or kind.lower() != "delete":
         return it
     return Item(it.obj, it.raw, f"a delete in {where}; {DELETES_COME_FROM}")
 
@@ -151,8 +157,8 @@ def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:
         if len(doc) > MAX_ACTIONS_BATCH:
             raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
         items = [item(e, None, received_at) for e in doc]
-        for n, e in enumerate(doc):  # a delete is rare: its first letter spares the others a lower()
-            kind = e.get("type") if type(e) is dict else None
+        for n, e in enumerate(doc):  # a delete is rare: its first letter spares the others a lower() (inline, not
+            kind = e.get("type") if type(e) is dict else None  # _call_type: a call per event costs 0.03 µs)
             if isinstance(kind, str) and kind[:1] in "dD":
                 items[n] = _no_delete(items[n])
         return items

@@ -12,9 +12,13 @@ from service.state.connect import scan_space
 GEN_FAMILIES = ("p:", "i:", "mrg:", "acct:", "au:", "ev:")  # key families of a generation, besides its counter ("seq")
 
 
+def _number(gen: str) -> int:
+    """A generation's number: 0 for the original one (""), n for "gn:"."""
+    return int(gen[1:-1]) if gen.startswith("g") and gen[1:-1].isdigit() else 0
+
+
 def next_generation(current: str) -> str:
-    n = int(current[1:-1]) if current.startswith("g") and current[1:-1].isdigit() else 0
-    return f"g{n + 1}:"
+    return f"g{_number(current) + 1}:"
 
 
 def drop_generation(client: redis.Redis, space: str, gen: str) -> int:
@@ -55,6 +59,5 @@ def other_generations(client: redis.Redis, space: str) -> list[str]:
     one being built. Each has its profile counter, and names run g1:, g2:, ... up to one past the current: a few
     EXISTS, no scan."""
     current = (client.get(Keys(space).generation_key) or b"").decode()
-    n = int(current[1:-1]) if current.startswith("g") and current[1:-1].isdigit() else 0
-    names = ["", *(f"g{i}:" for i in range(1, n + 2))]
+    names = ["", *(f"g{i}:" for i in range(1, _number(current) + 2))]
     return [gen for gen in names if gen != current and client.exists(Keys(space, gen).seq)]

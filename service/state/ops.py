@@ -87,12 +87,19 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
     return outcome, user_id
 
 
+def erased_record(record: bytes) -> tuple[int, str]:
+    """An erased identifier's record in ``Keys.erased`` ('time|userId', written by apply.lua): the erasure's time
+    (ms) and the deleted userId ('' for an erasure by profile id)."""
+    at, _, uid = record.decode().partition("|")
+    return int(at), uid
+
+
 def _erased_identifiers(client: redis.Redis, space: str) -> dict[tuple[str, int], list[str]]:
     """The identifiers erased with a profile (``Keys.erased``), by (deleted userId or '', erasure time)."""
     out: dict[tuple[str, int], list[str]] = {}
     for ident, record in client.hscan_iter(Keys(space).erased, count=1000):
-        at, _, uid = record.decode().partition("|")
-        out.setdefault((uid, int(at)), []).append(ident.decode())
+        at, uid = erased_record(record)
+        out.setdefault((uid, at), []).append(ident.decode())
     return out
 
 
@@ -120,8 +127,7 @@ def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
     False if it was not suppressed."""
     k = Keys(space)
     found = bool(client.hdel(k.deleted, user_id)) | bool(client.srem(k.suppressed, user_id))
-    mine = [ident for ident, record in client.hscan_iter(k.erased, count=1000)
-            if record.decode().partition("|")[2] == user_id]
+    mine = [ident for ident, record in client.hscan_iter(k.erased, count=1000) if erased_record(record)[1] == user_id]
     if mine:
         found = bool(client.hdel(k.erased, *mine)) or found
     index = state_keys(client, space).ident("user_id", user_id)

@@ -38,7 +38,7 @@ from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
 from service.state.connect import scan_space
 from service.state.generations import drop_generation, generations, next_generation
-from service.state.ops import erase_identified, purge_erased, user_deletion
+from service.state.ops import erase_identified, erased_record, purge_erased, user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
 
@@ -162,7 +162,7 @@ def _erasures_meanwhile(client: redis.Redis, settings: Settings, space: str) -> 
     recorded = sorted(m.decode() for m in client.smembers(k.rebuild_erased))
     by_time: dict[int | None, list[tuple[str, str]]] = {}  # as of each erasure's own time (``Keys.erased``)
     for ident, record in zip(recorded, client.hmget(k.erased, recorded) if recorded else [], strict=True):
-        at = int(record.decode().partition("|")[0]) if record else None
+        at = erased_record(record)[0] if record else None
         kind, _, value = ident.partition(":")
         by_time.setdefault(at, []).append((kind, value))
     erased = sum(erase_identified(client, settings, space, identifiers, at_ms=at)
