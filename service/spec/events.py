@@ -82,13 +82,15 @@ class Event:
         """The event as the Lua script reads it: everything it needs and nothing more; this is the only place
         either form is written (apply.lua's header documents both).
 
-        Plain, for most calls (no order, group, alias, reversal or erasure, no tab or U+001E in a value and no
-        colon in an identifier's type): ``t \\t ts \\t mid \\t uid \\t activity field \\t slot \\t
-        type:value \\t ...``, the activity field being the profile's ``a:channel:day`` (empty, with the slot,
-        without activity), which the script splits with one pattern match (no JSON): for Redis, the cheapest form
-        to read. Traits (without U+001E or U+001F in them) come first: ``\\x1e received \\x1f stamp``, ``\\x1f name
-        \\x1f JSON value \\x1f class`` each, then ``\\x1e`` (the stamp being what the profile records of their
-        time: ``ts``, or ``ts+delay`` when received later); without traits, no receipt time (only they need it).
+        Plain, for most calls (no group, alias or erasure, no tab or U+001E in a value and no colon in an
+        identifier's type): ``t \\t ts \\t mid \\t uid \\t activity field \\t slot \\t type:value \\t ...``,
+        the activity field being the profile's ``a:channel:day`` (empty, with the slot, without activity), which
+        the script splits with one pattern match (no JSON): for Redis, the cheapest form to read. Traits (without
+        U+001E or U+001F in them) come first: ``\\x1e received \\x1f stamp``, ``\\x1f name \\x1f JSON value
+        \\x1f class`` each, then ``\\x1e`` (the stamp being what the profile records of their time: ``ts``, or
+        ``ts+delay`` when received later); without traits, no receipt time (only they need it). An order or a
+        reversal (no U+001D in it, no U+001F in its key) comes before all that: ``\\x1d o \\x1f key \\x1f revenue
+        \\x1f categories joined by U+001F \\x1d``, or ``\\x1d r \\x1f key \\x1d``.
 
         Else compact JSON (cjson): ``t`` type, ``mid`` message_id, ``ts`` event time (ms), ``uid`` user_id or "",
         ``ids`` identifiers ([type, value] by priority), ``tr`` traits ([name, JSON value, class]), ``o`` order
@@ -96,7 +98,7 @@ class Event:
         null), ``g`` group ([groupId, [[name, JSON value], ...]] or null), ``al`` alias_of (previousId or null),
         ``rv`` reversal (the order key of a refund or cancellation, or null), ``rc`` received (ms; ``ts`` when
         unknown), ``ep`` the profile id a delete without userId erases (or null)."""
-        if not (self.order or self.group or self.alias_of or self.reversal or self.erase):
+        if not (self.group or self.alias_of or self.erase):
             plain = self._plain()
             if plain is not None:
                 return plain.encode()
@@ -117,9 +119,27 @@ class Event:
         })
 
     def _plain(self) -> str | None:
-        """The plain form of an event of identifiers, activity and traits only; None when a value holds one of its
-        separators (a tab or U+001E, U+001F in a trait) or an identifier's type a colon. Checked on the text once
-        built, by counting separators: a few C-level scans rather than one per value."""
+        """The plain form of an event of identifiers, activity, traits and orders only; None when a value holds
+        one of its separators (a tab or U+001E, U+001F in a trait or an order's key, U+001D in an order) or an
+        identifier's type a colon. Checked on the text once built, by counting separators: a few C-level scans
+        rather than one per value."""
+        if self.order or self.reversal:
+            text = self._plain_unordered()
+            if text is None:
+                return None
+            if self.order:
+                key, revenue, categories = self.order
+                section = f"\x1do\x1f{key}\x1f{revenue!r}\x1f{chr(31).join(categories)}\x1d"
+            else:
+                key = self.reversal or ""
+                section = f"\x1dr\x1f{key}\x1d"
+            if section.count("\x1d") != 2 or "\x1f" in key:
+                return None
+            return section + text
+        return self._plain_unordered()
+
+    def _plain_unordered(self) -> str | None:
+        """The plain form without an order section (``_plain``)."""
         ids = self.identifiers
         if any(":" in kind for kind, _ in ids):
             return None

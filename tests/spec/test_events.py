@@ -122,9 +122,9 @@ def test_non_string_event_names_are_ignored_not_fatal() -> None:
 
 
 def test_script_payload_is_plain_for_page_views_and_traits_and_json_otherwise() -> None:
-    """The common call goes to the script as tab-separated text (no JSON for Redis to decode), traits included;
-    orders and any value with one of the plain form's separators in it go as JSON, which the script reads whatever
-    their characters."""
+    """The common call goes to the script as tab-separated text (no JSON for Redis to decode), traits and orders
+    included; any value with one of the plain form's separators in it goes as JSON, which the script reads whatever
+    its characters."""
     page = normalise({"type": "page", "userId": "u1", "anonymousId": "a1", "messageId": "m1",
                       "timestamp": "2026-03-15T10:00:00Z", "context": {"library": {"name": "analytics.js"}}},
                      NOW, RULES)
@@ -139,7 +139,16 @@ def test_script_payload_is_plain_for_page_views_and_traits_and_json_otherwise() 
     assert traits.split(b"\x1f") == [str(NOW).encode(), f"{ident.ts}+{late}".encode(),
                                       b"ltv", b"1200", b"", b"plan", b'"pro"', b""]
     order = normalise(fixture_json("track_order_completed.json"), NOW, RULES)
-    assert order.order and order.script_payload().startswith(b"{")
+    section, head = order.script_payload()[1:].split(b"\x1d")
+    assert section.split(b"\x1f") == [b"o", order.order[0].encode(), b"25.0", b"board-games", b"toys"]
+    assert head.split(b"\t")[:4] == [b"track", str(order.ts).encode(), b"ajs-6f0a1c2e-order-0002", b"usr_001"]
+    refund = normalise({"type": "track", "event": "Order Refunded", "userId": "u1", "messageId": "m5",
+                        "properties": {"order_id": "o-9"}}, NOW, RULES)
+    assert refund.script_payload().startswith(b"\x1dr\x1fo-9\x1dtrack\t")
+    for props in ({"order_id": "o\x1f1", "revenue": 5}, {"order_id": "o1", "products": [{"category": "a\x1db"}]}):
+        odd_order = normalise({"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "m6",
+                               "properties": props}, NOW, RULES)
+        assert odd_order.order and odd_order.script_payload().startswith(b"{")
     odd = normalise({"type": "identify", "userId": "u1", "messageId": "m4", "traits": {"a\x1fb": 1}}, NOW, RULES)
     assert odd.script_payload().startswith(b"{")
     tabbed = normalise({"type": "track", "event": "x", "userId": "u\t1", "messageId": "m2"}, NOW, RULES)

@@ -406,8 +406,27 @@ def test_plain_and_json_event_forms_give_the_same_state(r: redis.Redis, monkeypa
     events += [{"type": "identify", "userId": "user-1", "messageId": f"odd-{n}", "timestamp": "2026-03-01T00:00:00Z",
                 "traits": {name: value}} for n, (name, value) in enumerate(
                     [("tab\tname", "tab\tvalue"), ("unit\x1fsep", 1), ("note", "record\x1esep")])]
+    # orders take the plain form too: sent twice (corrected), refunded or cancelled before or after, by known and
+    # new people, with a key or category the plain form cannot carry (JSON's)
+    rnd = random.Random(11)
+    for n in range(400):
+        user = rnd.randint(0, 40)
+        key = f"ord-{user}-{rnd.randint(0, 3)}" if n % 50 else f"ord\x1f{n}"
+        category = rnd.choice(["books", "toys", "a\x1db"])
+        at = f"2026-03-0{rnd.randint(1, 9)}T00:00:{rnd.randint(0, 59):02d}Z"
+        who = {"userId": f"user-{user}"} if rnd.random() < 0.9 else {"anonymousId": f"anon-o-{n}"}
+        if rnd.random() < 0.7:
+            events.append({"type": "track", "event": "Order Completed", "messageId": f"ord-{n}", "timestamp": at,
+                           **who, "properties": {"order_id": key, "revenue": rnd.choice([10, 12.5, 99.99]),
+                                                 "products": [{"category": category}]}})
+        else:
+            events.append({"type": "track", "event": rnd.choice(["Order Refunded", "Order Cancelled"]),
+                           "messageId": f"ord-{n}", "timestamp": at, **who, "properties": {"order_id": key}})
+    rnd.shuffle(events)
     apply(r, events)
     mixed = snapshot(r)
+    orders = [o for p in mixed.values() for o in p["orders"]]
+    assert len(orders) > 50 and any(len(p["orders"]) > 1 for p in mixed.values())
     assert find(r, "user_id", "tab\tuser") is not None
     r.flushall()
     monkeypatch.setattr(Event, "_plain", lambda self: None)

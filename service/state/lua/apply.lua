@@ -37,12 +37,14 @@
 -- Returns one line per event, joined by newlines into one string (cheaper for Redis to reply than a table per
 -- event): 'status \t profile id \t created (0/1) \t merged', or 'error \t message' (``store._outcome``).
 -- The event (written only by ``Event.script_payload``), in one of two forms:
---   plain, for the common call that carries no order, group, alias, reversal or erasure, no tab or \30 in its
---   values and no ':' in an identifier's type: 't \t ts \t mid \t uid \t activity field \t slot \t
---   type:value \t ...' (the activity field 'a:'channel':'day and the slot empty without activity; the identifiers
---   by priority), split with one string.match: no JSON to decode; with traits (no \30 or \31 in them), preceded by
+--   plain, for the common call that carries no group, alias or erasure, no tab or \30 in its values and no ':'
+--   in an identifier's type: 't \t ts \t mid \t uid \t activity field \t slot \t type:value \t ...' (the
+--   activity field 'a:'channel':'day and the slot empty without activity; the identifiers by priority), split
+--   with one string.match: no JSON to decode; with traits (no \30 or \31 in them), preceded by
 --   '\30 received \31 stamp', '\31 name \31 JSON value \31 class' per trait and '\30', the stamp being the
 --   traits' (ts, or ts '+' received - ts when received later); without, no receipt time (only traits need one);
+--   with an order (no \29 in it, no \31 in its key), all that preceded by '\29 o \31 key \31 revenue \31
+--   categories joined by \31 \29', or with a refund or cancellation by '\29 r \31 key \29';
 --   else JSON, decoded as ``ev``:
 --   t type, mid messageId, ts event time ms, uid userId or '', ids {{type, value}, ...} by priority,
 --   tr {{name, JSON value, class}, ...}, o {order key, revenue text, categories joined by \31} or null,
@@ -198,12 +200,34 @@ local function seen_writes(w, S, fs, ls, ts_text, mid)
   end
 end
 
--- Traits' last write wins (identify, Engage's audiences and computed traits), for both paths: made on the first
--- event with traits, apart from the general path, so that a known person's identify takes the fast path without
--- the cost of making the general path's functions.
-local traits_fns = nil
-local function traits_path()
-  if traits_fns then return traits_fns end
+-- Which write wins, for both paths: traits' last write (identify, Engage's audiences and computed traits), an
+-- order's version, a refund's mark. Made on the first event that needs them, apart from the general path, so that
+-- a known person's identify or order takes the fast path without the cost of making the general path's functions.
+local wins_fns = nil
+local function wins_path()
+  if wins_fns then return wins_fns end
+  -- An order's version ('time|revenue|categories', as stored) ``v`` replaces the stored ``c`` (nil or false:
+  -- none): the later event wins, at the same millisecond the greater text (an order sent twice, or corrected,
+  -- keeps the same version in any order). A refund's mark ('time') keeps the earliest.
+  local function order_wins(c, v)
+    if not c then return true end
+    local cts, vts = string.match(c, '^[^|]*'), string.match(v, '^[^|]*')
+    if cts == vts then return v > c end
+    return before(cts, vts)
+  end
+  local function refund_wins(c, ts_text) return not c or before(ts_text, c) end
+  -- The event's own order write into ``w``, for both paths: ``o`` is {key, revenue, categories} for an order (its
+  -- version in ``field``, 'o:'key), {key} for a refund or cancellation (its mark, 'q:'key: decoding leaves a
+  -- marked order out, whichever arrived first); ``stored``: the field's value as read.
+  local function order_writes(w, field, stored, ts_text, o)
+    if o[2] then
+      local v = ts_text .. '|' .. o[2] .. '|' .. o[3]
+      if order_wins(stored, v) then w[#w + 1] = field; w[#w + 1] = v end
+    elseif refund_wins(stored, ts_text) then
+      w[#w + 1] = field; w[#w + 1] = ts_text
+    end
+  end
+
   -- A write's stamp: its effective time, and how much later it was received ('<ts>' or '<ts>+<received - ts>').
   local function stamp(t, r)
     if r > t then return fmt(t) .. '+' .. fmt(r - t) end
@@ -263,8 +287,9 @@ local function traits_path()
     return items, rc
   end
 
-  traits_fns = {unstamp = unstamp, lww = lww, trait_fields = trait_fields, plain_traits = plain_traits}
-  return traits_fns
+  wins_fns = {unstamp = unstamp, lww = lww, trait_fields = trait_fields, plain_traits = plain_traits,
+              order_wins = order_wins, refund_wins = refund_wins, order_writes = order_writes}
+  return wins_fns
 end
 
 -- The general path (identity resolution, merges, traits, orders, groups, deletion): its functions are made on
@@ -273,8 +298,9 @@ end
 local general = nil
 local function general_path()
   if general then return general end
-  local tp = traits_path()
+  local tp = wins_path()
   local unstamp, lww, trait_fields, plain_traits = tp.unstamp, tp.lww, tp.trait_fields, tp.plain_traits
+  local order_wins, refund_wins, order_writes = tp.order_wins, tp.refund_wins, tp.order_writes
   local rules_cache = nil
   local function the_rules()   -- decoded once per call, and only when an event needs them
     if not rules_cache then rules_cache = cjson.decode(ARGV[2]) end
@@ -325,8 +351,8 @@ local function general_path()
 
   -- The plain form's parts as ``ev``, for the events the fast path hands on (new identifiers, several profiles, a
   -- deletion). ``idtexts``: 'type:value' each (a type with ':' in it goes as JSON); ``tsec``: the traits section,
-  -- or false.
-  local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts, tsec)
+  -- or false; ``order``: the order section's parts ({key, revenue, categories}, or {key} for a reversal), or false.
+  local function plain_ev(t, ts_text, mid, uid, afield, slot, idtexts, tsec, order)
     local ids = {}
     for i = 1, #idtexts do
       local tv = idtexts[i]
@@ -343,6 +369,7 @@ local function general_path()
       ev.tr, ev.rc = tr, rc
     end
     if afield ~= '' then ev.af = afield; ev.slot = tonumber(slot) end
+    if order and order[2] then ev.o = order elseif order then ev.rv = order[1] end
     return ev
   end
 
@@ -361,16 +388,6 @@ local function general_path()
   local function erased_by(v, ts_text)
     local bar = string.find(v, '|', 1, true)
     return not before(bar and string.sub(v, 1, bar - 1) or v, ts_text)
-  end
-
-  -- An order's version ('time|revenue|categories', as stored) ``v`` replaces the stored ``c``: the later event
-  -- wins, at the same millisecond the greater text (an order sent twice, or corrected, keeps the same version in
-  -- any order). A refund's mark ('time') keeps the earliest.
-  local function order_wins(c, v)
-    if not c then return true end
-    local cts, vts = string.match(c, '^[^|]*'), string.match(v, '^[^|]*')
-    if cts == vts then return v > c end
-    return before(cts, vts)
   end
 
   -- pid -> {type -> n} and pid -> merges so far, of the profiles one event involves
@@ -404,7 +421,7 @@ local function general_path()
     for k, v in pairs(lo) do
       local pre = string.sub(k, 1, 2)
       if pre == 'x:' or pre == 'r:' or (pre == 'o:' and order_wins(cur[k], v))
-          or (pre == 'q:' and (not cur[k] or before(v, cur[k]))) then
+          or (pre == 'q:' and refund_wins(cur[k], v)) then
         w[#w + 1] = k; w[#w + 1] = v
       elseif pre == 'a:' then
         w[#w + 1] = k; w[#w + 1] = fmt(bits_or(tonumber(cur[k]) or 0, tonumber(v) or 0))
@@ -436,7 +453,16 @@ local function general_path()
   local function delete(ev)
     local uid, ts = ev.uid, ev.ts
     local pid
+    -- while a rebuild runs, it may have applied this profile's events to its new generation already, or may yet
+    -- (the purge of the log is a job): it erases them there too once it has switched, by the record kept here
+    -- (P..'rebuild:deleted' for a userId, deleted again as of its time; P..'rebuild:erased' for the identifiers
+    -- of an erasure by profile id), kept an hour past the rebuild's last sign of life
+    local running = not rebuilding and redis.call('HGET', P .. 'rebuild', 'state') == 'running'
     if uid ~= '' then
+      if running then
+        redis.call('SADD', P .. 'rebuild:deleted', uid)
+        redis.call('EXPIRE', P .. 'rebuild:deleted', 3600)
+      end
       redis.call('SADD', P .. 'suppressed', uid)
       redis.call('SADD', P .. 'forgotten:ids', uid)
       local before = tonumber(redis.call('HGET', DELETED, uid))
@@ -452,11 +478,7 @@ local function general_path()
       pid = ev.ep
       if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
     end
-    -- an erasure by profile id while a rebuild runs: the rebuild may have applied this profile's events to its
-    -- new generation already, or may yet (the purge of the log is a job), so it erases them there too once it
-    -- has switched, by the identifiers recorded here (P..'rebuild:erased', kept an hour past the rebuild's last
-    -- sign of life). A userId's deletion needs no record: its time in P..'deleted' does that.
-    local record = uid == '' and not rebuilding and redis.call('HGET', P .. 'rebuild', 'state') == 'running'
+    local record = uid == '' and running   -- an erasure by profile id while a rebuild runs: its identifiers
     local f = redis.call('HGETALL', pkey(pid))
     local erased, groups, idents = {pid}, {}, {}
     for i = 1, #f, 2 do
@@ -671,12 +693,8 @@ local function general_path()
     end
 
     lww(cur, items, w, true, S)
-    if ofield then
-      local v = ts_text .. '|' .. ev.o[2] .. '|' .. ev.o[3]
-      if order_wins(cur[ofield], v) then w[#w + 1] = ofield; w[#w + 1] = v end
-    end
-    -- a refund or cancellation marks its order: decoding leaves a marked order out, whichever arrived first
-    if rfield and (not cur[rfield] or before(ts_text, cur[rfield])) then w[#w + 1] = rfield; w[#w + 1] = ts_text end
+    if ofield then order_writes(w, ofield, cur[ofield], ts_text, ev.o) end
+    if rfield then order_writes(w, rfield, cur[rfield], ts_text, {ev.rv}) end
     if afield then activity_writes(w, afield, cur[afield], ev.slot) end
     if gfield then
       local g = tonumber(cur[gfield])
@@ -716,12 +734,16 @@ end
 
 -- The fast path: a plain event (see the header) of a known person, every identifier already on one profile: one
 -- HMGET and one HSET of the profile, read by position, times compared as text, nothing decoded into tables (its
--- traits, if any, go through the traits' last-write-wins, ``traits_path``, on that same read and write). Any
--- other plain event (a new identifier, several profiles, a tombstone, a deletion) goes on as ``ev`` through the
--- general path, which runs from the start: the fast path has only read until then.
+-- traits, if any, go through the traits' last-write-wins and its order or refund mark through ``order_writes``
+-- (``wins_path``), on that same read and write). Any other plain event (a new identifier, several profiles, a
+-- tombstone, a deletion) goes on as ``ev`` through the general path, which runs from the start: the fast path has
+-- only read until then.
 local PLAIN = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
 local TRAITED = '^\30([^\30]*)\30(.*)$'   -- the plain form with traits: its traits section, then the plain form
-local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits section, or false
+local ORDERED = '^\29([^\29]*)\29(.*)$'   -- with an order or a reversal: its section, then the rest
+-- tsec: the traits section, or false; osec: the order section ('o \31 key \31 revenue \31 categories' or 'r \31 key'),
+-- or false
+local function apply_plain(s, raw, logged_as, tsec, osec)
   local t, ts_text, mid, uid, afield, slot, rest = string.match(s, PLAIN)
   local idtexts
   if rest == '' then
@@ -751,9 +773,17 @@ local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits sectio
       if e[i] then pid = false; break end
     end
   end
+  local order = false
+  if osec then
+    if string.byte(osec, 1) == 111 then   -- 'o': an order
+      order = {string.match(osec, '^o\31([^\31]*)\31([^\31]*)\31(.*)$')}
+    else   -- 'r': a refund or cancellation
+      order = {string.sub(osec, 3)}
+    end
+  end
   if not pid then
     local g = general_path()
-    return g.apply_ev(g.plain_ev(t, ts_text, mid, uid, afield, slot, idtexts, tsec), raw, logged_as)
+    return g.apply_ev(g.plain_ev(t, ts_text, mid, uid, afield, slot, idtexts, tsec, order), raw, logged_as)
   end
 
   local S = G .. 'p:' .. pid
@@ -762,10 +792,16 @@ local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits sectio
   local fields = {'m:fs', 'm:ls', 'm:ix'}
   for i = 1, n do fields[3 + i] = 'x:' .. idtexts[i] end
   if afield ~= '' then fields[4 + n] = afield end
+  -- an order's version ('o:'key), or a refund's mark ('q:'key)
+  local opos = false
+  if order then
+    opos = #fields + 1
+    fields[opos] = (order[2] and 'o:' or 'q:') .. order[1]
+  end
   -- traits (identify, Engage's audiences and computed traits): last write wins, on the same read and write
   local tp, items, base = nil, nil, #fields
+  if tsec or opos then tp = wins_path() end
   if tsec then
-    tp = traits_path()
     items = tp.plain_traits(tsec, tonumber(ts_text))
     tp.trait_fields(items, fields, true)
   end
@@ -775,6 +811,7 @@ local function apply_plain(s, raw, logged_as, tsec)   -- tsec: the traits sectio
     if cur[3 + i] then sighting_writes(w, fields[3 + i], cur[3 + i], ts_text, mid) end
   end
   if afield ~= '' then activity_writes(w, afield, cur[4 + n], tonumber(slot)) end
+  if opos then tp.order_writes(w, fields[opos], cur[opos], ts_text, order) end
   if items then
     local tcur = {}
     for k = base + 1, #fields do if cur[k] then tcur[fields[k]] = cur[k] end end
@@ -806,11 +843,17 @@ local function apply_one(shard, dfield, payload, raw, logged_as)
   if first == 123 then   -- '{'
     local g = general_path()
     return g.apply_ev(g.decode_json(payload), raw, logged_as)
-  elseif first == 30 then   -- the plain form with traits
-    local tsec, plain = string.match(payload, TRAITED)
-    return apply_plain(plain, raw, logged_as, tsec)
   end
-  return apply_plain(payload, raw, logged_as, false)
+  local osec = false
+  if first == 29 then   -- the plain form with an order or a reversal
+    osec, payload = string.match(payload, ORDERED)
+    first = string.byte(payload, 1)
+  end
+  if first == 30 then   -- the plain form with traits
+    local tsec, plain = string.match(payload, TRAITED)
+    return apply_plain(plain, raw, logged_as, tsec, osec)
+  end
+  return apply_plain(payload, raw, logged_as, false, osec)
 end
 
 -- Redis refusing writes refuses the whole call (the caller answers 503 and the sender retries): out of memory, a
