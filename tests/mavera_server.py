@@ -50,6 +50,7 @@ class State:
     chats_in_flight: int = 0
     max_chats_seen: int = 0
     chat_delay: float = 0.0
+    threads: set[str] = field(default_factory=set)  # Mave chat threads: a chat naming another one is a 404
     ids: Any = field(default_factory=lambda: itertools.count(1))
 
 
@@ -184,6 +185,10 @@ class MaveraServer:
             try:
                 await asyncio.sleep(self.state.chat_delay)
                 thread = (doc or {}).get("thread_id") or f"thr_{next(self.state.ids)}"
+                with self.lock:
+                    if (doc or {}).get("thread_id") and thread not in self.state.threads:
+                        return _error(404, f"Thread {thread} not found", "invalid_request_error", "not_found")
+                    self.state.threads.add(thread)
                 return 200, {"id": f"msg_{next(self.state.ids)}", "thread_id": thread, "role": "assistant",
                              "content": "Unified persona framework: " + str((doc or {}).get("message", ""))[:80],
                              "sources": [], "personas_used": [], "usage": {"credits_used": 5}}

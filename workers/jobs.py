@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
+import uuid
 
 import redis
 from rq import Queue, Retry, get_current_job
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.timeouts import BaseTimeoutException
 
 from service.config import Settings
 from service.logs import event as log_event
 from service.spec.keys import Keys
 from service.state.connect import queue_client, state_client
-from service.state.queue import QUEUE_NAME, RECOMPUTE_CHUNK_JOB
+from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME, RECOMPUTE_CHUNK_JOB
 from service.state.refresh import REFRESH_TIMEOUT, queue_sync, schedule_refresh
 from service.state.status import spaces
 from workers import mapreduce, recompute
@@ -118,6 +122,31 @@ def full_recompute(only: str | None = None) -> list[dict]:
     return reports
 
 
+def full_recompute_each_space() -> list[str]:
+    """Scheduled by `rq cron`: one full-recompute job per space, so that each space has a job timeout of its own
+    and workers share the spaces. One job for every space ran them in turn, and a deployment whose spaces took
+    longer in all than the job's hour never reached its last ones. A space whose job of an earlier tick still
+    waits or runs is not queued again (a failed one stays in the failed jobs, for the operator). Returns the
+    spaces queued."""
+    queue = _queue()
+    waiting = queue.get_job_ids() + StartedJobRegistry(queue=queue).get_job_ids()
+    queued = []
+    for space in spaces(_state()):
+        prefix = _full_job_prefix(space)
+        if any(job_id.startswith(prefix) for job_id in waiting):
+            continue
+        queue.enqueue(FULL_RECOMPUTE_JOB, space, job_id=prefix + uuid.uuid4().hex[:12], job_timeout=REFRESH_TIMEOUT,
+                      description=f"scheduled full recompute of {space}")
+        queued.append(space)
+    return queued
+
+
+def _full_job_prefix(space: str) -> str:
+    """RQ takes only letters, digits, '_' and '-' in a job id; a space id may hold '.' too, hence the digest."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", space)
+    return f"full-recompute-{safe}-{hashlib.sha1(space.encode()).hexdigest()[:8]}-"
+
+
 def _after_full(client: redis.Redis, settings: Settings, report: dict) -> None:
     """A full recompute published: log it, sync its personas, refresh what changed meanwhile, and drop the chunk
     jobs of a shared run that are still queued (they would only find the run over)."""
@@ -180,30 +209,37 @@ def _drop_chunk_jobs(run: str, chunks: int) -> None:
             pipe.delete(*gone).execute()
 
 
+_DELETE_IF_EQUAL = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
 def sync(space: str) -> dict:
     """Push changed cluster personas to Mavera (or the outbox) and refresh the channel narrative.
 
     One sync of a space runs at a time (two could each miss the other's create): a job that finds another running
-    leaves it a note (``sync_wanted``) and returns; the running one goes round again while the note is there.
-    Both steps always run; if either failed, the job fails afterwards with both reasons, so RQ keeps it for
-    requeue, and clusters that only need time get another sync queued for later."""
+    leaves it a note (``sync_wanted``, a counter) and returns; the running one goes round again while the note is
+    there. The note is taken away only after a round, and only if nobody added to it meanwhile: a sync killed
+    mid-round leaves it, and the worker's watchdog queues the sync again once the dead one's lock lapsed
+    (``RefreshWatchdog.check_syncs``). Both steps always run; if either failed, the job fails afterwards with
+    both reasons, so RQ keeps it for requeue, and what only needs time (a rate limit, Mavera's 5xx, a create to
+    settle) gets another sync queued for later."""
     settings = Settings.from_env()
     client = _state()
     keys = Keys(space)
-    client.set(keys.sync_wanted, b"1")
+    client.incr(keys.sync_wanted)
     out: dict = {"space": space, "coalesced": True}
     failure: Exception | None = None
     while True:
         with held_lock(client, keys.sync_lock, SYNC_LOCK_TTL) as lock:
             if lock is None:
                 return out  # the running sync sees the note and goes round again
-            while client.delete(keys.sync_wanted):
+            while (wanted := client.get(keys.sync_wanted)) is not None:
                 try:
                     out, failure = _sync_once(client, settings, space), None
-                except BaseTimeoutException:  # RQ's job timeout: stop; the next sync continues
+                except BaseTimeoutException:  # RQ's job timeout: stop, leaving the note; the next sync continues
                     raise
                 except Exception as exc:  # a later round may still succeed; raised at the end
                     failure = exc
+                client.eval(_DELETE_IF_EQUAL, 1, keys.sync_wanted, wanted)  # kept if a job asked meanwhile
         if not client.exists(keys.sync_wanted):  # a note left while we released: take the lock again
             break
     if failure is not None:
@@ -213,7 +249,7 @@ def sync(space: str) -> dict:
 
 def _sync_once(client: redis.Redis, settings: Settings, space: str) -> dict:
     from workers.mavera.client import MaveraClient
-    from workers.mavera.sync import SyncFailed, narrate_space, sync_space
+    from workers.mavera.sync import SyncFailed, narrate_space, sync_space, transient
 
     mavera = MaveraClient(settings, client) if settings.mavera_api_key else None
     job = get_current_job()
@@ -229,11 +265,11 @@ def _sync_once(client: redis.Redis, settings: Settings, space: str) -> dict:
                 raise
             except Exception as exc:  # reported below, after the other step ran
                 errors.append(f"{name}: {exc}")
-                retry = retry or bool(isinstance(exc, SyncFailed) and exc.retry)
+                retry = retry or bool(isinstance(exc, SyncFailed) and exc.retry) or transient(exc)
     finally:
         if mavera:
             mavera.close()
-    if retry:  # a lost create to settle, a rate limit to pass: without this a quiet space would wait an hour
+    if retry:  # a create to settle, a rate limit or a 5xx to pass: without this a quiet space would wait an hour
         delay = max(RETRY_PENDING, 2 * settings.mavera_timeout + 5)
         queue_sync(_queue(), space, settings.mave_chat_timeout, delay=delay)
     if errors:

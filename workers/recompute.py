@@ -39,7 +39,7 @@ from service.state.connect import is_cluster, scan_space
 from service.state.store import state_keys
 from workers.compute import aggregates as A
 from workers.compute.channels import channel_pattern, pattern_summaries
-from workers.compute.clusters import Rules, assign_cluster, load_rules
+from workers.compute.clusters import Rules, assign_cluster, label, load_rules
 from workers.compute.features import TRAITS_USED, compute_features
 from workers.locks import held_lock
 
@@ -48,8 +48,6 @@ PARALLEL_FROM = 20_000  # profiles from which the full recompute forks one proce
 PARALLEL_REFRESH_FROM = 2_000  # dirty profiles from which a refresh does the same
 LOCK_TTL = 10.0  # seconds a dead holder's recompute lock outlives it (a live holder renews it every third of that)
 LOCK_WAIT = 30.0  # seconds a recompute waits for another to finish before it gives up (``Busy``)
-LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
-          "new": "New customers"}
 
 
 class Busy(RuntimeError):
@@ -230,7 +228,7 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
     docs = {}
     for name in rules.clusters + sorted(set(clusters) - set(rules.clusters)):
         if name in clusters and clusters[name].n > 0:
-            docs[name] = {"cluster": name, "label": LABELS.get(name, name.replace("_", " ").capitalize()),
+            docs[name] = {"cluster": name, "label": label(name),
                           "n": clusters[name].n, "summary": clusters[name].cluster_summary(name),
                           "kpi": cards[name]}
     old = {k.decode(): v for k, v in client.hgetall(keys.clusters).items()}

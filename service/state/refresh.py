@@ -19,6 +19,7 @@ from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from service.config import Settings
 from service.logs import event as log_event
 from service.spec.keys import Keys
 from service.state.connect import connect
@@ -28,6 +29,7 @@ from service.state.status import spaces
 log = logging.getLogger("refresh")
 REFRESH_TIMEOUT = 3600  # a refresh that finds the aggregates inconsistent rebuilds the space, like the hourly run
 WATCHDOG_INTERVAL = 5.0  # seconds between the worker watchdog's looks for dirty profiles nobody works on
+SYNC_RESUME_EVERY = 600.0  # seconds between two syncs the watchdogs queue for one space (``check_syncs``)
 
 
 def sync_timeout(mave_chat_timeout: float) -> int:
@@ -105,11 +107,15 @@ def refresh_due(state: redis.Redis, queue: Queue, space: str) -> bool:
 class RefreshWatchdog:
     """Runs in every ``persona-sync worker``: every few seconds, queue a refresh for any space whose dirty profiles
     nobody is working on — after a worker died mid-refresh (its lock lapses within seconds), a refresh job was
-    lost with a Redis restart, or a refresh stepped aside for a recompute that then crashed. Cheap: a handful of
-    reads per space."""
+    lost with a Redis restart, or a refresh stepped aside for a recompute that then crashed — and a persona sync
+    for any space whose sync was wanted and that nobody runs (``check_syncs``). Cheap: a handful of reads per
+    space."""
 
-    def __init__(self, state: redis.Redis, queue: Queue, debounce: float, interval: float = WATCHDOG_INTERVAL) -> None:
+    def __init__(self, state: redis.Redis, queue: Queue, debounce: float, interval: float = WATCHDOG_INTERVAL,
+                 mave_chat_timeout: float = Settings.mave_chat_timeout) -> None:
         self.state, self.queue, self.debounce, self.interval = state, queue, debounce, interval
+        self.mave_chat_timeout = mave_chat_timeout
+        self._unsynced: set[str] = set()  # spaces seen with a sync wanted and nobody running it, last pass
         self._stop = threading.Event()
 
     def check(self) -> list[str]:
@@ -122,10 +128,33 @@ class RefreshWatchdog:
                 queued.append(space)
         return queued
 
+    def check_syncs(self) -> list[str]:
+        """One pass over the spaces' sync notes; returns the spaces it queued a sync for. A sync job leaves its
+        note until it has done the round the note asked for, so a note with no sync holding the space's lock is a
+        sync that died (a worker killed mid-sync: its lock lapses within a minute) or a request it never saw. Seen
+        so on two passes in a row, not one: a sync job sets its note just before it takes the lock."""
+        queued, seen = [], set()
+        for space in spaces(self.state):
+            keys = Keys(space)
+            if self.state.exists(keys.sync_wanted) and not self.state.exists(keys.sync_lock):
+                if space not in self._unsynced:
+                    seen.add(space)
+                    continue
+                # one such sync per space per SYNC_RESUME_EVERY, whichever worker's watchdog sees it first: the
+                # one queued may wait behind long jobs, and every worker runs a watchdog
+                if not self.state.set(keys.sync_resumed, b"1", nx=True, px=int(SYNC_RESUME_EVERY * 1000)):
+                    continue
+                queue_sync(self.queue, space, self.mave_chat_timeout)
+                log_event(log, "sync resumed", space=space)
+                queued.append(space)
+        self._unsynced = seen
+        return queued
+
     def run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
+                self.check_syncs()
             except (redis.RedisError, OSError) as exc:  # Redis down: try again next round
                 log_event(log, "refresh watchdog", logging.WARNING, error=type(exc).__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.compute.clusters import RulesError, assign_cluster, load_rules, parse_rules, summarize_clusters
+from workers.compute.clusters import RulesError, assign_cluster, label, load_rules, parse_rules, summarize_clusters
 from workers.compute.features import Features
 
 BASE = Features(profile_id="p", ltv=0.0, purchases=0, churn_risk=0.0, plan=None, industry=None,
@@ -116,6 +116,17 @@ def test_invalid_rules_are_rejected_with_their_position(data, fragment: str) -> 
     with pytest.raises(RulesError) as err:
         parse_rules(data)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(("names", "default"), [(["VIP_a", "vip_a"], "new"), (["high-value_customers"], "high_value")])
+def test_clusters_that_would_share_a_persona_name_are_rejected(names: list[str], default: str) -> None:
+    """A cluster's persona is found again by its name (the cluster's label and the space): two clusters of one
+    label would share one persona, each overwriting the other's figures."""
+    data = {"rules": [{"cluster": n, "all": [{"feature": "ltv", "op": ">", "value": 0}]} for n in names],
+            "default": default}
+    with pytest.raises(RulesError, match="would both be named"):
+        parse_rules(data)
+    assert label("VIP_a") == "Vip a" and label("high_value") == "High-value customers"
 
 
 def test_unreadable_rules_files(tmp_path: Path) -> None:

@@ -134,12 +134,27 @@ def test_rq_cron_runs_the_full_recompute_on_the_configured_schedule(env: None, r
     scheduler = CronScheduler(connection=r)
     scheduler.load_config_from_file(CRON_CONFIG)  # what `persona-sync cron` hands to `rq cron`
     [cron_job] = scheduler.get_jobs()
-    assert (cron_job.func_name, cron_job.cron, cron_job.queue_name) == ("workers.jobs.full_recompute", "*/5 * * * *",
-                                                                        QUEUE_NAME)
+    assert (cron_job.func_name, cron_job.cron, cron_job.queue_name) == (
+        "workers.jobs.full_recompute_each_space", "*/5 * * * *", QUEUE_NAME)
     cron_job.next_enqueue_time -= timedelta(minutes=5)  # it is due
     assert scheduler.enqueue_jobs() == [cron_job]
-    [job] = Queue(QUEUE_NAME, connection=r).get_jobs()
-    assert job.func_name == "workers.jobs.full_recompute" and job.timeout == 3600
+    queue = Queue(QUEUE_NAME, connection=r)
+    [job] = queue.get_jobs()
+    assert job.func_name == "workers.jobs.full_recompute_each_space"
+    # it queues one full recompute per space, each with an hour of its own (one job for all spaces ran them in
+    # turn within one hour, and never reached the last spaces of a deployment that needed more)
+    apply(r, mixed_stream(100, users=4, seed=3))
+    apply(r, [dict(e, messageId="b-" + e["messageId"]) for e in mixed_stream(100, users=4, seed=4)], space="spa.b")
+    job.delete()
+    assert jobs.full_recompute_each_space() == ["default", "spa.b"]  # a '.' is no letter of an RQ job id
+    per_space = queue.get_jobs()
+    assert [(j.func_name, j.args, j.timeout) for j in per_space] == [
+        ("workers.jobs.full_recompute", ("default",), 3600), ("workers.jobs.full_recompute", ("spa.b",), 3600)]
+    assert jobs.full_recompute_each_space() == []  # still waiting: not queued twice
+    queue.remove(per_space[0])  # a worker took it and ran it
+    reports = jobs.full_recompute(*per_space[0].args)
+    assert reports[0]["space"] == "default" and reports[0]["profiles"] == 4
+    assert jobs.full_recompute_each_space() == ["default"]  # done: the next tick queues it again
 
 
 @pytest.fixture
@@ -186,6 +201,76 @@ def test_a_sync_that_only_needs_time_queues_another(mavera_env: MaveraServer, r:
         jobs.sync("default")
     [job_id] = ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=r)).get_job_ids()
     assert Queue(QUEUE_NAME, connection=r).fetch_job(job_id).func_name == "workers.jobs.sync"
+
+
+def scheduled_syncs(r: redis.Redis) -> list[str]:
+    queue = Queue(QUEUE_NAME, connection=r)
+    return [queue.fetch_job(i).func_name for i in ScheduledJobRegistry(queue=queue).get_job_ids()]
+
+
+def test_a_persona_that_meets_mavera_s_5xx_past_the_client_s_retries_gets_another_sync(
+        mavera_env: MaveraServer, r: redis.Redis) -> None:
+    """A PATCH answered 503 on every attempt (or a gateway's 502) leaves the persona stale: the job fails, for
+    the operator to see, and queues another sync for later, as it does for a rate limit."""
+    customers(r, "hv", 4, 900, 0.05)
+    recompute.refresh(r, Settings(), "default")
+    jobs.sync("default")
+    customers(r, "hv2", 1, 1500, 0.01, ts="2026-03-02T00:00:00Z")
+    recompute.refresh(r, Settings(), "default")
+    mavera_env.fault("PATCH", None, status=502)
+    with pytest.raises(RuntimeError, match="502"):
+        jobs.sync("default")
+    assert scheduled_syncs(r) == ["workers.jobs.sync"]
+
+
+def test_a_narrative_that_meets_a_long_rate_limit_gets_another_sync(mavera_env: MaveraServer,
+                                                                   r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": f"mob-{i}", "messageId": f"mob-{i}", "timestamp": "2026-11-20T10:00:00Z",
+               "traits": {"ltv": 300}, "context": {"library": {"name": "analytics-ios"}}} for i in range(4)])
+    recompute.refresh(r, Settings(), "default")
+    mavera_env.fault("POST", "/mave/chat", status=429, retry_after=120)
+    with pytest.raises(RuntimeError, match="narrative: .*wait 120s"):
+        jobs.sync("default")
+    assert scheduled_syncs(r) == ["workers.jobs.sync"]
+
+
+def test_a_sync_killed_mid_run_is_queued_again_once_its_lock_lapsed(mavera_env: MaveraServer, r: redis.Redis,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker SIGKILLed inside a sync (OOM, a deploy) leaves the sync's note: the worker's watchdog queues the
+    sync again once the dead one's lock lapsed, and that sync creates the persona. Before, the note was taken at
+    the start of the round and nothing remembered the sync."""
+    import multiprocessing
+
+    customers(r, "hv", 4, 900, 0.05)
+    recompute.refresh(r, Settings(), "default")
+    keys = Keys("default")
+    monkeypatch.setattr(jobs, "SYNC_LOCK_TTL", 4.0)  # 60 s in production; longer than the create lock (3 s)
+    mavera_env.fault("GET", "/personas", sleep=30)  # the sync lists personas before it creates one
+    child = multiprocessing.get_context("fork").Process(target=jobs.sync, args=("default",))
+    child.start()
+    deadline = time.monotonic() + 10
+    while not mavera_env.calls("GET", "/personas"):
+        assert time.monotonic() < deadline, "the sync never asked Mavera"
+        time.sleep(0.05)
+    child.kill()
+    child.join()
+    queue = Queue(QUEUE_NAME, connection=r)
+    watchdog = RefreshWatchdog(r, queue, debounce=0.05, mave_chat_timeout=1)
+    assert r.exists(keys.sync_wanted) and watchdog.check_syncs() == []  # the dead sync's lock still holds
+    deadline = time.monotonic() + 10
+    while not watchdog.check_syncs():
+        assert time.monotonic() < deadline, "the dead sync was never queued again"
+        time.sleep(0.2)
+    [job] = queue.get_jobs()
+    assert job.func_name == "workers.jobs.sync"
+    # every worker runs a watchdog: the others do not queue it again while it waits behind long jobs
+    others = [RefreshWatchdog(r, queue, debounce=0.05, mave_chat_timeout=1) for _ in range(2)]
+    for _ in range(3):
+        assert [w.check_syncs() for w in [watchdog, *others]] == [[], [], []]
+    assert len(queue.get_jobs()) == 1
+    mavera_env.state.faults.clear()
+    assert jobs.sync(*job.args)["personas"]["created"] == ["high_value"]
+    assert not r.exists(keys.sync_wanted) and watchdog.check_syncs() == [] and watchdog.check_syncs() == []
 
 
 def test_a_refresh_waits_for_its_own_debounce_marker_only(env: None, r: redis.Redis) -> None:

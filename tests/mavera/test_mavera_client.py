@@ -12,7 +12,7 @@ import redis
 from service.config import Settings
 from service.state.ops import paused, resume
 from tests.mavera_server import API_KEY, MaveraServer
-from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated
+from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated, retry_after
 from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 
 PERSONA = {"name": "Test persona", "description": "d", "pipeline_type": "intermediate", "type": "B2C"}
@@ -52,6 +52,28 @@ def test_429_retry_after_is_honoured(mavera: MaveraServer, r: redis.Redis) -> No
     start = time.monotonic()
     assert make(mavera, r).list_personas() == []
     assert time.monotonic() - start >= 1.0
+    assert len(mavera.calls("GET")) == 2
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date_and_bounded() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    in_90s = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
+    assert retry_after("2") == 2.0 and retry_after("0.5") == 0.5 and 85 <= retry_after(in_90s) <= 90
+    assert 85 <= retry_after(in_90s.replace("GMT", "-0000")) <= 90  # UTC too, whatever the host's zone
+    assert retry_after("-5") == 0.0 and retry_after("1e9") == 3600.0
+    for unusable in (None, "", "nan", "inf", "-inf", "soon", "Wed, 99 Foo 2015"):
+        assert retry_after(unusable) is None
+
+
+@pytest.mark.parametrize("header", ["-5", "nan", "inf"])
+def test_an_unusable_retry_after_is_retried_with_back_off(mavera: MaveraServer, r: redis.Redis,
+                                                          header: str) -> None:
+    """A negative, NaN or infinite Retry-After made ``time.sleep`` raise (the whole sync aborted) or blocked every
+    worker for ever; it is now read as no header: back-off as usual."""
+    mavera.fault("GET", "/personas", status=429, retry_after=float(header))
+    assert make(mavera, r).list_personas() == []
     assert len(mavera.calls("GET")) == 2
 
 
@@ -158,5 +180,6 @@ def test_chat_concurrency_is_capped(mavera: MaveraServer, r: redis.Redis) -> Non
         t.join(30)
     assert len(mavera.calls("POST", "/mave/chat")) == 8
     assert mavera.state.max_chats_seen == 3
-    answer = client.chat("again", thread_id="thr_keep")
-    assert answer["thread_id"] == "thr_keep" and answer["content"]
+    thread = client.chat("start")["thread_id"]
+    answer = client.chat("again", thread_id=thread)
+    assert answer["thread_id"] == thread and answer["content"]

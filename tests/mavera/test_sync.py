@@ -19,7 +19,7 @@ from service.state.ops import paused, resume
 from tests.helpers import NOW, apply
 from tests.mavera_server import API_KEY, MaveraServer
 from workers.mavera.client import MaveraClient
-from workers.mavera.sync import SyncFailed, narrate_space, persona_payload, sync_space
+from workers.mavera.sync import SyncFailed, narrate_space, persona_name, persona_payload, sync_space
 from workers.recompute import refresh
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
@@ -308,6 +308,43 @@ def test_a_create_is_not_sent_once_its_lock_lapsed(mavera: MaveraServer, r: redi
     assert [c["json"]["name"] for c in mavera.calls("POST", "/personas")] == ["High-value customers · default"]
 
 
+LONG_CLUSTER = "enterprise_accounts_with_declining_weekly_usage_in_the_last_quarter"[:64]
+LONG_SPACES = ("acme-production-eu-west-1-webshop-segment-source-0001",
+               "acme-production-eu-west-1-webshop-segment-source-0002")
+
+
+def test_persona_names_stay_distinct_per_space_and_cluster_within_mavera_s_length() -> None:
+    """The name is how a lost create is found again, and any persona listed under it is taken: a name too long for
+    Mavera shortens the label, keeps the space id whole, and still differs between spaces and between clusters."""
+    names = {persona_name(space, {"cluster": cluster, "label": cluster.replace("_", " ").capitalize()})
+             for space in (*LONG_SPACES, "s" * 64) for cluster in (LONG_CLUSTER, LONG_CLUSTER[:-1] + "x")}
+    assert len(names) == 6 and all(2 <= len(n) <= 100 for n in names)
+    assert {n.rsplit(" · ", 1)[1] for n in names} == {*LONG_SPACES, "s" * 64}
+    assert persona_name("default", {"cluster": "high_value", "label": "High-value customers"}) == HIGH_VALUE
+
+
+def test_two_spaces_with_long_names_get_a_persona_each(mavera: MaveraServer, r: redis.Redis,
+                                                       tmp_path: Path) -> None:
+    """Two spaces whose ids share a long prefix, one long cluster name: each space creates its own persona and
+    PATCHes only its own (before, the names were cut to the same 100 characters and the second space adopted and
+    overwrote the first one's persona)."""
+    rules = tmp_path / "rules.json"
+    rules.write_bytes(orjson.dumps({"rules": [{"cluster": LONG_CLUSTER,
+                                               "all": [{"feature": "ltv", "op": ">", "value": 0}]}],
+                                    "default": "new"}))
+    settings = Settings(mavera_api_key=API_KEY, mavera_base_url=mavera.url, mavera_timeout=1.0,
+                        cluster_rules_file=str(rules))
+    client = client_for(mavera, r)
+    for space, ltv in zip(LONG_SPACES, (900, 100), strict=True):
+        apply(r, [{"type": "identify", "userId": f"{space[-4:]}-{i}", "messageId": f"{space[-4:]}-{i}",
+                   "timestamp": "2026-03-01T00:00:00Z", "traits": {"ltv": ltv}} for i in range(4)], space=space)
+        refresh(r, settings, space, now_ms=NOW)
+        assert sync_space(r, settings, space, client)["created"] == [LONG_CLUSTER]
+    ids = [orjson.loads(r.hget(Keys(space).personas, LONG_CLUSTER))["mavera_id"] for space in LONG_SPACES]
+    assert ids[0] != ids[1] and len(mavera.state.personas) == 2
+    assert [p["name"].rsplit(" · ", 1)[1] for p in mavera.state.personas.values()] == list(LONG_SPACES)
+
+
 def test_cents_do_not_make_a_new_persona_payload() -> None:
     doc = {"cluster": "growth", "label": "Growth customers", "n": 40,
            "summary": {"avg_ltv": 250.11, "avg_purchases": 3.02, "avg_churn": 0.1, "industries": [], "plans": []},
@@ -339,6 +376,21 @@ def test_narrative_asks_mave_once_per_material_change(mavera: MaveraServer, r: r
     assert narrate_space(r, settings_for(mavera), "default", client)["state"] == "synced"
     chats = mavera.calls("POST", "/mave/chat")
     assert len(chats) == 2 and chats[1]["json"]["thread_id"] == stored[b"thread_id"].decode()
+
+
+def test_a_narrative_whose_thread_is_gone_at_mavera_starts_a_new_one(mavera: MaveraServer, r: redis.Redis) -> None:
+    """The stored Mave thread was deleted in Mavera's app (or expired): the chat in it is a 404, and asking again
+    without it starts a new thread, rather than every later sync failing on the dead one."""
+    people(r, "mob", 4, 300, 0.1, ts="2026-11-20T10:00:00Z")
+    refresh(r, Settings(), "default")
+    client = client_for(mavera, r)
+    assert narrate_space(r, settings_for(mavera), "default", client)["state"] == "synced"
+    old = r.hget(K.narrative, "thread_id").decode()
+    mavera.state.threads.discard(old)
+    again = narrate_space(r, settings_for(mavera), "default", client, force=True)
+    assert again["state"] == "synced" and again["thread_id"] not in (None, old)
+    assert r.hget(K.narrative, "thread_id").decode() == again["thread_id"]
+    assert [c["json"].get("thread_id") for c in mavera.calls("POST", "/mave/chat")] == [None, old, None]
 
 
 def test_a_forgotten_profile_leaves_its_persona_at_the_next_refresh(mavera: MaveraServer, r: redis.Redis) -> None:

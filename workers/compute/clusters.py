@@ -123,6 +123,15 @@ def _condition(obj: Any, where: str) -> Condition:
     return Condition(feature, op, value)
 
 
+LABELS = {"high_value": "High-value customers", "growth": "Growth customers", "at_risk": "At-risk customers",
+          "new": "New customers"}
+
+
+def label(cluster: str) -> str:
+    """What a cluster is called where people read it, and in its Mavera persona's name."""
+    return LABELS.get(cluster, cluster.replace("_", " ").capitalize())
+
+
 def parse_rules(data: Any) -> Rules:
     """Validate decoded JSON into ``Rules``; raises ``RulesError`` with the position of the first problem."""
     top = _keys(data, "rules file", {"rules", "default"}, {"description"})
@@ -136,7 +145,14 @@ def parse_rules(data: Any) -> Rules:
             raise RulesError(f"{where}.all must be a non-empty list of conditions (use 'default' for a catch-all)")
         conditions = tuple(_condition(c, f"{where}.all[{j}]") for j, c in enumerate(r["all"]))
         rules.append(Rule(_name(r["cluster"], f"{where}.cluster"), conditions))
-    return Rules(tuple(rules), _name(top["default"], "default"))
+    parsed = Rules(tuple(rules), _name(top["default"], "default"))
+    named: dict[str, str] = {}
+    for cluster in parsed.clusters:  # a persona is found again by its name: one name, one cluster
+        other = named.setdefault(label(cluster), cluster)
+        if other != cluster:
+            raise RulesError(f"clusters {other!r} and {cluster!r} would both be named {label(cluster)!r}, and share "
+                             "one Mavera persona: rename one")
+    return parsed
 
 
 def load_rules(path: str | Path | None = None) -> Rules:

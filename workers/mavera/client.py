@@ -8,7 +8,10 @@ before it creates again. 429 / 500 / 503 are retried with exponential back-off a
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +28,30 @@ from workers.mavera.ratelimit import ChatSlots, RateLimited, RateLimiter
 log = logging.getLogger("mavera")
 RETRYABLE = (429, 500, 503)
 MAX_SLEEP = 60.0  # a longer Retry-After blocks every worker instead, and this call gives up (RateLimited)
+
+
+MAX_RETRY_AFTER = 3600.0  # the longest wait a Retry-After can impose on every worker
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: seconds or an HTTP date (RFC 9110); None when absent or not
+    usable (a negative, NaN or infinite number would make ``time.sleep`` raise or block every worker for ever),
+    at most ``MAX_RETRY_AFTER``."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:  # '-0000' (RFC 5322: UTC, zone unknown) parses without one
+                when = when.replace(tzinfo=datetime.UTC)
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 class MaveraError(RuntimeError):
@@ -69,11 +96,9 @@ class MaveraClient:
         self.http.close()
 
     def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
-        if resp is not None and resp.headers.get("retry-after"):
-            try:
-                return float(resp.headers["retry-after"])
-            except ValueError:
-                pass
+        waited = retry_after(resp.headers.get("retry-after")) if resp is not None else None
+        if waited is not None:
+            return waited
         return self.base_delay * (2 ** attempt) * (0.5 + random.random())  # exponential, with jitter
 
     def request(self, method: str, path: str, body: Any = None, *, creates: bool = False,

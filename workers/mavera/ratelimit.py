@@ -94,7 +94,7 @@ class RateLimiter:
                 # Reset is an epoch time in seconds, or (some servers) seconds from now
                 delay = reset_s - time.time() if reset_s > 1e9 else reset_s
                 self.block_for(min(max(delay, 0.0), 120.0))
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or an infinite one
             return
 
 

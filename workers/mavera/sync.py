@@ -59,13 +59,30 @@ def refused(exc: MaveraError) -> bool:
     return exc.status in REFUSED
 
 
+def transient(exc: BaseException) -> bool:
+    """Only time is needed: a rate limit, or Mavera's (or its gateway's) 5xx outlasting the client's retries."""
+    return isinstance(exc, RateLimited) or (isinstance(exc, MaveraError) and exc.status >= 500)
+
+
 class LockLost(RuntimeError):
     """The cluster's create lock lapsed (Redis unreachable while renewing): do not send a create without it."""
 
 
+NAME_MAX = 100  # Mavera's longest persona name
+
+
 def persona_name(space: str, doc: dict) -> str:
-    """Deterministic per (space, cluster): it is how a lost create is found again."""
-    return f"{doc.get('label') or doc['cluster']} · {space}"[:100]
+    """Deterministic and distinct per (space, cluster): it is how a create whose answer was lost is found again,
+    and any persona listed under it is taken as this cluster's. So a name too long for Mavera shortens the label,
+    never the space id, and carries a digest of both space and cluster: two long labels, or two spaces whose ids
+    share a prefix, never name the same persona."""
+    label = doc.get("label") or doc["cluster"]
+    name = f"{label} · {space}"
+    if len(name) <= NAME_MAX:
+        return name
+    tag = hashlib.sha256(f"{space}\0{doc['cluster']}".encode()).hexdigest()[:10]
+    room = max(NAME_MAX - len(f"… {tag} · {space}"), 1)
+    return f"{label[:room].rstrip()}… {tag} · {space}"[:NAME_MAX]
 
 
 def cadence(avg_frequency: float) -> str:
@@ -181,6 +198,8 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
             _save(client, keys, cluster, rec, state="failed", error=str(exc),
                   refused_hash=digest if refused(exc) else None, refused_by=job_id)
             report["failed"].append(f"{cluster}: {exc}")
+            if transient(exc):
+                report["retry"].append(cluster)
         except MaybeCreated as exc:
             _save(client, keys, cluster, rec, state="pending", error=f"create may have succeeded: {exc}",
                   uncertain_create_ms=now_ms())
@@ -300,8 +319,16 @@ def narrate_space(client: redis.Redis, settings: Settings, space: str, mavera: M
     if mavera is None or paused(client):
         client.hset(keys.narrative, mapping={**base, "state": "outbox" if mavera is None else "paused"})
         return {"state": "outbox" if mavera is None else "paused"}
+    thread = stored.get("thread_id") or None
     try:
-        answer = mavera.chat(prompt, thread_id=stored.get("thread_id") or None)
+        try:
+            answer = mavera.chat(prompt, thread_id=thread)
+        except MaveraError as exc:
+            if exc.status != 404 or thread is None:
+                raise
+            # the thread is gone at Mavera (deleted in its app, or expired): asking in it would fail for ever
+            log_event(log, "mave thread not found", logging.WARNING, space=space)
+            answer = mavera.chat(prompt, thread_id=None)
     except (MaveraError, RateLimited) as exc:
         client.hset(keys.narrative, mapping={"state": "failed", "error": str(exc)})
         raise
