@@ -10,12 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.config import VARIABLES, ConfigError, Settings, queue_url, redact, state_url
+from service.config import DEFAULT_REPLAY_RATE, VARIABLES, ConfigError, Settings, queue_url, redact, state_url
 from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 
-# events/s of `replay` and `import` unless --rate says otherwise: measured to keep live single-event p95 within 2x
-# of its unloaded value on the benchmark machine (BENCHMARKS.md, "Replay and import")
-DEFAULT_REPLAY_RATE = 1000.0
 DONE = "done"  # the checkpoint of a share of `import --workers N` that finished
 
 
@@ -74,7 +71,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if not args.burst:  # refreshes that a crash or a Redis restart left behind are queued again within seconds
         from service.state.refresh import RefreshWatchdog
 
-        watchdog = RefreshWatchdog(connect_state(settings), queue, settings.refresh_debounce)
+        watchdog = RefreshWatchdog(connect_state(settings), queue, settings.refresh_debounce,
+                                   mave_chat_timeout=settings.mave_chat_timeout)
         try:
             watchdog.check()
         except redis.RedisError as exc:
@@ -242,14 +240,24 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
 
     from service.spec.keys import Keys
     from service.state.ops import replay_dead_letters
+    from service.state.replay import Interrupted
 
     client = state_client(settings)
     space = args.space or settings.space_id
     total = client.xlen(Keys(space).dead_letters)
     with Progress() as bar:
         task = bar.add_task(f"replaying dead letters of {space}", total=total)
-        counts = replay_dead_letters(client, settings, space, progress=lambda n: bar.advance(task, n),
-                                     drop_unauthenticated=args.drop_unauthenticated)
+        try:
+            counts = replay_dead_letters(client, settings, space, progress=lambda n: bar.advance(task, n),
+                                         drop_unauthenticated=args.drop_unauthenticated)
+        except Interrupted as exc:  # what applied is no longer a dead letter: running it again carries on
+            bar.stop()
+            _print_report(exc.report, False)
+            if exc.reason:
+                print(f"persona-sync replay-dead-letters: {exc.reason}", file=sys.stderr)
+            print("stopped; the dead letters that applied are removed, the rest are kept: run "
+                  "`persona-sync replay-dead-letters` again to carry on", file=sys.stderr)
+            return 1 if exc.reason else 130
     print(f"{counts['replayed']} of {counts['entries']} dead letters replayed ({counts['events_applied']} events "
           f"applied); {counts['kept']} still invalid and kept: see GET /admin/dead-letters")
     if counts["unauthenticated"]:
@@ -426,7 +434,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         dead_letter_records,
         log_records,
         only,
-        profile_ids,
+        profile_filter,
         resolve,
     )
 
@@ -454,7 +462,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         kind, value, pid = resolve(client, IdentityRules.from_settings(settings), space, args.profile)
         if pid is None:
             raise CommandError(f"no profile has {kind}:{value} in space {space}")
-        pids = profile_ids(client, space, pid)
+        pids = profile_filter(client, settings, space, pid)
     # named by the arguments as typed (a relative --since resolves differently later), so --resume finds it
     name = Checkpoint.name_of("log", space, args.since, args.until, args.profile, sorted(types or []), args.event)
     total = client.xlen(Keys(space).log)
@@ -514,10 +522,13 @@ def cmd_move_space(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     """Recompute a space's profiles from its history under the current rules, then switch (live ingest goes on)."""
+    import redis
     from rq import Queue
 
+    from service.spec.keys import Keys
     from service.state.rebuild import RebuildRefused, drop_old, rebuild
     from service.state.refresh import REFRESH_TIMEOUT
+    from service.state.replay import Interrupted
 
     client = state_client(settings)
     space = args.space or settings.space_id
@@ -532,6 +543,17 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
                          say=lambda line: print(line, file=sys.stderr, flush=True))
     except RebuildRefused as exc:
         raise CommandError(str(exc)) from None
+    except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C inside a replay chunk, or between two
+        reporter.close()
+        reason = getattr(exc, "reason", None)
+        try:  # where it stopped, as the rebuild recorded it for the console
+            where = (client.hget(Keys(space).rebuild_status, "phase") or b"").decode()
+        except (redis.RedisError, OSError):
+            where = "Redis is unreachable, so whether it had switched is unknown (see `persona-sync status` once it " \
+                    "is back)"
+        print(f"persona-sync rebuild: stopped ({reason or 'interrupted'}): {where}; run `persona-sync rebuild` again",
+              file=sys.stderr)
+        return 1 if reason else 130
     finally:
         reporter.close()
     print(f"{space}: rebuilt into generation {result['generation']} from {result['events']:,} events "
@@ -755,7 +777,7 @@ def queue_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily
 def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
 
-    from service.spec.keys import Keys
+    from service.spec.keys import Keys, valid_entry_id
     from service.state.store import delete_dead_letters
 
     client = state_client(settings)
@@ -780,18 +802,24 @@ def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if not args.ids:
         raise CommandError(f"{args.action} needs one or more dead-letter ids (see `persona-sync dead-letters list`)")
+    bad = [entry_id for entry_id in args.ids if not valid_entry_id(entry_id)]
+    if bad:
+        raise CommandError(f"not a dead-letter id: {', '.join(repr(b[:40]) for b in bad[:5])}; ids look like "
+                           "1795500000123-0 (see `persona-sync dead-letters list`)")
+    found = {entry_id: client.xrange(key, min=entry_id, max=entry_id) for entry_id in args.ids}
+    missing = [entry_id for entry_id, rows in found.items() if not rows]
+    if missing:  # nothing is deleted: a wrong --space or a mistyped id should not half-succeed
+        raise CommandError(f"no dead letter {', '.join(missing[:5])} in space {space}"
+                           + ("; nothing was deleted" if args.action == "delete" else ""))
     if args.action == "show":
-        for entry_id in args.ids:
-            rows = client.xrange(key, min=entry_id, max=entry_id)
-            if not rows:
-                raise CommandError(f"no dead letter {entry_id} in space {space}")
+        for entry_id, rows in found.items():
             f = rows[0][1]
             print(orjson.dumps({"id": entry_id, "reason": f.get(b"reason", b"").decode(errors="replace"),
                                 "source": f.get(b"source", b"").decode(), "at": int(f.get(b"at", b"0") or 0)}).decode())
             print(f.get(b"raw", b"").decode(errors="replace"))
         return 0
     freed = delete_dead_letters(client, space, args.ids)
-    print(f"deleted; {freed} bytes freed")
+    print(f"deleted {len(found)} dead letter(s); {freed} bytes freed")
     return 0
 
 
@@ -876,6 +904,15 @@ def _run_options(cmd: argparse.ArgumentParser, resumes: str) -> None:
     cmd.add_argument("--resume", action="store_true", help=f"continue an interrupted {resumes}")
 
 
+def _space_arg(text: str) -> str:
+    """A --space as the receiver and the admin API take it: anything else would put data where nothing reads it."""
+    from service.config import valid_space
+
+    if not valid_space(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: a space id is 1-64 letters, digits, '_', '-' or '.'")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona-sync", description="Segment events in, live profiles and Mavera "
                                 "personas out. Configuration comes from environment variables (`persona-sync config`).")
@@ -911,14 +948,14 @@ def parser() -> argparse.ArgumentParser:
                                     "the front of the queue, and this command shows its progress. A recompute that "
                                     "is running is waited for (up to 30 s); a lock left by a process of this host "
                                     "that died is cleared.")
-    rc.add_argument("--space", help="only this space")
+    rc.add_argument("--space", type=_space_arg, help="only this space")
     rc.set_defaults(func=cmd_recompute)
     s = sub.add_parser("status", help="intake rates, profiles, refreshes, personas, queue, Redis; what to run next",
                        description="Per space: events/s over the last minute and hour by outcome, profiles, dirty "
                                    "profiles, the last refresh and full recompute, each persona's sync state, dead "
                                    "letters and the event log; then the queue, Mavera's pause and Redis memory; then "
                                    "every problem with the command to run next.")
-    s.add_argument("--space", help="only this space")
+    s.add_argument("--space", type=_space_arg, help="only this space")
     s.add_argument("--json", action="store_true", help="print the report as JSON (as GET /admin/status)")
     s.set_defaults(func=cmd_status)
     f = sub.add_parser("forget", help="GDPR: erase the profile any identifier resolves to (email:…, user_id:…)",
@@ -926,17 +963,19 @@ def parser() -> argparse.ArgumentParser:
                                    "profiles, logged, dead-lettered and archived events) exactly as a Segment delete "
                                    "call does: its userId's events stamped up to now are suppressed (late retries, "
                                    "replays); "
-                                   "later ones build a new profile. An identifier of nobody is an error (exit 1).")
+                                   "later ones build a new profile. An identifier of nobody is an error (exit 1), "
+                                   "but for a userId: as with Segment's delete, its events up to now are suppressed "
+                                   "even when no profile holds it yet.")
     f.add_argument("identifier", metavar="TYPE:VALUE",
                    help="any identifier of the profile: user_id:u-42, email:ada@example.com, anonymous_id:… "
                         "(a bare value is a userId)")
-    f.add_argument("--space", help="space (default SPACE_ID)")
+    f.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     f.set_defaults(func=cmd_forget)
     d2 = sub.add_parser("replay-dead-letters", help="apply the dead letters again; what applies is removed",
                         description="Re-apply refused events that had passed authentication (after a fix). Events "
                                     "that are still invalid stay in the dead-letter stream; nothing that failed "
                                     "authentication is ever applied.")
-    d2.add_argument("--space", help="space (default SPACE_ID)")
+    d2.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     d2.add_argument("--drop-unauthenticated", action="store_true",
                     help="delete dead letters of requests that failed authentication (never applied either way)")
     d2.set_defaults(func=cmd_replay_dead_letters)
@@ -946,7 +985,7 @@ def parser() -> argparse.ArgumentParser:
                                     "code and rules (effects are idempotent, so what was right stays the same) and "
                                     "is not logged a second time. With --dead-letters, the refused events: what "
                                     "applies is removed, the rest stays with its reason.")
-    rp.add_argument("--space", help="space (default SPACE_ID)")
+    rp.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     rp.add_argument("--dead-letters", action="store_true", help="replay the dead letters instead of the log")
     rp.add_argument("--from-archive", action="store_true",
                     help="replay the archive files (EVENT_ARCHIVE_DIR) instead of the log: everything older than "
@@ -967,7 +1006,7 @@ def parser() -> argparse.ArgumentParser:
                                     "body; `-` reads stdin. A line that is not a valid event becomes a dead letter "
                                     "with its file and line and never stops the import.")
     im.add_argument("files", nargs="+", metavar="FILE")
-    im.add_argument("--space", help="space (default SPACE_ID)")
+    im.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     _run_options(im, "import of the same files")
     im.add_argument("--workers", type=int, default=1,
                     help="processes sharing the import (the rate is shared too); as many as cores for a quiet hour")
@@ -978,7 +1017,7 @@ def parser() -> argparse.ArgumentParser:
                                     "applied again from then on; what was erased stays erased.")
     sp.add_argument("action", choices=["list", "lift"])
     sp.add_argument("user_ids", nargs="*", metavar="USER_ID")
-    sp.add_argument("--space", help="space (default SPACE_ID)")
+    sp.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     sp.set_defaults(func=cmd_suppressions)
     jb = sub.add_parser("jobs", help="list failed jobs (function, space, age, error)",
                         description="List the failed RQ jobs, newest first, with the last line of their error "
@@ -996,7 +1035,7 @@ def parser() -> argparse.ArgumentParser:
                                     "them again.")
     dl.add_argument("action", choices=["list", "show", "delete"])
     dl.add_argument("ids", nargs="*", metavar="ID", help="entry ids (show, delete)")
-    dl.add_argument("--space", help="space (default SPACE_ID)")
+    dl.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     dl.add_argument("--reason", help="list: only those whose reason contains TEXT")
     dl.add_argument("--limit", type=int, default=50, help="list: at most this many, newest first (default 50)")
     dl.set_defaults(func=cmd_dead_letters)
@@ -1006,7 +1045,7 @@ def parser() -> argparse.ArgumentParser:
                                     "profile state while live ingest goes on, then switch to it at once; the old "
                                     "generation stays until --drop-old. Refuses when history no longer reaches "
                                     "back to every profile's first event, unless --force.")
-    rb.add_argument("--space", help="space (default SPACE_ID)")
+    rb.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     rb.add_argument("--force", action="store_true", help="rebuild even if some profiles would lose data")
     rb.add_argument("--drop-old", action="store_true", help="delete the generations a rebuild left behind")
     rb.set_defaults(func=cmd_rebuild)
@@ -1015,7 +1054,7 @@ def parser() -> argparse.ArgumentParser:
                                     "to another primary in one step, while intake goes on, so that no event is "
                                     "applied against half-moved state. Use it instead of `redis-cli --cluster "
                                     "reshard` for slots that hold a space. Without --to: where the space is.")
-    mv.add_argument("--space", help="space (default SPACE_ID)")
+    mv.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     mv.add_argument("--to", metavar="HOST:PORT", help="the primary to move the space to")
     mv.set_defaults(func=cmd_move_space)
     r = sub.add_parser("resume", help="resume Mavera syncing after it paused (402: credits exhausted)",

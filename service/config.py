@@ -346,6 +346,10 @@ class Settings:
         return replace(self, **changes)
 
 
+# events/s of a replay or import (the CLI's and POST /admin/replay's) unless told otherwise: measured to keep live
+# single-event p95 within 2x of its unloaded value on the benchmark machine (BENCHMARKS.md, "Replay and import")
+DEFAULT_REPLAY_RATE = 1000.0
+
 _SPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 

@@ -75,6 +75,16 @@ def test_bad_configuration_says_what_to_fix() -> None:
     assert out.returncode == 2 and "DEDUPE_WINDOW" in out.stderr
 
 
+@pytest.mark.parametrize("command", [["import", "/dev/null"], ["replay"], ["forget", "u1"], ["rebuild"],
+                                     ["dead-letters", "list"], ["status"]])
+def test_a_space_id_the_receiver_would_refuse_is_refused_before_anything_runs(command: list[str]) -> None:
+    """The CLI took any --space, so an import could write where neither the receiver nor the admin API (which
+    refuse such an id) can read it."""
+    out = subprocess.run([EXE, command[0], "--space", "Acme Prod/EU}", *command[1:]], capture_output=True, text=True,
+                         timeout=60, env={"PATH": "/usr/bin:/bin", "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert out.returncode == 2 and "a space id is 1-64 letters" in out.stderr, out.stderr
+
+
 def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
     from service.spec.keys import MAVERA_PAUSED_KEY
     from tests.helpers import apply, find

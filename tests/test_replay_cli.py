@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -73,6 +74,66 @@ def test_import_from_stdin_and_a_log_replay_dry_run(redis_url: str, r: redis.Red
     unknown = subprocess.run([EXE, "replay", "--profile", "email:nobody@example.com"], capture_output=True,
                              text=True, timeout=60, env=env(redis_url))
     assert unknown.returncode == 1 and "no profile has email:nobody@example.com" in unknown.stderr
+
+
+def test_a_log_replay_stops_at_until(redis_url: str, r: redis.Redis) -> None:
+    """``--until`` bounds a log replay (and its dry run) by receipt time; before, the replay ran to the log's end."""
+    now = int(time.time() * 1000)
+    for i, at in enumerate([now - 3 * 3_600_000] * 10 + [now] * 7):  # entries received 3 h ago, then now
+        event = {"type": "identify", "userId": f"u{i}", "messageId": f"m{i}"}
+        r.xadd(Keys("default").log, {"p": "use_1", "e": orjson.dumps(event)}, id=f"{at}-{i}")
+    for dry in (["--dry-run"], []):
+        out = subprocess.run([EXE, "replay", "--since", "4h", "--until", "2h", "--rate", "0", *dry],
+                             capture_output=True, text=True, timeout=120, env=env(redis_url))
+        assert out.returncode == 0, out.stderr
+        assert ("10 events would be" if dry else "10 events were") in out.stdout, out.stdout
+
+
+def test_gzip_on_stdin_is_read_as_gzip_when_the_pipe_hands_over_one_byte_first(redis_url: str, tmp_path: Path) -> None:
+    """A slow producer's first write of one byte made the gzip check see one byte: the compressed stream was read
+    as text (garbage dead letters, exit 0)."""
+    body = gzip.compress(b"".join(orjson.dumps(e) + b"\n" for e in archived(mixed_stream(50, users=5, seed=2))))
+    proc = subprocess.Popen([EXE, "import", "-", "--rate", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env(redis_url))
+    assert proc.stdin is not None
+    proc.stdin.write(body[:1])
+    proc.stdin.flush()
+    time.sleep(0.5)
+    out, err = proc.communicate(body[1:], timeout=60)
+    assert proc.returncode == 0 and b"50 events were: 50 applied" in out, (out, err)
+
+
+def ctrl_c_when(cmd: list[str], redis_url: str, ready: Callable[[], bool]) -> tuple[int, str]:
+    """Start ``cmd``, press Ctrl-C once ``ready()``; its exit code and stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(redis_url), text=True,
+                            preexec_fn=interruptible)
+    deadline = time.monotonic() + 60
+    while not ready() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
+def test_ctrl_c_stops_a_rebuild_and_a_dead_letter_replay_with_a_message(redis_url: str, r: redis.Redis) -> None:
+    """Ctrl-C printed a traceback and exited 1 for these two; now each says where it stopped and what to run."""
+    from service.config import Settings
+    from service.state.store import SyncStore
+
+    events = archived(mixed_stream(20_000, users=400, seed=6))
+    apply(r, events, now=int(time.time() * 1000))
+    k = Keys("default")
+    code, stderr = ctrl_c_when([EXE, "rebuild"], redis_url, lambda: int(r.hget(k.rebuild_status, "events") or 0) > 0)
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert "persona-sync rebuild: stopped (interrupted)" in stderr and "run `persona-sync rebuild` again" in stderr
+    letters = [("store error: a bug since fixed", orjson.dumps(dict(e, messageId=f"dl-{n}")))
+               for n, e in enumerate(events)]
+    SyncStore(r, Settings()).dead_letters("default", letters, "webhook")
+    code, stderr = ctrl_c_when([EXE, "replay-dead-letters"], redis_url,
+                               lambda: r.xlen(k.dead_letters) < len(letters))
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert "run `persona-sync replay-dead-letters` again" in stderr
+    assert 0 < r.xlen(k.dead_letters) < len(letters)
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from service.http.intake import read_body
 from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
-from service.spec.keys import REFUSALS_KEY, Keys
+from service.spec.keys import REFUSALS_KEY, Keys, valid_entry_id, valid_stream_bound
 from service.state import jobs, ops
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key, resolve
@@ -80,14 +80,9 @@ def _page(request: Request) -> tuple[int, str] | Response:
     return int(raw_limit), before
 
 
-_ENTRY_ID = re.compile(r"^\(?([0-9]{1,20})(?:-([0-9]{1,20}))?$")
-_MAX_ID_PART = 2**64 - 1  # a stream id's parts are 64-bit: Redis refuses a greater one as an error
-
-
 def _entry_id(text: str) -> bool:
-    """A stream entry id ('ms-seq', or 'ms'; '(' before it for an exclusive bound) that Redis takes."""
-    m = _ENTRY_ID.match(text)
-    return m is not None and all(int(part) <= _MAX_ID_PART for part in m.groups() if part is not None)
+    """A stream range's bound ('ms-seq', or 'ms'; '(' before it for an exclusive one) that Redis takes."""
+    return valid_stream_bound(text[1:] if text.startswith("(") else text)
 
 
 async def _stream_page(request: Request, key: str, item: Callable[[str, dict[str, bytes]], dict],
@@ -153,11 +148,6 @@ async def status(request: Request) -> Response:
         return JSON(await collect_async(state.redis, queue, state.settings, only))
     except REDIS_DOWN as exc:
         return unavailable(exc)
-
-
-def valid_entry_id(entry_id: str) -> bool:
-    """A stream entry id such as 1700000000000-0 (what a dead letter is named by)."""
-    return _entry_id(entry_id) and not entry_id.startswith("(")
 
 
 def dead_letter_view(entry_id: str, f: dict[str, bytes]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Lua script may touch all of them. The Lua script builds the same names from the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Profile hash field prefixes (one hash per profile). Shared by the Lua script, the Profile API and the workers.
@@ -157,6 +158,12 @@ class Keys:
         return f"{self.prefix}rebuild:erased"
 
     @property
+    def rebuild_deleted(self) -> str:
+        """The userIds deleted while a rebuild of the space runs, whatever their deletion's time: the rebuild
+        deletes them again in its new generation once it has switched (``service/state/rebuild.py``)."""
+        return f"{self.prefix}rebuild:deleted"
+
+    @property
     def archive_cursor(self) -> str:
         """The last log entry id written to the archive files (``service/state/archive.py``)."""
         return f"{self.prefix}archive:cursor"
@@ -243,8 +250,14 @@ class Keys:
         return f"{self.prefix}w:sync-lock"
 
     @property
+    def sync_resumed(self) -> str:
+        """Set (``SET NX PX``) by the worker watchdog that queues a sync no live sync holds: one at a time."""
+        return f"{self.prefix}w:sync-resumed"
+
+    @property
     def sync_wanted(self) -> str:
-        """Set by every sync job; the one holding ``sync_lock`` runs again while it is set."""
+        """A counter every sync job increments; the one holding ``sync_lock`` runs again while it is set, and
+        deletes it after a round only if no job incremented it meanwhile (``workers.jobs.sync``)."""
         return f"{self.prefix}w:sync-wanted"
 
     @property
@@ -323,3 +336,19 @@ def replay_cancel(job_id: str) -> str:
 
 def refusal_rates(minute: int) -> str:
     return f"{REFUSAL_RATES_PREFIX}{minute}"
+
+
+_ENTRY_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
+_MAX_ID_PART = 2**64 - 1  # a stream id's parts are 64-bit: Redis refuses a greater one as an error
+
+
+def valid_stream_bound(text: str) -> bool:
+    """A bound of a stream range that Redis takes: an entry id, or a time alone ('ms', all of that millisecond)."""
+    m = _ENTRY_ID.match(text)
+    return m is not None and all(int(part) <= _MAX_ID_PART for part in m.groups() if part is not None)
+
+
+def valid_entry_id(text: str) -> bool:
+    """One stream entry's id, 'ms-seq' (1700000000000-0: how a log entry or a dead letter is named); 'ms' alone
+    would name every entry of that millisecond."""
+    return "-" in text and valid_stream_bound(text)

@@ -27,8 +27,9 @@ from pathlib import Path
 import redis
 
 from service.config import Settings
-from service.spec.bodies import BodyError, parse_json
+from service.spec.bodies import BodyError, item, parse_json
 from service.spec.clock import now_ms
+from service.spec.events import iso_ms
 from service.spec.keys import DAY_MS, Keys
 
 HOUR_MS = 3_600_000
@@ -92,7 +93,7 @@ def archive_space(client: redis.Redis, settings: Settings, space: str) -> dict[s
             by_hour: dict[Path, list[bytes]] = defaultdict(list)
             for entry_id, fields in rows:
                 ms = int(entry_id.split(b"-")[0])
-                by_hour[hour_file(root, space, ms)].append(fields.get(b"e", b"{}"))
+                by_hour[hour_file(root, space, ms)].append(with_receipt(fields.get(b"e", b"{}"), ms))
             for path, lines in by_hour.items():
                 _append(path, lines)
             cursor = rows[-1][0].decode()
@@ -109,6 +110,19 @@ def archive_space(client: redis.Redis, settings: Settings, space: str) -> dict[s
     finally:
         _unlock(client, space, token)
     return {"archived": archived, "trimmed": int(trimmed)}
+
+
+def with_receipt(raw: bytes, entry_ms: int) -> bytes:
+    """An archived line carries its receipt time, as the log entry's id does: an event logged without
+    ``receivedAt`` (an import of an event with no time, by an older version) gets the entry's, so that a replay of
+    the archive applies it as of then, not as of the replay."""
+    try:
+        obj = parse_json(raw)
+    except BodyError:
+        return raw
+    if not isinstance(obj, dict) or obj.get("receivedAt") is not None:  # at the top: a nested one is not it
+        return raw
+    return item(obj, None, iso_ms(entry_ms)).raw
 
 
 def _append(path: Path, lines: list[bytes]) -> None:

@@ -18,15 +18,18 @@ A space's profile state (profiles, identifier index, merges, counter, accounts) 
 Deletions are not logged events: the space's deletion times (``Keys.deleted``) are shared by the generations and
 keep suppressing what came before a delete. GDPR erasures must not come back with the new generation: those whose
 purge job has not run are purged before any history is read, and those made while the rebuild runs are done again
-in the new generation after the switch (a userId's by its deletion time, a profile without one by the identifiers
-its erasure recorded, ``Keys.rebuild_erased``). Profile ids are new in the new generation (numbering continues after
-the old one's); aggregates are recomputed by a full recompute queued after the switch.
+in the new generation after the switch (a userId's as of its deletion time, recorded in ``Keys.rebuild_deleted``
+whatever that time is; a profile without one by the identifiers its erasure recorded, ``Keys.rebuild_erased``).
+Profile ids are new in the new generation (numbering continues after the old one's); aggregates are recomputed by a
+full recompute queued after the switch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -57,9 +60,10 @@ class Recorder:
     rebuild that was stopped (its command killed), which the console says."""
 
     def __init__(self, client: redis.Redis, space: str, generation: str, previous: str) -> None:
-        self.client, self.key, self.erased = client, Keys(space).rebuild_status, Keys(space).rebuild_erased
+        k = Keys(space)
+        self.client, self.key, self.erased = client, k.rebuild_status, (k.rebuild_erased, k.rebuild_deleted)
         self.events, self.last = 0, 0
-        self.client.delete(self.key, self.erased)  # the erasures a killed rebuild recorded are not this one's
+        self.client.delete(self.key, *self.erased)  # the erasures a killed rebuild recorded are not this one's
         self.write(state="running", phase="starting", generation=generation, previous=previous or "(original)",
                    started_ms=now_ms(), events=0)
 
@@ -68,7 +72,8 @@ class Recorder:
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.key, mapping={**{k: str(v) for k, v in fields.items()}, "updated_ms": str(self.last)})
         pipe.expire(self.key, STATUS_TTL)
-        pipe.expire(self.erased, STATUS_TTL)  # the erasures recorded meanwhile (apply.lua) last as long
+        for key in self.erased:  # the deletions and erasures recorded meanwhile (apply.lua) last as long
+            pipe.expire(key, STATUS_TTL)
         pipe.execute()
 
     def applied(self, n: int) -> None:
@@ -136,11 +141,16 @@ def drop_old(client: redis.Redis, space: str) -> dict[str, int]:
 
 
 def _deletions_since(client: redis.Redis, settings: Settings, space: str, since_ms: int) -> int:
-    """Delete again, in the generation now current, the userIds deleted since ``since_ms``: a deletion that came
-    while the rebuild was applying that user's events erased the old generation only. The deletion keeps its
-    time, so events after it still build a new profile, as Segment's DELETE_ONLY does. Returns users erased."""
-    deleted = {uid.decode(): int(float(t)) for uid, t in client.hgetall(Keys(space).deleted).items()}
-    recent = sorted((uid, t) for uid, t in deleted.items() if t >= since_ms)
+    """Delete again, in the generation now current, the userIds deleted while the rebuild ran: those the apply
+    script recorded as it deleted them (``Keys.rebuild_deleted``; a Segment delete stamped before the rebuild
+    started may arrive during it), and any whose deletion's time is since ``since_ms``. Such a deletion erased the
+    old generation only. It keeps its time, so events after it still build a new profile, as Segment's DELETE_ONLY
+    does. Returns users erased."""
+    k = Keys(space)
+    deleted = {uid.decode(): int(float(t)) for uid, t in client.hgetall(k.deleted).items()}
+    meanwhile = {uid.decode() for uid in client.smembers(k.rebuild_deleted)}
+    recent = sorted((uid, t) for uid, t in deleted.items() if t >= since_ms or uid in meanwhile)
+    client.delete(k.rebuild_deleted)
     if not recent:
         return 0
     rules = IdentityRules.from_settings(settings)
@@ -209,10 +219,27 @@ def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = F
         result = _rebuild(client, settings, space, k, cover, started, current, new, options, total, applied, phase)
     except BaseException as exc:
         with contextlib.suppress(redis.RedisError, OSError):  # Redis gone: the record goes stale, then away
-            recorder.end("failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            switched = (client.get(k.generation_key) or b"").decode() == new
+            recorder.end("failed", error=f"{type(exc).__name__}: {exc}"[:300],
+                         phase=f"{space} switched to generation {new} without catching up" if switched
+                         else f"before the switch: {space} still uses its previous generation, unchanged")
         raise
     recorder.end("done", phase=f"switched to generation {new}")
     return result
+
+
+@contextlib.contextmanager
+def _no_ctrl_c() -> Iterator[None]:
+    """Ctrl-C is ignored (in the main thread; a job has no terminal) for the few seconds after the switch, which
+    must finish, or the space would run on a generation missing the entries logged since the last catch-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _rebuild(client: redis.Redis, settings: Settings, space: str, k: Keys, cover: Coverage, started: int,
@@ -245,14 +272,16 @@ def _rebuild(client: redis.Redis, settings: Settings, space: str, k: Keys, cover
         add(run(client, settings, space, log_records(client, space, after=last, until_id=end_id),
                 options, "rebuild", progress=progress))
         last = end_id
-    client.set(k.generation_key, new)  # the switch: every event from now on goes to the new generation
-    say(f"switched {space} to generation {new}")
-    add(run(client, settings, space, log_records(client, space, after=last), options, "rebuild", progress=progress))
-    erased = _deletions_since(client, settings, space, started)
-    if erased:
-        say(f"erased again in {new} the {erased} user(s) deleted while it was built")
-    erased = _erasures_meanwhile(client, settings, space)
-    if erased:
-        say(f"erased again in {new} the {erased} profile(s) erased by profile id while it was built")
+    with _no_ctrl_c():  # from the switch on, the new generation lacks the last entries until they are applied
+        client.set(k.generation_key, new)  # the switch: every event from now on goes to the new generation
+        say(f"switched {space} to generation {new}")
+        add(run(client, settings, space, log_records(client, space, after=last), options, "rebuild",
+                progress=progress))
+        erased = _deletions_since(client, settings, space, started)
+        if erased:
+            say(f"erased again in {new} the {erased} user(s) deleted while it was built")
+        erased = _erasures_meanwhile(client, settings, space)
+        if erased:
+            say(f"erased again in {new} the {erased} profile(s) erased by profile id while it was built")
     return {"space": space, "generation": new, "previous": current or "(original)", "events": total.total,
             "outcomes": total.outcome_totals(), "profiles_before": cover.profiles}

@@ -24,17 +24,18 @@ import io
 import itertools
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import redis
 
-from service.config import Settings
+from service.config import DEFAULT_REPLAY_RATE, Settings
 from service.spec.bodies import (
     BodyError,
     Item,
@@ -115,28 +116,33 @@ class Options:
 # --- sources --------------------------------------------------------------------------------------------------
 
 def log_records(client: redis.Redis, space: str, since_ms: int | None = None, until_ms: int | None = None,
-                pids: set[bytes] | None = None, after: str | None = None,
+                profile: ProfileFilter | None = None, after: str | None = None,
                 until_id: str | None = None) -> Iterator[Record]:
-    """The space's event log in arrival order, filtered by receipt time (the entry id) and profile ids (the
-    profile and those merged into it; ``only`` filters by call type and event name). ``after``: resume past this
-    entry id; ``until_id``: stop at this one."""
+    """The space's event log in arrival order, filtered by receipt time (the entry id) and by a profile
+    (``profile_filter``; ``only`` filters by call type and event name). ``after``: resume past this entry id;
+    ``until_id``: stop at this one, or at ``until_ms`` if that comes first."""
     key = Keys(space).log
     start = f"({after}" if after else (str(since_ms) if since_ms is not None else "-")
-    end = until_id or (str(until_ms) if until_ms is not None else "+")
+    end = str(until_ms) if until_ms is not None else "+"
+    if until_id is not None and (until_ms is None or int(until_id.partition("-")[0]) <= until_ms):
+        end = until_id
     while True:
         rows = client.xrange(key, min=start, max=end, count=CHUNK)
         for entry_id, fields in rows:
             eid = entry_id.decode()
-            if pids is not None and fields.get(b"p") not in pids:
-                continue
             raw = fields.get(b"e", b"")
+            by_id = profile is None or fields.get(b"p") in profile.pids
+            if profile is not None and not by_id and not profile.might_hold(raw):
+                continue
             try:
                 obj = parse_json(raw)  # entries of older versions may be pretty-printed or hold lone surrogates
             except BodyError:
                 obj = None
+            received = int(eid.partition("-")[0])  # its receipt, not now
+            if profile is not None and not by_id and not profile.holds(obj, received):
+                continue
             yield Record(item(obj, raw) if obj is not None else Item(None, raw, "logged event is not JSON"),
-                         f"log {eid}", eid, received_ms=int(eid.partition("-")[0]),  # its receipt, not now
-                         logged_as=eid)
+                         f"log {eid}", eid, received_ms=received, logged_as=eid)
         if len(rows) < CHUNK:
             return
         start = "(" + rows[-1][0].decode()
@@ -174,10 +180,48 @@ def resolve(client: redis.Redis, rules: IdentityRules, space: str, identifier: s
     return kind, value, None
 
 
-def profile_ids(client: redis.Redis, space: str, pid: str) -> set[bytes]:
-    """A profile and every profile merged into it: their log entries carry the id they had then."""
-    ancestors = [f[2:] for f in client.hkeys(state_keys(client, space).profile(pid)) if f.startswith(b"r:")]
-    return {pid.encode(), *ancestors}
+@dataclass
+class ProfileFilter:
+    """What picks a profile's entries out of the log (``profile_filter``): the entry carries its id or the id of a
+    profile merged into it (the id its profile had then); or, for entries a rebuild applied again under the new
+    generation's ids while the entries keep the old ones, the event has one of the profile's identifiers."""
+
+    pids: set[bytes]
+    identifiers: set[tuple[str, str]]
+    rules: IdentityRules
+    needles: list[bytes] = field(default_factory=list)  # the identifiers' values as they appear in logged JSON
+
+    def __post_init__(self) -> None:
+        self.needles = [orjson.dumps(value)[1:-1].lower() for _, value in self.identifiers]
+
+    def might_hold(self, raw: bytes) -> bool:
+        """A logged event (compact JSON) that names none of the identifiers' values, in any case (the rules lower
+        an email), is not the profile's: checked before parsing and normalising it, which would cost ~10 us for
+        every entry of the log."""
+        lowered = raw.lower()
+        return any(needle in lowered for needle in self.needles)
+
+    def holds(self, obj: Any, received_ms: int) -> bool:
+        """Whether the event has one of the profile's identifiers, as the rules read them."""
+        if not isinstance(obj, dict):
+            return False
+        try:
+            event = normalise(obj, received_ms, self.rules)
+        except InvalidEvent:
+            return False
+        return any(i in self.identifiers for i in event.identifiers)
+
+
+def profile_filter(client: redis.Redis, settings: Settings, space: str, pid: str) -> ProfileFilter:
+    """The ``ProfileFilter`` of profile ``pid``: its id, those merged into it, and its identifiers."""
+    fields = client.hkeys(state_keys(client, space).profile(pid))
+    pids = {pid.encode(), *(f[2:] for f in fields if f.startswith(b"r:"))}
+    identifiers = set()
+    for f in fields:
+        if f.startswith(b"x:"):
+            kind, _, value = f[2:].decode(errors="replace").partition(":")
+            identifiers.add((kind, value))
+    return ProfileFilter(pids, identifiers, IdentityRules.from_settings(settings))
 
 
 def dead_letter_records(client: redis.Redis, space: str, reason: str | None = None,
@@ -217,13 +261,37 @@ def split_body(doc: Any, raw: bytes, source: str, received_ms: int) -> list[Item
     return webhook_items(doc, raw, received_ms)
 
 
+DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error)  # what reading a truncated or corrupt gzip file raises
+
+
 def open_history(path: str) -> tuple[io.BufferedReader, io.BufferedReader]:
     """A history file (``-`` is stdin), decompressed when it is gzip (by its first bytes, not its name), and the
     file itself (its position is how far the reading got, for progress)."""
-    raw = cast(io.BufferedReader, sys.stdin.buffer) if path == "-" else open(path, "rb")  # noqa: SIM115
+    raw: io.BufferedReader
+    if path == "-":  # a pipe may hand over its first byte alone, so peek() could see one: read two, put them back
+        stdin = cast(io.BufferedReader, sys.stdin.buffer)
+        raw = cast(io.BufferedReader, io.BufferedReader(_Prefixed(stdin.read(2), stdin), 1 << 16))
+    else:
+        raw = open(path, "rb")  # noqa: SIM115
     if raw.peek(2)[:2] == b"\x1f\x8b":
         return io.BufferedReader(cast(io.RawIOBase, gzip.GzipFile(fileobj=raw)), 1 << 16), raw
     return raw, raw
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` (bytes already read), then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: io.BufferedReader) -> None:
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.head[:len(buffer)] if self.head else self.stream.read1(len(buffer))
+        self.head = self.head[len(data):]
+        buffer[:len(data)] = data
+        return len(data)
 
 
 @dataclass
@@ -241,18 +309,27 @@ class ByteMeter:
 def file_records(paths: list[str], after: str | None = None, shard: tuple[int, int] = (0, 1),
                  meter: ByteMeter | None = None) -> Iterator[Record]:
     """Events of history files, in order: one JSON event per line (Segment's S3 / GCS archives, gzip or not, and
-    NDJSON), a JSON array of events, or a Tracking API batch body. A line that is not an event becomes a record
+    NDJSON), a JSON array of events, or a Tracking API batch body, or one such array or batch per line (request
+    bodies kept one per line). A line that is not an event becomes a record
     that carries the reason (a dead letter, with file and line); nothing stops the import.
 
-    Positions are ``<file index>:<line>``; ``after`` skips up to and including one. ``shard`` (k, n) lets n
+    Positions are ``@<file path>:<line>``; ``after`` skips up to and including one: the files before that file
+    in ``paths`` and its lines up to that one. Named by path rather than by place, a position still holds when the
+    list changed since (a relative ``--since`` lets the oldest archive hour fall out of the window); a path no
+    longer listed replays every file given (applying an event again changes nothing). A ``<file index>:<line>``
+    of an older version counts by place. ``shard`` (k, n) lets n
     processes share an import (the state is order-independent, so the shares may apply in any order, and each
     has its own positions to resume from): with at least n files, process k takes every n-th file whole (each
     file is read once); else the k-th of every n runs of ``SHARD_LINES`` lines (array elements), skipping the
     others before parsing them."""
     skip_file, skip_line = -1, -1
     if after:
-        f, _, ln = after.partition(":")
-        skip_file, skip_line = int(f), int(ln)
+        f, _, ln = after.rpartition(":")
+        skip_line = int(ln)
+        if not f.startswith("@"):
+            skip_file = int(f)
+        elif f[1:] in paths:
+            skip_file = paths.index(f[1:])
     by_file = shard[1] > 1 and len(paths) >= shard[1]
     before = 0  # bytes of the files already read
     for index, path in enumerate(paths):
@@ -263,21 +340,30 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
         lines_of = (0, 1) if by_file else shard
         name = "stdin" if path == "-" else Path(path).name
         stream, raw = open_history(path)
+        line = 0
         try:
             first, blank = stream.readline(), 0
             while first and not first.strip():
                 first, blank = stream.readline(), blank + 1
-            if first.lstrip()[:1] == b"[" or (first.lstrip()[:1] == b"{" and not _is_json(first)):
-                records = _document_records(first + stream.read(), name, index, lines_of)  # array, or pretty
+            head, whole_line = first.lstrip()[:1], _is_json(first)
+            # a document: an array (unless a whole one per line: more follows) or a pretty-printed object
+            if (head == b"[" and not (whole_line and stream.peek(1).strip())) or (head == b"{" and not whole_line):
+                records = _document_records(first + stream.read(), name, "@" + path, lines_of)  # array, pretty
             else:
-                records = _line_records(itertools.chain([first], stream), name, index, 1 + blank, lines_of)
+                records = _line_records(itertools.chain([first], stream), name, "@" + path, 1 + blank, lines_of)
             for n, rec in enumerate(records):
                 if meter is not None and path != "-" and n % 256 == 0:  # tell() costs a system call
                     meter.done = before + raw.tell()
-                line = int(rec.position.partition(":")[2])
+                line = int(rec.position.rpartition(":")[2])
                 if index == skip_file and line <= skip_line:
                     continue
                 yield rec
+        except DAMAGED as exc:  # a copy cut short, a corrupt block: what was read stands, the next file follows
+            reason = (f"{name} is damaged ({type(exc).__name__}: {exc}) after line {line}: the rest of it was not "
+                      "read; replace the file and import it again (what applied is then a duplicate)")
+            mine = by_file or shard[0] == 0  # shares of one file's lines: the first share says it once
+            if mine and not (index == skip_file and line + 1 <= skip_line):
+                yield Record(Item(None, b"", reason), f"{name}:{line + 1}", f"@{path}:{line + 1}")
         finally:
             before += size
             if path != "-":
@@ -297,7 +383,7 @@ def _mine(number: int, shard: tuple[int, int]) -> bool:
     return shard[1] == 1 or ((number - 1) // SHARD_LINES) % shard[1] == shard[0]
 
 
-def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: int,
+def _line_records(stream: Iterable[bytes], name: str, file: str, first_line: int,
                   shard: tuple[int, int]) -> Iterator[Record]:
     for n, line in enumerate(stream, first_line):
         if not _mine(n, shard):
@@ -305,7 +391,7 @@ def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: in
         line = line.strip()
         if not line:
             continue
-        where, position = f"{name}:{n}", f"{index}:{n}"
+        where, position = f"{name}:{n}", f"{file}:{n}"
         try:
             doc = parse_json(line)
         except BodyError as exc:
@@ -315,19 +401,23 @@ def _line_records(stream: Iterable[bytes], name: str, index: int, first_line: in
             for m, it in enumerate(_batch_items(doc, line, name, n)):
                 yield Record(it, f"{where} #{m}", position)
             continue
+        if isinstance(doc, list):  # one Webhooks (Actions) batch per line: bodies kept as they came
+            for m, it in enumerate(_numbered_items(doc, name, n), 1):
+                yield Record(it, f"{where} #{m}", position)
+            continue
         yield Record(_history_item(doc, None, name, n), where, position)
 
 
-def _document_records(body: bytes, name: str, index: int, shard: tuple[int, int]) -> Iterator[Record]:
+def _document_records(body: bytes, name: str, file: str, shard: tuple[int, int]) -> Iterator[Record]:
     """A whole-file document: a JSON array of events, a Tracking API batch body, or one event. A file that is
     not one document after all (lines of which the first is broken) is read line by line."""
     try:
         doc = parse_json(body)
     except BodyError as exc:
         if body.lstrip()[:1] == b"{":
-            yield from _line_records(body.splitlines(), name, index, 1, shard)
+            yield from _line_records(body.splitlines(), name, file, 1, shard)
             return
-        yield Record(Item(None, body[:DOCUMENT_SNIPPET], exc.message), f"{name}:1", f"{index}:1")
+        yield Record(Item(None, body[:DOCUMENT_SNIPPET], exc.message), f"{name}:1", f"{file}:1")
         return
     if isinstance(doc, dict) and isinstance(doc.get("batch"), list):
         items = _batch_items(doc, body, name, 0)
@@ -337,7 +427,7 @@ def _document_records(body: bytes, name: str, index: int, shard: tuple[int, int]
         items = [_history_item(doc, None, name, 1)]
     for n, it in enumerate(items, 1):  # the element's number stands for its "line"
         if _mine(n, shard):
-            yield Record(it, f"{name}#{n}", f"{index}:{n}")
+            yield Record(it, f"{name}#{n}", f"{file}:{n}")
 
 
 DOCUMENT_SNIPPET = 64 * 1024  # of a file that is not JSON at all, what the dead letter keeps
@@ -350,6 +440,11 @@ def _batch_items(doc: dict[str, Any], raw: bytes, name: str, line: int) -> list[
         events = batch_events(doc)
     except BodyError as exc:
         return [Item(None, raw[:DOCUMENT_SNIPPET], exc.message)]
+    return _numbered_items(events, name, line)
+
+
+def _numbered_items(events: list[Any], name: str, line: int) -> list[Item]:
+    """The events of one line (a batch, an array) as items, each numbered within it for a generated messageId."""
     return [_history_item(e, None, name, line * 100_000 + n) for n, e in enumerate(events, 1)]
 
 
@@ -521,12 +616,17 @@ class Prepared:
 
 
 def _prepare(chunk: list[Record], rules: IdentityRules, now: int) -> Prepared:
+    """Normalise a chunk. An event from a file with no time of its own is applied as received ``now``, and that
+    receipt goes into the bytes that are logged (and archived), as the receiver does: a later replay of the log
+    or the archive then applies it as of the same time, not as of the replay's."""
     good: list[tuple[Record, Event]] = []
     invalid: list[tuple[Record, str]] = []
     for rec in chunk:
         try:
             if rec.item.error:
                 raise InvalidEvent(rec.item.error)
+            if rec.received_ms is None and isinstance(rec.item.obj, dict) and rec.item.obj.get("receivedAt") is None:
+                rec = replace(rec, item=item(rec.item.obj, rec.item.raw, iso_ms(now)))
             good.append((rec, normalise(rec.item.obj, rec.received_ms or now, rules)))
         except InvalidEvent as exc:
             invalid.append((rec, str(exc)))
@@ -615,8 +715,9 @@ def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[
         return only(file_records(files, after), set(spec["types"]) if spec.get("types") else None, spec.get("event"))
     pids = None
     if spec.get("profile"):
-        pid = resolve(client, IdentityRules.from_settings(settings), space, str(spec["profile"]))[2]
-        pids = profile_ids(client, space, pid) if pid else set()
+        rules = IdentityRules.from_settings(settings)
+        pid = resolve(client, rules, space, str(spec["profile"]))[2]
+        pids = profile_filter(client, settings, space, pid) if pid else ProfileFilter(set(), set(), rules)
     types = set(spec["types"]) if spec.get("types") else None
     last = client.xrevrange(Keys(space).log, count=1)
     return only(log_records(client, space, spec.get("since_ms"), spec.get("until_ms"), pids, after,
@@ -655,7 +756,7 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     def should_stop() -> bool:
         return job is not None and bool(job.connection.exists(cancel_key(job.id)))
 
-    options = Options(dry_run=bool(spec.get("dry_run")), rate=spec.get("rate") or None,
+    options = Options(dry_run=bool(spec.get("dry_run")), rate=spec.get("rate", DEFAULT_REPLAY_RATE) or None,
                       reapply=source != "dead-letters")
     report = run(client, settings, space, records_for(client, settings, space, spec, after), options, "replay",
                  checkpoint,
@@ -663,4 +764,4 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     if job is not None:
         job.meta.update(done=done, total=total, stopped=report.interrupted)
         job.save_meta()
-    return {"space": space, "source": source, **report.as_dict()}
+    return {"space": space, "source": source, "rate": options.rate or 0, **report.as_dict()}

@@ -402,6 +402,9 @@ class AsyncStore:
         keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
         try:
             await self._dlq_add(keys=keys, args=args)
+            if space not in self._spaces:  # a space whose every event so far was refused is still one to show
+                await self.client.sadd(SPACES_KEY, space)
+                self._spaces.add(space)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         except redis.ResponseError as exc:
@@ -456,6 +459,7 @@ class SyncStore:
             return
         keys, args = self.applier.dead_letter_args(Keys(space), items, source, now_ms())
         self.client.register_script(DLQ_ADD)(keys=keys, args=args)
+        self.client.sadd(SPACES_KEY, space)  # listed by status and the console, even with nothing applied
 
 
 def _add_wait(pipe: Pipe, settings: Settings, factor: int) -> bool:

@@ -64,6 +64,11 @@ def test_a_log_replay_queued_over_http_repairs_profiles(admin: TestClient, r: re
     work(r)
     view = admin.get(f"/admin/jobs/{queued.json()['job']}", headers=ADMIN).json()
     assert view["status"] == "finished" and view["result"]["outcomes"] == {"applied": 1500}, view
+    assert view["result"]["rate"] == 0  # as asked: no limit
+    # without a rate, as throttled as the command's replays (it ran unthrottled, against live intake)
+    queued = admin.post("/admin/replay", json={"source": "log", "since": "1h", "dry_run": True}, headers=ADMIN)
+    work(r)
+    assert admin.get(f"/admin/jobs/{queued.json()['job']}", headers=ADMIN).json()["result"]["rate"] == 1000
 
 
 def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> None:
@@ -132,6 +137,9 @@ def test_dead_letters_one_by_one(admin: TestClient, r: redis.Redis) -> None:
     assert one["reason"] == "unknown type 'x'" and one["raw"] == '{"type":"x"}' and one["source"] == "webhook"
     assert admin.get("/admin/dead-letters/1-1", headers=ADMIN).status_code == 404
     assert admin.get("/admin/dead-letters/x", headers=ADMIN).status_code == 400
+    millisecond = entry_id.decode().partition("-")[0]  # names every entry of that millisecond, not one
+    assert admin.delete(f"/admin/dead-letters/{millisecond}", headers=ADMIN).status_code == 400
+    assert admin.get(f"/admin/dead-letters?before={millisecond}", headers=ADMIN).status_code == 200  # a bound
     too_big = "99999999999999999999-0"  # the pattern of an id, past what a stream id holds (64 bits)
     for path in (f"/admin/dead-letters/{too_big}", f"/admin/dead-letters?before={too_big}",
                  f"/admin/refusals?before=({too_big}", "/admin/dead-letters?before=1-99999999999999999999"):
@@ -169,6 +177,17 @@ def test_dead_letters_command(redis_url: str, r: redis.Redis) -> None:
     deleted = subprocess.run([EXE, "dead-letters", "delete", first], capture_output=True, text=True, timeout=60,
                              env=env)
     assert deleted.returncode == 0 and r.xlen(Keys("default").dead_letters) == 1
+    assert "deleted 1 dead letter(s)" in deleted.stdout
+    # a mistyped id is one clear line, not a Redis traceback; an id that is not there (or another --space) is an
+    # error, not "deleted", and nothing is deleted with it
+    last = r.xrange(Keys("default").dead_letters)[0][0].decode()
+    for action, ids, says in (("show", ["123abc"], "not a dead-letter id"), ("delete", ["123abc"], "not a dead-letter"),
+                              ("delete", [last, "1-1"], "no dead letter 1-1"), ("show", [first], "no dead letter"),
+                              ("delete", [last.partition("-")[0]], "not a dead-letter id")):
+        out = subprocess.run([EXE, "dead-letters", action, *ids], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr, (action, ids, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert r.xlen(Keys("default").dead_letters) == 1
 
 
 def test_an_archive_replay_over_http(settings: Settings, redis_url: str, r: redis.Redis, tmp_path: Path,

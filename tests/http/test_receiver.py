@@ -135,6 +135,17 @@ def test_batch_with_invalid_events_keeps_the_good_ones(client: TestClient, r: re
     assert (again["accepted"], again["duplicate"], again["rejected"]) == (0, 3, 5)
 
 
+def test_a_space_whose_every_event_was_refused_is_listed_with_its_dead_letters(client: TestClient,
+                                                                               r: redis.Redis) -> None:
+    """A new source that sends nothing valid (a wrong format) fills its dead letters: the space is listed where an
+    operator looks (status, the console), not only once an event applies."""
+    from service.state.status import spaces
+
+    resp = post(client, orjson.dumps({"type": "track", "event": "x", "messageId": "m1"}), "/segment/new-source")
+    assert resp.status_code == 400 and r.xlen(Keys("new-source").dead_letters) == 1
+    assert "new-source" in spaces(r)
+
+
 def test_single_invalid_event_is_400(client: TestClient) -> None:
     resp = post(client, orjson.dumps({"type": "track", "event": "x", "messageId": "m1"}))
     assert resp.status_code == 400

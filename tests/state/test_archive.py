@@ -16,7 +16,7 @@ from service.spec.keys import DAY_MS, Keys
 from service.state.archive import HOUR_MS, archive_files, archive_space, archived_lines, purge_archive
 from service.state.ops import purge_forgotten
 from service.state.replay import Options, file_records, run
-from tests.helpers import apply, mixed_stream, snapshot
+from tests.helpers import apply, find, mixed_stream, snapshot
 from tests.state.test_replay import archived
 
 SPACE = "default"
@@ -82,6 +82,46 @@ def test_replaying_the_archive_rebuilds_the_profiles_even_when_a_crash_archived_
     report = run(r, s, SPACE, file_records(files), Options(reapply=True), "replay")
     assert report.outcome_totals() == {"applied": 5000}
     assert snapshot(r) == whole
+
+
+def test_an_imported_event_without_a_time_replays_from_the_archive_as_of_its_import(r: redis.Redis,
+                                                                                       tmp_path: Path) -> None:
+    """An event with no time of its own is applied as received at its import, and that receipt goes into the log
+    and the archive: replaying the archive later does not make its old trait newer than what came after it (before,
+    the replay stamped it with the replay's time and the old value won)."""
+    import time
+
+    from service.spec.events import iso_ms, parse_timestamp
+
+    s = settings_for(tmp_path)
+    old = tmp_path / "old.ndjson"
+    old.write_bytes(orjson.dumps({"type": "identify", "userId": "ua", "traits": {"plan": "free"}}) + b"\n")
+    assert run(r, s, SPACE, file_records([str(old)]), Options(), "import").outcome_totals() == {"applied": 1}
+    [(entry, fields)] = r.xrange(Keys(SPACE).log)
+    logged_receipt = parse_timestamp(orjson.loads(fields[b"e"])["receivedAt"])  # the import's clock, about the
+    assert abs(logged_receipt - int(entry.split(b"-")[0])) < 5_000  # log id's (Redis's clock)
+    time.sleep(0.01)
+    now = int(time.time() * 1000)
+    apply(r, [{"type": "identify", "userId": "ua", "messageId": "later", "traits": {"plan": "pro"},
+               "timestamp": iso_ms(now)}], settings=s, now=now)
+    archive_space(r, s, SPACE)
+    assert all(b'"receivedAt"' in line for line in lines(tmp_path))
+    files = [str(f) for f in archive_files(tmp_path / "archive", SPACE)]
+    run(r, s, SPACE, file_records(files), Options(reapply=True), "replay")
+    assert find(r, "user_id", "ua").traits["plan"].value == "pro"
+
+
+def test_an_entry_logged_without_a_receipt_is_archived_with_its_entry_s(r: redis.Redis, tmp_path: Path) -> None:
+    """Entries an older version logged without ``receivedAt`` get the entry id's time in the archive."""
+    s = settings_for(tmp_path)
+    nested = {"type": "track", "event": "x", "userId": "uc", "messageId": "c", "properties": {"receivedAt": "?"}}
+    r.xadd(Keys(SPACE).log, {"p": "use_1", "e": orjson.dumps({"type": "identify", "userId": "ub", "messageId": "b"})},
+           id="1795500000123-0")
+    r.xadd(Keys(SPACE).log, {"p": "use_2", "e": orjson.dumps(nested)}, id="1795500000124-0")
+    archive_space(r, s, SPACE)
+    assert [orjson.loads(line) for line in lines(tmp_path)] == [
+        {"type": "identify", "userId": "ub", "messageId": "b", "receivedAt": "2026-11-24T06:00:00.123Z"},
+        {**nested, "receivedAt": "2026-11-24T06:00:00.124Z"}]  # a receivedAt inside properties is not its own
 
 
 def test_a_gdpr_deletion_removes_the_users_events_from_the_archive(r: redis.Redis, tmp_path: Path) -> None:

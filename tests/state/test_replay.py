@@ -23,7 +23,7 @@ from service.state.replay import (
     file_records,
     log_records,
     only,
-    profile_ids,
+    profile_filter,
     resolve,
     run,
 )
@@ -165,16 +165,16 @@ def test_log_filters_profile_type_event_and_time(r: redis.Redis) -> None:
     rules = IdentityRules.from_settings(Settings())
     pid = resolve(r, rules, SPACE, "email:Ada@X.io")[2]
     assert pid is not None
-    pids = profile_ids(r, SPACE, pid)
-    assert len(pids) == 2  # ada's profile and the anonymous one merged into it
+    pids = profile_filter(r, Settings(), SPACE, pid)
+    assert len(pids.pids) == 2  # ada's profile and the anonymous one merged into it
 
     def mids(types: set[str] | None = None, event: str | None = None, **filters: object) -> list[str]:
         records = only(log_records(r, SPACE, **filters), types, event)  # type: ignore[arg-type]
         return [orjson.loads(rec.item.raw)["messageId"] for rec in records]
 
-    assert mids(pids=pids) == ["1", "2", "3", "4"]
+    assert mids(profile=pids) == ["1", "2", "3", "4"]
     assert mids(types={"track"}) == ["4", "5"]
-    assert mids(event="Clicked", pids=pids) == ["4"]
+    assert mids(event="Clicked", profile=pids) == ["4"]
     first = int(r.xrange(Keys(SPACE).log)[0][0].decode().split("-")[0])
     assert len(mids(since_ms=first)) == 5 and mids(until_ms=first - 1) == []
     assert resolve(r, rules, SPACE, "email:nobody@x.io")[2] is None
@@ -209,11 +209,65 @@ def test_an_interrupted_import_resumes_where_it_stopped(r: redis.Redis, tmp_path
     chunks = iter(range(10**6))
     stopped = run(r, Settings(), SPACE, file_records([str(path)]), Options(), "import", checkpoint,
                   should_stop=lambda: next(chunks) >= 1)
-    assert stopped.stopped == "0:2000" and checkpoint.load() == "0:2000"
+    assert stopped.stopped == f"@{path}:2000" and checkpoint.load() == f"@{path}:2000"
     assert r.xlen(Keys(SPACE).log) == 2000
     rest = run(r, Settings(), SPACE, file_records([str(path)], checkpoint.load()), Options(), "import", checkpoint)
     assert rest.outcome_totals() == {"applied": 3000} and checkpoint.load() is None
     assert snapshot(r) == whole and r.xlen(Keys(SPACE).log) == len(events)
+
+
+def test_a_resume_finds_its_file_when_the_list_of_files_changed(tmp_path: Path) -> None:
+    """A resumed replay of the archive with a relative --since lists the files again, and the oldest hour may have
+    fallen out of the window meanwhile: the position names its file, so the resume starts where it stopped
+    (before, a position counted files by place and skipped a whole file after the shift)."""
+    paths = [str(write_archive(tmp_path / f"{h}.gz", [{"type": "page", "userId": f"u{h}-{n}", "messageId": f"{h}-{n}"}
+                                                       for n in range(5)])) for h in range(3)]
+    first = list(file_records(paths))
+    position = first[7].position  # stopped in the second file
+    assert position == f"@{paths[1]}:3"
+    resumed = [rec.where for rec in file_records(paths[1:], position)]  # the first file fell out of the window
+    assert resumed == [rec.where for rec in first[8:]]
+    assert [rec.where for rec in file_records(paths, "1:3")] == [rec.where for rec in first[8:]]  # older versions'
+    gone = [rec.where for rec in file_records(paths[2:], position)]  # its file is not listed: every file given
+    assert gone == [rec.where for rec in first[10:]]
+
+
+def test_a_file_of_webhooks_actions_batches_one_per_line_imports_every_event(r: redis.Redis, tmp_path: Path) -> None:
+    """Request bodies kept one per line (an outage's Actions batches): before, the first line's '[' made the whole
+    file one JSON document, which failed to parse and became a single dead letter cut to 64 KiB."""
+    events = archived(mixed_stream(300, users=12, seed=9))
+    path = tmp_path / "bodies.ndjson"
+    path.write_bytes(b"".join(orjson.dumps(events[i:i + 100]) + b"\n" for i in range(0, 300, 100)))
+    assert import_files(r, [path]).outcome_totals() == {"applied": 300}
+    one = tmp_path / "one.json"  # a single array, as before: one document, blank lines after it or not
+    one.write_bytes(orjson.dumps(events[:10]) + b"\n\n\n")
+    assert [rec.where for rec in file_records([str(one)])] == [f"one.json#{n}" for n in range(1, 11)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_gzip_file_keeps_what_was_read_and_the_next_file_follows(r: redis.Redis, tmp_path: Path,
+                                                                            damage: str) -> None:
+    """An archive copy cut short, or a corrupt block: before, a traceback (truncated) or "Redis refused a chunk"
+    (a CRC error is an OSError), and a resume failed the same way for ever. Now the file's readable events apply,
+    the damage is a dead letter that names the file and the line, and the next file is imported."""
+    events = [{"type": "page", "userId": f"u{n}", "messageId": f"m{n}", "name": "x" * (n % 97)} for n in range(20_000)]
+    whole = write_archive(tmp_path / "whole.gz", events).read_bytes()
+    damaged = tmp_path / "damaged.gz"
+    if damage == "truncated":
+        damaged.write_bytes(whole[: len(whole) * 3 // 4])
+    else:
+        middle = len(whole) // 2
+        damaged.write_bytes(whole[:middle] + b"\0" * 10 + whole[middle + 10:])
+    after = write_archive(tmp_path / "after.gz", [{"type": "page", "userId": "z", "messageId": "after"}])
+    report = run(r, Settings(), SPACE, file_records([str(damaged), str(after)]), Options(), "import")
+    totals = report.outcome_totals()
+    assert 0 < totals["applied"] < len(events) + 1, totals
+    # cut short: one dead letter says so; corrupt: what the damaged block decodes to is not JSON either (gzip's
+    # check comes at the end of the file), and each such line is a dead letter of its own
+    assert totals["invalid"] == 1 if damage == "truncated" else totals["invalid"] >= 1, totals
+    assert find(r, "user_id", "z") is not None  # the next file was read
+    reasons = [letter[b"reason"] for _, letter in r.xrange(Keys(SPACE).dead_letters)]
+    assert sum(b"damaged.gz is damaged" in reason and b"after line" in reason for reason in reasons) == 1
 
 
 @pytest.mark.parametrize("rate", [500.0])

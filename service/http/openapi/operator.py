@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.config import DEFAULT_REPLAY_RATE
 from service.http.openapi.components import (
     ANY,
     BOOL,
@@ -63,7 +64,8 @@ SCHEMAS: dict[str, Schema] = {
         "event": {**STR, "description": "Only track calls of this name"},
         "reason": {**STR, "description": "Dead letters whose reason contains this"},
         "id": {**STR, "description": "Only this dead letter (source dead-letters), e.g. 1700000000000-0"},
-        "dry_run": BOOL, "rate": {**NUM, "minimum": 0, "maximum": 1e6, "description": "Events/s; 0: no limit"},
+        "dry_run": BOOL, "rate": {**NUM, "minimum": 0, "maximum": 1e6, "default": DEFAULT_REPLAY_RATE,
+                                   "description": "Events/s; 0: no limit"},
         "resume": {**BOOL, "description": "Go on from where an interrupted replay of the same request stopped"},
     }, required=[]),
     "KpiRequest": closed({
