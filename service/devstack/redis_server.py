@@ -84,9 +84,10 @@ class EmbeddedRedis:
     """A redis-server child process listening on a unix socket inside ``data_dir``."""
 
     def __init__(self, data_dir: str | os.PathLike, persistent: bool = True,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None, appendfsync: str = "everysec") -> None:
         self.data_dir = Path(data_dir).resolve()
         self.persistent = persistent
+        self.appendfsync = appendfsync  # with ``persistent``: everysec (the default), or always (drills)
         self.preexec_fn = preexec_fn  # run in the child before redis-server starts (the supervisor's death signal)
         self.proc: subprocess.Popen | None = None
 
@@ -102,7 +103,7 @@ class EmbeddedRedis:
         args = [redis_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                 "--dir", str(self.data_dir), "--daemonize", "no", "--loglevel", "warning", *TUNING]
         if self.persistent:
-            args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "900 1 300 100"]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "900 1 300 100"]
         else:
             args += ["--appendonly", "no", "--save", ""]
         return args

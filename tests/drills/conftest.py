@@ -12,12 +12,13 @@ from tests.drills.stack import Redis, Web, short_tmpdir
 
 @pytest.fixture
 def start_redis() -> Iterator[Callable[..., Redis]]:
-    """Start a redis-server in a fresh short directory (``persistent``: AOF everysec, as in production)."""
+    """Start a redis-server in a fresh short directory (``persistent``: AOF, fsynced ``appendfsync``: everysec as in
+    production unless told otherwise)."""
     started: list[tuple[Redis, object]] = []
 
-    def start(persistent: bool = True) -> Redis:
+    def start(persistent: bool = True, appendfsync: str = "everysec") -> Redis:
         d = short_tmpdir()
-        server = Redis(d, persistent=persistent).start()
+        server = Redis(d, persistent=persistent, appendfsync=appendfsync).start()
         started.append((server, d))
         return server
 

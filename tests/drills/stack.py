@@ -71,8 +71,8 @@ def wait_until(check: Callable[[], object], seconds: float, what: str, every: fl
 class Redis:
     """A redis-server child on a unix socket in ``data_dir``; ``kill`` is SIGKILL, ``start`` again reloads the AOF."""
 
-    def __init__(self, data_dir: Path, persistent: bool = True) -> None:
-        self.server = EmbeddedRedis(data_dir, persistent=persistent)
+    def __init__(self, data_dir: Path, persistent: bool = True, appendfsync: str = "everysec") -> None:
+        self.server = EmbeddedRedis(data_dir, persistent=persistent, appendfsync=appendfsync)
 
     @property
     def url(self) -> str:

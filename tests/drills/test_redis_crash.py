@@ -1,14 +1,17 @@
-"""Drill: redis-server (AOF, appendfsync everysec, as in production) is SIGKILLed under load and restarted from its
-AOF on the same data directory and socket, twice; the web keeps running.
+"""Drill: redis-server (AOF) is SIGKILLed under load and restarted from its AOF on the same data directory and
+socket, twice; the web keeps running.
 
 What a user relies on: while Redis is down the receiver answers 503 (Segment retries those) — never a 500, never a
 dropped connection — and no event that got a 200 is missing afterwards, nor applied twice.
 
-Why zero loss is the right expectation here: with ``appendfsync everysec`` Redis write()s the AOF before it replies,
-so a SIGKILL of redis-server loses nothing the kernel already has; only a power cut or kernel crash can lose up to
-about a second (not drilled here). One corner exists even for SIGKILL: when a background fsync is still running,
-everysec postpones the write() by up to 2 s while replies still go out (``aof_delayed_fsync`` in INFO counts the
-times it gave up waiting); the failure message below prints that counter.
+The drill's Redis runs ``appendfsync always``, not production's ``everysec``, and that is what makes zero loss the
+right expectation for what the service itself does: Redis then writes (and fsyncs) a command's effects before it
+sends the reply, so the only way to lose an acknowledged event is a service that answers 200 before Redis applied
+it. Under ``everysec`` Redis has a window of its own that no client can close: while a background fsync is still
+running (a busy disk) it postpones the write by up to 2 s while replies still go out, and a SIGKILL then loses those
+writes; ``aof_delayed_fsync`` in INFO counts only the times it waited the whole 2 s. On a shared CI host the
+``everysec`` drill once came back with 2 of 600 acknowledged profiles missing and nothing left to refresh, which is
+what that window leaves. The README's recovery table states both.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def refresh_and_sync_resume(redis_server: Redis, mavera: MaveraServer, since: fl
 
 
 def test_redis_sigkill_under_load_answers_503_and_loses_nothing(start_redis, start_web) -> None:
-    redis_server = start_redis(persistent=True)
+    redis_server = start_redis(persistent=True, appendfsync="always")
     web = start_web(redis_server.url, concurrency=1)
     with MaveraServer() as mavera:
         worker = start_worker(redis_server.url, mavera)
@@ -115,20 +118,21 @@ def drill(redis_server: Redis, web: Web, mavera: MaveraServer) -> None:
         assert set(during) == {"503"}, counts
     assert web.proc is not None and web.proc.poll() is None, "the web died with Redis"
     assert [d.key for d in deliveries if not d.acked] == []
+    r = redis_server.client()
+    missing = sorted({d.key for d in deliveries if d.acked} - set(logged_message_ids(r)))
+    r.close()
+    assert missing == [], f"{len(missing)} acknowledged events lost with the Redis restarts: {missing[:10]}"
 
     refresh_and_sync_resume(redis_server, mavera, since=outages[-1][1])
 
     # one more SIGKILL and restart: what was acknowledged after the restarts is in the AOF too
-    r = redis_server.client()
-    delayed = r.info("persistence").get("aof_delayed_fsync")
-    r.close()
     redis_server.kill()
     redis_server.start()
     r = redis_server.client()
     logged = logged_message_ids(r)
     assert {m: n for m, n in logged.items() if n != 1} == {}, "events applied more than once"
     missing = sorted({d.key for d in deliveries if d.acked} - set(logged))
-    assert missing == [], f"{len(missing)} acknowledged events lost (aof_delayed_fsync={delayed}): {missing[:10]}"
+    assert missing == [], f"{len(missing)} acknowledged events lost: {missing[:10]}"
     assert len(logged) == EVENTS
     for e in events:
         profile = profile_of(r, e["userId"])
