@@ -660,9 +660,13 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
     parent."""
     import signal
 
+    from service.devstack.supervisor import die_with_parent
     from service.state.replay import ByteMeter, Checkpoint, Interrupted, Options, Report, file_records, run
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (``stop``)
+    # a parent killed outright (SIGKILL, OOM) takes its shares along: left running, they would race the shares of
+    # the `--resume` its message asks for; what they applied is checkpointed by chunk, and a resume redoes the rest
+    die_with_parent()
     try:
         client = state_client(settings)
         space = args.space or settings.space_id

@@ -173,6 +173,32 @@ def test_an_import_shared_by_processes_equals_one_and_resumes(redis_url: str, r:
     assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)
 
 
+def test_a_shared_import_whose_parent_is_killed_stops_and_resumes(redis_url: str, r: redis.Redis,
+                                                                   tmp_path: Path) -> None:
+    """SIGKILL of ``import --workers``'s parent (OOM killer, ``kill -9``) takes its processes along: none goes on
+    applying behind the user's back, racing the ``--resume`` they run next."""
+    events = archived(mixed_stream(12_000, users=200, seed=15))
+    apply(r, events)
+    whole = snapshot(r)
+    r.flushall()
+    path = write_archive(tmp_path / "archive.gz", events)
+    cmd = [EXE, "import", str(path), "--workers", "2", "--rate", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(redis_url))
+    deadline = time.monotonic() + 60
+    while r.xlen(Keys("default").log) < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(30)
+    time.sleep(2)  # a chunk in flight may still land
+    settled = r.xlen(Keys("default").log)
+    time.sleep(3)
+    assert r.xlen(Keys("default").log) == settled < len(events), "import processes outlived their parent"
+    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
+                           env=env(redis_url))
+    assert again.returncode == 0, again.stderr
+    assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)
+
+
 def test_a_resumed_shared_import_does_not_redo_a_finished_share(redis_url: str, r: redis.Redis,
                                                                 tmp_path: Path) -> None:
     from service.state.replay import Checkpoint
