@@ -393,6 +393,26 @@ def test_a_narrative_whose_thread_is_gone_at_mavera_starts_a_new_one(mavera: Mav
     assert [c["json"].get("thread_id") for c in mavera.calls("POST", "/mave/chat")] == [None, old, None]
 
 
+def test_a_chat_whose_answer_is_lost_is_not_sent_again_at_once(mavera: MaveraServer, r: redis.Redis) -> None:
+    """Mave chat is charged per answer and has no idempotency key: when the connection breaks after the chat went
+    out, Mavera may have answered (and charged). The narrative fails as only needing time, and the chat is sent
+    again by the next sync, not straight away by the client's retries."""
+    from workers.mavera.client import MaybeAnswered
+    from workers.mavera.sync import transient
+
+    people(r, "mob", 4, 300, 0.1, ts="2026-11-20T10:00:00Z")
+    refresh(r, Settings(), "default")
+    client = client_for(mavera, r)
+    mavera.fault("POST", "/mave/chat", lose=True)
+    with pytest.raises(MaybeAnswered) as lost:
+        narrate_space(r, settings_for(mavera), "default", client)
+    assert transient(lost.value)
+    assert len(mavera.calls("POST", "/mave/chat")) == 1
+    assert r.hget(K.narrative, "state") == b"failed"
+    assert narrate_space(r, settings_for(mavera), "default", client)["state"] == "synced"  # the next sync
+    assert len(mavera.calls("POST", "/mave/chat")) == 2
+
+
 def test_a_forgotten_profile_leaves_its_persona_at_the_next_refresh(mavera: MaveraServer, r: redis.Redis) -> None:
     """GDPR erasure reaches Mavera: the persona of a cluster that lost the person is PATCHed without them, and a
     cluster that falls under MIN_CLUSTER_SIZE is no longer synced."""

@@ -3,7 +3,9 @@
 Mavera has no idempotency keys and charges 300 credits per persona create, so a create is never retried blindly:
 a transport error or a 5xx after sending it raises ``MaybeCreated``, and the sync reconciles by listing personas
 before it creates again. 429 / 500 / 503 are retried with exponential back-off and jitter (honouring
-``Retry-After``); 400-404 are not retried; 402 pauses all syncing until ``persona-sync resume``.
+``Retry-After``); 400-404 are not retried; 402 pauses all syncing until ``persona-sync resume``. Mave chat is
+charged per answer, so a chat whose connection broke after it was sent is not sent again at once either
+(``MaybeAnswered``): the next sync asks again, a minute later, instead of up to five times in a row.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class MaybeCreated(RuntimeError):
     """A create was sent but its answer was lost: the persona may exist. Reconcile before creating again."""
 
 
+class MaybeAnswered(RuntimeError):
+    """A charged call (Mave chat) was sent but its answer was lost, or came too late: Mavera may have answered and
+    charged for it. Only time is needed; sent again at the next sync, not at once."""
+
+
+# errors raised before a request left: it can be sent again without risk of its being done twice
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 def _error(resp: httpx.Response) -> tuple[str, str | None]:
     try:
         err = resp.json().get("error") or {}
@@ -101,11 +112,12 @@ class MaveraClient:
             return waited
         return self.base_delay * (2 ** attempt) * (0.5 + random.random())  # exponential, with jitter
 
-    def request(self, method: str, path: str, body: Any = None, *, creates: bool = False,
+    def request(self, method: str, path: str, body: Any = None, *, creates: bool = False, charged: bool = False,
                 timeout: float | None = None, params: dict | None = None,
                 on_send: Callable[[], None] | None = None) -> Any:
         """One API call under the shared limit; retried where that is safe. ``on_send`` runs right before each
-        attempt goes out (after any rate-limit wait): the sync marks a create uncertain from that moment."""
+        attempt goes out (after any rate-limit wait): the sync marks a create uncertain from that moment.
+        ``charged``: a lost answer is not resent (``MaybeAnswered``)."""
         limit = httpx.Timeout(timeout, connect=10.0) if timeout else httpx.USE_CLIENT_DEFAULT
         for attempt in range(self.max_attempts):
             self.limiter.acquire()
@@ -116,6 +128,9 @@ class MaveraClient:
             except httpx.TransportError as exc:
                 if creates:
                     raise MaybeCreated(f"{method} {path}: {type(exc).__name__}") from exc
+                if charged and not isinstance(exc, NOT_SENT):
+                    raise MaybeAnswered(f"{method} {path}: {type(exc).__name__} after it was sent; not sent again "
+                                        "now, so that Mavera does not charge twice (the next sync asks again)") from exc
                 log_event(log, "mavera transport error", logging.WARNING, path=path, error=type(exc).__name__)
                 time.sleep(self._delay(attempt, None))
                 continue
@@ -173,4 +188,4 @@ class MaveraClient:
         if thread_id:
             body["thread_id"] = thread_id
         with self.chat_slots.slot():
-            return self.request("POST", "/mave/chat", body, timeout=self.chat_timeout)
+            return self.request("POST", "/mave/chat", body, charged=True, timeout=self.chat_timeout)

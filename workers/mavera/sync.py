@@ -23,7 +23,7 @@ from service.spec.keys import Keys
 from service.state.ops import paused
 from workers.compute.channels import build_prompt, material_changes
 from workers.locks import held_lock
-from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeCreated
+from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeAnswered, MaybeCreated
 from workers.mavera.ratelimit import RateLimited
 
 log = logging.getLogger("sync")
@@ -60,8 +60,9 @@ def refused(exc: MaveraError) -> bool:
 
 
 def transient(exc: BaseException) -> bool:
-    """Only time is needed: a rate limit, or Mavera's (or its gateway's) 5xx outlasting the client's retries."""
-    return isinstance(exc, RateLimited) or (isinstance(exc, MaveraError) and exc.status >= 500)
+    """Only time is needed: a rate limit, Mavera's (or its gateway's) 5xx outlasting the client's retries, or a
+    charged call whose answer was lost."""
+    return isinstance(exc, (RateLimited, MaybeAnswered)) or (isinstance(exc, MaveraError) and exc.status >= 500)
 
 
 class LockLost(RuntimeError):
@@ -329,7 +330,7 @@ def narrate_space(client: redis.Redis, settings: Settings, space: str, mavera: M
             # the thread is gone at Mavera (deleted in its app, or expired): asking in it would fail for ever
             log_event(log, "mave thread not found", logging.WARNING, space=space)
             answer = mavera.chat(prompt, thread_id=None)
-    except (MaveraError, RateLimited) as exc:
+    except (MaveraError, RateLimited, MaybeAnswered) as exc:
         client.hset(keys.narrative, mapping={"state": "failed", "error": str(exc)})
         raise
     client.hset(keys.narrative, mapping={**base, "state": "synced", "content": answer.get("content") or "",
