@@ -169,6 +169,24 @@ def test_remaining_zero_blocks_until_reset(r: redis.Redis) -> None:
     assert 0.3 <= waited <= 1.5
 
 
+def test_a_chat_keeps_its_slot_through_its_retries(mavera: MaveraServer, r: redis.Redis) -> None:
+    """A chat retried after 503s can outlast its slot's hold: the slot is renewed before each attempt, so other
+    workers still count it while it runs."""
+    mavera.fault("POST", "/mave/chat", status=503, retry_after=1, times=2)
+    mavera.state.chat_delay = 1.5
+    client = make(mavera, r)
+    client.chat_slots = ChatSlots(r, limit=3, hold=1.0)
+    chat = threading.Thread(target=client.chat, args=("q",))
+    chat.start()
+    deadline = time.monotonic() + 20
+    while mavera.state.chats_in_flight == 0 and time.monotonic() < deadline:  # the third attempt is answering
+        time.sleep(0.02)
+    assert mavera.state.chats_in_flight == 1 and len(mavera.calls("POST", "/mave/chat")) == 3
+    assert client.chat_slots.in_flight() == 1
+    chat.join(30)
+    assert client.chat_slots.in_flight() == 0
+
+
 def test_chat_concurrency_is_capped(mavera: MaveraServer, r: redis.Redis) -> None:
     mavera.state.chat_delay = 0.3
     client = make(mavera, r)

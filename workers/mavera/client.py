@@ -187,5 +187,5 @@ class MaveraClient:
         body: dict[str, Any] = {"message": message}
         if thread_id:
             body["thread_id"] = thread_id
-        with self.chat_slots.slot():
-            return self.request("POST", "/mave/chat", body, charged=True, timeout=self.chat_timeout)
+        with self.chat_slots.slot() as renew:
+            return self.request("POST", "/mave/chat", body, charged=True, timeout=self.chat_timeout, on_send=renew)

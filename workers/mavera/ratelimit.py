@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
@@ -106,14 +106,20 @@ class ChatSlots:
         self._slot = client.register_script(_SLOT)
 
     @contextmanager
-    def slot(self, max_wait: float = 300.0) -> Iterator[None]:
+    def slot(self, max_wait: float = 300.0) -> Iterator[Callable[[], None]]:
+        """Hold one slot; yields ``renew``, to call before each attempt of the chat: a chat retried after 429s or
+        5xx can outlast ``hold``, and a slot that lapsed under a live chat would let one more in than the limit."""
         token, start = uuid.uuid4().hex, time.monotonic()
         while not self._slot(keys=[self.key], args=[now_ms(), self.limit, now_ms() + int(self.hold * 1000), token]):
             if time.monotonic() - start > max_wait:
                 raise RateLimited(f"no Mave chat slot within {max_wait:.0f}s ({self.limit} in flight)")
             time.sleep(0.2)
+
+        def renew() -> None:
+            self.client.zadd(self.key, {token: now_ms() + int(self.hold * 1000)}, xx=True)
+
         try:
-            yield
+            yield renew
         finally:
             self.client.zrem(self.key, token)
 
