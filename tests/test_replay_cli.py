@@ -136,12 +136,26 @@ def test_ctrl_c_stops_a_rebuild_and_a_dead_letter_replay_with_a_message(redis_ur
     assert 0 < r.xlen(k.dead_letters) < len(letters)
 
 
-def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
-    events = archived(mixed_stream(20_000, users=300, seed=6))
+def archive_and_expected(r: redis.Redis, tmp_path: Path, n: int, users: int, seed: int
+                         ) -> tuple[list[dict], dict, Path]:
+    """``n`` archived events, the state they make when applied in one go (Redis emptied again), their archive."""
+    events = archived(mixed_stream(n, users=users, seed=seed))
     apply(r, events)
     whole = snapshot(r)
     r.flushall()
-    path = write_archive(tmp_path / "archive.gz", events)
+    return events, whole, write_archive(tmp_path / "archive.gz", events)
+
+
+def resume_to_the_end(cmd: list[str], redis_url: str, r: redis.Redis, whole: dict, n: int) -> None:
+    """``cmd`` (its ``--rate`` last) again with ``--resume`` and no rate: it ends with every event applied once."""
+    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
+                           env=env(redis_url))
+    assert again.returncode == 0, again.stderr
+    assert snapshot(r) == whole and r.xlen(Keys("default").log) == n
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    events, whole, path = archive_and_expected(r, tmp_path, 20_000, users=300, seed=6)
     cmd = [EXE, "import", str(path), "--rate", "4000"]
     returncode, stderr = interrupt(cmd, redis_url, r, once_logged=2000)
     assert returncode == 130, stderr
@@ -149,39 +163,25 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_import(redis_url: str, r: 
     assert "Traceback" not in stderr
     done = r.xlen(Keys("default").log)
     assert 2000 <= done < len(events)
-    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
-                           env=env(redis_url))
-    assert again.returncode == 0, again.stderr
-    assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)  # nothing lost, nothing twice
+    resume_to_the_end(cmd, redis_url, r, whole, len(events))  # nothing lost, nothing twice
 
 
 def test_an_import_shared_by_processes_equals_one_and_resumes(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
     """--workers 3: every third chunk each, in any order (the state is order-independent): the same profiles and
     log as one process; interrupted, each process resumes from its own checkpoint."""
-    events = archived(mixed_stream(12_000, users=200, seed=14))
-    apply(r, events)
-    whole = snapshot(r)
-    r.flushall()
-    path = write_archive(tmp_path / "archive.gz", events)
+    events, whole, path = archive_and_expected(r, tmp_path, 12_000, users=200, seed=14)
     cmd = [EXE, "import", str(path), "--workers", "3", "--rate", "3000"]
     returncode, stderr = interrupt(cmd, redis_url, r, once_logged=3000)
     assert returncode == 130 and "--resume" in stderr, stderr
     assert 3000 <= r.xlen(Keys("default").log) < len(events)
-    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
-                           env=env(redis_url))
-    assert again.returncode == 0, again.stderr
-    assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)
+    resume_to_the_end(cmd, redis_url, r, whole, len(events))
 
 
 def test_a_shared_import_whose_parent_is_killed_stops_and_resumes(redis_url: str, r: redis.Redis,
                                                                    tmp_path: Path) -> None:
     """SIGKILL of ``import --workers``'s parent (OOM killer, ``kill -9``) takes its processes along: none goes on
     applying behind the user's back, racing the ``--resume`` they run next."""
-    events = archived(mixed_stream(12_000, users=200, seed=15))
-    apply(r, events)
-    whole = snapshot(r)
-    r.flushall()
-    path = write_archive(tmp_path / "archive.gz", events)
+    events, whole, path = archive_and_expected(r, tmp_path, 12_000, users=200, seed=15)
     cmd = [EXE, "import", str(path), "--workers", "2", "--rate", "1000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(redis_url))
     deadline = time.monotonic() + 60
@@ -193,10 +193,7 @@ def test_a_shared_import_whose_parent_is_killed_stops_and_resumes(redis_url: str
     settled = r.xlen(Keys("default").log)
     time.sleep(3)
     assert r.xlen(Keys("default").log) == settled < len(events), "import processes outlived their parent"
-    again = subprocess.run([*cmd[:-2], "--rate", "0", "--resume"], capture_output=True, text=True, timeout=300,
-                           env=env(redis_url))
-    assert again.returncode == 0, again.stderr
-    assert snapshot(r) == whole and r.xlen(Keys("default").log) == len(events)
+    resume_to_the_end(cmd, redis_url, r, whole, len(events))
 
 
 def test_a_resumed_shared_import_does_not_redo_a_finished_share(redis_url: str, r: redis.Redis,
