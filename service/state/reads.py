@@ -23,7 +23,7 @@ local gen = redis.call('GET', KEYS[1]) or ''
 local G = P .. gen
 local pid = value
 if kind ~= 'segment_id' then pid = redis.call('GET', G .. 'i:' .. kind .. ':' .. value) end
-for _ = 1, 16 do
+for _ = 1, 101 do   -- a merged-away id points at its survivor; older chains are at most the merge cap long
   if not pid or pid == ARGV[4] then return {} end
   local fields = redis.call('HGETALL', G .. 'p:' .. pid)
   if #fields > 0 then

@@ -176,6 +176,31 @@ def test_identifier_limit_per_profile(r: redis.Redis) -> None:
     assert len(find(r, "user_id", "u").identifiers) == 3
 
 
+def test_an_id_merged_away_long_ago_still_finds_its_profile(r: redis.Redis) -> None:
+    """Twenty profiles merged one into the next, newest first: each merged-away profile id (the Profile API's
+    ``segment_id`` form) still resolves to the one survivor, and in one hop. (Their anonymousId is a blocked
+    placeholder, so only the external ids identify them and no per-type limit stops the merges.)"""
+    from service.spec.keys import TOMBSTONE
+    from service.state.reads import FIND
+
+    def ext(k: int) -> dict:
+        return {"type": f"t{k:02d}", "id": "v", "collection": "users", "encoding": "none"}
+
+    apply(r, [{"type": "track", "event": "X", "anonymousId": "anonymous", "messageId": f"c{k}",
+               "timestamp": "2026-03-01T00:00:00Z", "context": {"externalIds": [ext(k)]}} for k in range(20)])
+    pids = [find(r, f"t{k:02d}", "v").id for k in range(20)]
+    out = apply(r, [{"type": "track", "event": "X", "anonymousId": "anonymous", "messageId": f"l{k}",
+                     "timestamp": "2026-03-01T00:00:01Z", "context": {"externalIds": [ext(k), ext(k - 1)]}}
+                    for k in range(19, 0, -1)])
+    assert [o.merged for o in out] == [1] * 19
+    survivor = find(r, "t00", "v").id
+    k = Keys("default")
+    for pid in pids[1:]:
+        assert r.get(k.redirect(pid)) == survivor.encode(), pid
+        found = r.eval(FIND, 1, k.generation_key, k.prefix, "segment_id", pid, TOMBSTONE)
+        assert found[1] == survivor.encode(), pid
+
+
 def test_alias_merges_unless_turned_off(r: redis.Redis) -> None:
     events = [{"type": "page", "anonymousId": "old-anon", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"},
               {"type": "identify", "userId": "u9", "messageId": "2", "timestamp": "2026-03-01T00:01:00Z"},

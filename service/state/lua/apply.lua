@@ -413,6 +413,8 @@ local function general_path()
         fields[#fields + 1] = k
       elseif pre == 'x:' then
         redis.call('SET', G .. 'i:' .. rest, pid)
+      elseif pre == 'r:' then   -- what merged into L earlier points at the survivor, not along a chain
+        redis.call('SET', G .. 'mrg:' .. rest, pid)
       end
     end
     trait_fields(traits, fields, true)
