@@ -374,9 +374,9 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
             ids.append((f"{platform}.idfa", advertising_id))
         if token := _id(device.get("token")):
             ids.append((f"{platform}.push_token", token))
-    ga = _dict(_dict(raw.get("integrations")).get("Google Analytics")).get("clientId")
-    if ga_id := _id(ga):
-        ids.append(("ga_client_id", ga_id))
+    for holder in (raw, ctx):  # analytics.js sends it in the call's integrations; Segment's table names context's
+        if ga_id := _id(_dict(_dict(holder.get("integrations")).get("Google Analytics")).get("clientId")):
+            ids.append(("ga_client_id", ga_id))
     external = ctx.get("externalIds")
     if isinstance(external, list):
         for item in external:
@@ -471,7 +471,10 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id, platform))
     alias_of = None
     if kind == "alias":
-        alias_of = rules.usable(_id(raw.get("previousId")))
+        if rules.alias_merges:
+            alias_of = rules.usable(_id(raw.get("previousId")))
+        else:  # Unify: an alias call cannot merge profiles, nor by its own userId and anonymousId (analytics.js
+            ids = ids[:1]  # sends previousId = anonymousId): it is the person of its first-ranked identifier
     if not ids:
         raise InvalidEvent("no usable identifier: every value is blocked")
     channel = _channel(kind, raw, ctx, platform)

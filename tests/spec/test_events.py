@@ -35,6 +35,15 @@ def test_ad_id_needs_tracking_consent() -> None:
     assert "ios.idfa" not in {k for k, _ in normalise(raw, NOW, RULES).identifiers}
 
 
+def test_google_analytics_client_id_from_either_integrations() -> None:
+    """analytics.js puts it in the call's own ``integrations``; Segment's identifier table names
+    ``context.integrations``: both are read."""
+    top = {"type": "page", "anonymousId": "a1", "integrations": {"Google Analytics": {"clientId": " 123.456 "}}}
+    nested = {"type": "page", "anonymousId": "a1", "context": {"integrations": {"Google Analytics": {"clientId": "789"}}}}
+    assert ("ga_client_id", "123.456") in normalise(top, NOW, RULES).identifiers
+    assert ("ga_client_id", "789") in normalise(nested, NOW, RULES).identifiers
+
+
 def test_order_revenue_then_total_and_categories() -> None:
     e = normalise(fixture_json("track_order_completed.json"), NOW, RULES)
     assert e.order == ("50314b8e9bcf000000000000", 25.0, ("board-games", "toys"))

@@ -211,6 +211,12 @@ def test_alias_merges_unless_turned_off(r: redis.Redis) -> None:
     r.flushall()
     apply(r, events, Settings(alias_merges=False))
     assert find(r, "anonymous_id", "old-anon").id != find(r, "user_id", "u9").id
+    # analytics.js's alias('u9') carries the anonymousId too (as previousId and as itself): still no merge in Unify
+    r.flushall()
+    events[2]["anonymousId"] = "old-anon"
+    assert [o.merged for o in apply(r, events, Settings(alias_merges=False))] == [0, 0, 0]
+    assert find(r, "anonymous_id", "old-anon").id != find(r, "user_id", "u9").id
+    assert [o.merged for o in apply(r, [{**events[2], "messageId": "4"}])] == [1]  # the default merges it
 
 
 def test_alias_between_two_user_ids_is_protected(r: redis.Redis) -> None:
