@@ -318,8 +318,9 @@ def file_records(paths: list[str], after: str | None = None, shard: tuple[int, i
     list changed since (a relative ``--since`` lets the oldest archive hour fall out of the window); a path no
     longer listed replays every file given (applying an event again changes nothing). A ``<file index>:<line>``
     of an older version counts by place. ``shard`` (k, n) lets n
-    processes share an import (the state is order-independent, so the shares may apply in any order, and each
-    has its own positions to resume from): with at least n files, process k takes every n-th file whole (each
+    processes share an import (the state is order-independent, so the shares may apply in any order, save which
+    profile keeps an identifier that merge protection stops from linking two; each has its own positions to resume
+    from): with at least n files, process k takes every n-th file whole (each
     file is read once); else the k-th of every n runs of ``SHARD_LINES`` lines (array elements), skipping the
     others before parsing them."""
     skip_file, skip_line = -1, -1
