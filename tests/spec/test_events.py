@@ -39,7 +39,8 @@ def test_google_analytics_client_id_from_either_integrations() -> None:
     """analytics.js puts it in the call's own ``integrations``; Segment's identifier table names
     ``context.integrations``: both are read."""
     top = {"type": "page", "anonymousId": "a1", "integrations": {"Google Analytics": {"clientId": " 123.456 "}}}
-    nested = {"type": "page", "anonymousId": "a1", "context": {"integrations": {"Google Analytics": {"clientId": "789"}}}}
+    ga = {"Google Analytics": {"clientId": "789"}}
+    nested = {"type": "page", "anonymousId": "a1", "context": {"integrations": ga}}
     assert ("ga_client_id", "123.456") in normalise(top, NOW, RULES).identifiers
     assert ("ga_client_id", "789") in normalise(nested, NOW, RULES).identifiers
 
