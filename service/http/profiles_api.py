@@ -121,10 +121,21 @@ def _cursor(request: Request, subject: str, more: bool, nxt: str) -> dict:
 
 
 def _page(request: Request, subject: str, names: list[str], limit: int) -> tuple[list[str], dict]:
-    after = request.query_params.get("next") or ""
-    names = [n for n in sorted(names) if n > after] if after else sorted(names)
+    """One page of ``names`` in order; the cursor is the last name given, encoded: never empty while there is
+    more, even after a name that is (a trait may be called "")."""
+    token = request.query_params.get("next")
+    names = sorted(names)
+    if token:
+        try:
+            after = base64.urlsafe_b64decode(token[1:].encode() + b"==").decode() if token[:1] == "n" else None
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            after = None
+        if after is None:
+            raise ApiError(400, "validation_error", "next is not a cursor this API returned")
+        names = [n for n in names if n > after]
     page, more = names[:limit], len(names) > limit
-    return page, _cursor(request, subject, more, page[-1] if more else "")
+    nxt = "n" + base64.urlsafe_b64encode(page[-1].encode()).decode().rstrip("=") if more else ""
+    return page, _cursor(request, subject, more, nxt)
 
 
 def _traits(request: Request, subject: str, traits: dict) -> dict:
@@ -360,9 +371,10 @@ async def logged_events(state: Any, space: str, profile: Profile, *, limit: int,
             if not isinstance(obj, dict):
                 continue
             kind = str(obj.get("type", "")).lower()
-            if kind in excluded_types or obj.get("event") in exclude:
+            name = obj.get("event") if isinstance(obj.get("event"), str) else None  # any JSON was accepted there
+            if kind in excluded_types or name in exclude:
                 continue
-            if kind == "track" and "track" not in types and obj.get("event") not in names:
+            if kind == "track" and "track" not in types and name not in names:
                 continue
             kept.append((score, member, obj))
         batch.clear()

@@ -193,6 +193,38 @@ def test_events_filters_by_time_name_and_type(client: TestClient, r: redis.Redis
             "validation_error"
 
 
+def test_events_whose_name_is_not_text_are_listed_not_a_500(client: TestClient, r: redis.Redis) -> None:
+    """A track's ``event`` may arrive as any JSON (a write key is public): the person's events still read, and
+    name filters pass over such an event like one without a name."""
+    now = int(time.time() * 1000)
+    apply(r, [{**track("u1", 1, now - DAY), "event": {"x": 1}}, {**track("u1", 2, now - DAY), "event": ["x"]},
+              track("u1", 3, now - DAY)])
+    body = client.get(BASE + "/user_id:u1/events", headers=AUTH)
+    assert body.status_code == 200 and sorted(map(str, (e["event"] for e in body.json()["data"]))) == [
+        "Product Viewed", "['x']", "{'x': 1}"]
+    only = client.get(BASE + "/user_id:u1/events", params={"include": "Product Viewed"}, headers=AUTH).json()
+    assert [e["event"] for e in only["data"]] == ["Product Viewed"]
+    assert len(client.get(BASE + "/user_id:u1/events", params={"exclude": "Product Viewed"},
+                          headers=AUTH).json()["data"]) == 2
+
+
+def test_traits_page_on_after_a_trait_named_with_nothing(client: TestClient, r: redis.Redis) -> None:
+    """A trait called "" sorts first: its page's cursor must still lead on, not be an empty ``next``."""
+    apply(r, [{"type": "identify", "userId": "ue", "messageId": "ue-1", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"": "blank", "a": 1, "b": 2}}])
+    seen, params = [], {"limit": "1"}
+    for _ in range(5):
+        body = client.get(BASE + "/user_id:ue/traits", params=params, headers=AUTH).json()
+        seen += list(body["traits"])
+        if not body["cursor"]["has_more"]:
+            break
+        assert body["cursor"]["next"]
+        params = {"limit": "1", "next": body["cursor"]["next"]}
+    assert seen == ["", "a", "b"]
+    bad = client.get(BASE + "/user_id:ue/traits", params={"next": "plan"}, headers=AUTH)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "validation_error"
+
+
 def test_events_of_a_merged_profile_include_those_merged_into_it(client: TestClient, r: redis.Redis) -> None:
     now = int(time.time() * 1000)
     apply(r, [track(None, 1, now - 3 * DAY, "Signup Started", anon="anon-9"),
