@@ -908,6 +908,15 @@ def _run_options(cmd: argparse.ArgumentParser, resumes: str) -> None:
     cmd.add_argument("--resume", action="store_true", help=f"continue an interrupted {resumes}")
 
 
+def _call_type(text: str) -> str:
+    """A --type: one of Segment's call types (any other would silently match nothing)."""
+    from service.spec.events import TYPES
+
+    if text.lower() not in TYPES:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a call type; one of {', '.join(sorted(TYPES))}")
+    return text.lower()
+
+
 def _space_arg(text: str) -> str:
     """A --space as the receiver and the admin API take it: anything else would put data where nothing reads it."""
     from service.config import valid_space
@@ -999,7 +1008,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--until", help="log: received at or before (ISO-8601, or a time ago)")
     rp.add_argument("--profile", metavar="TYPE:VALUE",
                     help="log: every event of the profile that identifier resolves to, and of those merged into it")
-    rp.add_argument("--type", action="append", help="log: only this call type (repeatable)")
+    rp.add_argument("--type", action="append", type=_call_type, help="log: only this call type (repeatable)")
     rp.add_argument("--event", metavar="NAME", help="log: only track events of this name")
     _run_options(rp, "run of the same command")
     rp.set_defaults(func=cmd_replay)

@@ -74,6 +74,9 @@ def test_import_from_stdin_and_a_log_replay_dry_run(redis_url: str, r: redis.Red
     unknown = subprocess.run([EXE, "replay", "--profile", "email:nobody@example.com"], capture_output=True,
                              text=True, timeout=60, env=env(redis_url))
     assert unknown.returncode == 1 and "no profile has email:nobody@example.com" in unknown.stderr
+    typo = subprocess.run([EXE, "replay", "--type", "identifies"], capture_output=True, text=True, timeout=60,
+                          env=env(redis_url))
+    assert typo.returncode == 2 and "'identifies' is not a call type" in typo.stderr
 
 
 def test_a_log_replay_stops_at_until(redis_url: str, r: redis.Redis) -> None:

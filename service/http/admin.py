@@ -23,6 +23,7 @@ from service.http.intake import read_body
 from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
+from service.spec.events import TYPES
 from service.spec.keys import REFUSALS_KEY, Keys, valid_entry_id, valid_stream_bound
 from service.state import jobs, ops
 from service.state.queue import REPLAY_JOB
@@ -238,6 +239,9 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
     if doc.get("types") is not None:
         if not isinstance(doc["types"], list) or not all(isinstance(t, str) for t in doc["types"]):
             return "types: a list of call types, e.g. [\"identify\", \"track\"]"
+        unknown = sorted({t for t in doc["types"] if t.lower() not in TYPES})
+        if unknown:
+            return f"types: {unknown[0][:40]!r} is not a call type; one of {', '.join(sorted(TYPES))}"
         spec["types"] = sorted({t.lower() for t in doc["types"]})
     if doc.get("rate") is not None:
         if isinstance(doc["rate"], bool) or not isinstance(doc["rate"], int | float) or not 0 <= doc["rate"] <= 1e6:
@@ -396,7 +400,8 @@ def valid_job_id(job_id: str) -> bool:
 routes = [
     Route("/admin/forget", forget, methods=["POST"]),
     Route("/admin/suppressions", suppression_list, methods=["GET"]),
-    Route("/admin/suppressions/{user_id}", suppression_lift, methods=["DELETE"]),
+    # :path, as a userId may hold a '/' (sent as %2F, which the router sees decoded)
+    Route("/admin/suppressions/{user_id:path}", suppression_lift, methods=["DELETE"]),
     Route("/admin/replay", replay, methods=["POST"]),
     Route("/admin/jobs/{job_id}", job, methods=["GET", "DELETE"]),
     Route("/admin/dead-letters/{entry_id}", dead_letter, methods=["GET", "DELETE"]),

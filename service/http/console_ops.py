@@ -154,7 +154,7 @@ async def dead_letter(ctx: Ctx) -> Response:
                                                     "(replayed or deleted already?).")
     try:
         body = json.dumps(json.loads(letter["raw"]), indent=2, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to lay out: shown as it came
         body = letter["raw"]
     return ctx.render("dead_letter.html", page="operations", letter=letter, body=body,
                       replayable=letter["source"] in AUTHENTICATED_SOURCES, spaces=await known_spaces(ctx))

@@ -214,6 +214,15 @@ def test_overview_shows_the_status_figures_and_never_scans(app_client: TestClien
     assert commands and not commands & {"scan", "keys", "hscan", "sscan", "zscan"}, commands
 
 
+def test_a_dead_letter_nested_too_deep_to_lay_out_is_shown_as_it_came(app_client: TestClient, r: redis.Redis) -> None:
+    body = b"[" * 5000 + b"]" * 5000
+    SyncStore(r, Settings()).dead_letters("default", [("nested too deep", body)], "webhook")
+    entry = r.xrange(Keys("default").dead_letters)[0][0].decode()
+    login(app_client)
+    page = app_client.get(f"/console/operations/dead-letters/{entry}")
+    assert page.status_code == 200 and "[[[[" in page.text
+
+
 def test_replaying_a_dead_letter_from_the_console_applies_it(app_client: TestClient, r: redis.Redis) -> None:
     """A dead letter whose event applies now (the refusal's cause fixed), replayed with one click, run by a real
     worker, then gone and on the profile."""

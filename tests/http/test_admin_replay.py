@@ -76,6 +76,7 @@ def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> 
     for body, word in (({"source": "files"}, "source"), ({"since": "last tuesday"}, "since"),
                        ({"since": "9" * 400 + "d"}, "since"), ({"until": "1e999"}, "until"),
                        ({"rate": -1}, "rate"), ({"types": "track"}, "types"), ({"bogus": 1}, "unknown"),
+                       ({"types": ["track", "bogus"]}, "'bogus' is not a call type"),
                        ({"profile": "ada"}, "TYPE:VALUE")):
         resp = admin.post("/admin/replay", json=body, headers=ADMIN)
         assert resp.status_code == 400 and word in resp.json()["error"]["message"], (body, resp.text)

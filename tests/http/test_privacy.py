@@ -75,6 +75,16 @@ def test_forget_refuses_what_no_profile_can_be_identified_by(client: TestClient,
     assert find(r, "anonymous_id", "a7") is not None
 
 
+def test_a_user_id_with_a_slash_is_lifted_over_http(client: TestClient, r: redis.Redis) -> None:
+    """``DELETE /admin/suppressions/team%2F42``: the router sees the id decoded, slash and all."""
+    apply(r, [{"type": "identify", "userId": "team/42", "messageId": "t1", "timestamp": T}])
+    assert client.post("/admin/forget", json={"id": "user_id:team/42"}, headers=ADMIN).status_code == 200
+    lifted = client.delete("/admin/suppressions/team%2F42", headers=ADMIN)
+    assert lifted.status_code == 200 and lifted.json()["lifted"] == "team/42"
+    assert client.get("/admin/suppressions", headers=ADMIN).json()["data"] == []
+    assert client.delete("/admin/suppressions/team%2F42", headers=ADMIN).status_code == 404  # not suppressed now
+
+
 def test_suppressions_are_listed_and_lifted(client: TestClient, redis_env: dict[str, str], r: redis.Redis) -> None:
     ada(r)
     assert client.post("/admin/forget", json={"id": "x2"}, headers=ADMIN).json()["suppressed_user_id"] == "x2"
