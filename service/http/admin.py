@@ -239,9 +239,9 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
     if doc.get("types") is not None:
         if not isinstance(doc["types"], list) or not all(isinstance(t, str) for t in doc["types"]):
             return "types: a list of call types, e.g. [\"identify\", \"track\"]"
-        unknown = sorted({t for t in doc["types"] if t.lower() not in TYPES})
-        if unknown:
-            return f"types: {unknown[0][:40]!r} is not a call type; one of {', '.join(sorted(TYPES))}"
+        not_types = sorted({t for t in doc["types"] if t.lower() not in TYPES})
+        if not_types:
+            return f"types: {not_types[0][:40]!r} is not a call type; one of {', '.join(sorted(TYPES))}"
         spec["types"] = sorted({t.lower() for t in doc["types"]})
     if doc.get("rate") is not None:
         if isinstance(doc["rate"], bool) or not isinstance(doc["rate"], int | float) or not 0 <= doc["rate"] <= 1e6:
