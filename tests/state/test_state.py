@@ -201,6 +201,34 @@ def test_an_id_merged_away_long_ago_still_finds_its_profile(r: redis.Redis) -> N
         assert found[1] == survivor.encode(), pid
 
 
+def test_at_the_identifier_cap_an_event_still_attaches_to_its_profile(r: redis.Redis) -> None:
+    """Past the cap on identifiers per profile an event attaches and adds none: its new email is left out, not
+    its known anonymousId (which would split the event off to a new profile of its own)."""
+    s = Settings(max_identifiers=3)
+    apply(r, [{"type": "identify", "userId": "u", "anonymousId": f"a{i}", "messageId": f"i{i}",
+               "timestamp": "2026-03-01T00:00:00Z"} for i in range(2)], s)
+    out = apply(r, [{"type": "identify", "anonymousId": "a0", "messageId": "x", "timestamp": "2026-03-01T01:00:00Z",
+                     "traits": {"email": "new@example.com", "plan": "pro"}}], s)
+    assert out[0].created == 0
+    assert len(profiles(r)) == 1 and find(r, "email", "new@example.com") is None
+    assert find(r, "user_id", "u").trait_values()["plan"] == "pro"
+
+
+def test_a_late_alias_does_not_bring_a_deleted_user_id_back(r: redis.Redis) -> None:
+    """An alias stamped before its previousId's deletion, arriving after it (a retry, a replay) links nothing to
+    the deleted userId: as for the userId's own events, up to the deletion it stays gone."""
+    apply(r, [{"type": "identify", "userId": "u1", "anonymousId": "a0", "messageId": "1",
+               "timestamp": "2026-03-01T00:00:00Z"},
+              {"type": "delete", "userId": "u1", "messageId": "2", "timestamp": "2026-03-01T00:10:00Z"},
+              {"type": "alias", "anonymousId": "a1", "previousId": "u1", "messageId": "3",
+               "timestamp": "2026-03-01T00:05:00Z"}])
+    assert find(r, "user_id", "u1") is None and find(r, "anonymous_id", "a1") is not None
+    # an alias after the deletion may link the userId again, as any later event of it builds a new profile
+    apply(r, [{"type": "alias", "anonymousId": "a2", "previousId": "u1", "messageId": "4",
+               "timestamp": "2026-03-01T00:20:00Z"}])
+    assert find(r, "user_id", "u1").id == find(r, "anonymous_id", "a2").id
+
+
 def test_alias_merges_unless_turned_off(r: redis.Redis) -> None:
     events = [{"type": "page", "anonymousId": "old-anon", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"},
               {"type": "identify", "userId": "u9", "messageId": "2", "timestamp": "2026-03-01T00:01:00Z"},

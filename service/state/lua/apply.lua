@@ -562,9 +562,21 @@ local function general_path()
         end
       end
       if ok then return mlist, active end
-      for i = #ids, 1, -1 do   -- drop the lowest-priority identifier still in play, and match again
-        if active[i] then active[i] = false; nactive = nactive - 1; break end
+      -- drop the lowest-priority identifier still in play, and match again; past the identifier cap, a new one
+      -- first: at the cap an event still attaches to its profile, it only adds no identifier
+      local drop = false
+      if total > rules.max_ids then
+        for i = #ids, 1, -1 do
+          if active[i] and not owner[i] then drop = i; break end
+        end
       end
+      if not drop then
+        for i = #ids, 1, -1 do
+          if active[i] then drop = i; break end
+        end
+      end
+      active[drop] = false
+      nactive = nactive - 1
     end
   end
 
@@ -580,8 +592,13 @@ local function general_path()
     local ids = ev.ids
     if ev.t == 'alias' and ev.al ~= NULL and ev.al and the_rules().alias then
       local kind = 'anonymous_id'
-      if redis.call('EXISTS', ikey('user_id', ev.al)) == 1 then kind = 'user_id' end
-      local present = false
+      local known = redis.call('GET', ikey('user_id', ev.al))
+      if known then kind = 'user_id' end
+      if known == TOMBSTONE then   -- a deleted userId: up to its deletion, no event links to it again
+        local at = tonumber(redis.call('HGET', DELETED, ev.al))
+        if not at or ev.ts <= at then kind = false end
+      end
+      local present = not kind
       for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
       -- previousId goes last: when it conflicts (two user_ids), it is the identifier that is dropped.
       if not present then table.insert(ids, {kind, ev.al}) end
