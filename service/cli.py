@@ -971,7 +971,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--space", type=_space_arg, help="only this space")
     s.add_argument("--json", action="store_true", help="print the report as JSON (as GET /admin/status)")
     s.set_defaults(func=cmd_status)
-    f = sub.add_parser("forget", help="GDPR: erase the profile any identifier resolves to (email:…, user_id:…)",
+    f = sub.add_parser("forget", help="GDPR: erase the profile any identifier resolves to "
+                                      "(email:…, user_id:…, segment_id:use_…)",
                        description="Erase the profile an identifier resolves to (identifiers, traits, merged "
                                    "profiles, logged, dead-lettered and archived events) exactly as a Segment delete "
                                    "call does: its userId's events stamped up to now are suppressed (late retries, "

@@ -160,8 +160,9 @@ def only(records: Iterable[Record], types: set[str] | None, event: str | None) -
 
 
 def resolve(client: redis.Redis, rules: IdentityRules, space: str, identifier: str) -> tuple[str, str, str | None]:
-    """``TYPE:VALUE`` (a bare value is a user_id), normalised as the receiver does → (type, value, the live
-    profile's id or None), following merges (a merged-away id points at the survivor; chains are short)."""
+    """``TYPE:VALUE`` (a bare value is a user_id; ``segment_id:use_…`` a profile id), normalised as the receiver
+    does → (type, value, the live profile's id or None), following merges (a merged-away id points at the
+    survivor)."""
     kind, sep, value = identifier.partition(":")
     if not sep:
         kind, value = "user_id", identifier
@@ -170,7 +171,8 @@ def resolve(client: redis.Redis, rules: IdentityRules, space: str, identifier: s
         return kind, value, None
     kind, value = prepared[0]
     keys = state_keys(client, space)
-    pid = client.get(keys.ident(kind, value))
+    # segment_id: the profile's own id (``use_…``), as the Profile API takes it; merged-away ones redirect below
+    pid = value.encode() if kind == "segment_id" else client.get(keys.ident(kind, value))
     for _ in range(100):
         if not pid or pid == TOMBSTONE.encode():
             return kind, value, None

@@ -75,6 +75,15 @@ def test_forget_refuses_what_no_profile_can_be_identified_by(client: TestClient,
     assert find(r, "anonymous_id", "a7") is not None
 
 
+def test_forget_takes_a_profile_id_as_the_profile_api_does(client: TestClient, r: redis.Redis) -> None:
+    apply(r, [{"type": "identify", "userId": "sid", "anonymousId": "sid-anon", "messageId": "s1", "timestamp": T}])
+    pid = find(r, "user_id", "sid").id
+    erased = client.post("/admin/forget", json={"id": f"segment_id:{pid}"}, headers=ADMIN)
+    assert erased.status_code == 200 and erased.json()["suppressed_user_id"] == "sid"
+    assert find(r, "anonymous_id", "sid-anon") is None
+    assert client.post("/admin/forget", json={"id": f"segment_id:{pid}"}, headers=ADMIN).status_code == 404
+
+
 def test_a_user_id_with_a_slash_is_lifted_over_http(client: TestClient, r: redis.Redis) -> None:
     """``DELETE /admin/suppressions/team%2F42``: the router sees the id decoded, slash and all."""
     apply(r, [{"type": "identify", "userId": "team/42", "messageId": "t1", "timestamp": T}])
