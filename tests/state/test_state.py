@@ -214,6 +214,32 @@ def test_at_the_identifier_cap_an_event_still_attaches_to_its_profile(r: redis.R
     assert find(r, "user_id", "u").trait_values()["plan"] == "pro"
 
 
+def test_at_the_identifier_cap_merge_protection_still_comes_first(r: redis.Redis) -> None:
+    """The cap's "leave the new identifier out" never overrides the per-type limits: a second userId on a full
+    profile's device is not left out to attach its event (and traits) to the first user; and when the known
+    profiles alone pass the cap, the lowest-priority identifier goes, as before, not a new userId."""
+    s = Settings(max_identifiers=3)
+    apply(r, [{"type": "identify", "userId": "u1", "anonymousId": f"a{i}", "messageId": f"i{i}",
+               "timestamp": "2026-03-01T00:00:00Z"} for i in range(2)], s)
+    apply(r, [{"type": "identify", "userId": "u2", "anonymousId": "a0", "messageId": "x",
+               "timestamp": "2026-03-01T01:00:00Z", "traits": {"plan": "u2-plan"}}], s)
+    assert "plan" not in find(r, "user_id", "u1").trait_values()
+    assert find(r, "user_id", "u2").trait_values() == {"plan": "u2-plan"}
+    r.flushall()
+    s = Settings(max_identifiers=4)
+    ext = {"externalIds": [{"type": "x1", "id": "v", "collection": "users", "encoding": "none"}]}
+    apply(r, [{"type": "page", "anonymousId": "a1", "messageId": "m1", "timestamp": "2026-03-01T00:00:00Z",
+               "context": ext},
+              {"type": "page", "anonymousId": "a0", "messageId": "m2", "timestamp": "2026-03-01T00:00:00Z",
+               "context": ext},
+              {"type": "identify", "anonymousId": "b0", "messageId": "q", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"email": "e@example.com"}}], s)
+    apply(r, [{"type": "identify", "userId": "unew", "anonymousId": "a0", "messageId": "z",
+               "timestamp": "2026-03-01T00:00:00Z", "traits": {"email": "e@example.com"}}], s)
+    assert find(r, "user_id", "unew").id == find(r, "email", "e@example.com").id
+    assert find(r, "anonymous_id", "a0").id != find(r, "user_id", "unew").id
+
+
 def test_a_late_alias_does_not_bring_a_deleted_user_id_back(r: redis.Redis) -> None:
     """An alias stamped before its previousId's deletion, arriving after it (a retry, a replay) links nothing to
     the deleted userId: as for the userId's own events, up to the deletion it stays gone."""
@@ -223,6 +249,11 @@ def test_a_late_alias_does_not_bring_a_deleted_user_id_back(r: redis.Redis) -> N
               {"type": "alias", "anonymousId": "a1", "previousId": "u1", "messageId": "3",
                "timestamp": "2026-03-01T00:05:00Z"}])
     assert find(r, "user_id", "u1") is None and find(r, "anonymous_id", "a1") is not None
+    # nor once the userId has a new profile (an event after the deletion)
+    apply(r, [{"type": "identify", "userId": "u1", "messageId": "5", "timestamp": "2026-03-01T00:15:00Z"},
+              {"type": "alias", "anonymousId": "a3", "previousId": "u1", "messageId": "6",
+               "timestamp": "2026-03-01T00:06:00Z"}])
+    assert find(r, "anonymous_id", "a3").id != find(r, "user_id", "u1").id
     # an alias after the deletion may link the userId again, as any later event of it builds a new profile
     apply(r, [{"type": "alias", "anonymousId": "a2", "previousId": "u1", "messageId": "4",
                "timestamp": "2026-03-01T00:20:00Z"}])

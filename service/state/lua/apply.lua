@@ -531,7 +531,7 @@ local function general_path()
     local rules = the_rules()
     local nactive = #ids
     while true do
-      local mlist, seen, counts, total, merges = {}, {}, {}, 0, 0
+      local mlist, seen, counts, total, merges, new = {}, {}, {}, 0, 0, 0
       for i = 1, #ids do
         if active[i] then
           local o = owner[i]
@@ -547,25 +547,28 @@ local function general_path()
             local t = ids[i][1]
             counts[t] = (counts[t] or 0) + 1
             total = total + 1
+            new = new + 1
           end
         end
       end
-      local ok = nactive <= 1
+      local ok, fits = nactive <= 1, false
       if not ok then
-        ok = total <= rules.max_ids and (#mlist <= 1 or merges + #mlist - 1 <= rules.max_merges)
-        if ok then
+        fits = #mlist <= 1 or merges + #mlist - 1 <= rules.max_merges
+        if fits then
           for t, n in pairs(counts) do
             local l = rules.limits[t]
             if l == nil then l = rules.default_limit end
-            if n > l then ok = false; break end
+            if n > l then fits = false; break end
           end
         end
+        ok = fits and total <= rules.max_ids
+        fits = fits and total - new <= rules.max_ids   -- the known profiles fit: only new identifiers overflow
       end
       if ok then return mlist, active end
-      -- drop the lowest-priority identifier still in play, and match again; past the identifier cap, a new one
-      -- first: at the cap an event still attaches to its profile, it only adds no identifier
+      -- drop the lowest-priority identifier still in play, and match again; when only the new identifiers pass
+      -- the identifier cap, a new one first: at the cap an event still attaches to its profile, adding none
       local drop = false
-      if total > rules.max_ids then
+      if fits then
         for i = #ids, 1, -1 do
           if active[i] and not owner[i] then drop = i; break end
         end
@@ -594,9 +597,10 @@ local function general_path()
       local kind = 'anonymous_id'
       local known = redis.call('GET', ikey('user_id', ev.al))
       if known then kind = 'user_id' end
-      if known == TOMBSTONE then   -- a deleted userId: up to its deletion, no event links to it again
+      -- a deleted userId: no event stamped up to its deletion links to it again, even once it has a new profile
+      if known == TOMBSTONE or (known and maybe_deleted(ev.ts_text)) then
         local at = tonumber(redis.call('HGET', DELETED, ev.al))
-        if not at or ev.ts <= at then kind = false end
+        if (known == TOMBSTONE and not at) or (at and ev.ts <= at) then kind = false end
       end
       local present = not kind
       for _, id in ipairs(ids) do if id[1] == kind and id[2] == ev.al then present = true end end
