@@ -124,7 +124,10 @@ def suppressions(client: redis.Redis, space: str) -> list[dict]:
 
 def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
     """Stop suppressing ``user_id`` and the identifiers erased with it (their events apply again from now on).
-    False if it was not suppressed."""
+    False if it was not suppressed. An empty one raises ``NotAnIdentifier``: erasures by profile id record an
+    empty userId, and lifting "" would lift them all."""
+    if not user_id.strip():
+        raise NotAnIdentifier("an empty userId names nobody; nothing was lifted")
     k = Keys(space)
     found = bool(client.hdel(k.deleted, user_id)) | bool(client.srem(k.suppressed, user_id))
     mine = [ident for ident, record in client.hscan_iter(k.erased, count=1000) if erased_record(record)[1] == user_id]

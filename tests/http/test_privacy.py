@@ -92,6 +92,14 @@ def test_a_user_id_with_a_slash_is_lifted_over_http(client: TestClient, r: redis
     assert lifted.status_code == 200 and lifted.json()["lifted"] == "team/42"
     assert client.get("/admin/suppressions", headers=ADMIN).json()["data"] == []
     assert client.delete("/admin/suppressions/team%2F42", headers=ADMIN).status_code == 404  # not suppressed now
+    # an empty id names nobody: it must not lift the erasures by profile id, which record an empty userId
+    apply(r, [{"type": "page", "anonymousId": "anon-e", "messageId": "e1", "timestamp": T}])
+    assert client.post("/admin/forget", json={"id": "anonymous_id:anon-e"}, headers=ADMIN).status_code == 200
+    before = client.get("/admin/suppressions", headers=ADMIN).json()["data"]
+    for path in ("/admin/suppressions/", "/admin/suppressions/%20"):
+        refused = client.delete(path, headers=ADMIN)
+        assert refused.status_code == 400 and "userId" in refused.json()["error"]["message"], path
+    assert client.get("/admin/suppressions", headers=ADMIN).json()["data"] == before != []
 
 
 def test_suppressions_are_listed_and_lifted(client: TestClient, redis_env: dict[str, str], r: redis.Redis) -> None:
