@@ -187,6 +187,18 @@ def test_a_chat_keeps_its_slot_through_its_retries(mavera: MaveraServer, r: redi
     assert client.chat_slots.in_flight() == 0
 
 
+def test_a_lapsed_chat_slot_is_counted_again_when_renewed(r: redis.Redis) -> None:
+    """A chat that waited longer than its slot's hold (rate limits, a long answer) is in flight again when its next
+    attempt goes out: renewing adds the lapsed slot back."""
+    slots = ChatSlots(r, limit=3, hold=0.2)
+    with slots.slot() as renew:
+        time.sleep(0.4)
+        assert slots.in_flight() == 0  # lapsed, and pruned by the count
+        renew()
+        assert slots.in_flight() == 1
+    assert slots.in_flight() == 0
+
+
 def test_chat_concurrency_is_capped(mavera: MaveraServer, r: redis.Redis) -> None:
     mavera.state.chat_delay = 0.3
     client = make(mavera, r)

@@ -115,8 +115,8 @@ class ChatSlots:
                 raise RateLimited(f"no Mave chat slot within {max_wait:.0f}s ({self.limit} in flight)")
             time.sleep(0.2)
 
-        def renew() -> None:
-            self.client.zadd(self.key, {token: now_ms() + int(self.hold * 1000)}, xx=True)
+        def renew() -> None:  # added back if it lapsed meanwhile (a long wait): the chat is in flight either way
+            self.client.zadd(self.key, {token: now_ms() + int(self.hold * 1000)})
 
         try:
             yield renew
