@@ -596,8 +596,8 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
     ctx = multiprocessing.get_context("fork")
     messages = ctx.Queue()
     stop = ctx.Event()
-    procs = [ctx.Process(target=_import_shard, args=(settings, args, name, k, messages, stop), daemon=True)
-             for k in range(args.workers)]
+    procs = [ctx.Process(target=_import_shard, args=(settings, args, name, k, messages, stop, os.getpid()),
+                         daemon=True) for k in range(args.workers)]
     for proc in procs:
         proc.start()
     files_total = ByteMeter.of(args.files).total
@@ -655,7 +655,8 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
     return 0
 
 
-def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: int, messages: Any, stop: Any) -> None:
+def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: int, messages: Any, stop: Any,
+                  parent: int) -> None:
     """One process of ``import --workers N``: its own Redis client, its share of the lines, progress to the
     parent."""
     import signal
@@ -666,7 +667,7 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (``stop``)
     # a parent killed outright (SIGKILL, OOM) takes its shares along: left running, they would race the shares of
     # the `--resume` its message asks for; what they applied is checkpointed by chunk, and a resume redoes the rest
-    die_with_parent()
+    die_with_parent(parent)
     try:
         client = state_client(settings)
         space = args.space or settings.space_id
@@ -712,6 +713,8 @@ def cmd_suppressions(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if not args.user_ids:
         raise CommandError("lift needs one or more userIds (see `persona-sync suppressions list`)")
+    if not all(uid.strip() for uid in args.user_ids):
+        raise CommandError("an empty userId names nobody (see `persona-sync suppressions list`)")
     for uid in args.user_ids:
         if not lift_suppression(client, space, uid):
             raise CommandError(f"{uid} is not suppressed in space {space}")

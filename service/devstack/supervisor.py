@@ -45,10 +45,11 @@ def _children(with_worker: bool, with_cron: bool) -> dict[str, list[str]]:
     return kids
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """In a child, before it runs its program: SIGTERM it when the supervisor dies, however it dies (SIGKILL
-    included), so no program outlives its supervisor in a group of its own (Linux ``PR_SET_PDEATHSIG``)."""
-    parent = os.getppid()
+    included), so no program outlives its supervisor in a group of its own (Linux ``PR_SET_PDEATHSIG``).
+    ``parent``: the parent's pid, taken before the fork; read in the child, it may already be the reaper's."""
+    parent = os.getppid() if parent is None else parent
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the supervisor died before the request took effect
@@ -129,7 +130,7 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
                   "run this one with its own DATA_DIR and PORT (e.g. DATA_DIR=./var2 PORT=8001 make run).",
                   file=sys.stderr, flush=True)
             return 1
-        embedded = EmbeddedRedis(settings.data_dir, preexec_fn=die_with_parent)
+        embedded = EmbeddedRedis(settings.data_dir, preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
         def start_redis() -> subprocess.Popen:
             assert embedded is not None
@@ -157,7 +158,7 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
         signal.signal(sig, stop)
     for name, cmd in _children(with_worker, with_cron).items():
         child = Child(name, functools.partial(subprocess.Popen, cmd, env=env, process_group=0,
-                                              preexec_fn=die_with_parent))
+                                              preexec_fn=functools.partial(die_with_parent, os.getpid())))
         child.launch()
         children.append(child)
     try:

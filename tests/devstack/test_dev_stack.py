@@ -96,3 +96,12 @@ def test_the_console_line_says_how_to_turn_it_on_and_never_shows_the_token() -> 
                                                  "ADMIN_TOKEN=<a long random secret> to turn it on")
     assert console_line(Settings(admin_token="s3cret")) == \
         "console: http://127.0.0.1:8000/console (log in with ADMIN_TOKEN)"
+
+
+def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_dies_at_once() -> None:
+    """``die_with_parent`` takes the parent's pid from before the fork: a parent gone by the time the child asks
+    (the child then already belongs to the reaper) is noticed, and the child ends rather than lives on."""
+    code = ("import time; from service.devstack.supervisor import die_with_parent; "
+            "die_with_parent(2 ** 22 + 1); time.sleep(30)")  # a pid that is not its parent's: as if that one died
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
