@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.config import Settings
-from service.http import admin, console, insights_api, metrics, profiles_api, receiver, sdk
+from service.http import admin, console, insights_api, metrics, profiles_api, receiver, sdk, webui
 from service.http.openapi import docs
 from service.http.responses import JSON, error, unavailable
 from service.logs import event as log_event
@@ -47,8 +47,17 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if path == webui.PREFIX or path.startswith(webui.PREFIX + "/"):  # a person with a browser: a page, not JSON
+        title, message = {
+            404: ("Page not found", "The console has no page at this address; start again from the overview."),
+            405: ("Not allowed", "This console address does not take that kind of request."),
+        }.get(exc.status_code, ("Bad request", str(exc.detail)))
+        page = webui.error_page(exc.status_code, title, message)
+        page.headers.update(exc.headers or {})
+        return page
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-    return error(exc.status_code, code, str(exc.detail))
+    return error(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
 def route_of(request: Request) -> str:

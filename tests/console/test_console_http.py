@@ -164,9 +164,12 @@ def test_bad_input_gets_a_4xx_page(app_client: TestClient, r: redis.Redis) -> No
                          ("/console/profiles?id=email:" + "x" * 1001, 400),
                          ("/console/operations?since=last+tuesday", 400), ("/console/operations?source=mail", 400),
                          ("/console/operations?before=abc", 400), ("/console/operations/dead-letters/abc", 400),
-                         ("/console/operations/dead-letters/1-1", 404)]:
+                         ("/console/operations/dead-letters/1-1", 404), ("/console/no-such-page", 404)]:
         resp = app_client.get(path)
         assert resp.status_code == status and "<h1>" in resp.text, (path, resp.status_code)
+    wrong_method = app_client.delete("/console/operations")  # a page, with the methods it takes
+    assert wrong_method.status_code == 405 and "<h1>" in wrong_method.text and "GET" in wrong_method.headers["allow"]
+    assert app_client.get("/no-such-page").json()["error"]["code"] == "not_found"  # APIs keep their JSON
     for path, status in [("/console/operations/dead-letters/1-1/replay", 404),
                          ("/console/operations/dead-letters/1-1/delete", 404),
                          ("/console/operations/dead-letters/zz/delete", 400),
