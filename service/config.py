@@ -327,7 +327,7 @@ class Settings:
             analysis_window_days=_int("ANALYSIS_WINDOW_DAYS", raw["ANALYSIS_WINDOW_DAYS"], 1),
             cluster_rules_file=raw["CLUSTER_RULES_FILE"].strip(),
             min_cluster_size=_int("MIN_CLUSTER_SIZE", raw["MIN_CLUSTER_SIZE"], 1),
-            insight_min_share_pct=_float("INSIGHT_MIN_SHARE_PCT", raw["INSIGHT_MIN_SHARE_PCT"]),
+            insight_min_share_pct=_float("INSIGHT_MIN_SHARE_PCT", raw["INSIGHT_MIN_SHARE_PCT"], 0, 100),
             insight_require_above_mean=_bool("INSIGHT_REQUIRE_ABOVE_MEAN", raw["INSIGHT_REQUIRE_ABOVE_MEAN"]),
             mavera_api_key=raw["MAVERA_API_KEY"].strip(),
             mavera_base_url=raw["MAVERA_BASE_URL"].strip().rstrip("/"),
@@ -411,11 +411,15 @@ def _patterns(raw: str) -> tuple[str, ...]:
     return pats
 
 
-def _float(name: str, raw: str) -> float:
+def _float(name: str, raw: str, low: float, high: float) -> float:
+    """A number from ``low`` to ``high`` (never nan or inf, which ``float`` reads)."""
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    if not low <= value <= high:  # false for nan too
+        raise ConfigError(f"{name}={raw!r}: expected a number from {low:g} to {high:g}")
+    return value
 
 
 def _wait_replicas(raw: str, cluster: str) -> int:

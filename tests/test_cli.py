@@ -67,6 +67,10 @@ def test_bad_configuration_says_what_to_fix() -> None:
         Settings.from_env({"SPACE_ID": "{bad}"})
     with pytest.raises(ConfigError, match="MAVE_CHAT_CONCURRENCY='11': must be at most 10"):
         Settings.from_env({"MAVE_CHAT_CONCURRENCY": "11"})  # Mavera allows 10 chats in flight per key
+    for share in ("nan", "1e400", "-1", "101"):  # nan and inf would stop every KPI card from being computed
+        with pytest.raises(ConfigError, match="INSIGHT_MIN_SHARE_PCT.*from 0 to 100"):
+            Settings.from_env({"INSIGHT_MIN_SHARE_PCT": share})
+    assert Settings.from_env({"INSIGHT_MIN_SHARE_PCT": "12.5"}).insight_min_share_pct == 12.5
     s = Settings.from_env({"DEDUPE_WINDOW": "2h", "SEGMENT_WRITE_KEYS": "a, b=spa_2", "IDENTITY_LIMITS": "email:2"})
     assert s.dedupe_window == 7200 and dict(s.write_keys) == {"a": "default", "b": "spa_2"}
     assert s.identity_limits == {"user_id": 1, "*": 5, "email": 2}
