@@ -80,7 +80,7 @@ def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: 
                    progress: Callable[[int], None] | None = None, reason: str = "scheduled") -> dict:
     """Rebuild every contribution and aggregate from every profile, as ``recompute.full_recompute`` does, with the
     chunks shared out as jobs (``submit``) and computed by this process too."""
-    started, now_ms = time.perf_counter(), now_ms or clock.now_ms()
+    started, now_ms = time.perf_counter(), R.as_of(now_ms or clock.now_ms())
     with R.space_lock(client, space) as lock:
         keys = state_keys(client, space)
         R.begin_full(client, settings, keys)  # gives up any earlier run, takes the dirty marks, empties staging
@@ -300,7 +300,8 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
     R.set_staged_medians(client, keys, clusters)
     report = {"space": keys.space, "profiles": total, "full": True, "reason": run.reason, "mode": "jobs",
               "run": run.id, "now_ms": run.now_ms, "chunks": len(parts), "chunks_here": here,
-              "workers": len({by for _, by in decoded}), "resumes": run.resumes}
+              "workers": len({by for _, by in decoded}), "resumes": run.resumes,
+              "basis": R.basis(settings, run.now_ms)}
     R.finish_full(client, settings, keys, lock, clusters, patterns, report, started,
                   drop=[keys.recompute_run, keys.recompute_plan(run.id), *parts])
     return report | {"reduce_seconds": round(time.perf_counter() - reducing, 3)}  # the serial end

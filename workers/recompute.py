@@ -16,6 +16,7 @@ and rebuilds everything if they disagree.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing
 import os
@@ -32,7 +33,7 @@ from redis.lock import Lock
 
 from service.config import Settings
 from service.spec import clock
-from service.spec.keys import Keys
+from service.spec.keys import DAY_MS, Keys
 from service.spec.kpis import InsightRule
 from service.spec.profile import Profile, decode_profile
 from service.state.connect import is_cluster, scan_space
@@ -103,6 +104,33 @@ def rules_for(settings: Settings) -> Rules:
 def insight_rule(settings: Settings) -> InsightRule:
     return InsightRule(min_share_pct=settings.insight_min_share_pct,
                        require_above_mean=settings.insight_require_above_mean)
+
+
+def as_of(now_ms: int) -> int:
+    """The moment features are computed at: the last millisecond of ``now_ms``'s UTC day. Churn, the 30-day
+    sessions and the spend window move with time for every profile, changed or not; held for a day, they are the
+    same in every recompute of that day, so a refresh of the changed profiles equals a full recompute."""
+    return (now_ms // DAY_MS + 1) * DAY_MS - 1
+
+
+def basis(settings: Settings, now_ms: int) -> str:
+    """What stored contributions and cards were computed under: the UTC day of ``now_ms`` and a digest of the
+    cluster rules and the settings features and cards depend on (``Keys.recompute_basis``)."""
+    used = repr((rules_for(settings), settings.analysis_window_days, insight_rule(settings)))
+    return f"{now_ms // DAY_MS}:{hashlib.sha1(used.encode()).hexdigest()[:16]}"
+
+
+def _basis_moved(client: redis.Redis, keys: Keys, current: str) -> str | None:
+    """Why the stored contributions no longer hold under ``current`` (None: they do)."""
+    stored = client.get(keys.recompute_basis)
+    if stored is None:  # nothing computed yet holds under any basis; else an older version's result
+        return "contributions without a recorded basis" if client.exists(keys.contributions) else None
+    day, _, digest = stored.decode().partition(":")
+    if day != current.partition(":")[0]:
+        return "a new UTC day: churn, 30-day sessions and the spend window moved for every profile"
+    if digest != current.partition(":")[2]:
+        return "the cluster rules or the feature settings changed"
+    return None
 
 
 Entry = tuple[str, str | None, A.Contribution]  # (cluster, pattern, contribution) of one profile
@@ -258,12 +286,17 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
 
 def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
             lock_wait: float | None = None) -> dict:
-    """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree."""
-    now_ms = now_ms or clock.now_ms()
+    """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree, or
+    were computed on another day or under other rules (``basis``)."""
+    now_ms = as_of(now_ms or clock.now_ms())
     keys = state_keys(client, space)
     work = keys.dirty_work
     started = time.perf_counter()
+    current = basis(settings, now_ms)
     with space_lock(client, space, lock_wait) as lock:
+        moved = _basis_moved(client, keys, current)
+        if moved:
+            return _full(client, settings, space, now_ms, started, lock, reason=moved)
         # A crashed refresh left `work`, a crashed full recompute its snapshot: merge, never lose a dirty mark. A
         # shared run that lost its owner is given up first: its chunks were read before what this refresh applies.
         discard_run(client, keys)
@@ -313,7 +346,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         changed = publish(client, settings, space, clusters, patterns, pipe, touched)
         pipe.execute_command("DEL", work, keys.dirty_accounts_work)  # a Cluster pipeline's delete() takes one
         report = {"space": space, "profiles": len(pids), "changed_clusters": changed,
-                  "seconds": round(time.perf_counter() - started, 3)}
+                  "seconds": round(time.perf_counter() - started, 3), "basis": current}
         _record(pipe, keys, "refresh", report)
         _publish_if_held(lock, pipe)
     return report
@@ -393,7 +426,7 @@ def _move(clusters: dict, patterns: dict, old: Entry | None, new: Entry | None) 
 def full_recompute(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
                    processes: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Rebuild every contribution and aggregate from every profile (one process per core for large spaces)."""
-    now_ms = now_ms or clock.now_ms()
+    now_ms = as_of(now_ms or clock.now_ms())
     with space_lock(client, space) as lock:
         return _full(client, settings, space, now_ms, time.perf_counter(), lock, processes=processes,
                      progress=progress)
@@ -438,7 +471,8 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
                     procs) as parts:  # the scan goes on while the chunks already found are worked on
         total = join_parts(parts, clusters, patterns, progress)
     return finish_full(client, settings, keys, lock, clusters, patterns, {
-        "space": space, "profiles": total, "full": True, "reason": reason, "processes": procs}, started)
+        "space": space, "profiles": total, "full": True, "reason": reason, "processes": procs,
+        "basis": basis(settings, now_ms)}, started)
 
 
 def begin_full(client: redis.Redis, settings: Settings, keys: Keys) -> None:
@@ -499,6 +533,7 @@ def _record(pipe: redis.client.Pipeline, keys: Keys, kind: str, report: dict) ->
     pipe.hset(keys.recompute_runs, kind, orjson.dumps({
         "at_ms": clock.now_ms(), "seconds": report["seconds"], "profiles": report["profiles"],
         "changed_clusters": len(report["changed_clusters"]), "reason": report.get("reason")}))
+    pipe.set(keys.recompute_basis, report["basis"])
 
 
 def join_parts(parts: Iterable[Part], clusters: dict[str, A.GroupAggregate],

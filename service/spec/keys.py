@@ -290,6 +290,13 @@ class Keys:
         return f"{self.prefix}w:run:{run}:claim:{index}"
 
     @property
+    def recompute_basis(self) -> str:
+        """string "day:digest": the UTC day and the rules and settings the stored contributions were computed under
+        (``workers/recompute.py`` ``basis``), written with each recompute's result; a refresh under another basis
+        runs a full recompute instead."""
+        return f"{self.prefix}w:basis"
+
+    @property
     def recompute_runs(self) -> str:
         """hash "refresh" | "full" -> JSON {"at_ms", "seconds", "profiles", "changed_clusters", "reason"} of the
         last one that published, written with its result (``workers/recompute.py``); read by the status."""

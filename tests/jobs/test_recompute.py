@@ -278,3 +278,56 @@ def test_an_accounts_new_traits_reach_every_member_at_the_next_refresh(r: redis.
     # the same traits again (analytics.js sends them with every group call): only the sender is recomputed
     apply(r, [group("B", "g-b2", "2026-03-03T00:00:00Z", {"industry": "Retail"})])
     assert refresh(r, s, "default", now_ms=NOW)["profiles"] == 1
+
+
+def test_a_refresh_on_a_later_day_equals_a_full_recompute(r: redis.Redis) -> None:
+    """Churn, 30-day sessions and the spend window move with time for profiles nobody touched: the first refresh
+    of a new UTC day recomputes everything, so an order that left the window, or a visit now 32 days old, leaves
+    the cards of a person who sent nothing since."""
+    from service.spec.keys import DAY_MS
+    from tests.helpers import _iso
+
+    s, t0 = Settings(), NOW - 360 * DAY_MS
+    apply(r, [{"type": "identify", "userId": "a", "messageId": "i1", "timestamp": _iso(t0), "traits": {"ltv": 900}},
+              {"type": "page", "userId": "a", "messageId": "p1", "timestamp": _iso(NOW - 12 * DAY_MS)},
+              {"type": "track", "event": "Order Completed", "userId": "a", "messageId": "o1", "timestamp": _iso(t0),
+               "properties": {"order_id": "A1", "revenue": 100, "products": [{"category": "books"}]}},
+              {"type": "identify", "userId": "b", "messageId": "i2", "timestamp": _iso(t0),
+               "traits": {"ltv": 50, "churn_risk": 0.1}}])
+    refresh(r, s, "default", now_ms=NOW)
+    later = NOW + 20 * DAY_MS  # A1 is out of the 365-day window, the page view out of the 30-day sessions
+    apply(r, [{"type": "identify", "userId": "b", "messageId": "i3", "timestamp": _iso(NOW),
+               "traits": {"plan": "pro"}}])
+    report = refresh(r, s, "default", now_ms=later)
+    assert report["full"] and "new UTC day" in report["reason"]
+    refreshed = state(r)
+    full_recompute(r, s, "default", now_ms=later)
+    assert refreshed == state(r)
+    # within the day, refreshes stay incremental
+    apply(r, [{"type": "identify", "userId": "b", "messageId": "i4", "timestamp": _iso(NOW),
+               "traits": {"plan": "x"}}])
+    assert "full" not in refresh(r, s, "default", now_ms=later // DAY_MS * DAY_MS + DAY_MS - 1)
+
+
+def test_a_refresh_under_changed_cluster_rules_equals_a_full_recompute(r: redis.Redis, tmp_path) -> None:
+    """New cluster rules (or analysis window, or insight rule) apply to every profile at the next refresh, not
+    only to those with new events."""
+    import json
+
+    rules = tmp_path / "rules.json"
+
+    def write(threshold: int) -> None:
+        rules.write_text(json.dumps({"rules": [{"cluster": "big", "all": [
+            {"feature": "ltv", "op": ">", "value": threshold}]}], "default": "small"}))
+
+    write(500)
+    s = Settings(cluster_rules_file=str(rules))
+    apply(r, [{"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"ltv": 900, "churn_risk": 0.1}} for i in range(3)])
+    refresh(r, s, "default", now_ms=NOW)
+    write(1000)
+    apply(r, [{"type": "identify", "userId": "u0", "messageId": "x", "timestamp": "2026-03-02T00:00:00Z",
+               "traits": {"plan": "pro"}}])
+    report = refresh(r, s, "default", now_ms=NOW)
+    assert report["full"] and "rules" in report["reason"]
+    assert {k.decode(): orjson.loads(v)["n"] for k, v in r.hgetall(K.clusters).items()} == {"small": 3}
