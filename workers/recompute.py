@@ -388,11 +388,19 @@ def _pool_args(client: redis.Redis) -> tuple:
         cluster = cast(RedisCluster, client)
         node = cluster.get_default_node()
         kwargs = {k: v for k, v in cluster.nodes_manager.connection_kwargs.items()
-                  if k not in ("host", "port", "db") and (isinstance(v, str | int | float | bool) or v is None)}
+                  if k not in ("host", "port", "db") and (_plain(v) or k in _CARRIED)}
         return None, {**kwargs, "host": node.host, "port": node.port}
-    kwargs = {k: v for k, v in client.connection_pool.connection_kwargs.items()
-              if isinstance(v, str | int | float | bool) or v is None}
+    kwargs = {k: v for k, v in client.connection_pool.connection_kwargs.items() if _plain(v) or k in _CARRIED}
     return client.connection_pool.connection_class, kwargs
+
+
+# objects a child's connection needs as they are: the connection's class (``rediss://`` makes it an SSL one, which
+# a Cluster's settings hold only here) and a credential provider (token-based auth)
+_CARRIED = ("connection_class", "credential_provider")
+
+
+def _plain(value: object) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
 
 
 def connect_decoded(client: redis.Redis) -> redis.Redis:
@@ -414,7 +422,11 @@ def _connect(pool_args: tuple) -> redis.Redis:
     connection_class, kwargs = pool_args
     kwargs = {**kwargs, "decode_responses": True, "encoding_errors": "replace"}
     if connection_class is None:
-        return cast(redis.Redis, RedisCluster(**kwargs))
+        # through a URL, as the worker's own client was made: only then do the nodes' connections take the
+        # carried connection class (RedisCluster hands it to each node's pool, not to ``Redis``)
+        host, port = kwargs.pop("host"), kwargs.pop("port")
+        host = f"[{host}]" if ":" in str(host) else host
+        return cast(redis.Redis, RedisCluster(url=f"redis://{host}:{port}", **kwargs))
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
 
 

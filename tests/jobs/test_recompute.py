@@ -331,3 +331,22 @@ def test_a_refresh_under_changed_cluster_rules_equals_a_full_recompute(r: redis.
     report = refresh(r, s, "default", now_ms=NOW)
     assert report["full"] and "rules" in report["reason"]
     assert {k.decode(): orjson.loads(v)["n"] for k, v in r.hgetall(K.clusters).items()} == {"small": 3}
+
+
+def test_a_recompute_process_connects_to_a_cluster_as_the_worker_does(redis_cluster) -> None:
+    """A forked recompute process (and a chunk job's decoded client) opens its own connections with the worker's
+    connection class: with ``rediss://`` that class is what makes them TLS, and it was dropped for a Cluster."""
+    from redis.cluster import RedisCluster
+    from redis.connection import Connection
+
+    class Marked(Connection):
+        pass
+
+    worker = RedisCluster.from_url(redis_cluster.url, connection_class=Marked)
+    try:
+        child = recompute.connect_decoded(worker)
+        child.ping()
+        assert child.get_default_node().redis_connection.connection_pool.connection_class is Marked
+        child.close()
+    finally:
+        worker.close()
