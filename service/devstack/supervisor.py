@@ -15,6 +15,7 @@ import ctypes
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,6 +116,20 @@ def console_line(settings: Settings) -> str:
     return f"console: {url} is off; start with ADMIN_TOKEN=<a long random secret> to turn it on"
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the web could not listen on ``host:port`` (None: it can). Checked before anything starts: otherwise the
+    stack says it listens while the web exits at once, again and again, and requests reach whatever holds the
+    port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True) -> int:
     env = dict(os.environ)
     if not env.get("EVENT_ARCHIVE_DIR"):  # one box: the archive lives beside the data, and the log keeps 14 days
@@ -122,6 +137,11 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
         env.setdefault("EVENT_LOG_RETENTION", "14d")
     lock = embedded = None
     children: list[Child] = []
+    taken = port_taken(settings.host, settings.port)
+    if taken:
+        print(f"persona-sync dev: port {settings.port} on {settings.host} is taken ({taken}): stop what listens "
+              f"there, or run with another PORT (e.g. PORT={settings.port + 1} make run).", file=sys.stderr, flush=True)
+        return 1
     if not settings.redis_url:
         lock = DataDirLock(settings.data_dir, f"http://{settings.host}:{settings.port}")
         holder = lock.acquire()

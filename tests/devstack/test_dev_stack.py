@@ -105,3 +105,20 @@ def test_a_child_whose_parent_died_before_it_asked_to_die_with_it_dies_at_once()
             "die_with_parent(2 ** 22 + 1); time.sleep(30)")  # a pid that is not its parent's: as if that one died
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
+
+
+def test_a_taken_port_is_said_at_once_not_retried_for_ever(tmp_path: Path) -> None:
+    """Another program on PORT: the stack says which port and what to do, and starts nothing (it used to say it was
+    listening while its web exited and restarted, again and again)."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QUEUE_REDIS_URL", "MAVERA_API_KEY")}
+        env.update(DATA_DIR=str(tmp_path / "data"), PORT=str(port), HOST="127.0.0.1")
+        out = subprocess.run([EXE, "dev"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"port {port} on 127.0.0.1 is taken" in out.stderr and f"PORT={port + 1}" in out.stderr
+    assert "listening" not in out.stdout + out.stderr
