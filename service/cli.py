@@ -10,7 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.config import DEFAULT_REPLAY_RATE, VARIABLES, ConfigError, Settings, queue_url, redact, state_url
+from service.config import (
+    DEFAULT_REPLAY_RATE,
+    VARIABLES,
+    ConfigError,
+    Settings,
+    dev_stack_env,
+    queue_url,
+    redact,
+    runs_dev_stack,
+    state_url,
+)
 from service.state.queue import CRON_CONFIG, FULL_RECOMPUTE_JOB, QUEUE_NAME
 
 DONE = "done"  # the checkpoint of a share of `import --workers N` that finished
@@ -1095,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if runs_dev_stack(settings):  # the archive and log retention the stack's own programs run with
+            settings = Settings.from_env(dev_stack_env(os.environ, settings.data_dir))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

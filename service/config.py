@@ -469,6 +469,22 @@ def _recompute_mode(raw: str) -> str:
 EMBEDDED_SOCKET = "redis.sock"  # the embedded redis-server's unix socket, inside DATA_DIR
 
 
+def dev_stack_env(env: Mapping[str, str], data_dir: str) -> dict[str, str]:
+    """``env`` with what ``persona-sync dev`` gives its programs beyond it: on one box the archive lives beside the
+    data (DATA_DIR/archive) and the log keeps 14 days. A command run against that stack from another terminal
+    takes the same, so that it finds the archive the stack writes."""
+    out = dict(env)
+    if not out.get("EVENT_ARCHIVE_DIR"):
+        out["EVENT_ARCHIVE_DIR"] = str(Path(data_dir).resolve() / "archive")
+        out.setdefault("EVENT_LOG_RETENTION", "14d")
+    return out
+
+
+def runs_dev_stack(settings: Settings) -> bool:
+    """Whether commands reach a ``persona-sync dev`` under DATA_DIR (no REDIS_URL, and its socket is there)."""
+    return not settings.redis_url and (Path(settings.data_dir).resolve() / EMBEDDED_SOCKET).exists()
+
+
 def state_url(settings: Settings) -> str:
     """REDIS_URL, else the socket of a running ``persona-sync dev`` under DATA_DIR."""
     if settings.redis_url:
@@ -476,8 +492,9 @@ def state_url(settings: Settings) -> str:
     sock = Path(settings.data_dir).resolve() / EMBEDDED_SOCKET
     if sock.exists():
         return f"unix://{sock}"
-    raise ConfigError("REDIS_URL is not set and no `persona-sync dev` is running under DATA_DIR: start one with "
-                      "`make run`, or set REDIS_URL=redis://host:6379/0")
+    raise ConfigError(f"REDIS_URL is not set and no `persona-sync dev` is running under DATA_DIR ({sock.parent}): "
+                      "give this command the DATA_DIR you gave `make run` (e.g. DATA_DIR=./var2 persona-sync status), "
+                      "start one with `make run`, or set REDIS_URL=redis://host:6379/0")
 
 
 def queue_url(settings: Settings) -> str:

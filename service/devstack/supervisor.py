@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.config import Settings
+from service.config import Settings, dev_stack_env
 from service.devstack.redis_server import DataDirLock, EmbeddedRedis
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0  # seconds before a restart: doubling from the first to the most
@@ -131,10 +131,7 @@ def port_taken(host: str, port: int) -> str | None:
 
 
 def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True) -> int:
-    env = dict(os.environ)
-    if not env.get("EVENT_ARCHIVE_DIR"):  # one box: the archive lives beside the data, and the log keeps 14 days
-        env["EVENT_ARCHIVE_DIR"] = str(Path(settings.data_dir).resolve() / "archive")
-        env.setdefault("EVENT_LOG_RETENTION", "14d")
+    env = dev_stack_env(os.environ, settings.data_dir)
     lock = embedded = None
     children: list[Child] = []
     taken = port_taken(settings.host, settings.port)

@@ -71,6 +71,16 @@ def test_dev_stack_end_to_end_and_restart(tmp_path: Path) -> None:
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         clusters = wait_for(lambda: httpx.get(f"{base}/api/clusters", headers=auth).json()["clusters"])
         assert clusters[0]["cluster"] == "high_value" and clusters[0]["n"] == 3
+        # a command from another terminal, told only the stack's DATA_DIR, finds its Redis and its archive
+        cli_env = {"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path / "var")}
+        archive = subprocess.run([EXE, "replay", "--from-archive", "--since", "90d", "--dry-run"],
+                                 capture_output=True, text=True, timeout=60, env=cli_env)
+        assert "EVENT_ARCHIVE_DIR is not set" not in archive.stderr, archive.stderr  # nothing archived yet: said
+        assert str(tmp_path / "var" / "archive") in archive.stderr, archive.stderr  # where it looked
+        elsewhere = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60,
+                                   env={**cli_env, "DATA_DIR": str(tmp_path / "other")})
+        assert elsewhere.returncode == 1 and f"({tmp_path / 'other'})" in elsewhere.stderr
+        assert "give this command the DATA_DIR you gave `make run`" in elsewhere.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
