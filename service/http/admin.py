@@ -37,6 +37,9 @@ def admin_denied(request: Request) -> Response | None:
     token = auth.bearer_token(request.headers.get("authorization"))
     if auth.token_ok(token, request.app.state.settings.admin_token):
         return None
+    if not request.app.state.settings.admin_token:  # no token can be right: say so, not "send the right one"
+        return error(401, "authentication_error", "the admin API is off: start the web with ADMIN_TOKEN=<a long "
+                     "random secret> to turn it on, then send it as a Bearer token")
     return error(401, "authentication_error", "send ADMIN_TOKEN as a Bearer token")
 
 

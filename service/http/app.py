@@ -102,6 +102,10 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
             log_event(log, "SEGMENT_SHARED_SECRETS is empty: webhook signatures are not checked", logging.WARNING)
         if not settings.write_keys:
             log_event(log, "SEGMENT_WRITE_KEYS is empty: the Tracking API accepts any write key", logging.WARNING)
+        if not settings.profile_api_token:
+            log_event(log, "PROFILE_API_TOKEN is empty: the Profile API is off", logging.WARNING)
+        if not settings.admin_token:
+            log_event(log, "ADMIN_TOKEN is empty: the admin API and the console are off", logging.WARNING)
         try:
             yield
         finally:

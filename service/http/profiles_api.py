@@ -481,6 +481,10 @@ async def profile_endpoint(request: Request) -> Response:
     state = request.app.state
     token = auth.basic_username(request.headers.get("authorization"))
     if not auth.token_ok(token, state.settings.profile_api_token):
+        if not state.settings.profile_api_token:  # no token can be right: say so, not "send the right one"
+            return error(401, "authentication_error", "the Profile API is off: start the web with "
+                         "PROFILE_API_TOKEN=<a long random secret> to turn it on, then send it as the HTTP Basic "
+                         "username (empty password)")
         return error(401, "authentication_error",
                      "send the PROFILE_API_TOKEN as the HTTP Basic username (empty password)")
     collection = request.path_params["collection"]

@@ -421,3 +421,19 @@ def test_a_log_replay_fills_the_indexes_of_data_from_before_them(client: TestCli
     assert [e["event"] for e in client.get(BASE + "/user_id:old/events", headers=AUTH).json()["data"]] == [
         "Product Viewed"]
     assert len(client.get(links, headers=AUTH).json()["data"]) == 1
+
+
+def test_an_api_without_its_token_set_says_it_is_off(settings: Settings, redis_url: str) -> None:
+    """With PROFILE_API_TOKEN or ADMIN_TOKEN unset no credential can be right: the 401 says how to turn the API on,
+    not to send the right token."""
+    off = dataclasses.replace(settings, profile_api_token="", admin_token="")
+    with TestClient(create_app(off, redis_url, "")) as c:
+        read = c.get(BASE + "/user_id:u1/traits", headers=AUTH)
+        assert read.status_code == 401 and "Profile API is off" in read.json()["error"]["message"]
+        assert "PROFILE_API_TOKEN=" in read.json()["error"]["message"]
+        admin = c.get("/admin/suppressions", headers={"Authorization": "Bearer admin"})
+        assert admin.status_code == 401 and "admin API is off" in admin.json()["error"]["message"]
+    with TestClient(create_app(settings, redis_url, "")) as c:  # set: the usual answer
+        wrong = c.get(BASE + "/user_id:u1/traits", headers={"Authorization": "Basic " + base64.b64encode(
+            b"nope:").decode()})
+        assert wrong.status_code == 401 and "is off" not in wrong.json()["error"]["message"]
