@@ -214,9 +214,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
 
     from service.state.connect import connect
-    from service.state.status import collect
+    from service.state.status import collect, spaces
 
     client = state_client(settings)
+    if args.space and args.space not in (known := spaces(client)):  # an all-zero report would look like a quiet one
+        raise CommandError(f"no space {args.space!r} has any data; known: {', '.join(sorted(known)) or 'none yet'}")
     queue = connect(queue_url(settings), socket_timeout=5, socket_connect_timeout=2)
     report = collect(client, queue, settings, args.space)
     if args.json:

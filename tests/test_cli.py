@@ -97,6 +97,8 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
     env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
     status = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60, env=env)
     assert status.returncode == 0 and "space default" in status.stdout and "(1 created)" in status.stdout
+    typo = subprocess.run([EXE, "status", "--space", "defualt"], capture_output=True, text=True, timeout=60, env=env)
+    assert typo.returncode == 1 and "no space 'defualt' has any data; known: default" in typo.stderr
     forget = subprocess.run([EXE, "forget", "op-1"], capture_output=True, text=True, timeout=60, env=env)
     assert forget.returncode == 0 and "deleted" in forget.stdout
     assert find(r, "user_id", "op-1") is None
