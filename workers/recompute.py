@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from workers.compute import aggregates as A
 from workers.compute.channels import channel_pattern, pattern_summaries
 from workers.compute.clusters import Rules, assign_cluster, label, load_rules
 from workers.compute.features import TRAITS_USED, compute_features
+from workers.cpus import usable_cpus
 from workers.locks import held_lock
 
 CHUNK = 500
@@ -355,7 +355,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
 def _entries(client: redis.Redis, settings: Settings, space: str, now_ms: int,
              pids: list[str]) -> dict[str, Entry | None]:
     """Features → entries of ``pids``; many dirty profiles are computed by one process per core."""
-    procs = min(os.cpu_count() or 1, 4) if len(pids) >= PARALLEL_REFRESH_FROM else 1
+    procs = min(usable_cpus(), 4) if len(pids) >= PARALLEL_REFRESH_FROM else 1
     chunks = (pids[i:i + CHUNK] for i in range(0, len(pids), CHUNK))
     out: dict[str, Entry | None] = {}
     with _chunk_map(_entries_chunk, chunks, (_pool_args(client), settings, space, now_ms), procs) as parts:
@@ -476,7 +476,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
     while scanned < PARALLEL_FROM and (chunk := next(chunks, None)) is not None:
         head.append(chunk)
         scanned += len(chunk)
-    procs = processes or (min(os.cpu_count() or 1, 4) if scanned >= PARALLEL_FROM else 1)
+    procs = processes or (min(usable_cpus(), 4) if scanned >= PARALLEL_FROM else 1)
     clusters: dict[str, A.GroupAggregate] = {}
     patterns: dict[str, A.GroupAggregate] = {}
     with _chunk_map(_full_chunk, itertools.chain(head, chunks), (_pool_args(client), settings, space, now_ms),
