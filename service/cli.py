@@ -271,7 +271,7 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
                   "`persona-sync replay-dead-letters` again to carry on", file=sys.stderr)
             return 1 if exc.reason else 130
     print(f"{counts['replayed']} of {counts['entries']} dead letters replayed ({counts['events_applied']} events "
-          f"applied); {counts['kept']} still invalid and kept: see GET /admin/dead-letters")
+          f"applied); {counts['kept']} still invalid and kept: see `persona-sync dead-letters list`")
     if counts["unauthenticated"]:
         fate = "deleted" if args.drop_unauthenticated else "kept (delete them with --drop-unauthenticated)"
         print(f"{counts['unauthenticated']} dead letters came from requests that failed authentication (stored by an "
