@@ -212,6 +212,9 @@ def test_overview_shows_the_status_figures_and_never_scans(app_client: TestClien
     assert '<th scope="row">duplicate</th><td>1</td><td>1</td>' in page.replace("\n", "")
     assert 'id="dead-letters"><a href="/console/operations?space=default">3</a>' in page
     assert 'id="redis-memory">' in page and "Syncing (not paused)" in page
+    r.hset(Keys("default").personas, "high_value", orjson.dumps({"state": "outbox"}))  # workers without a key
+    assert "<strong>Outbox mode</strong>" in app_client.get("/console").text
+    r.hdel(Keys("default").personas, "high_value")
     assert page.count('class="s-accepted"') >= 2  # a bar for the minute, and the legend
     commands = {k.removeprefix("cmdstat_") for k in r.info("commandstats")}
     assert commands and not commands & {"scan", "keys", "hscan", "sscan", "zscan"}, commands
