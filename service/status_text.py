@@ -91,6 +91,8 @@ def _deployment(report: dict) -> Table:
         queue = (f"{q['queued']} queued, {q['running']} running, {q['scheduled']} scheduled, {q['deferred']} deferred, "
                  f"{q['failed']} failed; {q['workers']} worker(s)")
     pause = "syncing"
+    if any(p.get("state") == "outbox" for row in report["spaces"] for p in row["personas"].values()):
+        pause = "outbox mode: personas kept here, not sent (the workers have no MAVERA_API_KEY)"
     if mavera["paused"]:
         pause = "PAUSED" + (f" since {when(mavera['since_ms'])}" if mavera["since_ms"] else "") + \
             f": {mavera['reason'] or '?'}"

@@ -90,7 +90,7 @@ def test_a_space_id_the_receiver_would_refuse_is_refused_before_anything_runs(co
 
 
 def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
-    from service.spec.keys import MAVERA_PAUSED_KEY
+    from service.spec.keys import MAVERA_PAUSED_KEY, Keys
     from tests.helpers import apply, find
 
     apply(r, [{"type": "identify", "userId": "op-1", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
@@ -99,6 +99,9 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
     assert status.returncode == 0 and "space default" in status.stdout and "(1 created)" in status.stdout
     typo = subprocess.run([EXE, "status", "--space", "defualt"], capture_output=True, text=True, timeout=60, env=env)
     assert typo.returncode == 1 and "no space 'defualt' has any data; known: default" in typo.stderr
+    r.hset(Keys("default").personas, "new", '{"state": "outbox"}')  # what workers without MAVERA_API_KEY leave
+    outbox = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60, env=env).stdout
+    assert "outbox mode" in outbox and "MAVERA_API_KEY" in outbox
     forget = subprocess.run([EXE, "forget", "op-1"], capture_output=True, text=True, timeout=60, env=env)
     assert forget.returncode == 0 and "deleted" in forget.stdout
     assert find(r, "user_id", "op-1") is None
