@@ -63,7 +63,11 @@ def refresh(space: str, marker: str | None = None) -> dict:
         time.sleep(ttl_ms / 1000 + 0.005)
     try:  # a shared full recompute whose owner died is finished first (see workers/mapreduce.py)
         resumed = mapreduce.resume(client, settings, space, _chunk_queuer(), lock_wait=REFRESH_LOCK_WAIT)
-        report = resumed or recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT)
+        shared = settings.recompute_mode == "jobs"
+        report = resumed or recompute.refresh(client, settings, space, lock_wait=REFRESH_LOCK_WAIT,
+                                              full_here=not shared)
+        if "basis_moved" in report:  # a new day or new rules, in jobs mode: the full recompute is shared out too
+            resumed = mapreduce.full_recompute(client, settings, space, _chunk_queuer(), reason=report["basis_moved"])
     except recompute.Busy as exc:
         log_event(log, "refresh stepped aside", space=space, reason=str(exc))
         return {"space": space, "deferred": str(exc)}

@@ -285,9 +285,11 @@ def publish(client: redis.Redis, settings: Settings, space: str, clusters: dict[
 
 
 def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | None = None,
-            lock_wait: float | None = None) -> dict:
+            lock_wait: float | None = None, full_here: bool = True) -> dict:
     """Apply the dirty profiles' changes to the aggregates. Falls back to a full recompute if they disagree, or
-    were computed on another day or under other rules (``basis``)."""
+    were computed on another day or under other rules (``basis``). ``full_here=False``: for the latter, return
+    ``{"basis_moved": reason}`` at once instead, for the caller to run the full recompute its way (shared out as
+    jobs)."""
     now_ms = as_of(now_ms or clock.now_ms())
     keys = state_keys(client, space)
     work = keys.dirty_work
@@ -295,6 +297,8 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
     current = basis(settings, now_ms)
     with space_lock(client, space, lock_wait) as lock:
         moved = _basis_moved(client, keys, current)
+        if moved and not full_here:
+            return {"space": space, "basis_moved": moved}
         if moved:
             return _full(client, settings, space, now_ms, started, lock, reason=moved)
         # A crashed refresh left `work`, a crashed full recompute its snapshot: merge, never lose a dirty mark. A

@@ -169,3 +169,19 @@ def test_the_owner_drops_the_chunk_jobs_no_worker_started(r: redis.Redis, redis_
     [report] = job.return_value()
     assert report["chunks"] == report["chunks_here"] == 1 and report["workers"] == 1
     assert not Job.exists(f"recompute-{report['run']}-0", connection=queue.connection) and not queue.get_job_ids()
+
+
+def test_in_jobs_mode_a_new_days_refresh_shares_its_full_recompute_out(env: None, r: redis.Redis,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """RECOMPUTE_MODE=jobs is for spaces one machine is too slow for: the full recompute a refresh owes to a new
+    UTC day (or new rules) is shared out as chunk jobs too, not run by the one worker that took the refresh."""
+    from service.spec.keys import DAY_MS
+
+    monkeypatch.setenv("RECOMPUTE_MODE", "jobs")
+    apply(r, mixed_stream(600, users=30, seed=5))
+    recompute.refresh(r, Settings(), "default", now_ms=NOW - 2 * DAY_MS)  # the stored basis: two days ago
+    apply(r, [{"type": "identify", "userId": "user-1", "messageId": "today", "traits": {"ltv": 1}}])
+    report = jobs.refresh("default")
+    assert report["mode"] == "jobs" and "new UTC day" in report["reason"] and report["profiles"] == 30
+    assert not r.exists(K.recompute_run, K.dirty, K.dirty_full)
+    assert recompute.refresh(r, Settings(), "default")["profiles"] == 0  # today's basis now: incremental again
