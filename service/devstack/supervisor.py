@@ -12,6 +12,7 @@ data; if the supervisor itself is killed, every child gets SIGTERM from the kern
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import signal
@@ -116,17 +117,22 @@ def console_line(settings: Settings) -> str:
     return f"console: {url} is off; start with ADMIN_TOKEN=<a long random secret> to turn it on"
 
 
-def port_taken(host: str, port: int) -> str | None:
-    """Why the web could not listen on ``host:port`` (None: it can). Checked before anything starts: otherwise the
-    stack says it listens while the web exits at once, again and again, and requests reach whatever holds the
-    port."""
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why the web could not listen on ``host:port``, and what to do (None: it can). Checked before anything
+    starts: otherwise the stack says it listens while the web exits at once, again and again, and requests reach
+    whatever holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
         try:
             probe.bind((host, port))
         except OSError as exc:
-            return exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is taken ({exc.strerror}): stop what listens there, or run with "
+                        f"another PORT (e.g. PORT={port + 1} make run).")
+            return f"cannot listen on {host}:{port} ({exc.strerror or exc}): check HOST and PORT."
+        except UnicodeError as exc:  # a HOST no resolver takes
+            return f"cannot listen on {host}:{port} ({exc}): check HOST."
     return None
 
 
@@ -134,11 +140,6 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
     env = dev_stack_env(os.environ, settings.data_dir)
     lock = embedded = None
     children: list[Child] = []
-    taken = port_taken(settings.host, settings.port)
-    if taken:
-        print(f"persona-sync dev: port {settings.port} on {settings.host} is taken ({taken}): stop what listens "
-              f"there, or run with another PORT (e.g. PORT={settings.port + 1} make run).", file=sys.stderr, flush=True)
-        return 1
     if not settings.redis_url:
         lock = DataDirLock(settings.data_dir, f"http://{settings.host}:{settings.port}")
         holder = lock.acquire()
@@ -147,6 +148,14 @@ def run_dev(settings: Settings, with_worker: bool = True, with_cron: bool = True
                   "run this one with its own DATA_DIR and PORT (e.g. DATA_DIR=./var2 PORT=8001 make run).",
                   file=sys.stderr, flush=True)
             return 1
+    unbindable = cannot_listen(settings.host, settings.port)  # after the lock: a second stack hears about the first
+    if unbindable:
+        if lock:
+            lock.release()
+        print(f"persona-sync dev: {unbindable}", file=sys.stderr, flush=True)
+        return 1
+    if not settings.redis_url:
+        assert lock is not None
         embedded = EmbeddedRedis(settings.data_dir, preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
         def start_redis() -> subprocess.Popen:

@@ -132,3 +132,7 @@ def test_a_taken_port_is_said_at_once_not_retried_for_ever(tmp_path: Path) -> No
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"port {port} on 127.0.0.1 is taken" in out.stderr and f"PORT={port + 1}" in out.stderr
     assert "listening" not in out.stdout + out.stderr
+    bad_host = subprocess.run([EXE, "dev"], env={**env, "HOST": "no-such-host.invalid", "PORT": "8000"},
+                              capture_output=True, text=True, timeout=60)
+    assert bad_host.returncode == 1 and "cannot listen on no-such-host.invalid:8000" in bad_host.stderr
+    assert "check HOST" in bad_host.stderr

@@ -106,6 +106,9 @@ def test_a_second_stack_on_the_same_data_dir_refuses_and_the_first_keeps_serving
     assert "is in use by another stack" in second.stderr and f"pid {proc.pid}" in second.stderr
     assert f"127.0.0.1:{port}" in second.stderr  # names the running stack
     assert traits(port, "first") == 200 and ready(port)  # its socket was not touched
+    same_port = subprocess.run([EXE, "dev"], env=dev_env(data / "var", port), capture_output=True, text=True,
+                               timeout=60)  # `make run` twice, as is: told of the stack, not only of its port
+    assert same_port.returncode == 1 and "is in use by another stack" in same_port.stderr, same_port.stderr
 
 
 def test_every_crashed_child_is_restarted_and_the_log_says_so(stack) -> None:
