@@ -294,8 +294,13 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
     keys = state_keys(client, space)
     work = keys.dirty_work
     started = time.perf_counter()
-    current = basis(settings, now_ms)
     with space_lock(client, space, lock_wait) as lock:
+        # never back in time: a clock behind the last recompute's (a lock wait over midnight, another host's
+        # clock) computes as of that recompute's day, rather than redo everything for the day before
+        stored = client.get(keys.recompute_basis)
+        if stored and stored.split(b":")[0].isdigit():
+            now_ms = max(now_ms, as_of(int(stored.split(b":")[0]) * DAY_MS))
+        current = basis(settings, now_ms)
         moved = _basis_moved(client, keys, current)
         if moved and not full_here:
             return {"space": space, "basis_moved": moved}
@@ -473,6 +478,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
           reason: str = "scheduled", processes: int | None = None,
           progress: Callable[[int], None] | None = None) -> dict:
     keys = state_keys(client, space)
+    run_basis = basis(settings, now_ms)  # the rules as this run reads them, not as they may be when it ends
     begin_full(client, settings, keys)
     chunks = profile_ids(client, keys)
     head: list[list[str]] = []  # scan far enough to tell a small space (one process) from a large one
@@ -488,7 +494,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
         total = join_parts(parts, clusters, patterns, progress)
     return finish_full(client, settings, keys, lock, clusters, patterns, {
         "space": space, "profiles": total, "full": True, "reason": reason, "processes": procs,
-        "basis": basis(settings, now_ms)}, started)
+        "basis": run_basis}, started)
 
 
 def begin_full(client: redis.Redis, settings: Settings, keys: Keys) -> None:

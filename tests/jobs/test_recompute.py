@@ -350,3 +350,18 @@ def test_a_recompute_process_connects_to_a_cluster_as_the_worker_does(redis_clus
         child.close()
     finally:
         worker.close()
+
+
+def test_a_refresh_whose_clock_is_behind_the_last_recompute_does_not_go_back_a_day(r: redis.Redis) -> None:
+    """A refresh that waited for the lock over midnight (or runs on a host whose clock is behind) computes as of
+    the day already recorded, instead of a full recompute for the day before and another after it."""
+    from service.spec.keys import DAY_MS
+
+    s = Settings()
+    apply(r, [{"type": "identify", "userId": f"c{i}", "messageId": f"c{i}", "traits": {"ltv": 5}} for i in range(3)])
+    full_recompute(r, s, "default", now_ms=NOW + DAY_MS)
+    recorded = r.get(K.recompute_basis)
+    apply(r, [{"type": "identify", "userId": "c0", "messageId": "c0b", "traits": {"plan": "pro"}}])
+    report = refresh(r, s, "default", now_ms=NOW)
+    assert "full" not in report and report["profiles"] == 1
+    assert r.get(K.recompute_basis) == recorded

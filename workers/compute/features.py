@@ -1,8 +1,10 @@
 """Per-profile features: the plain numbers clustering, channel patterns and KPI cards are computed from.
 
-Pure: the caller passes the decoded profile, the merged account traits and ``now``. Trait values come from
-whatever sources send them, so every read is defensive: a value of the wrong type (string that is not a number,
-bool, None, list, dict, NaN, out of range) is ignored and the derived value is used instead. Nothing here raises.
+Pure: the caller passes the decoded profile, the merged account traits and ``now`` (the recompute passes the
+last millisecond of the current UTC day, ``workers.recompute.as_of``, so that every recompute of a day agrees).
+Trait values come from whatever sources send them, so every read is defensive: a value of the wrong type (string
+that is not a number, bool, None, list, dict, NaN, out of range) is ignored and the derived value is used instead.
+Nothing here raises.
 
 Every number read from a trait must lie in [0, 1e9] (``kpis.MAX_VALUE``); derived ltv and spend are capped there,
 so the integer sums the aggregates keep stay far inside 64 bits.
@@ -11,9 +13,9 @@ Documented choices:
 - ltv: trait ``ltv`` then ``lifetime_value`` (non-negative number or numeric string), else revenue of all orders.
 - purchases: trait ``purchase_count`` then ``order_count`` (non-negative, fractions truncated), else order count.
 - churn_risk: trait ``churn_risk`` then ``churn_probability`` when within [0, 1]; else derived from recency:
-  ``min(1, days_since_last_activity / 90)`` (0 when active today, 0.5 after 45 days, 1 after 90 days). Last activity
-  is the latest channel activity slot or order; without either, the profile's last event; without any, 0.5
-  (the neutral default for an unknown risk).
+  ``min(1, days_since_last_activity / 90)`` (at ``now``: near 0 when active today, 0.5 after 45 days, 1 after 90
+  days). Last activity is the latest channel activity slot or order; without either, the profile's last event;
+  without any, 0.5 (the neutral default for an unknown risk).
 - engagement_tier: trait ``engagement_tier`` (non-empty string, lower-cased), else from the 30-day sessions over all
   channels: >= 20 "high", >= 5 "medium", else "low".
 - plan / industry: the profile's trait, else the account traits (non-empty strings only).
