@@ -65,6 +65,7 @@ class Run:
     chunks: int  # chunks planned so far
     planned: bool  # the scan is over: ``chunks`` is final and ``sizes`` known
     sizes: tuple[int, ...] = ()  # profile ids per chunk
+    basis: str = ""  # the rules and day as the run read them at its start (``recompute.basis``); "": an older run's
 
     @classmethod
     def load(cls, client: redis.Redis, keys: Keys) -> Run | None:
@@ -73,7 +74,7 @@ class Run:
             return None
         return cls(raw["id"], int(raw["now_ms"]), raw["gen"], raw["reason"], int(raw["resumes"]),
                    int(client.hlen(keys.recompute_plan(raw["id"]))), raw["state"] == "mapping",
-                   tuple(orjson.loads(raw.get("sizes", "[]"))))
+                   tuple(orjson.loads(raw.get("sizes", "[]"))), raw.get("basis", ""))
 
 
 def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: Submit, now_ms: int | None = None,
@@ -85,13 +86,14 @@ def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: 
         keys = state_keys(client, space)
         R.begin_full(client, settings, keys)  # gives up any earlier run, takes the dirty marks, empties staging
         run_id = uuid.uuid4().hex
+        run_basis = R.basis(settings, now_ms)
         client.hset(keys.recompute_run, mapping={"id": run_id, "state": "planning", "now_ms": now_ms, "gen": keys.gen,
-                                                 "reason": reason, "resumes": 0})
+                                                 "reason": reason, "resumes": 0, "basis": run_basis})
         client.expire(keys.recompute_run, RUN_TTL)
         sizes = _plan(client, keys, run_id, lambda index: _submit(submit, space, run_id, [index]))
         client.hset(keys.recompute_run, mapping={"state": "mapping", "sizes": orjson.dumps(sizes)})
         planned = time.perf_counter() - started  # the serial start: snapshot and scan (chunk jobs start meanwhile)
-        run = Run(run_id, now_ms, keys.gen, reason, 0, len(sizes), True, sizes)
+        run = Run(run_id, now_ms, keys.gen, reason, 0, len(sizes), True, sizes, run_basis)
         report = _drive(client, settings, Keys(space), run, lock, started, progress)
         return report | {"plan_seconds": round(planned, 3)}
 
@@ -301,7 +303,7 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
     report = {"space": keys.space, "profiles": total, "full": True, "reason": run.reason, "mode": "jobs",
               "run": run.id, "now_ms": run.now_ms, "chunks": len(parts), "chunks_here": here,
               "workers": len({by for _, by in decoded}), "resumes": run.resumes,
-              "basis": R.basis(settings, run.now_ms)}
+              "basis": run.basis or R.basis(settings, run.now_ms)}
     R.finish_full(client, settings, keys, lock, clusters, patterns, report, started,
                   drop=[keys.recompute_run, keys.recompute_plan(run.id), *parts])
     return report | {"reduce_seconds": round(time.perf_counter() - reducing, 3)}  # the serial end

@@ -185,3 +185,31 @@ def test_in_jobs_mode_a_new_days_refresh_shares_its_full_recompute_out(env: None
     assert report["mode"] == "jobs" and "new UTC day" in report["reason"] and report["profiles"] == 30
     assert not r.exists(K.recompute_run, K.dirty, K.dirty_full)
     assert recompute.refresh(r, Settings(), "default")["profiles"] == 0  # today's basis now: incremental again
+
+
+def test_a_shared_run_records_the_rules_it_started_with(env: None, r: redis.Redis, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules edited while a shared run computes: the run records the rules it started with, so the next refresh
+    sees that the rules changed and recomputes, rather than take the old rules' result for the new ones'."""
+    import json
+
+    rules = tmp_path / "rules.json"
+
+    def write(threshold: int) -> None:
+        rules.write_text(json.dumps({"rules": [{"cluster": "big", "all": [
+            {"feature": "ltv", "op": ">", "value": threshold}]}], "default": "small"}))
+
+    write(500)
+    s = Settings(cluster_rules_file=str(rules))
+    apply(r, mixed_stream(200, users=10, seed=6))
+    started = recompute.basis(s, recompute.as_of(NOW))
+    drive = mapreduce._drive
+
+    def edit_then_drive(*args, **kwargs):  # type: ignore[no-untyped-def]
+        write(1000)
+        return drive(*args, **kwargs)
+
+    monkeypatch.setattr(mapreduce, "_drive", edit_then_drive)
+    mapreduce.full_recompute(r, s, "default", lambda *args: None, now_ms=NOW)
+    assert r.get(K.recompute_basis).decode() == started
+    assert "rules" in recompute.refresh(r, s, "default", now_ms=NOW)["reason"]
