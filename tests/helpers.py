@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -149,3 +150,9 @@ def recomputed(client: redis.Redis, space: str = "default") -> dict:
     for name in load_rules().clusters:
         out[name] = client.zrange(keys.cluster_spend(name), 0, -1, withscores=True)
     return out
+
+
+def big_if_ltv_above(path: Path, threshold: float) -> None:
+    """Write a cluster rules file of two clusters: "big" for an ltv above ``threshold``, else "small"."""
+    path.write_text(orjson.dumps({"rules": [{"cluster": "big", "all": [
+        {"feature": "ltv", "op": ">", "value": threshold}]}], "default": "small"}).decode())

@@ -25,7 +25,7 @@ from service.state.connect import state_client
 from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME
 from service.state.refresh import RefreshWatchdog
 from tests.drills.stack import wait_until
-from tests.helpers import NOW, apply, mixed_stream, recomputed
+from tests.helpers import NOW, apply, big_if_ltv_above, mixed_stream, recomputed
 from workers import jobs, mapreduce, recompute
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
@@ -191,13 +191,10 @@ def test_a_shared_run_records_the_rules_it_started_with(env: None, r: redis.Redi
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Rules edited while a shared run computes: the run records the rules it started with, so the next refresh
     sees that the rules changed and recomputes, rather than take the old rules' result for the new ones'."""
-    import json
-
     rules = tmp_path / "rules.json"
 
     def write(threshold: int) -> None:
-        rules.write_text(json.dumps({"rules": [{"cluster": "big", "all": [
-            {"feature": "ltv", "op": ">", "value": threshold}]}], "default": "small"}))
+        big_if_ltv_above(rules, threshold)
 
     write(500)
     s = Settings(cluster_rules_file=str(rules))

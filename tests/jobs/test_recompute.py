@@ -8,7 +8,7 @@ import redis
 
 from service.config import Settings
 from service.spec.keys import Keys
-from tests.helpers import NOW, apply, mixed_stream
+from tests.helpers import NOW, apply, big_if_ltv_above, mixed_stream
 from workers import mapreduce, recompute
 from workers.recompute import full_recompute, refresh
 
@@ -312,13 +312,10 @@ def test_a_refresh_on_a_later_day_equals_a_full_recompute(r: redis.Redis) -> Non
 def test_a_refresh_under_changed_cluster_rules_equals_a_full_recompute(r: redis.Redis, tmp_path) -> None:
     """New cluster rules (or analysis window, or insight rule) apply to every profile at the next refresh, not
     only to those with new events."""
-    import json
-
     rules = tmp_path / "rules.json"
 
     def write(threshold: int) -> None:
-        rules.write_text(json.dumps({"rules": [{"cluster": "big", "all": [
-            {"feature": "ltv", "op": ">", "value": threshold}]}], "default": "small"}))
+        big_if_ltv_above(rules, threshold)
 
     write(500)
     s = Settings(cluster_rules_file=str(rules))
