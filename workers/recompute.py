@@ -120,12 +120,12 @@ def basis(settings: Settings, now_ms: int) -> str:
     return f"{now_ms // DAY_MS}:{hashlib.sha1(used.encode()).hexdigest()[:16]}"
 
 
-def _basis_moved(client: redis.Redis, keys: Keys, current: str) -> str | None:
-    """Why the stored contributions no longer hold under ``current`` (None: they do)."""
-    stored = client.get(keys.recompute_basis)
+def _basis_moved(client: redis.Redis, keys: Keys, stored: str | None, current: str) -> str | None:
+    """Why the stored contributions (computed under ``stored``, the recorded basis) no longer hold under
+    ``current`` (None: they do)."""
     if stored is None:  # nothing computed yet holds under any basis; else an older version's result
         return "contributions without a recorded basis" if client.exists(keys.contributions) else None
-    day, _, digest = stored.decode().partition(":")
+    day, _, digest = stored.partition(":")
     if day != current.partition(":")[0]:
         return "a new UTC day: churn, 30-day sessions and the spend window moved for every profile"
     if digest != current.partition(":")[2]:
@@ -297,11 +297,13 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
     with space_lock(client, space, lock_wait) as lock:
         # never back in time: a clock behind the last recompute's (a lock wait over midnight, another host's
         # clock) computes as of that recompute's day, rather than redo everything for the day before
-        stored = client.get(keys.recompute_basis)
-        if stored and stored.split(b":")[0].isdigit():
-            now_ms = max(now_ms, as_of(int(stored.split(b":")[0]) * DAY_MS))
+        recorded = client.get(keys.recompute_basis)
+        stored = recorded.decode() if recorded is not None else None
+        stored_day = (stored or "").partition(":")[0]
+        if stored_day.isdigit():
+            now_ms = max(now_ms, as_of(int(stored_day) * DAY_MS))
         current = basis(settings, now_ms)
-        moved = _basis_moved(client, keys, current)
+        moved = _basis_moved(client, keys, stored, current)
         if moved and not full_here:
             return {"space": space, "basis_moved": moved}
         if moved:
