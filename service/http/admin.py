@@ -340,10 +340,11 @@ async def suppression_list(request: Request, space: str) -> Response:
 @admin_endpoint
 async def suppression_lift(request: Request, space: str) -> Response:
     user_id = request.path_params["user_id"]
-    if not user_id.strip():
-        return error(400, "validation_error", "name the userId to lift: DELETE /admin/suppressions/{userId}")
-    if not await asyncio.to_thread(
-            lambda: ops.lift_suppression(request.app.state.sync_redis(), space, user_id)):
+    try:
+        lifted = await asyncio.to_thread(lambda: ops.lift_suppression(request.app.state.sync_redis(), space, user_id))
+    except ops.NotAnIdentifier as exc:
+        return error(400, "validation_error", str(exc))
+    if not lifted:
         return error(404, "not_found", f"{user_id} is not suppressed in space {space}")
     return JSON({"space": space, "lifted": user_id})
 
