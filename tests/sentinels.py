@@ -14,6 +14,8 @@ Nothing here imports pytest: the benchmarks use it too.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
 import socket
 import subprocess
@@ -68,7 +70,7 @@ class Node:
         for attempt in range(5):
             self.proc = subprocess.Popen([redis_binary(), *self._fill(args)], cwd=self.directory,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0,
-                                         preexec_fn=die_with_parent)
+                                         preexec_fn=functools.partial(die_with_parent, os.getpid()))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

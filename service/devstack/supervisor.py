@@ -47,11 +47,10 @@ def _children(with_worker: bool, with_cron: bool) -> dict[str, list[str]]:
     return kids
 
 
-def die_with_parent(parent: int | None = None) -> None:
+def die_with_parent(parent: int) -> None:
     """In a child, before it runs its program: SIGTERM it when the supervisor dies, however it dies (SIGKILL
     included), so no program outlives its supervisor in a group of its own (Linux ``PR_SET_PDEATHSIG``).
     ``parent``: the parent's pid, taken before the fork; read in the child, it may already be the reaper's."""
-    parent = os.getppid() if parent is None else parent
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the supervisor died before the request took effect
