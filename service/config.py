@@ -480,16 +480,21 @@ def dev_stack_env(env: Mapping[str, str], data_dir: str) -> dict[str, str]:
     return out
 
 
+def _dev_socket(settings: Settings) -> Path:
+    """Where a ``persona-sync dev`` under DATA_DIR keeps its embedded Redis's socket."""
+    return Path(settings.data_dir).resolve() / EMBEDDED_SOCKET
+
+
 def runs_dev_stack(settings: Settings) -> bool:
     """Whether commands reach a ``persona-sync dev`` under DATA_DIR (no REDIS_URL, and its socket is there)."""
-    return not settings.redis_url and (Path(settings.data_dir).resolve() / EMBEDDED_SOCKET).exists()
+    return not settings.redis_url and _dev_socket(settings).exists()
 
 
 def state_url(settings: Settings) -> str:
     """REDIS_URL, else the socket of a running ``persona-sync dev`` under DATA_DIR."""
     if settings.redis_url:
         return settings.redis_url
-    sock = Path(settings.data_dir).resolve() / EMBEDDED_SOCKET
+    sock = _dev_socket(settings)
     if sock.exists():
         return f"unix://{sock}"
     raise ConfigError(f"REDIS_URL is not set and no `persona-sync dev` is running under DATA_DIR ({sock.parent}): "
