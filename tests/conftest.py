@@ -29,6 +29,7 @@ from service.config import Settings
 from service.devstack.cluster import LocalCluster
 from service.devstack.redis_server import EmbeddedRedis
 from service.http.app import create_app
+from service.spec.keys import DAY_MS
 from service.state.connect import connect, connect_async
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "segment"
@@ -43,6 +44,22 @@ WRITE_KEY = "wk_test_123"
 # deadline and its "input generation is slow" check fail for reasons that have nothing to do with the code.
 hypothesis_settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile("suite")
+
+
+# Tests stamp events with one time taken at import (tests/helpers.py NOW) and compare with what workers and the
+# web compute from the real clock, as of the end of the UTC day. A run that straddles UTC midnight sees those two
+# disagree by a day (a refresh becomes a full recompute, 30-day windows move), so a run that would start this close
+# to midnight waits until it has passed. The whole suite takes about ten minutes on two cores.
+MIDNIGHT_MARGIN_S = 15 * 60
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    left = DAY_MS / 1000 - time.time() % (DAY_MS / 1000)
+    if left < MIDNIGHT_MARGIN_S:
+        session.config.get_terminal_writer().line(
+            f"UTC midnight is {left:.0f} s away: waiting for it to pass, so that the run sees one UTC day (events "
+            "are stamped at import, workers compute as of the end of the current day)", yellow=True)
+        time.sleep(left + 1)
 
 
 @pytest.fixture(scope="session")
