@@ -80,11 +80,22 @@ def refresh(space: str, marker: str | None = None) -> dict:
         _after_full(client, settings, resumed)
         return resumed
     log_event(log, "refresh", space=space, profiles=report["profiles"], changed=len(report["changed_clusters"]),
-              seconds=report["seconds"])
+              seconds=report["seconds"], full=bool(report.get("full")), reason=report.get("reason"))
+    _warn_if_rules_moved(space, report)
     if report["changed_clusters"] or report["profiles"]:
         queue_sync(_queue(), space, settings.mave_chat_timeout)
     _refresh_if_dirty(client, settings, space)
     return report
+
+
+def _warn_if_rules_moved(space: str, report: dict) -> None:
+    """A refresh that found other rules than the last recompute's recomputed everything. Meant once, after an
+    operator changed them; at every refresh it means workers run with different settings, each undoing the other's
+    work at the cost of a full recompute."""
+    if report.get("reason") == recompute.RULES_MOVED:
+        log_event(log, "recompute rules changed: every profile was recomputed; if this repeats, the workers run "
+                  "with different CLUSTER_RULES_FILE, ANALYSIS_WINDOW_DAYS or INSIGHT_* settings: give them the same",
+                  level=logging.WARNING, space=space)
 
 
 def _refresh_if_dirty(client: redis.Redis, settings: Settings, space: str) -> None:
@@ -156,7 +167,9 @@ def _after_full(client: redis.Redis, settings: Settings, report: dict) -> None:
     jobs of a shared run that are still queued (they would only find the run over)."""
     space = report["space"]
     log_event(log, "full recompute", space=space, profiles=report["profiles"], seconds=report["seconds"],
-              mode=report.get("mode", "local"), processes=report.get("processes"), workers=report.get("workers"))
+              mode=report.get("mode", "local"), processes=report.get("processes"), workers=report.get("workers"),
+              reason=report.get("reason"))
+    _warn_if_rules_moved(space, report)
     if "run" in report:
         _drop_chunk_jobs(report["run"], report["chunks"])
     queue_sync(_queue(), space, settings.mave_chat_timeout)

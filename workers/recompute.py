@@ -120,6 +120,9 @@ def basis(settings: Settings, now_ms: int) -> str:
     return f"{now_ms // DAY_MS}:{hashlib.sha1(used.encode()).hexdigest()[:16]}"
 
 
+RULES_MOVED = "the cluster rules or the feature settings changed"
+
+
 def _basis_moved(client: redis.Redis, keys: Keys, stored: str | None, current: str) -> str | None:
     """Why the stored contributions (computed under ``stored``, the recorded basis) no longer hold under
     ``current`` (None: they do)."""
@@ -129,7 +132,7 @@ def _basis_moved(client: redis.Redis, keys: Keys, stored: str | None, current: s
     if day != current.partition(":")[0]:
         return "a new UTC day: churn, 30-day sessions and the spend window moved for every profile"
     if digest != current.partition(":")[2]:
-        return "the cluster rules or the feature settings changed"
+        return RULES_MOVED
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -284,3 +285,22 @@ def test_a_refresh_waits_for_its_own_debounce_marker_only(env: None, r: redis.Re
     started = time.monotonic()
     jobs.refresh("default", "tok-1")
     assert time.monotonic() - started < 2
+
+
+def test_a_refresh_under_other_rules_than_the_last_recompute_warns_that_workers_may_differ(
+        env: None, r: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two workers with different feature settings make every refresh a full recompute: say so in the log."""
+    apply(r, mixed_stream(200, users=10, seed=3))
+    recompute.refresh(r, Settings(), "default")
+    monkeypatch.setenv("ANALYSIS_WINDOW_DAYS", "90")  # this worker's settings differ from the last recompute's
+    for n in range(2):
+        apply(r, [{"type": "identify", "userId": "user-1", "messageId": f"later-{n}", "traits": {"ltv": n}}])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="jobs"):
+            report = jobs.refresh("default")
+        warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
+        if n == 0:  # the first refresh under the new settings recomputes everything, and says why
+            assert report["full"] and report["reason"] == recompute.RULES_MOVED
+            assert len(warnings) == 1 and "ANALYSIS_WINDOW_DAYS" in warnings[0].getMessage()
+        else:  # the same settings again: an ordinary refresh, no warning
+            assert not report.get("full") and report["profiles"] == 1 and not warnings
