@@ -89,9 +89,9 @@ async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, sou
 
 async def _schedule(request: Request, space: str, outcomes: list[Outcome]) -> None:
     """What was applied is scheduled before anything else can fail: a retry would find these events duplicates."""
-    if any(o.status in ("ok", "deleted") for o in outcomes):
+    if any(o.status in ("ok", "deleted") or o.erased for o in outcomes):
         await request.app.state.refresh.touch(space)
-    if any(o.status == "deleted" for o in outcomes):
+    if any(o.status == "deleted" or o.erased for o in outcomes):
         await request.app.state.refresh.purge(space)
 
 

@@ -98,9 +98,14 @@ return freed
 @dataclass(frozen=True)
 class Outcome:
     status: str  # ok | duplicate | suppressed | deleted
-    profile_id: str = ""
+    profile_id: str = ""  # suppressed: a profile the event linked to its deleted userId, erased with it (or "")
     created: bool = False
     merged: int = 0
+
+    @property
+    def erased(self) -> bool:
+        """A suppressed event that erased what it linked to its deleted userId: the log and archive need a purge."""
+        return self.status == "suppressed" and bool(self.profile_id)
 
 
 class StoreUnavailable(RuntimeError):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import redis
 from starlette.testclient import TestClient
 
@@ -178,3 +179,24 @@ def test_forget_purges_the_dead_letters_of_the_erased_user_and_keeps_everyone_el
     assert rewritten[b"at"] == before[2][1][b"at"]
     assert int(r.get(k.dead_letter_bytes)) == sum(int(f[b"n"]) for _, f in left)
     assert b"ada" not in b"".join(f[b"raw"] for _, f in left).lower()
+
+
+def test_a_late_event_that_links_a_browser_to_a_deleted_user_erases_it_and_queues_the_purge(
+        settings, redis_url: str, queue_url: str, r: redis.Redis) -> None:
+    """The identify that tied a browser to a userId arrives after the userId's deletion: the browser's profile is
+    erased as the deletion would have erased it, and the receiver queues the purge of its logged and archived
+    events."""
+    from rq import Queue
+
+    from service.http.app import create_app
+    from tests.http.test_receiver import post
+
+    apply(r, [{"type": "page", "anonymousId": "pre-login", "messageId": "p1", "timestamp": T},
+              {"type": "delete", "userId": "x2", "messageId": "d1", "timestamp": "2026-04-01T00:00:00Z"}])
+    late = {"type": "identify", "userId": "x2", "anonymousId": "pre-login", "messageId": "i1", "timestamp": T}
+    with TestClient(create_app(settings, redis_url, queue_url)) as c:
+        resp = post(c, orjson.dumps(late))
+    assert resp.status_code == 200 and resp.json()["suppressed"] == 1
+    assert find(r, "anonymous_id", "pre-login") is None
+    jobs = [j.func_name for j in Queue("persona-sync", connection=redis.Redis.from_url(queue_url)).get_jobs()]
+    assert "service.state.ops.purge_job" in jobs and "workers.jobs.refresh" in jobs

@@ -405,6 +405,37 @@ def test_an_erased_persons_anonymous_events_stay_out(r: redis.Redis) -> None:
     assert find(r, "anonymous_id", "pre").first_seen == 1780272000000
 
 
+def test_what_a_deleted_users_late_event_links_is_erased_in_every_order(r: redis.Redis) -> None:
+    """The event that links a browser's page views to a userId may arrive after that userId's deletion (a retry,
+    an import of an old export): the page views are erased as if it had come first, whatever the order. A profile
+    that another userId holds is someone else's (merge protection keeps them apart) and stays."""
+    import itertools
+
+    page = {"type": "page", "anonymousId": "pre", "messageId": "p", "timestamp": "2026-03-01T00:00:00Z"}
+    login = {"type": "identify", "userId": "leaver", "anonymousId": "pre", "messageId": "i",
+             "timestamp": "2026-03-01T00:05:00Z"}
+    delete = {"type": "delete", "userId": "leaver", "messageId": "d", "timestamp": "2026-05-01T00:00:00Z"}
+    k = Keys("default")
+    for order in itertools.permutations([page, login, delete]):
+        r.flushall()
+        outcomes = apply(r, list(order))
+        assert profiles(r) == [], [e["messageId"] for e in order]
+        assert r.sismember(k.forgotten_ids, "pre")  # its archived page views are purged
+        if order[-1] is login:  # the late identify erased the browser's profile: a purge is due
+            assert outcomes[-1].status == "suppressed" and outcomes[-1].erased
+        # the browser's later visits build a new profile, in every order
+        assert apply(r, [{"type": "page", "anonymousId": "pre", "messageId": "later",
+                          "timestamp": "2026-06-01T00:00:00Z"}])[0].created
+    r.flushall()
+    apply(r, [{"type": "identify", "userId": "other", "anonymousId": "shared", "messageId": "o",
+               "timestamp": "2026-03-01T00:00:00Z"}, dict(delete)])
+    late = apply(r, [{"type": "identify", "userId": "leaver", "anonymousId": "shared", "messageId": "l",
+                      "timestamp": "2026-03-02T00:00:00Z"}])[0]
+    assert late.status == "suppressed" and not late.erased
+    assert {(i.type, i.value) for i in find(r, "user_id", "other").identifiers} == {("user_id", "other"),
+                                                                                   ("anonymous_id", "shared")}
+
+
 def test_deletions_of_an_older_version_still_suppress(r: redis.Redis) -> None:
     """Live events look up nothing in a space's deletions when they are later than its latest one, whose time
     the apply script keeps; data of a version that kept no such time still suppresses (the time is worked out

@@ -448,39 +448,10 @@ local function general_path()
     if not rebuilding then dirty[#dirty + 1] = L end
   end
 
-  -- GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
-  -- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
-  -- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
-  -- without one suppresses every later event, as it did then).
-  local function delete(ev)
-    local uid, ts = ev.uid, ev.ts
-    local pid
-    -- while a rebuild runs, it may have applied this profile's events to its new generation already, or may yet
-    -- (the purge of the log is a job): it erases them there too once it has switched, by the record kept here
-    -- (P..'rebuild:deleted' for a userId, deleted again as of its time; P..'rebuild:erased' for the identifiers
-    -- of an erasure by profile id), kept an hour past the rebuild's last sign of life
-    local running = not rebuilding and redis.call('HGET', P .. 'rebuild', 'state') == 'running'
-    if uid ~= '' then
-      if running then
-        redis.call('SADD', P .. 'rebuild:deleted', uid)
-        redis.call('EXPIRE', P .. 'rebuild:deleted', 3600)
-      end
-      redis.call('SADD', P .. 'suppressed', uid)
-      redis.call('SADD', P .. 'forgotten:ids', uid)
-      local before = tonumber(redis.call('HGET', DELETED, uid))
-      if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
-      deleted_until(ev.ts_text)
-      pid = redis.call('GET', ikey('user_id', uid))
-      if pid == TOMBSTONE then pid = false end
-      if not pid then
-        redis.call('SET', ikey('user_id', uid), TOMBSTONE)
-        return 'deleted\t'
-      end
-    else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
-      pid = ev.ep
-      if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
-    end
-    local record = uid == '' and running   -- an erasure by profile id while a rebuild runs: its identifiers
+  -- Erase profile ``pid`` as of ``ts_text``: its hash, identifiers, merged-away ids, event index and account
+  -- memberships. ``uid``: the deleted userId it is erased for ('' for none); ``record``: keep its identifiers for
+  -- a rebuild that is running (an erasure that no userId's deletion record covers).
+  local function erase(pid, uid, ts_text, record)
     local f = redis.call('HGETALL', pkey(pid))
     local erased, groups, idents = {pid}, {}, {}
     for i = 1, #f, 2 do
@@ -508,18 +479,85 @@ local function general_path()
     -- deleted userId ('' for none), so that lifting its suppression lifts these too (service/state/ops.py). An
     -- erasure in another generation follows one of the current generation's, which recorded it.
     if not rebuilding then
-      local mark = ev.ts_text .. '|' .. uid
+      local mark = ts_text .. '|' .. uid
       for _, x in ipairs(idents) do
         local prev = redis.call('HGET', ERASED, x)
-        if not prev or not erased_by(prev, ev.ts_text) then redis.call('HSET', ERASED, x, mark) end
+        if not prev or not erased_by(prev, ts_text) then redis.call('HSET', ERASED, x, mark) end
       end
-      if #idents > 0 then deleted_until(ev.ts_text) end
+      if #idents > 0 then deleted_until(ts_text) end
     end
     redis.call('DEL', pkey(pid))
-    if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
     redis.call('SADD', P .. 'forgotten', pid)
     if record then redis.call('EXPIRE', P .. 'rebuild:erased', 3600) end
     if not rebuilding then dirty[#dirty + 1] = pid end
+  end
+
+  local function rebuild_running()
+    return not rebuilding and redis.call('HGET', P .. 'rebuild', 'state') == 'running'
+  end
+
+  -- An event of a deleted userId stamped at or before its deletion (``at``, its time as text) is suppressed. Had
+  -- it arrived before the deletion, it would have joined its other identifiers' profile to the deleted one, and
+  -- the deletion would have erased that too: the person's activity from before they logged in. So it is erased
+  -- now: a profile one of the event's identifiers leads to, unless a userId holds it (someone else's, which merge
+  -- protection keeps apart); an identifier of nobody is recorded as erased as of the deletion, as the deletion
+  -- would have recorded it. Returns the id of a profile erased, or ''.
+  local function erase_linked(uid, ids, at)
+    local running, erased = rebuild_running(), ''
+    for _, id in ipairs(ids) do
+      if id[1] ~= 'user_id' then
+        local o = redis.call('GET', ikey(id[1], id[2]))
+        if o and o ~= TOMBSTONE then
+          local n = redis.call('HGET', pkey(o), 'm:n')
+          if not (n and (cjson.decode(n).user_id or 0) > 0) then
+            erase(o, uid, at, running)
+            erased = o
+          end
+        elseif not rebuilding then
+          local x = id[1] .. ':' .. id[2]
+          local prev = redis.call('HGET', ERASED, x)
+          if not prev or not erased_by(prev, at) then redis.call('HSET', ERASED, x, at .. '|' .. uid) end
+          if id[1] == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', id[2]) end
+        end
+      end
+    end
+    return erased
+  end
+
+  -- GDPR deletion, as Segment's DELETE_ONLY: the profile is erased, and the userId's events at or before the
+  -- deletion (late retries, replays) are suppressed; later ones build a new profile. The userId's index entry
+  -- becomes the tombstone '!' until then, and P..'deleted' keeps the deletion time (an entry of older versions
+  -- without one suppresses every later event, as it did then).
+  local function delete(ev)
+    local uid, ts = ev.uid, ev.ts
+    local pid
+    -- while a rebuild runs, it may have applied this profile's events to its new generation already, or may yet
+    -- (the purge of the log is a job): it erases them there too once it has switched, by the record kept here
+    -- (P..'rebuild:deleted' for a userId, deleted again as of its time; P..'rebuild:erased' for the identifiers
+    -- of an erasure by profile id), kept an hour past the rebuild's last sign of life
+    local running = rebuild_running()
+    if uid ~= '' then
+      if running then
+        redis.call('SADD', P .. 'rebuild:deleted', uid)
+        redis.call('EXPIRE', P .. 'rebuild:deleted', 3600)
+      end
+      redis.call('SADD', P .. 'suppressed', uid)
+      redis.call('SADD', P .. 'forgotten:ids', uid)
+      local before = tonumber(redis.call('HGET', DELETED, uid))
+      if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
+      deleted_until(ev.ts_text)
+      pid = redis.call('GET', ikey('user_id', uid))
+      if pid == TOMBSTONE then pid = false end
+      if not pid then
+        redis.call('SET', ikey('user_id', uid), TOMBSTONE)
+        return 'deleted\t'
+      end
+    else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
+      pid = ev.ep
+      if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
+    end
+    erase(pid, uid, ev.ts_text, uid == '' and running)   -- by profile id while a rebuild runs: its identifiers
+    if uid ~= '' then redis.call('SET', ikey('user_id', uid), TOMBSTONE) end
     return 'deleted\t' .. pid
   end
 
@@ -610,8 +648,9 @@ local function general_path()
 
     local deleted_at = false
     local checked = maybe_deleted(ts_text)
-    if uid ~= '' and checked then deleted_at = tonumber(redis.call('HGET', DELETED, uid)) end
-    if deleted_at and ts <= deleted_at then return SUPPRESSED end
+    local deleted_text = uid ~= '' and checked and redis.call('HGET', DELETED, uid)
+    if deleted_text then deleted_at = tonumber(deleted_text) end
+    if deleted_at and ts <= deleted_at then return SUPPRESSED .. erase_linked(uid, ids, deleted_text) end
     if checked and #ids > 0 then   -- identifiers of erased profiles, at or before their erasure: dropped
       local texts = {}
       for i, id in ipairs(ids) do texts[i] = id[1] .. ':' .. id[2] end
