@@ -351,8 +351,8 @@ def _platform(device: Any, ctx: dict[str, Any]) -> str | None:
     return None
 
 
-def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dict[str, Any], user_id: str | None,
-                 platform: str | None) -> list[tuple[str, str]]:
+def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dict[str, Any],
+                 user_id: str | None) -> list[tuple[str, str]]:
     """Identifiers of the person. A groupId is not one: it is shared by everyone in the account, so it would
     either merge colleagues or, under merge protection, land on whoever arrived first. Groups are links."""
     ids: list[tuple[str, str]] = []
@@ -367,6 +367,10 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
         if isinstance(email, str) and email.strip():
             ids.append(("email", email))
     device = _dict(ctx.get("device"))
+    # Segment's table: ios.id is context.device.id "when context.device.type = 'ios'" (android alike), not for a
+    # watch, a TV or an event that only names the OS
+    dtype = device.get("type")
+    platform = dtype.lower() if isinstance(dtype, str) and dtype.lower() in ("ios", "android") else None
     if platform:
         if device_id := _id(device.get("id")):
             ids.append((f"{platform}.id", device_id))
@@ -468,7 +472,7 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     ctx, props = _dict(raw.get("context")), _dict(raw.get("properties"))
     device = ctx.get("device")
     platform = _platform(device, ctx) if type(device) is dict or ctx.get("os") else None
-    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id, platform))
+    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id))
     alias_of = None
     if kind == "alias":
         if rules.alias_merges:

@@ -29,6 +29,21 @@ def test_screen_device_ids_by_platform() -> None:
     assert e.activity[0] == "mobile"
 
 
+@pytest.mark.parametrize("device_type, os_name", [("watchos", "watchOS"), ("tvos", "tvOS"), (None, "iOS"),
+                                                  ("ipad", "iPadOS")])
+def test_device_ids_only_from_an_ios_or_android_device_type(device_type: str | None, os_name: str) -> None:
+    """Segment's identifier table: ios.id is context.device.id when context.device.type is 'ios' (android
+    alike); a watch, a TV or an event that only names its OS brings no device identifier (still a mobile event)."""
+    raw = fixture_json("screen.json")
+    raw["context"]["device"]["type"] = device_type
+    raw["context"]["os"] = {"name": os_name}
+    e = normalise(raw, NOW, RULES)
+    assert {k for k, _ in e.identifiers} == {"user_id"} and e.activity[0] == "mobile"
+    raw["context"]["device"]["type"] = "Android"
+    assert {k for k, _ in normalise(raw, NOW, RULES).identifiers} == {"user_id", "android.id", "android.idfa",
+                                                                      "android.push_token"}
+
+
 def test_ad_id_needs_tracking_consent() -> None:
     raw = fixture_json("screen.json")
     raw["context"]["device"]["adTrackingEnabled"] = False
