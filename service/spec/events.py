@@ -352,9 +352,11 @@ def _platform(device: Any, ctx: dict[str, Any]) -> str | None:
 
 
 def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dict[str, Any],
-                 user_id: str | None) -> list[tuple[str, str]]:
+                 user_id: str | None, custom: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """Identifiers of the person. A groupId is not one: it is shared by everyone in the account, so it would
-    either merge colleagues or, under merge protection, land on whoever arrived first. Groups are links."""
+    either merge colleagues or, under merge protection, land on whoever arrived first. Groups are links.
+    ``custom``: the configured identifier types of the space's own (a phone number, a CRM id), which Segment also
+    reads from ``properties`` and ``context.traits`` (an identify's ``traits`` too), by name."""
     ids: list[tuple[str, str]] = []
     if user_id:
         ids.append(("user_id", user_id))
@@ -381,6 +383,12 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
     for holder in (raw, ctx):  # analytics.js sends it in the call's integrations; Segment's table names context's
         if ga_id := _id(_dict(_dict(holder.get("integrations")).get("Google Analytics")).get("clientId")):
             ids.append(("ga_client_id", ga_id))
+    if custom:
+        holders = (props if kind != "group" else {}, _dict(ctx.get("traits")), traits)
+        for kind_name in custom:
+            for holder in holders:
+                if value := _id(holder.get(kind_name)):
+                    ids.append((kind_name, value))
     external = ctx.get("externalIds")
     if isinstance(external, list):
         for item in external:
@@ -472,7 +480,7 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     ctx, props = _dict(raw.get("context")), _dict(raw.get("properties"))
     device = ctx.get("device")
     platform = _platform(device, ctx) if type(device) is dict or ctx.get("os") else None
-    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id))
+    ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id, rules.custom))
     alias_of = None
     if kind == "alias":
         if rules.alias_merges:

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
 
 if TYPE_CHECKING:  # config imports nothing from here, but keep the pure room free of import cycles
     from service.config import Settings
+
+
+# the identifier types Segment promotes itself, each from its own place in a call
+# (https://segment.com/docs/unify/identity-resolution/externalids/)
+BUILT_IN = frozenset({"user_id", "anonymous_id", "email", "ga_client_id", "group_id", "ios.id", "ios.idfa",
+                      "ios.push_token", "android.id", "android.idfa", "android.push_token"})
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,12 @@ class IdentityRules:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_blocked_re", re.compile("|".join(f"(?:{p})" for p in self.blocked) or "(?!)", re.I))
         object.__setattr__(self, "_rank", {t: i for i, t in enumerate(self.priority)})
+        named = dict.fromkeys([*self.priority, *(self.limits or {})])
+        object.__setattr__(self, "custom", tuple(t for t in named if t not in BUILT_IN and t != "*"))
+
+    custom: tuple[str, ...] = field(init=False, default=())
+    """Identifier types of the space's own, named in the priority or the limits (a phone number, a CRM id): read
+    from ``properties`` and ``context.traits`` by name too, as Segment reads a configured custom externalID."""
 
     def limit(self, kind: str) -> int:
         limits = self.limits or {"user_id": 1, "*": 5}

@@ -44,6 +44,25 @@ def test_device_ids_only_from_an_ios_or_android_device_type(device_type: str | N
                                                                       "android.push_token"}
 
 
+def test_a_configured_custom_identifier_is_read_from_properties_and_context_traits_too() -> None:
+    """Segment promotes a configured custom externalID (a phone number) from ``context.externalIds``, the
+    ``properties`` object or ``context.traits``; unconfigured names stay properties."""
+    rules = IdentityRules(priority=("user_id", "email", "phone"), limits={"user_id": 1, "crm_id": 2, "*": 5})
+    base = {"type": "track", "event": "Subscription Upgraded", "userId": "u1", "messageId": "m"}
+    for extra in ({"properties": {"plan": "Pro", "phone": " 123-456-7890 "}},
+                  {"context": {"traits": {"phone": "123-456-7890"}}},
+                  {"context": {"externalIds": [{"id": "123-456-7890", "type": "phone", "collection": "users"}]}}):
+        e = normalise({**base, **extra}, NOW, rules)
+        assert e.identifiers == (("user_id", "u1"), ("phone", "123-456-7890")), extra
+    ident = normalise({"type": "identify", "userId": "u1", "messageId": "i", "traits": {"crm_id": 42}}, NOW, rules)
+    assert ("crm_id", "42") in ident.identifiers
+    unconfigured = normalise({**base, "properties": {"phone": "123"}}, NOW, RULES)
+    assert unconfigured.identifiers == (("user_id", "u1"),)
+    group = normalise({"type": "group", "userId": "u1", "groupId": "g", "messageId": "g", "traits": {"phone": "1"}},
+                      NOW, rules)
+    assert group.identifiers == (("user_id", "u1"),)  # an account's traits are not the person's
+
+
 def test_ad_id_needs_tracking_consent() -> None:
     raw = fixture_json("screen.json")
     raw["context"]["device"]["adTrackingEnabled"] = False
