@@ -182,13 +182,16 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
     items: list[Item] = []
     events = batch_events(doc)  # validates the batch first
     for sent, e in zip(doc["batch"], events, strict=True):
-        try:  # the 32 KB limit applies to the event as the client sent it, not with the times we add
-            size = len(orjson.dumps(sent))
+        # the 32 KB limit applies to the event as it is kept: with the batch's shared context merged in (else one
+        # large context would be stored once per event), but not with the times we add
+        try:
+            size = len(orjson.dumps(e))
         except orjson.JSONEncodeError:
             size = 0  # too deep: item() refuses it
         if size > MAX_EVENT_BYTES:
             items.append(Item(sent, without_write_key(orjson.dumps(sent)),
-                              f"event is {size} bytes; the Tracking API allows {MAX_EVENT_BYTES}"))
+                              f"event is {size} bytes with the batch's context; the Tracking API allows "
+                              f"{MAX_EVENT_BYTES}"))
             continue
         if isinstance(e, dict):
             e = tracking_times(e, doc.get("sentAt"), received_ms)

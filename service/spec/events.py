@@ -399,6 +399,10 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
     return ids
 
 
+# A person has a handful of identifiers; an event naming hundreds is a bug or an attack, and matching them costs
+# Redis time (the apply script drops one and matches again while they exceed the profile's limits).
+MAX_EVENT_IDENTIFIERS = 50
+
 DESKTOP_OS = re.compile(r"mac|windows|linux|chrome ?os|ubuntu|fedora|debian")
 
 
@@ -481,6 +485,9 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     device = ctx.get("device")
     platform = _platform(device, ctx) if type(device) is dict or ctx.get("os") else None
     ids = rules.prepare(_identifiers(kind, raw, ctx, props, user_id, rules.custom))
+    if len(ids) > MAX_EVENT_IDENTIFIERS:
+        raise InvalidEvent(f"{len(ids)} identifiers in one event (userId, anonymousId, context.externalIds and the "
+                           f"rest); at most {MAX_EVENT_IDENTIFIERS}")
     alias_of = None
     if kind == "alias":
         if rules.alias_merges:

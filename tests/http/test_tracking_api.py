@@ -87,6 +87,12 @@ def test_limits_per_event_and_per_batch(client: TestClient) -> None:
     assert len(orjson.dumps(edge)) == 32 * 1024
     out = client.post("/v1/batch", content=orjson.dumps({"batch": [edge]}), headers=basic(WRITE_KEY)).json()
     assert out["accepted"] == 1, out
+    # the batch's shared context counts in each event it is merged into: a 200 KB context shared by small
+    # events would otherwise be stored once per event
+    shared = {"batch": [dict(EVENT, type="track", messageId=f"ctx-{i}") for i in range(3)],
+              "context": {"blob": "z" * 200_000}}
+    out = client.post("/v1/batch", content=orjson.dumps(shared), headers=basic(WRITE_KEY)).json()
+    assert (out["accepted"], out["rejected"]) == (0, 3) and "with the batch's context" in out["errors"][0]["message"]
     many = {"batch": [dict(EVENT, type="track", messageId=str(i)) for i in range(2501)]}
     assert client.post("/v1/batch", content=orjson.dumps(many), headers=basic(WRITE_KEY)).status_code == 413
     huge = {"batch": [dict(EVENT, type="track", messageId=str(i), properties={"p": "y" * 30_000})

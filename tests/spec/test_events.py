@@ -63,6 +63,19 @@ def test_a_configured_custom_identifier_is_read_from_properties_and_context_trai
     assert group.identifiers == (("user_id", "u1"),)  # an account's traits are not the person's
 
 
+def test_an_event_with_too_many_identifiers_is_refused() -> None:
+    """Matching costs Redis time per identifier (and more past the profile's limits): an event naming hundreds of
+    external ids is refused, not applied."""
+    from service.spec.events import MAX_EVENT_IDENTIFIERS
+
+    ext = [{"id": f"d{i}", "type": "device_id", "collection": "users"} for i in range(MAX_EVENT_IDENTIFIERS)]
+    raw = {"type": "track", "event": "E", "userId": "u1", "messageId": "m", "context": {"externalIds": ext}}
+    with pytest.raises(InvalidEvent, match=f"{MAX_EVENT_IDENTIFIERS + 1} identifiers in one event"):
+        normalise(raw, NOW, RULES)
+    raw["context"]["externalIds"] = ext[1:]
+    assert len(normalise(raw, NOW, RULES).identifiers) == MAX_EVENT_IDENTIFIERS
+
+
 def test_ad_id_needs_tracking_consent() -> None:
     raw = fixture_json("screen.json")
     raw["context"]["device"]["adTrackingEnabled"] = False
