@@ -619,3 +619,25 @@ def test_ties_at_the_same_millisecond_are_broken_by_messageid_in_any_order(r: re
         assert (p.meta["fs"], p.meta["fm"]) == (str(parse_timestamp("2026-03-01T10:00:00Z")), "ma")
         assert (p.meta["ls"], p.meta["lm"]) == (str(parse_timestamp("2026-03-01T12:00:00Z")), "nc")
         assert [i.first_message_id for i in p.identifiers if i.type == "user_id"] == ["ma"]
+
+
+def test_a_profile_with_thousands_of_traits_merges_whole_and_a_group_call_with_thousands_applies(
+        r: redis.Redis) -> None:
+    """Lua passes at most ~8,000 values to one command: a merge of a profile holding thousands of traits (three
+    fields each) and a group call carrying thousands of account traits go to Redis in slices, never failing
+    half-way through an event (which left the userId pointing at a profile without it or its traits)."""
+    t = "2026-03-01T00:00:00Z"
+    apply(r, [{"type": "identify", "userId": "wide", "messageId": f"w{n}", "timestamp": t,
+               "traits": {f"t{n}_{i}": i for i in range(299)}} for n in range(12)])
+    apply(r, [{"type": "page", "anonymousId": "narrow", "messageId": "n", "timestamp": t}])
+    linked = apply(r, [{"type": "identify", "userId": "wide", "anonymousId": "narrow", "messageId": "link",
+                        "timestamp": t}])[0]
+    assert linked.status == "ok" and linked.merged == 1, linked
+    merged = find(r, "user_id", "wide")
+    assert merged is not None and merged.id == find(r, "anonymous_id", "narrow").id
+    assert len(merged.traits) == 12 * 299
+    group = apply(r, [{"type": "group", "userId": "wide", "groupId": "big-account", "messageId": "g", "timestamp": t,
+                       "traits": {f"a{i}": i for i in range(5000)}}])[0]
+    assert group.status == "ok", group
+    assert r.hlen(state_keys(r, "default").account("big-account")) == 10_000  # value and stamp per trait
+    assert list(find(r, "user_id", "wide").groups) == ["big-account"]

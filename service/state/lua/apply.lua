@@ -91,6 +91,25 @@ local TOMBSTONE = '!'
 local DUPLICATE, SUPPRESSED = 'duplicate\t', 'suppressed\t'
 local function fmt(n) return string.format('%.0f', n) end
 
+-- Lua's unpack passes at most ~8,000 values to a call: long argument lists (a profile with thousands of traits,
+-- a merge of one, the dirty marks of a large call) go to Redis in slices, never failing half-way through an event
+local SLICE = 4000   -- even: HSET's field-value pairs stay whole
+local function hmget(key, fields)
+  local n = #fields
+  if n <= SLICE then return redis.call('HMGET', key, unpack(fields)) end
+  local out = {}
+  for i = 1, n, SLICE do
+    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, n)))
+    for j = 1, #part do out[#out + 1] = part[j] end
+  end
+  return out
+end
+local function sliced(cmd, key, args)   -- HSET, SADD, ZREM of ``args``, in slices
+  local n = #args
+  if n <= SLICE then return redis.call(cmd, key, unpack(args)) end
+  for i = 1, n, SLICE do redis.call(cmd, key, unpack(args, i, math.min(i + SLICE - 1, n))) end
+end
+
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
 local older_dd = {}
@@ -326,7 +345,7 @@ local function general_path()
   local function read(key, fields)
     local cur = {}
     if #fields == 0 then return cur end
-    local vals = redis.call('HMGET', key, unpack(fields))
+    local vals = hmget(key, fields)
     for i = 1, #fields do if vals[i] then cur[fields[i]] = vals[i] end end
     return cur
   end
@@ -440,7 +459,7 @@ local function general_path()
       w[#w + 1] = 'm:ca'; w[#w + 1] = lo['m:ca']
     end
     w[#w + 1] = 'r:' .. L; w[#w + 1] = '1'
-    redis.call('HSET', S, unpack(w))
+    sliced('HSET', S, w)
     for t, n in pairs(counts_of[L]) do counts_of[pid][t] = (counts_of[pid][t] or 0) + n end
     merges_of[pid] = merges_of[pid] + merges_of[L] + 1
     redis.call('DEL', pkey(L))
@@ -459,7 +478,7 @@ local function general_path()
       if pre == 'r:' then erased[#erased + 1] = rest elseif pre == 'g:' then groups[#groups + 1] = rest end
     end
     for _, e in ipairs(erased) do redis.call('DEL', G .. 'ev:' .. e) end
-    for _, g in ipairs(groups) do redis.call('ZREM', G .. 'au:' .. g, unpack(erased)) end
+    for _, g in ipairs(groups) do sliced('ZREM', G .. 'au:' .. g, erased) end
     for i = 1, #f, 2 do
       local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
       if pre == 'x:' then
@@ -770,7 +789,7 @@ local function general_path()
       local acur = read(akey, af)
       lww(acur, acct, aw, false, akey)
       if #aw > 0 then
-        redis.call('HSET', akey, unpack(aw))
+        sliced('HSET', akey, aw)
         -- a trait's value changed: every member's contribution carries the account's traits, so the refresh
         -- recomputes them all (it reads the members; P..'dirty:accounts' keeps the account until then)
         for i = 1, #aw, 2 do
@@ -783,7 +802,7 @@ local function general_path()
     end
     seen_writes(w, S, cur['m:fs'], cur['m:ls'], ts_text, mid)
     local index, retrim = index_plan(w, ts_text, logged_as, cur['m:ix'])
-    redis.call('HSET', S, unpack(w))
+    sliced('HSET', S, w)
 
     -- 6. log (trimmed once per call), the profile's event index, dirty mark (one SADD per call) ---------------
     log_event(pid, raw, logged_as, string.sub(ev.t, 1, 1), ts_text, index, retrim)
@@ -867,7 +886,7 @@ local function apply_plain(s, raw, logged_as, tsec, osec)
     items = tp.plain_traits(tsec, tonumber(ts_text))
     tp.trait_fields(items, fields, true)
   end
-  local cur = redis.call('HMGET', S, unpack(fields))
+  local cur = #fields <= SLICE and redis.call('HMGET', S, unpack(fields)) or hmget(S, fields)
   local w = {'m:ua', now}
   for i = 1, n do
     if cur[3 + i] then sighting_writes(w, fields[3 + i], cur[3 + i], ts_text, mid) end
@@ -881,7 +900,7 @@ local function apply_plain(s, raw, logged_as, tsec, osec)
   end
   seen_writes(w, S, cur[1], cur[2], ts_text, mid)
   local index, retrim = index_plan(w, ts_text, logged_as, cur[3])
-  redis.call('HSET', S, unpack(w))
+  if #w <= SLICE then redis.call('HSET', S, unpack(w)) else sliced('HSET', S, w) end
   log_event(pid, raw, logged_as, string.sub(t, 1, 1), ts_text, index, retrim)
   return 'ok\t' .. pid .. '\t0\t0'
 end
@@ -929,7 +948,7 @@ local function refused(msg)
 end
 
 local function finish()   -- the dirty marks, once per call
-  if #dirty > 0 then redis.call('SADD', P .. 'dirty', unpack(dirty)) end
+  if #dirty > 0 then sliced('SADD', P .. 'dirty', dirty) end
 end
 
 -- The outcomes, one line per event, as one string: a reply Redis converts at once (a table per event cost it more
