@@ -100,6 +100,7 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
     """Normalise, apply and count a list of events; invalid ones become dead letters, the rest are applied."""
     state = request.app.state
     good: list[tuple[Event, bytes]] = []
+    at: list[int] = []  # each good event's index in the body
     rejected: list[tuple[int, str, bytes]] = []
     counts: Counter[tuple[str, str]] = Counter()
     for i, item in enumerate(items):
@@ -109,6 +110,7 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
             if item.error:
                 raise InvalidEvent(item.error)
             good.append((normalise(item.obj, received, state.rules), item.raw))
+            at.append(i)
         except InvalidEvent as exc:
             rejected.append((i, str(exc), item.raw))
             counts[(kind, "rejected")] += 1
@@ -135,8 +137,12 @@ async def ingest(request: Request, space: str, items: list[Item], source: str, s
         "rejected": sum(n for (_, o), n in counts.items() if o == "rejected"),
     }
     state.rates.add(space, received, summary)  # in process; flushed to Redis about once a second
-    if rejected:
-        summary["errors"] = [{"index": i, "message": reason} for i, reason, _ in rejected[:100]]
+    # an event the store failed on (not the sender's fault) is kept as a dead letter to replay: say which
+    unapplied = [(i, f"not applied ({o.profile_id}); kept as a dead letter, to replay once the cause is fixed")
+                 for i, o in zip(at, outcomes, strict=True) if o.status == "error"]
+    if rejected or unapplied:
+        errors = sorted([(i, reason) for i, reason, _ in rejected] + unapplied)
+        summary["errors"] = [{"index": i, "message": reason} for i, reason in errors[:100]]
     if single and rejected:
         return JSON({"error": {"code": "invalid_event", "message": rejected[0][1]}, **summary}, 400)
     if source == "tracking":

@@ -252,3 +252,23 @@ def test_an_unhandled_error_is_logged_with_its_route_not_the_identifier_in_its_p
     assert line.fields == {"route": "/v1/spaces/{space}/collections/users/profiles/{id}/metadata",
                            "error": "RuntimeError"}
     assert not any("ada@example.com" in r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+
+
+def test_an_event_the_store_fails_on_is_named_in_the_answer_and_kept_for_replay(client: TestClient,
+                                                                                r: redis.Redis) -> None:
+    """Not the sender's fault, so no 4xx: the answer names the event the store did not apply (by index, as a
+    rejected one), and it is kept as a dead letter to replay once the cause is fixed; the others apply."""
+    from tests.helpers import apply
+
+    [first] = apply(r, [{"type": "page", "anonymousId": "broken", "messageId": "b0"}])
+    key = Keys("default").profile(first.profile_id)
+    r.delete(key)
+    r.set(key, "not a hash")  # the profile is damaged: its next event fails in the apply script
+    batch = [{"type": "page", "anonymousId": "fine", "messageId": "f1"},
+             {"type": "page", "anonymousId": "broken", "messageId": "b1"}]
+    resp = post(client, orjson.dumps(batch))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["accepted"], body["rejected"]) == (1, 1)
+    assert [e["index"] for e in body["errors"]] == [1] and "dead letter" in body["errors"][0]["message"]
+    assert r.xlen(Keys("default").dead_letters) == 1

@@ -45,7 +45,8 @@ SCHEMAS: dict[str, Schema] = {
         "suppressed": {**INT, "description": "Of a userId erased by a delete or `forget`, dropped"},
         "rejected": {**INT, "description": "Invalid: kept as dead letters for an operator"},
         "errors": {"type": "array", "maxItems": 100, "items": closed({"index": INT, "message": STR}),
-                   "description": "Why events were rejected (the first 100), by position in the body"},
+                   "description": "Why events were rejected (the first 100), by position in the body: "
+                                  "invalid, or not applied by the store (kept as dead letters to replay)"},
         "success": {**BOOL, "description": "Tracking API only, as Segment's answers"},
     }, required=["accepted", "duplicate", "suppressed", "rejected"]),
     "IngestError": closed({"error": ref("ErrorBody"), "accepted": INT, "duplicate": INT, "suppressed": INT,
