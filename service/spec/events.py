@@ -259,7 +259,10 @@ def tracking_times(event: dict[str, Any], batch_sent_at: Any, received_ms: int) 
     if client is None:
         return out
     try:
-        corrected = iso_ms(received_ms - (parse_timestamp(sent) - parse_timestamp(client)))
+        corrected_ms = received_ms - (parse_timestamp(sent) - parse_timestamp(client))
+        if corrected_ms < 0:  # a sentAt far ahead of the event's own time (a broken clock): keep the client's time
+            return out
+        corrected = iso_ms(corrected_ms)
     except (InvalidEvent, ValueError, OverflowError, OSError):  # unreadable, or corrected out of datetime's range
         return out
     out["originalTimestamp"] = client

@@ -170,6 +170,18 @@ def test_tracking_api_corrects_client_clock_skew_with_the_batch_sent_at(client: 
     assert trait.ts == ms(events["s1"]["timestamp"])  # not 3 hours ahead
 
 
+def test_a_sent_at_far_ahead_keeps_the_events_own_time(client: TestClient, r: redis.Redis) -> None:
+    """A sentAt decades ahead of the event's own time would correct it to before 1970, a time the client never
+    sent: the event is applied at its own time instead, not refused."""
+    happened = iso_ms(now_ms() - 5_000)
+    body = {"writeKey": WRITE_KEY, "sentAt": "2099-01-01T00:00:00.000Z", "batch": [
+        {"type": "track", "userId": "broken-clock", "messageId": "bc1", "event": "Clicked", "timestamp": happened}]}
+    resp = client.post("/v1/batch", content=orjson.dumps(body))
+    assert resp.status_code == 200 and resp.json()["accepted"] == 1, resp.text
+    [event] = [e for e in logged(r) if e["messageId"] == "bc1"]
+    assert event["timestamp"] == happened
+
+
 def test_a_future_timestamp_does_not_pin_a_trait(client: TestClient, r: redis.Redis) -> None:
     """An identify stamped 2099, then one stamped now with another value: the newer one is on the profile. The
     2099 write takes effect at its receipt; the log keeps its own timestamp."""
