@@ -39,11 +39,19 @@ async def read_body(request: Request, limit: int) -> bytes:
 def inflate(body: bytes, limit: int, encoding: str) -> bytes:
     """Decompress without ever holding more than ``limit`` bytes: a small gzip bomb cannot exhaust memory."""
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BodyError(400, f"body is not valid {encoding}: {exc}", len(body)) from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise BodyError(413, f"decompressed body exceeds {limit} bytes", len(body))
-    return out
+    out, rest = b"", body
+    while True:  # gzip allows several members one after the other (RFC 1952 2.2): they decompress as one
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise BodyError(400, f"body is not valid {encoding}: {exc}", len(body)) from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise BodyError(413, f"decompressed body exceeds {limit} bytes", len(body))
+        if not d.eof:  # a body cut short: its checksum was never seen, so nothing of it is trusted
+            raise BodyError(400, f"body is not valid {encoding}: it ends before its end (truncated)", len(body))
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # zero padding after the last member, as gzip(1) tolerates
+            return out
+        if encoding == "deflate":
+            raise BodyError(400, "body is not valid deflate: bytes follow the end of its stream", len(body))

@@ -67,6 +67,21 @@ def test_gzip_body(client: TestClient) -> None:
     assert bad.status_code == 400 and "gzip" in bad.json()["error"]["message"]
 
 
+def test_gzip_bodies_are_read_whole_or_refused(client: TestClient) -> None:
+    """Several gzip members one after the other are one body (RFC 1952); a member followed by garbage, or a body
+    cut before its checksum, is refused, never applied in part."""
+    events = [dict(EVENT, type="track", messageId=f"gz{i}") for i in range(2)]
+    text = orjson.dumps({"batch": events, "writeKey": WRITE_KEY})
+    half = len(text) // 2
+    members = gzip.compress(text[:half]) + gzip.compress(text[half:])
+    resp = client.post("/v1/batch", content=members, headers={"Content-Encoding": "gzip"})
+    assert resp.status_code == 200 and resp.json()["accepted"] == 2, resp.text
+    whole = gzip.compress(orjson.dumps({"batch": [dict(EVENT, type="track", messageId="gz9")]}))
+    for bad in (whole + b"trailing garbage", whole[:-4]):
+        resp = client.post("/v1/batch", content=bad, headers={"Content-Encoding": "gzip", **basic(WRITE_KEY)})
+        assert resp.status_code == 400 and "gzip" in resp.json()["error"]["message"], resp.text
+
+
 def test_gzip_bomb_is_413_without_inflating_it(client: TestClient) -> None:
     bomb = gzip.compress(b" " * (50 * 1024 * 1024))
     resp = client.post("/v1/batch", content=bomb, headers={"Content-Encoding": "gzip", **basic(WRITE_KEY)})
