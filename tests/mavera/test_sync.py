@@ -92,6 +92,19 @@ def test_created_once_then_unchanged_then_patched(mavera: MaveraServer, r: redis
     assert rec["state"] == "synced" and rec["last_sync_ms"] and rec["mavera_id"].startswith("per_")
 
 
+def test_the_persona_names_the_clusters_top_categories_as_the_kpi_card_has_them(mavera: MaveraServer,
+                                                                               r: redis.Redis) -> None:
+    seed(r)
+    apply(r, [{"type": "track", "event": "Order Completed", "userId": f"hv-{i}", "messageId": f"o{i}",
+               "timestamp": "2026-03-01T00:00:00Z",
+               "properties": {"order_id": f"o{i}", "revenue": 100, "products": [{"category": "books"}]}}
+              for i in range(4)])
+    refresh(r, Settings(), "default", now_ms=NOW)
+    sync_space(r, settings_for(mavera), "default", client_for(mavera, r))
+    [body] = [c["json"] for c in mavera.calls("POST", "/personas") if c["json"]["name"] == HIGH_VALUE]
+    assert "Top categories: books." in body["description"], body["description"]
+
+
 AT_RISK, HIGH_VALUE = "At-risk customers · default", "High-value customers · default"
 
 
@@ -349,7 +362,7 @@ def test_cents_do_not_make_a_new_persona_payload() -> None:
     doc = {"cluster": "growth", "label": "Growth customers", "n": 40,
            "summary": {"avg_ltv": 250.11, "avg_purchases": 3.02, "avg_churn": 0.1, "industries": [], "plans": []},
            "kpi": {"avg_spend": 120.4, "median_spend": 99.99, "avg_frequency": 3.01, "share_of_revenue_pct": 21.2,
-                   "top_categories": ["tea", "coffee"], "insight": ""}}
+                   "top_categories": "tea, coffee", "insight": ""}}
     nudged = {**doc, "summary": {**doc["summary"], "avg_ltv": 250.32},
               "kpi": {**doc["kpi"], "avg_spend": 120.45, "share_of_revenue_pct": 21.4}}
     assert persona_payload("default", doc) == persona_payload("default", nudged)

@@ -100,6 +100,9 @@ def cadence(avg_frequency: float) -> str:
 def persona_payload(space: str, doc: dict) -> dict[str, Any]:
     """Mavera persona from the cluster summary and its KPI card (documented fields only)."""
     summary, kpi = doc.get("summary") or {}, doc.get("kpi") or {}
+    tops = kpi.get("top_categories") or ""  # the KPI card's text ("bags, hats"); a list in cards of older versions
+    if isinstance(tops, list):
+        tops = ", ".join(tops)
     industries, plans = summary.get("industries") or [], summary.get("plans") or []
     profile = PROFILES.get(doc["cluster"], {"goals": [], "pains": [], "values": [], "pipeline_type": "intermediate"})
     description = (  # figures rounded for reading, so a refresh that moves only cents leaves the persona alone
@@ -108,7 +111,7 @@ def persona_payload(space: str, doc: dict) -> dict[str, Any]:
         f"Spend in the analysis window: average ${kpi.get('avg_spend', 0):,.0f}, median "
         f"${kpi.get('median_spend', 0):,.0f}, {kpi.get('avg_frequency', 0):.1f} orders; "
         f"{kpi.get('share_of_revenue_pct', 0):.0f}% of revenue. "
-        f"Top categories: {', '.join(kpi.get('top_categories') or []) or 'none yet'}. "
+        f"Top categories: {tops or 'none yet'}. "
         f"Plans: {', '.join(plans) or 'unknown'}. "
         f"Industries: {', '.join(industries) or 'unknown'}. {kpi.get('insight', '')}"
     ).strip()
