@@ -312,6 +312,10 @@ async def forget(request: Request, space: str) -> Response:
     doc = await json_body(request, 16 * 1024)
     if isinstance(doc, Response):
         return doc
+    if isinstance(doc, dict) and set(doc) - {"id"}:  # e.g. a "space": the space is ?space=, and erasing in another
+        return error(400, "validation_error",  # one than the sender meant cannot be undone
+                     f"unknown fields {sorted(set(doc) - {'id'})}: send only {{\"id\": \"TYPE:VALUE\"}}; the space "
+                     "is the ?space= query parameter")
     ident = doc.get("id") if isinstance(doc, dict) else None
     if not isinstance(ident, str) or not ident.strip() or len(ident) > 1000:
         return error(400, "validation_error", 'send {"id": "TYPE:VALUE"}, e.g. {"id": "email:ada@example.com"}')

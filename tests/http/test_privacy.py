@@ -200,3 +200,11 @@ def test_a_late_event_that_links_a_browser_to_a_deleted_user_erases_it_and_queue
     assert find(r, "anonymous_id", "pre-login") is None
     jobs = [j.func_name for j in Queue("persona-sync", connection=redis.Redis.from_url(queue_url)).get_jobs()]
     assert "service.state.ops.purge_job" in jobs and "workers.jobs.refresh" in jobs
+
+
+def test_forget_refuses_fields_it_does_not_take_rather_than_erase_in_the_default_space(client: TestClient,
+                                                                                      r: redis.Redis) -> None:
+    ada(r)
+    resp = client.post("/admin/forget", json={"id": "user_id:bob", "space": "other"}, headers=ADMIN)
+    assert resp.status_code == 400 and "?space=" in resp.json()["error"]["message"]
+    assert find(r, "user_id", "bob") is not None  # nothing was erased
