@@ -354,13 +354,14 @@ _SPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def valid_space(space: str) -> bool:
-    """Space ids become part of Redis hash tags, so keep them to a safe alphabet."""
-    return bool(_SPACE.match(space))
+    """Space ids become part of Redis hash tags and of the archive's paths, so keep them to a safe alphabet, and
+    never '.' or '..' (a folder of the archive would then be its parent)."""
+    return bool(_SPACE.match(space)) and space.strip(".") != ""
 
 
 def _space(name: str, raw: str) -> str:
     if not valid_space(raw):
-        raise ConfigError(f"{name}={raw!r}: use 1-64 letters, digits, '_', '-' or '.'")
+        raise ConfigError(f"{name}={raw!r}: use 1-64 letters, digits, '_', '-' or '.' (not dots alone)")
     return raw
 
 

@@ -154,7 +154,7 @@ async def segment_webhook(request: Request) -> Response:
     state = request.app.state
     space = request.path_params.get("space", state.settings.space_id)
     if not valid_space(space):
-        return error(404, "not_found", "unknown space id: use letters, digits, '_', '-' or '.'")
+        return error(404, "not_found", "unknown space id: use letters, digits, '_', '-' or '.' (not dots alone)")
     received = now_ms()
     try:  # a body that cannot be read whole (size, encoding) cannot be verified either
         body = await read_body(request, state.settings.max_body_bytes)

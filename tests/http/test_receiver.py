@@ -158,6 +158,10 @@ def test_space_route_keeps_spaces_apart(client: TestClient, r: redis.Redis) -> N
     assert r.exists(Keys("spa_other").ident("user_id", "usr_001")) == 1
     assert r.exists(Keys("default").ident("user_id", "usr_001")) == 0
     assert post(client, body, "/segment/bad%7Bspace").status_code == 404
+    # dots alone would name the archive's own folder or its parent
+    assert post(client, body, "/segment/...").status_code == 404
+    from service.config import valid_space
+    assert not valid_space(".") and not valid_space("..") and valid_space("a.b") and valid_space(".hidden")
 
 
 def test_redis_down_is_503_and_nothing_applied(settings, redis_url: str, r: redis.Redis) -> None:
