@@ -46,7 +46,7 @@ ALLOWED = {
     "service.http": ("service.state", "service.spec", "service.config", "service.logs"),
     "service.devstack": ("service.config",),
     "workers.compute": ("service.spec", "service.config"),
-    "workers.mavera": ("workers.compute", "workers.locks", "service.spec", "service.state", "service.config",
+    "workers.mavera": ("workers.compute", "service.spec", "service.state", "service.config",
                        "service.logs"),
     "workers": ("workers", "service.spec", "service.state", "service.config", "service.logs"),
 }

@@ -19,11 +19,11 @@ from service.config import Settings
 from service.logs import event as log_event
 from service.spec.keys import Keys
 from service.state.connect import queue_client, state_client
+from service.state.locks import held_lock
 from service.state.queue import FULL_RECOMPUTE_JOB, QUEUE_NAME, RECOMPUTE_CHUNK_JOB
 from service.state.refresh import REFRESH_TIMEOUT, queue_sync, schedule_refresh
 from service.state.status import spaces
 from workers import mapreduce, recompute
-from workers.locks import held_lock
 
 log = logging.getLogger("jobs")
 # seconds a refresh waits for another recompute before it steps aside: the holder queues a refresh when it is done,

@@ -40,10 +40,10 @@ from service.config import Settings
 from service.spec import clock
 from service.spec.keys import Keys
 from service.state.holders import clear_if_gone
+from service.state.locks import held_lock
 from service.state.store import state_keys
 from workers import recompute as R
 from workers.compute import aggregates as A
-from workers.locks import held_lock
 
 CLAIM_TTL = 10.0  # seconds a dead process's lease on a chunk outlives it (renewed every third of that)
 RUN_TTL = 6 * 3600  # seconds a run's plan and parts are kept: more than a run and its takeovers take

@@ -36,13 +36,13 @@ from service.spec.keys import DAY_MS, Keys
 from service.spec.kpis import InsightRule
 from service.spec.profile import Profile, decode_profile
 from service.state.connect import is_cluster, scan_space
+from service.state.locks import held_lock
 from service.state.store import state_keys
 from workers.compute import aggregates as A
 from workers.compute.channels import channel_pattern, pattern_summaries
 from workers.compute.clusters import Rules, assign_cluster, label, load_rules
 from workers.compute.features import TRAITS_USED, compute_features
 from workers.cpus import usable_cpus
-from workers.locks import held_lock
 
 CHUNK = 500
 PARALLEL_FROM = 20_000  # profiles from which the full recompute forks one process per core

@@ -20,9 +20,9 @@ from service.config import Settings
 from service.logs import event as log_event
 from service.spec.clock import now_ms
 from service.spec.keys import Keys
+from service.state.locks import held_lock
 from service.state.ops import paused
 from workers.compute.channels import build_prompt, material_changes
-from workers.locks import held_lock
 from workers.mavera.client import CreditsExhausted, MaveraClient, MaveraError, MaybeAnswered, MaybeCreated
 from workers.mavera.ratelimit import RateLimited
 
