@@ -545,7 +545,10 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     client = state_client(settings)
     space = args.space or settings.space_id
     if args.drop_old:
-        dropped = drop_old(client, space)
+        try:
+            dropped = drop_old(client, space)
+        except RebuildRefused as exc:
+            raise CommandError(str(exc)) from None
         print(f"{space}: " + (", ".join(f"generation {g}: {n} keys deleted" for g, n in dropped.items())
                               or "no old generation to drop"))
         return 0

@@ -52,6 +52,12 @@ class Keys:
         return f"{self.prefix}gen"
 
     @property
+    def rebuild_lock(self) -> str:
+        """Held (and renewed) by the one rebuild of the space that may run: two at once would build into the same
+        generation, each dropping the other's work."""
+        return f"{self.prefix}rebuild:lock"
+
+    @property
     def rebuild_status(self) -> str:
         """The space's last rebuild as it goes: a hash (state, phase, events, started_ms, updated_ms, ...) that
         ``service/state/rebuild.py`` writes and the console shows; it expires an hour after its last write."""

@@ -41,6 +41,7 @@ from service.spec.keys import TOMBSTONE, Keys
 from service.state.archive import archive_files
 from service.state.connect import scan_space
 from service.state.generations import drop_generation, generations, next_generation
+from service.state.locks import held_lock
 from service.state.ops import erase_identified, erased_record, purge_erased, user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
@@ -49,6 +50,7 @@ CATCH_UP_TAIL = 1000  # switch once fewer log entries than this are left to appl
 CLOCK_MARGIN_MS = 300_000  # profiles are stamped by the web's clock, log entries by Redis's: allow for skew
 
 
+LOCK_TTL = 10.0  # seconds a killed rebuild's lock outlives it (renewed every third of that while it runs)
 STATUS_TTL = 3600  # seconds the rebuild's status (and record of erasures) outlives its last write (apply.lua too)
 STATUS_EVERY_MS = 1000  # at most one write of the status a second while events are applied
 
@@ -134,10 +136,11 @@ def coverage(client: redis.Redis, settings: Settings, space: str) -> Coverage:
 
 
 def drop_old(client: redis.Redis, space: str) -> dict[str, int]:
-    """``rebuild --drop-old``: delete every generation but the current one."""
-    current = (client.get(Keys(space).generation_key) or b"").decode()
-    return {gen or "(original)": drop_generation(client, space, gen)
-            for gen in sorted(generations(client, space) - {current})}
+    """``rebuild --drop-old``: delete every generation but the current one (never while a rebuild builds one)."""
+    with _alone(client, space, "dropping the old generations"):
+        current = (client.get(Keys(space).generation_key) or b"").decode()
+        return {gen or "(original)": drop_generation(client, space, gen)
+                for gen in sorted(generations(client, space) - {current})}
 
 
 def _deletions_since(client: redis.Redis, settings: Settings, space: str, since_ms: int) -> int:
@@ -183,9 +186,30 @@ def _erasures_meanwhile(client: redis.Redis, settings: Settings, space: str) -> 
     return erased
 
 
+@contextlib.contextmanager
+def _alone(client: redis.Redis, space: str, what: str) -> Iterator[None]:
+    """The space's rebuild lock for the whole of ``what``, or RebuildRefused: two rebuilds at once would build into
+    the same generation, each dropping what the other applied, and a drop of old generations would drop the one
+    being built."""
+    key = Keys(space).rebuild_lock
+    with held_lock(client, key, LOCK_TTL) as lock:
+        if lock is None:
+            holder = (client.get(key) or b"?").decode(errors="replace")
+            raise RebuildRefused(
+                f"a rebuild of {space} is running (held by {holder}): {what} waits for it to end (`persona-sync "
+                f"status` shows its progress); a rebuild whose process was killed lets go within {LOCK_TTL:.0f} s")
+        yield
+
+
 def rebuild(client: redis.Redis, settings: Settings, space: str, force: bool = False,
             progress: Callable[[int], None] | None = None, say: Callable[[str], None] = lambda _: None) -> dict:
     """Rebuild ``space`` into a new generation and switch to it (see the module's docstring)."""
+    with _alone(client, space, "another rebuild"):
+        return _locked_rebuild(client, settings, space, force, progress, say)
+
+
+def _locked_rebuild(client: redis.Redis, settings: Settings, space: str, force: bool,
+                    progress: Callable[[int], None] | None, say: Callable[[str], None]) -> dict:
     k = Keys(space)
     cover = coverage(client, settings, space)
     if cover.older and not force:

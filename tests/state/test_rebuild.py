@@ -332,3 +332,25 @@ def test_an_erasure_reaches_the_generation_a_rebuild_left_behind(r: redis.Redis,
     assert find(r, "user_id", "kept") is not None and find(r, "user_id", "gone") is None
     marked = {m.decode() for m in r.smembers(Keys(SPACE).dirty)}  # the current generation's erased profiles only
     assert before["gone"] not in marked and before["anon-erase-me"] not in marked and len(marked) == 2
+
+
+def test_a_second_rebuild_or_a_drop_while_one_runs_is_refused(r: redis.Redis, settings: Settings) -> None:
+    """Two rebuilds at once built into the same generation, each dropping what the other applied (profiles then
+    held several people's identifiers); the second is refused, with what to do, and the first ends whole."""
+    apply(r, many_emails(40), now=now_ms())
+    before = emails_per_profile(r)
+    refused: list[str] = []
+
+    def mid_rebuild(count: int) -> None:
+        if not refused:
+            for attempt in (lambda: rebuild(r, settings, SPACE), lambda: drop_old(r, SPACE)):
+                with pytest.raises(RebuildRefused, match="is running") as exc:
+                    attempt()
+                refused.append(str(exc.value))
+
+    rebuild(r, settings, SPACE, progress=mid_rebuild)
+    assert len(refused) == 2 and "persona-sync status" in refused[0]
+    assert r.get(Keys(SPACE).generation_key) == b"g1:" and emails_per_profile(r) == before
+    assert not r.exists(Keys(SPACE).rebuild_lock)  # let go at the end: the next rebuild runs
+    rebuild(r, settings, SPACE)
+    assert r.get(Keys(SPACE).generation_key) == b"g2:" and emails_per_profile(r) == before
