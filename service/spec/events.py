@@ -196,6 +196,10 @@ def _id(value: Any) -> str | None:
     """userId / anonymousId: strings or numbers; anything else is absent."""
     if isinstance(value, bool) or value is None:
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2 ** 53:
+        # a JSON number past what a double holds exactly (orjson reads one past 64 bits as a float): two
+        # different ids would become one person
+        raise InvalidEvent(f"an id is the number {value:.17g}, too large to be exact: send ids as strings")
     if isinstance(value, int | float):
         value = str(int(value)) if float(value).is_integer() else str(value)
     if not isinstance(value, str):

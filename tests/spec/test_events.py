@@ -76,6 +76,17 @@ def test_an_event_with_too_many_identifiers_is_refused() -> None:
     assert len(normalise(raw, NOW, RULES).identifiers) == MAX_EVENT_IDENTIFIERS
 
 
+def test_a_numeric_id_too_large_to_be_exact_is_refused() -> None:
+    """Past 2^53 a JSON number is no longer one id: 123...890 and 123...891 read as the same float."""
+    import orjson
+
+    raw = orjson.loads(b'{"type": "track", "event": "E", "messageId": "m", "userId": 123456789012345678901234567890}')
+    with pytest.raises(InvalidEvent, match="send ids as strings"):
+        normalise(raw, NOW, RULES)
+    exact = normalise({"type": "track", "event": "E", "messageId": "m", "userId": 2 ** 53 - 1}, NOW, RULES)
+    assert exact.user_id == str(2 ** 53 - 1)
+
+
 def test_ad_id_needs_tracking_consent() -> None:
     raw = fixture_json("screen.json")
     raw["context"]["device"]["adTrackingEnabled"] = False
