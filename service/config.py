@@ -60,6 +60,19 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}={raw!r}: expected true or false")
 
 
+def _readable_file(name: str, raw: str) -> str:
+    """A file every worker reads at each recompute: missing, it would fail them all, long after the start."""
+    if raw and not os.access(raw, os.R_OK):
+        raise ConfigError(f"{name}={raw!r}: no such readable file (leave it empty for the packaged rules)")
+    return raw
+
+
+def _http_url(name: str, raw: str) -> str:
+    if not raw.lower().startswith(("https://", "http://")):
+        raise ConfigError(f"{name}={raw!r}: expected an http:// or https:// URL")
+    return raw
+
+
 def _queue_url(raw: str, cluster: str) -> str:
     """RQ cannot run on a Redis Cluster (https://python-rq.org/docs/connections/): with one, the queue needs its own."""
     if not raw and _bool("REDIS_CLUSTER", cluster):
@@ -84,6 +97,10 @@ def _redis_url(name: str, raw: str) -> str:
             raise ConfigError(f"{name}: {exc}") from None
     elif raw.split("://", 1)[0].endswith("+sentinel"):
         raise ConfigError(f"{name}: only redis+sentinel:// is supported for Sentinel (no TLS to the sentinels)")
+    elif raw and ("://" not in raw or raw.split("://", 1)[0].lower() not in ("redis", "rediss", "unix")):
+        # the value itself is not repeated: it may hold a password
+        raise ConfigError(f"{name} needs a scheme: redis://host:6379/0, rediss://host:6380/0 (TLS), "
+                          "unix:///path/to/redis.sock or redis+sentinel://host:26379/<service name>")
     return raw
 
 
@@ -297,7 +314,7 @@ class Settings:
             state_wait_timeout=_bounded_duration("STATE_WAIT_TIMEOUT", raw["STATE_WAIT_TIMEOUT"], 0.01, 3.0),
             data_dir=raw["DATA_DIR"],
             host=raw["HOST"],
-            port=_int("PORT", raw["PORT"], 0),
+            port=_int("PORT", raw["PORT"], 0, 65535),
             web_concurrency=_int("WEB_CONCURRENCY", raw["WEB_CONCURRENCY"], 1),
             space_id=_space("SPACE_ID", raw["SPACE_ID"]),
             shared_secrets=_list(raw["SEGMENT_SHARED_SECRETS"]),
@@ -325,12 +342,12 @@ class Settings:
             refresh_debounce=parse_duration("REFRESH_DEBOUNCE", raw["REFRESH_DEBOUNCE"]),
             full_recompute_cron=_cron(raw["FULL_RECOMPUTE_CRON"]),
             analysis_window_days=_int("ANALYSIS_WINDOW_DAYS", raw["ANALYSIS_WINDOW_DAYS"], 1),
-            cluster_rules_file=raw["CLUSTER_RULES_FILE"].strip(),
+            cluster_rules_file=_readable_file("CLUSTER_RULES_FILE", raw["CLUSTER_RULES_FILE"].strip()),
             min_cluster_size=_int("MIN_CLUSTER_SIZE", raw["MIN_CLUSTER_SIZE"], 1),
             insight_min_share_pct=_float("INSIGHT_MIN_SHARE_PCT", raw["INSIGHT_MIN_SHARE_PCT"], 0, 100),
             insight_require_above_mean=_bool("INSIGHT_REQUIRE_ABOVE_MEAN", raw["INSIGHT_REQUIRE_ABOVE_MEAN"]),
             mavera_api_key=raw["MAVERA_API_KEY"].strip(),
-            mavera_base_url=raw["MAVERA_BASE_URL"].strip().rstrip("/"),
+            mavera_base_url=_http_url("MAVERA_BASE_URL", raw["MAVERA_BASE_URL"].strip().rstrip("/")),
             mavera_rate_limit=_int("MAVERA_RATE_LIMIT", raw["MAVERA_RATE_LIMIT"], 1),
             mavera_timeout=parse_duration("MAVERA_TIMEOUT", raw["MAVERA_TIMEOUT"]),
             mave_chat_timeout=_min_duration("MAVE_CHAT_TIMEOUT", raw["MAVE_CHAT_TIMEOUT"], 120),

@@ -71,6 +71,19 @@ def test_bad_configuration_says_what_to_fix() -> None:
         with pytest.raises(ConfigError, match="INSIGHT_MIN_SHARE_PCT.*from 0 to 100"):
             Settings.from_env({"INSIGHT_MIN_SHARE_PCT": share})
     assert Settings.from_env({"INSIGHT_MIN_SHARE_PCT": "12.5"}).insight_min_share_pct == 12.5
+    # found at start, not at the first connection, job or sync (a traceback, or failures an hour later)
+    for name in ("REDIS_URL", "QUEUE_REDIS_URL"):
+        with pytest.raises(ConfigError, match=f"{name} needs a scheme: redis://") as exc:
+            Settings.from_env({name: "user:s3cret@localhost:6379"})
+        assert "s3cret" not in str(exc.value)  # a URL may carry a password: never repeated
+    with pytest.raises(ConfigError, match="PORT='70000': must be at most 65535"):
+        Settings.from_env({"PORT": "70000"})
+    with pytest.raises(ConfigError, match="MAVERA_BASE_URL='ftp://x': expected an http"):
+        Settings.from_env({"MAVERA_BASE_URL": "ftp://x"})
+    with pytest.raises(ConfigError, match="CLUSTER_RULES_FILE='/nonexistent/rules.json': no such readable file"):
+        Settings.from_env({"CLUSTER_RULES_FILE": "/nonexistent/rules.json"})
+    for url in ("redis://h:6379/0", "rediss://h:6380/0", "unix:///tmp/r.sock", "REDIS://h"):
+        assert Settings.from_env({"REDIS_URL": url}).redis_url == url
     s = Settings.from_env({"DEDUPE_WINDOW": "2h", "SEGMENT_WRITE_KEYS": "a, b=spa_2", "IDENTITY_LIMITS": "email:2"})
     assert s.dedupe_window == 7200 and dict(s.write_keys) == {"a": "default", "b": "spa_2"}
     assert s.identity_limits == {"user_id": 1, "*": 5, "email": 2}
