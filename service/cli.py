@@ -141,6 +141,7 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     from service.state.status import spaces
 
     client = state_client(settings)
+    _known_space(client, args.space, "there is nothing to recompute")
     chosen = [args.space] if args.space else spaces(client)
     if not chosen:
         print("no spaces yet: nothing to recompute")
@@ -214,11 +215,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
 
     from service.state.connect import connect
-    from service.state.status import collect, spaces
+    from service.state.status import collect
 
     client = state_client(settings)
-    if args.space and args.space not in (known := spaces(client)):  # an all-zero report would look like a quiet one
-        raise CommandError(f"no space {args.space!r} has any data; known: {', '.join(sorted(known)) or 'none yet'}")
+    _known_space(client, args.space, "its report would be all zeros")
     queue = connect(queue_url(settings), socket_timeout=5, socket_connect_timeout=2)
     report = collect(client, queue, settings, args.space)
     if args.json:
@@ -230,10 +230,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_space(client: Any, space: str | None, why: str) -> None:
+    """A ``--space`` that holds no data is a typo more often than not: acting on it would create it for good."""
+    from service.state.status import spaces
+
+    if space and space not in (known := spaces(client)):
+        raise CommandError(f"no space {space!r} has any data ({why}); known: {', '.join(sorted(known)) or 'none yet'}")
+
+
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     from service.state.ops import NotAnIdentifier, NotFound, forget
 
     client = state_client(settings)
+    _known_space(client, args.space, "a deletion there would only suppress")
     try:
         outcome, user_id = forget(client, settings, args.space or settings.space_id, args.identifier)
     except NotFound as exc:

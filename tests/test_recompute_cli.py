@@ -78,3 +78,13 @@ def test_only_a_lock_whose_process_is_gone_here_is_cleared(r: redis.Redis) -> No
         r.set("lock", token)
         assert (clear_if_gone(r, "lock") is not None) == cleared, token
         assert r.exists("lock") != cleared
+
+
+def test_recompute_of_a_space_without_data_is_refused_rather_than_creating_it(r: redis.Redis,
+                                                                              redis_url: str) -> None:
+    apply(r, mixed_stream(20, users=2, seed=1))
+    out = subprocess.run([EXE, "recompute", "--space", "defualt"], env=env_for(redis_url), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "no space 'defualt' has any data" in out.stderr, out.stderr
+    from service.state.status import spaces
+    assert spaces(r) == ["default"]

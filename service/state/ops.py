@@ -68,6 +68,12 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
     if not rules.prepare([(kind.strip().lower(), value)]):  # erasing it would suppress every sender of it
         raise NotAnIdentifier(f"{identifier[:100]!r} identifies nobody: it is empty, or a blocked placeholder "
                               "(IDENTITY_BLOCKED); nothing was erased")
+    if pid is None and ":" not in identifier and resolve(client, rules, space, f"segment_id:{value}")[2]:
+        # a bare value is a userId, but this one is nobody's userId and a profile's id, as the console and the
+        # Profile API show them: erasing would only suppress a userId nobody has, and say it was done
+        raise NotAnIdentifier(f"{value!r} is no userId here but a profile's id: send segment_id:{value} to erase "
+                              f"that profile (or user_id:{value} to suppress a userId of that name); nothing was "
+                              "erased")
     user_id = value if kind == "user_id" else None
     if pid is not None and user_id is None:  # erase by another identifier: suppress the profile's userId, if any
         fields = client.hkeys(state_keys(client, space).profile(pid))

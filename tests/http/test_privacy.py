@@ -208,3 +208,20 @@ def test_forget_refuses_fields_it_does_not_take_rather_than_erase_in_the_default
     resp = client.post("/admin/forget", json={"id": "user_id:bob", "space": "other"}, headers=ADMIN)
     assert resp.status_code == 400 and "?space=" in resp.json()["error"]["message"]
     assert find(r, "user_id", "bob") is not None  # nothing was erased
+
+
+def test_forget_in_a_space_without_data_or_of_a_bare_profile_id_erases_nothing_and_says_why(
+        redis_env: dict[str, str], r: redis.Redis) -> None:
+    """Both used to answer "deleted" and exit 0: a misspelled --space (which then existed for good), and a
+    profile's id given bare (a bare value is a userId, and nobody had that one)."""
+    ada(r)
+    env = {"PATH": "/usr/bin:/bin", **redis_env}
+    typo = subprocess.run([EXE, "forget", "--space", "defualt", "user_id:bob"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert typo.returncode == 1 and "no space 'defualt' has any data" in typo.stderr and "default" in typo.stderr
+    pid = find(r, "user_id", "bob").id
+    bare = subprocess.run([EXE, "forget", pid], capture_output=True, text=True, timeout=60, env=env)
+    assert bare.returncode == 1 and f"segment_id:{pid}" in bare.stderr, bare.stderr
+    assert find(r, "user_id", "bob") is not None and not r.smembers(Keys("default").suppressed)
+    by_id = subprocess.run([EXE, "forget", f"segment_id:{pid}"], capture_output=True, text=True, timeout=60, env=env)
+    assert by_id.returncode == 0 and find(r, "user_id", "bob") is None
