@@ -459,6 +459,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         resolve,
     )
 
+    _replay_options_fit(args)
     client = state_client(settings)
     space = args.space or settings.space_id
     options = Options(dry_run=args.dry_run, rate=args.rate or None, reapply=not args.dead_letters)
@@ -492,6 +493,24 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return _run_replay(settings, args, lambda after: only(log_records(client, space, since, until, pids, after,
                                                                       until_id=end), types, args.event),
                        total, options, "replay", name, f"replaying the event log of {space}")
+
+
+def _replay_options_fit(args: argparse.Namespace) -> None:
+    """An option of the other source would be ignored, and the replay run over far more than was meant."""
+    log_only = {"--since": args.since, "--until": args.until, "--profile": args.profile, "--type": args.type,
+                "--event": args.event}
+    if args.dead_letters:
+        given = [name for name, value in {**log_only, "--from-archive": args.from_archive}.items() if value]
+        if given:
+            raise CommandError(f"{', '.join(given)} select(s) log or archive events, not dead letters: drop it, or "
+                               "drop --dead-letters (dead letters are chosen by --reason)")
+    elif args.reason is not None:
+        raise CommandError("--reason selects dead letters: add --dead-letters, or drop --reason")
+    if args.since and args.until:
+        now = int(time.time() * 1000)
+        since, until = parse_since("since", args.since, now), parse_since("until", args.until, now)
+        if since is not None and until is not None and since > until:
+            raise CommandError(f"--since {args.since} is after --until {args.until}: nothing lies between them")
 
 
 def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, since: int | None, until: int | None,
@@ -929,10 +948,22 @@ def cmd_worker_alive(settings: Settings, args: argparse.Namespace) -> int:
 def _run_options(cmd: argparse.ArgumentParser, resumes: str) -> None:
     """--dry-run, --rate and --resume, which every run of the replay engine takes."""
     cmd.add_argument("--dry-run", action="store_true", help="count by type and expected outcome; change nothing")
-    cmd.add_argument("--rate", type=float, default=DEFAULT_REPLAY_RATE,
+    cmd.add_argument("--rate", type=_rate, default=DEFAULT_REPLAY_RATE,
                      help=f"events per second (default {DEFAULT_REPLAY_RATE:g}, which keeps live intake's p95 within "
                           "2x; 0: as fast as Redis takes them)")
     cmd.add_argument("--resume", action="store_true", help=f"continue an interrupted {resumes}")
+
+
+def _rate(text: str) -> float:
+    """--rate: events per second, 0 for as fast as Redis takes them (a negative one is a mistake, not 'unlimited')."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of events per second") from None
+    if not rate >= 0 or rate == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give events per second, or 0 for as fast as Redis takes "
+                                         "them")
+    return rate
 
 
 def _call_type(text: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 import redis
 
 from service.spec.keys import Keys
@@ -90,6 +91,23 @@ def test_a_log_replay_stops_at_until(redis_url: str, r: redis.Redis) -> None:
                              capture_output=True, text=True, timeout=120, env=env(redis_url))
         assert out.returncode == 0, out.stderr
         assert ("10 events would be" if dry else "10 events were") in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--reason", "OOM"], "--reason selects dead letters"),
+    (["--dead-letters", "--since", "1h"], "--since select(s) log or archive events"),
+    (["--dead-letters", "--from-archive"], "--from-archive select(s)"),
+    (["--since", "1m", "--until", "2h"], "nothing lies between them"),
+    (["--rate", "-5"], "give events per second"),
+])
+def test_replay_options_of_another_source_or_out_of_range_are_refused(redis_url: str, r: redis.Redis,
+                                                                       options: list[str], says: str) -> None:
+    """Each was ignored: `--reason` without --dead-letters replayed the whole log, --since beside --dead-letters
+    every dead letter, and a negative rate ran unlimited."""
+    r.xadd(Keys("default").log, {"p": "use_1", "e": b'{"type":"identify","userId":"u","messageId":"m"}'})
+    out = subprocess.run([EXE, "replay", *options], capture_output=True, text=True, timeout=60, env=env(redis_url))
+    assert out.returncode != 0 and says in out.stderr, out.stderr
+    assert "were" not in out.stdout  # nothing ran
 
 
 def test_gzip_on_stdin_is_read_as_gzip_when_the_pipe_hands_over_one_byte_first(redis_url: str, tmp_path: Path) -> None:
