@@ -223,7 +223,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("REFUSAL_LOG_MAX", "10000", "Most entries in the log of requests refused before authentication (GET "
      "/admin/refusals): metadata only, never a body; one log for the deployment, oldest trimmed first."),
     ("MAX_BODY_BYTES", "16777216", "Largest webhook body accepted on /segment (Actions batches of 4000 events)."),
-    ("IDENTITY_LIMITS", "user_id:1,*:5", "Most values per identifier type on one profile; `*` is every other type."),
+    ("IDENTITY_LIMITS", "user_id:1,*:5",
+     "Most values per identifier type on one profile; `*` is every other type. `type:N:weekly` (daily, monthly, "
+     "annually, or a duration such as 14d) counts only the values added in that sliding window."),
     ("IDENTITY_PRIORITY", "user_id,email", "Identifier types by priority; the rest follow alphabetically."),
     ("IDENTITY_BLOCKED", r"^[0-]*$,^-1$,^null$,^anonymous$,^undefined$",
      "Comma-separated regular expressions of values that are never identifiers."),
@@ -281,6 +283,8 @@ class Settings:
     refusal_log_max: int = 10000
     max_body_bytes: int = 16 * 1024 * 1024
     identity_limits: Mapping[str, int] = field(default_factory=lambda: {"user_id": 1, "*": 5})
+    # type -> the sliding window (ms) its limit counts values in, for `type:N:weekly`; absent: ever
+    identity_limit_windows: Mapping[str, int] = field(default_factory=dict)
     identity_priority: tuple[str, ...] = ("user_id", "email")
     identity_blocked: tuple[str, ...] = (r"^[0-]*$", r"^-1$", r"^null$", r"^anonymous$", r"^undefined$")
     max_merges: int = 100
@@ -333,7 +337,8 @@ class Settings:
             dead_letter_max_bytes=_int("DEAD_LETTER_MAX_BYTES", raw["DEAD_LETTER_MAX_BYTES"], 1024),
             refusal_log_max=_int("REFUSAL_LOG_MAX", raw["REFUSAL_LOG_MAX"], 1),
             max_body_bytes=_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"], 1024),
-            identity_limits=_limits(raw["IDENTITY_LIMITS"]),
+            identity_limits=_limits(raw["IDENTITY_LIMITS"])[0],
+            identity_limit_windows=_limits(raw["IDENTITY_LIMITS"])[1],
             identity_priority=_list(raw["IDENTITY_PRIORITY"]),
             identity_blocked=_patterns(raw["IDENTITY_BLOCKED"]),
             max_merges=_int("MAX_MERGES", raw["MAX_MERGES"], 0),
@@ -409,14 +414,34 @@ def _pair_secret(api_id: str, secret: str) -> str:
     return secret
 
 
-def _limits(raw: str) -> dict[str, int]:
-    limits = {"user_id": 1, "*": 5}
+# Segment's limit periods (https://segment.com/docs/unify/identity-resolution/identity-resolution-settings/)
+LIMIT_PERIODS = {"ever": 0, "daily": 86_400, "weekly": 7 * 86_400, "monthly": 30 * 86_400, "annually": 365 * 86_400,
+                 "yearly": 365 * 86_400}
+
+
+def _limits(raw: str) -> tuple[dict[str, int], dict[str, int]]:
+    """``type:N`` or ``type:N:period`` items → (type -> N, type -> window in ms for those with a period)."""
+    limits: dict[str, int] = {"user_id": 1, "*": 5}
+    windows: dict[str, int] = {}
     for item in _list(raw):
-        kind, sep, n = item.partition(":")
-        if not sep:
-            raise ConfigError(f"IDENTITY_LIMITS item {item!r}: expected type:number, e.g. email:5")
-        limits[kind.strip()] = _int("IDENTITY_LIMITS", n.strip(), 1)
-    return limits
+        kind, sep, rest = item.partition(":")
+        n, _, period = rest.partition(":")
+        if not sep or not kind.strip():
+            raise ConfigError(f"IDENTITY_LIMITS item {item!r}: expected type:number, e.g. email:5 or "
+                              "anonymous_id:5:weekly")
+        kind, period = kind.strip(), period.strip().lower()
+        limits[kind] = _int("IDENTITY_LIMITS", n.strip(), 1)
+        windows.pop(kind, None)
+        if period and period != "ever":
+            seconds: float | None = LIMIT_PERIODS.get(period)
+            if seconds is None:
+                try:
+                    seconds = parse_duration("IDENTITY_LIMITS", period)
+                except ConfigError:
+                    raise ConfigError(f"IDENTITY_LIMITS item {item!r}: the period is one of "
+                                      f"{', '.join(LIMIT_PERIODS)}, or a duration such as 14d") from None
+            windows[kind] = int(seconds * 1000)
+    return limits, windows
 
 
 def _patterns(raw: str) -> tuple[str, ...]:

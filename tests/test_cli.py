@@ -86,7 +86,12 @@ def test_bad_configuration_says_what_to_fix() -> None:
         assert Settings.from_env({"REDIS_URL": url}).redis_url == url
     s = Settings.from_env({"DEDUPE_WINDOW": "2h", "SEGMENT_WRITE_KEYS": "a, b=spa_2", "IDENTITY_LIMITS": "email:2"})
     assert s.dedupe_window == 7200 and dict(s.write_keys) == {"a": "default", "b": "spa_2"}
-    assert s.identity_limits == {"user_id": 1, "*": 5, "email": 2}
+    assert s.identity_limits == {"user_id": 1, "*": 5, "email": 2} and s.identity_limit_windows == {}
+    s = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5:weekly, ga_client_id:5:14d, email:5:ever"})
+    assert s.identity_limits["anonymous_id"] == 5 and s.identity_limit_windows == {
+        "anonymous_id": 7 * 86_400_000, "ga_client_id": 14 * 86_400_000}
+    with pytest.raises(ConfigError, match="the period is one of ever, daily, weekly"):
+        Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5:fortnightly"})
     out = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "DEDUPE_WINDOW": "x"})
     assert out.returncode == 2 and "DEDUPE_WINDOW" in out.stderr

@@ -28,6 +28,7 @@ BUILT_IN = frozenset({"user_id", "anonymous_id", "email", "ga_client_id", "group
 class IdentityRules:
     priority: tuple[str, ...] = ("user_id", "email")
     limits: Mapping[str, int] | None = None
+    windows: Mapping[str, int] | None = None  # type -> sliding window (ms) its limit counts values added in
     blocked: tuple[str, ...] = (r"^[0-]*$", r"^-1$", r"^null$", r"^anonymous$", r"^undefined$")
     max_merges: int = 100
     max_identifiers: int = 1000
@@ -83,6 +84,7 @@ class IdentityRules:
             "max_merges": self.max_merges,
             "max_ids": self.max_identifiers,
             "alias": self.alias_merges,
+            "windows": dict(self.windows or {}),
         })
 
     @classmethod
@@ -90,6 +92,7 @@ class IdentityRules:
         return cls(
             priority=tuple(settings.identity_priority),
             limits=dict(settings.identity_limits),
+            windows=dict(settings.identity_limit_windows),
             blocked=tuple(settings.identity_blocked),
             max_merges=settings.max_merges,
             max_identifiers=settings.max_identifiers,

@@ -641,3 +641,26 @@ def test_a_profile_with_thousands_of_traits_merges_whole_and_a_group_call_with_t
     assert group.status == "ok", group
     assert r.hlen(state_keys(r, "default").account("big-account")) == 10_000  # value and stamp per trait
     assert list(find(r, "user_id", "wide").groups) == ["big-account"]
+
+
+def test_a_limit_with_a_sliding_window_counts_only_the_values_added_in_it(r: redis.Redis) -> None:
+    """`anonymous_id:5:weekly`, as Segment advises for ids that change constantly: a person who logs in from a
+    new browser every week keeps getting them; five new browsers within one week are still the most."""
+    week = 7 * 86_400_000
+    weekly = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5:weekly"})
+    ever = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5"})
+
+    def logins(settings: Settings, gap_ms: int) -> list[set[str]]:
+        r.flushall()
+        for k in range(1, 8):  # a page view from a new browser, then the login on it
+            at = NOW - (8 - k) * gap_ms
+            apply(r, [{"type": "page", "anonymousId": f"browser-{k}", "messageId": f"p{k}", "timestamp": _iso(at)},
+                      {"type": "identify", "userId": "u1", "anonymousId": f"browser-{k}", "messageId": f"i{k}",
+                       "timestamp": _iso(at + 60_000)}], settings=settings)
+        return sorted(({f"{i.type}:{i.value}" for i in p.identifiers} for p in profiles(r)), key=len)
+
+    weekly_logins = logins(weekly, week)
+    assert len(weekly_logins) == 1 and len(weekly_logins[0]) == 8  # u1 and its seven browsers
+    assert len(logins(ever, week)) == 3  # counted for ever: browsers 6 and 7 stay on profiles of their own
+    within_a_week = logins(weekly, 3_600_000)  # seven browsers within seven hours
+    assert len(within_a_week) == 3 and within_a_week[-1] >= {"user_id:u1", "anonymous_id:browser-5"}

@@ -580,12 +580,37 @@ local function general_path()
     return 'deleted\t' .. pid
   end
 
+  -- A limit with a sliding window (``rules.windows``: type -> ms, `anonymous_id:5:weekly`) counts the values of
+  -- its type that the profile got within the window before the event (each value's first sighting, 'time|mid' in
+  -- its 'x:' field): type -> count, read once per profile and event (``cache``), and only on this path.
+  local function windowed(pid, ts, wins, cache)
+    if cache[pid] then return cache[pid] end
+    local out = {}
+    local f = redis.call('HGETALL', pkey(pid))
+    for i = 1, #f, 2 do
+      if string.sub(f[i], 1, 2) == 'x:' then
+        for t, w in pairs(wins) do
+          local pre = 'x:' .. t .. ':'
+          if string.sub(f[i], 1, #pre) == pre and (tonumber(string.match(f[i + 1], '^[^|]*')) or 0) >= ts - w then
+            out[t] = (out[t] or 0) + 1
+          end
+        end
+      end
+    end
+    cache[pid] = out
+    return out
+  end
+
   -- Which profiles the event's identifiers match, once identifiers past the limits are dropped: returns the
-  -- profiles to merge (lowest id survives) and which identifiers stay active.
-  local function resolve(ids, owner, counts_of, merges_of)
+  -- profiles to merge (lowest id survives) and which identifiers stay active. ``ts``: the event's time, for the
+  -- limits with a window.
+  local function resolve(ids, owner, counts_of, merges_of, ts)
     local active = {}
     for i = 1, #ids do active[i] = true end
     local rules = the_rules()
+    local wins = rules.windows or {}
+    if next(wins) == nil then wins = false end
+    local wcache = {}
     local nactive = #ids
     while true do
       local mlist, seen, counts, total, merges, new = {}, {}, {}, 0, 0, 0
@@ -597,7 +622,11 @@ local function general_path()
               seen[o] = true
               mlist[#mlist + 1] = o
               load(o, counts_of, merges_of)
-              for t, n in pairs(counts_of[o]) do counts[t] = (counts[t] or 0) + n; total = total + n end
+              local wc = wins and windowed(o, ts, wins, wcache)
+              for t, n in pairs(counts_of[o]) do
+                counts[t] = (counts[t] or 0) + (wc and wins[t] and (wc[t] or 0) or n)
+                total = total + n   -- the identifier cap counts every value, whenever added
+              end
               merges = merges + merges_of[o]
             end
           else
@@ -709,7 +738,7 @@ local function general_path()
     elseif #ids == 1 then
       mlist = owner[1] and {owner[1]} or {}
     else
-      mlist, active = resolve(ids, owner, counts_of, merges_of)
+      mlist, active = resolve(ids, owner, counts_of, merges_of, ts)
     end
 
     -- 4. create or merge ------------------------------------------------------------------------------------
