@@ -178,8 +178,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._too_large:
             self._refuse_head()
-        else:
-            super().send_400_response(msg)
+        else:  # malformed framing (a bad Content-Length, both it and chunked, a bad chunk): JSON, as every error
+            self._refuse(400, "bad_request", f"malformed HTTP request ({msg.rstrip('.')}): check Content-Length "
+                         "and Transfer-Encoding")
 
     def _refuse_head(self) -> None:
         self._refuse(431, "request_header_fields_too_large", f"request line and headers exceed {MAX_HEAD_BYTES} bytes")

@@ -44,6 +44,18 @@ def test_an_oversized_head_is_refused_with_431_and_json(redis_url: str) -> None:
         assert orjson.loads(body)["error"]["code"] == "request_header_fields_too_large"
 
 
+def test_malformed_framing_is_refused_with_400_and_json(redis_url: str) -> None:
+    """A negative Content-Length, two of them, or one beside chunked: the JSON error every other refusal has (it
+    was the server's plain-text 'Invalid HTTP request received.')."""
+    with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
+        for framing in (b"Content-Length: -5\r\n", b"Content-Length: 2\r\nContent-Length: 3\r\n",
+                        b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n"):
+            reply = exchange(server.port, b"POST /segment HTTP/1.1\r\nHost: a\r\n" + framing + b"\r\n{}")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, reply[:200]
+            assert orjson.loads(body)["error"]["code"] == "bad_request"
+
+
 def test_large_bodies_and_keep_alive_requests_are_served(redis_url: str) -> None:
     with LiveServer(create_app(Settings(), redis_url, ""), http=BoundedHttpToolsProtocol) as server:
         events = [{"type": "track", "event": "Big", "userId": f"u{i}", "messageId": f"m{i}",
