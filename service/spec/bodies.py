@@ -85,13 +85,22 @@ class Item:
 MAX_DEPTH = 254
 TOO_DEEP = f"event is nested more than {MAX_DEPTH} levels deep"
 TRACKING_TYPES = ("identify", "track", "page", "screen", "group", "alias")
-_WRITE_KEY = re.compile(rb'("writeKey"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def _json_key(name: str) -> bytes:
+    """A pattern for the JSON key ``name`` however it is written: each letter as itself or as a \\u escape of
+    either case ("write\\u004bey" is writeKey too)."""
+    letters = [f"(?:{re.escape(c)}|\\\\u00(?i:{ord(c):02x}))" for c in name]
+    return "".join(letters).encode()
+
+
+_WRITE_KEY = re.compile(b'("' + _json_key("writeKey") + rb'"\s*:\s*)"(?:[^"\\]|\\.)*"')
 
 
 def without_write_key(raw: bytes) -> bytes:
     """A Tracking API body or event as sent, its ``writeKey`` values blanked: a dead letter keeps the body for
     the operator, and a credential is not part of it (analytics.js repeats the key in every batched event)."""
-    return _WRITE_KEY.sub(rb'\1""', raw) if b'"writeKey"' in raw else raw
+    return _WRITE_KEY.sub(rb'\1""', raw) if b'"writeKey"' in raw or b"\\u" in raw else raw
 # A delete is a GDPR erasure, which also suppresses the user's earlier events: it is taken only from a body signed
 # whole (a classic webhook). A browser's write key is public, and in an Actions batch only the first event is signed
 # (and Actions never sends deletes).

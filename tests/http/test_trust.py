@@ -174,8 +174,10 @@ def test_dead_letters_never_keep_a_write_key(client: TestClient, r: redis.Redis)
     big = {"type": "track", "userId": "u", "event": "x", "writeKey": WRITE_KEY, "properties": {"pad": "p" * 40_000}}
     resp = client.post("/v1/batch", json={"writeKey": WRITE_KEY, "batch": [big]})
     assert resp.status_code == 200 and resp.json()["rejected"] == 1
+    escaped = b'{"write\\u004bey": "' + WRITE_KEY.encode() + b'", "batch": {"not": "a list"}}'  # writeKey too
+    assert client.post("/v1/batch", content=escaped).status_code == 400
     raws = [f[b"raw"] for _, f in r.xrange(Keys("default").dead_letters)]
-    assert len(raws) == 3 and not any(WRITE_KEY.encode() in raw for raw in raws), raws
+    assert len(raws) == 4 and not any(WRITE_KEY.encode() in raw for raw in raws), raws
     assert raws[0] == b'{"writeKey": "", "batch": ['
     assert orjson.loads(raws[1]) == {"writeKey": "", "batch": {"not": "a list"}}
     assert orjson.loads(raws[2]) == {**big, "writeKey": ""}
