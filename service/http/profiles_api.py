@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -210,6 +211,9 @@ def _time(request: Request, name: str) -> int | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1000)
+
+
+PROFILE_ID = re.compile(r"use_[0-9]+")
 
 
 def _encode_next(score: int, member: str) -> str:
@@ -432,6 +436,8 @@ async def account_links(request: Request, group_id: str) -> dict:
     keys = await state_keys_async(client, request.path_params["space"])
     limit = _limit(request, 20)
     after = request.query_params.get("next") or ""
+    if after and not PROFILE_ID.fullmatch(after):  # the cursor is the last profile id of the page before
+        raise ApiError(400, "validation_error", "next is not a cursor this API returned")
     members = await client.zrangebylex(keys.account_users(group_id), f"({after}" if after else "-", "+",
                                        start=0, num=limit + 1)
     if not members and not after and not await client.exists(keys.account(group_id)):

@@ -403,6 +403,9 @@ def test_account_links_page_and_their_cursor_url_is_encoded(client: TestClient, 
         url = body["cursor"]["url"] if body["cursor"]["has_more"] else ""
         assert not url or "group_id:acc%2F7%20x/links?next=" in url
     assert len(seen) == len(set(seen)) == 25
+    bad = client.get("/v1/spaces/default/collections/accounts/profiles/group_id:acc%2F7%20x/links?next=garbage",
+                     headers=AUTH)
+    assert bad.status_code == 400 and "not a cursor" in bad.json()["error"]["message"]  # as the users' routes
 
 
 def test_a_log_replay_fills_the_indexes_of_data_from_before_them(client: TestClient, r: redis.Redis,
