@@ -46,9 +46,10 @@ def _events(row: dict) -> Table:
     for outcome in OUTCOMES:
         table.add_row(outcome, *(f"{_rate(events[w + '_per_second'][outcome])} ({events[w][outcome]:,})"
                                  for w in ("last_minute", "last_hour")))
-    replayed = sum(row["replayed_last_hour"].values())
-    if replayed:
-        table.caption = f"imports and replays applied {replayed:,} event(s) in the last hour"
+    replayed = {outcome: n for outcome, n in row["replayed_last_hour"].items() if n}
+    if replayed:  # what they applied, and apart from it what they found already there or refused
+        table.caption = "imports and replays in the last hour: " + ", ".join(f"{n:,} {outcome}"
+                                                                           for outcome, n in replayed.items())
     return table
 
 

@@ -93,6 +93,12 @@ class Keys:
         return f"{self.prefix}{self.gen}seq"
 
     @property
+    def seq_base(self) -> str:
+        """Where a rebuilt generation's profile counter started (a million past the previous one's, so that ids
+        never repeat): the profiles it created are ``seq`` less this."""
+        return f"{self.prefix}{self.gen}seq:base"
+
+    @property
     def dirty(self) -> str:
         return f"{self.prefix}dirty"
 

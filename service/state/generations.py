@@ -35,7 +35,7 @@ def drop_generation(client: redis.Redis, space: str, gen: str) -> int:
                 batch = []
         if batch:
             deleted += client.unlink(*batch)
-    deleted += client.unlink(k.seq)
+    deleted += client.unlink(k.seq, k.seq_base)
     return deleted
 
 

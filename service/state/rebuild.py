@@ -222,7 +222,9 @@ def _locked_rebuild(client: redis.Redis, settings: Settings, space: str, force: 
     new = next_generation(current)
     drop_generation(client, space, new)  # what an interrupted rebuild left
     target = Keys(space, new)
-    client.set(target.seq, int(client.get(Keys(space, current).seq) or 0) + 1_000_000)
+    base = int(client.get(Keys(space, current).seq) or 0) + 1_000_000
+    client.set(target.seq, base)
+    client.set(target.seq_base, base)
     legacy = [uid for uid in client.smembers(k.suppressed) if not client.hexists(k.deleted, uid)]
     for uid in legacy:  # deleted by a version that kept no deletion time: suppressed for ever, as before
         client.set(target.ident("user_id", uid.decode()), TOMBSTONE)

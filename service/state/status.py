@@ -39,7 +39,7 @@ def spaces(client: redis.Redis) -> list[str]:
 def queue_space(pipe: Any, keys: Keys, now_ms: int) -> None:
     """Queue one space's reads on a (sync or async) pipeline; ``space_row`` reads the replies in this order.
     ``keys`` are the space's current generation's (``state_keys``): the profile counter is per generation."""
-    pipe.get(keys.seq)
+    pipe.mget(keys.seq, keys.seq_base)
     pipe.hlen(keys.contributions)
     pipe.scard(keys.dirty)
     pipe.scard(keys.dirty_work)
@@ -83,7 +83,7 @@ def space_row(space: str, replies: list, now_ms: int) -> dict[str, Any]:
         "events": rates(counts, now_ms),
         "replayed_last_hour": {k: round(v) for k, v in replayed.items()},
         "profiles": profiles,  # live profiles as of the last refresh; merged and erased ones are not counted
-        "profiles_created": int(seq or 0),
+        "profiles_created": int(seq[0] or 0) - int(seq[1] or 0),  # in this generation (see Keys.seq_base)
         "dirty_profiles": dirty,
         "dirty_being_refreshed": dirty_work + dirty_full,
         "recompute_running": bool(locked),

@@ -74,6 +74,20 @@ def test_imports_count_apart_from_live_intake(r: redis.Redis, tmp_path: Path) ->
     row = collect(r, None, Settings())["spaces"][0]
     assert row["replayed_last_hour"] == {"accepted": 5, "duplicate": 0, "rejected": 1, "suppressed": 0}
     assert row["events"]["last_hour"] == {"accepted": 0, "duplicate": 0, "rejected": 0, "suppressed": 0}
+    from service.status_text import _events
+    assert _events(row).caption == "imports and replays in the last hour: 5 accepted, 1 rejected"  # not "6 applied"
+
+
+def test_profiles_created_counts_this_generations_profiles_after_a_rebuild(r: redis.Redis) -> None:
+    """A rebuilt generation's counter starts a million past the previous one's (ids never repeat): the status
+    counts the profiles it created, not that offset."""
+    from service.state.rebuild import rebuild
+    from tests.helpers import apply
+
+    apply(r, [{"type": "identify", "userId": f"g{n}", "messageId": f"g{n}"} for n in range(3)])
+    assert collect(r, None, Settings())["spaces"][0]["profiles_created"] == 3
+    rebuild(r, Settings(), "default")
+    assert collect(r, None, Settings())["spaces"][0]["profiles_created"] == 3
 
 
 def test_a_flush_that_fails_is_dropped_not_written_twice(redis_url: str, r: redis.Redis) -> None:
