@@ -5,6 +5,7 @@ the same functions, so a replayed body becomes exactly the events it became live
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -153,8 +154,17 @@ def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> 
     try:
         encoded = orjson.dumps(obj)
     except orjson.JSONEncodeError:
-        return Item(obj, raw if raw is not None else b"", TOO_DEEP)
+        return Item(obj, raw if raw is not None else _deep_json(obj), TOO_DEEP)
     return Item(obj, encoded)
+
+
+def _deep_json(obj: Any) -> bytes:
+    """An event of a batch nested deeper than orjson writes (its dead letter keeps it): the standard library's
+    encoder goes as deep as Python's recursion limit; deeper still, nothing can be kept of it."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(errors="replace")
+    except (RecursionError, ValueError, TypeError):
+        return b""
 
 
 def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:

@@ -276,3 +276,16 @@ def test_an_event_the_store_fails_on_is_named_in_the_answer_and_kept_for_replay(
     assert (body["accepted"], body["rejected"]) == (1, 1)
     assert [e["index"] for e in body["errors"]] == [1] and "dead letter" in body["errors"][0]["message"]
     assert r.xlen(Keys("default").dead_letters) == 1
+
+
+def test_an_event_too_deep_in_a_batch_is_kept_whole_as_its_dead_letter(client: TestClient, r: redis.Redis) -> None:
+    """Deeper than the log's JSON writer goes, an event of an Actions batch is refused alone, and its dead letter
+    keeps it (it was kept empty: nothing to look at or replay once fixed)."""
+    deep = b'{"d":' * 400 + b'{"leaf":1}' + b"}" * 400
+    batch = (b'[{"type":"track","event":"ok","userId":"u1","messageId":"fine"},'
+             b'{"type":"track","event":"deep","userId":"u2","messageId":"deep","properties":' + deep + b"}]")
+    body = post(client, batch).json()
+    assert (body["accepted"], body["rejected"]) == (1, 1) and "nested" in body["errors"][0]["message"]
+    [(_, letter)] = r.xrange(Keys("default").dead_letters)
+    kept = letter[b"raw"]
+    assert kept and kept.count(b'{"d":') == 400 and b'"messageId":"deep"' in kept
