@@ -33,6 +33,75 @@ class BodyError(Exception):
         self.size = size
 
 
+# Strings (with their escapes), a quote that opens a string never closed, and brackets: all that matters to find
+# where a JSON value ends. The string alternative is "unrolled" so that it runs in linear time.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|"|[\[\]{}]', re.DOTALL)
+_SCALAR = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[^\s,\]]+', re.DOTALL)
+JSON_SPACE = b" \t\r\n"
+
+
+def value_end(body: bytes, start: int) -> int:
+    """Where the JSON value that begins at ``start`` ends, found by scanning tokens with a stack of open brackets,
+    never by a recursive parser: a value nested thousands of levels deep costs one linear scan. Raises
+    ``ValueError`` when it does not end; whether it is valid JSON is the parser's business."""
+    if body[start] not in b"[{":
+        scalar = _SCALAR.match(body, start)
+        if scalar is None:
+            raise ValueError("no value")
+        return scalar.end()
+    open_brackets = bytearray()
+    for token in _TOKEN.finditer(body, start):
+        c = body[token.start()]
+        if c == 0x22:  # '"'
+            if token.end() - token.start() == 1:
+                raise ValueError("unterminated string")
+        elif c in b"[{":
+            open_brackets.append(c + 2)  # the closing bracket: ord("[") + 2 == ord("]"), ord("{") + 2 == ord("}")
+        elif not open_brackets or open_brackets.pop() != c:
+            raise ValueError("mismatched brackets")
+        elif not open_brackets:
+            return token.end()
+    raise ValueError("unterminated value")
+
+
+def array_elements(body: bytes) -> list[bytes]:
+    """The text of each element of the array that ``body`` is, as sent. Raises ``ValueError`` for anything else."""
+    n, i = len(body), len(body) - len(body.lstrip())
+    if i >= n or body[i] != 0x5B:  # '['
+        raise ValueError("not an array")
+    out: list[bytes] = []
+    while True:
+        i += 1
+        while i < n and body[i] in JSON_SPACE:
+            i += 1
+        if i < n and body[i] == 0x5D and not out:  # ']': the empty array
+            break
+        if i >= n:
+            raise ValueError("unterminated array")
+        end = value_end(body, i)
+        out.append(body[i:end])
+        while end < n and body[end] in JSON_SPACE:
+            end += 1
+        if end < n and body[end] == 0x2C:  # ','
+            i = end
+            continue
+        if end < n and body[end] == 0x5D:
+            i = end
+            break
+        raise ValueError("expected ',' or ']' after an element")
+    if body[i + 1:].strip(JSON_SPACE):
+        raise ValueError("text after the array")
+    return out
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """An element of a batch nested deeper than the JSON parser goes (1,024 levels): refused on its own, and kept
+    as sent, rather than the whole batch refused with it."""
+
+    raw: bytes
+
+
 def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch",
@@ -44,7 +113,29 @@ def parse_json(body: bytes) -> Any:
             repaired = repair_surrogates(body)
             if repaired is not None:
                 return repaired
+        if "depth limit" in str(exc) and body.lstrip()[:1] == b"[":
+            parsed = _elements_apart(body)
+            if parsed is not None:
+                return parsed
         raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None
+
+
+def _elements_apart(body: bytes) -> list[Any] | None:
+    """A batch whose parse failed on depth, parsed element by element: the ones too deep become ``Unparsed``.
+    None when it is not a well-formed array of otherwise valid elements (the whole body is then refused)."""
+    try:
+        elements = array_elements(body)
+    except ValueError:
+        return None
+    out: list[Any] = []
+    for raw in elements:
+        try:
+            out.append(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            if "depth limit" not in str(exc):
+                return None
+            out.append(Unparsed(raw))
+    return out
 
 
 # A JSON string escape: an escaped backslash (kept, so that `\\ud800` stays text), a high + low surrogate pair
@@ -146,6 +237,8 @@ def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> 
     What the receiver adds goes into those bytes too, so that a replay applies the event exactly as it was
     applied live: a messageId where the event had none, and ``received_at`` as ``receivedAt`` where the event had
     none (Segment's webhook deliveries carry their own)."""
+    if isinstance(obj, Unparsed):
+        return Item({}, obj.raw, TOO_DEEP)
     if isinstance(obj, dict):
         if obj.get("messageId") in (None, ""):
             obj = {**obj, "messageId": generated_message_id()}

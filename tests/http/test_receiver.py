@@ -289,3 +289,22 @@ def test_an_event_too_deep_in_a_batch_is_kept_whole_as_its_dead_letter(client: T
     [(_, letter)] = r.xrange(Keys("default").dead_letters)
     kept = letter[b"raw"]
     assert kept and kept.count(b'{"d":') == 400 and b'"messageId":"deep"' in kept
+
+
+def test_an_event_deeper_than_the_parser_goes_sinks_only_itself_not_its_batch(client: TestClient,
+                                                                              r: redis.Redis) -> None:
+    """Past 1,024 levels the JSON parser refuses the whole body: the batch is parsed element by element instead,
+    and only that event is refused (kept as sent), the others apply."""
+    deep = b'{"d":' * 1100 + b"1" + b"}" * 1100
+    good = [orjson.dumps({"type": "track", "event": "ok", "userId": f"u{i}", "messageId": f"ok-{i}"})
+            for i in range(3)]
+    batch = b"[" + b",".join([good[0], b'{"type":"track","event":"x","userId":"d","properties":' + deep + b"}",
+                              *good[1:]]) + b"]"
+    resp = post(client, batch, **{"X-Signature": sign(good[0])})  # Actions signs the first element's text
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["accepted"], body["rejected"]) == (3, 1) and body["errors"][0]["index"] == 1
+    [(_, letter)] = r.xrange(Keys("default").dead_letters)
+    assert letter[b"raw"].count(b'{"d":') == 1100
+    broken = post(client, b"[" + good[0] + b"," + deep + b",]", **{"X-Signature": sign(good[0])})
+    assert broken.status_code == 400  # not an array of elements: refused whole
