@@ -739,7 +739,7 @@ def _import_shard(settings: Settings, args: argparse.Namespace, name: str, k: in
 
 
 def cmd_suppressions(settings: Settings, args: argparse.Namespace) -> int:
-    from service.state.ops import lift_suppression, suppressions
+    from service.state.ops import NotAnIdentifier, lift_suppression, suppressions
 
     client = state_client(settings)
     space = args.space or settings.space_id
@@ -759,8 +759,12 @@ def cmd_suppressions(settings: Settings, args: argparse.Namespace) -> int:
     if not all(uid.strip() for uid in args.user_ids):
         raise CommandError("an empty userId names nobody (see `persona-sync suppressions list`)")
     for uid in args.user_ids:
-        if not lift_suppression(client, space, uid):
-            raise CommandError(f"{uid} is not suppressed in space {space}")
+        try:
+            lifted = lift_suppression(client, space, uid)
+        except NotAnIdentifier as exc:
+            raise CommandError(str(exc)) from None
+        if not lifted:
+            raise CommandError(f"{uid} is not suppressed in space {space} (see `persona-sync suppressions list`)")
         print(f"{uid}: lifted; its events are applied again from now on")
     return 0
 
@@ -1086,9 +1090,12 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("suppressions", help="list deleted userIds, or lift a suppression",
                         description="A deleted userId's events stamped at or before its deletion are suppressed. "
                                     "List them, or lift one (after a deletion made by mistake): its events are "
-                                    "applied again from then on; what was erased stays erased.")
+                                    "applied again from then on; what was erased stays erased. A profile without "
+                                    "a userId that `forget` erased is lifted by one of its identifiers, as the "
+                                    "list shows them (anonymous_id:abc).")
     sp.add_argument("action", choices=["list", "lift"])
-    sp.add_argument("user_ids", nargs="*", metavar="USER_ID")
+    sp.add_argument("user_ids", nargs="*", metavar="USER_ID", help="a userId, or TYPE:VALUE of an erased profile "
+                                                                   "without one")
     sp.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     sp.set_defaults(func=cmd_suppressions)
     jb = sub.add_parser("jobs", help="list failed jobs (function, space, age, error)",

@@ -129,9 +129,10 @@ def suppressions(client: redis.Redis, space: str) -> list[dict]:
 
 
 def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
-    """Stop suppressing ``user_id`` and the identifiers erased with it (their events apply again from now on).
-    False if it was not suppressed. An empty one raises ``NotAnIdentifier``: erasures by profile id record an
-    empty userId, and lifting "" would lift them all."""
+    """Stop suppressing ``user_id`` and the identifiers erased with it (their events apply again from now on), or,
+    given an identifier (``TYPE:VALUE``) of a profile without a userId that was erased, every identifier erased with
+    that profile. False if it was not suppressed. An empty one raises ``NotAnIdentifier``: erasures by profile id
+    record an empty userId, and lifting "" would lift them all."""
     if not user_id.strip():
         raise NotAnIdentifier("an empty userId names nobody; nothing was lifted")
     k = Keys(space)
@@ -143,7 +144,20 @@ def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
     if client.get(index) == TOMBSTONE.encode():
         client.delete(index)
         found = True
-    return found
+    return found or _lift_erasure(client, k, user_id)
+
+
+def _lift_erasure(client: redis.Redis, k: Keys, ident: str) -> bool:
+    """``TYPE:VALUE`` of a profile without a userId that ``forget`` erased (``suppressions list`` shows it): lift
+    every identifier erased with it. One erased with a userId is lifted with that userId."""
+    record = client.hget(k.erased, ident)
+    if record is None:
+        return False
+    at, uid = erased_record(record)
+    if uid:
+        raise NotAnIdentifier(f"{ident} was erased with userId {uid}: lift {uid}, which lifts it too")
+    group = [i for i, r in client.hscan_iter(k.erased, count=1000) if erased_record(r) == (at, "")]
+    return bool(client.hdel(k.erased, *group))
 
 
 def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:

@@ -127,6 +127,14 @@ def test_suppressions_are_listed_and_lifted(client: TestClient, redis_env: dict[
     assert apply(r, [{"type": "identify", "userId": "x2", "messageId": "a4", "timestamp": T}])[0].status == "ok"
     assert apply(r, [dict(visit, messageId="a6")])[0].status == "ok"
     assert client.delete("/admin/suppressions/x2", headers=ADMIN).status_code == 404
+    # the profile without a userId is lifted by an identifier it had, as listed (there was no way to before)
+    cat = {"type": "page", "anonymousId": "cat-anon", "messageId": "c2", "timestamp": T}
+    assert apply(r, [cat])[0].status == "suppressed"
+    lift_cat = subprocess.run([EXE, "suppressions", "lift", "anonymous_id:cat-anon"], capture_output=True,
+                              text=True, timeout=60, env=env)
+    assert lift_cat.returncode == 0, lift_cat.stderr
+    assert client.get("/admin/suppressions", headers=ADMIN).json()["data"] == []
+    assert apply(r, [dict(cat, messageId="c3")])[0].status == "ok"
 
 
 def test_with_a_queue_the_purge_is_a_job(settings, redis_url: str, queue_url: str, r: redis.Redis) -> None:
