@@ -24,7 +24,7 @@ from service.http.responses import JSON, error, unavailable
 from service.spec.bodies import BodyError
 from service.spec.clock import now_ms, point_in_time
 from service.spec.events import TYPES
-from service.spec.keys import REFUSALS_KEY, Keys, valid_entry_id, valid_stream_bound
+from service.spec.keys import REFUSALS_KEY, SPACES_KEY, Keys, valid_entry_id, valid_stream_bound
 from service.state import jobs, ops
 from service.state.queue import REPLAY_JOB
 from service.state.replay import cancel_key, resolve
@@ -149,6 +149,8 @@ async def status(request: Request) -> Response:
     state = request.app.state
     queue = state.refresh.queue().connection if state.refresh.queue_url else None
     try:
+        if only and not await state.redis.sismember(SPACES_KEY, only):  # all zeros would look like a quiet space
+            return error(404, "not_found", f"no space {only!r} has any data (GET /admin/status lists them all)")
         return JSON(await collect_async(state.redis, queue, state.settings, only))
     except REDIS_DOWN as exc:
         return unavailable(exc)

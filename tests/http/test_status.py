@@ -143,6 +143,8 @@ def test_status_json_reports_every_part_and_the_problems_with_what_to_run(settin
             r.config_set("maxmemory", 0)
         assert c.get("/admin/status").status_code == 401
         assert c.get("/admin/status?space=%7Bx", headers=ADMIN).status_code == 400
+        typo = c.get("/admin/status?space=defualt", headers=ADMIN)  # as `status --space`: not an all-zero space
+        assert typo.status_code == 404 and "no space 'defualt'" in typo.json()["error"]["message"]
     [row] = status["spaces"]
     assert [s["space"] for s in one["spaces"]] == ["default"]
     assert row["profiles"] == 4 and row["profiles_created"] == 5 and row["dirty_profiles"] == 1

@@ -195,9 +195,9 @@ def paths() -> dict[str, Any]:
             {"200": ok("A page", _list(closed(REFUSAL)))}, 400, 503, parameters=PAGE)},
         "/admin/status": {"get": _op(
             "status", "Every space's intake rates, profiles, refreshes, personas, dead letters and log; the queue, "
-            "Mavera, Redis; each problem with what to run next", {"200": ok("Status", ref("Status"))}, 400, 503,
+            "Mavera, Redis; each problem with what to run next", {"200": ok("Status", ref("Status"))}, 400, 404, 503,
             parameters=[{"name": "space", "in": "query", "required": False, "schema": STR,
-                         "description": "Only this space (default: every space)"}])},
+                         "description": "Only this space (default: every space); 404 when it holds no data"}])},
         "/api/clusters": {"get": _op(
             "clusters", "Cluster summaries and KPI cards, as the last refresh computed them",
             {"200": ok("Clusters", closed({"space": STR, "clusters": {"type": "array", "items": ref("Cluster")}}))},
