@@ -92,23 +92,9 @@ local DUPLICATE, SUPPRESSED = 'duplicate\t', 'suppressed\t'
 local function fmt(n) return string.format('%.0f', n) end
 
 -- Lua's unpack passes at most ~8,000 values to a call: long argument lists (a profile with thousands of traits,
--- a merge of one, the dirty marks of a large call) go to Redis in slices, never failing half-way through an event
+-- a merge of one, the dirty marks of a large call) go to Redis in slices (``general_path``'s hmget and sliced),
+-- never failing half-way through an event
 local SLICE = 4000   -- even: HSET's field-value pairs stay whole
-local function hmget(key, fields)
-  local n = #fields
-  if n <= SLICE then return redis.call('HMGET', key, unpack(fields)) end
-  local out = {}
-  for i = 1, n, SLICE do
-    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, n)))
-    for j = 1, #part do out[#out + 1] = part[j] end
-  end
-  return out
-end
-local function sliced(cmd, key, args)   -- HSET, SADD, ZREM of ``args``, in slices
-  local n = #args
-  if n <= SLICE then return redis.call(cmd, key, unpack(args)) end
-  for i = 1, n, SLICE do redis.call(cmd, key, unpack(args, i, math.min(i + SLICE - 1, n))) end
-end
 
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
@@ -326,6 +312,21 @@ local function general_path()
     return rules_cache
   end
   local NO_TRAITS = {}
+  local function hmget(key, fields)   -- HMGET of ``fields``, in slices
+    local n = #fields
+    if n <= SLICE then return redis.call('HMGET', key, unpack(fields)) end
+    local out = {}
+    for i = 1, n, SLICE do
+      local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, n)))
+      for j = 1, #part do out[#out + 1] = part[j] end
+    end
+    return out
+  end
+  local function sliced(cmd, key, args)   -- HSET, SADD, ZREM of ``args``, in slices
+    local n = #args
+    if n <= SLICE then return redis.call(cmd, key, unpack(args)) end
+    for i = 1, n, SLICE do redis.call(cmd, key, unpack(args, i, math.min(i + SLICE - 1, n))) end
+  end
   local function pkey(pid) return G .. 'p:' .. pid end
   local function ikey(t, v) return G .. 'i:' .. t .. ':' .. v end
 
@@ -838,7 +839,7 @@ local function general_path()
     return 'ok\t' .. pid .. '\t' .. created .. '\t' .. merged
   end
 
-  general = {apply_ev = apply_ev, decode_json = decode_json, plain_ev = plain_ev}
+  general = {apply_ev = apply_ev, decode_json = decode_json, plain_ev = plain_ev, hmget = hmget, sliced = sliced}
   return general
 end
 
@@ -915,7 +916,7 @@ local function apply_plain(s, raw, logged_as, tsec, osec)
     items = tp.plain_traits(tsec, tonumber(ts_text))
     tp.trait_fields(items, fields, true)
   end
-  local cur = #fields <= SLICE and redis.call('HMGET', S, unpack(fields)) or hmget(S, fields)
+  local cur = #fields <= SLICE and redis.call('HMGET', S, unpack(fields)) or general_path().hmget(S, fields)
   local w = {'m:ua', now}
   for i = 1, n do
     if cur[3 + i] then sighting_writes(w, fields[3 + i], cur[3 + i], ts_text, mid) end
@@ -929,7 +930,7 @@ local function apply_plain(s, raw, logged_as, tsec, osec)
   end
   seen_writes(w, S, cur[1], cur[2], ts_text, mid)
   local index, retrim = index_plan(w, ts_text, logged_as, cur[3])
-  if #w <= SLICE then redis.call('HSET', S, unpack(w)) else sliced('HSET', S, w) end
+  if #w <= SLICE then redis.call('HSET', S, unpack(w)) else general_path().sliced('HSET', S, w) end
   log_event(pid, raw, logged_as, string.sub(t, 1, 1), ts_text, index, retrim)
   return 'ok\t' .. pid .. '\t0\t0'
 end
@@ -977,7 +978,8 @@ local function refused(msg)
 end
 
 local function finish()   -- the dirty marks, once per call
-  if #dirty > 0 then sliced('SADD', P .. 'dirty', dirty) end
+  if #dirty > SLICE then general_path().sliced('SADD', P .. 'dirty', dirty)
+  elseif #dirty > 0 then redis.call('SADD', P .. 'dirty', unpack(dirty)) end
 end
 
 -- The outcomes, one line per event, as one string: a reply Redis converts at once (a table per event cost it more
