@@ -36,11 +36,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+MAX_GZIP_MEMBERS = 16  # a concatenation of a few gzip files; SDKs and Segment send one
+
+
 def inflate(body: bytes, limit: int, encoding: str) -> bytes:
     """Decompress without ever holding more than ``limit`` bytes: a small gzip bomb cannot exhaust memory."""
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-    out, rest = b"", body
-    while True:  # gzip allows several members one after the other (RFC 1952 2.2): they decompress as one
+    out, rest, members = b"", body, 0
+    while True:  # gzip allows members one after the other (RFC 1952 2.2): they decompress as one
+        members += 1
+        if members > MAX_GZIP_MEMBERS:  # each one copies the rest of the body: thousands of tiny ones would stall
+            raise BodyError(400, f"body is gzip of more than {MAX_GZIP_MEMBERS} members: compress it as one",
+                            len(body))
         d = zlib.decompressobj(wbits)
         try:
             out += d.decompress(rest, limit + 1 - len(out))
