@@ -63,6 +63,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from service.state.upgrade import rename_legacy_keys
 
     setup(settings.log_level)
+    rules = settings.cluster_rules_file  # read at every recompute: missing, every job would fail, long after the start
+    if rules and not os.access(rules, os.R_OK):
+        raise CommandError(f"CLUSTER_RULES_FILE={rules!r}: no such readable file on this host (leave it empty for "
+                           "the packaged rules)")
     try:
         rename_legacy_keys(connect_state(settings))
     except redis.RedisError:

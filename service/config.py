@@ -60,13 +60,6 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}={raw!r}: expected true or false")
 
 
-def _readable_file(name: str, raw: str) -> str:
-    """A file every worker reads at each recompute: missing, it would fail them all, long after the start."""
-    if raw and not os.access(raw, os.R_OK):
-        raise ConfigError(f"{name}={raw!r}: no such readable file (leave it empty for the packaged rules)")
-    return raw
-
-
 def _http_url(name: str, raw: str) -> str:
     if not raw.lower().startswith(("https://", "http://")):
         raise ConfigError(f"{name}={raw!r}: expected an http:// or https:// URL")
@@ -97,7 +90,7 @@ def _redis_url(name: str, raw: str) -> str:
             raise ConfigError(f"{name}: {exc}") from None
     elif raw.split("://", 1)[0].endswith("+sentinel"):
         raise ConfigError(f"{name}: only redis+sentinel:// is supported for Sentinel (no TLS to the sentinels)")
-    elif raw and ("://" not in raw or raw.split("://", 1)[0].lower() not in ("redis", "rediss", "unix")):
+    elif raw and ("://" not in raw or raw.split("://", 1)[0] not in ("redis", "rediss", "unix")):  # as redis-py
         # the value itself is not repeated: it may hold a password
         raise ConfigError(f"{name} needs a scheme: redis://host:6379/0, rediss://host:6380/0 (TLS), "
                           "unix:///path/to/redis.sock or redis+sentinel://host:26379/<service name>")
@@ -347,7 +340,7 @@ class Settings:
             refresh_debounce=parse_duration("REFRESH_DEBOUNCE", raw["REFRESH_DEBOUNCE"]),
             full_recompute_cron=_cron(raw["FULL_RECOMPUTE_CRON"]),
             analysis_window_days=_int("ANALYSIS_WINDOW_DAYS", raw["ANALYSIS_WINDOW_DAYS"], 1),
-            cluster_rules_file=_readable_file("CLUSTER_RULES_FILE", raw["CLUSTER_RULES_FILE"].strip()),
+            cluster_rules_file=raw["CLUSTER_RULES_FILE"].strip(),
             min_cluster_size=_int("MIN_CLUSTER_SIZE", raw["MIN_CLUSTER_SIZE"], 1),
             insight_min_share_pct=_float("INSIGHT_MIN_SHARE_PCT", raw["INSIGHT_MIN_SHARE_PCT"], 0, 100),
             insight_require_above_mean=_bool("INSIGHT_REQUIRE_ABOVE_MEAN", raw["INSIGHT_REQUIRE_ABOVE_MEAN"]),

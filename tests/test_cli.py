@@ -80,10 +80,16 @@ def test_bad_configuration_says_what_to_fix() -> None:
         Settings.from_env({"PORT": "70000"})
     with pytest.raises(ConfigError, match="MAVERA_BASE_URL='ftp://x': expected an http"):
         Settings.from_env({"MAVERA_BASE_URL": "ftp://x"})
-    with pytest.raises(ConfigError, match="CLUSTER_RULES_FILE='/nonexistent/rules.json': no such readable file"):
-        Settings.from_env({"CLUSTER_RULES_FILE": "/nonexistent/rules.json"})
-    for url in ("redis://h:6379/0", "rediss://h:6380/0", "unix:///tmp/r.sock", "REDIS://h"):
+    with pytest.raises(ConfigError, match="REDIS_URL needs a scheme"):
+        Settings.from_env({"REDIS_URL": "REDIS://h"})  # redis-py takes the scheme in lower case only
+    for url in ("redis://h:6379/0", "rediss://h:6380/0", "unix:///tmp/r.sock"):
         assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+    # the rules file is the workers' (the web starts without it); a worker refuses to start without it
+    assert Settings.from_env({"CLUSTER_RULES_FILE": "/nonexistent/rules.json"}).cluster_rules_file
+    worker = subprocess.run([EXE, "worker", "--burst"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "CLUSTER_RULES_FILE": "/nonexistent/rules.json"})
+    assert worker.returncode != 0 and "CLUSTER_RULES_FILE='/nonexistent/rules.json': no such readable" in \
+        worker.stderr, worker.stderr
     s = Settings.from_env({"DEDUPE_WINDOW": "2h", "SEGMENT_WRITE_KEYS": "a, b=spa_2", "IDENTITY_LIMITS": "email:2"})
     assert s.dedupe_window == 7200 and dict(s.write_keys) == {"a": "default", "b": "spa_2"}
     assert s.identity_limits == {"user_id": 1, "*": 5, "email": 2} and s.identity_limit_windows == {}
