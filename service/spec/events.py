@@ -196,16 +196,21 @@ def _id(value: Any) -> str | None:
     """userId / anonymousId: strings or numbers; anything else is absent."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 2 ** 53:
-        # a JSON number past what a double holds exactly (orjson reads one past 64 bits as a float): two
-        # different ids would become one person
-        raise InvalidEvent(f"an id is the number {value:.17g}, too large to be exact: send ids as strings")
     if isinstance(value, int | float):
         value = str(int(value)) if float(value).is_integer() else str(value)
     if not isinstance(value, str):
         return None
     value = value.strip()
     return value or None
+
+
+def _person_id(value: Any) -> str | None:
+    """userId, anonymousId, previousId: as ``_id``, but a JSON number past what a double holds exactly (orjson reads
+    one past 64 bits as a float) is refused, as two different people would become one. (Elsewhere, an order id or a
+    device id, such a number only blurs one identifier, not worth the whole event.)"""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2 ** 53:
+        raise InvalidEvent(f"an id is the number {value:.17g}, too large to be exact: send ids as strings")
+    return _id(value)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -367,7 +372,7 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
     ids: list[tuple[str, str]] = []
     if user_id:
         ids.append(("user_id", user_id))
-    anon = _id(raw.get("anonymousId"))
+    anon = _person_id(raw.get("anonymousId"))
     if anon:
         ids.append(("anonymous_id", anon))
     traits = _dict(raw.get("traits")) if kind == "identify" else {}
@@ -476,7 +481,7 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     if not isinstance(kind, str) or kind.lower() not in TYPES:
         raise InvalidEvent(f"unknown type {str(kind)[:40]!r}; expected one of {', '.join(sorted(TYPES))}")
     kind = kind.lower()
-    user_id = _id(raw.get("userId"))
+    user_id = _person_id(raw.get("userId"))
     received = _received_time(raw, received_ms)
     ts = effective_time(_event_time(raw, received_ms), received)
     if kind == "delete":
@@ -485,7 +490,7 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
         if not rules.usable(user_id):  # deleting it would suppress every sender of the placeholder
             raise InvalidEvent(f"delete of userId {user_id[:40]!r}: a blocked placeholder identifies nobody")
         return Event("delete", _message_id(raw), ts, user_id, (("user_id", user_id),), received=received)
-    if not user_id and not _id(raw.get("anonymousId")):
+    if not user_id and not _person_id(raw.get("anonymousId")):
         raise InvalidEvent("neither userId nor anonymousId is set")
     mid = _message_id(raw)
     ctx, props = _dict(raw.get("context")), _dict(raw.get("properties"))
@@ -498,7 +503,7 @@ def normalise(raw: Any, received_ms: int, rules: IdentityRules) -> Event:
     alias_of = None
     if kind == "alias":
         if rules.alias_merges:
-            alias_of = rules.usable(_id(raw.get("previousId")))
+            alias_of = rules.usable(_person_id(raw.get("previousId")))
         else:  # Unify: an alias call cannot merge profiles, nor by its own userId and anonymousId (analytics.js
             ids = ids[:1]  # sends previousId = anonymousId): it is the person of its first-ranked identifier
     if not ids:

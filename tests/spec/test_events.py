@@ -85,6 +85,10 @@ def test_a_numeric_id_too_large_to_be_exact_is_refused() -> None:
         normalise(raw, NOW, RULES)
     exact = normalise({"type": "track", "event": "E", "messageId": "m", "userId": 2 ** 53 - 1}, NOW, RULES)
     assert exact.user_id == str(2 ** 53 - 1)
+    # an order id that large blurs only that order: the event still applies
+    order = normalise({"type": "track", "event": "Order Completed", "messageId": "o", "userId": "u1",
+                       "properties": {"order_id": 2e19, "revenue": 5}}, NOW, RULES)
+    assert order.order is not None
 
 
 def test_ad_id_needs_tracking_consent() -> None:
