@@ -27,7 +27,7 @@ from pathlib import Path
 import redis
 
 from service.config import Settings
-from service.spec.bodies import BodyError, item, parse_json
+from service.spec.bodies import BodyError, Unparsed, item, parse_json
 from service.spec.clock import now_ms
 from service.spec.events import iso_ms
 from service.spec.keys import DAY_MS, Keys
@@ -225,7 +225,10 @@ def belongs(line: bytes, ids: set[str]) -> bool:
 
 
 def event_belongs(event: object, ids: set[str]) -> bool:
-    """Whether a decoded event names an erased user (its userId, anonymousId or previousId)."""
+    """Whether a decoded event names an erased user (its userId, anonymousId or previousId); an element of a batch
+    too deep to decode (``Unparsed``), whether its text names one."""
+    if isinstance(event, Unparsed):
+        return any(b'"%s"' % i.encode() in event.raw for i in ids)
     if not isinstance(event, dict):
         return False
     return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids

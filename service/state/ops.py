@@ -8,7 +8,7 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.spec.bodies import BodyError, parse_json
+from service.spec.bodies import BodyError, Unparsed, parse_json
 from service.spec.clock import now_ms
 from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
@@ -280,7 +280,10 @@ def _without_erased(raw: bytes, ids: set[str]) -> bytes | None:
         return None
     if not rest:
         return b""
-    return orjson.dumps({**doc, "batch": rest} if isinstance(doc, dict) else rest)
+    if isinstance(doc, dict):
+        return orjson.dumps({**doc, "batch": rest})
+    # an Actions batch may hold elements too deep to decode (``Unparsed``): they stay as they were sent
+    return b"[" + b",".join(e.raw if isinstance(e, Unparsed) else orjson.dumps(e) for e in rest) + b"]"
 
 
 def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,

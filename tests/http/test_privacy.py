@@ -233,3 +233,22 @@ def test_forget_in_a_space_without_data_or_of_a_bare_profile_id_erases_nothing_a
     assert find(r, "user_id", "bob") is not None and not r.smembers(Keys("default").suppressed)
     by_id = subprocess.run([EXE, "forget", f"segment_id:{pid}"], capture_output=True, text=True, timeout=60, env=env)
     assert by_id.returncode == 0 and find(r, "user_id", "bob") is None
+
+
+def test_the_purge_rewrites_a_dead_letter_batch_holding_an_event_too_deep_to_decode(r: redis.Redis) -> None:
+    """A batch kept whole (too many events) may hold an element past 1,024 levels, which the parser now leaves
+    undecoded: the erased user's events still leave it, and that element stays as it was sent."""
+    import orjson
+
+    from service.config import Settings
+    from service.state.ops import forget
+    from service.state.store import SyncStore
+
+    ada(r)
+    deep = b'{"type":"track","userId":"bob","properties":' + b'{"d":' * 1100 + b"1" + b"}" * 1100 + b"}"
+    ada_event = orjson.dumps({"type": "track", "event": "Viewed", "userId": "x2", "messageId": "a9"})
+    SyncStore(r, Settings()).dead_letters("default", [("batch of 4001 events", b"[" + ada_event + b"," + deep + b"]")],
+                                          "webhook")
+    forget(r, Settings(), "default", "user_id:x2")
+    [(_, letter)] = r.xrange(Keys("default").dead_letters)
+    assert letter[b"raw"] == b"[" + deep + b"]"
