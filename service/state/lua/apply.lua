@@ -517,27 +517,29 @@ local function general_path()
   end
 
   -- An event of a deleted userId stamped at or before its deletion (``at``, its time as text) is suppressed. Had
-  -- it arrived before the deletion, it would have joined its other identifiers' profile to the deleted one, and
-  -- the deletion would have erased that too: the person's activity from before they logged in. So it is erased
-  -- now: a profile one of the event's identifiers leads to, unless a userId holds it (someone else's, which merge
-  -- protection keeps apart); an identifier of nobody is recorded as erased as of the deletion, as the deletion
-  -- would have recorded it. Returns the id of a profile erased, or ''.
+  -- it arrived before the deletion, it would have joined its anonymousId's profile to the deleted one, and the
+  -- deletion would have erased that too: the person's activity from before they logged in. So that profile is
+  -- erased now, when it is plainly only that: no userId or email on it (someone's, whom merge protection or a limit
+  -- may have kept apart), nothing in it after the deletion (a later visit is not the deleted person's to lose), and
+  -- no rebuild under way (its new generation may hold that browser elsewhere). An anonymousId of nobody is
+  -- recorded as erased as of the deletion, as the deletion would have recorded it. Returns the profile erased, or ''.
   local function erase_linked(uid, ids, at)
-    local running, erased = rebuild_running(), ''
+    if rebuild_running() then return '' end
+    local erased = ''
     for _, id in ipairs(ids) do
-      if id[1] ~= 'user_id' then
+      if id[1] == 'anonymous_id' then
         local o = redis.call('GET', ikey(id[1], id[2]))
         if o and o ~= TOMBSTONE then
-          local n = redis.call('HGET', pkey(o), 'm:n')
-          if not (n and (cjson.decode(n).user_id or 0) > 0) then
-            erase(o, uid, at, running)
+          local m = redis.call('HMGET', pkey(o), 'm:n', 'm:ls')
+          local n = m[1] and cjson.decode(m[1]) or {}
+          if (n.user_id or 0) == 0 and (n.email or 0) == 0 and m[2] and not before(at, m[2]) then
+            erase(o, uid, at, false)
             erased = o
           end
-        elseif not rebuilding then
+        elseif not o and not rebuilding then
           local x = id[1] .. ':' .. id[2]
           local prev = redis.call('HGET', ERASED, x)
           if not prev or not erased_by(prev, at) then redis.call('HSET', ERASED, x, at .. '|' .. uid) end
-          if id[1] == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', id[2]) end
         end
       end
     end
