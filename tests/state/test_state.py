@@ -665,9 +665,9 @@ def test_a_limit_with_a_sliding_window_counts_only_the_values_added_in_it(r: red
     weekly = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5:weekly"})
     ever = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5"})
 
-    def logins(settings: Settings, gap_ms: int) -> list[set[str]]:
+    def logins(settings: Settings, gap_ms: int, newest_first: bool = False) -> list[set[str]]:
         r.flushall()
-        for k in range(1, 8):  # a page view from a new browser, then the login on it
+        for k in sorted(range(1, 8), reverse=newest_first):  # a page view from a new browser, then the login
             at = NOW - (8 - k) * gap_ms
             apply(r, [{"type": "page", "anonymousId": f"browser-{k}", "messageId": f"p{k}", "timestamp": _iso(at)},
                       {"type": "identify", "userId": "u1", "anonymousId": f"browser-{k}", "messageId": f"i{k}",
@@ -676,6 +676,10 @@ def test_a_limit_with_a_sliding_window_counts_only_the_values_added_in_it(r: red
 
     weekly_logins = logins(weekly, week)
     assert len(weekly_logins) == 1 and len(weekly_logins[0]) == 8  # u1 and its seven browsers
+    # an import of the same history newest first: browsers first seen after an event do not count against it
+    assert logins(weekly, week, newest_first=True) == weekly_logins
+    # the window of `*` is that of every type without a limit of its own
+    assert logins(Settings.from_env({"IDENTITY_LIMITS": "*:5:weekly"}), week) == weekly_logins
     assert len(logins(ever, week)) == 3  # counted for ever: browsers 6 and 7 stay on profiles of their own
     within_a_week = logins(weekly, 3_600_000)  # seven browsers within seven hours
     assert len(within_a_week) == 3 and within_a_week[-1] >= {"user_id:u1", "anonymous_id:browser-5"}

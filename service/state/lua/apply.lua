@@ -583,21 +583,25 @@ local function general_path()
     return 'deleted\t' .. pid
   end
 
-  -- A limit with a sliding window (``rules.windows``: type -> ms, `anonymous_id:5:weekly`) counts the values of
-  -- its type that the profile got within the window before the event (each value's first sighting, 'time|mid' in
-  -- its 'x:' field): type -> count, read once per profile and event (``cache``), and only on this path.
-  local function windowed(pid, ts, wins, cache)
+  -- A limit with a sliding window (``rules.windows``: type -> ms, `anonymous_id:5:weekly`; '*' for the types
+  -- without a limit of their own) counts the values of its type that the profile got within the window before the
+  -- event (each value's first sighting, 'time|mid' in its 'x:' field; one first seen after the event did not exist
+  -- yet at its time): type -> count, read once per profile and event (``cache``), and only on this path.
+  local function window_of(t, rules, wins)
+    local w = wins[t]
+    if w == nil and rules.limits[t] == nil then w = wins['*'] end
+    return w
+  end
+  local function windowed(pid, ts, rules, wins, cache)
     if cache[pid] then return cache[pid] end
     local out = {}
     local f = redis.call('HGETALL', pkey(pid))
     for i = 1, #f, 2 do
-      if string.sub(f[i], 1, 2) == 'x:' then
-        for t, w in pairs(wins) do
-          local pre = 'x:' .. t .. ':'
-          if string.sub(f[i], 1, #pre) == pre and (tonumber(string.match(f[i + 1], '^[^|]*')) or 0) >= ts - w then
-            out[t] = (out[t] or 0) + 1
-          end
-        end
+      local t = string.match(f[i], '^x:([^:]*):')
+      local w = t and window_of(t, rules, wins)
+      if w then
+        local at = tonumber(string.match(f[i + 1], '^[^|]*')) or 0
+        if at >= ts - w and at <= ts then out[t] = (out[t] or 0) + 1 end
       end
     end
     cache[pid] = out
@@ -625,9 +629,9 @@ local function general_path()
               seen[o] = true
               mlist[#mlist + 1] = o
               load(o, counts_of, merges_of)
-              local wc = wins and windowed(o, ts, wins, wcache)
+              local wc = wins and windowed(o, ts, rules, wins, wcache)
               for t, n in pairs(counts_of[o]) do
-                counts[t] = (counts[t] or 0) + (wc and wins[t] and (wc[t] or 0) or n)
+                counts[t] = (counts[t] or 0) + (wc and window_of(t, rules, wins) and (wc[t] or 0) or n)
                 total = total + n   -- the identifier cap counts every value, whenever added
               end
               merges = merges + merges_of[o]
