@@ -436,6 +436,7 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
     except Interrupted as exc:
         reporter.close()
         _print_report(exc.report, options.dry_run)
+        _purge_if_erased(settings, space, exc.report, options.dry_run)
         resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
         if "--resume" not in resume:
             resume += " --resume"
@@ -447,7 +448,22 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
     finally:
         reporter.close()
     _print_report(report, options.dry_run)
+    _purge_if_erased(settings, space, report, options.dry_run)
     return 0
+
+
+def _purge_if_erased(settings: Settings, space: str, report: Any, dry_run: bool) -> None:
+    """Deletions an import or a replay applied leave the erased users' events in the log, the dead letters and the
+    archive: the purge job the receiver queues after a delete is queued here too."""
+    if dry_run or not report.erased:
+        return
+    from rq import Queue
+
+    from service.state.queue import queue_purge
+
+    queue_purge(Queue(QUEUE_NAME, connection=queue_client(settings)), space)
+    print(f"deletions were applied: a job (run by a worker) purges the erased users' events from the log, the dead "
+          f"letters and the archive of {space}", file=sys.stderr)
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -675,6 +691,7 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
                 report, was_stopped = payload
                 merged.counts.update(report.counts)
                 merged.seconds = max(merged.seconds, report.seconds)
+                merged.erased = merged.erased or report.erased
                 stopped = stopped or was_stopped
                 finished += 1
             elif kind == "error":
@@ -685,6 +702,7 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
         for proc in procs:
             proc.join(30)
     _print_report(merged, args.dry_run)
+    _purge_if_erased(settings, args.space or settings.space_id, merged, args.dry_run)
     if failed:
         resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
         print(f"persona-sync import: {failed[0]}\nstopped; continue with: "

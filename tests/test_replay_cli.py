@@ -254,3 +254,28 @@ def test_progress_lines_give_count_rate_and_time_left_when_not_a_terminal(capsys
     line = capsys.readouterr().err.strip()
     assert line.startswith("importing: 1,500 events, ") and "% done, about" in line and "s left" in line
     assert 0 < meter.done < meter.total
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_import_that_applies_deletions_queues_their_purge(redis_url: str, r: redis.Redis, tmp_path: Path,
+                                                             workers: int) -> None:
+    """As the receiver does after a delete: the erased user's events also leave the log, the dead letters and the
+    archive (an import left them there until some later live delete's purge)."""
+    from rq import Queue
+
+    from service.state.queue import PURGE_JOB, QUEUE_NAME
+
+    path = tmp_path / "history.ndjson"
+    events = [{"type": "identify", "userId": f"u{n}", "messageId": f"i{n}", "timestamp": "2026-03-01T00:00:00Z"}
+              for n in range(4)]
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    assert subprocess.run([EXE, "import", str(path), "--rate", "0"], capture_output=True, timeout=120,
+                          env=env(redis_url)).returncode == 0
+    queue = Queue(QUEUE_NAME, connection=r)
+    assert PURGE_JOB not in [j.func_name for j in queue.get_jobs()]  # no deletion: nothing to purge
+    path.write_bytes(orjson.dumps({"type": "delete", "userId": "u1", "messageId": "d1",
+                                   "timestamp": "2026-04-01T00:00:00Z"}) + b"\n")
+    out = subprocess.run([EXE, "import", str(path), "--rate", "0", "--workers", str(workers)], capture_output=True,
+                         text=True, timeout=120, env=env(redis_url))
+    assert out.returncode == 0 and "purges the erased users' events" in out.stderr, out.stderr
+    assert [j.func_name for j in queue.get_jobs()].count(PURGE_JOB) == 1

@@ -7,6 +7,8 @@ that contract (``tests/test_layout.py`` checks that each one resolves to a funct
 
 from __future__ import annotations
 
+from typing import Any
+
 QUEUE_NAME = "persona-sync"
 
 REFRESH_JOB = "workers.jobs.refresh"
@@ -19,3 +21,12 @@ ARCHIVE_JOB = "service.state.archive.archive_job"
 JOBS = (REFRESH_JOB, FULL_RECOMPUTE_JOB, RECOMPUTE_CHUNK_JOB, SYNC_JOB, PURGE_JOB, REPLAY_JOB, ARCHIVE_JOB)
 
 CRON_CONFIG = "workers.cron"  # the module that registers the scheduled jobs with rq's cron
+
+
+def queue_purge(queue: Any, space: str) -> None:
+    """After deletions: the job that purges the erased users' events from the log, the dead letters and the archive
+    (retried for hours: the archive's lock may be held meanwhile). ``queue``: an rq ``Queue``."""
+    from rq import Retry
+
+    queue.enqueue(PURGE_JOB, space, description=f"purge forgotten ({space})",
+                  retry=Retry(max=10, interval=[30, 60, 300, 900, 3600]))

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import redis
 import redis.asyncio as aredis
-from rq import Queue, Retry
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -23,7 +23,7 @@ from service.config import Settings
 from service.logs import event as log_event
 from service.spec.keys import Keys
 from service.state.connect import connect
-from service.state.queue import PURGE_JOB, QUEUE_NAME, REFRESH_JOB, SYNC_JOB
+from service.state.queue import QUEUE_NAME, REFRESH_JOB, SYNC_JOB, queue_purge
 from service.state.status import spaces
 
 log = logging.getLogger("refresh")
@@ -232,7 +232,6 @@ class RefreshScheduler:
         if not self.queue_url:
             return
         try:
-            await asyncio.to_thread(self.queue().enqueue, PURGE_JOB, space, description=f"purge forgotten ({space})",
-                                    retry=Retry(max=10, interval=[30, 60, 300, 900, 3600]))
+            await asyncio.to_thread(queue_purge, self.queue(), space)
         except (redis.RedisError, OSError) as exc:
             log_event(log, "purge not scheduled", logging.WARNING, space=space, error=type(exc).__name__)

@@ -51,6 +51,7 @@ from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, norm
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys, replay_cancel
 from service.spec.rates import OUTCOME_OF
+from service.state.queue import QUEUE_NAME, queue_purge
 from service.state.rates import count_applied
 from service.state.store import DEDUPE_BUCKETS, REDIS_DOWN, StoreUnavailable, SyncStore, delete_dead_letters, state_keys
 
@@ -81,6 +82,7 @@ class Report:
     stopped: str | None = None
     interrupted: bool = False  # stopped before the end of the input (Ctrl-C, a cancelled job)
     seconds: float = 0.0
+    erased: bool = False  # a deletion applied (or an erasure a late event made): the purge of their events is due
 
     def outcome_totals(self) -> dict[str, int]:
         out: Counter[str] = Counter()
@@ -650,6 +652,7 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
     invalid = list(p.invalid)
     outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in p.good], now=p.now, reapply=options.reapply,
                            generation=options.generation, logged_as=[rec.logged_as for rec, _ in p.good])
+    report.erased = report.erased or any(o.status == "deleted" or o.erased for o in outcomes)
     for (rec, event), outcome in zip(p.good, outcomes, strict=True):
         status = {"ok": "applied", "deleted": "applied", "error": "invalid"}.get(outcome.status, outcome.status)
         report.counts[(event.type, status)] += 1
@@ -730,7 +733,7 @@ def records_for(client: redis.Redis, settings: Settings, space: str, spec: dict[
 def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point: run a replay, with its progress in the job's meta (``done``, ``total``) and a clean stop
     when cancelled. Resumable like the command: the checkpoint is named after the request."""
-    from rq import get_current_job
+    from rq import Queue, get_current_job
 
     from service.state.connect import state_client
 
@@ -767,4 +770,6 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     if job is not None:
         job.meta.update(done=done, total=total, stopped=report.interrupted)
         job.save_meta()
+        if report.erased and not options.dry_run:  # as the receiver does after a delete
+            queue_purge(Queue(QUEUE_NAME, connection=job.connection), space)
     return {"space": space, "source": source, "rate": options.rate or 0, **report.as_dict()}
