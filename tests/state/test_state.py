@@ -683,3 +683,5 @@ def test_a_limit_with_a_sliding_window_counts_only_the_values_added_in_it(r: red
     assert len(logins(ever, week)) == 3  # counted for ever: browsers 6 and 7 stay on profiles of their own
     within_a_week = logins(weekly, 3_600_000)  # seven browsers within seven hours
     assert len(within_a_week) == 3 and within_a_week[-1] >= {"user_id:u1", "anonymous_id:browser-5"}
+    newest_first = logins(weekly, 3_600_000, newest_first=True)  # out of order, still five at most
+    assert len(newest_first) == 3 and len(newest_first[-1]) == 6

@@ -584,9 +584,10 @@ local function general_path()
   end
 
   -- A limit with a sliding window (``rules.windows``: type -> ms, `anonymous_id:5:weekly`; '*' for the types
-  -- without a limit of their own) counts the values of its type that the profile got within the window before the
-  -- event (each value's first sighting, 'time|mid' in its 'x:' field; one first seen after the event did not exist
-  -- yet at its time): type -> count, read once per profile and event (``cache``), and only on this path.
+  -- without a limit of their own) counts the values of its type that the profile got within the window of the
+  -- event, before or after it (each value's first sighting, 'time|mid' in its 'x:' field): events that arrive out
+  -- of order (an import newest first) then still keep to the limit in any stretch of that length. type -> count,
+  -- read once per profile and event (``cache``), and only on this path.
   local function window_of(t, rules, wins)
     local w = wins[t]
     if w == nil and rules.limits[t] == nil then w = wins['*'] end
@@ -601,7 +602,7 @@ local function general_path()
       local w = t and window_of(t, rules, wins)
       if w then
         local at = tonumber(string.match(f[i + 1], '^[^|]*')) or 0
-        if at >= ts - w and at <= ts then out[t] = (out[t] or 0) + 1 end
+        if at >= ts - w and at <= ts + w then out[t] = (out[t] or 0) + 1 end
       end
     end
     cache[pid] = out
