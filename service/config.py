@@ -332,7 +332,7 @@ class Settings:
             max_body_bytes=_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"], 1024),
             identity_limits=_limits(raw["IDENTITY_LIMITS"])[0],
             identity_limit_windows=_limits(raw["IDENTITY_LIMITS"])[1],
-            identity_priority=_list(raw["IDENTITY_PRIORITY"]),
+            identity_priority=_types(raw["IDENTITY_PRIORITY"]),
             identity_blocked=_patterns(raw["IDENTITY_BLOCKED"]),
             max_merges=_int("MAX_MERGES", raw["MAX_MERGES"], 0),
             max_identifiers=_int("MAX_IDENTIFIERS", raw["MAX_IDENTIFIERS"], 1),
@@ -435,6 +435,15 @@ def _limits(raw: str) -> tuple[dict[str, int], dict[str, int]]:
                                       f"{', '.join(LIMIT_PERIODS)}, or a duration such as 14d") from None
             windows[kind] = int(seconds * 1000)
     return limits, windows
+
+
+def _types(raw: str) -> tuple[str, ...]:
+    """IDENTITY_PRIORITY: identifier types, which a profile keeps as 'type:value' (so no ':' in a type)."""
+    types = _list(raw)
+    for t in types:
+        if ":" in t:
+            raise ConfigError(f"IDENTITY_PRIORITY type {t!r}: no ':' in an identifier type")
+    return types
 
 
 def _patterns(raw: str) -> tuple[str, ...]:

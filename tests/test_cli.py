@@ -96,6 +96,8 @@ def test_bad_configuration_says_what_to_fix() -> None:
     s = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5:weekly, ga_client_id:5:14d, email:5:ever"})
     assert s.identity_limits["anonymous_id"] == 5 and s.identity_limit_windows == {
         "anonymous_id": 7 * 86_400_000, "ga_client_id": 14 * 86_400_000}
+    with pytest.raises(ConfigError, match="IDENTITY_PRIORITY type 'crm:id': no ':'"):
+        Settings.from_env({"IDENTITY_PRIORITY": "user_id,crm:id"})
     with pytest.raises(ConfigError, match="the period is one of ever, daily, weekly"):
         Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:5:fortnightly"})
     out = subprocess.run([EXE, "status"], capture_output=True, text=True, timeout=60,

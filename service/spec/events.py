@@ -405,9 +405,17 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
     if isinstance(external, list):
         for item in external:
             item = _dict(item)
-            etype, evalue = item.get("type"), _id(item.get("id"))
-            if isinstance(etype, str) and etype.strip() and evalue and item.get("collection", "users") == "users":
-                ids.append((etype.strip().lower(), evalue))
+            etype = item.get("type")
+            if not (isinstance(etype, str) and etype.strip() and item.get("collection", "users") == "users"):
+                continue
+            etype = etype.strip().lower()
+            if ":" in etype:  # profiles keep an identifier as 'type:value': the type must end at its first ':'
+                raise InvalidEvent(f"context.externalIds type {etype[:40]!r} contains ':'; name it with letters, "
+                                   "digits, '.', '_' or '-'")
+            # a person's own ids as numbers too large to be exact would merge two people
+            evalue = _person_id(item.get("id")) if etype in ("user_id", "anonymous_id") else _id(item.get("id"))
+            if evalue:
+                ids.append((etype, evalue))
     return ids
 
 

@@ -91,6 +91,19 @@ def test_a_numeric_id_too_large_to_be_exact_is_refused() -> None:
     assert order.order is not None
 
 
+def test_an_external_id_type_with_a_colon_or_a_person_id_too_large_is_refused() -> None:
+    """A profile keeps an identifier as 'type:value': 'email:work' would read as an email. And a user_id in
+    externalIds past 2^53 would merge two people, as a top-level userId would."""
+    base = {"type": "track", "event": "E", "messageId": "m", "anonymousId": "a1"}
+    with pytest.raises(InvalidEvent, match="contains ':'"):
+        normalise({**base, "context": {"externalIds": [{"id": "x", "type": "email:work"}]}}, NOW, RULES)
+    with pytest.raises(InvalidEvent, match="send ids as strings"):
+        normalise({**base, "context": {"externalIds": [{"id": 1.2345678901234568e23, "type": "user_id"}]}}, NOW,
+                  RULES)
+    kept = normalise({**base, "context": {"externalIds": [{"id": 1e20, "type": "crm_id"}]}}, NOW, RULES)
+    assert ("crm_id", "100000000000000000000") in kept.identifiers  # not a person's own id: kept
+
+
 def test_ad_id_needs_tracking_consent() -> None:
     raw = fixture_json("screen.json")
     raw["context"]["device"]["adTrackingEnabled"] = False
