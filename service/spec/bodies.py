@@ -94,6 +94,47 @@ def array_elements(body: bytes) -> list[bytes]:
     return out
 
 
+def object_members(body: bytes) -> dict[str, bytes]:
+    """The text of each member's value of the object that ``body`` is, by its key, without decoding the values (an
+    event too deep to decode still tells its userId). Raises ``ValueError`` for anything else."""
+    n, i = len(body), len(body) - len(body.lstrip())
+    if i >= n or body[i] != 0x7B:  # '{'
+        raise ValueError("not an object")
+    out: dict[str, bytes] = {}
+    while True:
+        i += 1
+        while i < n and body[i] in JSON_SPACE:
+            i += 1
+        if i < n and body[i] == 0x7D and not out:  # '}': the empty object
+            return out
+        if i >= n or body[i] != 0x22:
+            raise ValueError("expected a key")
+        key_end = value_end(body, i)
+        try:
+            key = orjson.loads(body[i:key_end])
+        except orjson.JSONDecodeError:
+            raise ValueError("a key that is not a string") from None
+        i = key_end
+        while i < n and body[i] in JSON_SPACE:
+            i += 1
+        if i >= n or body[i] != 0x3A:  # ':'
+            raise ValueError("expected ':' after a key")
+        i += 1
+        while i < n and body[i] in JSON_SPACE:
+            i += 1
+        if i >= n:
+            raise ValueError("a key without a value")
+        end = value_end(body, i)
+        out[key] = body[i:end]
+        while end < n and body[end] in JSON_SPACE:
+            end += 1
+        if end < n and body[end] == 0x7D:
+            return out
+        if end >= n or body[end] != 0x2C:
+            raise ValueError("expected ',' or '}' after a member")
+        i = end
+
+
 @dataclass(frozen=True)
 class Unparsed:
     """An element of a batch nested deeper than the JSON parser goes (1,024 levels): refused on its own, and kept
@@ -247,13 +288,13 @@ def item(obj: Any, raw: bytes | None = None, received_at: str | None = None) -> 
     try:
         encoded = orjson.dumps(obj)
     except orjson.JSONEncodeError:
-        return Item(obj, raw if raw is not None else _deep_json(obj), TOO_DEEP)
+        return Item(obj, raw if raw is not None else deep_json(obj), TOO_DEEP)
     return Item(obj, encoded)
 
 
-def _deep_json(obj: Any) -> bytes:
-    """An event of a batch nested deeper than orjson writes (its dead letter keeps it): the standard library's
-    encoder goes as deep as Python's recursion limit; deeper still, nothing can be kept of it."""
+def deep_json(obj: Any) -> bytes:
+    """JSON of what is nested deeper than orjson writes (254 levels), e.g. an event of a batch kept as a dead
+    letter: the standard library's encoder goes as deep as Python's recursion limit; deeper still, b""."""
     try:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(errors="replace")
     except (RecursionError, ValueError, TypeError):

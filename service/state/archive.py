@@ -24,10 +24,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import redis
 
 from service.config import Settings
-from service.spec.bodies import BodyError, Unparsed, item, parse_json
+from service.spec.bodies import BodyError, Unparsed, item, object_members, parse_json
 from service.spec.clock import now_ms
 from service.spec.events import iso_ms
 from service.spec.keys import DAY_MS, Keys
@@ -227,8 +228,13 @@ def belongs(line: bytes, ids: set[str]) -> bool:
 def event_belongs(event: object, ids: set[str]) -> bool:
     """Whether a decoded event names an erased user (its userId, anonymousId or previousId); an element of a batch
     too deep to decode (``Unparsed``), whether its text names one."""
-    if isinstance(event, Unparsed):
-        return any(b'"%s"' % i.encode() in event.raw for i in ids)
+    if isinstance(event, Unparsed):  # its top level is read without decoding what lies deeper
+        raw = event.raw
+        try:
+            members = object_members(raw)
+            event = {f: orjson.loads(members[f]) for f in ("userId", "anonymousId", "previousId") if f in members}
+        except (ValueError, orjson.JSONDecodeError):  # not even that: dropped if its text names an erased id
+            return any(b'"%s"' % i.encode() in raw for i in ids)
     if not isinstance(event, dict):
         return False
     return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids

@@ -8,7 +8,7 @@ import orjson
 import redis
 
 from service.config import Settings
-from service.spec.bodies import BodyError, Unparsed, parse_json
+from service.spec.bodies import BodyError, array_elements, deep_json, parse_json
 from service.spec.clock import now_ms
 from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
@@ -280,10 +280,18 @@ def _without_erased(raw: bytes, ids: set[str]) -> bytes | None:
         return None
     if not rest:
         return b""
-    if isinstance(doc, dict):
-        return orjson.dumps({**doc, "batch": rest})
-    # an Actions batch may hold elements too deep to decode (``Unparsed``): they stay as they were sent
-    return b"[" + b",".join(e.raw if isinstance(e, Unparsed) else orjson.dumps(e) for e in rest) + b"]"
+    if isinstance(doc, list):  # an Actions batch: the events kept stay as they were sent, however deep
+        try:
+            texts = array_elements(raw)
+        except ValueError:
+            texts = []
+        if len(texts) == len(events):
+            return b"[" + b",".join(t for t, e in zip(texts, events, strict=True) if not event_belongs(e, ids)) + b"]"
+    kept = {**doc, "batch": rest} if isinstance(doc, dict) else rest
+    try:
+        return orjson.dumps(kept)
+    except orjson.JSONEncodeError:  # nested past what orjson writes: the slower encoder, else nothing is kept
+        return deep_json(kept)
 
 
 def replay_dead_letters(client: redis.Redis, settings: Settings, space: str, progress=None,

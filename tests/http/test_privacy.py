@@ -235,9 +235,10 @@ def test_forget_in_a_space_without_data_or_of_a_bare_profile_id_erases_nothing_a
     assert by_id.returncode == 0 and find(r, "user_id", "bob") is None
 
 
-def test_the_purge_rewrites_a_dead_letter_batch_holding_an_event_too_deep_to_decode(r: redis.Redis) -> None:
-    """A batch kept whole (too many events) may hold an element past 1,024 levels, which the parser now leaves
-    undecoded: the erased user's events still leave it, and that element stays as it was sent."""
+def test_the_purge_rewrites_a_dead_letter_batch_holding_events_too_deep_to_decode_or_write(r: redis.Redis) -> None:
+    """A batch kept whole (too many events) may hold elements past 1,024 levels (the parser leaves them undecoded)
+    or past 254 (orjson cannot write them again): the erased user's events still leave it, found by their ids
+    however written, and everyone else's stay as they were sent."""
     import orjson
 
     from service.config import Settings
@@ -245,10 +246,16 @@ def test_the_purge_rewrites_a_dead_letter_batch_holding_an_event_too_deep_to_dec
     from service.state.store import SyncStore
 
     ada(r)
-    deep = b'{"type":"track","userId":"bob","properties":' + b'{"d":' * 1100 + b"1" + b"}" * 1100 + b"}"
+
+    def deep(levels: int, who: bytes, size: bytes = b"1") -> bytes:
+        return b'{"type":"track","userId":' + who + b',"properties":{"size":"' + size + b'","d":' + \
+            b'{"d":' * levels + b"1" + b"}" * levels + b"}}"
+
     ada_event = orjson.dumps({"type": "track", "event": "Viewed", "userId": "x2", "messageId": "a9"})
-    SyncStore(r, Settings()).dead_letters("default", [("batch of 4001 events", b"[" + ada_event + b"," + deep + b"]")],
-                                          "webhook")
+    bobs = [deep(1100, b'"bob"', b"x2"), deep(300, b'"bob"')]  # past what the parser reads, past what orjson writes
+    adas = [deep(1100, b'"x\\u0032"'), deep(1100, b' "x2" ')]  # her deep events, however her id is written
+    body = b"[" + b",".join([ada_event, bobs[0], adas[0], bobs[1], adas[1]]) + b"]"
+    SyncStore(r, Settings()).dead_letters("default", [("batch of 4001 events", body)], "webhook")
     forget(r, Settings(), "default", "user_id:x2")
     [(_, letter)] = r.xrange(Keys("default").dead_letters)
-    assert letter[b"raw"] == b"[" + deep + b"]"
+    assert letter[b"raw"] == b"[" + b",".join(bobs) + b"]"  # bob's, as sent (one even has "x2" among its values)
