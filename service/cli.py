@@ -280,9 +280,11 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
             _print_report(exc.report, False)
             if exc.reason:
                 print(f"persona-sync replay-dead-letters: {exc.reason}", file=sys.stderr)
+            _purge_if_due(settings, space)
             print("stopped; the dead letters that applied are removed, the rest are kept: run "
                   "`persona-sync replay-dead-letters` again to carry on", file=sys.stderr)
             return 1 if exc.reason else 130
+    _purge_if_due(settings, space)
     print(f"{counts['replayed']} of {counts['entries']} dead letters replayed ({counts['events_applied']} events "
           f"applied); {counts['kept']} still invalid and kept: see `persona-sync dead-letters list`")
     if counts["unauthenticated"]:
@@ -436,7 +438,6 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
     except Interrupted as exc:
         reporter.close()
         _print_report(exc.report, options.dry_run)
-        _purge_if_erased(settings, space, exc.report, options.dry_run)
         resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
         if "--resume" not in resume:
             resume += " --resume"
@@ -444,24 +445,35 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
             print(f"persona-sync {args.command}: {exc.reason}", file=sys.stderr)
         print(f"stopped{' at ' + exc.report.stopped if exc.report.stopped else ''}; continue with: "
               f"persona-sync {resume}", file=sys.stderr)
+        _purge_if_due(settings, space, options.dry_run)
         return 1 if exc.reason else 130
     finally:
         reporter.close()
     _print_report(report, options.dry_run)
-    _purge_if_erased(settings, space, report, options.dry_run)
+    _purge_if_due(settings, space, options.dry_run)
     return 0
 
 
-def _purge_if_erased(settings: Settings, space: str, report: Any, dry_run: bool) -> None:
-    """Deletions an import or a replay applied leave the erased users' events in the log, the dead letters and the
-    archive: the purge job the receiver queues after a delete is queued here too."""
-    if dry_run or not report.erased:
-        return
+def _purge_if_due(settings: Settings, space: str, dry_run: bool = False) -> None:
+    """Deletions an import or a replay applied leave the erased users' ids waiting in ``Keys.forgotten_ids`` and
+    their events in the log, the dead letters and the archive: the purge job the receiver queues after a delete is
+    queued here too, on whatever path the run ended (done, stopped, failed)."""
+    import redis
     from rq import Queue
 
+    from service.spec.keys import Keys
     from service.state.queue import queue_purge
 
-    queue_purge(Queue(QUEUE_NAME, connection=queue_client(settings)), space)
+    if dry_run:
+        return
+    try:
+        if not state_client(settings).scard(Keys(space).forgotten_ids):
+            return
+        queue_purge(Queue(QUEUE_NAME, connection=queue_client(settings)), space)
+    except (redis.RedisError, OSError) as exc:
+        print(f"persona-sync: deletions were applied, but their purge could not be queued ({exc}); the purge "
+              "queued with the next deletion does it", file=sys.stderr)
+        return
     print(f"deletions were applied: a job (run by a worker) purges the erased users' events from the log, the dead "
           f"letters and the archive of {space}", file=sys.stderr)
 
@@ -691,7 +703,6 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
                 report, was_stopped = payload
                 merged.counts.update(report.counts)
                 merged.seconds = max(merged.seconds, report.seconds)
-                merged.erased = merged.erased or report.erased
                 stopped = stopped or was_stopped
                 finished += 1
             elif kind == "error":
@@ -702,7 +713,7 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
         for proc in procs:
             proc.join(30)
     _print_report(merged, args.dry_run)
-    _purge_if_erased(settings, args.space or settings.space_id, merged, args.dry_run)
+    _purge_if_due(settings, args.space or settings.space_id, args.dry_run)  # whatever became of the shares
     if failed:
         resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
         print(f"persona-sync import: {failed[0]}\nstopped; continue with: "

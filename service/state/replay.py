@@ -82,7 +82,6 @@ class Report:
     stopped: str | None = None
     interrupted: bool = False  # stopped before the end of the input (Ctrl-C, a cancelled job)
     seconds: float = 0.0
-    erased: bool = False  # a deletion applied (or an erasure a late event made): the purge of their events is due
 
     def outcome_totals(self) -> dict[str, int]:
         out: Counter[str] = Counter()
@@ -652,7 +651,6 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
     invalid = list(p.invalid)
     outcomes = store.apply(space, [(e, rec.item.raw) for rec, e in p.good], now=p.now, reapply=options.reapply,
                            generation=options.generation, logged_as=[rec.logged_as for rec, _ in p.good])
-    report.erased = report.erased or any(o.status == "deleted" or o.erased for o in outcomes)
     for (rec, event), outcome in zip(p.good, outcomes, strict=True):
         status = {"ok": "applied", "deleted": "applied", "error": "invalid"}.get(outcome.status, outcome.status)
         report.counts[(event.type, status)] += 1
@@ -770,6 +768,6 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     if job is not None:
         job.meta.update(done=done, total=total, stopped=report.interrupted)
         job.save_meta()
-        if report.erased and not options.dry_run:  # as the receiver does after a delete
+        if not options.dry_run and client.scard(key.forgotten_ids):  # deletions applied: as the receiver does
             queue_purge(Queue(QUEUE_NAME, connection=job.connection), space)
     return {"space": space, "source": source, "rate": options.rate or 0, **report.as_dict()}
