@@ -502,6 +502,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                            total, options, "replay", name, f"replaying dead letters of {space}")
     now = now_ms()
     since, until = parse_since("since", args.since, now), parse_since("until", args.until, now)
+    if since is not None and until is not None and since > until:
+        raise CommandError(f"--since {args.since} is after --until {args.until}: nothing lies between them")
     types = {t.lower() for t in args.type} if args.type else None
     if args.from_archive:
         return _replay_archive(settings, args, space, since, until, types, options)
@@ -538,11 +540,6 @@ def _replay_options_fit(args: argparse.Namespace) -> None:
                                "drop --dead-letters (dead letters are chosen by --reason)")
     elif args.reason is not None:
         raise CommandError("--reason selects dead letters: add --dead-letters, or drop --reason")
-    if args.since and args.until:
-        now = int(time.time() * 1000)
-        since, until = parse_since("since", args.since, now), parse_since("until", args.until, now)
-        if since is not None and until is not None and since > until:
-            raise CommandError(f"--since {args.since} is after --until {args.until}: nothing lies between them")
 
 
 def _replay_archive(settings: Settings, args: argparse.Namespace, space: str, since: int | None, until: int | None,
@@ -1014,10 +1011,10 @@ def _call_type(text: str) -> str:
 
 def _space_arg(text: str) -> str:
     """A --space as the receiver and the admin API take it: anything else would put data where nothing reads it."""
-    from service.config import valid_space
+    from service.config import SPACE_ID_RULE, valid_space
 
     if not valid_space(text):
-        raise argparse.ArgumentTypeError(f"{text[:80]!r}: a space id is 1-64 letters, digits, '_', '-' or '.'")
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: a space id is {SPACE_ID_RULE}")
     return text
 
 

@@ -368,6 +368,9 @@ DEFAULT_REPLAY_RATE = 1000.0
 _SPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+SPACE_ID_RULE = "1-64 letters, digits, '_', '-' or '.' (not dots alone)"  # what ``valid_space`` takes, to say so
+
+
 def valid_space(space: str) -> bool:
     """Space ids become part of Redis hash tags and of the archive's paths, so keep them to a safe alphabet, and
     never '.' or '..' (a folder of the archive would then be its parent)."""
@@ -376,7 +379,7 @@ def valid_space(space: str) -> bool:
 
 def _space(name: str, raw: str) -> str:
     if not valid_space(raw):
-        raise ConfigError(f"{name}={raw!r}: use 1-64 letters, digits, '_', '-' or '.' (not dots alone)")
+        raise ConfigError(f"{name}={raw!r}: use {SPACE_ID_RULE}")
     return raw
 
 

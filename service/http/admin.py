@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.config import valid_space
+from service.config import SPACE_ID_RULE, valid_space
 from service.http import auth
 from service.http.intake import read_body
 from service.http.responses import JSON, error, unavailable
@@ -51,7 +51,7 @@ def space_param(request: Request) -> str | Response:
     """``?space=`` (default SPACE_ID), or the 400 to send for a malformed one."""
     space = _space(request)
     if not valid_space(space):
-        return error(400, "validation_error", "space must be 1-64 letters, digits, '_', '-' or '.'")
+        return error(400, "validation_error", f"space must be {SPACE_ID_RULE}")
     return space
 
 
@@ -122,9 +122,9 @@ async def dead_letters(request: Request) -> Response:
     """Newest first; ``?space=``, ``?limit=`` (1-1000), ``?before=<entry id>`` to page back."""
     if denied := admin_denied(request):
         return denied
-    space = _space(request)
-    if not valid_space(space):
-        return error(400, "validation_error", "space must be a valid space id")
+    space = space_param(request)
+    if isinstance(space, Response):
+        return space
     return await _stream_page(request, Keys(space).dead_letters, dead_letter_view, {"space": space})
 
 

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.config import valid_space
+from service.config import SPACE_ID_RULE, valid_space
 from service.http import auth, metrics
 from service.http.intake import read_body
 from service.http.responses import JSON, error, refused, unavailable
@@ -154,7 +154,7 @@ async def segment_webhook(request: Request) -> Response:
     state = request.app.state
     space = request.path_params.get("space", state.settings.space_id)
     if not valid_space(space):
-        return error(404, "not_found", "unknown space id: use letters, digits, '_', '-' or '.' (not dots alone)")
+        return error(404, "not_found", f"unknown space id: use {SPACE_ID_RULE}")
     received = now_ms()
     try:  # a body that cannot be read whole (size, encoding) cannot be verified either
         body = await read_body(request, state.settings.max_body_bytes)

@@ -20,7 +20,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from service.config import valid_space
+from service.config import SPACE_ID_RULE, valid_space
 from service.http.intake import read_body
 from service.http.session import COOKIE, Session, csrf_ok, csrf_token, session_key, verify
 from service.spec.bodies import BodyError
@@ -190,7 +190,7 @@ def console(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                                     "and try again.")
             space = form.get("space") or request.query_params.get("space") or request.app.state.settings.space_id
             if not valid_space(space):
-                raise PageError(400, "Unknown space", "A space is 1-64 letters, digits, '_', '-' or '.'.")
+                raise PageError(400, "Unknown space", f"A space is {SPACE_ID_RULE}.")
             return await handler(Ctx(request, session, csrf, space, form))
         except PageError as exc:
             return error_page(exc.status, exc.title, exc.message, logged_in=True, csrf=csrf)

@@ -6,6 +6,7 @@ import functools
 from importlib import metadata
 from typing import Any
 
+from service.config import SPACE_ID_RULE
 from service.http.openapi import components, console, intake, operator, profiles
 from service.http.openapi.components import OBJECT, STR, ok
 
@@ -53,7 +54,7 @@ DOCUMENTATION = {
 
 PARAMETERS = {
     "spacePath": {"name": "space", "in": "path", "required": True, "schema": STR, "example": "default",
-                  "description": "The space: 1-64 letters, digits, '_', '-' or '.'"},
+                  "description": f"The space: {SPACE_ID_RULE}"},
     **operator.PARAMETERS,
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.config import DEFAULT_REPLAY_RATE
+from service.config import DEFAULT_REPLAY_RATE, SPACE_ID_RULE
 from service.http.openapi.components import (
     ANY,
     BOOL,
@@ -226,7 +226,7 @@ def paths() -> dict[str, Any]:
 
 PARAMETERS = {
     "spaceQuery": {"name": "space", "in": "query", "required": False, "schema": STR,
-                   "description": "The space (default SPACE_ID): 1-64 letters, digits, '_', '-' or '.'"},
+                   "description": f"The space (default SPACE_ID): {SPACE_ID_RULE}"},
     "limit": {"name": "limit", "in": "query", "required": False,
               "schema": {**INT, "minimum": 1, "maximum": 1000, "default": 50}},
     "before": {"name": "before", "in": "query", "required": False, "schema": STR,
