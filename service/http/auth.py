@@ -7,7 +7,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 
-from service.spec.bodies import JSON_SPACE, value_end
+from service.spec.bodies import skip_space, value_end
 
 
 def signed_part(body: bytes) -> bytes:
@@ -22,9 +22,7 @@ def signed_part(body: bytes) -> bytes:
     stripped = body.lstrip()
     if not stripped.startswith(b"["):
         return body
-    start = len(body) - len(stripped) + 1
-    while start < len(body) and body[start] in JSON_SPACE:
-        start += 1
+    start = skip_space(body, len(body) - len(stripped) + 1)
     if start >= len(body) or body[start] in b"],":
         raise ValueError("no first element")
     return body[start:value_end(body, start)]

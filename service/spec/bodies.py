@@ -64,32 +64,34 @@ def value_end(body: bytes, start: int) -> int:
     raise ValueError("unterminated value")
 
 
+def skip_space(body: bytes, i: int) -> int:
+    """The index of the first byte at or after ``i`` that is not JSON whitespace (``len(body)``: none)."""
+    n = len(body)
+    while i < n and body[i] in JSON_SPACE:
+        i += 1
+    return i
+
+
 def array_elements(body: bytes) -> list[bytes]:
     """The text of each element of the array that ``body`` is, as sent. Raises ``ValueError`` for anything else."""
-    n, i = len(body), len(body) - len(body.lstrip())
+    n, i = len(body), skip_space(body, 0)
     if i >= n or body[i] != 0x5B:  # '['
         raise ValueError("not an array")
     out: list[bytes] = []
     while True:
-        i += 1
-        while i < n and body[i] in JSON_SPACE:
-            i += 1
+        i = skip_space(body, i + 1)
         if i < n and body[i] == 0x5D and not out:  # ']': the empty array
             break
         if i >= n:
             raise ValueError("unterminated array")
         end = value_end(body, i)
         out.append(body[i:end])
-        while end < n and body[end] in JSON_SPACE:
-            end += 1
-        if end < n and body[end] == 0x2C:  # ','
-            i = end
-            continue
-        if end < n and body[end] == 0x5D:
-            i = end
+        i = skip_space(body, end)
+        if i < n and body[i] == 0x5D:
             break
-        raise ValueError("expected ',' or ']' after an element")
-    if body[i + 1:].strip(JSON_SPACE):
+        if i >= n or body[i] != 0x2C:  # ','
+            raise ValueError("expected ',' or ']' after an element")
+    if skip_space(body, i + 1) < n:
         raise ValueError("text after the array")
     return out
 
@@ -97,14 +99,12 @@ def array_elements(body: bytes) -> list[bytes]:
 def object_members(body: bytes) -> dict[str, bytes]:
     """The text of each member's value of the object that ``body`` is, by its key, without decoding the values (an
     event too deep to decode still tells its userId). Raises ``ValueError`` for anything else."""
-    n, i = len(body), len(body) - len(body.lstrip())
+    n, i = len(body), skip_space(body, 0)
     if i >= n or body[i] != 0x7B:  # '{'
         raise ValueError("not an object")
     out: dict[str, bytes] = {}
     while True:
-        i += 1
-        while i < n and body[i] in JSON_SPACE:
-            i += 1
+        i = skip_space(body, i + 1)
         if i < n and body[i] == 0x7D and not out:  # '}': the empty object
             return out
         if i >= n or body[i] != 0x22:
@@ -114,25 +114,19 @@ def object_members(body: bytes) -> dict[str, bytes]:
             key = orjson.loads(body[i:key_end])
         except orjson.JSONDecodeError:
             raise ValueError("a key that is not a string") from None
-        i = key_end
-        while i < n and body[i] in JSON_SPACE:
-            i += 1
+        i = skip_space(body, key_end)
         if i >= n or body[i] != 0x3A:  # ':'
             raise ValueError("expected ':' after a key")
-        i += 1
-        while i < n and body[i] in JSON_SPACE:
-            i += 1
+        i = skip_space(body, i + 1)
         if i >= n:
             raise ValueError("a key without a value")
         end = value_end(body, i)
         out[key] = body[i:end]
-        while end < n and body[end] in JSON_SPACE:
-            end += 1
-        if end < n and body[end] == 0x7D:
+        i = skip_space(body, end)
+        if i < n and body[i] == 0x7D:
             return out
-        if end >= n or body[end] != 0x2C:
+        if i >= n or body[i] != 0x2C:
             raise ValueError("expected ',' or '}' after a member")
-        i = end
 
 
 @dataclass(frozen=True)
