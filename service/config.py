@@ -303,6 +303,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         raw = {name: env.get(name, default) for name, default, _ in VARIABLES}
+        limits, windows = _limits(raw["IDENTITY_LIMITS"])
         return cls(
             redis_url=_state_url(raw["REDIS_URL"].strip(), raw["REDIS_CLUSTER"]),
             queue_redis_url=_queue_url(raw["QUEUE_REDIS_URL"].strip(), raw["REDIS_CLUSTER"]),
@@ -330,8 +331,8 @@ class Settings:
             dead_letter_max_bytes=_int("DEAD_LETTER_MAX_BYTES", raw["DEAD_LETTER_MAX_BYTES"], 1024),
             refusal_log_max=_int("REFUSAL_LOG_MAX", raw["REFUSAL_LOG_MAX"], 1),
             max_body_bytes=_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"], 1024),
-            identity_limits=_limits(raw["IDENTITY_LIMITS"])[0],
-            identity_limit_windows=_limits(raw["IDENTITY_LIMITS"])[1],
+            identity_limits=limits,
+            identity_limit_windows=windows,
             identity_priority=_types(raw["IDENTITY_PRIORITY"]),
             identity_blocked=_patterns(raw["IDENTITY_BLOCKED"]),
             max_merges=_int("MAX_MERGES", raw["MAX_MERGES"], 0),
