@@ -41,6 +41,7 @@ CLASSES = {"audience": "audience", "computed_trait": "computed_trait"}
 CALL_TYPES = ("track", "page", "screen", "identify", "group", "alias")
 EVENTS_WINDOW_MS = 14 * 86400 * 1000  # Segment's /events serves the last 14 days unless start says otherwise
 PROFILE_ID_PREFIX = "use_"
+PROFILE_ID = re.compile(re.escape(PROFILE_ID_PREFIX) + "[0-9]+")  # as the apply script names profiles
 MAX_EXAMINED = 1000  # index entries one /events request examines at most (20 x limit when that is more)
 
 
@@ -211,9 +212,6 @@ def _time(request: Request, name: str) -> int | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1000)
-
-
-PROFILE_ID = re.compile(r"use_[0-9]+")
 
 
 def _encode_next(score: int, member: str) -> str:
