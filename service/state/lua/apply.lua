@@ -468,6 +468,13 @@ local function general_path()
     if not rebuilding then dirty[#dirty + 1] = L end
   end
 
+  -- Record identifier ``x`` ('type:value') as erased at ``ts_text`` with the deleted userId ``uid`` ('' for none),
+  -- unless a later erasure already covers it.
+  local function mark_erased(x, ts_text, uid)
+    local prev = redis.call('HGET', ERASED, x)
+    if not prev or not erased_by(prev, ts_text) then redis.call('HSET', ERASED, x, ts_text .. '|' .. uid) end
+  end
+
   -- Erase profile ``pid`` as of ``ts_text``: its hash, identifiers, merged-away ids, event index and account
   -- memberships. ``uid``: the deleted userId it is erased for ('' for none); ``record``: keep its identifiers for
   -- a rebuild that is running (an erasure that no userId's deletion record covers).
@@ -499,11 +506,7 @@ local function general_path()
     -- deleted userId ('' for none), so that lifting its suppression lifts these too (service/state/ops.py). An
     -- erasure in another generation follows one of the current generation's, which recorded it.
     if not rebuilding then
-      local mark = ts_text .. '|' .. uid
-      for _, x in ipairs(idents) do
-        local prev = redis.call('HGET', ERASED, x)
-        if not prev or not erased_by(prev, ts_text) then redis.call('HSET', ERASED, x, mark) end
-      end
+      for _, x in ipairs(idents) do mark_erased(x, ts_text, uid) end
       if #idents > 0 then deleted_until(ts_text) end
     end
     redis.call('DEL', pkey(pid))
@@ -537,9 +540,7 @@ local function general_path()
             erased = o
           end
         elseif not o and not rebuilding then
-          local x = id[1] .. ':' .. id[2]
-          local prev = redis.call('HGET', ERASED, x)
-          if not prev or not erased_by(prev, at) then redis.call('HSET', ERASED, x, at .. '|' .. uid) end
+          mark_erased(id[1] .. ':' .. id[2], at, uid)
         end
       end
     end
