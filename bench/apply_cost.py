@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import random
 import statistics
 import tempfile
 import time
@@ -21,11 +22,13 @@ from service.config import Settings
 from service.devstack.redis_server import EmbeddedRedis
 from service.spec.events import iso_ms, normalise
 from service.spec.identity import IdentityRules
+from service.spec.keys import Keys
 from service.state import store
-from service.state.store import SyncStore
+from service.state.store import Applier, SyncStore
 
 USERS = 50_000
 BODY = 1_000
+FILL_SHARDS = 2_048  # with --dedupe-fill: fewer shards than the default, at the same density (ids per shard)
 
 
 def events(start: int, n: int, now: int, rules: IdentityRules, traits: bool = False, new: bool = False) -> list:
@@ -48,6 +51,24 @@ def events(start: int, n: int, now: int, rules: IdentityRules, traits: bool = Fa
     return out
 
 
+def fill_dedupe(client: redis.Redis, settings: Settings, space: str, per_shard: int, now: int) -> int:
+    """Remember ``per_shard`` random ids in every dedupe shard of the window's two older buckets and half as many in
+    the current one: the state a space reaches after a day of traffic (the default 65,536 shards hold 659 ids each
+    at 1,000 events/s), which is what a lookup's cost depends on. Returns the ids written."""
+    rng = random.Random(per_shard)
+    keys, bucket = Keys(space), now // 1000 // Applier(settings).bucket_width
+    pipe, written = client.pipeline(transaction=False), 0
+    for b, n in ((bucket - 2, per_shard), (bucket - 1, per_shard), (bucket, per_shard // 2)):
+        for shard in range(settings.dedupe_shards):
+            if n:  # sorted, so that each one is appended
+                pipe.sadd(keys.dedupe(b, shard), *sorted(rng.getrandbits(64) - 2**63 for _ in range(n)))
+                written += n
+            if len(pipe) >= 256:
+                pipe.execute()
+    pipe.execute()
+    return written
+
+
 def cpu(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -60,20 +81,20 @@ def use_script(path: str) -> None:
 
 
 def run(aof: bool, measured: int, url: str | None = None, pause: bool = False, body: int = BODY,
-        traits: bool = False, new: bool = False, deletions: int = 0) -> dict[str, float]:
+        traits: bool = False, new: bool = False, deletions: int = 0, fill: int = 0) -> dict[str, float]:
     """Known users first (not measured), then ``measured`` events of the same users. ``url``: a running Redis to
     use (flushed first; e.g. one under ``valgrind --tool=callgrind``, for instruction counts); ``pause``: wait for
     Enter before and after the measured events (to zero and dump such counts)."""
     if url:
-        return measure(redis.Redis.from_url(url), measured, pause, body, traits, new, deletions)
+        return measure(redis.Redis.from_url(url), measured, pause, body, traits, new, deletions, fill)
     with tempfile.TemporaryDirectory(prefix="sps-apply-") as tmp, EmbeddedRedis(tmp, persistent=aof) as server:
-        return measure(redis.Redis.from_url(server.url), measured, pause, body, traits, new, deletions)
+        return measure(redis.Redis.from_url(server.url), measured, pause, body, traits, new, deletions, fill)
 
 
 def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY,
-            traits: bool = False, new: bool = False, deletions: int = 0) -> dict[str, float]:
+            traits: bool = False, new: bool = False, deletions: int = 0, fill: int = 0) -> dict[str, float]:
     client.flushall()
-    settings = Settings()
+    settings = Settings(dedupe_shards=FILL_SHARDS) if fill else Settings()
     rules = IdentityRules.from_settings(settings)
     now = int(time.time() * 1000)
     store = SyncStore(client, settings)
@@ -84,6 +105,8 @@ def measure(client: redis.Redis, measured: int, pause: bool, body: int = BODY,
             for n in range(deletions)]  # GDPR deletions of other people, a day earlier
     if gone:
         store.apply("default", [(normalise(raw, now, rules), orjson.dumps(raw)) for raw in gone], now=now)
+    if fill:
+        fill_dedupe(client, settings, "default", fill, now)
     todo = events(USERS, measured, now, rules, traits, new)
     if pause:
         input("warmed up: press Enter to apply the measured events")
@@ -110,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", action="store_true", help="first events of new visitors (the script's general path)")
     p.add_argument("--deletions", type=int, default=0,
                    help="GDPR deletions of other users a day earlier (as a space in production has)")
+    p.add_argument("--dedupe-fill", type=int, default=0, metavar="IDS",
+                   help="ids per dedupe shard remembered before measuring (659: a day at 1,000 events/s)")
     args = p.parse_args(argv)
     if args.script:
         use_script(args.script)
-    runs = [run(args.aof, args.events, args.url, args.pause, args.body, args.traits, args.new, args.deletions)
-            for _ in range(args.runs)]
+    runs = [run(args.aof, args.events, args.url, args.pause, args.body, args.traits, args.new, args.deletions,
+                args.dedupe_fill) for _ in range(args.runs)]
     for r in runs:
         print(f"  {r['redis_us_per_event']:.1f} µs/event Redis, {r['events_per_s']:,.0f} events/s (one client)")
     print(f"median: {statistics.median(r['redis_us_per_event'] for r in runs):.1f} µs/event Redis CPU, "

@@ -42,7 +42,7 @@ def dedupe_bytes(client: redis.Redis, n: int = 60_000) -> dict:
               for i in range(n)]
     for i in range(0, n, 1000):
         store.apply("mem", [(normalise(e, now, rules), b"{}") for e in events[i:i + 1000]], now=now)
-    total, keys = _usage(client, Keys("mem").prefix + "dd:*")
+    total, keys = _usage(client, Keys("mem").prefix + "ds:*")
     per_id = total / n
     # the usual alternative: one SET key with EX per messageId
     for e in events[:10_000]:
@@ -86,7 +86,8 @@ def measure() -> dict:
         out = {"dedupe": dedupe_bytes(client)}
         client.flushall()
         out["profiles"] = profile_bytes(client)
-        out["encoding_check"] = orjson.loads(orjson.dumps(client.config_get("hash-max-ziplist-entries")))
+        out["encoding_check"] = orjson.loads(orjson.dumps(
+            client.config_get("hash-max-ziplist-entries") | client.config_get("set-max-intset-entries")))
         return out
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from bench.apply_cost import FILL_SHARDS, fill_dedupe
+from service.config import Settings
 from service.devstack.redis_server import EmbeddedRedis
 
 HERE = Path(__file__).resolve().parent
@@ -154,10 +156,14 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def scenario(stack: Stack, name: str, runs: int, seconds: int, **kw) -> dict:
+def scenario(stack: Stack, name: str, runs: int, seconds: int, fill: int = 0, **kw) -> dict:
+    """``fill``: ids per dedupe set remembered before each run (``bench.apply_cost.fill_dedupe``)."""
     results = []
     for i in range(runs):
         stack.flush()
+        if fill:
+            fill_dedupe(redis.Redis.from_url(stack.redis.url), Settings(dedupe_shards=FILL_SHARDS), "default", fill,
+                        int(time.time() * 1000))
         before = stack.cpu()
         res = wrk(stack, run_id=f"{name}{i}{time.time_ns()}", seconds=seconds, **kw)
         after = stack.cpu()
@@ -185,23 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-conns", type=int, default=4, help="concurrent batch requests")
     p.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     p.add_argument("--profiles", type=int, nargs="+", default=[100_000], help="profile counts for `recompute`")
+    p.add_argument("--dedupe-fill", type=int, default=0, metavar="IDS",
+                   help="ids per dedupe set remembered before each intake run (659: a day at 1,000 events/s)")
     args = p.parse_args(argv)
     only = set(args.only or SCENARIOS)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "web_workers": args.web_workers,
-                    "runs": args.runs, "seconds": args.seconds}
+                    "runs": args.runs, "seconds": args.seconds, "dedupe_fill": args.dedupe_fill}
     if only & {"single", "paced", "batch"}:
-        with Stack(args.web_workers) as stack:
+        with Stack(args.web_workers, {"DEDUPE_SHARDS": str(FILL_SHARDS)} if args.dedupe_fill else None) as stack:
             if "single" in only:
-                report["single"] = scenario(stack, "s", args.runs, args.seconds, script="single.lua", threads=1,
-                                            conns=32)
+                report["single"] = scenario(stack, "s", args.runs, args.seconds, args.dedupe_fill, script="single.lua",
+                                            threads=1, conns=32)
                 print("single", report["single"], flush=True)
             if "paced" in only:
-                report["paced"] = scenario(stack, "p", args.runs, args.seconds, script="single.lua", threads=1,
-                                           conns=24, env={"BENCH_DELAY_MS": "10"})
+                report["paced"] = scenario(stack, "p", args.runs, args.seconds, args.dedupe_fill, script="single.lua",
+                                           threads=1, conns=24, env={"BENCH_DELAY_MS": "10"})
                 print("paced", report["paced"], flush=True)
             if "batch" in only:
-                report["batch"] = scenario(stack, "b", args.runs, args.seconds, script="batch.lua", threads=1,
-                                           conns=args.batch_conns)
+                report["batch"] = scenario(stack, "b", args.runs, args.seconds, args.dedupe_fill, script="batch.lua",
+                                           threads=1, conns=args.batch_conns)
                 print("batch", report["batch"], flush=True)
     if "memory" in only:
         from bench.memory import measure

@@ -204,7 +204,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
      "the headers X-Customer-Api-Id and X-Secret instead of the ADMIN_TOKEN bearer. Set both or neither."),
     ("KPI_API_SECRET", "", "The X-Secret that goes with KPI_API_ID."),
     ("DEDUPE_WINDOW", "24h", "How long a messageId is remembered to drop retries."),
-    ("DEDUPE_SHARDS", "65536", "Hash shards per dedupe bucket; size so each shard holds a few hundred ids."),
+    ("DEDUPE_SHARDS", "65536", "Sets per dedupe bucket; size so each set holds a few hundred ids."),
     ("EVENT_LOG_RETENTION", "30d", "How long the event log (a Redis Stream per space) keeps events. With an "
      "archive, 14d is enough (what the Profile API's /events serves): older events are in the archive files."),
     ("EVENT_ARCHIVE_DIR", "", "Directory of the event archive: hourly gzip NDJSON files laid out as Segment's S3 "

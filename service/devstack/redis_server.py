@@ -20,8 +20,9 @@ import redis
 
 from service.config import EMBEDDED_SOCKET
 
-# Small hashes stay in the compact ziplist encoding: the dedupe shards hold a few hundred 8-byte fields each.
-TUNING = ("--hash-max-ziplist-entries", "1024", "--hash-max-ziplist-value", "128")
+# Small hashes (profiles) stay in the compact ziplist encoding, and the dedupe shards, a few hundred 64-bit
+# integers each, in the intset one.
+TUNING = ("--hash-max-ziplist-entries", "1024", "--hash-max-ziplist-value", "128", "--set-max-intset-entries", "1024")
 
 
 def redis_binary() -> str:

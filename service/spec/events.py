@@ -159,10 +159,16 @@ class Event:
         return f"\x1e{received}\x1f{stamp}{traits}\x1e{text}"
 
 
-def dedupe_digest(message_id: str) -> tuple[int, bytes]:
-    """(shard, 8-byte field) of a messageId: 80 bits in all, so collisions are negligible, at ~12 bytes a field."""
+def dedupe_digest(message_id: str) -> tuple[int, int]:
+    """(shard, id) of a messageId: 80 bits in all, so collisions are negligible. The id is a signed 64-bit integer,
+    which Redis keeps in a set's compact intset encoding (8 bytes an id, found by binary search)."""
     d = hashlib.blake2b(message_id.encode(), digest_size=10).digest()
-    return int.from_bytes(d[:2], "big"), d[2:]
+    return int.from_bytes(d[:2], "big"), int.from_bytes(d[2:], "big", signed=True)
+
+
+def legacy_dedupe_field(dedupe_id: int) -> bytes:
+    """The 8-byte hash field an older version kept for a dedupe id (see ``Keys.legacy_dedupe``)."""
+    return dedupe_id.to_bytes(8, "big", signed=True)
 
 
 def parse_timestamp(value: Any) -> int:

@@ -211,7 +211,17 @@ class Keys:
         return f"{self.prefix}refresh:backoff"
 
     def dedupe(self, bucket: int, shard: int) -> str:
+        """set of the dedupe ids (``dedupe_digest``) first seen in the bucket, one of ``DEDUPE_SHARDS``."""
+        return f"{self.prefix}ds:{bucket}:{shard:x}"
+
+    def legacy_dedupe(self, bucket: int, shard: int) -> str:
+        """hash of 8-byte fields: an older version's dedupe records, read until they leave the window."""
         return f"{self.prefix}dd:{bucket}:{shard:x}"
+
+    @property
+    def dedupe_sets_since(self) -> str:
+        """the first dedupe bucket kept as sets ('-': a space that never had the older hashes)."""
+        return f"{self.prefix}dd:sets"
 
     # --- written by the workers (recompute and sync), read by the /api routes ---------------------------------
     @property

@@ -47,7 +47,15 @@ from service.spec.bodies import (
     webhook_items,
 )
 from service.spec.clock import now_ms
-from service.spec.events import Event, InvalidEvent, dedupe_digest, iso_ms, normalise, parse_timestamp
+from service.spec.events import (
+    Event,
+    InvalidEvent,
+    dedupe_digest,
+    iso_ms,
+    legacy_dedupe_field,
+    normalise,
+    parse_timestamp,
+)
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys, replay_cancel
 from service.spec.rates import OUTCOME_OF
@@ -515,7 +523,7 @@ def run(client: redis.Redis, settings: Settings, space: str, records: Iterable[R
     store = SyncStore(client, settings)
     report = Report()
     start = time.monotonic()
-    seen: set[bytes] = set()  # dry run: messageIds met earlier in this input
+    seen: set[tuple[int, int]] = set()  # dry run: messageIds met earlier in this input
     chunk: list[Record] = []
     last_position: str | None = None
     batch = CHUNK if not options.rate else max(1, min(CHUNK, int(options.rate // 10) or 1))
@@ -638,7 +646,7 @@ def _prepare(chunk: list[Record], rules: IdentityRules, now: int) -> Prepared:
 
 
 def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, options: Options, source: str,
-             report: Report, seen: set[bytes]) -> None:
+             report: Report, seen: set[tuple[int, int]]) -> None:
     """Apply a prepared chunk (one pipeline), keep what failed as dead letters, remove dead letters that applied."""
     for rec, _ in p.invalid:
         report.counts[(_kind(rec.item.obj), "invalid")] += 1
@@ -674,7 +682,7 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
 
 
 def _already_seen(client: redis.Redis, store: SyncStore, space: str, events: list[Event], now: int,
-                  seen: set[bytes], reapply: bool) -> list[bool]:
+                  seen: set[tuple[int, int]], reapply: bool) -> list[bool]:
     """Dry run: which events the dedupe would drop (read-only; the same buckets the script checks)."""
     if reapply:
         return [False] * len(events)
@@ -685,12 +693,13 @@ def _already_seen(client: redis.Redis, store: SyncStore, space: str, events: lis
     pipe = client.pipeline(transaction=False)
     digests = []
     for e in events:
-        shard, fld = dedupe_digest(e.message_id)
-        digests.append(fld + shard.to_bytes(2, "big"))
-        for b in range(bucket - DEDUPE_BUCKETS, bucket + 1):
-            pipe.hexists(keys.dedupe(b, shard % shards), fld)
+        shard, dedupe_id = dedupe_digest(e.message_id)
+        digests.append((shard, dedupe_id))
+        for b in range(bucket - DEDUPE_BUCKETS, bucket + 1):  # the sets, and an older version's hashes
+            pipe.sismember(keys.dedupe(b, shard % shards), dedupe_id)
+            pipe.hexists(keys.legacy_dedupe(b, shard % shards), legacy_dedupe_field(dedupe_id))
     replies = pipe.execute()
-    per = DEDUPE_BUCKETS + 1
+    per = 2 * (DEDUPE_BUCKETS + 1)
     out = []
     for i, digest in enumerate(digests):
         dup = any(replies[i * per:(i + 1) * per]) or digest in seen

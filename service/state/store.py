@@ -162,8 +162,8 @@ class Applier:
                       self.rules_json]
         shards = self.settings.dedupe_shards
         for event, raw, logged_as in events:
-            shard, field = dedupe_digest(event.message_id)
-            args += [f"{shard % shards:x}", field, event.script_payload(), raw]
+            shard, dedupe_id = dedupe_digest(event.message_id)
+            args += [f"{shard % shards:x}", str(dedupe_id), event.script_payload(), raw]
             if reapply:
                 args.append(logged_as or "-")
         return [keys.log], args

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from service.spec.events import InvalidEvent, dedupe_digest, normalise, parse_timestamp
+from service.spec.events import InvalidEvent, dedupe_digest, legacy_dedupe_field, normalise, parse_timestamp
 from service.spec.identity import IdentityRules
 from tests.conftest import fixture_json
 
@@ -187,9 +189,12 @@ def test_missing_timestamp_falls_back_to_received() -> None:
 
 
 def test_dedupe_digest_is_stable_and_compact() -> None:
-    shard, field = dedupe_digest("ajs-1")
-    assert (shard, field) == dedupe_digest("ajs-1") and len(field) == 8 and 0 <= shard < 65536
-    assert dedupe_digest("ajs-2") != (shard, field)
+    shard, dedupe_id = dedupe_digest("ajs-1")
+    assert (shard, dedupe_id) == dedupe_digest("ajs-1") and -2**63 <= dedupe_id < 2**63 and 0 <= shard < 65536
+    assert dedupe_digest("ajs-2") != (shard, dedupe_id)
+    # the older version's 8-byte field is the same 64 bits
+    digest = hashlib.blake2b(b"ajs-1", digest_size=10).digest()
+    assert legacy_dedupe_field(dedupe_id) == digest[2:] and shard == int.from_bytes(digest[:2], "big")
 
 
 def test_identity_rules_priority_and_blocking() -> None:

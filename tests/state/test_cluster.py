@@ -160,10 +160,11 @@ def test_events_meeting_a_half_migrated_slot_are_refused_for_a_retry_not_kept_as
         assert first.status_code == 200 and first.json()["rejected"] == 1, first.text
         if known_space:  # the keys read once per call exist, so the script gets to the events themselves
             client.set(keys.generation_key, "")
+            client.set(keys.dedupe_sets_since, "-")
             client.hset(f"{keys.prefix}deleted", "someone-else", "1")
             bucket = int(time.time()) // Applier(settings).bucket_width
             for b in range(bucket - 3, bucket + 3):  # every dedupe bucket the call may read: the record is written
-                client.hset(f"{keys.prefix}dd:{b}:0", "other", "1")
+                client.sadd(keys.dedupe(b, 0), 1)
         src, dst, slot = _half_migrated(client, space)
         try:
             later = events(space, 20, 20, 40)  # 20 new users: their identifier keys do not exist yet

@@ -10,9 +10,10 @@ import redis
 from redis.cluster import RedisCluster
 
 from service.config import Settings
+from service.spec.events import dedupe_digest, legacy_dedupe_field
 from service.spec.keys import Keys
 from service.state.ops import forget, purge_forgotten
-from service.state.store import state_keys
+from service.state.store import Applier, state_keys
 from tests.helpers import NOW, _iso, apply, find, mixed_stream, profiles, snapshot
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
@@ -40,6 +41,43 @@ def test_retry_takes_effect_once(r: redis.Redis) -> None:
     apply(r, [dict(order, messageId="m2")])
     assert len(find(r, "user_id", "u1").orders) == 1
     assert r.xlen(Keys("default").log) == 2
+
+
+def test_dedupe_records_are_compact_integer_sets(r: redis.Redis) -> None:
+    """A remembered messageId is an integer in a set that Redis keeps as an intset: 8 bytes, found by binary search
+    (the hashes of 8-byte fields before walked every field of a shard at each lookup, twice the script's cost)."""
+    settings = Settings(dedupe_shards=1)
+    apply(r, [{"type": "track", "event": "e", "userId": "u1", "messageId": f"m{i}"} for i in range(600)], settings)
+    key = Keys("default").dedupe(NOW // 1000 // Applier(settings).bucket_width, 0)
+    assert r.type(key) == b"set" and r.scard(key) == 600
+    assert r.object("encoding", key) == b"intset"  # the tuning the embedded server and deploy/redis.conf set
+    assert r.get(Keys("default").dedupe_sets_since) == b"-"  # a new space: no older records to read
+
+
+@pytest.mark.parametrize("age", ["current", "older"])
+def test_an_older_versions_dedupe_records_still_drop_retries(r: redis.Redis, age: str) -> None:
+    """A space an older version wrote: its dedupe records are hashes of 8-byte fields. After the upgrade, a retry of
+    an event it applied is still a duplicate, in the current bucket or an older one of the window; new events
+    apply. Records of buckets written after the upgrade's first are not looked for (they cannot be the old ones)."""
+    settings = Settings(dedupe_shards=4)
+    applier = Applier(settings)
+    keys = Keys("default")
+    bucket = NOW // 1000 // applier.bucket_width - (age == "older")
+    old = [{"type": "track", "event": "e", "userId": f"u{i}", "messageId": f"ajs-{i}-{'x' * (i % 7)}"}
+           for i in range(400)]  # as the older version recorded them (ids of either sign)
+    r.xadd(keys.log, {"p": "x", "e": "{}"})  # the space has data
+    for e in old:
+        shard, dedupe_id = dedupe_digest(e["messageId"])
+        r.hset(keys.legacy_dedupe(bucket, shard % 4), legacy_dedupe_field(dedupe_id), "1")
+    signs = {dedupe_digest(e["messageId"])[1] < 0 for e in old}
+    assert signs == {True, False}
+    new = [{"type": "track", "event": "e", "userId": f"u{i}", "messageId": f"new-{i}"} for i in range(50)]
+    outcomes = apply(r, old + new, settings)
+    assert [o.status for o in outcomes] == ["duplicate"] * len(old) + ["ok"] * len(new)
+    assert r.get(keys.dedupe_sets_since) == str(NOW // 1000 // applier.bucket_width).encode()
+    # long after the upgrade, the hashes are not read any more (they have left the window by then)
+    r.set(keys.dedupe_sets_since, str(bucket - 2))
+    assert {o.status for o in apply(r, old[:20], settings)} == {"ok"}
 
 
 def test_an_order_sent_twice_keeps_its_latest_version_in_any_order(r: redis.Redis) -> None:

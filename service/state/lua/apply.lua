@@ -9,7 +9,7 @@
 -- as a dead letter, and its replay converges because every effect is idempotent.)
 --
 -- The common case (a plain event whose identifiers are all known, on one profile) takes a fast path of ~10
--- commands: the dedupe lookups in two older buckets and an HSETNX (and HLEN) in the current one, a GET per
+-- commands: the dedupe lookups in two older buckets and an SADD (and SCARD) in the current one, a GET per
 -- identifier, one HMGET and one HSET of the profile hash, the XADD, and the /events index's ZADD (none for an
 -- event older than the index keeps); the index's trim and expiry are once per period and profile, the dirty marks
 -- (one SADD) and the log's trim (by the first XADD) once per call. Limits are only consulted when an event brings
@@ -32,8 +32,8 @@
 --           most an hour; the profile's 'm:ix' holds the last one), as every event of the period would set the
 --           same bounds; an event older than the trim bound (a backfill) is not indexed at all
 -- ARGV[2]  rules JSON
--- then per event: dedupe shard (hex), dedupe field (8 bytes), the event, raw event, and only in 'reapply' the
---           log entry the event is ('-': none), so that the profile's event index points at it
+-- then per event: dedupe shard (hex), dedupe id (a signed 64-bit integer), the event, raw event, and only in
+--           'reapply' the log entry the event is ('-': none), so that the profile's event index points at it
 -- Returns one line per event, joined by newlines into one string (cheaper for Redis to reply than a table per
 -- event): 'status \t profile id \t created (0/1) \t merged', or 'error \t message' (``store._outcome``).
 -- The event (written only by ``Event.script_payload``), in one of two forms:
@@ -55,7 +55,8 @@
 -- The rules JSON, decoded as ``rules`` (``IdentityRules.script_rules``): identifier priority, limits, blocked values,
 --   merge and identifier caps, alias merging.
 -- Keys of the space (prefix P, the space's hash tag; names as in service/spec/keys.py):
---   P..'dd:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
+--   P..'ds:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
+--   P..'dd:sets'            the first dedupe bucket kept as sets (see below)
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
 --   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
 --   P..'erased'             'type:value' -> 'time|userId': every other identifier of an erased profile, the time of
@@ -85,7 +86,17 @@ local reapply = h[5] == 'reapply'
 local G = h[6]
 local keep_ms = tonumber(h[7])
 local rebuilding = not (G == nil or G == '-')   -- not the current generation: no dirty marks
-if rebuilding then G = P .. G else G = P .. (redis.call('GET', P .. 'gen') or '') end
+-- the generation, and for a live call since which bucket the dedupe records are sets (below): read together
+local since = false
+if rebuilding then
+  G = P .. G
+  if not reapply then since = redis.call('GET', P .. 'dd:sets') end
+elseif reapply then
+  G = P .. (redis.call('GET', P .. 'gen') or '')
+else
+  local r = redis.call('MGET', P .. 'gen', P .. 'dd:sets')
+  G, since = P .. (r[1] or ''), r[2]
+end
 local NULL = cjson.null
 local TOMBSTONE = '!'
 local DUPLICATE, SUPPRESSED = 'duplicate\t', 'suppressed\t'
@@ -96,11 +107,27 @@ local function fmt(n) return string.format('%.0f', n) end
 -- never failing half-way through an event
 local SLICE = 4000   -- even: HSET's field-value pairs stay whole
 
+-- Dedupe records: a bucket's ids are sets of signed 64-bit integers split in shards (P..'ds:'bucket':'shard),
+-- which Redis keeps as intsets: 8 bytes an id, found by binary search. An older version kept them as hashes of
+-- 8-byte fields (P..'dd:'bucket':'shard), whose lookup walks every field; P..'dd:sets' holds the first bucket
+-- written as sets ('-': a space that never had the hashes), and the hashes of that bucket and the next (a rolling
+-- upgrade's older processes may still write them) are still read while they are in the window.
+if not reapply and not since then
+  since = redis.call('EXISTS', KEYS[1]) == 1 and bucket or '-'
+  redis.call('SET', P .. 'dd:sets', since)
+end
+local legacy_upto = since and since ~= '-' and tonumber(since) + 1
+local function legacy(b)   -- the key prefix of bucket b's hashes, if they may hold ids of the window
+  return legacy_upto and tonumber(b) <= legacy_upto and P .. 'dd:' .. b .. ':'
+end
 -- once per call: the dedupe buckets' key prefixes (older ones, then the current one) and the current one's expiry,
 -- the /events index's trim bound and expiry, whether the space has deleted userIds at all
-local older_dd = {}
-for b in string.gmatch(h[8], '[^,]+') do older_dd[#older_dd + 1] = P .. 'dd:' .. b .. ':' end
-local current_dd = P .. 'dd:' .. bucket .. ':'
+local older_dd, older_legacy = {}, {}
+for b in string.gmatch(h[8], '[^,]+') do
+  older_dd[#older_dd + 1] = P .. 'ds:' .. b .. ':'
+  older_legacy[#older_dd] = legacy(b)
+end
+local current_dd, current_legacy = P .. 'ds:' .. bucket .. ':', legacy(bucket)
 local dd_expiry, index_from, index_expiry, period = h[9], h[10], h[11], h[12]
 local index_oldest = string.sub(index_from, 2)   -- an event older than this (text, ms) is never indexed
 local DELETED, ERASED, LATEST = P .. 'deleted', P .. 'erased', P .. 'deletions:latest'
@@ -947,16 +974,38 @@ end
 -- the log entry it is. Returns its outcome line: 'status \t profile id \t created \t merged'. It sets
 -- ``seen_key`` to the dedupe record it wrote, which the caller takes back should the event fail.
 local seen_key = false
+-- the 8-byte field an older version stored for the id ``m`` (a signed 64-bit integer, as text): its two's
+-- complement, big-endian, worked out in 32-bit halves so that no number goes past 2^53
+local function legacy_seen(prefix, shard, m)
+  local neg = string.byte(m, 1) == 45
+  local d = neg and string.sub(m, 2) or m
+  local n = #d
+  local hi = n > 9 and tonumber(string.sub(d, 1, n - 9)) or 0   -- |m| = hi * 10^9 + lo
+  local lo = tonumber(string.sub(d, math.max(1, n - 8)))
+  local a, b = math.floor(hi / 131072), hi % 131072              -- hi = a * 2^17 + b
+  local x, y = a * 1e9, b * 1e9 + lo                              -- |m| = x * 2^17 + y
+  local low = (x % 32768) * 131072 + y % 4294967296
+  local high = math.floor(x / 32768) + math.floor(y / 4294967296) + math.floor(low / 4294967296)
+  low = low % 4294967296
+  if neg then   -- 2^64 - |m|
+    if low == 0 then high = (4294967296 - high) % 4294967296 else low, high = 4294967296 - low, 4294967295 - high end
+  end
+  local f = string.char(math.floor(high / 16777216), math.floor(high / 65536) % 256, math.floor(high / 256) % 256,
+    high % 256, math.floor(low / 16777216), math.floor(low / 65536) % 256, math.floor(low / 256) % 256, low % 256)
+  return redis.call('HEXISTS', prefix .. shard, f) == 1
+end
 local function apply_one(shard, dfield, payload, raw, logged_as)
   -- 1. dedupe: the older buckets, then the current one, recorded at once (taken back if the event fails) ------
   if not reapply then
     for b = 1, #older_dd do
-      if redis.call('HEXISTS', older_dd[b] .. shard, dfield) == 1 then return DUPLICATE end
+      if redis.call('SISMEMBER', older_dd[b] .. shard, dfield) == 1 then return DUPLICATE end
+      if older_legacy[b] and legacy_seen(older_legacy[b], shard, dfield) then return DUPLICATE end
     end
+    if current_legacy and legacy_seen(current_legacy, shard, dfield) then return DUPLICATE end
     local k = current_dd .. shard
-    if redis.call('HSETNX', k, dfield, '1') == 0 then return DUPLICATE end
+    if redis.call('SADD', k, dfield) == 0 then return DUPLICATE end
     seen_key = k
-    if redis.call('HLEN', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
+    if redis.call('SCARD', k) == 1 then redis.call('EXPIREAT', k, dd_expiry) end
   end
   local first = string.byte(payload, 1)
   if first == 123 then   -- '{'
@@ -1002,7 +1051,7 @@ for i = 3, #ARGV, stride do
   if not ok then
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
     -- not applied as a whole: forget it was seen, so that its retry or replay (a dead letter) applies it
-    if seen_key then pcall(redis.call, 'HDEL', seen_key, ARGV[i + 1]) end
+    if seen_key then pcall(redis.call, 'SREM', seen_key, ARGV[i + 1]) end
     if refused(msg) then
       pcall(finish)
       error(res)
