@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 MAX_DURATION = 100 * 365 * 86400.0  # no window, retention or look-back is longer than a century
+MAX_DEDUPE_SHARDS = 65536  # a messageId's digest names its set with 16 bits (``service.spec.events.dedupe_digest``)
 
 
 def parse_duration(name: str, raw: str) -> float:
@@ -204,7 +205,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
      "the headers X-Customer-Api-Id and X-Secret instead of the ADMIN_TOKEN bearer. Set both or neither."),
     ("KPI_API_SECRET", "", "The X-Secret that goes with KPI_API_ID."),
     ("DEDUPE_WINDOW", "24h", "How long a messageId is remembered to drop retries."),
-    ("DEDUPE_SHARDS", "65536", "Sets per dedupe bucket; size so each set holds a few hundred ids."),
+    ("DEDUPE_SHARDS", "65536", "Sets per dedupe bucket (at most 65536); size so each holds a few hundred ids."),
     ("EVENT_LOG_RETENTION", "30d", "How long the event log (a Redis Stream per space) keeps events. With an "
      "archive, 14d is enough (what the Profile API's /events serves): older events are in the archive files."),
     ("EVENT_ARCHIVE_DIR", "", "Directory of the event archive: hourly gzip NDJSON files laid out as Segment's S3 "
@@ -324,7 +325,7 @@ class Settings:
             kpi_api_id=raw["KPI_API_ID"].strip(),
             kpi_api_secret=_pair_secret(raw["KPI_API_ID"].strip(), raw["KPI_API_SECRET"].strip()),
             dedupe_window=parse_duration("DEDUPE_WINDOW", raw["DEDUPE_WINDOW"]),
-            dedupe_shards=_int("DEDUPE_SHARDS", raw["DEDUPE_SHARDS"], 1),
+            dedupe_shards=_int("DEDUPE_SHARDS", raw["DEDUPE_SHARDS"], 1, MAX_DEDUPE_SHARDS),
             event_log_retention=parse_duration("EVENT_LOG_RETENTION", raw["EVENT_LOG_RETENTION"]),
             event_archive_dir=raw["EVENT_ARCHIVE_DIR"].strip(),
             dead_letter_max=_int("DEAD_LETTER_MAX", raw["DEAD_LETTER_MAX"], 1),

@@ -76,6 +76,9 @@ def test_bad_configuration_says_what_to_fix() -> None:
         with pytest.raises(ConfigError, match=f"{name} needs a scheme: redis://") as exc:
             Settings.from_env({name: "user:s3cret@localhost:6379"})
         assert "s3cret" not in str(exc.value)  # a URL may carry a password: never repeated
+    # a messageId's digest names one of 65,536 sets: more would leave the rest empty, and say nothing
+    with pytest.raises(ConfigError, match="DEDUPE_SHARDS='100000': must be at most 65536"):
+        Settings.from_env({"DEDUPE_SHARDS": "100000"})
     with pytest.raises(ConfigError, match="PORT='70000': must be at most 65535"):
         Settings.from_env({"PORT": "70000"})
     with pytest.raises(ConfigError, match="MAVERA_BASE_URL='ftp://x': expected an http"):
