@@ -4,7 +4,8 @@ Scenarios (each run several times; medians reported):
   single  single-event webhook requests at full speed: requests/s, p50 / p95 / p99 latency
   paced   single events at a fixed ~2,000 requests/s (wrk's per-connection delay): p95 latency
   batch   Webhooks (Actions) batches of 1000 events: events/s
-          (single and batch also report Redis and web CPU µs per event: INFO cpu and /proc, over each run)
+          (single and batch also report Redis and web CPU µs per event: INFO cpu and /proc, over each run;
+          Redis starts each run with the dedupe records a space holds after a day at 1,000 events/s: --dedupe-fill)
   memory     Redis bytes per remembered messageId and per profile (see bench/memory.py)
   recompute  full recompute of N synthetic profiles, refresh with 1 % and 10 % dirty (bench/recompute.py)
   profile_cost  CPU per profile of the recompute's pure stages, without Redis (bench/profile_cost.py)
@@ -33,7 +34,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.apply_cost import FILL_SHARDS, fill_dedupe
+from bench.apply_cost import DAY_OF_IDS, FILL_SHARDS, fill_dedupe
 from service.config import Settings
 from service.devstack.redis_server import EmbeddedRedis
 
@@ -191,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-conns", type=int, default=4, help="concurrent batch requests")
     p.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     p.add_argument("--profiles", type=int, nargs="+", default=[100_000], help="profile counts for `recompute`")
-    p.add_argument("--dedupe-fill", type=int, default=0, metavar="IDS",
-                   help="ids per dedupe set remembered before each intake run (659: a day at 1,000 events/s)")
+    p.add_argument("--dedupe-fill", type=int, default=DAY_OF_IDS, metavar="IDS",
+                   help="ids per dedupe set remembered before each intake run (default: a day at 1,000 events/s, "
+                        "as a space in production holds; 0: none)")
     args = p.parse_args(argv)
     only = set(args.only or SCENARIOS)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "web_workers": args.web_workers,

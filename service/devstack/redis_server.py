@@ -20,9 +20,9 @@ import redis
 
 from service.config import EMBEDDED_SOCKET
 
-# Small hashes (profiles) stay in the compact ziplist encoding, and the dedupe shards, a few hundred 64-bit
-# integers each, in the intset one.
-TUNING = ("--hash-max-ziplist-entries", "1024", "--hash-max-ziplist-value", "128", "--set-max-intset-entries", "1024")
+# Small hashes (profiles) stay in the compact ziplist encoding, and the dedupe sets (up to 4,096 64-bit integers:
+# ~6,000 events/s with the default 65,536 sets) in the intset one.
+TUNING = ("--hash-max-ziplist-entries", "1024", "--hash-max-ziplist-value", "128", "--set-max-intset-entries", "4096")
 
 
 def redis_binary() -> str:
