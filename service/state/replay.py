@@ -683,7 +683,9 @@ def _execute(client: redis.Redis, store: SyncStore, space: str, p: Prepared, opt
 
 def _already_seen(client: redis.Redis, store: SyncStore, space: str, events: list[Event], now: int,
                   seen: set[tuple[int, int]], reapply: bool) -> list[bool]:
-    """Dry run: which events the dedupe would drop (read-only; the same buckets the script checks)."""
+    """Dry run: which events the dedupe would drop (read-only; the same buckets the script checks). An older
+    version's hash records are read in every bucket, where the script reads them only in the upgrade's first two:
+    a hash record outside those (a rollback) reads as a duplicate here, which errs on the side of saying less."""
     if reapply:
         return [False] * len(events)
     keys = Keys(space)

@@ -74,10 +74,20 @@ def test_an_older_versions_dedupe_records_still_drop_retries(r: redis.Redis, age
     new = [{"type": "track", "event": "e", "userId": f"u{i}", "messageId": f"new-{i}"} for i in range(50)]
     outcomes = apply(r, old + new, settings)
     assert [o.status for o in outcomes] == ["duplicate"] * len(old) + ["ok"] * len(new)
-    assert r.get(keys.dedupe_sets_since) == str(NOW // 1000 // applier.bucket_width).encode()
-    # long after the upgrade, the hashes are not read any more (they have left the window by then)
+    current = NOW // 1000 // applier.bucket_width
+    assert r.get(keys.dedupe_sets_since) == str(current).encode()
+
+    def in_hashes(events: list[dict]) -> set[bool]:
+        return {bool(r.hexists(keys.legacy_dedupe(current, d[0] % 4), legacy_dedupe_field(d[1])))
+                for d in (dedupe_digest(e["messageId"]) for e in events)}
+
+    # while older processes may still run beside this one (a rolling upgrade), new ids go to their hashes too
+    assert in_hashes(new) == {True}
+    # long after the upgrade, the hashes are neither read nor written (they have left the window by then)
     r.set(keys.dedupe_sets_since, str(bucket - 2))
     assert {o.status for o in apply(r, old[:20], settings)} == {"ok"}
+    later = [dict(e, messageId=f"later-{i}") for i, e in enumerate(new)]
+    assert {o.status for o in apply(r, later, settings)} == {"ok"} and in_hashes(later) == {False}
 
 
 def test_an_order_sent_twice_keeps_its_latest_version_in_any_order(r: redis.Redis) -> None:

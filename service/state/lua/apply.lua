@@ -109,9 +109,10 @@ local SLICE = 4000   -- even: HSET's field-value pairs stay whole
 
 -- Dedupe records: a bucket's ids are sets of signed 64-bit integers split in shards (P..'ds:'bucket':'shard),
 -- which Redis keeps as intsets: 8 bytes an id, found by binary search. An older version kept them as hashes of
--- 8-byte fields (P..'dd:'bucket':'shard), whose lookup walks every field; P..'dd:sets' holds the first bucket
--- written as sets ('-': a space that never had the hashes), and the hashes of that bucket and the next (a rolling
--- upgrade's older processes may still write them) are still read while they are in the window.
+-- 8-byte fields (P..'dd:'bucket':'shard), whose lookup walks every field. P..'dd:sets' holds the first bucket
+-- written as sets ('-': a space without a log yet, which never had the hashes). In that bucket and the next, while
+-- a rolling upgrade may leave older processes running beside this one, ids are recorded in both forms (the older
+-- processes read only the hashes), and the hashes of those buckets are read until they leave the window.
 if not reapply and not since then
   since = redis.call('EXISTS', KEYS[1]) == 1 and bucket or '-'
   redis.call('SET', P .. 'dd:sets', since)
@@ -972,11 +973,12 @@ end
 
 -- One event: its dedupe shard and field, the event (see the header), the raw event to log, and (in 'reapply')
 -- the log entry it is. Returns its outcome line: 'status \t profile id \t created \t merged'. It sets
--- ``seen_key`` to the dedupe record it wrote, which the caller takes back should the event fail.
-local seen_key = false
--- the 8-byte field an older version stored for the id ``m`` (a signed 64-bit integer, as text): its two's
+-- ``seen_key`` (and ``seen_legacy``) to the dedupe record it wrote, which the caller takes back should the event
+-- fail.
+local seen_key, seen_legacy, legacy_f = false, false, false
+-- the 8-byte field an older version stores for the id ``m`` (a signed 64-bit integer, as text): its two's
 -- complement, big-endian, worked out in 32-bit halves so that no number goes past 2^53
-local function legacy_seen(prefix, shard, m)
+local function legacy_field(m)
   local neg = string.byte(m, 1) == 45
   local d = neg and string.sub(m, 2) or m
   local n = #d
@@ -990,18 +992,23 @@ local function legacy_seen(prefix, shard, m)
   if neg then   -- 2^64 - |m|
     if low == 0 then high = (4294967296 - high) % 4294967296 else low, high = 4294967296 - low, 4294967295 - high end
   end
-  local f = string.char(math.floor(high / 16777216), math.floor(high / 65536) % 256, math.floor(high / 256) % 256,
+  return string.char(math.floor(high / 16777216), math.floor(high / 65536) % 256, math.floor(high / 256) % 256,
     high % 256, math.floor(low / 16777216), math.floor(low / 65536) % 256, math.floor(low / 256) % 256, low % 256)
-  return redis.call('HEXISTS', prefix .. shard, f) == 1
 end
 local function apply_one(shard, dfield, payload, raw, logged_as)
   -- 1. dedupe: the older buckets, then the current one, recorded at once (taken back if the event fails) ------
   if not reapply then
+    legacy_f = (older_legacy[1] or current_legacy) and legacy_field(dfield)
     for b = 1, #older_dd do
       if redis.call('SISMEMBER', older_dd[b] .. shard, dfield) == 1 then return DUPLICATE end
-      if older_legacy[b] and legacy_seen(older_legacy[b], shard, dfield) then return DUPLICATE end
+      if older_legacy[b] and redis.call('HEXISTS', older_legacy[b] .. shard, legacy_f) == 1 then return DUPLICATE end
     end
-    if current_legacy and legacy_seen(current_legacy, shard, dfield) then return DUPLICATE end
+    if current_legacy then   -- the upgrade's first buckets: recorded as an older process would too
+      local lk = current_legacy .. shard
+      if redis.call('HSETNX', lk, legacy_f, '1') == 0 then return DUPLICATE end
+      seen_legacy = lk
+      if redis.call('HLEN', lk) == 1 then redis.call('EXPIREAT', lk, dd_expiry) end
+    end
     local k = current_dd .. shard
     if redis.call('SADD', k, dfield) == 0 then return DUPLICATE end
     seen_key = k
@@ -1044,7 +1051,7 @@ end
 local out = {}
 local stride = reapply and 5 or 4   -- live calls carry no log entry
 for i = 3, #ARGV, stride do
-  seen_key = false
+  seen_key, seen_legacy = false, false
   local logged_as = nil
   if reapply then logged_as = ARGV[i + 4] end
   local ok, res = pcall(apply_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], logged_as)
@@ -1052,6 +1059,7 @@ for i = 3, #ARGV, stride do
     local msg = type(res) == 'table' and tostring(res.err) or tostring(res)   -- Redis 7 raises {err = ...}
     -- not applied as a whole: forget it was seen, so that its retry or replay (a dead letter) applies it
     if seen_key then pcall(redis.call, 'SREM', seen_key, ARGV[i + 1]) end
+    if seen_legacy then pcall(redis.call, 'HDEL', seen_legacy, legacy_f) end
     if refused(msg) then
       pcall(finish)
       error(res)
