@@ -261,17 +261,18 @@ def tracking_times(event: dict[str, Any], batch_sent_at: Any, received_ms: int) 
     is corrected as Segment does: ``timestamp = receivedAt - (sentAt - originalTimestamp)``, where the client's
     time is its ``originalTimestamp``, else the ``timestamp`` its library stamped. An event that carries both
     ``timestamp`` and ``originalTimestamp`` had its timestamp set explicitly and keeps it
-    (https://segment.com/docs/connections/spec/common/#timestamps). Unreadable times are left for ``normalise``
-    to refuse."""
+    (https://segment.com/docs/connections/spec/common/#timestamps). An event without a time of its own is
+    stamped with its receipt, as the Tracking API does. Unreadable times are left for ``normalise`` to refuse."""
     out = dict(event)
     out["receivedAt"] = iso_ms(received_ms)
-    sent = event.get("sentAt", batch_sent_at)
-    if sent is None or (event.get("timestamp") is not None and event.get("originalTimestamp") is not None):
-        return out
     client = event.get("originalTimestamp")
     if client is None:
         client = event.get("timestamp")
-    if client is None:
+    if client is None:  # no time of the client's own: the Tracking API defaults timestamp to the receipt
+        out["timestamp"] = out["receivedAt"]
+        return out
+    sent = event.get("sentAt", batch_sent_at)
+    if sent is None or (event.get("timestamp") is not None and event.get("originalTimestamp") is not None):
         return out
     try:
         corrected_ms = received_ms - (parse_timestamp(sent) - parse_timestamp(client))

@@ -182,6 +182,20 @@ def test_a_sent_at_far_ahead_keeps_the_events_own_time(client: TestClient, r: re
     assert event["timestamp"] == happened
 
 
+def test_a_tracking_api_event_without_a_time_is_stamped_with_its_receipt(client: TestClient, r: redis.Redis) -> None:
+    """Segment's Tracking API defaults ``timestamp`` to the time it received the call: the log, and so the Profile
+    API's ``/events``, show that time, not null."""
+    for path, body in (("/v1/track", {"writeKey": WRITE_KEY, "userId": "no-clock", "messageId": "nc1", "event": "X"}),
+                       ("/v1/batch", {"writeKey": WRITE_KEY, "sentAt": iso_ms(now_ms()), "batch": [
+                           {"type": "track", "userId": "no-clock", "messageId": "nc2", "event": "Y"}]})):
+        resp = client.post(path, content=orjson.dumps(body))
+        assert resp.status_code == 200 and resp.json()["accepted"] == 1, resp.text
+    events = {e["messageId"]: e for e in logged(r)}
+    for mid in ("nc1", "nc2"):
+        assert events[mid]["timestamp"] == events[mid]["receivedAt"]
+        assert "originalTimestamp" not in events[mid]  # the client sent no time of its own
+
+
 def test_a_future_timestamp_does_not_pin_a_trait(client: TestClient, r: redis.Redis) -> None:
     """An identify stamped 2099, then one stamped now with another value: the newer one is on the profile. The
     2099 write takes effect at its receipt; the log keeps its own timestamp."""
