@@ -4,7 +4,7 @@ One ``DATA_DIR`` holds one stack: the supervisor keeps an exclusive lock on it f
 ``dev`` on the same directory refuses to start and names the running one. Each child runs in a process group of
 its own and is stopped and restarted with that whole group, so a web master's uvicorn workers (or a worker's
 job process) never outlive it holding the port. A child that dies — the embedded redis-server included — is
-restarted with back-off (0.5 s doubling to 10 s, reset once it has run a minute) and the log says so. Ctrl-C or
+restarted at once if it had run a minute, else with back-off (0.5 s doubling to 10 s), and the log says so. Ctrl-C or
 SIGTERM (or SIGHUP) stops every child, Redis last, so that the append-only file is flushed and a restart keeps the
 data; if the supervisor itself is killed, every child gets SIGTERM from the kernel.
 """
