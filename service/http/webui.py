@@ -133,7 +133,12 @@ def same_origin(request: Request) -> bool:
     """A form posted from one of our own pages: browsers send Origin with every POST (an absent one is a client
     that is not a browser, which no cookie-stealing page can be)."""
     origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host", "")
+    if origin is None:
+        return True
+    try:
+        return urlsplit(origin).netloc == request.headers.get("host", "")
+    except ValueError:  # not a URL (an unbalanced '[')
+        return False
 
 
 async def read_form(request: Request) -> dict[str, str]:

@@ -111,9 +111,13 @@ def test_actions_need_this_sessions_csrf_token_and_our_origin(app_client: TestCl
     csrf = login(app_client)
     assert foreign != csrf
     for form, headers in (({}, {}), ({"csrf": ""}, {}), ({"csrf": foreign}, {}),
-                          ({"csrf": csrf}, {"Origin": "https://evil.example"})):
+                          ({"csrf": csrf}, {"Origin": "https://evil.example"}),
+                          ({"csrf": csrf}, {"Origin": "http://[x"})):  # not even a URL: refused, not a 500
         resp = app_client.post(delete, data=form, headers=headers)
         assert resp.status_code == 403 and "not from this session" in resp.text
+    login_from_nowhere = app_client.post("/console/login", data={"token": "x"}, headers={"Origin": "http://[x"},
+                                         follow_redirects=False)
+    assert login_from_nowhere.status_code == 401  # the login page again, as for a wrong token
     assert r.xlen(Keys("default").dead_letters) == 1
     assert app_client.get(delete).status_code == 405  # never by GET
     done = app_client.post(delete, data={"csrf": csrf}, headers={"Origin": "http://testserver"})
