@@ -9,9 +9,11 @@ import logging
 import redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.http import admin, console, insights_api, metrics, profiles_api, receiver, sdk, webui
@@ -77,6 +79,33 @@ async def unexpected(request: Request, exc: Exception) -> Response:
     return error(500, "internal_error", "internal error; the request was not applied, retry later")
 
 
+class ContainErrors:
+    """Answers an unhandled error itself (``unexpected``: its route and type logged, a JSON 500, or 503 for Redis)
+    and ends there. Starlette's outermost middleware answers it too but then raises it again for the server, and
+    uvicorn logs that with its traceback and message, which may hold what the request carried (an email, a trait)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            response = await unexpected(Request(scope), exc)
+            if not started:  # else the server closes the connection of the answer cut short
+                await response(scope, receive, send)
+
+
 def create_app(settings: Settings, redis_url: str, queue_url: str | None = None) -> Starlette:
     """``redis_url`` is STATE; ``queue_url`` the RQ Redis (defaults to STATE)."""
 
@@ -122,5 +151,5 @@ def create_app(settings: Settings, redis_url: str, queue_url: str | None = None)
         *receiver.routes, *sdk.routes(settings, receiver.tracking_routes), *profiles_api.routes, *admin.routes,
         *insights_api.routes, *docs.routes, *console.routes,
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(ContainErrors)],
                      exception_handlers={HTTPException: http_error, Exception: unexpected})

@@ -258,6 +258,27 @@ def test_an_unhandled_error_is_logged_with_its_route_not_the_identifier_in_its_p
     assert not any("ada@example.com" in r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
 
 
+def test_an_unhandled_error_ends_in_the_app_so_the_server_logs_no_traceback(settings: Settings, redis_url: str,
+                                                                             caplog) -> None:
+    """The app answers a 500 and logs its route and type; the error is not raised again for the server, whose log
+    line would carry the traceback and the exception's message (here, an email from the request)."""
+    import logging
+
+    async def broken(request):
+        raise ValueError(f"cannot read {request.query_params['who']}")
+
+    app = create_app(settings, redis_url, "")
+    app.add_route("/broken", broken)
+    caplog.set_level(logging.DEBUG)
+    with TestClient(app, raise_server_exceptions=True) as c:  # an error reaching the server would raise here
+        resp = c.get("/broken?who=ada@example.com")
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+    [line] = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    assert line.fields == {"route": "/broken", "error": "ValueError"}
+    served = [r for r in caplog.records if r.name != "httpx"]  # the test's client logs the URL it asked for
+    assert not any("ada@example.com" in r.getMessage() + str(r.exc_info or "") for r in served)
+
+
 def test_an_event_the_store_fails_on_is_named_in_the_answer_and_kept_for_replay(client: TestClient,
                                                                                 r: redis.Redis) -> None:
     """Not the sender's fault, so no 4xx: the answer names the event the store did not apply (by index, as a
