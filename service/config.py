@@ -319,9 +319,9 @@ class Settings:
             shared_secrets=_list(raw["SEGMENT_SHARED_SECRETS"]),
             write_keys=_write_keys(raw["SEGMENT_WRITE_KEYS"], raw["SPACE_ID"]),
             cors_allow_origins=_origins(raw["CORS_ALLOW_ORIGINS"]),
-            profile_api_token=raw["PROFILE_API_TOKEN"],
+            profile_api_token=raw["PROFILE_API_TOKEN"].strip(),  # blank is off; a Secret's file ends in a newline
             profile_api_rate_limit=_int("PROFILE_API_RATE_LIMIT", raw["PROFILE_API_RATE_LIMIT"], 0),
-            admin_token=raw["ADMIN_TOKEN"],
+            admin_token=raw["ADMIN_TOKEN"].strip(),
             kpi_api_id=raw["KPI_API_ID"].strip(),
             kpi_api_secret=_pair_secret(raw["KPI_API_ID"].strip(), raw["KPI_API_SECRET"].strip()),
             dedupe_window=parse_duration("DEDUPE_WINDOW", raw["DEDUPE_WINDOW"]),

@@ -79,6 +79,12 @@ def test_bad_configuration_says_what_to_fix() -> None:
     # a messageId's digest names one of 65,536 sets: more would leave the rest empty, and say nothing
     with pytest.raises(ConfigError, match="DEDUPE_SHARDS='100000': must be at most 65536"):
         Settings.from_env({"DEDUPE_SHARDS": "100000"})
+    # a token of blanks is no token (it would let "Basic IDo=" in), and a Secret's file ends in a newline that no
+    # Bearer header can carry
+    blank = Settings.from_env({"ADMIN_TOKEN": "  ", "PROFILE_API_TOKEN": "\t"})
+    assert (blank.admin_token, blank.profile_api_token) == ("", "")
+    from_files = Settings.from_env({"ADMIN_TOKEN": "adm-tok\n", "PROFILE_API_TOKEN": " prof-tok\n"})
+    assert (from_files.admin_token, from_files.profile_api_token) == ("adm-tok", "prof-tok")
     with pytest.raises(ConfigError, match="PORT='70000': must be at most 65535"):
         Settings.from_env({"PORT": "70000"})
     with pytest.raises(ConfigError, match="MAVERA_BASE_URL='ftp://x': expected an http"):
