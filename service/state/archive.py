@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -221,8 +222,23 @@ def belongs(line: bytes, ids: set[str]) -> bool:
     try:
         event = parse_json(line)
     except BodyError:
-        return any(b'"%s"' % i.encode() in line for i in ids)  # unreadable: dropped if it names an erased id
+        return names(line, ids)  # unreadable: dropped if it names an erased id
     return event_belongs(event, ids)
+
+
+_NUMBER = re.compile(rb"-?[0-9]+")
+
+
+def names(raw: bytes, ids: set[str]) -> bool:
+    """Whether text that cannot be decoded names one of ``ids``: as a JSON string, or, for an id that is a number
+    (a numeric userId, sent as ``"userId":4711``), as a bare value."""
+    for i in ids:
+        b = i.encode()
+        if b'"%s"' % b in raw:
+            return True
+        if _NUMBER.fullmatch(b) and re.search(rb":\s*" + re.escape(b) + rb"\s*[,}\]]", raw):
+            return True
+    return False
 
 
 def event_belongs(event: object, ids: set[str]) -> bool:
@@ -234,7 +250,7 @@ def event_belongs(event: object, ids: set[str]) -> bool:
             members = object_members(raw)
             event = {f: orjson.loads(members[f]) for f in ("userId", "anonymousId", "previousId") if f in members}
         except (ValueError, orjson.JSONDecodeError):  # not even that: dropped if its text names an erased id
-            return any(b'"%s"' % i.encode() in raw for i in ids)
+            return names(raw, ids)
     if not isinstance(event, dict):
         return False
     return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids

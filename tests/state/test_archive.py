@@ -13,7 +13,7 @@ import redis
 
 from service.config import Settings
 from service.spec.keys import DAY_MS, Keys
-from service.state.archive import HOUR_MS, archive_files, archive_space, archived_lines, purge_archive
+from service.state.archive import HOUR_MS, archive_files, archive_space, archived_lines, belongs, purge_archive
 from service.state.ops import purge_forgotten
 from service.state.replay import Options, file_records, run
 from tests.helpers import apply, find, mixed_stream, snapshot
@@ -139,6 +139,16 @@ def test_a_gdpr_deletion_removes_the_users_events_from_the_archive(r: redis.Redi
     assert [e["messageId"] for e in kept] == ["3"]
     assert not any(b"gone" in line for line in lines(tmp_path))
     assert r.scard(Keys(SPACE).forgotten_ids) == 0
+
+
+def test_text_that_cannot_be_decoded_belongs_to_an_erased_numeric_user_id_written_bare() -> None:
+    """Segment allows a number as userId: a malformed body with ``"userId":4711`` names the erased user 4711 (the
+    text search looked only for ``"4711"``), and one naming 47110 does not."""
+    assert belongs(b'{"userId":4711, "event": "x", "properties": {', {"4711"})
+    assert belongs(b'{"userId" : -12 }{', {"-12"})
+    assert not belongs(b'{"userId":47110, "event": {', {"4711"})
+    assert not belongs(b'{"event": "4711 items", [', {"4711"})
+    assert belongs(b'{"userId":"ada", [', {"ada"})
 
 
 def test_replay_from_archive_command(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
