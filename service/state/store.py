@@ -21,7 +21,7 @@ from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 
 from service.config import Settings
 from service.spec.clock import now_ms
-from service.spec.events import Event, dedupe_digest
+from service.spec.events import Event, InvalidEvent, dedupe_digest, parse_timestamp
 from service.spec.identity import IdentityRules
 from service.spec.keys import REFUSALS_KEY, SPACES_KEY, Keys
 
@@ -46,9 +46,20 @@ local function size_of(fields)
   return n
 end
 """
-# KEYS: stream, byte sum. ARGV: most entries, most bytes, then reason, source, at, raw for each entry.
+# KEYS: stream, byte sum, the space's deleted userIds and erased identifiers (apply.lua). ARGV: most entries, most
+# bytes, then reason, source, at, raw, userId, anonymousId, time (ms; '' unknown) for each entry. An entry of a
+# deleted userId or an erased anonymousId at or before its deletion (or of no known time) is not kept: the purge
+# of that person's data has run, and would never reach it.
 DLQ_ADD = _DLQ_SIZE + """
 local maxlen, maxbytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function erased(uid, aid, ts)
+  local at = uid ~= '' and redis.call('HGET', KEYS[3], uid)
+  if not at and aid ~= '' then
+    at = redis.call('HGET', KEYS[4], 'anonymous_id:' .. aid)
+    at = at and string.match(at, '^[^|]*')
+  end
+  return at and (ts == '' or tonumber(ts) <= tonumber(at))
+end
 local total = tonumber(redis.call('GET', KEYS[2]) or '')
 if total == nil then
   total = 0
@@ -60,11 +71,13 @@ if total == nil then
     from = '(' .. rows[#rows][1]
   end
 end
-for i = 3, #ARGV, 4 do
-  local n = #ARGV[i] + #ARGV[i + 1] + #ARGV[i + 2] + #ARGV[i + 3]
-  redis.call('XADD', KEYS[1], '*', 'reason', ARGV[i], 'source', ARGV[i + 1], 'at', ARGV[i + 2], 'raw', ARGV[i + 3],
-             'n', n)
-  total = total + n
+for i = 3, #ARGV, 7 do
+  if not erased(ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]) then
+    local n = #ARGV[i] + #ARGV[i + 1] + #ARGV[i + 2] + #ARGV[i + 3]
+    redis.call('XADD', KEYS[1], '*', 'reason', ARGV[i], 'source', ARGV[i + 1], 'at', ARGV[i + 2], 'raw',
+               ARGV[i + 3], 'n', n)
+    total = total + n
+  end
 end
 local len = redis.call('XLEN', KEYS[1])
 while len > 0 and (len > maxlen or (total > maxbytes and len > 1)) do  -- the newest entry always stays
@@ -174,8 +187,46 @@ class Applier:
         cap = min(DLQ_RAW_LIMIT, self.settings.dead_letter_max_bytes)
         args: list = [self.settings.dead_letter_max, self.settings.dead_letter_max_bytes]
         for reason, raw in entries:
-            args += [reason[:500], source, now_ms, raw[:cap]]
-        return [keys.dead_letters, keys.dead_letter_bytes], args
+            args += [reason[:500], source, now_ms, raw[:cap], *author(raw)]
+        return dead_letter_keys(keys), args
+
+
+def dead_letter_keys(keys: Keys) -> list[str]:
+    """KEYS of ``DLQ_ADD``."""
+    return [keys.dead_letters, keys.dead_letter_bytes, keys.deleted, keys.erased]
+
+
+def author(raw: bytes) -> tuple[str, str, str]:
+    """The userId, anonymousId and time (ms, as text; '' where unknown) of a dead letter that is one event, for
+    ``DLQ_ADD`` to leave out those of deleted people. The time is the event's own, never later than its receipt."""
+    if not raw.lstrip().startswith(b"{"):
+        return "", "", ""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "", "", ""
+    if not isinstance(obj, dict):
+        return "", "", ""
+    received = _time_of(obj.get("receivedAt"))
+    own = obj.get("timestamp")
+    if own is None:  # no time of its own: its receipt's
+        ts = received
+    else:  # unreadable: unknown, which a deleted person's entry is not kept with
+        ts = _time_of(own)
+        if ts is not None and received is not None:
+            ts = min(ts, received)
+    return _ident(obj.get("userId")), _ident(obj.get("anonymousId")), "" if ts is None else str(ts)
+
+
+def _time_of(value: object) -> int | None:
+    try:
+        return parse_timestamp(value)
+    except (InvalidEvent, ValueError, OverflowError):
+        return None
+
+
+def _ident(value: object) -> str:
+    return f"{value}".strip() if isinstance(value, str | int) and not isinstance(value, bool) else ""
 
 
 def _outcome(line: str) -> Outcome:
@@ -530,11 +581,10 @@ def rewrite_dead_letters(client: redis.Redis, settings: Settings, space: str, en
     the end of the stream, the byte sum kept right (the GDPR purge of an erased user's events)."""
     delete_dead_letters(client, space, entry_ids)
     if bodies:
-        keys = Keys(space)
         args: list = [settings.dead_letter_max, settings.dead_letter_max_bytes]
-        for reason, source, at, raw in bodies:
-            args += [reason, source, at, raw]
-        client.register_script(DLQ_ADD)(keys=[keys.dead_letters, keys.dead_letter_bytes], args=args)
+        for reason, source, at, raw in bodies:  # what the purge kept: nobody's to drop
+            args += [reason, source, at, raw, "", "", ""]
+        client.register_script(DLQ_ADD)(keys=dead_letter_keys(Keys(space)), args=args)
 
 
 def delete_dead_letters(client: redis.Redis, space: str, entry_ids: Sequence[bytes | str]) -> int:

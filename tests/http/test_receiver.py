@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from service.config import Settings
 from service.http.app import create_app
 from service.spec.keys import Keys
+from service.state.ops import purge_forgotten
 from tests.conftest import ADMIN_TOKEN, FIXTURES, SECRET, fixture_bytes, fixture_json
 
 BOTH_BACKENDS = True  # each test runs on a standalone Redis and on a Redis Cluster (tests/conftest.py)
@@ -100,6 +101,33 @@ def test_malformed_json_is_400_with_reason_and_dead_lettered(client: TestClient,
     assert resp.status_code == 400
     assert "malformed JSON" in resp.json()["error"]["message"]
     assert r.xlen(Keys("default").dead_letters) == 1
+
+
+def test_a_deleted_users_invalid_events_are_not_kept_as_dead_letters(client: TestClient, r: redis.Redis) -> None:
+    """After a user's deletion and its purge, an invalid event of theirs stamped before it (a late retry, an old
+    export) would stay in the dead letters for good, with their data: it is refused but not kept. One stamped
+    after the deletion is a new person's (Segment's semantics) and is kept; so are other people's."""
+    k = Keys("default")
+    assert post(client, orjson.dumps({"type": "identify", "userId": "ada", "anonymousId": "ada-browser",
+                                      "messageId": "a1", "timestamp": "2026-03-01T00:00:00Z"})).status_code == 200
+    assert post(client, orjson.dumps({"type": "delete", "userId": "ada", "messageId": "a2",
+                                      "timestamp": "2026-03-02T00:00:00Z"})).status_code == 200
+    purge_forgotten(r, "default")
+    before = r.xlen(k.dead_letters)
+    invalid = {"type": "identity", "traits": {"email": "ada@example.com"}}  # a misspelt type
+    late = [dict(invalid, userId="ada", messageId="late-1", timestamp="2026-03-01T12:00:00Z"),
+            dict(invalid, anonymousId="ada-browser", messageId="late-2", timestamp="2026-03-01T12:00:00Z"),
+            dict(invalid, userId="ada", messageId="late-3", timestamp="no time at all")]
+    kept = [dict(invalid, userId="ada", messageId="new-1", timestamp="2026-03-05T00:00:00Z"),
+            dict(invalid, userId="bob", messageId="bob-1", timestamp="2026-03-01T12:00:00Z")]
+    for e in late + kept:
+        resp = post(client, orjson.dumps(e))
+        assert resp.status_code == 400, resp.text
+    letters = [orjson.loads(f[b"raw"]) for _, f in r.xrange(k.dead_letters)][before:]
+    assert [e["messageId"] for e in letters] == ["new-1", "bob-1"]
+    assert r.get(k.dead_letter_bytes) is not None  # the byte sum counts only what was kept
+    assert int(r.get(k.dead_letter_bytes)) == sum(
+        sum(len(v) for key, v in f.items() if key != b"n") for _, f in r.xrange(k.dead_letters))
 
 
 def test_oversize_body_is_413(settings, redis_url: str) -> None:
