@@ -233,7 +233,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
      "computes a part (for spaces one machine is too slow for)."),
     ("ANALYSIS_WINDOW_DAYS", "365", "Window for spend and order frequency in the features."),
     ("CLUSTER_RULES_FILE", "", "JSON rules that assign clusters. Empty: the packaged seed rules."),
-    ("MIN_CLUSTER_SIZE", "3", "Smallest cluster that gets a Mavera persona."),
+    ("MIN_CLUSTER_SIZE", "3", "Smallest cluster that gets a Mavera persona, and channel pattern in the narrative."),
     ("INSIGHT_MIN_SHARE_PCT", "30", "KPI insight: share of revenue that marks a retention/upsell segment."),
     ("INSIGHT_REQUIRE_ABOVE_MEAN", "true", "KPI insight: also require average spend above the population mean."),
     ("MAVERA_API_KEY", "", "Mavera key (mvra_live_...). Empty: outbox mode, personas are kept locally."),

@@ -391,6 +391,27 @@ def test_narrative_asks_mave_once_per_material_change(mavera: MaveraServer, r: r
     assert len(chats) == 2 and chats[1]["json"]["thread_id"] == stored[b"thread_id"].decode()
 
 
+def test_the_narrative_never_sends_a_pattern_of_fewer_people_than_a_persona(mavera: MaveraServer,
+                                                                            r: redis.Redis) -> None:
+    """A channel pattern of one person would give Mave that person's LTV, plan and sessions: patterns below
+    MIN_CLUSTER_SIZE are left out of the prompt, as clusters below it get no persona."""
+    now_ts = "2026-11-20T10:00:00Z"
+    people(r, "mob", 4, 300, 0.1, ts=now_ts)
+    apply(r, [{"type": "identify", "userId": "ada", "messageId": "ada-1", "timestamp": now_ts,
+               "traits": {"ltv": 12345, "plan": "ada-private-plan"}},
+              {"type": "page", "userId": "ada", "messageId": "ada-2", "timestamp": now_ts}])
+    refresh(r, Settings(), "default")
+    patterns = {k.decode(): orjson.loads(v) for k, v in r.hgetall(K.patterns).items()}
+    assert sorted(p["n"] for p in patterns.values()) == [1, 4]  # the one-person pattern exists
+    client = client_for(mavera, r)
+    assert narrate_space(r, settings_for(mavera), "default", client)["state"] == "synced"
+    [chat] = mavera.calls("POST", "/mave/chat")
+    message = chat["json"]["message"]
+    assert "(N=4)" in message and "N=1" not in message
+    assert "12,345" not in message and "ada-private-plan" not in message
+    assert b"ada-private-plan" not in r.hget(K.narrative, "patterns")
+
+
 def test_a_narrative_whose_thread_is_gone_at_mavera_starts_a_new_one(mavera: MaveraServer, r: redis.Redis) -> None:
     """The stored Mave thread was deleted in Mavera's app (or expired): the chat in it is a 404, and asking again
     without it starts a new thread, rather than every later sync failing on the dead one."""

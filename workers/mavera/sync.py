@@ -310,7 +310,8 @@ def narrate_space(client: redis.Redis, settings: Settings, space: str, mavera: M
                   force: bool = False) -> dict:
     """Ask Mave for the cross-channel narrative when the channel patterns changed materially."""
     keys = Keys(space)
-    patterns = _load(client, keys.patterns)
+    # a pattern of fewer people than a persona needs is left out: its averages would be one person's figures
+    patterns = {p: s for p, s in _load(client, keys.patterns).items() if s.get("n", 0) >= settings.min_cluster_size}
     if not patterns:
         return {"state": "no_patterns"}
     stored = {k.decode(): v.decode() for k, v in client.hgetall(keys.narrative).items()}
