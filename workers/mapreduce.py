@@ -86,7 +86,7 @@ def full_recompute(client: redis.Redis, settings: Settings, space: str, submit: 
         keys = state_keys(client, space)
         R.begin_full(client, settings, keys)  # gives up any earlier run, takes the dirty marks, empties staging
         run_id = uuid.uuid4().hex
-        run_basis = R.basis(settings, now_ms)
+        run_basis = R.basis(settings, now_ms, keys.gen)
         client.hset(keys.recompute_run, mapping={"id": run_id, "state": "planning", "now_ms": now_ms, "gen": keys.gen,
                                                  "reason": reason, "resumes": 0, "basis": run_basis})
         client.expire(keys.recompute_run, RUN_TTL)
@@ -303,7 +303,7 @@ def _reduce(client: redis.Redis, settings: Settings, keys: Keys, run: Run, lock:
     report = {"space": keys.space, "profiles": total, "full": True, "reason": run.reason, "mode": "jobs",
               "run": run.id, "now_ms": run.now_ms, "chunks": len(parts), "chunks_here": here,
               "workers": len({by for _, by in decoded}), "resumes": run.resumes,
-              "basis": run.basis or R.basis(settings, run.now_ms)}
+              "basis": run.basis or R.basis(settings, run.now_ms, keys.gen)}
     R.finish_full(client, settings, keys, lock, clusters, patterns, report, started,
                   drop=[keys.recompute_run, keys.recompute_plan(run.id), *parts])
     return report | {"reduce_seconds": round(time.perf_counter() - reducing, 3)}  # the serial end

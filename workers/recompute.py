@@ -113,11 +113,13 @@ def as_of(now_ms: int) -> int:
     return (now_ms // DAY_MS + 1) * DAY_MS - 1
 
 
-def basis(settings: Settings, now_ms: int) -> str:
-    """What stored contributions and cards were computed under: the UTC day of ``now_ms`` and a digest of the
-    cluster rules and the settings features and cards depend on (``Keys.recompute_basis``)."""
+def basis(settings: Settings, now_ms: int, gen: str = "") -> str:
+    """What stored contributions and cards were computed under: the UTC day of ``now_ms``, a digest of the cluster
+    rules and the settings features and cards depend on, and the generation of profiles read (``Keys.gen``; named
+    only past the first, so that a basis recorded before it was part of one still holds) (``Keys.recompute_basis``)."""
     used = repr((rules_for(settings), settings.analysis_window_days, insight_rule(settings)))
-    return f"{now_ms // DAY_MS}:{hashlib.sha1(used.encode()).hexdigest()[:16]}"
+    out = f"{now_ms // DAY_MS}:{hashlib.sha1(used.encode()).hexdigest()[:16]}"
+    return f"{out}:{gen.rstrip(':')}" if gen else out
 
 
 RULES_MOVED = "the cluster rules or the feature settings changed"
@@ -128,11 +130,16 @@ def _basis_moved(client: redis.Redis, keys: Keys, stored: str | None, current: s
     ``current`` (None: they do)."""
     if stored is None:  # nothing computed yet holds under any basis; else an older version's result
         return "contributions without a recorded basis" if client.exists(keys.contributions) else None
-    day, _, digest = stored.partition(":")
-    if day != current.partition(":")[0]:
+    day, _, rest = stored.partition(":")
+    digest, _, gen = rest.partition(":")
+    now_day, _, now_rest = current.partition(":")
+    now_digest, _, now_gen = now_rest.partition(":")
+    if day != now_day:
         return "a new UTC day: churn, 30-day sessions and the spend window moved for every profile"
-    if digest != current.partition(":")[2]:
+    if digest != now_digest:
         return RULES_MOVED
+    if gen != now_gen:  # the contributions are of the other generation's profile ids
+        return "a rebuild switched the space to another generation of profiles"
     return None
 
 
@@ -305,7 +312,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         stored_day = (stored or "").partition(":")[0]
         if stored_day.isdigit():
             now_ms = max(now_ms, as_of(int(stored_day) * DAY_MS))
-        current = basis(settings, now_ms)
+        current = basis(settings, now_ms, keys.gen)
         moved = _basis_moved(client, keys, stored, current)
         if moved and not full_here:
             return {"space": space, "basis_moved": moved}
@@ -483,7 +490,7 @@ def _full(client: redis.Redis, settings: Settings, space: str, now_ms: int, star
           reason: str = "scheduled", processes: int | None = None,
           progress: Callable[[int], None] | None = None) -> dict:
     keys = state_keys(client, space)
-    run_basis = basis(settings, now_ms)  # the rules as this run reads them, not as they may be when it ends
+    run_basis = basis(settings, now_ms, keys.gen)  # the rules as this run reads them, not as they may be when it ends
     begin_full(client, settings, keys)
     chunks = profile_ids(client, keys)
     head: list[list[str]] = []  # scan far enough to tell a small space (one process) from a large one

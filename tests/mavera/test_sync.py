@@ -197,6 +197,24 @@ def test_a_lost_create_mavera_never_performed_waits_the_grace_then_creates_once(
     assert records(r)["at_risk"]["state"] == "synced"
 
 
+def test_a_refresh_right_after_a_rebuild_switch_sends_true_counts(mavera: MaveraServer, r: redis.Redis) -> None:
+    """A rebuild switches the space to a new generation of profile ids: the stored contributions are the old ids'.
+    A refresh before the queued full recompute ran added the new ids on top (5 customers for 4); it runs the full
+    recompute instead."""
+    from service.state.rebuild import rebuild
+
+    seed(r)  # high_value: 4 profiles
+    client = client_for(mavera, r)
+    sync_space(r, settings_for(mavera), "default", client)
+    rebuild(r, Settings(), "default")
+    people(r, "hv", 1, 900, 0.05, ts="2026-03-03T00:00:00Z")  # a known customer comes back at once
+    report = refresh(r, Settings(), "default", now_ms=NOW)
+    assert report.get("reason") == "a rebuild switched the space to another generation of profiles", report
+    assert orjson.loads(r.hget(K.clusters, "high_value"))["n"] == 4
+    sync_space(r, settings_for(mavera), "default", client)
+    assert mavera.state.personas[records(r)["high_value"]["mavera_id"]]["description"].startswith("4 ")
+
+
 def test_outbox_then_key_configured_pushes_once(mavera: MaveraServer, r: redis.Redis) -> None:
     seed(r)
     outbox = sync_space(r, Settings(), "default", None)
