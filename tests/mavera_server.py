@@ -39,6 +39,7 @@ class Fault:
     message: str = "injected fault"
     skip: int = 0  # matching requests let through untouched before the fault applies
     times: int | None = 1  # matching requests it applies to; None: all of them
+    page: bytes | None = None  # the work is done, then answered 200 with this (a gateway's HTML page), not JSON
 
 
 @dataclass
@@ -140,6 +141,10 @@ class MaveraServer:
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
             raise ConnectionAbortedError("test server drops the connection on purpose")
+        if fault and fault.page is not None:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]})
+            await send({"type": "http.response.body", "body": fault.page})
+            return
         payload = orjson.dumps(out)
         hdrs = [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": hdrs})

@@ -465,6 +465,43 @@ def test_a_chat_whose_answer_is_lost_is_not_sent_again_at_once(mavera: MaveraSer
     assert len(mavera.calls("POST", "/mave/chat")) == 2
 
 
+def test_a_chat_answered_by_a_gateway_5xx_is_not_sent_again_at_once(mavera: MaveraServer, r: redis.Redis) -> None:
+    """A 503 or 500 from a gateway that gave up while Mave answered (and charged) is no proof the chat was not
+    answered: as for a lost connection, it is left to the next sync, not resent by the client's retries (a 503
+    with Retry-After, Mavera asking to come back later, is retried: test_a_chat_keeps_its_slot_through_its_retries)."""
+    from workers.mavera.client import MaybeAnswered
+
+    people(r, "mob", 4, 300, 0.1, ts="2026-11-20T10:00:00Z")
+    refresh(r, Settings(), "default")
+    mavera.fault("POST", "/mave/chat", status=503, times=3)
+    with pytest.raises(MaybeAnswered):
+        narrate_space(r, settings_for(mavera), "default", client_for(mavera, r))
+    assert len(mavera.calls("POST", "/mave/chat")) == 1
+
+
+def test_an_answer_that_is_not_json_fails_one_persona_for_a_retry_and_never_duplicates(mavera: MaveraServer,
+                                                                                        r: redis.Redis) -> None:
+    """A gateway's HTML page with a 200: after a create (which happened), the create is uncertain and adopted by
+    the next sync rather than made twice; after a PATCH, that cluster fails for a retry and the others sync."""
+    seed(r)
+    client = client_for(mavera, r)
+    mavera.fault("POST", "/personas", page=b"<html>ok</html>")
+    first = sync_space(r, settings_for(mavera), "default", client)
+    assert first["created"] == ["at_risk"] or first["created"] == ["high_value"], first  # the other was uncertain
+    report = sync_space(r, settings_for(mavera), "default", client)
+    assert len(mavera.state.personas) == 2, report
+    assert {c: v["state"] for c, v in records(r).items()} == {"high_value": "synced", "at_risk": "synced"}, report
+    people(r, "hv2", 2, 1500, 0.01, ts="2026-03-02T00:00:00Z")
+    people(r, "risk2", 2, 40, 0.8, ts="2026-03-02T00:00:00Z")
+    refresh(r, Settings(), "default", now_ms=NOW)
+    mavera.fault("PATCH", "/personas/", page=b"<html>")
+    with pytest.raises(SyncFailed) as failed:
+        sync_space(r, settings_for(mavera), "default", client)
+    assert failed.value.retry and "not JSON (text/html)" in str(failed.value)
+    assert len(mavera.calls("PATCH")) == 2  # the second cluster was still sent
+    assert len(mavera.state.personas) == 2
+
+
 def test_a_forgotten_profile_leaves_its_persona_at_the_next_refresh(mavera: MaveraServer, r: redis.Redis) -> None:
     """GDPR erasure reaches Mavera: the persona of a cluster that lost the person is PATCHed without them, and a
     cluster that falls under MIN_CLUSTER_SIZE is no longer synced."""

@@ -89,6 +89,23 @@ def _error(resp: httpx.Response) -> tuple[str, str | None]:
         return resp.text[:200] or resp.reason_phrase, None
 
 
+def _answer(resp: httpx.Response, method: str, path: str, creates: bool, charged: bool) -> Any:
+    """A 2xx answer's JSON. One that is not JSON (a gateway's or CDN's page) says nothing of what happened: for a
+    create, it may have happened; for a charged call, Mave may have answered; else it is an error worth a retry."""
+    if not resp.content:
+        return None
+    try:
+        return resp.json()
+    except ValueError:
+        what = (f"{method} {path}: a {resp.status_code} answer that is not JSON "
+                f"({resp.headers.get('content-type') or 'no content type'})")
+        if creates:
+            raise MaybeCreated(what) from None
+        if charged:
+            raise MaybeAnswered(f"{what}; not sent again now (the next sync asks again)") from None
+        raise MaveraError(502, what) from None
+
+
 class MaveraClient:
     def __init__(self, settings: Settings, state: redis.Redis, *, max_attempts: int = 5, base_delay: float = 1.0,
                  limiter: RateLimiter | None = None) -> None:
@@ -136,13 +153,18 @@ class MaveraClient:
                 continue
             self.limiter.observe(resp.headers)
             if resp.status_code < 300:
-                return resp.json() if resp.content else None
+                return _answer(resp, method, path, creates, charged)
             message, code = _error(resp)
             if resp.status_code == 402:
                 pause(self.state, f"402 from Mavera: {message}")
                 raise CreditsExhausted(402, message, code)
             if creates and resp.status_code >= 500:  # a 5xx (even a gateway's) may follow a create that happened
                 raise MaybeCreated(f"{method} {path}: {resp.status_code} {message}")
+            # likewise a chat Mave answered (and charged) behind a gateway that gave up; unless the answer asks to
+            # retry later (Retry-After: overloaded, nothing done)
+            if charged and resp.status_code >= 500 and not resp.headers.get("retry-after"):
+                raise MaybeAnswered(f"{method} {path}: {resp.status_code} {message}; not sent again now, so that "
+                                    "Mavera does not charge twice (the next sync asks again)")
             if resp.status_code in RETRYABLE:
                 delay = self._delay(attempt, resp)
                 if resp.status_code == 429 or resp.headers.get("retry-after"):
