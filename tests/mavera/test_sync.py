@@ -502,9 +502,28 @@ def test_an_answer_that_is_not_json_fails_one_persona_for_a_retry_and_never_dupl
     assert len(mavera.state.personas) == 2
 
 
+def test_the_persona_of_a_cluster_that_is_gone_withholds_its_figures(mavera: MaveraServer, r: redis.Redis) -> None:
+    """Every person of a cluster erased: the cluster leaves the aggregates, and its persona, which still described
+    them, is PATCHed to withhold its figures rather than left as it was."""
+    from service.state.ops import forget
+
+    seed(r)
+    client = client_for(mavera, r)
+    sync_space(r, settings_for(mavera), "default", client)
+    for i in range(3):
+        forget(r, Settings(), "default", f"user_id:risk-{i}")
+    refresh(r, Settings(), "default", now_ms=NOW)
+    assert r.hget(K.clusters, "at_risk") is None
+    after = sync_space(r, settings_for(mavera), "default", client)
+    assert after["withheld"] == ["at_risk"]
+    persona = mavera.state.personas[records(r)["at_risk"]["mavera_id"]]
+    assert persona["description"].startswith("Fewer than 3 customers") and "$" not in persona["description"]
+
+
 def test_a_forgotten_profile_leaves_its_persona_at_the_next_refresh(mavera: MaveraServer, r: redis.Redis) -> None:
-    """GDPR erasure reaches Mavera: the persona of a cluster that lost the person is PATCHed without them, and a
-    cluster that falls under MIN_CLUSTER_SIZE is no longer synced."""
+    """GDPR erasure reaches Mavera: the persona of a cluster that lost the person is PATCHed without them, and
+    the persona of a cluster that falls under MIN_CLUSTER_SIZE is PATCHed to withhold its figures (they still
+    counted the erased person, and would now be two people's), once."""
     from service.state.ops import forget
 
     seed(r)
@@ -516,7 +535,12 @@ def test_a_forgotten_profile_leaves_its_persona_at_the_next_refresh(mavera: Mave
     sizes = {k.decode(): orjson.loads(v)["n"] for k, v in r.hgetall(K.clusters).items()}
     assert sizes["high_value"] == 3 and sizes["at_risk"] == 2
     after = sync_space(r, settings_for(mavera), "default", client)
-    assert after["updated"] == ["high_value"] and "at_risk" in after["small"]
-    [patch] = mavera.calls("PATCH")
-    assert patch["path"] == f"/personas/{records(r)['high_value']['mavera_id']}"
-    assert "3 customers" in patch["json"]["description"]  # and the only PATCH: at_risk is left alone
+    assert after["updated"] == ["high_value"] and after["withheld"] == ["at_risk"] and "at_risk" in after["small"]
+    patches = {p["path"]: p["json"] for p in mavera.calls("PATCH")}
+    assert "3 customers" in patches[f"/personas/{records(r)['high_value']['mavera_id']}"]["description"]
+    withheld = patches[f"/personas/{records(r)['at_risk']['mavera_id']}"]
+    assert withheld == {"description": "Fewer than 3 customers in this cluster at the moment: its figures are "
+                                       "withheld until it has 3 or more again."}
+    assert "churn" not in mavera.state.personas[records(r)["at_risk"]["mavera_id"]]["description"]
+    again = sync_space(r, settings_for(mavera), "default", client)
+    assert again["withheld"] == [] and len(mavera.calls("PATCH")) == 2  # said once

@@ -128,6 +128,13 @@ def persona_payload(space: str, doc: dict) -> dict[str, Any]:
     return payload
 
 
+def withheld_payload(min_size: int) -> dict[str, Any]:
+    """What a persona says while its cluster has fewer people than MIN_CLUSTER_SIZE (or none): its figures would
+    be a few people's, or still hold those of people since erased."""
+    return {"description": f"Fewer than {min_size} customers in this cluster at the moment: its figures are "
+                           f"withheld until it has {min_size} or more again."}
+
+
 def payload_hash(payload: dict) -> str:
     return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -145,16 +152,26 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
     keys = Keys(space)
     docs, records = _load(client, keys.clusters), _load(client, keys.personas)
     report: dict[str, list] = {"created": [], "adopted": [], "updated": [], "unchanged": [], "outbox": [],
-                               "paused": [], "failed": [], "retry": [], "refused": [], "small": []}
+                               "paused": [], "failed": [], "retry": [], "refused": [], "small": [], "withheld": []}
     listing: list[dict] | None = None
-    for cluster in sorted(docs):
-        doc, rec = docs[cluster], records.get(cluster, {})
-        if doc.get("n", 0) < settings.min_cluster_size:
+    # clusters, and those gone since their persona was made: a persona of a cluster below MIN_CLUSTER_SIZE or gone
+    # is PATCHed to withhold its figures (those of a few people, or of people erased since)
+    for cluster in sorted(set(docs) | {c for c, rec in records.items() if rec.get("mavera_id")}):
+        doc, rec = docs.get(cluster), records.get(cluster, {})
+        n = doc.get("n", 0) if doc is not None else 0
+        small = doc is None or n < settings.min_cluster_size
+        if small:
             report["small"].append(cluster)
-            if rec:
-                _save(client, keys, cluster, rec, note=f"below MIN_CLUSTER_SIZE ({doc.get('n', 0)} profiles)")
-            continue
-        payload = persona_payload(space, doc)
+            if not rec.get("mavera_id"):
+                if rec:
+                    _save(client, keys, cluster, rec, note=f"below MIN_CLUSTER_SIZE ({n} profiles)")
+                continue
+            payload = withheld_payload(settings.min_cluster_size)
+            rec["note"] = f"below MIN_CLUSTER_SIZE ({n} profiles): figures withheld"
+        else:
+            assert doc is not None
+            rec.pop("note", None)
+            payload = persona_payload(space, doc)
         digest = payload_hash(payload)
         if rec.get("hash") == digest and rec.get("state") == "synced":
             report["unchanged"].append(cluster)
@@ -163,7 +180,7 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
                 (job_id is None or rec.get("refused_by") != job_id):
             report["refused"].append(cluster)  # the failed job already carries Mavera's message
             continue
-        rec.update(name=payload["name"], payload=payload, pending_hash=digest)
+        rec.update(name=payload.get("name", rec.get("name")), payload=payload, pending_hash=digest)
         if mavera is None:
             _save(client, keys, cluster, rec, state="outbox")
             report["outbox"].append(cluster)
@@ -176,13 +193,17 @@ def sync_space(client: redis.Redis, settings: Settings, space: str, mavera: Mave
             if rec.get("mavera_id"):
                 try:
                     mavera.update_persona(rec["mavera_id"], payload)
-                    report["updated"].append(cluster)
+                    report["withheld" if small else "updated"].append(cluster)
                 except MaveraError as exc:
                     if exc.status != 404:
                         raise
-                    # Gone at Mavera (deleted there): look it up by name, adopt or create it again
+                    # Gone at Mavera (deleted there): look it up by name, adopt or create it again (not to
+                    # withhold figures: none are left to withhold)
                     log_event(log, "persona not found", logging.WARNING, space=space, cluster=cluster)
                     rec.pop("mavera_id")
+                    if small:
+                        _save(client, keys, cluster, rec, state="pending", error=None)
+                        continue
                     _save(client, keys, cluster, rec, state="pending", error=f"persona not found at Mavera: {exc}")
             if not rec.get("mavera_id"):
                 listing, stale = _create_once(client, keys, cluster, rec, payload, mavera, listing, report,
