@@ -149,7 +149,8 @@ class Keys:
     def erased(self) -> str:
         """'type:value' -> 'time|userId': the other identifiers of erased profiles, the effective time (ms) of their
         latest erasure and the userId whose deletion erased them ('' for an erasure by profile id). Events at or
-        before it lose that identifier, and are suppressed when nothing else identifies them."""
+        before it lose that identifier, and are suppressed when nothing else identifies them or when it was their
+        first identifier by priority."""
         return f"{self.prefix}erased"
 
     @property

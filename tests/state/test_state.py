@@ -453,6 +453,24 @@ def test_an_erased_persons_anonymous_events_stay_out(r: redis.Redis) -> None:
     assert find(r, "anonymous_id", "pre").first_seen == 1780272000000
 
 
+def test_an_old_event_led_by_an_erased_email_stays_out_with_its_traits(r: redis.Redis) -> None:
+    """An event from before an erasure whose first identifier (by priority) is one the erasure took, here the
+    person's email, is the erased person's even with an anonymousId never seen: it is suppressed, not applied to
+    a new profile through the anonymousId with the email and name as traits. One led by somebody else's userId
+    still applies to them (without the erased identifier)."""
+    apply(r, [{"type": "identify", "userId": "ada", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z",
+               "traits": {"email": "ada@example.com", "name": "Ada"}}])
+    assert forget(r, Settings(), "default", "user_id:ada")[0].status == "deleted"
+    old = {"type": "identify", "anonymousId": "never-seen", "messageId": "2", "timestamp": "2026-03-01T00:01:00Z",
+           "traits": {"email": "ada@example.com", "name": "Ada"}}
+    assert apply(r, [old])[0].status == "suppressed"
+    assert find(r, "anonymous_id", "never-seen") is None
+    other = {"type": "identify", "userId": "bob", "messageId": "3", "timestamp": "2026-03-01T00:02:00Z",
+             "traits": {"email": "ada@example.com"}}
+    assert apply(r, [other])[0].status == "ok"
+    assert [(i.type, i.value) for i in find(r, "user_id", "bob").identifiers] == [("user_id", "bob")]
+
+
 def test_what_a_deleted_users_late_event_links_is_erased_in_every_order(r: redis.Redis) -> None:
     """The event that links a browser's page views to a userId may arrive after that userId's deletion (a retry,
     an import of an old export): the page views are erased as if it had come first, whatever the order. A profile

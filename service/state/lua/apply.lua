@@ -61,7 +61,8 @@
 --   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
 --   P..'erased'             'type:value' -> 'time|userId': every other identifier of an erased profile, the time of
 --                           its latest erasure, and the deleted userId ('' for an erasure by profile id); events at
---                           or before it lose that identifier (and are suppressed when nothing else is left)
+--                           or before it lose that identifier (and are suppressed when nothing else is left, or
+--                           when it was their first identifier by priority)
 --   G..'i:'type':'value     identifier index    G..'p:'pid       profile hash      G..'mrg:'pid    merged away
 --   G..'seq'                profile counter     G..'acct:'group  account traits    P..'dirty'      refresh set
 --   P..'dirty:accounts'     accounts whose traits changed: the refresh recomputes every member
@@ -744,7 +745,9 @@ local function general_path()
       for i, id in ipairs(ids) do
         if not (e[i] and erased_by(e[i], ts_text)) then kept[#kept + 1] = id end
       end
-      if #kept == 0 then return SUPPRESSED end
+      -- nothing left, or its first identifier by priority dropped (an erased email beside a browser never seen):
+      -- the erased person's event, traits and all
+      if #kept == 0 or kept[1] ~= ids[1] then return SUPPRESSED end
       ids = kept
     end
 
