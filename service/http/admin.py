@@ -296,6 +296,8 @@ async def queue_replay(state: Any, space: str, spec: dict[str, Any]) -> str:
         _, _, pid = await asyncio.to_thread(lambda: resolve(state.sync_redis(), state.rules, space, spec["profile"]))
         if pid is None:
             raise Refused(404, "not_found", f"no profile has {spec['profile']} in space {space}")
+        # the job (kept a week, shown by GET /admin/jobs/{id}) names the profile by its id, not by an email
+        spec = {**spec, "profile": f"segment_id:{pid}"}
     if "id" in spec and await read_dead_letter(state.redis, space, spec["id"]) is None:
         raise Refused(404, "not_found", f"no dead letter {spec['id']} in space {space}")
     if not state.refresh.queue_url:
