@@ -161,7 +161,8 @@ class Keys:
 
     @property
     def forgotten_ids(self) -> str:
-        """userIds and anonymousIds of erased profiles whose events the archive files may still hold."""
+        """userIds, anonymousIds and emails of erased profiles whose events the log, the dead letters and the archive
+        files may still hold."""
         return f"{self.prefix}forgotten:ids"
 
     @property

@@ -217,8 +217,8 @@ def _renew(client: redis.Redis, space: str, token: str) -> None:
 
 
 def belongs(line: bytes, ids: set[str]) -> bool:
-    """Whether a raw event (an archived line, a logged event) is one of an erased user's (by its userId or
-    anonymousId)."""
+    """Whether a raw event (an archived line, a logged event) is one of an erased user's (by its userId,
+    anonymousId or email)."""
     try:
         event = parse_json(line)
     except BodyError:
@@ -242,8 +242,8 @@ def names(raw: bytes, ids: set[str]) -> bool:
 
 
 def event_belongs(event: object, ids: set[str]) -> bool:
-    """Whether a decoded event names an erased user (its userId, anonymousId or previousId); an element of a batch
-    too deep to decode (``Unparsed``), whether its text names one."""
+    """Whether a decoded event names an erased user (its userId, anonymousId, previousId or email); an element of
+    a batch too deep to decode (``Unparsed``), whether its text names one."""
     if isinstance(event, Unparsed):  # its top level is read without decoding what lies deeper
         raw = event.raw
         try:
@@ -254,4 +254,17 @@ def event_belongs(event: object, ids: set[str]) -> bool:
     if not isinstance(event, dict):
         return False
     return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids
-               for f in ("userId", "anonymousId", "previousId"))
+               for f in ("userId", "anonymousId", "previousId")) or any(e in ids for e in _emails(event))
+
+
+def _emails(event: dict) -> Iterator[str]:
+    """The emails an event identifies its person by, normalised as identity resolution does: an identify's
+    traits and ``context.traits`` (not a group's traits, which are the account's, nor properties)."""
+    context = event.get("context")
+    holders = [context.get("traits") if isinstance(context, dict) else None]
+    if str(event.get("type", "")).strip().lower() == "identify":
+        holders.append(event.get("traits"))
+    for holder in holders:
+        email = holder.get("email") if isinstance(holder, dict) else None
+        if isinstance(email, str) and email.strip():
+            yield email.strip().lower()

@@ -141,6 +141,32 @@ def test_a_gdpr_deletion_removes_the_users_events_from_the_archive(r: redis.Redi
     assert r.scard(Keys(SPACE).forgotten_ids) == 0
 
 
+def test_an_event_that_reached_the_person_by_email_alone_leaves_the_archive_and_the_log(r: redis.Redis,
+                                                                                       tmp_path: Path) -> None:
+    """A page whose anonymousId the identifier limit kept off the profile reached it by its email alone: after
+    the person's deletion the purge removes it from the log and the archive too, email and all. A group call
+    whose account traits carry the same email is the account's, and stays."""
+    s = settings_for(tmp_path).replace(identity_limits={"user_id": 1, "anonymous_id": 1, "*": 5})
+    t = "2026-03-01T10:00:00Z"
+    events = [{"type": "identify", "userId": "gone", "anonymousId": "first", "messageId": "1", "timestamp": t,
+               "traits": {"email": "Gone@Example.com"}},
+              {"type": "page", "anonymousId": "second", "messageId": "2", "timestamp": t,
+               "context": {"traits": {"email": "gone@example.com "}}},
+              {"type": "group", "userId": "stays", "groupId": "acme", "messageId": "3", "timestamp": t,
+               "traits": {"email": "gone@example.com"}}]
+    apply(r, events, settings=s)
+    assert [i.value for i in find(r, "user_id", "gone").identifiers if i.type == "anonymous_id"] == ["first"]
+    archive_space(r, s, SPACE)
+    apply(r, [{"type": "delete", "userId": "gone", "messageId": "4", "timestamp": "2026-03-02T10:00:00Z"}],
+          settings=s)
+    purge_forgotten(r, SPACE)
+    purge_archive(r, s, SPACE)
+    logged = [orjson.loads(f[b"e"])["messageId"] for _, f in r.xrange(Keys(SPACE).log)]
+    archived = [orjson.loads(line)["messageId"] for line in lines(tmp_path)]
+    assert "2" not in logged and "2" not in archived
+    assert "3" in archived and "3" in logged
+
+
 def test_text_that_cannot_be_decoded_belongs_to_an_erased_numeric_user_id_written_bare() -> None:
     """Segment allows a number as userId: a malformed body with ``"userId":4711`` names the erased user 4711 (the
     text search looked only for ``"4711"``), and one naming 47110 does not."""

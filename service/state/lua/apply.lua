@@ -58,7 +58,7 @@
 --   P..'ds:'bucket':'shard  dedupe buckets      P..'suppressed'  deleted userIds   P..'forgotten'  erased ids
 --   P..'dd:sets'            the first dedupe bucket kept as sets (see below)
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
---   P..'forgotten:ids'      erased userIds and anonymousIds, for the purge of the archive files
+--   P..'forgotten:ids'      erased userIds, anonymousIds and emails, for the purge of the log and archive files
 --   P..'erased'             'type:value' -> 'time|userId': every other identifier of an erased profile, the time of
 --                           its latest erasure, and the deleted userId ('' for an erasure by profile id); events at
 --                           or before it lose that identifier (and are suppressed when nothing else is left, or
@@ -520,9 +520,12 @@ local function general_path()
       local pre, rest = string.sub(f[i], 1, 2), string.sub(f[i], 3)
       if pre == 'x:' then
         redis.call('DEL', G .. 'i:' .. rest)
-        -- the archive files keep events by userId / anonymousId: the purge job removes these users' lines
+        -- the log, dead letters and archive files keep events naming the person by userId, anonymousId or email
+        -- (an event that reached the profile by its email alone): the purge job removes them
         local kind, value = string.match(rest, '^([^:]+):(.*)$')
-        if kind == 'user_id' or kind == 'anonymous_id' then redis.call('SADD', P .. 'forgotten:ids', value) end
+        if kind == 'user_id' or kind == 'anonymous_id' or kind == 'email' then
+          redis.call('SADD', P .. 'forgotten:ids', value)
+        end
         if record then redis.call('SADD', P .. 'rebuild:erased', rest) end
         if not (kind == 'user_id' and value == uid) then idents[#idents + 1] = rest end
       elseif pre == 'r:' then
