@@ -94,6 +94,8 @@ def _deployment(report: dict) -> Table:
     pause = "syncing"
     if any(p.get("state") == "outbox" for row in report["spaces"] for p in row["personas"].values()):
         pause = "outbox mode: personas kept here, not sent (the workers have no MAVERA_API_KEY)"
+    if mavera.get("blocked_until_ms"):
+        pause = f"waiting: Mavera asked (Retry-After) that no worker call it before {when(mavera['blocked_until_ms'])}"
     if mavera["paused"]:
         pause = "PAUSED" + (f" since {when(mavera['since_ms'])}" if mavera["since_ms"] else "") + \
             f": {mavera['reason'] or '?'}"

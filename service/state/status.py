@@ -20,7 +20,7 @@ from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from service.config import Settings
 from service.spec.clock import now_ms as now
-from service.spec.keys import MAVERA_PAUSED_KEY, REFUSALS_KEY, SPACES_KEY, Keys
+from service.spec.keys import MAVERA_BLOCKED_KEY, MAVERA_PAUSED_KEY, REFUSALS_KEY, SPACES_KEY, Keys
 from service.spec.rates import HOUR_MINUTES, REPLAY, rates, window
 from service.state.connect import is_cluster
 from service.state.problems import problems
@@ -102,10 +102,11 @@ def space_row(space: str, replies: list, now_ms: int) -> dict[str, Any]:
 
 
 def queue_deployment(pipe: Any, now_ms: int) -> None:
-    """Queue the reads that are not a space's: Mavera's pause, the refusals (Redis memory is read apart: on a
-    Cluster it is every primary's, which a pipeline cannot ask)."""
+    """Queue the reads that are not a space's: Mavera's pause and Retry-After block, the refusals (Redis memory is
+    read apart: on a Cluster it is every primary's, which a pipeline cannot ask)."""
     pipe.get(MAVERA_PAUSED_KEY)
     pipe.xlen(REFUSALS_KEY)
+    pipe.get(MAVERA_BLOCKED_KEY)
     queue_buckets(pipe, None, now_ms)
 
 
@@ -159,15 +160,21 @@ async def server_info_async(client: aredis.Redis) -> dict[str, Any]:
 
 
 def deployment(replies: list, server: dict[str, Any], now_ms: int) -> dict[str, Any]:
-    paused, refusals = replies[:2]
-    counts = buckets(replies[2:2 + BUCKET_READS], now_ms)
+    paused, refusals, blocked = replies[:3]
+    counts = buckets(replies[3:3 + BUCKET_READS], now_ms)
+    try:
+        blocked_ms = int(blocked) if blocked is not None else 0
+    except ValueError:
+        blocked_ms = 0
     by_status = sorted({f for c in counts.values() for f in c})
     refused = window(counts, now_ms, HOUR_MINUTES, tuple(by_status))
     memory = server["memory"]
     used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
     why = _json(paused) or {}  # {"reason", "at_ms"}, set by a sync that met a 402 (``ops.pause``)
     return {
-        "mavera": {"paused": paused is not None, "reason": why.get("reason"), "since_ms": why.get("at_ms")},
+        "mavera": {"paused": paused is not None, "reason": why.get("reason"), "since_ms": why.get("at_ms"),
+                   # Mavera's Retry-After: every worker waits until then (``workers.mavera.ratelimit``)
+                   "blocked_until_ms": blocked_ms if blocked_ms > now_ms else None},
         "refusals": {"logged": refusals,  # requests refused before authentication (GET /admin/refusals)
                      "last_hour": round(sum(refused.values())),
                      "last_hour_by_status": {k: round(v) for k, v in refused.items()}},

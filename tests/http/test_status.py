@@ -158,7 +158,7 @@ def test_status_json_reports_every_part_and_the_problems_with_what_to_run(settin
     assert status["at_ms"] - 60_000 < row["event_log"]["oldest_ms"] <= status["at_ms"]
     assert status["queue"]["failed"] == 1 and status["queue"]["queued"] >= 1 and status["queue"]["workers"] == 0
     assert status["mavera"] == {"paused": True, "reason": "402 Credits exhausted",
-                                "since_ms": status["mavera"]["since_ms"]}
+                                "since_ms": status["mavera"]["since_ms"], "blocked_until_ms": None}
     assert status["redis"]["used_pct"] >= 80 and status["redis"]["policy"] == "noeviction"
     lines = {f"{p['problem']}: {p['next']}" for p in status["problems"]}
     expect = [
@@ -198,6 +198,25 @@ def test_cli_status_prints_the_table_and_each_problem_with_what_to_run(redis_url
     assert [p["problem"] for p in report["problems"]] == ["1 failed job(s)"]
     jobs = subprocess.run([EXE, "jobs"], capture_output=True, text=True, timeout=60, env=env)
     assert "1 failed job(s)" in jobs.stdout  # what the problem line says to run shows the same job
+
+
+def test_mavera_s_retry_after_wait_shows_in_the_status(r: redis.Redis) -> None:
+    """A Retry-After from Mavera makes every worker wait (up to an hour): the status says until when, where it
+    said "syncing" while syncs kept failing for it; a wait that has passed is not shown."""
+    from io import StringIO
+
+    from service.spec.keys import MAVERA_BLOCKED_KEY
+    from service.status_text import render
+
+    now = int(time.time() * 1000)
+    r.set(MAVERA_BLOCKED_KEY, now + 600_000)
+    report = collect(r, None, Settings(), now_ms=now)
+    assert report["mavera"]["blocked_until_ms"] == now + 600_000
+    out = StringIO()
+    render(report, out)
+    assert "waiting: Mavera asked (Retry-After) that no worker call it before" in out.getvalue()
+    r.set(MAVERA_BLOCKED_KEY, now - 1)
+    assert collect(r, None, Settings(), now_ms=now)["mavera"]["blocked_until_ms"] is None
 
 
 @pytest.mark.parametrize("policy", ["allkeys-lru"])

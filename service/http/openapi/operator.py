@@ -104,7 +104,9 @@ SCHEMAS: dict[str, Schema] = {
             "workers": {**INT, "description": "Live RQ workers"},
             "unreachable": {**STR, "description": "Instead of the counts: why the queue Redis could not be read"}},
             required=[], description="The RQ queue; null when this process has no queue configured")),
-        "mavera": closed({"paused": BOOL, "reason": NULL_STR, "since_ms": nullable(MS)}),
+        "mavera": closed({"paused": BOOL, "reason": NULL_STR, "since_ms": nullable(MS),
+                          "blocked_until_ms": {**nullable(MS), "description": "Mavera asked (Retry-After) that no "
+                                               "worker call it before then; null: no such wait"}}),
         "refusals": closed({"logged": INT, "last_hour": INT,
                             "last_hour_by_status": {"type": "object", "additionalProperties": INT}},
                            description="Requests refused before authentication (GET /admin/refusals)"),
