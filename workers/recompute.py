@@ -130,10 +130,7 @@ def _basis_moved(client: redis.Redis, keys: Keys, stored: str | None, current: s
     ``current`` (None: they do)."""
     if stored is None:  # nothing computed yet holds under any basis; else an older version's result
         return "contributions without a recorded basis" if client.exists(keys.contributions) else None
-    day, _, rest = stored.partition(":")
-    digest, _, gen = rest.partition(":")
-    now_day, _, now_rest = current.partition(":")
-    now_digest, _, now_gen = now_rest.partition(":")
+    (day, digest, gen), (now_day, now_digest, now_gen) = _basis_parts(stored), _basis_parts(current)
     if day != now_day:
         return "a new UTC day: churn, 30-day sessions and the spend window moved for every profile"
     if digest != now_digest:
@@ -141,6 +138,12 @@ def _basis_moved(client: redis.Redis, keys: Keys, stored: str | None, current: s
     if gen != now_gen:  # the contributions are of the other generation's profile ids
         return "a rebuild switched the space to another generation of profiles"
     return None
+
+
+def _basis_parts(b: str) -> tuple[str, str, str]:
+    """(day, digest, generation) of a basis (``basis``); "" for a part it leaves out."""
+    day, digest, gen = (b.split(":", 2) + ["", ""])[:3]
+    return day, digest, gen
 
 
 Entry = tuple[str, str | None, A.Contribution]  # (cluster, pattern, contribution) of one profile
@@ -309,7 +312,7 @@ def refresh(client: redis.Redis, settings: Settings, space: str, now_ms: int | N
         # clock) computes as of that recompute's day, rather than redo everything for the day before
         recorded = client.get(keys.recompute_basis)
         stored = recorded.decode() if recorded is not None else None
-        stored_day = (stored or "").partition(":")[0]
+        stored_day = _basis_parts(stored or "")[0]
         if stored_day.isdigit():
             now_ms = max(now_ms, as_of(int(stored_day) * DAY_MS))
         current = basis(settings, now_ms, keys.gen)
