@@ -275,7 +275,8 @@ def _without_erased(raw: bytes, ids: set[str]) -> bytes | None:
         events = doc
     else:
         return b"" if event_belongs(doc, ids) else None
-    rest = [e for e in events if not event_belongs(e, ids)]
+    keep = [not event_belongs(e, ids) for e in events]
+    rest = [e for e, k in zip(events, keep, strict=True) if k]
     if len(rest) == len(events):
         return None
     if not rest:
@@ -286,7 +287,7 @@ def _without_erased(raw: bytes, ids: set[str]) -> bytes | None:
         except ValueError:
             texts = []
         if len(texts) == len(events):
-            return b"[" + b",".join(t for t, e in zip(texts, events, strict=True) if not event_belongs(e, ids)) + b"]"
+            return b"[" + b",".join(t for t, k in zip(texts, keep, strict=True) if k) + b"]"
     kept = {**doc, "batch": rest} if isinstance(doc, dict) else rest
     try:
         return orjson.dumps(kept)
