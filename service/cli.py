@@ -280,11 +280,11 @@ def cmd_replay_dead_letters(settings: Settings, args: argparse.Namespace) -> int
             _print_report(exc.report, False)
             if exc.reason:
                 print(f"persona-sync replay-dead-letters: {exc.reason}", file=sys.stderr)
-            _purge_if_due(settings, space)
+            _purge_if_due(settings, space, client=client)
             print("stopped; the dead letters that applied are removed, the rest are kept: run "
                   "`persona-sync replay-dead-letters` again to carry on", file=sys.stderr)
             return 1 if exc.reason else 130
-    _purge_if_due(settings, space)
+    _purge_if_due(settings, space, client=client)
     print(f"{counts['replayed']} of {counts['entries']} dead letters replayed ({counts['events_applied']} events "
           f"applied); {counts['kept']} still invalid and kept: see `persona-sync dead-letters list`")
     if counts["unauthenticated"]:
@@ -445,31 +445,32 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
             print(f"persona-sync {args.command}: {exc.reason}", file=sys.stderr)
         print(f"stopped{' at ' + exc.report.stopped if exc.report.stopped else ''}; continue with: "
               f"persona-sync {resume}", file=sys.stderr)
-        _purge_if_due(settings, space, options.dry_run)
+        _purge_if_due(settings, space, options.dry_run, client)
         return 1 if exc.reason else 130
     finally:
         reporter.close()
     _print_report(report, options.dry_run)
-    _purge_if_due(settings, space, options.dry_run)
+    _purge_if_due(settings, space, options.dry_run, client)
     return 0
 
 
-def _purge_if_due(settings: Settings, space: str, dry_run: bool = False) -> None:
+def _purge_if_due(settings: Settings, space: str, dry_run: bool = False, client: Any = None) -> None:
     """Deletions an import or a replay applied leave the erased users' ids waiting in ``Keys.forgotten_ids`` and
     their events in the log, the dead letters and the archive: the purge job the receiver queues after a delete is
-    queued here too, on whatever path the run ended (done, stopped, failed)."""
+    queued here too, on whatever path the run ended (done, stopped, failed). ``client``: the run's STATE client.
+    The clients are not the commands' checked ones: a run stopped by Redis going away still prints its hint."""
     import redis
     from rq import Queue
 
-    from service.spec.keys import Keys
-    from service.state.queue import queue_purge
+    from service.state import connect
+    from service.state.queue import queue_purge_if_due
 
     if dry_run:
         return
     try:
-        if not state_client(settings).scard(Keys(space).forgotten_ids):
+        if not queue_purge_if_due(client or connect.state_client(settings),
+                                  Queue(QUEUE_NAME, connection=connect.queue_client(settings)), space):
             return
-        queue_purge(Queue(QUEUE_NAME, connection=queue_client(settings)), space)
     except (redis.RedisError, OSError) as exc:
         print(f"persona-sync: deletions were applied, but their purge could not be queued ({exc}); the purge "
               "queued with the next deletion does it", file=sys.stderr)

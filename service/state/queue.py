@@ -23,6 +23,17 @@ JOBS = (REFRESH_JOB, FULL_RECOMPUTE_JOB, RECOMPUTE_CHUNK_JOB, SYNC_JOB, PURGE_JO
 CRON_CONFIG = "workers.cron"  # the module that registers the scheduled jobs with rq's cron
 
 
+def queue_purge_if_due(client: Any, queue: Any, space: str) -> bool:
+    """``queue_purge`` when deletions an import or a replay applied left erased ids waiting (``Keys.forgotten_ids``);
+    whether it did. ``client``: the STATE Redis."""
+    from service.spec.keys import Keys
+
+    if not client.scard(Keys(space).forgotten_ids):
+        return False
+    queue_purge(queue, space)
+    return True
+
+
 def queue_purge(queue: Any, space: str) -> None:
     """After deletions: the job that purges the erased users' events from the log, the dead letters and the archive
     (retried for hours: the archive's lock may be held meanwhile). ``queue``: an rq ``Queue``."""

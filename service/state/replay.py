@@ -59,7 +59,7 @@ from service.spec.events import (
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys, replay_cancel
 from service.spec.rates import OUTCOME_OF
-from service.state.queue import QUEUE_NAME, queue_purge
+from service.state.queue import QUEUE_NAME, queue_purge_if_due
 from service.state.rates import count_applied
 from service.state.store import DEDUPE_BUCKETS, REDIS_DOWN, StoreUnavailable, SyncStore, delete_dead_letters, state_keys
 
@@ -779,6 +779,6 @@ def replay_job(space: str, spec: dict[str, Any]) -> dict[str, Any]:
     if job is not None:
         job.meta.update(done=done, total=total, stopped=report.interrupted)
         job.save_meta()
-        if not options.dry_run and client.scard(key.forgotten_ids):  # deletions applied: as the receiver does
-            queue_purge(Queue(QUEUE_NAME, connection=job.connection), space)
+        if not options.dry_run:  # deletions applied: as the receiver does
+            queue_purge_if_due(client, Queue(QUEUE_NAME, connection=job.connection), space)
     return {"space": space, "source": source, "rate": options.rate or 0, **report.as_dict()}
