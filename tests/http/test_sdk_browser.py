@@ -168,6 +168,12 @@ def wait_for(check: Callable[[], bool], driver: Any, recorder: Recorder, seconds
         time.sleep(0.1)
 
 
+def answered(recorder: Recorder) -> bool:
+    """Every POST so far has had its answer started: the events are in Redis before the answer goes out, so a
+    check of the state alone can come a moment before the answer's status is recorded."""
+    return all(q["status"] is not None for q in recorder.requests if q["method"] == "POST")
+
+
 CALLS = """analytics.page("Pricing");
   analytics.identify("browser-user", {email: "Browser.User@Example.com", plan: "pro"});
   analytics.track("Signed Up", {source: "pricing-page"});"""
@@ -180,7 +186,8 @@ def test_analytics_js_in_chromium_lands_on_the_profile(browser: Any, site: Any, 
 
     def arrived() -> bool:
         p = find(r, "user_id", "browser-user")
-        return p is not None and "web" in p.activity and {e.get("type") for e in logged(r)} >= {"page", "track"}
+        return p is not None and "web" in p.activity and {e.get("type") for e in logged(r)} >= {"page", "track"} \
+            and answered(recorder)
 
     wait_for(arrived, browser, recorder)
     profile = find(r, "user_id", "browser-user")
@@ -214,7 +221,7 @@ def test_analytics_js_batching_posts_to_v1_b(browser: Any, site: Any, r: redis.R
                                                                      "config": {"size": 3, "timeout": 200}}}}}
     pages.pages["/batched"] = snippet_page(WRITE_KEY, app.url, CALLS, batching)
     browser.get(f"{pages.origin}/batched")
-    wait_for(lambda: len(logged(r)) >= 3, browser, recorder)
+    wait_for(lambda: len(logged(r)) >= 3 and answered(recorder), browser, recorder)
     [batch] = [q for q in recorder.requests if q["method"] == "POST"]
     assert batch["path"] == "/v1/b" and batch["status"] == 200
     body = orjson.loads(batch["body"])
