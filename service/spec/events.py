@@ -32,7 +32,7 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -182,6 +182,9 @@ def parse_timestamp(value: Any) -> int:
     return _parse_iso(value)
 
 
+_EPOCH, _MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_iso(value: str) -> int:
     """Cached (at most 4,096 strings of at most 40 characters): the events of a batch share their receivedAt,
@@ -192,7 +195,7 @@ def _parse_iso(value: str) -> int:
         raise InvalidEvent(f"timestamp {value[:40]!r} is not ISO-8601") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    ms = int(dt.timestamp() * 1000)
+    ms = (dt - _EPOCH) // _MS  # exact: the float of timestamp() * 1000 put one in 170 times a millisecond early
     if ms < 0:  # no clock means a time before the epoch; and one before year 1 in UTC could not even be written out
         raise InvalidEvent(f"timestamp {value[:40]!r} is before 1970: the sender's clock is wrong")
     return ms
