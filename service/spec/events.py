@@ -258,6 +258,15 @@ def effective_time(event_ms: int, received_ms: int) -> int:
     return min(event_ms, received_ms)
 
 
+def effective_ms(raw: dict[str, Any], received_ms: int) -> int | None:
+    """The time an event took effect (as ``normalise`` works it out: its own, never later than its receipt), for
+    code that reads raw events back (the GDPR purge); None when its time cannot be read."""
+    try:
+        return effective_time(_event_time(raw, received_ms), _received_time(raw, received_ms))
+    except InvalidEvent:
+        return None
+
+
 def tracking_times(event: dict[str, Any], batch_sent_at: Any, received_ms: int) -> dict[str, Any]:
     """The times Segment's Tracking API gives an event, as a new dict: ``receivedAt`` is our receipt (a client's
     own receivedAt is overwritten), and when the client sent ``sentAt`` (its own, else the batch's) the clock skew

@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -31,7 +31,7 @@ import redis
 from service.config import Settings
 from service.spec.bodies import BodyError, Unparsed, item, object_members, parse_json
 from service.spec.clock import now_ms
-from service.spec.events import iso_ms
+from service.spec.events import effective_ms, iso_ms
 from service.spec.keys import DAY_MS, Keys
 
 HOUR_MS = 3_600_000
@@ -169,10 +169,9 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     if not root:
         client.delete(k.forgotten_ids)  # no archive: nothing to purge, and no reason to keep erased ids
         return 0
-    ids = client.smembers(k.forgotten_ids)
-    if not ids:
+    wanted = erased_ids(client, space)
+    if not wanted:
         return 0
-    wanted = {i.decode() for i in ids}
     token = None
     deadline = time.monotonic() + LOCK_TTL_MS / 1000
     while token is None:
@@ -186,8 +185,9 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
         for path in archive_files(root, space):
             _renew(client, space, token)
             kept, dropped = [], 0
+            received = int(path.name[:-3]) + HOUR_MS  # the file's lines were logged within its hour
             for line in archived_lines(path):
-                if belongs(line, wanted):
+                if belongs(line, wanted, received):
                     dropped += 1
                 else:
                     kept.append(line)
@@ -203,7 +203,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
             _renew(client, space, token)  # still ours: the archiver cannot have appended since we read the file
             os.replace(tmp, path)
             removed += dropped
-        client.srem(k.forgotten_ids, *ids)
+        client.srem(k.forgotten_ids, *wanted)
     finally:
         _unlock(client, space, token)
     return removed
@@ -216,20 +216,58 @@ def _renew(client: redis.Redis, space: str, token: str) -> None:
         raise RuntimeError(f"the archive lock of {space} lapsed during the purge; the job is retried")
 
 
-def belongs(line: bytes, ids: set[str]) -> bool:
-    """Whether a raw event (an archived line, a logged event) is one of an erased user's (by its userId,
-    anonymousId or email)."""
+Erased = dict[str, int | None]
+"""Erased userIds, anonymousIds and emails (``Keys.forgotten_ids``), each with the time (ms) up to which its events
+are erased, or None: all of them."""
+
+
+def erased_record(record: bytes) -> tuple[int, str]:
+    """An erased identifier's record in ``Keys.erased`` ('time|userId', written by apply.lua): the erasure's time
+    (ms) and the deleted userId ('' for an erasure by profile id)."""
+    at, _, uid = record.decode().partition("|")
+    return int(at), uid
+
+
+def erased_ids(client: redis.Redis, space: str) -> Erased:
+    """The ids the purge removes events of, each up to its latest deletion as a userId (``Keys.deleted``) or
+    erasure as an identifier (``Keys.erased``): an event after that is a returning person's, which the state
+    applied (only events at or before a deletion are suppressed), so the log, the dead letters and the archive keep
+    it. An id without either record (its suppression lifted since) loses all its events."""
+    k = Keys(space)
+    ids = sorted(i.decode() for i in client.smembers(k.forgotten_ids))
+    if not ids:
+        return {}
+    out: Erased = dict.fromkeys(ids)
+
+    def later(value: str, at: int) -> None:
+        if value in out:
+            known = out[value]
+            out[value] = at if known is None else max(known, at)
+
+    for value, at in zip(ids, client.hmget(k.deleted, ids), strict=True):
+        if at is not None:
+            later(value, int(float(at)))
+    for ident, record in client.hscan_iter(k.erased, count=1000):
+        kind, _, value = ident.decode().partition(":")
+        if kind in ("user_id", "anonymous_id", "email"):
+            later(value, erased_record(record)[0])
+    return out
+
+
+def belongs(line: bytes, ids: Erased, received_ms: int) -> bool:
+    """Whether a raw event (an archived line, a logged event received at ``received_ms``) is one of an erased
+    user's (by its userId, anonymousId or email) from before the erasure."""
     try:
         event = parse_json(line)
     except BodyError:
         return names(line, ids)  # unreadable: dropped if it names an erased id
-    return event_belongs(event, ids)
+    return event_belongs(event, ids, received_ms)
 
 
 _NUMBER = re.compile(rb"-?[0-9]+")
 
 
-def names(raw: bytes, ids: set[str]) -> bool:
+def names(raw: bytes, ids: Iterable[str]) -> bool:
     """Whether text that cannot be decoded names one of ``ids``: as a JSON string, or, for an id that is a number
     (a numeric userId, sent as ``"userId":4711``), as a bare value."""
     for i in ids:
@@ -241,20 +279,32 @@ def names(raw: bytes, ids: set[str]) -> bool:
     return False
 
 
-def event_belongs(event: object, ids: set[str]) -> bool:
-    """Whether a decoded event names an erased user (its userId, anonymousId, previousId or email); an element of
-    a batch too deep to decode (``Unparsed``), whether its text names one."""
+_TIMES = ("timestamp", "originalTimestamp", "receivedAt", "sentAt")
+
+
+def event_belongs(event: object, ids: Erased, received_ms: int) -> bool:
+    """Whether a decoded event (received at ``received_ms``) names an erased user (its userId, anonymousId,
+    previousId or email) and took effect at or before that user's erasure; an element of a batch too deep to decode
+    (``Unparsed``), whether its top level does, or else its text names one."""
     if isinstance(event, Unparsed):  # its top level is read without decoding what lies deeper
         raw = event.raw
         try:
             members = object_members(raw)
-            event = {f: orjson.loads(members[f]) for f in ("userId", "anonymousId", "previousId") if f in members}
+            event = {f: orjson.loads(members[f]) for f in ("userId", "anonymousId", "previousId", *_TIMES)
+                     if f in members}
         except (ValueError, orjson.JSONDecodeError):  # not even that: dropped if its text names an erased id
             return names(raw, ids)
     if not isinstance(event, dict):
         return False
-    return any(isinstance(event.get(f), str | int) and f"{event[f]}".strip() in ids
-               for f in ("userId", "anonymousId", "previousId")) or any(e in ids for e in _emails(event))
+    named = [f"{event[f]}".strip() for f in ("userId", "anonymousId", "previousId")
+             if isinstance(event.get(f), str | int)]
+    bounds = [ids[i] for i in (*named, *_emails(event)) if i in ids]
+    if not bounds:
+        return False
+    if None in bounds:
+        return True
+    at = effective_ms(event, received_ms)
+    return at is None or any(at <= b for b in bounds if b is not None)
 
 
 def _emails(event: dict) -> Iterator[str]:

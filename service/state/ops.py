@@ -13,7 +13,7 @@ from service.spec.clock import now_ms
 from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
-from service.state.archive import belongs, event_belongs, purge_archive
+from service.state.archive import Erased, belongs, erased_ids, erased_record, event_belongs, purge_archive
 from service.state.connect import state_client
 from service.state.generations import other_generations
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
@@ -93,13 +93,6 @@ def forget(client: redis.Redis, settings: Settings, space: str, identifier: str,
     return outcome, user_id
 
 
-def erased_record(record: bytes) -> tuple[int, str]:
-    """An erased identifier's record in ``Keys.erased`` ('time|userId', written by apply.lua): the erasure's time
-    (ms) and the deleted userId ('' for an erasure by profile id)."""
-    at, _, uid = record.decode().partition("|")
-    return int(at), uid
-
-
 def _erased_identifiers(client: redis.Redis, space: str) -> dict[tuple[str, int], list[str]]:
     """The identifiers erased with a profile (``Keys.erased``), by (deleted userId or '', erasure time)."""
     out: dict[tuple[str, int], list[str]] = {}
@@ -161,16 +154,16 @@ def _lift_erasure(client: redis.Redis, k: Keys, ident: str) -> bool:
 
 
 def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
-    """Delete the logged events of erased profiles (and of profiles merged into them), and those that name an erased
-    userId or anonymousId (``Keys.forgotten_ids``: entries logged before a rebuild carry the previous generation's
-    profile ids). Returns entries removed.
+    """Delete the logged events of erased profiles (and of profiles merged into them), and those from before the
+    erasure that name an erased userId, anonymousId or email (``erased_ids``: entries logged before a rebuild carry
+    the previous generation's profile ids). Returns entries removed.
 
     Runs as a job after a delete: scanning the log does not belong in the request path. The erased ids stay for
     the archive's purge, which runs next (``purge_job``).
     """
     k = Keys(space)
     forgotten = {m for m in client.smembers(k.forgotten_profiles)}
-    ids = {i.decode() for i in client.smembers(k.forgotten_ids)}
+    ids = erased_ids(client, space)
     if not forgotten and not ids:
         return 0
     removed, start = 0, "-"
@@ -178,8 +171,8 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
         rows = client.xrange(k.log, min=start, max="+", count=chunk)
         if not rows:
             break
-        doomed = [eid for eid, fields in rows
-                  if fields.get(b"p") in forgotten or (ids and belongs(fields.get(b"e", b""), ids))]
+        doomed = [eid for eid, fields in rows if fields.get(b"p") in forgotten
+                  or (ids and belongs(fields.get(b"e", b""), ids, int(eid.split(b"-")[0])))]
         if doomed:
             removed += client.xdel(k.log, *doomed)
         last = rows[-1][0].decode()
@@ -196,8 +189,8 @@ def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
     """After an erasure: the erased users' profiles in the generations a rebuild left (or is building), then their
     events out of the log, the dead letters and the archive files (whose purge forgets the erased ids); returns
     profiles, entries and lines erased, removed or rewritten."""
-    ids = {i.decode() for i in client.smembers(Keys(space).forgotten_ids)}
-    return (erase_in_other_generations(client, settings, space, ids) + purge_forgotten(client, space)
+    ids = erased_ids(client, space)
+    return (erase_in_other_generations(client, settings, space, set(ids)) + purge_forgotten(client, space)
             + purge_dead_letters(client, settings, space, ids) + purge_archive(client, settings, space))
 
 
@@ -232,8 +225,9 @@ def erase_identified(client: redis.Redis, settings: Settings, space: str, identi
     return len(pids)
 
 
-def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids: set[str], chunk: int = 500) -> int:
-    """GDPR: the dead letters lose the events of the erased users ``ids`` (by userId, anonymousId or previousId).
+def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids: Erased, chunk: int = 500) -> int:
+    """GDPR: the dead letters lose the events of the erased users ``ids`` (by userId, anonymousId, previousId or
+    email) from before their erasure (``erased_ids``).
     An entry that is one such event, or a body that cannot be read and names one of them, is deleted; a body of
     several events keeps the others, rewritten as a new entry (same reason, source and receipt time) at the end of
     the stream. Returns entries deleted or rewritten."""
@@ -246,7 +240,7 @@ def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids:
     while True:
         rows = client.xrange(key, min=start, max="+", count=chunk)
         for entry_id, fields in rows:
-            kept = _without_erased(fields.get(b"raw", b""), ids)
+            kept = _without_erased(fields.get(b"raw", b""), ids, _received(entry_id, fields))
             if kept is None:
                 continue
             changed.append(entry_id)
@@ -262,20 +256,26 @@ def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids:
     return len(changed)
 
 
-def _without_erased(raw: bytes, ids: set[str]) -> bytes | None:
+def _received(entry_id: bytes, fields: dict[bytes, bytes]) -> int:
+    """When a dead letter was received: its 'at' (ms), else its entry's time."""
+    at = fields.get(b"at", b"")
+    return int(at) if at.isdigit() else int(entry_id.split(b"-")[0])
+
+
+def _without_erased(raw: bytes, ids: Erased, received_ms: int) -> bytes | None:
     """A dead letter's body without the erased users' events: None when it holds none of them, b"" when nothing
     is left of it (or it cannot be read and names one of them)."""
     try:
         doc = parse_json(raw)
     except BodyError:
-        return b"" if belongs(raw, ids) else None
+        return b"" if belongs(raw, ids, received_ms) else None
     if isinstance(doc, dict) and isinstance(doc.get("batch"), list):  # a Tracking API batch
         events: list = doc["batch"]
     elif isinstance(doc, list):  # a Webhooks (Actions) batch
         events = doc
     else:
-        return b"" if event_belongs(doc, ids) else None
-    keep = [not event_belongs(e, ids) for e in events]
+        return b"" if event_belongs(doc, ids, received_ms) else None
+    keep = [not event_belongs(e, ids, received_ms) for e in events]
     rest = [e for e, k in zip(events, keep, strict=True) if k]
     if len(rest) == len(events):
         return None

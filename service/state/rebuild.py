@@ -38,11 +38,11 @@ from service.config import Settings
 from service.spec.clock import now_ms
 from service.spec.identity import IdentityRules
 from service.spec.keys import TOMBSTONE, Keys
-from service.state.archive import archive_files
+from service.state.archive import archive_files, erased_record
 from service.state.connect import scan_space
 from service.state.generations import drop_generation, generations, next_generation
 from service.state.locks import held_lock
-from service.state.ops import erase_identified, erased_record, purge_erased, user_deletion
+from service.state.ops import erase_identified, purge_erased, user_deletion
 from service.state.replay import Options, Report, file_records, log_records, run
 from service.state.store import SyncStore, state_keys
 

@@ -170,11 +170,27 @@ def test_an_event_that_reached_the_person_by_email_alone_leaves_the_archive_and_
 def test_text_that_cannot_be_decoded_belongs_to_an_erased_numeric_user_id_written_bare() -> None:
     """Segment allows a number as userId: a malformed body with ``"userId":4711`` names the erased user 4711 (the
     text search looked only for ``"4711"``), and one naming 47110 does not."""
-    assert belongs(b'{"userId":4711, "event": "x", "properties": {', {"4711"})
-    assert belongs(b'{"userId" : -12 }{', {"-12"})
-    assert not belongs(b'{"userId":47110, "event": {', {"4711"})
-    assert not belongs(b'{"event": "4711 items", [', {"4711"})
-    assert belongs(b'{"userId":"ada", [', {"ada"})
+    assert belongs(b'{"userId":4711, "event": "x", "properties": {', {"4711": None}, 0)
+    assert belongs(b'{"userId" : -12 }{', {"-12": None}, 0)
+    assert not belongs(b'{"userId":47110, "event": {', {"4711": None}, 0)
+    assert not belongs(b'{"event": "4711 items", [', {"4711": None}, 0)
+    assert belongs(b'{"userId":"ada", [', {"ada": None}, 0)
+
+
+def test_an_event_belongs_to_an_erasure_up_to_its_time_by_the_time_it_took_effect() -> None:
+    """An event is purged when it named an erased id and took effect at or before that id's erasure, judged as the
+    state judged it: its own time, never later than its receipt; without a time of the erasure (a lifted
+    suppression), or with an unreadable time of its own, it is purged."""
+    from service.state.archive import event_belongs
+
+    erased = {"ada": 1_000, "lifted": None}
+    assert event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:01Z"}, erased, 5_000)
+    assert not event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:01.001Z"}, erased, 5_000)
+    assert event_belongs({"userId": "ada", "timestamp": "2099-01-01T00:00:00Z"}, erased, 900)  # capped by receipt
+    assert event_belongs({"anonymousId": "x", "context": {"traits": {"email": "ADA"}}}, erased, 900)
+    assert event_belongs({"userId": "ada", "timestamp": "not a time"}, erased, 5_000)
+    assert event_belongs({"userId": "lifted", "timestamp": "2099-01-01T00:00:00Z"}, erased, 5_000)
+    assert not event_belongs({"userId": "bob", "timestamp": "1970-01-01T00:00:00Z"}, erased, 5_000)
 
 
 def test_replay_from_archive_command(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
@@ -242,3 +258,46 @@ def test_a_failed_append_leaves_the_file_readable(tmp_path: Path, monkeypatch) -
     monkeypatch.undo()
     archive._append(path, [b'{"n":3}'])
     assert [orjson.loads(line)["n"] for line in archived_lines(path)] == [1, 3]
+
+
+def test_the_purge_keeps_what_a_returning_user_sent_after_the_deletion(r: redis.Redis, tmp_path: Path) -> None:
+    """Only a deleted userId's events up to its deletion are suppressed: later ones are a returning person's, and
+    the state applies them. A purge that ran after they arrived (a busy queue, a worker down for a while) removed
+    them from the log, the dead letters and the archive as well, and a rebuild then lost that person."""
+    from service.state.ops import purge_erased
+    from service.state.rebuild import rebuild
+    from service.state.store import SyncStore
+
+    s = settings_for(tmp_path)
+    before, deleted, after = "2026-03-01T10:00:00Z", "2026-03-02T10:00:00Z", "2026-03-03T10:00:00Z"
+    k = Keys(SPACE)
+    apply(r, [{"type": "identify", "userId": "back", "anonymousId": "b-anon", "messageId": "1", "timestamp": before,
+               "traits": {"email": "Back@Example.com"}},
+              {"type": "page", "userId": "stays", "messageId": "2", "timestamp": before}], settings=s)
+    store = SyncStore(r, s)
+    store.dead_letters(SPACE, [("old", orjson.dumps({"type": "track", "userId": "back", "timestamp": before}))],
+                       "webhook")
+    apply(r, [{"type": "delete", "userId": "back", "messageId": "3", "timestamp": deleted}], settings=s)
+    returned = [{"type": "identify", "userId": "back", "anonymousId": "b-anon", "messageId": "4", "timestamp": after,
+                 "traits": {"email": "back@example.com"}},
+                {"type": "page", "anonymousId": "b-anon", "messageId": "5", "timestamp": after},
+                {"type": "page", "anonymousId": "b-anon", "messageId": "6", "timestamp": before}]
+    assert [o.status for o in apply(r, returned, settings=s)] == ["ok", "ok", "suppressed"]
+    store.dead_letters(SPACE, [("new", orjson.dumps({"type": "track", "userId": "back", "timestamp": after})),
+                               ("batch", orjson.dumps([{"type": "track", "anonymousId": "b-anon", "timestamp": t}
+                                                       for t in (before, after)]))], "webhook")
+    archive_space(r, s, SPACE)
+
+    assert purge_erased(r, s, SPACE) > 0
+
+    assert sorted(orjson.loads(f[b"e"])["messageId"] for _, f in r.xrange(k.log)) == ["2", "4", "5"]
+    assert sorted(orjson.loads(line)["messageId"] for line in lines(tmp_path)) == ["2", "4", "5"]
+    kept = {f[b"reason"]: orjson.loads(f[b"raw"]) for _, f in r.xrange(k.dead_letters)}
+    assert kept == {b"new": {"type": "track", "userId": "back", "timestamp": after},
+                    b"batch": [{"type": "track", "anonymousId": "b-anon", "timestamp": after}]}
+    assert r.scard(k.forgotten_ids) == 0
+    rebuild(r, s, SPACE, force=True)
+    person = find(r, "user_id", "back")
+    assert person is not None and person.traits["email"].value == "back@example.com"
+    assert {(i.type, i.value) for i in person.identifiers} >= {("anonymous_id", "b-anon"),
+                                                              ("email", "back@example.com")}
