@@ -7,7 +7,12 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 
-from service.spec.bodies import skip_space, value_end
+from service.spec.bodies import MAX_EVENT_BYTES, skip_space, value_end
+
+# How far the first element of an Actions batch is looked for: 8 times the largest event Segment takes. The scan
+# runs before the signature is known to be good, so it must not walk megabytes of brackets for an attacker (a
+# 16 KB gzip inflates to 16 MB of '[': seconds of a blocked event loop).
+SIGNED_ELEMENT_MAX = 8 * MAX_EVENT_BYTES
 
 
 def signed_part(body: bytes) -> bytes:
@@ -16,8 +21,9 @@ def signed_part(body: bytes) -> bytes:
     Actions computes ``HMAC(JSON.stringify(payload[0]))``; re-serialising in Python would not reproduce
     JavaScript's spacing and escaping, so the first element's exact bytes are cut out of the raw text. The cut is
     found by scanning tokens with a stack of open brackets, never by a recursive parser: a body nested thousands of
-    levels deep costs one linear scan (a recursive decoder raised RecursionError: a 500). Raises ``ValueError`` when
-    the body has no complete first element; whether it is valid JSON is the parser's business, after the signature.
+    levels deep costs one linear scan (a recursive decoder raised RecursionError: a 500), of at most
+    ``SIGNED_ELEMENT_MAX`` bytes. Raises ``ValueError`` when the body has no complete first element within them;
+    whether it is valid JSON is the parser's business, after the signature.
     """
     stripped = body.lstrip()
     if not stripped.startswith(b"["):
@@ -25,7 +31,7 @@ def signed_part(body: bytes) -> bytes:
     start = skip_space(body, len(body) - len(stripped) + 1)
     if start >= len(body) or body[start] in b"],":
         raise ValueError("no first element")
-    return body[start:value_end(body, start)]
+    return body[start:value_end(body, start, SIGNED_ELEMENT_MAX)]
 
 
 def signature_ok(body: bytes, header: str | None, secrets: Iterable[str]) -> bool:

@@ -53,7 +53,8 @@ UNKEPT = "nothing of this request was kept"
 
 
 async def _unauthenticated(request: Request, space: str, status: int, reason: str, size: int) -> None:
-    """Log a refusal that came before authentication succeeded: metadata only (see ``REFUSALS_KEY``).
+    """Log a refusal that came before authentication succeeded, or of a body too large to apply however it is
+    replayed (413): metadata only (see ``REFUSALS_KEY``).
 
     The body is never stored: what failed authentication must never become replayable, nor fill Redis. The
     address is the peer as the ASGI server reports it (uvicorn applies X-Forwarded-For only from
@@ -75,7 +76,11 @@ async def _refuse_unread(request: Request, space: str, exc: BodyError) -> JSON:
 
 async def _refuse(request: Request, space: str, exc: BodyError, body: bytes, source: str) -> JSON:
     """An authenticated (or open-mode) body refused as a whole: kept as a dead letter for the operator. With
-    nowhere to keep it, 503: Segment sends it again, where a 4xx would be final and the body lost."""
+    nowhere to keep it, 503: Segment sends it again, where a 4xx would be final and the body lost. A 413 keeps
+    only its metadata: a replay would refuse it again (the sender splits it and sends it again)."""
+    if exc.status == 413:
+        await _unauthenticated(request, space, 413, exc.message, len(body))
+        return refused(413, f"{exc.message}; {UNKEPT} (only its time, size and source address)")
     try:
         kept = without_write_key(body) if source == "tracking" else body
         await request.app.state.store.dead_letter(space, exc.message, kept, source)
@@ -192,7 +197,7 @@ async def tracking(request: Request) -> Response:
     except BodyError as exc:
         return await _refuse_unread(request, space, exc)
     try:
-        doc = parse_json(body)
+        doc = parse_json(body, arrays=False)
     except BodyError as exc:  # the write key may be in the body: kept only if the header's key is valid (or open)
         header_space = auth.write_key_space([auth.basic_username(header), auth.bearer_token(header)], keys)
         if keys and header_space is None:

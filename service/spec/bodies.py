@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,17 +41,19 @@ _SCALAR = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[^\s,\]]+', re.DOTALL)
 JSON_SPACE = b" \t\r\n"
 
 
-def value_end(body: bytes, start: int) -> int:
+def value_end(body: bytes, start: int, within: int | None = None) -> int:
     """Where the JSON value that begins at ``start`` ends, found by scanning tokens with a stack of open brackets,
     never by a recursive parser: a value nested thousands of levels deep costs one linear scan. Raises
-    ``ValueError`` when it does not end; whether it is valid JSON is the parser's business."""
+    ``ValueError`` when it does not end (within ``within`` bytes, when given); whether it is valid JSON is the
+    parser's business."""
+    end = len(body) if within is None else min(len(body), start + within)
     if body[start] not in b"[{":
-        scalar = _SCALAR.match(body, start)
+        scalar = _SCALAR.match(body, start, end)
         if scalar is None:
             raise ValueError("no value")
         return scalar.end()
     open_brackets = bytearray()
-    for token in _TOKEN.finditer(body, start):
+    for token in _TOKEN.finditer(body, start, end):
         c = body[token.start()]
         if c == 0x22:  # '"'
             if token.end() - token.start() == 1:
@@ -137,7 +140,10 @@ class Unparsed:
     raw: bytes
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, arrays: bool = True) -> Any:
+    """The document, or ``BodyError``. ``arrays``: a bare array (a Webhooks (Actions) batch) whose parse fails on
+    depth is split into its elements, the ones too deep kept as ``Unparsed``; off where an array is no valid body
+    anyway (the Tracking API), so that an unauthenticated body does not cost the split's scan."""
     if not body.strip():
         raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch",
                         len(body))
@@ -148,8 +154,10 @@ def parse_json(body: bytes) -> Any:
             repaired = repair_surrogates(body)
             if repaired is not None:
                 return repaired
-        if "depth limit" in str(exc) and body.lstrip()[:1] == b"[":
-            parsed = _elements_apart(body)
+        if "depth limit" in str(exc):
+            first = body.lstrip()[:1]
+            parsed = (_elements_apart(body) if first == b"[" and arrays
+                      else _batch_apart(body) if first == b"{" else None)
             if parsed is not None:
                 return parsed
         raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None
@@ -171,6 +179,25 @@ def _elements_apart(body: bytes) -> list[Any] | None:
                 return None
             out.append(Unparsed(raw))
     return out
+
+
+def _batch_apart(body: bytes) -> dict[str, Any] | None:
+    """A Tracking API batch whose parse failed on depth: its members parsed apart, and its ``batch`` element by
+    element (``_elements_apart``), so that one event too deep is refused alone, not the whole batch with the
+    others (and, with the write key only in the body, nothing kept at all). None when it is not such a body."""
+    try:
+        members = object_members(body)
+    except ValueError:
+        return None
+    batch = _elements_apart(members["batch"]) if "batch" in members else None
+    if batch is None:
+        return None
+    try:
+        doc = {key: orjson.loads(text) for key, text in members.items() if key != "batch"}
+    except orjson.JSONDecodeError:
+        return None  # too deep outside the events (a shared context): refused whole
+    doc["batch"] = batch
+    return doc
 
 
 # A JSON string escape: an escaped backslash (kept, so that `\\ud800` stays text), a high + low surrogate pair
@@ -303,7 +330,7 @@ def webhook_items(doc: Any, body: bytes, received_ms: int) -> list[Item]:
     if isinstance(doc, list):
         if len(doc) > MAX_ACTIONS_BATCH:
             raise BodyError(413, f"batch of {len(doc)} events; Webhooks (Actions) sends at most {MAX_ACTIONS_BATCH}")
-        items = [item(e, None, received_at) for e in doc]
+        items = _as_sent(body, [item(e, None, received_at) for e in doc])
         for n, e in enumerate(doc):  # a delete is rare: its first letter spares the others a lower() (inline, not
             kind = e.get("type") if type(e) is dict else None  # _call_type: a call per event costs 0.03 µs)
             if isinstance(kind, str) and kind[:1] in "dD":
@@ -325,7 +352,10 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         event = tracking_times(doc, None, received_ms)
         event.pop("writeKey", None)
         event.setdefault("type", kind)
-        return [_tracking_only(item(event))]
+        single = item(event)
+        if single.error and not single.raw:
+            single = Item(single.obj, without_write_key(body), single.error)
+        return [_tracking_only(single)]
     items: list[Item] = []
     events = batch_events(doc)  # validates the batch first
     for sent, e in zip(doc["batch"], events, strict=True):
@@ -343,7 +373,50 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         if isinstance(e, dict):
             e = tracking_times(e, doc.get("sentAt"), received_ms)
         items.append(_tracking_only(item(e)))
-    return items
+    items = _as_sent(body, items, lambda text: array_elements(object_members(text)["batch"]))
+    return [Item(it.obj, without_write_key(it.raw), it.error) if it.error else it for it in items]
+
+
+def _as_sent(body: bytes, items: list[Item], elements: Callable[[bytes], list[bytes]] | None = None) -> list[Item]:
+    """The items of a batch, those refused as too deep to write out again (nested past 254 levels, and past
+    Python's recursion limit too, so ``item`` kept nothing) with the text they were sent as, for their dead letter.
+    ``elements``: the events' texts in ``body`` (an Actions array's, by default); read only when needed."""
+    lost = [n for n, it in enumerate(items) if it.error and not it.raw]
+    if not lost:
+        return items
+    try:
+        texts = (elements or array_elements)(body)
+    except (ValueError, KeyError):
+        return items
+    if len(texts) != len(items):
+        return items
+    out = list(items)
+    for n in lost:
+        out[n] = Item(items[n].obj, texts[n], items[n].error)
+    return out
+
+
+# What a batch's shared context may add up to once merged into each of its events: a copy is kept with every event,
+# so a 500 KB body with a 30 KB context and 2,500 events would store 75 MB and copy its keys millions of times
+# (seconds of a blocked event loop, gigabytes of memory) before any event was refused. SDKs send a context of a few
+# hundred bytes, or one per event.
+MAX_SHARED_CONTEXT_TOTAL = 4 * 1024 * 1024
+
+
+def _check_shared_context(context: dict[str, Any], events: int) -> None:
+    """Refuse the batch (413) whose shared context would make an event too large, or the batch too large once
+    merged into every event; measured once, before anything is merged."""
+    try:
+        size = len(orjson.dumps(context))
+    except orjson.JSONEncodeError:
+        return  # too deep to write: each event is refused as too deep, with its text
+    if size > MAX_EVENT_BYTES:
+        raise BodyError(413, f"the batch's shared context is {size} bytes: merged into each event it passes the "
+                             f"Tracking API's {MAX_EVENT_BYTES} bytes per event; send a smaller context")
+    if size * events > MAX_SHARED_CONTEXT_TOTAL:
+        raise BodyError(413, f"the batch's shared context ({size} bytes) would be kept with each of its {events} "
+                             f"events, {size * events} bytes in all (at most {MAX_SHARED_CONTEXT_TOTAL}): send "
+                             "smaller batches, or the context in the events")
 
 
 def batch_events(doc: dict[str, Any]) -> list[Any]:
@@ -357,6 +430,8 @@ def batch_events(doc: dict[str, Any]) -> list[Any]:
         raise BodyError(413, f"batch of {len(batch)} events; the Tracking API allows {MAX_BATCH_EVENTS}")
     shared_ctx = doc.get("context") if isinstance(doc.get("context"), dict) else None
     shared_int = doc.get("integrations") if isinstance(doc.get("integrations"), dict) else None
+    if shared_ctx:
+        _check_shared_context(shared_ctx, len(batch))
     out: list[Any] = []
     for e in batch:
         if isinstance(e, dict):

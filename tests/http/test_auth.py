@@ -8,7 +8,15 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.http.auth import basic_username, bearer_token, signature_ok, signed_part, token_ok, write_key_space
+from service.http.auth import (
+    SIGNED_ELEMENT_MAX,
+    basic_username,
+    bearer_token,
+    signature_ok,
+    signed_part,
+    token_ok,
+    write_key_space,
+)
 from tests.conftest import SECRET, fixture_bytes, fixture_json
 
 
@@ -52,6 +60,29 @@ def test_signed_part_of_deep_or_broken_bodies_is_linear_and_never_recursive() ->
         except ValueError:
             continue
         raise AssertionError(broken)
+
+
+def test_the_first_element_is_looked_for_in_a_bounded_stretch_of_the_body() -> None:
+    """The scan runs before the signature is known to be good: a 16 KB gzip of 16 MB of brackets cost seconds of a
+    blocked event loop. The first element is looked for within ``SIGNED_ELEMENT_MAX`` bytes (8 times the largest
+    event Segment takes); past that the body is unsigned, however it goes on."""
+    import hashlib
+    import hmac
+
+    event = orjson.dumps({"type": "track", "properties": {"p": "x" * (SIGNED_ELEMENT_MAX - 100)}})
+    body = b"[" + event + b"]"
+    good = hmac.new(SECRET.encode(), event, hashlib.sha1).hexdigest()
+    assert signed_part(body) == event and signature_ok(body, good, [SECRET])
+    longer = orjson.dumps({"type": "track", "properties": {"p": "x" * SIGNED_ELEMENT_MAX}})
+    too_long = b"[" + longer + b"]"
+    assert not signature_ok(too_long, hmac.new(SECRET.encode(), longer, hashlib.sha1).hexdigest(), [SECRET])
+    for attack in (b"[" * (16 * 1024 * 1024), b"[[" + b"[]," * 5_000_000):
+        try:
+            signed_part(attack)
+        except ValueError as exc:
+            assert "does not end" in str(exc) or "unterminated" in str(exc)
+            continue
+        raise AssertionError(attack[:8])
 
 
 @given(st.lists(st.recursive(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.text(),

@@ -340,6 +340,51 @@ def test_an_event_too_deep_in_a_batch_is_kept_whole_as_its_dead_letter(client: T
     assert kept and kept.count(b'{"d":') == 400 and b'"messageId":"deep"' in kept
 
 
+def test_an_event_too_deep_for_any_json_writer_keeps_its_text_as_its_dead_letter(client: TestClient,
+                                                                                   r: redis.Redis) -> None:
+    """Between Python's recursion limit and the parser's 1,024 levels, an event is decoded but neither JSON writer
+    can write it out again: its dead letter was kept empty. It keeps the text it was sent as, from an Actions batch,
+    a Tracking API batch (its write key blanked) and a single Tracking API call alike."""
+    from tests.conftest import WRITE_KEY
+
+    def deep(mid: str) -> bytes:
+        return (b'{"type":"track","event":"x","userId":"u","messageId":"' + mid.encode() + b'","writeKey":"'
+                + WRITE_KEY.encode() + b'","properties":' + b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"}")
+
+    ok = b'{"type":"track","event":"ok","userId":"u","messageId":"ok"}'
+    actions = post(client, b"[" + ok + b"," + deep("in-actions") + b"]", **{"X-Signature": sign(ok)})
+    tracking = client.post("/v1/batch", content=b'{"batch":[' + deep("in-batch") + b"]}", auth=(WRITE_KEY, ""))
+    single = client.post("/v1/track", content=deep("single"), auth=(WRITE_KEY, ""))
+    assert [x.status_code for x in (actions, tracking, single)] == [200, 200, 400]  # a single event: refused
+    assert [x.json()["rejected"] for x in (actions, tracking, single)] == [1, 1, 1]
+    kept = [f[b"raw"] for _, f in r.xrange(Keys("default").dead_letters)]
+    assert [k.count(b'{"a":') for k in kept] == [1000, 1000, 1000]
+    for mid, k in zip(("in-actions", "in-batch", "single"), kept, strict=True):
+        assert b'"messageId":"%s"' % mid.encode() in k
+    assert WRITE_KEY.encode() in kept[0]  # an Actions event is kept as Segment sent it
+    assert not any(WRITE_KEY.encode() in k for k in kept[1:])  # a browser's write key is a credential
+
+
+def test_an_event_deeper_than_the_parser_goes_sinks_only_itself_in_a_tracking_batch(client: TestClient,
+                                                                                     r: redis.Redis) -> None:
+    """Past 1,024 levels the parser refused the whole Tracking API batch, and with the write key only in the body
+    (as mobile SDKs send it) nothing of it was kept. It is split as an Actions batch is: the other events apply."""
+    from tests.conftest import WRITE_KEY
+
+    deep = b'{"type":"track","event":"x","userId":"d","properties":' + b'{"d":' * 1100 + b"1" + b"}" * 1100 + b"}"
+    good = [orjson.dumps({"type": "track", "event": "ok", "userId": f"u{i}", "messageId": f"ok-{i}"})
+            for i in range(2)]
+    body = (b'{"writeKey":"' + WRITE_KEY.encode() + b'","context":{"library":{"name":"analytics-ios"}},"batch":['
+            + b",".join([good[0], deep, good[1]]) + b"]}")
+    resp = client.post("/v1/batch", content=body)
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["accepted"], resp.json()["rejected"]) == (2, 1) and resp.json()["errors"][0]["index"] == 1
+    [(_, letter)] = r.xrange(Keys("default").dead_letters)
+    assert letter[b"raw"].count(b'{"d":') == 1100
+    logged = [orjson.loads(f[b"e"]) for _, f in r.xrange(Keys("default").log)]
+    assert [e["context"]["library"]["name"] for e in logged] == ["analytics-ios"] * 2  # the shared context
+
+
 def test_an_event_deeper_than_the_parser_goes_sinks_only_itself_not_its_batch(client: TestClient,
                                                                               r: redis.Redis) -> None:
     """Past 1,024 levels the JSON parser refuses the whole body: the batch is parsed element by element instead,

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from service.http.app import create_app
 from service.spec.keys import Keys
-from tests.conftest import WRITE_KEY, LiveServer, fixture_bytes
+from tests.conftest import ADMIN_TOKEN, WRITE_KEY, LiveServer, fixture_bytes
 from tests.helpers import find
 
 
@@ -90,7 +90,7 @@ def test_gzip_bomb_is_413_without_inflating_it(client: TestClient) -> None:
     assert resp.status_code == 413
 
 
-def test_limits_per_event_and_per_batch(client: TestClient) -> None:
+def test_limits_per_event_and_per_batch(client: TestClient, r: redis.Redis) -> None:
     big = dict(EVENT, properties={"blob": "x" * 33_000})
     assert client.post("/v1/track", content=orjson.dumps(big), headers=basic(WRITE_KEY)).status_code == 413
     in_batch = {"batch": [dict(EVENT, type="track"), dict(big, type="track", messageId="big")]}
@@ -104,14 +104,30 @@ def test_limits_per_event_and_per_batch(client: TestClient) -> None:
     assert len(orjson.dumps(edge)) == 32 * 1024
     out = client.post("/v1/batch", content=orjson.dumps({"batch": [edge]}), headers=basic(WRITE_KEY)).json()
     assert out["accepted"] == 1, out
-    # the batch's shared context counts in each event it is merged into: a 200 KB context shared by small
-    # events would otherwise be stored once per event
-    shared = {"batch": [dict(EVENT, type="track", messageId=f"ctx-{i}") for i in range(3)],
-              "context": {"blob": "z" * 200_000}}
+    # the batch's shared context counts in each event it is merged into (it is stored once per event): an event
+    # that passes 32 KB with it is refused alone; a context that would make every event too large, or the batch
+    # over 4 MB once merged, refuses the batch before anything is merged (a 500 KB body of 2,500 events and a
+    # context of 58,000 keys had cost 24 s of CPU and 6 GB)
+    shared = {"batch": [dict(EVENT, type="track", messageId="ctx-small"),
+                        dict(EVENT, type="track", messageId="ctx-big", properties={"p": "y" * 20_000})],
+              "context": {"blob": "z" * 15_000}}
     out = client.post("/v1/batch", content=orjson.dumps(shared), headers=basic(WRITE_KEY)).json()
-    assert (out["accepted"], out["rejected"]) == (0, 3) and "with the batch's context" in out["errors"][0]["message"]
+    assert (out["accepted"], out["rejected"]) == (1, 1) and "with the batch's context" in out["errors"][0]["message"]
+    keys = {f"k{i}": i for i in range(30_000)}
+    wide = {"batch": [{} for _ in range(2_500)], "context": keys}
+    resp = client.post("/v1/batch", content=orjson.dumps(wide), headers=basic(WRITE_KEY))
+    assert resp.status_code == 413 and "shared context" in resp.json()["error"]["message"]
+    per_event = {"batch": [dict(EVENT, type="track", messageId=f"m-{i}") for i in range(300)],
+                 "context": {"blob": "z" * 20_000}}
+    resp = client.post("/v1/batch", content=orjson.dumps(per_event), headers=basic(WRITE_KEY))
+    assert resp.status_code == 413 and "6003300 bytes in all" in resp.json()["error"]["message"]
     many = {"batch": [dict(EVENT, type="track", messageId=str(i)) for i in range(2501)]}
     assert client.post("/v1/batch", content=orjson.dumps(many), headers=basic(WRITE_KEY)).status_code == 413
+    # a 413 keeps its time, size and address, not the body: a replay would refuse it again
+    kept = [orjson.loads(f[b"raw"])["messageId"] for _, f in r.xrange(Keys("default").dead_letters)]
+    assert kept == ["big", "ctx-big"]
+    refusals = client.get("/admin/refusals", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert [(x["status"], x["route"]) for x in refusals["data"]].count((413, "/v1/batch")) == 3, refusals
     huge = {"batch": [dict(EVENT, type="track", messageId=str(i), properties={"p": "y" * 30_000})
                       for i in range(20)]}
     assert client.post("/v1/batch", content=orjson.dumps(huge), headers=basic(WRITE_KEY)).status_code == 413
