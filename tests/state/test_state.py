@@ -415,6 +415,35 @@ def test_gdpr_delete_erases_and_suppresses(r: redis.Redis) -> None:
                       "timestamp": "2026-04-01T00:00:00Z"}])[0].status == "suppressed"  # still, after the rebirth
 
 
+def test_a_delete_retried_or_late_leaves_the_profile_a_returning_user_built_after_it(r: redis.Redis) -> None:
+    """Segment retries a delete it got no answer for, and a classic delete carries no messageId, so a retry is not a
+    duplicate: it erased the profile the user had built since the deletion, whose events' own retries were then
+    duplicates, gone for good. A profile whose first event came after the deletion's time stays, whatever the
+    order the delete and that profile's events arrive in; one with anything at or before it is erased whole."""
+    import itertools
+
+    delete = {"type": "delete", "userId": "back", "timestamp": "2026-05-01T00:00:00Z"}
+    old = {"type": "identify", "userId": "back", "messageId": "old", "timestamp": "2026-04-01T00:00:00Z",
+           "traits": {"plan": "old"}}
+    new = {"type": "identify", "userId": "back", "anonymousId": "phone", "messageId": "new",
+           "timestamp": "2026-05-02T00:00:00Z", "traits": {"plan": "new"}}
+    out = apply(r, [old, delete, new, dict(delete)])
+    assert [o.status for o in out] == ["ok", "deleted", "ok", "deleted"]
+    person = find(r, "user_id", "back")
+    assert person is not None and person.traits["plan"].value == "new"
+    assert apply(r, [new])[0].status == "duplicate"
+    states = []
+    for order in itertools.permutations([delete, new]):
+        r.flushall()
+        apply(r, [dict(e) for e in order])
+        states.append(snapshot(r))
+        assert find(r, "anonymous_id", "phone") is not None, order
+    assert states[0] == states[1]
+    r.flushall()
+    apply(r, [old, new, delete])  # the same person before and after: erased as the profile stands
+    assert profiles(r) == []
+
+
 def test_an_erased_persons_anonymous_events_stay_out(r: redis.Redis) -> None:
     """A deletion erases every identifier of the profile, not only its userId: a late retry, a replay read before
     the purge or an import of the person's page views from before they logged in (anonymousId alone) stays out,

@@ -598,8 +598,8 @@ local function general_path()
       end
       redis.call('SADD', P .. 'suppressed', uid)
       redis.call('SADD', P .. 'forgotten:ids', uid)
-      local before = tonumber(redis.call('HGET', DELETED, uid))
-      if not before or ts > before then redis.call('HSET', DELETED, uid, ev.ts_text) end
+      local prior = tonumber(redis.call('HGET', DELETED, uid))
+      if not prior or ts > prior then redis.call('HSET', DELETED, uid, ev.ts_text) end
       deleted_until(ev.ts_text)
       pid = redis.call('GET', ikey('user_id', uid))
       if pid == TOMBSTONE then pid = false end
@@ -607,6 +607,10 @@ local function general_path()
         redis.call('SET', ikey('user_id', uid), TOMBSTONE)
         return 'deleted\t'
       end
+      -- a profile whose first event came after the deletion is a returning user's (an earlier delivery of this
+      -- delete, which Segment retries, or an older one arriving late, erased what came before): it stays
+      local fs = redis.call('HGET', pkey(pid), 'm:fs')
+      if fs and before(ev.ts_text, fs) then return 'deleted\t' end
     else   -- an erasure by profile id (``persona-sync forget`` of a profile without a userId): nothing to suppress
       pid = ev.ep
       if pid == nil or pid == NULL or redis.call('EXISTS', pkey(pid)) == 0 then return 'deleted\t' end
