@@ -105,10 +105,14 @@ def archive_space(client: redis.Redis, settings: Settings, space: str) -> dict[s
             if len(rows) < READ:
                 break
         # the log keeps EVENT_LOG_RETENTION, and nothing that is not archived yet: MINID keeps the cursor's entry
-        # and every later one (an entry of the cursor's millisecond logged after the read is not archived yet)
+        # and every later one (an entry of the cursor's millisecond logged after the read is not archived yet).
+        # Not while a rebuild runs: it reads the files up to the log's first entry, then the log, and what a trim
+        # moved in between would be in neither.
         retained = now_ms() - int(settings.event_log_retention * 1000)
         minid = str(retained) if retained < int(cursor.split("-")[0]) else cursor
-        trimmed = client.xtrim(k.log, minid=minid, approximate=False) if cursor != "0-0" else 0
+        trimmed = 0
+        if cursor != "0-0" and not client.exists(k.rebuild_lock):
+            trimmed = client.xtrim(k.log, minid=minid, approximate=False)
     finally:
         _unlock(client, space, token)
     return {"archived": archived, "trimmed": int(trimmed)}

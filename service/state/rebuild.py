@@ -254,6 +254,12 @@ def _locked_rebuild(client: redis.Redis, settings: Settings, space: str, force: 
     return result
 
 
+def _first_entry(client: redis.Redis, k: Keys) -> str | None:
+    """The id of the log's first entry (None: an empty log)."""
+    first = client.xrange(k.log, count=1)
+    return first[0][0].decode() if first else None
+
+
 @contextlib.contextmanager
 def _no_ctrl_c() -> Iterator[None]:
     """Ctrl-C is ignored (in the main thread; a job has no terminal) for the few seconds after the switch, which
@@ -278,13 +284,20 @@ def _rebuild(client: redis.Redis, settings: Settings, space: str, k: Keys, cover
 
     # erasures whose purge job has not run yet: their events are not to be applied to the new generation
     purge_erased(client, settings, space)
-    first = client.xrange(k.log, count=1)
-    log_start = int(first[0][0].split(b"-")[0]) if first else now_ms()
-    if settings.event_archive_dir:
-        files = [str(f) for f in archive_files(settings.event_archive_dir, space, until_ms=log_start)]
+    first, since = _first_entry(client, k), None
+    while settings.event_archive_dir:
+        # the archive up to the log's first entry; again from there if that moved meanwhile: an archiver run under
+        # way when the rebuild started may still trim (later ones leave the log alone while the rebuild holds its
+        # lock, ``archive_space``), and what it trimmed is in neither what was read of the files nor the log
+        log_start = int(first.split("-")[0]) if first else now_ms()
+        files = [str(f) for f in archive_files(settings.event_archive_dir, space, since_ms=since, until_ms=log_start)]
         if files:
             say(f"applying {len(files)} archive file(s) older than the log")
             add(run(client, settings, space, file_records(files), options, "rebuild", progress=progress))
+        moved = _first_entry(client, k)
+        if moved == first:
+            break
+        first, since = moved, log_start
     last = None
     while True:  # the log, then what was logged meanwhile, until little is left
         tail = client.xrange(k.log, min=f"({last}" if last else "-", max="+", count=CATCH_UP_TAIL)

@@ -301,3 +301,35 @@ def test_the_purge_keeps_what_a_returning_user_sent_after_the_deletion(r: redis.
     assert person is not None and person.traits["email"].value == "back@example.com"
     assert {(i.type, i.value) for i in person.identifiers} >= {("anonymous_id", "b-anon"),
                                                               ("email", "back@example.com")}
+
+
+def test_a_rebuild_loses_nothing_the_archiver_trims_while_it_reads(r: redis.Redis, tmp_path: Path) -> None:
+    """A rebuild reads the archive files up to the log's first entry, then the log. An archiver run that trimmed in
+    between (one under way when the rebuild started) left entries in neither what was read of the files nor the
+    log: the rebuilt generation lacked those people, and the rebuild said it was done. Later runs leave the log
+    alone while a rebuild holds its lock, and the rebuild reads the files again from where the log moved."""
+    from service.state.rebuild import rebuild
+
+    s = settings_for(tmp_path, retention=0)
+    k = Keys(SPACE)
+    apply(r, [{"type": "identify", "userId": f"a{i}", "messageId": f"a{i}", "timestamp": "2026-03-01T10:00:00Z"}
+              for i in range(5)], settings=s)
+    archive_space(r, s, SPACE)  # all but the cursor's entry leave the log
+    apply(r, [{"type": "identify", "userId": f"b{i}", "messageId": f"b{i}", "timestamp": "2026-03-01T11:00:00Z"}
+              for i in range(5)], settings=s)
+    trimmed: list[int] = []
+
+    def meanwhile(_: int) -> None:  # once the first file is read: what an archiver run under way would do
+        if trimmed:
+            return
+        assert archive_space(r, s, SPACE)["trimmed"] == 0  # holds back while the rebuild holds its lock
+        last = r.xrevrange(k.log, count=1)[0][0]
+        trimmed.append(r.xtrim(k.log, minid=last.decode(), approximate=False))
+
+    rebuild(r, s, SPACE, force=True, progress=meanwhile)
+    assert trimmed == [5]
+    assert {p for p in (f"a{i}" for i in range(5)) if find(r, "user_id", p) is None} == set()
+    assert {p for p in (f"b{i}" for i in range(5)) if find(r, "user_id", p) is None} == set()
+    apply(r, [{"type": "page", "userId": "a0", "messageId": "after", "timestamp": "2026-03-01T12:00:00Z"}],
+          settings=s)
+    assert archive_space(r, s, SPACE)["trimmed"] == 1  # and trims again once the rebuild is over
