@@ -166,6 +166,12 @@ class Keys:
         return f"{self.prefix}forgotten:ids"
 
     @property
+    def forgotten_until(self) -> str:
+        """id -> the time (ms) up to which the purge removes its events, for ids of ``forgotten_ids`` whose
+        deletion or erasure record was lifted before the purge ran (the record gave that time)."""
+        return f"{self.prefix}forgotten:until"
+
+    @property
     def rebuild_erased(self) -> str:
         """The identifiers ('type:value') of profiles erased by profile id while a rebuild of the space runs: the
         rebuild erases them again in its new generation once it has switched (``service/state/rebuild.py``)."""

@@ -171,7 +171,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     root = settings.event_archive_dir
     k = Keys(space)
     if not root:
-        client.delete(k.forgotten_ids)  # no archive: nothing to purge, and no reason to keep erased ids
+        client.delete(k.forgotten_ids, k.forgotten_until)  # no archive: nothing to purge, no reason to keep ids
         return 0
     wanted = erased_ids(client, space)
     if not wanted:
@@ -208,6 +208,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
             os.replace(tmp, path)
             removed += dropped
         client.srem(k.forgotten_ids, *wanted)
+        client.hdel(k.forgotten_until, *wanted)
     finally:
         _unlock(client, space, token)
     return removed
@@ -236,7 +237,8 @@ def erased_ids(client: redis.Redis, space: str) -> Erased:
     """The ids the purge removes events of, each up to its latest deletion as a userId (``Keys.deleted``) or
     erasure as an identifier (``Keys.erased``): an event after that is a returning person's, which the state
     applied (only events at or before a deletion are suppressed), so the log, the dead letters and the archive keep
-    it. An id without either record (its suppression lifted since) loses all its events."""
+    it. A lift before the purge ran kept the time its records gave (``Keys.forgotten_until``); an id without any
+    of these loses all its events."""
     k = Keys(space)
     ids = sorted(i.decode() for i in client.smembers(k.forgotten_ids))
     if not ids:
@@ -255,6 +257,8 @@ def erased_ids(client: redis.Redis, space: str) -> Erased:
         kind, _, value = ident.decode().partition(":")
         if kind in ("user_id", "anonymous_id", "email"):
             later(value, erased_record(record)[0])
+    for value, at in client.hgetall(k.forgotten_until).items():  # records lifted before the purge ran
+        later(value.decode(), int(at))
     return out
 
 

@@ -129,8 +129,9 @@ def lift_suppression(client: redis.Redis, space: str, user_id: str) -> bool:
     if not user_id.strip():
         raise NotAnIdentifier("an empty userId names nobody; nothing was lifted")
     k = Keys(space)
-    found = bool(client.hdel(k.deleted, user_id)) | bool(client.srem(k.suppressed, user_id))
     mine = [ident for ident, record in client.hscan_iter(k.erased, count=1000) if erased_record(record)[1] == user_id]
+    _keep_purge_bounds(client, k, mine, user_id)
+    found = bool(client.hdel(k.deleted, user_id)) | bool(client.srem(k.suppressed, user_id))
     if mine:
         found = bool(client.hdel(k.erased, *mine)) or found
     index = state_keys(client, space).ident("user_id", user_id)
@@ -150,7 +151,31 @@ def _lift_erasure(client: redis.Redis, k: Keys, ident: str) -> bool:
     if uid:
         raise NotAnIdentifier(f"{ident} was erased with userId {uid}: lift {uid}, which lifts it too")
     group = [i for i, r in client.hscan_iter(k.erased, count=1000) if erased_record(r) == (at, "")]
+    _keep_purge_bounds(client, k, group)
     return bool(client.hdel(k.erased, *group))
+
+
+def _keep_purge_bounds(client: redis.Redis, k: Keys, idents: list[bytes], user_id: str | None = None) -> None:
+    """Before a lift removes deletion and erasure records: the times they gave the ids still waiting for the purge
+    (``Keys.forgotten_until``), so that it removes their events up to the erasure, not the ones sent since the
+    lift (``erased_ids``)."""
+    if not client.scard(k.forgotten_ids):
+        return
+    times: dict[str, int] = {}
+    records = client.hmget(k.erased, idents) if idents else []
+    for ident, record in zip(idents, records, strict=True):
+        if record is not None:
+            times[ident.decode().partition(":")[2]] = erased_record(record)[0]
+    if user_id is not None:
+        at = client.hget(k.deleted, user_id)
+        if at is not None:
+            times[user_id] = max(times.get(user_id, 0), int(float(at)))
+    pending = [v for v, on in zip(times, client.smismember(k.forgotten_ids, list(times)), strict=True) if on] \
+        if times else []
+    for value in pending:
+        known = client.hget(k.forgotten_until, value)
+        if known is None or int(known) < times[value]:
+            client.hset(k.forgotten_until, value, times[value])
 
 
 def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:

@@ -259,3 +259,22 @@ def test_the_purge_rewrites_a_dead_letter_batch_holding_events_too_deep_to_decod
     forget(r, Settings(), "default", "user_id:x2")
     [(_, letter)] = r.xrange(Keys("default").dead_letters)
     assert letter[b"raw"] == b"[" + b",".join(bobs) + b"]"  # bob's, as sent (one even has "x2" among its values)
+
+
+def test_a_lift_before_the_purge_ran_keeps_what_was_sent_since(r: redis.Redis) -> None:
+    """A lift removes the deletion and erasure records that tell the purge up to when to remove an id's events:
+    lifted before the queued purge ran, the purge removed every event of the user, those sent since the lift
+    (which the state had applied) too. The lift keeps those times for the purge."""
+    from service.config import Settings
+    from service.state.ops import forget, lift_suppression, purge_erased
+
+    ada(r)
+    k = Keys("default")
+    forget(r, Settings(), "default", "email:ada@example.com", purge=False)  # the purge is a queued job
+    assert lift_suppression(r, "default", "x2")
+    again = [{"type": "identify", "userId": "x2", "anonymousId": "ada-anon", "messageId": "back",
+              "traits": {"plan": "team"}}]  # no timestamp: now, after the lift
+    assert apply(r, again)[0].status == "ok"
+    purge_erased(r, Settings(), "default")
+    assert sorted(orjson.loads(f[b"e"])["messageId"] for _, f in r.xrange(k.log)) == ["b1", "back"]
+    assert not r.exists(k.forgotten_ids) and not r.exists(k.forgotten_until)
