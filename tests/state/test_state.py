@@ -444,6 +444,27 @@ def test_a_delete_retried_or_late_leaves_the_profile_a_returning_user_built_afte
     assert profiles(r) == []
 
 
+def test_a_deleted_user_id_named_by_external_ids_is_suppressed_too(r: redis.Redis) -> None:
+    """Only the top-level userId was checked against the deletions: an event from before the deletion that named
+    the userId in context.externalIds rebuilt the deleted person (a new profile under that userId), and once the
+    person came back, such a late event reached the new profile by its fast path."""
+    def late(mid: str, anon: str) -> dict:
+        return {"type": "identify", "anonymousId": anon, "messageId": mid, "timestamp": "2026-03-01T00:00:00Z",
+                "traits": {"name": "Ada"},
+                "context": {"externalIds": [{"id": "ada", "type": "user_id", "collection": "users",
+                                             "encoding": "none"}]}}
+
+    apply(r, [{"type": "identify", "userId": "ada", "messageId": "1", "timestamp": "2026-02-01T00:00:00Z"},
+              {"type": "delete", "userId": "ada", "messageId": "d", "timestamp": "2026-04-01T00:00:00Z"}])
+    assert apply(r, [late("late-1", "a9")])[0].status == "suppressed"
+    assert find(r, "user_id", "ada") is None and find(r, "anonymous_id", "a9") is None
+    back = apply(r, [{"type": "identify", "userId": "ada", "anonymousId": "phone", "messageId": "2",
+                      "timestamp": "2026-05-01T00:00:00Z"}])[0]
+    assert back.created
+    assert apply(r, [late("late-2", "phone")])[0].status == "suppressed"  # known identifiers: the fast path
+    assert "name" not in find(r, "user_id", "ada").traits
+
+
 def test_an_erased_persons_anonymous_events_stay_out(r: redis.Redis) -> None:
     """A deletion erases every identifier of the profile, not only its userId: a late retry, a replay read before
     the purge or an import of the person's page views from before they logged in (anonymousId alone) stays out,

@@ -750,7 +750,12 @@ local function general_path()
       local e = redis.call('HMGET', ERASED, unpack(texts))
       local kept = {}
       for i, id in ipairs(ids) do
-        if not (e[i] and erased_by(e[i], ts_text)) then kept[#kept + 1] = id end
+        local gone = e[i] and erased_by(e[i], ts_text)
+        if not gone and id[1] == 'user_id' and id[2] ~= uid then   -- a deleted userId named by context.externalIds
+          local at = tonumber(redis.call('HGET', DELETED, id[2]))
+          gone = at and ts <= at
+        end
+        if not gone then kept[#kept + 1] = id end
       end
       -- nothing left, or its first identifier by priority dropped (an erased email beside a browser never seen):
       -- the erased person's event, traits and all
@@ -924,10 +929,13 @@ local function apply_plain(s, raw, logged_as, tsec, osec)
       local deleted_at = tonumber(redis.call('HGET', DELETED, uid))
       if deleted_at and tonumber(ts_text) <= deleted_at then return SUPPRESSED end
     end
-    -- an identifier of an erased profile: the general path drops it if the event is at or before the erasure
+    -- an identifier of an erased profile, or a userId other than the event's own (context.externalIds): the
+    -- general path drops it if the event is at or before its erasure or deletion
     local e = redis.call('HMGET', ERASED, unpack(idtexts))
     for i = 1, #idtexts do
-      if e[i] then pid = false; break end
+      if e[i] or (string.sub(idtexts[i], 1, 8) == 'user_id:' and string.sub(idtexts[i], 9) ~= uid) then
+        pid = false; break
+      end
     end
   end
   local order = false
