@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -136,13 +137,13 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
     """A full recompute now, run by a worker at the front of the queue, for an operator who does not want to wait
     for the scheduled run. A recompute lock left by a process of this host that died is cleared first."""
     from rich.progress import Progress
-    from rq import Queue, Worker
+    from rq import Queue
     from rq.job import JobStatus
 
     from service.spec.keys import Keys
     from service.state.holders import clear_if_gone
     from service.state.refresh import REFRESH_TIMEOUT
-    from service.state.status import spaces
+    from service.state.status import queue_depths, spaces
 
     client = state_client(settings)
     _known_space(client, args.space, "there is nothing to recompute")
@@ -158,17 +159,25 @@ def cmd_recompute(settings: Settings, args: argparse.Namespace) -> int:
                   "else skips the space")
     conn = queue_client(settings)
     queue = Queue(QUEUE_NAME, connection=conn)
-    if not Worker.count(queue=queue):
-        print("no worker is running: start one (`persona-sync worker`, or `make run`), then run this again",
-              file=sys.stderr)
+    no_worker = "no worker is running: start one (`persona-sync worker`, or `make run`), then run this again"
+    if not queue_depths(conn)["workers"]:  # live ones: a worker killed outright stays registered (rq's count)
+        print(no_worker, file=sys.stderr)
         return 1
     job = queue.enqueue(FULL_RECOMPUTE_JOB, args.space, at_front=True, job_timeout=REFRESH_TIMEOUT,
                         description="full recompute (persona-sync recompute)")
+    checked = time.monotonic()
     with Progress() as bar:
         task = bar.add_task(f"recomputing {', '.join(chosen)}", total=None)
         while (status := job.get_status(refresh=True)) not in (JobStatus.FINISHED, JobStatus.FAILED,
                                                               JobStatus.STOPPED, JobStatus.CANCELED, None):
             bar.update(task, completed=job.get_meta(refresh=True).get("profiles", 0))
+            if status == JobStatus.QUEUED and time.monotonic() - checked > 5:  # the workers went away meanwhile
+                checked = time.monotonic()
+                if not queue_depths(conn)["workers"]:
+                    job.cancel()
+                    bar.stop()
+                    print(no_worker, file=sys.stderr)
+                    return 1
             time.sleep(0.5)
     if status != JobStatus.FINISHED:
         print(f"the recompute did not finish ({status}): see `persona-sync jobs` and the worker's log",
@@ -232,6 +241,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
         render(report)
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that goes on where this one stopped, quoted for a shell (a path with a space in it)."""
+    argv = sys.argv[1:] or [args.command]
+    return "persona-sync " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
 
 
 def _known_space(client: Any, space: str | None, why: str) -> None:
@@ -438,13 +453,10 @@ def _run_replay(settings: Settings, args: argparse.Namespace, records_for: Calla
     except Interrupted as exc:
         reporter.close()
         _print_report(exc.report, options.dry_run)
-        resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
-        if "--resume" not in resume:
-            resume += " --resume"
         if exc.reason:
             print(f"persona-sync {args.command}: {exc.reason}", file=sys.stderr)
         print(f"stopped{' at ' + exc.report.stopped if exc.report.stopped else ''}; continue with: "
-              f"persona-sync {resume}", file=sys.stderr)
+              f"{_resume_command(args)}", file=sys.stderr)
         _purge_if_due(settings, space, options.dry_run, client)
         return 1 if exc.reason else 130
     finally:
@@ -601,6 +613,7 @@ def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     from service.state.replay import Interrupted
 
     client = state_client(settings)
+    _known_space(client, args.space, "a rebuild there would create it, empty")
     space = args.space or settings.space_id
     if args.drop_old:
         try:
@@ -713,18 +726,15 @@ def _import_sharded(settings: Settings, args: argparse.Namespace, name: str, lab
     _print_report(merged, args.dry_run)
     _purge_if_due(settings, args.space or settings.space_id, args.dry_run)  # whatever became of the shares
     if failed:
-        resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
-        print(f"persona-sync import: {failed[0]}\nstopped; continue with: "
-              f"persona-sync {resume}{'' if '--resume' in resume else ' --resume'}", file=sys.stderr)
+        print(f"persona-sync import: {failed[0]}\nstopped; continue with: {_resume_command(args)}",
+              file=sys.stderr)
         return 1
     if not stopped:  # every share is done: the next import of these files starts afresh
         client = state_client(settings)
         for k in range(args.workers):
             Checkpoint(client, args.space or settings.space_id, f"{name}-{k}").clear()
     if stopped:
-        resume = " ".join(sys.argv[1:]) if sys.argv[1:] else args.command
-        print(f"stopped; continue with: persona-sync {resume}{'' if '--resume' in resume else ' --resume'}",
-              file=sys.stderr)
+        print(f"stopped; continue with: {_resume_command(args)}", file=sys.stderr)
         return 130
     return 0
 
@@ -989,6 +999,17 @@ def _run_options(cmd: argparse.ArgumentParser, resumes: str) -> None:
     cmd.add_argument("--resume", action="store_true", help=f"continue an interrupted {resumes}")
 
 
+def _count(text: str) -> int:
+    """--limit: a whole number, 1 or more (0 or less would list nothing, or fail in Redis)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    return n
+
+
 def _rate(text: str) -> float:
     """--rate: events per second, 0 for as fast as Redis takes them (a negative one is a mistake, not 'unlimited')."""
     try:
@@ -1147,7 +1168,7 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("ids", nargs="*", metavar="ID", help="entry ids (show, delete)")
     dl.add_argument("--space", type=_space_arg, help="space (default SPACE_ID)")
     dl.add_argument("--reason", help="list: only those whose reason contains TEXT")
-    dl.add_argument("--limit", type=int, default=50, help="list: at most this many, newest first (default 50)")
+    dl.add_argument("--limit", type=_count, default=50, help="list: at most this many, newest first (default 50)")
     dl.set_defaults(func=cmd_dead_letters)
     rb = sub.add_parser("rebuild", help="recompute a space's profiles from its history under the current rules",
                         description="After a change of identity rules (IDENTITY_LIMITS, IDENTITY_PRIORITY, ...) or "

@@ -149,6 +149,29 @@ def test_operator_commands_against_real_redis(redis_url: str, r) -> None:
     assert job.func_name == "workers.jobs.sync" and job.args == ("default",) and job.timeout >= 5 * 120
 
 
+def test_commands_refuse_what_they_would_get_wrong(redis_url: str, r, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild of a misspelled --space reported success and created the space; a --limit of 0 printed a
+    traceback; the resume hint of a file with a space in its name could not be pasted back."""
+    import argparse
+    import shlex
+
+    from service.cli import _resume_command
+    from tests.helpers import apply
+
+    apply(r, [{"type": "identify", "userId": "op-1", "messageId": "1", "timestamp": "2026-03-01T00:00:00Z"}])
+    env = {"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url}
+    typo = subprocess.run([EXE, "rebuild", "--space", "defualt"], capture_output=True, text=True, timeout=60, env=env)
+    assert typo.returncode == 1 and "no space 'defualt' has any data" in typo.stderr, typo.stderr
+    assert not list(r.scan_iter(match="*defualt*"))
+    for limit in ("0", "-3"):
+        listed = subprocess.run([EXE, "dead-letters", "list", "--limit", limit], capture_output=True, text=True,
+                                timeout=60, env=env)
+        assert listed.returncode == 2 and "give 1 or more" in listed.stderr and "Traceback" not in listed.stderr
+    monkeypatch.setattr(sys, "argv", ["persona-sync", "import", "/data/my history.ndjson", "--rate", "200"])
+    hint = _resume_command(argparse.Namespace(command="import"))
+    assert shlex.split(hint) == ["persona-sync", "import", "/data/my history.ndjson", "--rate", "200", "--resume"]
+
+
 def test_replay_dead_letters_command_never_applies_unauthenticated_entries(redis_url: str, r) -> None:
     import orjson
 

@@ -88,3 +88,15 @@ def test_recompute_of_a_space_without_data_is_refused_rather_than_creating_it(r:
     assert out.returncode == 1 and "no space 'defualt' has any data" in out.stderr, out.stderr
     from service.state.status import spaces
     assert spaces(r) == ["default"]
+
+
+def test_recompute_counts_only_live_workers(r: redis.Redis, redis_url: str) -> None:
+    """A worker killed outright stays in rq's set of workers until someone cleans it up: counted as running, the
+    command queued its job and waited for it without end."""
+    from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+    apply(r, mixed_stream(20, users=2, seed=1))
+    r.sadd(WORKERS_BY_QUEUE_KEY % QUEUE_NAME, "rq:worker:killed-outright")  # its own key has expired
+    out = subprocess.run([EXE, "recompute"], env=env_for(redis_url), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no worker is running" in out.stderr, out.stderr
+    assert Queue(QUEUE_NAME, connection=r).count == 0  # nothing left queued for nobody

@@ -237,6 +237,15 @@ def replay_spec(doc: Any, now: int) -> dict[str, Any] | str:
         if spec["source"] != "dead-letters" or not isinstance(doc["id"], str) or not valid_entry_id(doc["id"]):
             return "id: one dead letter's id such as 1700000000000-0, with source 'dead-letters'"
         spec["id"] = doc["id"]
+    if spec["source"] == "dead-letters":  # an option of the other source would be ignored: a far larger replay
+        given = [name for name in ("since", "until", "profile", "types", "event") if doc.get(name) is not None]
+        if given:
+            return (f"{', '.join(given)} select(s) log or archive events, not dead letters: drop it, or use source "
+                    "'log' (dead letters are chosen by reason or id)")
+    elif "reason" in spec:
+        return "reason selects dead letters: use source 'dead-letters', or drop reason"
+    if "since_ms" in spec and "until_ms" in spec and spec["since_ms"] > spec["until_ms"]:
+        return f"since ({spec['since']}) is after until ({spec['until']}): nothing lies between them"
     if "profile" in spec and ":" not in spec["profile"]:
         return "profile: TYPE:VALUE, e.g. email:ada@example.com"
     if "profile" in spec and spec["source"] == "archive":
@@ -386,14 +395,19 @@ async def job(request: Request) -> Response:
             found = Job.fetch(job_id, connection=queue.connection)
         except NoSuchJobError:
             return None
-        if request.method == "DELETE":
-            status = found.get_status()
-            if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
-                found.cancel()
-            elif status == JobStatus.STARTED:
-                queue.connection.set(cancel_key(job_id), "1", ex=REPLAY_TIMEOUT)
-            found.refresh()
-        return job_view(found) | ({"cancel": "requested"} if request.method == "DELETE" else {})
+        if request.method != "DELETE":
+            return job_view(found)
+        status = found.get_status()
+        if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+            found.cancel()
+            cancel = "done"
+        elif status == JobStatus.STARTED:
+            queue.connection.set(cancel_key(job_id), "1", ex=REPLAY_TIMEOUT)
+            cancel = "requested"  # a replay stops at its next chunk
+        else:  # finished, failed, stopped or canceled already: nothing to cancel, and the answer says so
+            cancel = f"nothing to cancel: the job is {jobs.status_of(found)}"
+        found.refresh()
+        return job_view(found) | {"cancel": cancel}
 
     try:
         view = await asyncio.to_thread(act)

@@ -77,7 +77,11 @@ def test_replay_requests_are_validated_and_need_the_token(admin: TestClient) -> 
                        ({"since": "9" * 400 + "d"}, "since"), ({"until": "1e999"}, "until"),
                        ({"rate": -1}, "rate"), ({"types": "track"}, "types"), ({"bogus": 1}, "unknown"),
                        ({"types": ["track", "bogus"]}, "'bogus' is not a call type"),
-                       ({"profile": "ada"}, "TYPE:VALUE")):
+                       ({"profile": "ada"}, "TYPE:VALUE"),
+                       # options of the other source were ignored: the whole log, or every dead letter, replayed
+                       ({"source": "log", "reason": "nothing"}, "reason selects dead letters"),
+                       ({"source": "dead-letters", "since": "1m", "types": ["track"]}, "since, types select"),
+                       ({"source": "log", "since": "1m", "until": "2h"}, "is after until")):
         resp = admin.post("/admin/replay", json=body, headers=ADMIN)
         assert resp.status_code == 400 and word in resp.json()["error"]["message"], (body, resp.text)
     assert admin.post("/admin/replay", content=b"{nope", headers=ADMIN).status_code == 400
@@ -91,7 +95,8 @@ def test_cancelling_a_queued_job_and_stopping_a_running_one(admin: TestClient, r
                                                              redis_url: str) -> None:
     apply(r, archived(mixed_stream(3000, users=60, seed=13)))
     queued = admin.post("/admin/replay", json={"rate": 1000}, headers=ADMIN).json()["job"]
-    assert admin.delete(f"/admin/jobs/{queued}", headers=ADMIN).json()["status"] == "canceled"
+    canceled = admin.delete(f"/admin/jobs/{queued}", headers=ADMIN).json()
+    assert canceled["status"] == "canceled" and canceled["cancel"] == "done"
     running = admin.post("/admin/replay", json={"rate": 1000}, headers=ADMIN).json()["job"]
     worker = subprocess.Popen([EXE, "worker", "--burst"], env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -192,7 +192,7 @@ def operator(api: TestClient, r: redis.Redis) -> None:
     assert api.get(job.json()["follow"], headers=ADMIN).json()["status"] == "queued"
     work(r)
     assert api.get(job.json()["follow"], headers=ADMIN).json()["status"] == "finished"
-    assert api.delete(job.json()["follow"], headers=ADMIN).json()["cancel"] == "requested"
+    assert api.delete(job.json()["follow"], headers=ADMIN).json()["cancel"] == "nothing to cancel: the job is finished"
     assert api.get("/admin/jobs/no-such-job", headers=ADMIN).status_code == 404
     assert api.get("/admin/jobs/bad!", headers=ADMIN).status_code == 400
     assert api.post("/admin/replay", json={"source": "tape"}, headers=ADMIN).status_code == 400

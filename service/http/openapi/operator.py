@@ -52,7 +52,8 @@ SCHEMAS: dict[str, Schema] = {
         "enqueued_at": NULL_STR, "started_at": NULL_STR, "ended_at": NULL_STR,
         "progress": closed({"done": INT, "total": INT, "stopped": ANY}, required=[]),
         "result": ANY, "error": {**NULL_STR, "description": "The last line of the failure"},
-        "cancel": {**STR, "enum": ["requested"], "description": "DELETE only"},
+        "cancel": {**STR, "description": "DELETE only: 'done' (a queued job, canceled), 'requested' (a running "
+                   "replay stops at its next chunk), or 'nothing to cancel: the job is <status>'"},
     }, required=["id", "function", "args", "status", "enqueued_at", "started_at", "ended_at", "progress", "result",
                  "error"]),
     "ReplayRequest": closed({
