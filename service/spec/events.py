@@ -418,8 +418,9 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
         holders = (props if kind != "group" else {}, _dict(ctx.get("traits")), traits)
         for kind_name in custom:
             for holder in holders:
-                if value := _id(holder.get(kind_name)):
-                    ids.append((kind_name, value))
+                for key in _spellings(kind_name):
+                    if value := _id(holder.get(key)):
+                        ids.append((kind_name, value))
     external = ctx.get("externalIds")
     if isinstance(external, list):
         for item in external:
@@ -436,6 +437,18 @@ def _identifiers(kind: str, raw: dict[str, Any], ctx: dict[str, Any], props: dic
             if evalue:
                 ids.append((etype, evalue))
     return ids
+
+
+@functools.lru_cache(maxsize=256)
+def _spellings(key: str) -> tuple[str, ...]:
+    """The keys a custom identifier is read from: as configured, and in camelCase and snake_case, as Segment reads
+    traits and properties ("Segment accepts both camelCase and snake_case for context.traits, traits, and
+    properties", https://segment.com/docs/unify/identity-resolution/identity-resolution-onboarding/):
+    ``app_id`` -> app_id, appId; ``appId`` -> appId, app_id."""
+    head, *rest = key.split("_")
+    camel = head + "".join(part[:1].upper() + part[1:] for part in rest)
+    snake = re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), key)
+    return tuple(dict.fromkeys((key, camel, snake)))
 
 
 # A person has a handful of identifiers; an event naming hundreds is a bug or an attack, and matching them costs

@@ -58,6 +58,16 @@ def test_a_configured_custom_identifier_is_read_from_properties_and_context_trai
         assert e.identifiers == (("user_id", "u1"), ("phone", "123-456-7890")), extra
     ident = normalise({"type": "identify", "userId": "u1", "messageId": "i", "traits": {"crm_id": 42}}, NOW, rules)
     assert ("crm_id", "42") in ident.identifiers
+    # Segment reads a custom identifier's key in camelCase and in snake_case alike
+    for holder in ("properties", "context.traits", "traits"):
+        event = {"type": "identify", "userId": "u1", "messageId": "c"}
+        if holder == "context.traits":
+            event["context"] = {"traits": {"crmId": "C-7"}}
+        else:
+            event[holder] = {"crmId": "C-7"}
+        assert ("crm_id", "C-7") in normalise(event, NOW, rules).identifiers, holder
+    camel = IdentityRules(limits={"user_id": 1, "appId": 2, "*": 5})
+    assert ("appId", "A-1") in normalise({**base, "properties": {"app_id": "A-1"}}, NOW, camel).identifiers
     unconfigured = normalise({**base, "properties": {"phone": "123"}}, NOW, RULES)
     assert unconfigured.identifiers == (("user_id", "u1"),)
     group = normalise({"type": "group", "userId": "u1", "groupId": "g", "messageId": "g", "traits": {"phone": "1"}},
