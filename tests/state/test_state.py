@@ -774,7 +774,7 @@ def test_a_profile_with_thousands_of_traits_merges_whole_and_a_group_call_with_t
     assert list(find(r, "user_id", "wide").groups) == ["big-account"]
 
 
-def test_a_limit_with_a_sliding_window_counts_only_the_values_added_in_it(r: redis.Redis) -> None:
+def test_a_limit_with_a_sliding_window_holds_in_every_stretch_of_that_length(r: redis.Redis) -> None:
     """`anonymous_id:5:weekly`, as Segment advises for ids that change constantly: a person who logs in from a
     new browser every week keeps getting them; five new browsers within one week are still the most."""
     week = 7 * 86_400_000
@@ -801,3 +801,22 @@ def test_a_limit_with_a_sliding_window_counts_only_the_values_added_in_it(r: red
     assert len(within_a_week) == 3 and within_a_week[-1] >= {"user_id:u1", "anonymous_id:browser-5"}
     newest_first = logins(weekly, 3_600_000, newest_first=True)  # out of order, still five at most
     assert len(newest_first) == 3 and len(newest_first[-1]) == 6
+    # a value is refused only where some week would hold more than the limit: browsers on days 0, 5 and 10 under
+    # `anonymous_id:2:weekly` fit in any order (the week before and the week after the middle one hold two each;
+    # the two weeks around it together were counted, and the middle one refused when it came last)
+    pair = Settings.from_env({"IDENTITY_LIMITS": "anonymous_id:2:weekly"})
+    states = []
+    for order in ((0, 5, 10), (0, 10, 5), (10, 5, 0)):
+        r.flushall()
+        for day in order:
+            apply(r, [{"type": "page", "userId": "u1", "anonymousId": f"day-{day}", "messageId": f"d{day}",
+                       "timestamp": _iso(NOW - (20 - day) * 86_400_000)}], settings=pair)
+        states.append(snapshot(r))
+        assert {i.value for i in find(r, "user_id", "u1").identifiers} == {"u1", "day-0", "day-5", "day-10"}, order
+    assert states[0] == states[1] == states[2]
+    # and three within one week are one too many, whichever comes last
+    r.flushall()
+    for day in (0, 6, 3):
+        apply(r, [{"type": "page", "userId": "u1", "anonymousId": f"d-{day}", "messageId": f"e{day}",
+                   "timestamp": _iso(NOW - (20 - day) * 86_400_000)}], settings=pair)
+    assert {i.value for i in find(r, "user_id", "u1").identifiers} == {"u1", "d-0", "d-6"}

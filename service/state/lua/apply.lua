@@ -621,10 +621,12 @@ local function general_path()
   end
 
   -- A limit with a sliding window (``rules.windows``: type -> ms, `anonymous_id:5:weekly`; '*' for the types
-  -- without a limit of their own) counts the values of its type that the profile got within the window of the
-  -- event, before or after it (each value's first sighting, 'time|mid' in its 'x:' field): events that arrive out
-  -- of order (an import newest first) then still keep to the limit in any stretch of that length. type -> count,
-  -- read once per profile and event (``cache``), and only on this path.
+  -- without a limit of their own) holds in every stretch of that length that holds the event: the values of its
+  -- type that the profile got in such a stretch (each value's first sighting, 'time|mid' in its 'x:' field),
+  -- before or after the event, with the event's new ones, are at most the limit. So events that arrive out of
+  -- order (an import newest first) keep to it too, and a value is refused only where some stretch would pass it.
+  -- ``windowed``: type -> the first sightings within a window's length of the event, read once per profile and
+  -- event (``cache``), and only on this path; ``busiest``: the most values in one such stretch.
   local function window_of(t, rules, wins)
     local w = wins[t]
     if w == nil and rules.limits[t] == nil then w = wins['*'] end
@@ -639,11 +641,25 @@ local function general_path()
       local w = t and window_of(t, rules, wins)
       if w then
         local at = tonumber(string.match(f[i + 1], '^[^|]*')) or 0
-        if at >= ts - w and at <= ts + w then out[t] = (out[t] or 0) + 1 end
+        if at > ts - w and at < ts + w then
+          out[t] = out[t] or {}
+          table.insert(out[t], at)
+        end
       end
     end
     cache[pid] = out
     return out
+  end
+  -- stretches [a, a + w) with ts in them: a from ts - w + 1 to ts, the busiest starting there or at a sighting
+  local function busiest(times, new, ts, w)
+    local best, starts = new, {ts - w + 1}
+    for _, at in ipairs(times) do if at <= ts then starts[#starts + 1] = at end end
+    for _, a in ipairs(starts) do
+      local n = new
+      for _, at in ipairs(times) do if at >= a and at < a + w then n = n + 1 end end
+      if n > best then best = n end
+    end
+    return best
   end
 
   -- Which profiles the event's identifiers match, once identifiers past the limits are dropped: returns the
@@ -659,6 +675,7 @@ local function general_path()
     local nactive = #ids
     while true do
       local mlist, seen, counts, total, merges, new = {}, {}, {}, 0, 0, 0
+      local near = {}   -- windowed type -> first sightings near the event, of every profile matched
       for i = 1, #ids do
         if active[i] then
           local o = owner[i]
@@ -669,7 +686,13 @@ local function general_path()
               load(o, counts_of, merges_of)
               local wc = wins and windowed(o, ts, rules, wins, wcache)
               for t, n in pairs(counts_of[o]) do
-                counts[t] = (counts[t] or 0) + (wc and window_of(t, rules, wins) and (wc[t] or 0) or n)
+                if wc and window_of(t, rules, wins) then
+                  local list = near[t] or {}
+                  for _, at in ipairs(wc[t] or {}) do list[#list + 1] = at end
+                  near[t] = list
+                else
+                  counts[t] = (counts[t] or 0) + n
+                end
                 total = total + n   -- the identifier cap counts every value, whenever added
               end
               merges = merges + merges_of[o]
@@ -682,6 +705,7 @@ local function general_path()
           end
         end
       end
+      for t, list in pairs(near) do counts[t] = busiest(list, counts[t] or 0, ts, window_of(t, rules, wins)) end
       local ok, fits = nactive <= 1, false
       if not ok then
         fits = #mlist <= 1 or merges + #mlist - 1 <= rules.max_merges
