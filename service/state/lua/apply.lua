@@ -650,10 +650,11 @@ local function general_path()
     cache[pid] = out
     return out
   end
-  -- stretches [a, a + w) with ts in them: a from ts - w + 1 to ts, the busiest starting there or at a sighting
+  -- stretches [a, a + w) with ts in them: a from ts - w + 1 to ts. A stretch's count grows only where it reaches a
+  -- sighting, so the busiest starts at ts - w + 1 or ends at a sighting at or after ts (a = that sighting - w + 1)
   local function busiest(times, new, ts, w)
     local best, starts = new, {ts - w + 1}
-    for _, at in ipairs(times) do if at <= ts then starts[#starts + 1] = at end end
+    for _, at in ipairs(times) do if at >= ts then starts[#starts + 1] = at - w + 1 end end
     for _, a in ipairs(starts) do
       local n = new
       for _, at in ipairs(times) do if at >= a and at < a + w then n = n + 1 end end
