@@ -75,9 +75,19 @@ def skip_space(body: bytes, i: int) -> int:
     return i
 
 
-def array_elements(body: bytes) -> list[bytes]:
-    """The text of each element of the array that ``body`` is, as sent. Raises ``ValueError`` for anything else."""
-    n, i = len(body), skip_space(body, 0)
+def array_elements(body: bytes, most: int | None = None, within: int | None = None) -> list[bytes]:
+    """The text of each element of the array that ``body`` is, as sent. Raises ``ValueError`` for anything else,
+    and past ``most`` elements or an element longer than ``within`` bytes, when given (a scan that may run before
+    authentication stops there)."""
+    out, end = _array_at(body, skip_space(body, 0), most, within)
+    if skip_space(body, end) < len(body):
+        raise ValueError("text after the array")
+    return out
+
+
+def _array_at(body: bytes, i: int, most: int | None, within: int | None) -> tuple[list[bytes], int]:
+    """The elements' texts of the array that begins at ``i``, and where it ends (see ``array_elements``)."""
+    n = len(body)
     if i >= n or body[i] != 0x5B:  # '['
         raise ValueError("not an array")
     out: list[bytes] = []
@@ -87,29 +97,37 @@ def array_elements(body: bytes) -> list[bytes]:
             break
         if i >= n:
             raise ValueError("unterminated array")
-        end = value_end(body, i)
+        if most is not None and len(out) >= most:
+            raise ValueError(f"more than {most} elements")
+        end = value_end(body, i, within)
         out.append(body[i:end])
         i = skip_space(body, end)
         if i < n and body[i] == 0x5D:
             break
         if i >= n or body[i] != 0x2C:  # ','
             raise ValueError("expected ',' or ']' after an element")
-    if skip_space(body, i + 1) < n:
-        raise ValueError("text after the array")
-    return out
+    return out, i + 1
 
 
 def object_members(body: bytes) -> dict[str, bytes]:
     """The text of each member's value of the object that ``body`` is, by its key, without decoding the values (an
     event too deep to decode still tells its userId). Raises ``ValueError`` for anything else."""
+    return _object_at(body)[0]
+
+
+def _object_at(body: bytes, split: str | None = None, most: int | None = None,
+               within: int | None = None) -> tuple[dict[str, bytes], list[bytes] | None]:
+    """``object_members``, and the elements' texts of member ``split`` when it is an array, read with the limits of
+    ``array_elements`` (its text is then not among the members); ``within`` bounds every other value too."""
     n, i = len(body), skip_space(body, 0)
     if i >= n or body[i] != 0x7B:  # '{'
         raise ValueError("not an object")
     out: dict[str, bytes] = {}
+    elements: list[bytes] | None = None
     while True:
         i = skip_space(body, i + 1)
-        if i < n and body[i] == 0x7D and not out:  # '}': the empty object
-            return out
+        if i < n and body[i] == 0x7D and not out and elements is None:  # '}': the empty object
+            return out, elements
         if i >= n or body[i] != 0x22:
             raise ValueError("expected a key")
         key_end = value_end(body, i)
@@ -123,11 +141,17 @@ def object_members(body: bytes) -> dict[str, bytes]:
         i = skip_space(body, i + 1)
         if i >= n:
             raise ValueError("a key without a value")
-        end = value_end(body, i)
-        out[key] = body[i:end]
+        if key == split and body[i] == 0x5B:
+            elements, end = _array_at(body, i, most, within)
+            out.pop(key, None)
+        else:
+            end = value_end(body, i, within)
+            out[key] = body[i:end]
+            if key == split:
+                elements = None
         i = skip_space(body, end)
         if i < n and body[i] == 0x7D:
-            return out
+            return out, elements
         if i >= n or body[i] != 0x2C:
             raise ValueError("expected ',' or '}' after a member")
 
@@ -140,10 +164,10 @@ class Unparsed:
     raw: bytes
 
 
-def parse_json(body: bytes, arrays: bool = True) -> Any:
-    """The document, or ``BodyError``. ``arrays``: a bare array (a Webhooks (Actions) batch) whose parse fails on
-    depth is split into its elements, the ones too deep kept as ``Unparsed``; off where an array is no valid body
-    anyway (the Tracking API), so that an unauthenticated body does not cost the split's scan."""
+def parse_json(body: bytes, split: bool = True) -> Any:
+    """The document, or ``BodyError``. ``split``: a batch whose parse fails on depth (a bare array, as Webhooks
+    (Actions) sends, or a Tracking API ``batch``) is split into its events, the ones too deep kept as ``Unparsed``;
+    off for a body not authenticated yet, which must not cost the split's scan."""
     if not body.strip():
         raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch",
                         len(body))
@@ -154,22 +178,27 @@ def parse_json(body: bytes, arrays: bool = True) -> Any:
             repaired = repair_surrogates(body)
             if repaired is not None:
                 return repaired
-        if "depth limit" in str(exc):
+        if split and "depth limit" in str(exc):
             first = body.lstrip()[:1]
-            parsed = (_elements_apart(body) if first == b"[" and arrays
-                      else _batch_apart(body) if first == b"{" else None)
+            parsed = _elements_apart(body) if first == b"[" else _batch_apart(body) if first == b"{" else None
             if parsed is not None:
                 return parsed
         raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None
 
 
-def _elements_apart(body: bytes) -> list[Any] | None:
+def _elements_apart(body: bytes, most: int = MAX_ACTIONS_BATCH, within: int | None = None) -> list[Any] | None:
     """A batch whose parse failed on depth, parsed element by element: the ones too deep become ``Unparsed``.
-    None when it is not a well-formed array of otherwise valid elements (the whole body is then refused)."""
+    None when it is not a well-formed array of otherwise valid elements, or has more than ``most`` of them or one
+    longer than ``within`` bytes (the whole body is then refused)."""
     try:
-        elements = array_elements(body)
+        elements = array_elements(body, most, within)
     except ValueError:
         return None
+    return _parsed_apart(elements)
+
+
+def _parsed_apart(elements: list[bytes]) -> list[Any] | None:
+    """Each element decoded, or ``Unparsed`` when it is too deep; None when one is not JSON for another reason."""
     out: list[Any] = []
     for raw in elements:
         try:
@@ -185,11 +214,12 @@ def _batch_apart(body: bytes) -> dict[str, Any] | None:
     """A Tracking API batch whose parse failed on depth: its members parsed apart, and its ``batch`` element by
     element (``_elements_apart``), so that one event too deep is refused alone, not the whole batch with the
     others (and, with the write key only in the body, nothing kept at all). None when it is not such a body."""
+    # the scan stops at a batch's most events, and at an event (or another member) of 8 times the most Segment takes
     try:
-        members = object_members(body)
+        members, texts = _object_at(body, "batch", MAX_BATCH_EVENTS, 8 * MAX_EVENT_BYTES)
     except ValueError:
         return None
-    batch = _elements_apart(members["batch"]) if "batch" in members else None
+    batch = _parsed_apart(texts) if texts is not None else None
     if batch is None:
         return None
     try:
@@ -249,6 +279,20 @@ def _json_key(name: str) -> bytes:
 
 
 _WRITE_KEY = re.compile(b'("' + _json_key("writeKey") + rb'"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+_NAMED_WRITE_KEY = re.compile(rb'"writeKey"\s*:\s*"([^"\\]{1,200})"')
+
+
+def named_write_keys(body: bytes) -> list[str]:
+    """The plain write keys a body names anywhere (at most 8), found without parsing it: whether a body that needs
+    an expensive parse claims a key of ours before that parse is spent on it."""
+    found = []
+    for m in _NAMED_WRITE_KEY.finditer(body):
+        found.append(m.group(1).decode(errors="replace"))
+        if len(found) == 8:
+            break
+    return found
 
 
 def without_write_key(raw: bytes) -> bytes:
