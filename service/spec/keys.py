@@ -166,6 +166,12 @@ class Keys:
         return f"{self.prefix}forgotten:ids"
 
     @property
+    def forgotten_at(self) -> str:
+        """id of ``forgotten_ids`` -> when (received ms) a profile holding it was last erased: the purge removes the
+        events naming it received until then, as the profile was erased as it stood (apply.lua)."""
+        return f"{self.prefix}forgotten:at"
+
+    @property
     def forgotten_until(self) -> str:
         """id -> the time (ms) up to which the purge removes its events, for ids of ``forgotten_ids`` whose
         deletion or erasure record was lifted before the purge ran (the record gave that time)."""

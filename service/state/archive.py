@@ -24,6 +24,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import redis
@@ -31,7 +32,7 @@ import redis
 from service.config import Settings
 from service.spec.bodies import BodyError, Unparsed, item, object_members, parse_json
 from service.spec.clock import now_ms
-from service.spec.events import effective_ms, iso_ms
+from service.spec.events import InvalidEvent, effective_ms, iso_ms, parse_timestamp
 from service.spec.keys import DAY_MS, Keys
 
 HOUR_MS = 3_600_000
@@ -171,7 +172,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     root = settings.event_archive_dir
     k = Keys(space)
     if not root:
-        client.delete(k.forgotten_ids, k.forgotten_until)  # no archive: nothing to purge, no reason to keep ids
+        client.delete(k.forgotten_ids, k.forgotten_until, k.forgotten_at)  # no archive: no reason to keep ids
         return 0
     wanted = erased_ids(client, space)
     if not wanted:
@@ -189,9 +190,9 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
         for path in archive_files(root, space):
             _renew(client, space, token)
             kept, dropped = [], 0
-            received = int(path.name[:-3]) + HOUR_MS  # the file's lines were logged within its hour
+            hour = int(path.name[:-3])  # the file's lines were logged within its hour
             for line in archived_lines(path):
-                if belongs(line, wanted, received):
+                if belongs(line, wanted, hour + HOUR_MS, hour):
                     dropped += 1
                 else:
                     kept.append(line)
@@ -209,6 +210,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
             removed += dropped
         client.srem(k.forgotten_ids, *wanted)
         client.hdel(k.forgotten_until, *wanted)
+        client.hdel(k.forgotten_at, *wanted)
     finally:
         _unlock(client, space, token)
     return removed
@@ -221,9 +223,17 @@ def _renew(client: redis.Redis, space: str, token: str) -> None:
         raise RuntimeError(f"the archive lock of {space} lapsed during the purge; the job is retried")
 
 
-Erased = dict[str, int | None]
-"""Erased userIds, anonymousIds and emails (``Keys.forgotten_ids``), each with the time (ms) up to which its events
-are erased, or None: all of them."""
+class Erasure(NamedTuple):
+    """What the purge removes of an erased id's events: those that took effect at or before ``until`` (its latest
+    deletion or erasure time: the state suppresses them), and those received at or before ``applied`` (when a
+    profile holding it was last erased, as it stood then, later events and all). None and None: every one."""
+
+    until: int | None = None
+    applied: int | None = None
+
+
+Erased = dict[str, Erasure]
+"""Erased userIds, anonymousIds and emails (``Keys.forgotten_ids``), each with its ``Erasure``."""
 
 
 def erased_record(record: bytes) -> tuple[int, str]:
@@ -234,21 +244,21 @@ def erased_record(record: bytes) -> tuple[int, str]:
 
 
 def erased_ids(client: redis.Redis, space: str) -> Erased:
-    """The ids the purge removes events of, each up to its latest deletion as a userId (``Keys.deleted``) or
-    erasure as an identifier (``Keys.erased``): an event after that is a returning person's, which the state
-    applied (only events at or before a deletion are suppressed), so the log, the dead letters and the archive keep
-    it. A lift before the purge ran kept the time its records gave (``Keys.forgotten_until``); an id without any
-    of these loses all its events."""
+    """The ids the purge removes events of, each with its ``Erasure``: up to its latest deletion as a userId
+    (``Keys.deleted``) or erasure as an identifier (``Keys.erased``), and what was received until its profile was
+    erased (``Keys.forgotten_at``). An event after both is a returning person's, which the state applied (only
+    events at or before a deletion are suppressed), so the log, the dead letters and the archive keep it. A lift
+    before the purge ran kept the time its records gave (``Keys.forgotten_until``); an id without any of these
+    loses all its events."""
     k = Keys(space)
     ids = sorted(i.decode() for i in client.smembers(k.forgotten_ids))
     if not ids:
         return {}
-    out: Erased = dict.fromkeys(ids)
+    wanted, until = set(ids), dict[str, int]()
 
     def later(value: str, at: int) -> None:
-        if value in out:
-            known = out[value]
-            out[value] = at if known is None else max(known, at)
+        if value in wanted and at > until.get(value, -1):
+            until[value] = at
 
     for value, at in zip(ids, client.hmget(k.deleted, ids), strict=True):
         if at is not None:
@@ -259,17 +269,18 @@ def erased_ids(client: redis.Redis, space: str) -> Erased:
             later(value, erased_record(record)[0])
     for value, at in client.hgetall(k.forgotten_until).items():  # records lifted before the purge ran
         later(value.decode(), int(at))
-    return out
+    applied = {v.decode(): int(at) for v, at in client.hgetall(k.forgotten_at).items()}
+    return {i: Erasure(until.get(i), applied.get(i)) for i in ids}
 
 
-def belongs(line: bytes, ids: Erased, received_ms: int) -> bool:
-    """Whether a raw event (an archived line, a logged event received at ``received_ms``) is one of an erased
-    user's (by its userId, anonymousId or email) from before the erasure."""
+def belongs(line: bytes, ids: Erased, received_ms: int, received_from: int | None = None) -> bool:
+    """Whether a raw event (an archived line, a logged event received at ``received_ms``; for an archived line,
+    received in [``received_from``, ``received_ms``]) is one of an erased user's (``event_belongs``)."""
     try:
         event = parse_json(line)
     except BodyError:
         return names(line, ids)  # unreadable: dropped if it names an erased id
-    return event_belongs(event, ids, received_ms)
+    return event_belongs(event, ids, received_ms, received_from)
 
 
 _NUMBER = re.compile(rb"-?[0-9]+")
@@ -290,10 +301,12 @@ def names(raw: bytes, ids: Iterable[str]) -> bool:
 _TIMES = ("timestamp", "originalTimestamp", "receivedAt", "sentAt")
 
 
-def event_belongs(event: object, ids: Erased, received_ms: int) -> bool:
-    """Whether a decoded event (received at ``received_ms``) names an erased user (its userId, anonymousId,
-    previousId or email) and took effect at or before that user's erasure; an element of a batch too deep to decode
-    (``Unparsed``), whether its top level does, or else its text names one."""
+def event_belongs(event: object, ids: Erased, received_ms: int, received_from: int | None = None) -> bool:
+    """Whether a decoded event, received at ``received_ms`` (or at some time from ``received_from`` on), is one of an
+    erased user's, as the state judged it: it names an erased id (its userId, anonymousId, previousId or email) and
+    either took effect at or before that id's erasure or was received before its profile was erased. An event
+    whose userId is someone else's is theirs (the state dropped the erased id from it: a shared device). An
+    element of a batch too deep to decode (``Unparsed``) is judged by its top level, or else by its text."""
     if isinstance(event, Unparsed):  # its top level is read without decoding what lies deeper
         raw = event.raw
         try:
@@ -304,15 +317,29 @@ def event_belongs(event: object, ids: Erased, received_ms: int) -> bool:
             return names(raw, ids)
     if not isinstance(event, dict):
         return False
-    named = [f"{event[f]}".strip() for f in ("userId", "anonymousId", "previousId")
-             if isinstance(event.get(f), str | int)]
-    bounds = [ids[i] for i in (*named, *_emails(event)) if i in ids]
+    named = {f: f"{event[f]}".strip() for f in ("userId", "anonymousId", "previousId")
+             if isinstance(event.get(f), str | int)}
+    if named.get("userId") and named["userId"] not in ids:
+        return False
+    bounds = [ids[i] for i in (*named.values(), *_emails(event)) if i in ids]
     if not bounds:
         return False
-    if None in bounds:
+    if any(b.until is None and b.applied is None for b in bounds):
+        return True
+    first = received_ms if received_from is None else _received_from(event, received_from, received_ms)
+    if any(b.applied is not None and first <= b.applied for b in bounds):
         return True
     at = effective_ms(event, received_ms)
-    return at is None or any(at <= b for b in bounds if b is not None)
+    return at is None or any(b.until is not None and at <= b.until for b in bounds)
+
+
+def _received_from(event: dict, earliest: int, latest: int) -> int:
+    """When an archived event was received at the earliest: its file's hour, or its ``receivedAt`` when later
+    (ours, or Segment's, which came before ours)."""
+    try:
+        return max(earliest, min(parse_timestamp(event.get("receivedAt")), latest))
+    except InvalidEvent:
+        return earliest
 
 
 def _emails(event: dict) -> Iterator[str]:

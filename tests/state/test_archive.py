@@ -13,7 +13,15 @@ import redis
 
 from service.config import Settings
 from service.spec.keys import DAY_MS, Keys
-from service.state.archive import HOUR_MS, archive_files, archive_space, archived_lines, belongs, purge_archive
+from service.state.archive import (
+    HOUR_MS,
+    Erasure,
+    archive_files,
+    archive_space,
+    archived_lines,
+    belongs,
+    purge_archive,
+)
 from service.state.ops import purge_forgotten
 from service.state.replay import Options, file_records, run
 from tests.helpers import apply, find, mixed_stream, snapshot
@@ -170,27 +178,35 @@ def test_an_event_that_reached_the_person_by_email_alone_leaves_the_archive_and_
 def test_text_that_cannot_be_decoded_belongs_to_an_erased_numeric_user_id_written_bare() -> None:
     """Segment allows a number as userId: a malformed body with ``"userId":4711`` names the erased user 4711 (the
     text search looked only for ``"4711"``), and one naming 47110 does not."""
-    assert belongs(b'{"userId":4711, "event": "x", "properties": {', {"4711": None}, 0)
-    assert belongs(b'{"userId" : -12 }{', {"-12": None}, 0)
-    assert not belongs(b'{"userId":47110, "event": {', {"4711": None}, 0)
-    assert not belongs(b'{"event": "4711 items", [', {"4711": None}, 0)
-    assert belongs(b'{"userId":"ada", [', {"ada": None}, 0)
+    assert belongs(b'{"userId":4711, "event": "x", "properties": {', {"4711": Erasure()}, 0)
+    assert belongs(b'{"userId" : -12 }{', {"-12": Erasure()}, 0)
+    assert not belongs(b'{"userId":47110, "event": {', {"4711": Erasure()}, 0)
+    assert not belongs(b'{"event": "4711 items", [', {"4711": Erasure()}, 0)
+    assert belongs(b'{"userId":"ada", [', {"ada": Erasure()}, 0)
 
 
 def test_an_event_belongs_to_an_erasure_up_to_its_time_by_the_time_it_took_effect() -> None:
-    """An event is purged when it named an erased id and took effect at or before that id's erasure, judged as the
-    state judged it: its own time, never later than its receipt; without a time of the erasure (a lifted
-    suppression), or with an unreadable time of its own, it is purged."""
+    """An event is purged when it names an erased id and either took effect at or before that id's erasure (judged
+    as the state judged it: its own time, never later than its receipt) or was received before the profile was
+    erased (as it stood then); without either record (a lifted suppression), or with an unreadable time of its
+    own, it is purged. One whose userId is someone else's is theirs."""
     from service.state.archive import event_belongs
 
-    erased = {"ada": 1_000, "lifted": None}
+    erased = {"ada": Erasure(until=1_000, applied=3_000), "lifted": Erasure(), "shared": Erasure(until=1_000)}
     assert event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:01Z"}, erased, 5_000)
     assert not event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:01.001Z"}, erased, 5_000)
+    assert event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:02Z"}, erased, 2_999)  # before the erasure
+    assert event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:04Z"}, erased, 4_000, 2_000)  # maybe
+    assert not event_belongs({"userId": "ada", "timestamp": "1970-01-01T00:00:04Z",  # its receivedAt says after
+                              "receivedAt": "1970-01-01T00:00:03.500Z"}, erased, 4_000, 2_000)
     assert event_belongs({"userId": "ada", "timestamp": "2099-01-01T00:00:00Z"}, erased, 900)  # capped by receipt
     assert event_belongs({"anonymousId": "x", "context": {"traits": {"email": "ADA"}}}, erased, 900)
     assert event_belongs({"userId": "ada", "timestamp": "not a time"}, erased, 5_000)
     assert event_belongs({"userId": "lifted", "timestamp": "2099-01-01T00:00:00Z"}, erased, 5_000)
     assert not event_belongs({"userId": "bob", "timestamp": "1970-01-01T00:00:00Z"}, erased, 5_000)
+    assert event_belongs({"anonymousId": "shared", "timestamp": "1970-01-01T00:00:00Z"}, erased, 5_000)
+    assert not event_belongs({"userId": "bob", "anonymousId": "shared", "timestamp": "1970-01-01T00:00:00Z"},
+                             erased, 5_000)  # the state kept it for bob, without the erased id
 
 
 def test_replay_from_archive_command(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
@@ -333,3 +349,41 @@ def test_a_rebuild_loses_nothing_the_archiver_trims_while_it_reads(r: redis.Redi
     apply(r, [{"type": "page", "userId": "a0", "messageId": "after", "timestamp": "2026-03-01T12:00:00Z"}],
           settings=s)
     assert archive_space(r, s, SPACE)["trimmed"] == 1  # and trims again once the rebuild is over
+
+
+def test_the_purge_removes_what_the_deletion_erased_and_keeps_a_shared_devices_other_user(r: redis.Redis,
+                                                                                          tmp_path: Path) -> None:
+    """A deletion erases the profile as it stands, events stamped after the deletion's time included when they
+    arrived before it (Segment forwards deletions late): the purge removes those from the archive and the dead
+    letters too (judged by time alone they stayed, and a rebuild brought the person back). An event of another
+    userId that named the deleted person's device is that user's: the state kept it for them, and so does the
+    purge."""
+    from service.spec.clock import now_ms
+    from service.state.ops import purge_erased
+    from service.state.rebuild import rebuild
+    from service.state.store import SyncStore
+
+    s = settings_for(tmp_path)
+    k = Keys(SPACE)
+    before, deleted, after = "2026-03-01T10:00:00Z", "2026-03-02T10:00:00Z", "2026-03-03T10:00:00Z"
+    apply(r, [{"type": "identify", "userId": "gone", "anonymousId": "tablet", "messageId": "1", "timestamp": before},
+              {"type": "identify", "userId": "gone", "messageId": "2", "timestamp": after,
+               "traits": {"plan": "secret"}},
+              {"type": "track", "userId": "other", "anonymousId": "tablet", "messageId": "3", "timestamp": before,
+               "event": "Order Completed", "properties": {"order_id": "o1", "revenue": 99}}], settings=s)
+    SyncStore(r, s).dead_letters(SPACE, [("dl", orjson.dumps({"type": "track", "userId": "gone",
+                                                              "timestamp": after}))], "webhook")
+    archive_space(r, s, SPACE)
+    now = now_ms()
+    apply(r, [{"type": "delete", "userId": "gone", "messageId": "d", "timestamp": deleted}], settings=s, now=now)
+    assert find(r, "user_id", "gone") is None
+
+    purge_erased(r, s, SPACE)
+
+    assert [orjson.loads(f[b"e"])["messageId"] for _, f in r.xrange(k.log)] == ["3"]
+    assert [orjson.loads(line)["messageId"] for line in lines(tmp_path)] == ["3"]
+    assert r.xlen(k.dead_letters) == 0
+    rebuild(r, s, SPACE, force=True)
+    assert find(r, "user_id", "gone") is None
+    other = find(r, "user_id", "other")
+    assert other is not None and [o.key for o in other.orders] == ["o1"]

@@ -59,6 +59,8 @@
 --   P..'dd:sets'            the first dedupe bucket kept as sets (see below)
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
 --   P..'forgotten:ids'      erased userIds, anonymousIds and emails, for the purge of the log and archive files
+--   P..'forgotten:at'       such an id -> when a profile holding it was last erased (received ms): the purge
+--                           removes the events naming it received until then
 --   P..'erased'             'type:value' -> 'time|userId': every other identifier of an erased profile, the time of
 --                           its latest erasure, and the deleted userId ('' for an erasure by profile id); events at
 --                           or before it lose that identifier (and are suppressed when nothing else is left, or
@@ -521,10 +523,12 @@ local function general_path()
       if pre == 'x:' then
         redis.call('DEL', G .. 'i:' .. rest)
         -- the log, dead letters and archive files keep events naming the person by userId, anonymousId or email
-        -- (an event that reached the profile by its email alone): the purge job removes them
+        -- (an event that reached the profile by its email alone): the purge job removes them, those received
+        -- until now (the profile is erased as it stands: P..'forgotten:at') and those at or before the erasure
         local kind, value = string.match(rest, '^([^:]+):(.*)$')
         if kind == 'user_id' or kind == 'anonymous_id' or kind == 'email' then
           redis.call('SADD', P .. 'forgotten:ids', value)
+          if not rebuilding then redis.call('HSET', P .. 'forgotten:at', value, now) end
         end
         if record then redis.call('SADD', P .. 'rebuild:erased', rest) end
         if not (kind == 'user_id' and value == uid) then idents[#idents + 1] = rest end
