@@ -205,7 +205,7 @@ async def tracking(request: Request) -> Response:
         try:  # an event too deep in a batch sinks alone: split only for a body with a key of ours in it
             if not (claimed and "depth limit" in exc.message):
                 raise
-            doc = parse_json(body)
+            doc = parse_json(body, arrays=False)
         except BodyError as refused_whole:
             if keys and header_space is None:
                 return await _refuse_unread(request, space, refused_whole)

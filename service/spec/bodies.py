@@ -164,10 +164,11 @@ class Unparsed:
     raw: bytes
 
 
-def parse_json(body: bytes, split: bool = True) -> Any:
+def parse_json(body: bytes, split: bool = True, arrays: bool = True) -> Any:
     """The document, or ``BodyError``. ``split``: a batch whose parse fails on depth (a bare array, as Webhooks
     (Actions) sends, or a Tracking API ``batch``) is split into its events, the ones too deep kept as ``Unparsed``;
-    off for a body not authenticated yet, which must not cost the split's scan."""
+    off for a body not authenticated yet, which must not cost the split's scan. ``arrays``: bare arrays too (off
+    where one is no valid body: the Tracking API)."""
     if not body.strip():
         raise BodyError(400, "empty body: send a JSON event, a JSON array of events, or a Tracking API batch",
                         len(body))
@@ -180,7 +181,8 @@ def parse_json(body: bytes, split: bool = True) -> Any:
                 return repaired
         if split and "depth limit" in str(exc):
             first = body.lstrip()[:1]
-            parsed = _elements_apart(body) if first == b"[" else _batch_apart(body) if first == b"{" else None
+            parsed = (_elements_apart(body) if first == b"[" and arrays
+                      else _batch_apart(body) if first == b"{" else None)
             if parsed is not None:
                 return parsed
         raise BodyError(400, f"malformed JSON: {exc}", len(body)) from None

@@ -32,7 +32,8 @@ import redis
 from service.config import Settings
 from service.spec.bodies import BodyError, Unparsed, item, object_members, parse_json
 from service.spec.clock import now_ms
-from service.spec.events import InvalidEvent, effective_ms, iso_ms, parse_timestamp
+from service.spec.events import InvalidEvent, effective_ms, iso_ms, normalise, parse_timestamp
+from service.spec.identity import IdentityRules
 from service.spec.keys import DAY_MS, Keys
 
 HOUR_MS = 3_600_000
@@ -177,6 +178,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
     wanted = erased_ids(client, space)
     if not wanted:
         return 0
+    rules = IdentityRules.from_settings(settings)
     token = None
     deadline = time.monotonic() + LOCK_TTL_MS / 1000
     while token is None:
@@ -192,7 +194,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
             kept, dropped = [], 0
             hour = int(path.name[:-3])  # the file's lines were logged within its hour
             for line in archived_lines(path):
-                if belongs(line, wanted, hour + HOUR_MS, hour):
+                if belongs(line, wanted, hour + HOUR_MS, hour, rules, CLOCK_SKEW_MS):
                     dropped += 1
                 else:
                     kept.append(line)
@@ -273,14 +275,15 @@ def erased_ids(client: redis.Redis, space: str) -> Erased:
     return {i: Erasure(until.get(i), applied.get(i)) for i in ids}
 
 
-def belongs(line: bytes, ids: Erased, received_ms: int, received_from: int | None = None) -> bool:
+def belongs(line: bytes, ids: Erased, received_ms: int, received_from: int | None = None,
+            rules: IdentityRules | None = None, skew: int = 0) -> bool:
     """Whether a raw event (an archived line, a logged event received at ``received_ms``; for an archived line,
     received in [``received_from``, ``received_ms``]) is one of an erased user's (``event_belongs``)."""
     try:
         event = parse_json(line)
     except BodyError:
         return names(line, ids)  # unreadable: dropped if it names an erased id
-    return event_belongs(event, ids, received_ms, received_from)
+    return event_belongs(event, ids, received_ms, received_from, rules, skew)
 
 
 _NUMBER = re.compile(rb"-?[0-9]+")
@@ -301,12 +304,21 @@ def names(raw: bytes, ids: Iterable[str]) -> bool:
 _TIMES = ("timestamp", "originalTimestamp", "receivedAt", "sentAt")
 
 
-def event_belongs(event: object, ids: Erased, received_ms: int, received_from: int | None = None) -> bool:
-    """Whether a decoded event, received at ``received_ms`` (or at some time from ``received_from`` on), is one of an
-    erased user's, as the state judged it: it names an erased id (its userId, anonymousId, previousId or email) and
-    either took effect at or before that id's erasure or was received before its profile was erased. An event
-    whose userId is someone else's is theirs (the state dropped the erased id from it: a shared device). An
-    element of a batch too deep to decode (``Unparsed``) is judged by its top level, or else by its text."""
+# An erasure's time is Redis's (``Keys.forgotten_at``), as are the log's entry ids; the receipt a dead letter or an
+# archived line carries is a web host's: one stamped up to this long after the erasure counts as before it.
+CLOCK_SKEW_MS = 1_000
+
+
+def event_belongs(event: object, ids: Erased, received_ms: int, received_from: int | None = None,
+                  rules: IdentityRules | None = None, skew: int = 0) -> bool:
+    """Whether a decoded event, received at ``received_ms`` (or at some time from ``received_from`` on; by a clock
+    up to ``skew`` ms off Redis's), is one of an erased user's, as the state judged it: it names an erased id (its
+    userId, anonymousId, previousId or email) and either took effect at or before that id's erasure or was
+    received before its profile was erased. One that the
+    state gave someone else is theirs: its first identifier by priority (``rules``) is not an erased one (a shared
+    device's anonymousId beside another person's userId or email; the state dropped the erased id from it). An
+    event the state could not read, and an element of a batch too deep to decode (``Unparsed``: judged by its top
+    level, or else by its text), go if they name an erased id."""
     if isinstance(event, Unparsed):  # its top level is read without decoding what lies deeper
         raw = event.raw
         try:
@@ -317,19 +329,26 @@ def event_belongs(event: object, ids: Erased, received_ms: int, received_from: i
             return names(raw, ids)
     if not isinstance(event, dict):
         return False
-    named = {f: f"{event[f]}".strip() for f in ("userId", "anonymousId", "previousId")
-             if isinstance(event.get(f), str | int)}
-    if named.get("userId") and named["userId"] not in ids:
-        return False
-    bounds = [ids[i] for i in (*named.values(), *_emails(event)) if i in ids]
+    named = [f"{event[f]}".strip() for f in ("userId", "anonymousId", "previousId")
+             if isinstance(event.get(f), str | int)]
+    bounds = [ids[i] for i in (*named, *_emails(event)) if i in ids]
     if not bounds:
         return False
+    at = effective_ms(event, received_ms)
+    if rules is not None:
+        try:
+            applied = normalise(event, received_ms, rules)
+        except InvalidEvent:
+            pass  # never applied: it goes if it names an erased id
+        else:
+            if applied.identifiers and applied.identifiers[0][1] not in ids:
+                return False
+            at = applied.ts
     if any(b.until is None and b.applied is None for b in bounds):
         return True
     first = received_ms if received_from is None else _received_from(event, received_from, received_ms)
-    if any(b.applied is not None and first <= b.applied for b in bounds):
+    if any(b.applied is not None and first <= b.applied + skew for b in bounds):
         return True
-    at = effective_ms(event, received_ms)
     return at is None or any(b.until is not None and at <= b.until for b in bounds)
 
 

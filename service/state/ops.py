@@ -13,7 +13,15 @@ from service.spec.clock import now_ms
 from service.spec.events import Event, iso_ms, normalise
 from service.spec.identity import IdentityRules
 from service.spec.keys import MAVERA_PAUSED_KEY, TOMBSTONE, Keys
-from service.state.archive import Erased, belongs, erased_ids, erased_record, event_belongs, purge_archive
+from service.state.archive import (
+    CLOCK_SKEW_MS,
+    Erased,
+    belongs,
+    erased_ids,
+    erased_record,
+    event_belongs,
+    purge_archive,
+)
 from service.state.connect import state_client
 from service.state.generations import other_generations
 from service.state.replay import AUTHENTICATED_SOURCES, Options, dead_letter_records, resolve, run
@@ -178,7 +186,7 @@ def _keep_purge_bounds(client: redis.Redis, k: Keys, idents: list[bytes], user_i
             client.hset(k.forgotten_until, value, times[value])
 
 
-def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
+def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000, settings: Settings | None = None) -> int:
     """Delete the logged events of erased profiles (and of profiles merged into them), and those from before the
     erasure that name an erased userId, anonymousId or email (``erased_ids``: entries logged before a rebuild carry
     the previous generation's profile ids). Returns entries removed.
@@ -189,6 +197,7 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
     k = Keys(space)
     forgotten = {m for m in client.smembers(k.forgotten_profiles)}
     ids = erased_ids(client, space)
+    rules = IdentityRules.from_settings(settings or Settings())
     if not forgotten and not ids:
         return 0
     removed, start = 0, "-"
@@ -197,7 +206,7 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000) -> int:
         if not rows:
             break
         doomed = [eid for eid, fields in rows if fields.get(b"p") in forgotten
-                  or (ids and belongs(fields.get(b"e", b""), ids, int(eid.split(b"-")[0])))]
+                  or (ids and belongs(fields.get(b"e", b""), ids, int(eid.split(b"-")[0]), rules=rules))]
         if doomed:
             removed += client.xdel(k.log, *doomed)
         last = rows[-1][0].decode()
@@ -215,8 +224,9 @@ def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
     events out of the log, the dead letters and the archive files (whose purge forgets the erased ids); returns
     profiles, entries and lines erased, removed or rewritten."""
     ids = erased_ids(client, space)
-    return (erase_in_other_generations(client, settings, space, set(ids)) + purge_forgotten(client, space)
-            + purge_dead_letters(client, settings, space, ids) + purge_archive(client, settings, space))
+    return (erase_in_other_generations(client, settings, space, set(ids))
+            + purge_forgotten(client, space, settings=settings) + purge_dead_letters(client, settings, space, ids)
+            + purge_archive(client, settings, space))
 
 
 def erase_in_other_generations(client: redis.Redis, settings: Settings, space: str, ids: set[str]) -> int:
@@ -259,13 +269,14 @@ def purge_dead_letters(client: redis.Redis, settings: Settings, space: str, ids:
     if not ids:
         return 0
     key = Keys(space).dead_letters
+    rules = IdentityRules.from_settings(settings)
     changed: list[bytes] = []
     bodies: list[tuple[str, str, str, bytes]] = []
     start = "-"
     while True:
         rows = client.xrange(key, min=start, max="+", count=chunk)
         for entry_id, fields in rows:
-            kept = _without_erased(fields.get(b"raw", b""), ids, _received(entry_id, fields))
+            kept = _without_erased(fields.get(b"raw", b""), ids, _received(entry_id, fields), rules)
             if kept is None:
                 continue
             changed.append(entry_id)
@@ -287,20 +298,20 @@ def _received(entry_id: bytes, fields: dict[bytes, bytes]) -> int:
     return int(at) if at.isdigit() else int(entry_id.split(b"-")[0])
 
 
-def _without_erased(raw: bytes, ids: Erased, received_ms: int) -> bytes | None:
+def _without_erased(raw: bytes, ids: Erased, received_ms: int, rules: IdentityRules) -> bytes | None:
     """A dead letter's body without the erased users' events: None when it holds none of them, b"" when nothing
     is left of it (or it cannot be read and names one of them)."""
     try:
         doc = parse_json(raw)
     except BodyError:
-        return b"" if belongs(raw, ids, received_ms) else None
+        return b"" if belongs(raw, ids, received_ms, rules=rules, skew=CLOCK_SKEW_MS) else None
     if isinstance(doc, dict) and isinstance(doc.get("batch"), list):  # a Tracking API batch
         events: list = doc["batch"]
     elif isinstance(doc, list):  # a Webhooks (Actions) batch
         events = doc
     else:
-        return b"" if event_belongs(doc, ids, received_ms) else None
-    keep = [not event_belongs(e, ids, received_ms) for e in events]
+        return b"" if event_belongs(doc, ids, received_ms, rules=rules, skew=CLOCK_SKEW_MS) else None
+    keep = [not event_belongs(e, ids, received_ms, rules=rules, skew=CLOCK_SKEW_MS) for e in events]
     rest = [e for e, k in zip(events, keep, strict=True) if k]
     if len(rest) == len(events):
         return None

@@ -59,8 +59,8 @@
 --   P..'dd:sets'            the first dedupe bucket kept as sets (see below)
 --   P..'deleted'            userId -> effective time of its latest delete (events at or before it are suppressed)
 --   P..'forgotten:ids'      erased userIds, anonymousIds and emails, for the purge of the log and archive files
---   P..'forgotten:at'       such an id -> when a profile holding it was last erased (received ms): the purge
---                           removes the events naming it received until then
+--   P..'forgotten:at'       such an id -> when a profile holding it was last erased (ms, Redis's clock): the
+--                           purge removes the events naming it received until then
 --   P..'erased'             'type:value' -> 'time|userId': every other identifier of an erased profile, the time of
 --                           its latest erasure, and the deleted userId ('' for an erasure by profile id); events at
 --                           or before it lose that identifier (and are suppressed when nothing else is left, or
@@ -499,6 +499,13 @@ local function general_path()
     if not rebuilding then dirty[#dirty + 1] = L end
   end
 
+  -- When a profile is erased, by Redis's clock (that of the log's entry ids, which the purge compares with it):
+  -- ms, as text
+  local function erased_at()
+    local t = redis.call('TIME')
+    return t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+  end
+
   -- Record identifier ``x`` ('type:value') as erased at ``ts_text`` with the deleted userId ``uid`` ('' for none),
   -- unless a later erasure already covers it.
   local function mark_erased(x, ts_text, uid)
@@ -528,7 +535,7 @@ local function general_path()
         local kind, value = string.match(rest, '^([^:]+):(.*)$')
         if kind == 'user_id' or kind == 'anonymous_id' or kind == 'email' then
           redis.call('SADD', P .. 'forgotten:ids', value)
-          if not rebuilding then redis.call('HSET', P .. 'forgotten:at', value, now) end
+          if not rebuilding then redis.call('HSET', P .. 'forgotten:at', value, erased_at()) end
         end
         if record then redis.call('SADD', P .. 'rebuild:erased', rest) end
         if not (kind == 'user_id' and value == uid) then idents[#idents + 1] = rest end
