@@ -389,6 +389,9 @@ def test_an_event_deeper_than_the_parser_goes_sinks_only_itself_in_a_tracking_ba
     refused = client.post("/v1/batch", content=stranger)
     assert refused.status_code == 400 and "depth limit" in refused.json()["error"]["message"]
     assert "nothing of this request was kept" in refused.json()["error"]["message"]
+    bare = b'[{"writeKey":"' + WRITE_KEY.encode() + b'"},' + deep + b"]"  # never a Tracking API body: not split
+    resp = client.post("/v1/batch", content=bare)
+    assert resp.status_code == 400 and "depth limit" in resp.json()["error"]["message"]
     many = (b'{"writeKey":"' + WRITE_KEY.encode() + b'","batch":[' + b"{}," * 2500 + deep + b"]}")
     assert client.post("/v1/batch", content=many).status_code == 400
     assert r.xlen(Keys("default").dead_letters) == 1 and r.xlen(Keys("default").log) == 2
