@@ -166,17 +166,42 @@ def archived_lines(path: Path) -> Iterator[bytes]:
                 yield line.rstrip(b"\n")
 
 
-def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
-    """Rewrite the archive files that hold events of erased users (``Keys.forgotten_ids``); returns lines removed.
+# Forget the erased ids a purge is done with, unless erased again since it read them (their time moved): a
+# deletion applied while the purge ran keeps its ids for its own purge job. KEYS: forgotten:ids, forgotten:at,
+# forgotten:until; ARGV: id, the erasure time read ('' for none), ...
+FORGET_DONE = """
+for i = 1, #ARGV, 2 do
+  if (redis.call('HGET', KEYS[2], ARGV[i]) or '') == ARGV[i + 1] then
+    redis.call('SREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+  end
+end
+"""
+
+
+def forget_done(client: redis.Redis, space: str, ids: Erased) -> None:
+    """The purge of ``ids`` (as ``erased_ids`` read them) is done: they leave ``Keys.forgotten_ids``, but for those
+    erased again meanwhile."""
+    k = Keys(space)
+    args: list[str] = []
+    for value, erasure in ids.items():
+        args += [value, "" if erasure.applied_text is None else erasure.applied_text]
+    for i in range(0, len(args), 2000):
+        client.eval(FORGET_DONE, 3, k.forgotten_ids, k.forgotten_at, k.forgotten_until, *args[i:i + 2000])
+
+
+def purge_archive(client: redis.Redis, settings: Settings, space: str, wanted: Erased | None = None) -> int:
+    """Rewrite the archive files that hold events of erased users (``wanted``, else ``erased_ids``); returns lines
+    removed. Then the ids are forgotten (``forget_done``), the purge of the log and dead letters done before it.
 
     Runs in the purge job after a deletion, under the archiver's lock so that no file changes under it."""
     root = settings.event_archive_dir
-    k = Keys(space)
-    if not root:
-        client.delete(k.forgotten_ids, k.forgotten_until, k.forgotten_at)  # no archive: no reason to keep ids
-        return 0
-    wanted = erased_ids(client, space)
+    wanted = erased_ids(client, space) if wanted is None else wanted
     if not wanted:
+        return 0
+    if not root:  # no archive: nothing more to purge
+        forget_done(client, space, wanted)
         return 0
     rules = IdentityRules.from_settings(settings)
     token = None
@@ -210,9 +235,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str) -> int:
             _renew(client, space, token)  # still ours: the archiver cannot have appended since we read the file
             os.replace(tmp, path)
             removed += dropped
-        client.srem(k.forgotten_ids, *wanted)
-        client.hdel(k.forgotten_until, *wanted)
-        client.hdel(k.forgotten_at, *wanted)
+        forget_done(client, space, wanted)
     finally:
         _unlock(client, space, token)
     return removed
@@ -232,6 +255,7 @@ class Erasure(NamedTuple):
 
     until: int | None = None
     applied: int | None = None
+    applied_text: str | None = None  # as stored: whether it changed when the purge is done
 
 
 Erased = dict[str, Erasure]
@@ -271,8 +295,8 @@ def erased_ids(client: redis.Redis, space: str) -> Erased:
             later(value, erased_record(record)[0])
     for value, at in client.hgetall(k.forgotten_until).items():  # records lifted before the purge ran
         later(value.decode(), int(at))
-    applied = {v.decode(): int(at) for v, at in client.hgetall(k.forgotten_at).items()}
-    return {i: Erasure(until.get(i), applied.get(i)) for i in ids}
+    applied = {v.decode(): at.decode() for v, at in client.hgetall(k.forgotten_at).items()}
+    return {i: Erasure(until.get(i), int(applied[i]) if i in applied else None, applied.get(i)) for i in ids}
 
 
 def belongs(line: bytes, ids: Erased, received_ms: int, received_from: int | None = None,
@@ -289,14 +313,21 @@ def belongs(line: bytes, ids: Erased, received_ms: int, received_from: int | Non
 _NUMBER = re.compile(rb"-?[0-9]+")
 
 
+_ID_FIELD = rb'"(?:userId|anonymousId|previousId|email|id)"\s*:\s*'
+
+
 def names(raw: bytes, ids: Iterable[str]) -> bool:
-    """Whether text that cannot be decoded names one of ``ids``: as a JSON string, or, for an id that is a number
-    (a numeric userId, sent as ``"userId":4711``), as a bare value."""
+    """Whether text that cannot be decoded names one of ``ids`` as an identifier: a userId, anonymousId,
+    previousId, email or an external id's ``id``, as a JSON string or, for an id that is a number (a numeric
+    userId, sent as ``"userId":4711``), as a bare value (a ``"quantity":4711`` is not an id)."""
     for i in ids:
         b = i.encode()
-        if b'"%s"' % b in raw:
+        if b'"%s"' % b not in raw and not _NUMBER.fullmatch(b):
+            continue
+        text = re.escape(b)
+        if re.search(_ID_FIELD + rb'"' + text + rb'"', raw, re.IGNORECASE):
             return True
-        if _NUMBER.fullmatch(b) and re.search(rb":\s*" + re.escape(b) + rb"\s*[,}\]]", raw):
+        if _NUMBER.fullmatch(b) and re.search(_ID_FIELD + text + rb"\s*[,}\]]", raw):
             return True
     return False
 
@@ -331,7 +362,7 @@ def event_belongs(event: object, ids: Erased, received_ms: int, received_from: i
         return False
     named = [f"{event[f]}".strip() for f in ("userId", "anonymousId", "previousId")
              if isinstance(event.get(f), str | int)]
-    bounds = [ids[i] for i in (*named, *_emails(event)) if i in ids]
+    bounds = [ids[i] for i in (*named, *_emails(event), *_external_ids(event)) if i in ids]
     if not bounds:
         return False
     at = effective_ms(event, received_ms)
@@ -341,7 +372,11 @@ def event_belongs(event: object, ids: Erased, received_ms: int, received_from: i
         except InvalidEvent:
             pass  # never applied: it goes if it names an erased id
         else:
-            if applied.identifiers and applied.identifiers[0][1] not in ids:
+            bounds += [ids[v] for _, v in applied.identifiers if v in ids]  # context.externalIds too
+            lead = applied.identifiers[0] if applied.identifiers else None
+            # the erased ids kept for the purge are userIds, anonymousIds and emails: a device's or a custom id
+            # ahead of them may be the erased person's too, and the event goes
+            if lead and lead[0] in _PURGED_TYPES and lead[1] not in ids:
                 return False
             at = applied.ts
     if any(b.until is None and b.applied is None for b in bounds):
@@ -350,6 +385,21 @@ def event_belongs(event: object, ids: Erased, received_ms: int, received_from: i
     if any(b.applied is not None and first <= b.applied + skew for b in bounds):
         return True
     return at is None or any(b.until is not None and at <= b.until for b in bounds)
+
+
+_PURGED_TYPES = ("user_id", "anonymous_id", "email")  # the identifier types apply.lua keeps in forgotten:ids
+
+
+def _external_ids(event: dict) -> Iterator[str]:
+    """The values of the event's ``context.externalIds`` of the types the purge keeps (as the state reads them)."""
+    context = event.get("context")
+    external = context.get("externalIds") if isinstance(context, dict) else None
+    for entry in external if isinstance(external, list) else ():
+        kind = str(entry.get("type", "")).strip().lower() if isinstance(entry, dict) else ""
+        value = entry.get("id") if kind in _PURGED_TYPES else None
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            text = f"{value}".strip()
+            yield text.lower() if kind == "email" else text
 
 
 def _received_from(event: dict, earliest: int, latest: int) -> int:

@@ -186,7 +186,8 @@ def _keep_purge_bounds(client: redis.Redis, k: Keys, idents: list[bytes], user_i
             client.hset(k.forgotten_until, value, times[value])
 
 
-def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000, settings: Settings | None = None) -> int:
+def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000, settings: Settings | None = None,
+                    ids: Erased | None = None) -> int:
     """Delete the logged events of erased profiles (and of profiles merged into them), and those from before the
     erasure that name an erased userId, anonymousId or email (``erased_ids``: entries logged before a rebuild carry
     the previous generation's profile ids). Returns entries removed.
@@ -196,7 +197,7 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000, settings
     """
     k = Keys(space)
     forgotten = {m for m in client.smembers(k.forgotten_profiles)}
-    ids = erased_ids(client, space)
+    ids = erased_ids(client, space) if ids is None else ids
     rules = IdentityRules.from_settings(settings or Settings())
     if not forgotten and not ids:
         return 0
@@ -225,8 +226,8 @@ def purge_erased(client: redis.Redis, settings: Settings, space: str) -> int:
     profiles, entries and lines erased, removed or rewritten."""
     ids = erased_ids(client, space)
     return (erase_in_other_generations(client, settings, space, set(ids))
-            + purge_forgotten(client, space, settings=settings) + purge_dead_letters(client, settings, space, ids)
-            + purge_archive(client, settings, space))
+            + purge_forgotten(client, space, settings=settings, ids=ids)
+            + purge_dead_letters(client, settings, space, ids) + purge_archive(client, settings, space, ids))
 
 
 def erase_in_other_generations(client: redis.Redis, settings: Settings, space: str, ids: set[str]) -> int:

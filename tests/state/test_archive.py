@@ -412,3 +412,64 @@ def test_the_purge_removes_what_the_deletion_erased_and_keeps_a_shared_devices_o
     assert find(r, "user_id", "gone") is None
     other = find(r, "user_id", "other")
     assert other is not None and [o.key for o in other.orders] == ["o1"]
+
+
+def test_the_purge_judges_devices_external_ids_and_bare_numbers_as_the_state_does(r: redis.Redis,
+                                                                                   tmp_path: Path) -> None:
+    """An app's anonymous event leads with its device id (ahead of the anonymousId by priority), which the purge
+    keeps no list of: it goes when it names the erased person. An event naming them only in context.externalIds
+    goes too. A number in an unreadable body is an erased userId only where an id stands (a "quantity":42 of
+    someone else's order is not user 42)."""
+    from service.spec.clock import now_ms
+    from service.state.ops import purge_erased
+    from service.state.store import SyncStore
+
+    s = settings_for(tmp_path)
+    k = Keys(SPACE)
+    t = "2026-03-01T10:00:00Z"
+    android = {"type": "android", "id": "dev-ada"}
+    apply(r, [{"type": "identify", "userId": "ada", "anonymousId": "anon-ada", "messageId": "1", "timestamp": t,
+               "context": {"device": android}},
+              {"type": "screen", "name": "Checkout", "anonymousId": "anon-ada", "messageId": "2", "timestamp": t,
+               "context": {"device": android}},
+              {"type": "identify", "userId": "42", "messageId": "3", "timestamp": t}], settings=s)
+    SyncStore(r, s).dead_letters(SPACE, [
+        ("android", orjson.dumps({"type": "screen", "anonymousId": "anon-ada", "timestamp": "bad",
+                                  "context": {"device": android}})),
+        ("external", orjson.dumps({"type": "track", "anonymousId": "unknown", "timestamp": "bad",
+                                   "context": {"externalIds": [{"id": "ada", "type": "user_id"}]}})),
+        ("bob", b'{"type":"track","userId":"bob","properties":{"quantity":42,"revenue":42},'),
+        ("42", b'{"type":"track","userId":42,"properties":{'),
+    ], "webhook")
+    archive_space(r, s, SPACE)
+    now = now_ms()
+    for who in ("ada", "42"):
+        apply(r, [{"type": "delete", "userId": who, "messageId": f"d-{who}", "timestamp": t}], settings=s, now=now)
+
+    purge_erased(r, s, SPACE)
+
+    assert [f[b"reason"] for _, f in r.xrange(k.dead_letters)] == [b"bob"]
+    assert lines(tmp_path) == [] and r.xlen(k.log) == 0
+
+
+def test_a_deletion_applied_while_a_purge_runs_keeps_its_ids_for_its_own_purge(r: redis.Redis,
+                                                                              tmp_path: Path) -> None:
+    """The purge read the erased ids, then forgot the whole set (or every id it had read) when done: a deletion
+    applied meanwhile, of someone else or of the same person again, lost its purge."""
+    from service.spec.clock import now_ms
+    from service.state.archive import erased_ids
+    from service.state.ops import purge_erased
+
+    for archive in (True, False):
+        r.flushall()
+        s = settings_for(tmp_path / str(archive)) if archive else Settings()
+        t = "2026-03-01T10:00:00Z"
+        apply(r, [{"type": "identify", "userId": u, "messageId": u, "timestamp": t} for u in ("ada", "bob")],
+              settings=s)
+        apply(r, [{"type": "delete", "userId": "ada", "messageId": "d1", "timestamp": t}], settings=s, now=now_ms())
+        read = erased_ids(r, SPACE)  # what the job read, before bob's deletion came in
+        apply(r, [{"type": "delete", "userId": "bob", "messageId": "d2", "timestamp": t}], settings=s, now=now_ms())
+        purge_archive(r, s, SPACE, read)
+        assert {i.decode() for i in r.smembers(Keys(SPACE).forgotten_ids)} == {"bob"}, archive
+        purge_erased(r, s, SPACE)
+        assert not r.exists(Keys(SPACE).forgotten_ids)
