@@ -199,6 +199,12 @@ class Keys:
         return f"{self.prefix}archive:lock"
 
     @property
+    def archive_sizes(self) -> str:
+        """Archive file ('day/hour.gz') -> its size once last written whole and made durable: a longer file has the
+        torn tail of a write that was killed, cut off before the file is written or read again."""
+        return f"{self.prefix}archive:sizes"
+
+    @property
     def forgotten_profiles(self) -> str:
         """Profile ids erased by GDPR deletion whose log entries still await purging."""
         return f"{self.prefix}forgotten"

@@ -99,7 +99,7 @@ def archive_space(client: redis.Redis, settings: Settings, space: str) -> dict[s
                 ms = int(entry_id.split(b"-")[0])
                 by_hour[hour_file(root, space, ms)].append(with_receipt(fields.get(b"e", b"{}"), ms))
             for path, lines in by_hour.items():
-                _append(path, lines)
+                _append(client, space, path, lines)
             cursor = rows[-1][0].decode()
             client.set(k.archive_cursor, cursor)  # only once the lines are on disk
             client.pexpire(k.archive_lock, LOCK_TTL_MS)
@@ -133,10 +133,13 @@ def with_receipt(raw: bytes, entry_ms: int) -> bytes:
     return item(obj, None, iso_ms(entry_ms)).raw
 
 
-def _append(path: Path, lines: list[bytes]) -> None:
+def _append(client: redis.Redis, space: str, path: Path, lines: list[bytes]) -> None:
     """Append one gzip member (concatenated members are one gzip stream) and make it durable. A failed append
-    (disk full, a kill) is cut off again, so that the file stays readable to its end."""
+    (disk full, an exception) is cut off again, so that the file stays readable to its end; one that no code saw
+    fail (SIGKILL, a lost machine) is cut off before the next write (``_repair``), by the size recorded after
+    each durable write (``Keys.archive_sizes``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _repair(client, space, path)
     with open(path, "ab") as raw:
         size = raw.tell()
         try:
@@ -147,6 +150,24 @@ def _append(path: Path, lines: list[bytes]) -> None:
         except BaseException:
             raw.truncate(size)
             raise
+        _written(client, space, path, raw.tell())
+
+
+def _file_key(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def _written(client: redis.Redis, space: str, path: Path, size: int) -> None:
+    client.hset(Keys(space).archive_sizes, _file_key(path), size)
+
+
+def _repair(client: redis.Redis, space: str, path: Path) -> None:
+    """Cut off the torn tail a killed write left past the file's last recorded whole size (under the archive lock)."""
+    known = client.hget(Keys(space).archive_sizes, _file_key(path))
+    if known is not None and path.exists() and path.stat().st_size > int(known):
+        with open(path, "r+b") as raw:
+            raw.truncate(int(known))
+            os.fsync(raw.fileno())
 
 
 def archive_job() -> dict[str, dict[str, int]]:
@@ -216,6 +237,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str, wanted: E
     try:
         for path in archive_files(root, space):
             _renew(client, space, token)
+            _repair(client, space, path)
             kept, dropped = [], 0
             hour = int(path.name[:-3])  # the file's lines were logged within its hour
             for line in archived_lines(path):
@@ -234,6 +256,7 @@ def purge_archive(client: redis.Redis, settings: Settings, space: str, wanted: E
                 os.fsync(raw.fileno())
             _renew(client, space, token)  # still ours: the archiver cannot have appended since we read the file
             os.replace(tmp, path)
+            _written(client, space, path, path.stat().st_size)
             removed += dropped
         forget_done(client, space, wanted)
     finally:

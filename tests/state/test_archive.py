@@ -278,11 +278,11 @@ def test_an_entry_logged_in_the_cursors_millisecond_is_not_trimmed_unarchived(r:
     assert [orjson.loads(line)["messageId"] for line in lines(tmp_path)] == ["a", "b"]
 
 
-def test_a_failed_append_leaves_the_file_readable(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_append_leaves_the_file_readable(r: redis.Redis, tmp_path: Path, monkeypatch) -> None:
     from service.state import archive
 
-    path = tmp_path / "h.gz"
-    archive._append(path, [b'{"n":1}'])
+    path = tmp_path / "1" / "h.gz"
+    archive._append(r, SPACE, path, [b'{"n":1}'])
 
     class DiskFull(OSError):
         pass
@@ -292,12 +292,36 @@ def test_a_failed_append_leaves_the_file_readable(tmp_path: Path, monkeypatch) -
 
     monkeypatch.setattr(archive.os, "fsync", fail)
     try:
-        archive._append(path, [b'{"n":2}'])
+        archive._append(r, SPACE, path, [b'{"n":2}'])
     except DiskFull:
         pass
     monkeypatch.undo()
-    archive._append(path, [b'{"n":3}'])
+    archive._append(r, SPACE, path, [b'{"n":3}'])
     assert [orjson.loads(line)["n"] for line in archived_lines(path)] == [1, 3]
+    # a write killed outright (SIGKILL, a lost machine) runs no cleanup: its torn member made the file unreadable
+    # from there on, to replays and to every GDPR purge after it; the next write cuts it off first
+    with open(path, "ab") as raw:
+        raw.write(gzip.compress(b'{"n":"torn"}\n' * 100)[:40])
+    archive._append(r, SPACE, path, [b'{"n":4}'])
+    assert [orjson.loads(line)["n"] for line in archived_lines(path)] == [1, 3, 4]
+
+
+def test_the_purge_reads_an_archive_file_a_killed_write_tore(r: redis.Redis, tmp_path: Path) -> None:
+    """The archiver never writes to an old hour's file again: the purge cuts a torn tail off itself, and removes
+    the erased person's lines; it raised on every run, and the person's events stayed in the archive."""
+    from service.state.ops import purge_erased
+
+    s = settings_for(tmp_path)
+    apply(r, [{"type": "identify", "userId": u, "messageId": u, "timestamp": "2026-03-01T10:00:00Z"}
+              for u in ("ada", "bob")], settings=s)
+    archive_space(r, s, SPACE)
+    [path] = archive_files(tmp_path / "archive", SPACE)
+    with open(path, "ab") as raw:
+        raw.write(gzip.compress(b'{"n":"torn"}\n' * 100)[:40])
+    apply(r, [{"type": "delete", "userId": "ada", "messageId": "d", "timestamp": "2026-03-02T10:00:00Z"}],
+          settings=s)
+    purge_erased(r, s, SPACE)
+    assert [orjson.loads(line)["messageId"] for line in lines(tmp_path)] == ["bob"]
 
 
 def test_the_purge_keeps_what_a_returning_user_sent_after_the_deletion(r: redis.Redis, tmp_path: Path) -> None:
