@@ -280,20 +280,22 @@ def _json_key(name: str) -> bytes:
     return "".join(letters).encode()
 
 
-_WRITE_KEY = re.compile(b'("' + _json_key("writeKey") + rb'"\s*:\s*)"(?:[^"\\]|\\.)*"')
-
-
-_NAMED_WRITE_KEY = re.compile(rb'"writeKey"\s*:\s*"([^"\\]{1,200})"')
+_WRITE_KEY = re.compile(b'("' + _json_key("writeKey") + rb'"\s*:\s*)("(?:[^"\\]|\\.)*")')
 
 
 def named_write_keys(body: bytes) -> list[str]:
-    """The plain write keys a body names anywhere (at most 8), found without parsing it: whether a body that needs
-    an expensive parse claims a key of ours before that parse is spent on it."""
-    found = []
-    for m in _NAMED_WRITE_KEY.finditer(body):
-        found.append(m.group(1).decode(errors="replace"))
-        if len(found) == 8:
-            break
+    """The write keys a body names anywhere (at most 8, of at most 200 characters), found without parsing it:
+    whether a body that needs an expensive parse claims a key of ours before that parse is spent on it."""
+    found: list[str] = []
+    for m in _WRITE_KEY.finditer(body):
+        try:
+            key = orjson.loads(m.group(2))
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(key, str) and 0 < len(key) <= 200:
+            found.append(key)
+            if len(found) == 8:
+                break
     return found
 
 
@@ -419,7 +421,7 @@ def tracking_items(doc: Any, body: bytes, kind: str | None, received_ms: int) ->
         if isinstance(e, dict):
             e = tracking_times(e, doc.get("sentAt"), received_ms)
         items.append(_tracking_only(item(e)))
-    items = _as_sent(body, items, lambda text: array_elements(object_members(text)["batch"]))
+    items = _as_sent(body, items, lambda text: _object_at(text, "batch")[1] or [])
     return [Item(it.obj, without_write_key(it.raw), it.error) if it.error else it for it in items]
 
 
@@ -432,7 +434,7 @@ def _as_sent(body: bytes, items: list[Item], elements: Callable[[bytes], list[by
         return items
     try:
         texts = (elements or array_elements)(body)
-    except (ValueError, KeyError):
+    except ValueError:
         return items
     if len(texts) != len(items):
         return items

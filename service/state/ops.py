@@ -198,9 +198,9 @@ def purge_forgotten(client: redis.Redis, space: str, chunk: int = 2000, settings
     k = Keys(space)
     forgotten = {m for m in client.smembers(k.forgotten_profiles)}
     ids = erased_ids(client, space) if ids is None else ids
-    rules = IdentityRules.from_settings(settings or Settings())
     if not forgotten and not ids:
         return 0
+    rules = IdentityRules.from_settings(settings or Settings())
     removed, start = 0, "-"
     while True:
         rows = client.xrange(k.log, min=start, max="+", count=chunk)
